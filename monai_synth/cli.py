@@ -1,0 +1,132 @@
+"""``monai-synth``: the small command for what is not a bundle run.
+
+Subcommands:
+    phantoms          write a labelled phantom cohort (images + datalist) in native formats
+    train-embedding   train the copy/re-identification embedding used as a privacy space
+    guard             apply the privacy safeguard to a folder of images made by any generator
+
+Training and sampling are bundle runs: ``python -m monai.bundle run --config_file ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_phantoms(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("phantoms", help="write a labelled phantom cohort and its datalist")
+    p.add_argument("--modality", required=True, choices=["ct", "mri", "pet", "us"])
+    p.add_argument("--patients", type=int, default=50, help="number of patients (default 50)")
+    p.add_argument("--images-per-patient", type=int, default=3, help="repeat studies per patient (default 3)")
+    p.add_argument("--spatial-dims", type=int, default=2, choices=[2, 3])
+    p.add_argument("--size", type=int, nargs="+", default=[64], help="spatial size, one value or one per axis")
+    p.add_argument("--format", dest="fmt", default=None, help="file format (default: the modality's native one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.set_defaults(func=_run_phantoms)
+
+
+def _run_phantoms(args: argparse.Namespace) -> int:
+    from monai_synth.data.phantoms import write_cohort
+
+    size = args.size[0] if len(args.size) == 1 else tuple(args.size)
+    datalist = write_cohort(
+        args.out,
+        modality=args.modality,
+        n_patients=args.patients,
+        images_per_patient=args.images_per_patient,
+        spatial_dims=args.spatial_dims,
+        spatial_size=size,
+        seed=args.seed,
+        fmt=args.fmt,
+    )
+    print(f"wrote {args.modality} phantom cohort of {args.patients} patients; datalist: {datalist}")
+    return 0
+
+
+def _add_train_embedding(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-embedding", help="train the re-identification embedding privacy space")
+    p.add_argument("--train", required=True, help="training datalist (CSV or MONAI JSON)")
+    p.add_argument("--modality", required=True, choices=["ct", "mri", "pet", "us"])
+    p.add_argument("--spatial-size", type=int, nargs="+", default=[64])
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="weights file to write (.pt)")
+    p.set_defaults(func=_run_train_embedding)
+
+
+def _run_train_embedding(args: argparse.Namespace) -> int:
+    from monai_synth.privacy.guard import train_embedding_from_datalist
+
+    size = args.spatial_size[0] if len(args.spatial_size) == 1 else tuple(args.spatial_size)
+    path = train_embedding_from_datalist(
+        args.train, modality=args.modality, spatial_size=size, epochs=args.epochs, seed=args.seed, out=args.out
+    )
+    print(f"embedding weights written to {path}")
+    return 0
+
+
+def _add_guard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("guard", help="release only the candidate images that are not near-copies of training images")
+    p.add_argument("--train", required=True, help="training datalist (CSV or MONAI JSON)")
+    p.add_argument("--holdout", required=True, help="holdout datalist of patients not in --train, for calibration")
+    p.add_argument("--candidates", required=True, help="folder of candidate images (NIfTI, DICOM, PNG)")
+    p.add_argument("--out", required=True, help="release folder (written atomically)")
+    p.add_argument("--modality", required=True, choices=["ct", "mri", "pet", "us"])
+    p.add_argument("--spatial-size", type=int, nargs="+", default=[64])
+    p.add_argument("--spaces", nargs="+", default=["pixel"], help="privacy spaces: pixel and/or embedding")
+    p.add_argument("--embedding-weights", default=None, help="weights from `monai-synth train-embedding`")
+    p.add_argument("--quantile", type=float, default=0.01, help="holdout quantile that sets the threshold")
+    p.add_argument("--floor", type=float, default=0.0, help="absolute minimum threshold")
+    p.add_argument("--format", dest="fmt", default=None, help="release format (default: the modality's native one)")
+    p.set_defaults(func=_run_guard)
+
+
+def _run_guard(args: argparse.Namespace) -> int:
+    from monai_synth.privacy.guard import run_guard
+
+    size = args.spatial_size[0] if len(args.spatial_size) == 1 else tuple(args.spatial_size)
+    summary = run_guard(
+        train=args.train,
+        holdout=args.holdout,
+        candidates=args.candidates,
+        out=args.out,
+        modality=args.modality,
+        spatial_size=size,
+        spaces=args.spaces,
+        embedding_weights=args.embedding_weights,
+        quantile=args.quantile,
+        floor=args.floor,
+        fmt=args.fmt,
+    )
+    print(
+        f"released {summary['released']} of {summary['generated']} candidates "
+        f"({summary['rejected']} rejected) into {args.out}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monai-synth", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_phantoms(sub)
+    _add_train_embedding(sub)
+    _add_guard(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"monai-synth {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
