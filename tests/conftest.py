@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,8 +12,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(autouse=True)
 def _seed_and_isolate(monkeypatch, tmp_path):
-    """Fix global seeds and point MLflow at a per-test store so no test writes to the working tree."""
+    """Fix the torch seed and point MLflow at a per-test store so no test writes to the working tree."""
     torch.manual_seed(0)
-    np.random.seed(0)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("GIT_PYTHON_REFRESH", "quiet")
