@@ -1,0 +1,370 @@
+"""Exact nearest-neighbour index over every training image, with the patient behind every row.
+
+The safeguard's guarantee ("farther than the threshold from *every* training image") is only as good as
+the search behind it, so the index is exact by default: FAISS ``IndexFlatIP`` over L2-normalised vectors,
+distance = ``1 - inner product`` (see :mod:`monai_synth.privacy.spaces`).
+
+Scale (about 1e6 training images):
+    * Memory is ``4 * d`` bytes per image: 512 MB for 1e6 images of a 128-d embedding, 4 GB for the
+      1024-d pixel space (32 x 32 grid). ``build(..., shard_size=250_000)`` splits the rows into shards that
+      are searched one after the other and merged, so no single array has to be allocated at once, and
+      ``load(..., mmap=True)`` maps the saved shards (``faiss.IO_FLAG_MMAP``) and the patient table
+      (``numpy`` memmap) instead of reading them: a process starts instantly and the OS pages in only what the
+      scans touch, shared between processes guarding in parallel.
+    * Exact search costs ``N * d`` multiply-adds per query; FAISS batches queries into one BLAS matrix
+      product, so guarding a batch of generated images against 1e6 rows takes tens of milliseconds per image
+      on two CPU cores (numbers in ``docs/benchmarks.md``, from ``benchmarks/safeguard_scaling.py``), small
+      next to a diffusion sampling step. Approximate indexes (IVF, HNSW) are faster but miss some true nearest
+      neighbours, which would let a near-copy through; the benchmark measures that recall.
+
+The index is private: it holds vectors of training images and their patient ids. It never goes into a
+release; only its fingerprint does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from monai_synth.privacy.spaces import PrivacySpace, embed_variants
+
+__all__ = ["TrainingIndex", "StaleIndexError", "index_fingerprint"]
+
+_FORMAT_VERSION = 1
+_META = "meta.json"
+_PATIENTS = "patient_codes.npy"
+
+
+class StaleIndexError(ValueError):
+    """The index was built from other data or another space than the one it is asked to serve."""
+
+
+def index_fingerprint(datalist_fingerprint: str, space_fingerprint: str) -> str:
+    """The index fingerprint: changes when the training data or the space changes."""
+    return hashlib.sha256(f"{datalist_fingerprint}:{space_fingerprint}".encode()).hexdigest()[:24]
+
+
+def _iter_batches(images: torch.Tensor | np.ndarray | Iterable, batch_size: int) -> Iterable:
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        for start in range(0, images.shape[0], batch_size):
+            yield images[start : start + batch_size]
+    else:
+        for batch in images:
+            if isinstance(batch, dict):
+                batch = batch["image"]
+            if isinstance(batch, (torch.Tensor, np.ndarray)) and batch.shape[0] > batch_size:
+                yield from _iter_batches(batch, batch_size)
+            else:
+                yield batch
+
+
+def _normalised(vectors: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32)).copy()
+    if not np.isfinite(x).all():
+        raise ValueError("vectors contain NaN/Inf")
+    faiss.normalize_L2(x)
+    return x
+
+
+class TrainingIndex:
+    """Exact (optionally sharded and memory-mapped) nearest-neighbour index of training images.
+
+    Use :meth:`build` or :meth:`load`; the constructor takes already made parts.
+
+    Args:
+        shards: FAISS inner-product indexes, rows numbered consecutively across shards.
+        patient_codes: ``(N,)`` int array, row -> position in ``patients``.
+        patients: patient ids (strings).
+        space_name: name of the space the vectors come from.
+        space_fingerprint: fingerprint of that space at build time.
+        datalist_fingerprint: fingerprint of the training datalist.
+        space: the space object, needed to query with images (not needed for :meth:`search`).
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[faiss.Index],
+        patient_codes: np.ndarray,
+        patients: Sequence[str],
+        space_name: str,
+        space_fingerprint: str,
+        datalist_fingerprint: str,
+        space: PrivacySpace | None = None,
+    ) -> None:
+        if not shards:
+            raise ValueError("an index needs at least one shard")
+        dims = {s.d for s in shards}
+        if len(dims) != 1:
+            raise ValueError(f"shards have different vector sizes {sorted(dims)}")
+        self.shards = list(shards)
+        self.offsets = np.cumsum([0] + [s.ntotal for s in self.shards])
+        if len(patient_codes) != self.ntotal:
+            raise ValueError(f"{len(patient_codes)} patient codes for {self.ntotal} index rows")
+        self.patient_codes = patient_codes
+        self.patients = [str(p) for p in patients]
+        self.space_name = str(space_name)
+        self.space_fingerprint = str(space_fingerprint)
+        self.datalist_fingerprint = str(datalist_fingerprint)
+        self.space = space
+        if space is not None:
+            self.check_space(space)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def ntotal(self) -> int:
+        """Number of indexed training images."""
+        return int(self.offsets[-1])
+
+    @property
+    def dim(self) -> int:
+        """Vector size."""
+        return int(self.shards[0].d)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the datalist and space fingerprints recorded at build time."""
+        return index_fingerprint(self.datalist_fingerprint, self.space_fingerprint)
+
+    @property
+    def patient_set(self) -> set[str]:
+        """Every training patient id in the index."""
+        return set(self.patients)
+
+    def check_space(self, space: PrivacySpace | None = None) -> None:
+        """Raise :class:`StaleIndexError` if ``space`` (default: the attached one) is not the one indexed."""
+        space = self.space if space is None else space
+        if space is None:
+            raise StaleIndexError("no privacy space attached to the index; pass space= to load()")
+        if space.name != self.space_name or space.fingerprint() != self.space_fingerprint:
+            raise StaleIndexError(
+                f"index was built with space {self.space_name!r} fingerprint {self.space_fingerprint}, but the space "
+                f"given is {space.name!r} fingerprint {space.fingerprint()}: rebuild the index with this space"
+            )
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def build(
+        cls,
+        space: PrivacySpace,
+        images: torch.Tensor | np.ndarray | Iterable,
+        patient_ids: Sequence[str],
+        datalist_fingerprint: str,
+        batch_size: int = 64,
+        shard_size: int | None = None,
+    ) -> TrainingIndex:
+        """Embed every training image and index it.
+
+        Args:
+            space: the privacy space.
+            images: ``(N, C, *spatial)`` model-space images, or an iterable of such batches (or of dicts with
+                an ``"image"`` key, e.g. a MONAI ``DataLoader``), so the training set never has to be in memory.
+            patient_ids: one patient id per image, in order.
+            datalist_fingerprint: fingerprint of the training datalist
+                (:func:`monai_synth.data.datalist.datalist_fingerprint`).
+            batch_size: images embedded at once.
+            shard_size: rows per shard (default: one shard).
+
+        Raises:
+            ValueError: if the number of images and patient ids differ or there are no images.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if shard_size is not None and shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1 or None, got {shard_size}")
+        patient_ids = [str(p) for p in patient_ids]
+        shards: list[faiss.Index] = []
+        n = 0
+        for batch in _iter_batches(images, batch_size):
+            try:
+                vec = _normalised(space.embed(batch))
+            except ValueError as err:
+                raise ValueError(f"cannot index training images {n}..{n + len(batch) - 1}: {err}") from err
+            while len(vec):
+                if not shards or (shard_size is not None and shards[-1].ntotal >= shard_size):
+                    shards.append(faiss.IndexFlatIP(vec.shape[1]))
+                room = len(vec) if shard_size is None else shard_size - shards[-1].ntotal
+                shards[-1].add(vec[:room])
+                n += len(vec[:room])
+                vec = vec[room:]
+        if n == 0:
+            raise ValueError("no training images to index")
+        if n != len(patient_ids):
+            raise ValueError(f"{n} training images but {len(patient_ids)} patient ids; give one id per image")
+        patients, codes = np.unique(np.asarray(patient_ids, dtype=object).astype(str), return_inverse=True)
+        return cls(
+            shards,
+            codes.astype(np.int32),
+            list(patients),
+            space.name,
+            space.fingerprint(),
+            datalist_fingerprint,
+            space=space,
+        )
+
+    # ------------------------------------------------------------------ search
+    def search(self, vectors: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Nearest training rows of query vectors.
+
+        Args:
+            vectors: ``(Q, d)`` query vectors, or ``(Q, V, d)``: V variants per query (e.g. flips), the
+                distance of a query to a row being its smallest over the variants.
+            k: neighbours per query (distinct rows).
+
+        Returns:
+            ``distances (Q, k)`` float64 (``1 - cosine``, ascending), ``rows (Q, k)`` int64 global row numbers,
+            ``patient_ids (Q, k)`` object array of the rows' patients.
+        """
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim == 2:
+            vectors = vectors[:, None, :]
+        if vectors.ndim != 3 or vectors.shape[2] != self.dim:
+            raise ValueError(f"query vectors must be (Q, d) or (Q, V, d) with d={self.dim}, got {vectors.shape}")
+        if not 1 <= k <= self.ntotal:
+            raise ValueError(f"k must be in [1, {self.ntotal}], got {k}")
+        q, v, d = vectors.shape
+        flat = _normalised(vectors.reshape(q * v, d))
+        kk = min(k, self.ntotal)
+        sims, rows = [], []
+        for shard, offset in zip(self.shards, self.offsets[:-1]):
+            ks = min(kk, shard.ntotal)
+            s, r = shard.search(flat, ks)
+            sims.append(s.reshape(q, v * ks))
+            rows.append((r + offset).reshape(q, v * ks))
+        sim = np.concatenate(sims, axis=1).astype(np.float64)
+        row = np.concatenate(rows, axis=1)
+        order = np.argsort(-sim, axis=1, kind="stable")
+        sim = np.take_along_axis(sim, order, axis=1)
+        row = np.take_along_axis(row, order, axis=1)
+        if v == 1 or k == 1:
+            sim, row = sim[:, :k], row[:, :k]
+        else:  # variants may find the same row twice: keep each row once
+            out_s, out_r = np.empty((q, k)), np.empty((q, k), dtype=np.int64)
+            for i in range(q):
+                _, first = np.unique(row[i], return_index=True)
+                keep = np.sort(first)[:k]
+                out_s[i], out_r[i] = sim[i, keep], row[i, keep]
+            sim, row = out_s, out_r
+        dist = np.clip(1.0 - sim, 0.0, 2.0)
+        codes = np.asarray(self.patient_codes)[row]
+        pids = np.asarray(self.patients, dtype=object)[codes]
+        return dist, row.astype(np.int64), pids
+
+    def query(
+        self, images: torch.Tensor | np.ndarray | Sequence, k: int = 1, batch_size: int = 64
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Embed model-space images with the attached space (with its invariance variants) and :meth:`search`.
+
+        Raises:
+            StaleIndexError: if the attached space no longer has the fingerprint the index was built with.
+        """
+        self.check_space()
+        out = [self.search(embed_variants(self.space, b), k=k) for b in _iter_batches(images, batch_size)]
+        if not out:
+            raise ValueError("no images to query")
+        return tuple(np.concatenate(parts, axis=0) for parts in zip(*out))  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the index to ``directory`` atomically (shards, patient table, JSON meta).
+
+        The files are written to a sibling temporary folder which then replaces ``directory``, so a crash
+        never leaves a half-written index that would load.
+        """
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            files = []
+            for i, shard in enumerate(self.shards):
+                files.append(f"shard_{i:03d}.faiss")
+                faiss.write_index(shard, str(tmp / files[-1]))
+            np.save(tmp / _PATIENTS, np.asarray(self.patient_codes, dtype=np.int32))
+            meta = {
+                "format_version": _FORMAT_VERSION,
+                "fingerprint": self.fingerprint,
+                "datalist_fingerprint": self.datalist_fingerprint,
+                "space_name": self.space_name,
+                "space_fingerprint": self.space_fingerprint,
+                "dim": self.dim,
+                "ntotal": self.ntotal,
+                "metric": "1 - inner product of L2-normalised vectors",
+                "shards": files,
+                "shard_sizes": [int(s.ntotal) for s in self.shards],
+                "patients": self.patients,
+            }
+            (tmp / _META).write_text(json.dumps(meta, indent=1))
+            old = None
+            if directory.exists():
+                old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+                directory.rename(old)
+            tmp.rename(directory)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        space: PrivacySpace | None = None,
+        expected_fingerprint: str | None = None,
+        mmap: bool = False,
+    ) -> TrainingIndex:
+        """Load a saved index, refusing a stale one.
+
+        Args:
+            directory: folder written by :meth:`save`.
+            space: the privacy space to attach (its fingerprint must match the indexed one).
+            expected_fingerprint: the fingerprint the caller expects, e.g.
+                ``index_fingerprint(datalist_fingerprint(records), space.fingerprint())`` for the current
+                datalist; a different saved fingerprint means the training data changed.
+            mmap: memory-map shards and patient table instead of reading them.
+
+        Raises:
+            FileNotFoundError: if there is no index in ``directory``.
+            StaleIndexError: if the fingerprint or space does not match.
+        """
+        directory = Path(directory)
+        if not (directory / _META).is_file():
+            raise FileNotFoundError(f"no training index in {directory} (missing {_META}); build one first")
+        meta = json.loads((directory / _META).read_text())
+        if meta.get("format_version") != _FORMAT_VERSION:
+            raise StaleIndexError(f"index in {directory} has format {meta.get('format_version')}; rebuild it")
+        if expected_fingerprint is not None and meta["fingerprint"] != expected_fingerprint:
+            raise StaleIndexError(
+                f"index in {directory} has fingerprint {meta['fingerprint']} but {expected_fingerprint} was expected: "
+                "the training datalist or the privacy space changed since it was built; rebuild it"
+            )
+        flags = faiss.IO_FLAG_MMAP if mmap else 0
+        shards = [faiss.read_index(str(directory / f), flags) for f in meta["shards"]]
+        if [s.ntotal for s in shards] != meta["shard_sizes"]:
+            raise StaleIndexError(f"index shards in {directory} do not match its meta.json; rebuild it")
+        codes = np.load(directory / _PATIENTS, mmap_mode="r" if mmap else None)
+        return cls(
+            shards,
+            codes,
+            meta["patients"],
+            meta["space_name"],
+            meta["space_fingerprint"],
+            meta["datalist_fingerprint"],
+            space=space,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainingIndex(space={self.space_name!r}, ntotal={self.ntotal}, dim={self.dim}, "
+            f"shards={len(self.shards)}, patients={len(self.patients)}, fingerprint={self.fingerprint})"
+        )

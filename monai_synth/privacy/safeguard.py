@@ -1,0 +1,255 @@
+"""The privacy safeguard: release an image only if it is far enough from every training image in every space.
+
+It fails closed. Misconfiguration (no index, an index stale for its space, a threshold calibrated on
+another index, a non-positive threshold) raises at construction, before anything is generated. Problems
+with one image (NaN/Inf, constant, an exception inside a space) or a space that became stale afterwards
+never raise from :meth:`PrivacySafeguard.check`: the image is marked not passed, with the reason, so a
+sampling loop goes on and counts it as rejected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from monai_synth.privacy.calibration import Calibration
+from monai_synth.privacy.index import StaleIndexError, TrainingIndex
+from monai_synth.privacy.spaces import embed_variants
+
+__all__ = ["PrivacySafeguard", "SafeguardResult"]
+
+
+@dataclass
+class SafeguardResult:
+    """Outcome of the safeguard for one image.
+
+    Attributes:
+        passed: True only if the image is at least the threshold away from every training image in every space.
+        distances: space -> distance to the nearest training image (NaN where not computed).
+        thresholds: space -> threshold applied.
+        reason: why it did not pass (None if passed).
+        nearest_patients: space -> patient id of the nearest training image. PRIVATE: for the audit file only,
+            never for a release or a log that leaves the hospital.
+        nearest_rows: space -> index row of the nearest training image (private as well).
+    """
+
+    passed: bool
+    distances: dict[str, float]
+    thresholds: dict[str, float]
+    reason: str | None = None
+    nearest_patients: dict[str, str] = field(default_factory=dict, repr=False)
+    nearest_rows: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def public_dict(self) -> dict:
+        """The fields that may go into a certificate (no patient ids, no rows)."""
+        return {
+            "passed": self.passed,
+            "distances": dict(self.distances),
+            "thresholds": dict(self.thresholds),
+            "reason": self.reason,
+        }
+
+
+def _threshold_of(index: TrainingIndex, threshold: float | Calibration) -> tuple[float, Calibration | None]:
+    calibration = None
+    if isinstance(threshold, Calibration):
+        calibration = threshold
+        if calibration.index_fingerprint != index.fingerprint:
+            raise StaleIndexError(
+                f"the {calibration.space!r} threshold was calibrated on index {calibration.index_fingerprint}, not on "
+                f"the index given ({index.fingerprint}): recalibrate on this index"
+            )
+        if calibration.space != index.space_name:
+            raise ValueError(f"calibration is for space {calibration.space!r}, index is {index.space_name!r}")
+        threshold = calibration.threshold
+    threshold = float(threshold)
+    if not (math.isfinite(threshold) and threshold > 0.0):
+        raise ValueError(
+            f"threshold for space {index.space_name!r} must be a finite number > 0, got {threshold}: a threshold of 0 "
+            "would release exact copies; calibrate it or set a floor"
+        )
+    return threshold, calibration
+
+
+class PrivacySafeguard:
+    """Check generated images against one or more (training index, threshold) pairs.
+
+    An image passes only if, in every space, its nearest training image is at least ``threshold`` away
+    (``distance >= threshold + margin``, ``margin`` absorbing float32 rounding so the float64 recomputation
+    of an auditor never finds a released image under the threshold).
+
+    Args:
+        checks: ``(index, threshold)`` pairs, one per privacy space; ``threshold`` is a float or the
+            :class:`~monai_synth.privacy.calibration.Calibration` of that index. Each index needs its space
+            attached (``TrainingIndex.build`` does that; ``TrainingIndex.load(..., space=...)``).
+        expected_fingerprints: optional space -> index fingerprint the caller expects (e.g. from the current
+            datalist); a mismatch raises at construction.
+        margin: see above.
+        batch_size: images embedded at once.
+
+    Raises:
+        ValueError: no checks, a missing index or space, a duplicate space, a bad threshold.
+        StaleIndexError: an index that does not match its space, its calibration or ``expected_fingerprints``.
+    """
+
+    def __init__(
+        self,
+        checks: Sequence[tuple[TrainingIndex, float | Calibration]],
+        expected_fingerprints: Mapping[str, str] | None = None,
+        margin: float = 1e-5,
+        batch_size: int = 64,
+    ) -> None:
+        checks = list(checks or [])
+        if not checks:
+            raise ValueError("a PrivacySafeguard needs at least one (index, threshold) check; nothing would be guarded")
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        self.indexes: dict[str, TrainingIndex] = {}
+        self.thresholds: dict[str, float] = {}
+        self.calibrations: dict[str, Calibration] = {}
+        for item in checks:
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise ValueError(f"each check must be an (index, threshold) pair, got {item!r}")
+            index, threshold = item
+            if not isinstance(index, TrainingIndex):
+                raise ValueError(f"check needs a TrainingIndex, got {type(index).__name__}: build or load the index")
+            if index.space is None:
+                raise ValueError(f"index for space {index.space_name!r} has no space attached; load it with space=")
+            index.check_space()
+            name = index.space_name
+            if name in self.indexes:
+                raise ValueError(f"two checks for space {name!r}; give one index per space")
+            self.thresholds[name], cal = _threshold_of(index, threshold)
+            if cal is not None:
+                self.calibrations[name] = cal
+            self.indexes[name] = index
+        self.expected_fingerprints = dict(expected_fingerprints or {})
+        unknown = set(self.expected_fingerprints) - set(self.indexes)
+        if unknown:
+            raise ValueError(f"expected_fingerprints for spaces without a check: {sorted(unknown)}")
+        problems = self.verify()
+        if problems:
+            raise StaleIndexError("; ".join(problems))
+        self.margin = float(margin)
+        self.batch_size = int(batch_size)
+
+    @property
+    def spaces(self) -> list[str]:
+        """Names of the guarded spaces."""
+        return list(self.indexes)
+
+    @property
+    def fingerprints(self) -> dict[str, str]:
+        """Space -> index fingerprint (for certificates)."""
+        return {name: index.fingerprint for name, index in self.indexes.items()}
+
+    def verify(self) -> list[str]:
+        """Re-check that every index still matches its space and the expected fingerprints.
+
+        Returns:
+            human-readable problems; empty when everything is consistent.
+        """
+        problems = []
+        for name, index in self.indexes.items():
+            try:
+                index.check_space()
+            except Exception as err:  # a space that cannot even fingerprint itself is as stale as a changed one
+                problems.append(f"{name}: {err}")
+                continue
+            expected = self.expected_fingerprints.get(name)
+            if expected is not None and expected != index.fingerprint:
+                problems.append(
+                    f"{name}: index fingerprint {index.fingerprint} != expected {expected} (training data or space "
+                    "changed); rebuild the index"
+                )
+        return problems
+
+    def _split(self, images: torch.Tensor | np.ndarray | Sequence) -> list:
+        if isinstance(images, (torch.Tensor, np.ndarray)):
+            return [images[i] for i in range(images.shape[0])] if images.ndim >= 3 else [images]
+        return list(images)
+
+    def _distances(self, name: str, images: list[torch.Tensor]) -> list[tuple[float, str, int] | Exception]:
+        """Nearest (distance, patient, row) per image in one space; an exception object where it failed."""
+        index = self.indexes[name]
+        out: list = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            try:
+                d, r, p = index.search(embed_variants(index.space, torch.stack(chunk)), k=1)
+                out.extend((float(d[i, 0]), str(p[i, 0]), int(r[i, 0])) for i in range(len(chunk)))
+            except Exception:  # isolate the image(s) that fail, the others are still judged
+                for img in chunk:
+                    try:
+                        d, r, p = index.search(embed_variants(index.space, img[None]), k=1)
+                        out.append((float(d[0, 0]), str(p[0, 0]), int(r[0, 0])))
+                    except Exception as err:
+                        out.append(err)
+        return out
+
+    def check(self, images: torch.Tensor | np.ndarray | Sequence) -> list[SafeguardResult]:
+        """Judge each image; never raises because of an image.
+
+        Args:
+            images: model-space images ``(B, C, *spatial)`` or a sequence of ``(C, *spatial)`` images.
+
+        Returns:
+            one :class:`SafeguardResult` per image, in order.
+        """
+        items = self._split(images)
+        nan = {name: float("nan") for name in self.indexes}
+        results: list[SafeguardResult | None] = [None] * len(items)
+        problems = self.verify()
+        if problems:
+            reason = "stale privacy index: " + "; ".join(problems)
+            return [SafeguardResult(False, dict(nan), dict(self.thresholds), reason) for _ in items]
+        valid: list[int] = []
+        tensors: list[torch.Tensor] = []
+        for i, img in enumerate(items):
+            try:
+                t = torch.as_tensor(np.asarray(img) if not torch.is_tensor(img) else img).detach()
+                t = t.to(device="cpu", dtype=torch.float32)
+                if t.ndim < 2:
+                    raise ValueError(f"image of shape {tuple(t.shape)} is not (C, *spatial)")
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError("image contains NaN or Inf values")
+            except Exception as err:
+                results[i] = SafeguardResult(False, dict(nan), dict(self.thresholds), f"invalid image: {err}")
+                continue
+            valid.append(i)
+            tensors.append(t)
+        # group by shape so a batch of differently sized images is still embedded in batches
+        groups: dict[tuple, list[int]] = {}
+        for j, t in enumerate(tensors):
+            groups.setdefault(tuple(t.shape), []).append(j)
+        per_space: dict[str, dict[int, tuple | Exception]] = {name: {} for name in self.indexes}
+        for members in groups.values():
+            for name in self.indexes:
+                got = self._distances(name, [tensors[j] for j in members])
+                per_space[name].update(zip(members, got))
+        for j, i in enumerate(valid):
+            distances, patients, rows, reasons = dict(nan), {}, {}, []
+            for name, threshold in self.thresholds.items():
+                res = per_space[name][j]
+                if isinstance(res, Exception):
+                    reasons.append(f"{name} space failed: {type(res).__name__}: {res}")
+                    continue
+                distances[name], patients[name], rows[name] = res
+                if not distances[name] >= threshold + self.margin:
+                    reasons.append(f"too close to a training image in {name} space ({res[0]:.4g} < {threshold:.4g})")
+            results[i] = SafeguardResult(
+                passed=not reasons,
+                distances=distances,
+                thresholds=dict(self.thresholds),
+                reason="; ".join(reasons) or None,
+                nearest_patients=patients,
+                nearest_rows=rows,
+            )
+        return results  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return f"PrivacySafeguard(thresholds={self.thresholds}, fingerprints={self.fingerprints})"
