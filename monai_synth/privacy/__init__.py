@@ -1,0 +1,38 @@
+"""Privacy safeguard: privacy spaces, training index, calibrated thresholds, guarded sampling, certificates.
+
+The learned re-identification space lives in :mod:`monai_synth.privacy.embedding`.
+"""
+
+from __future__ import annotations
+
+from .calibration import Calibration, calibrate_threshold, min_holdout_size
+from .certificate import certificate_rows, load_certificate, release_images, write_certificate, write_private_audit
+from .index import StaleIndexError, TrainingIndex, index_fingerprint
+from .safeguard import PrivacySafeguard, SafeguardResult
+from .sampling import GuardedSamplingResult, SampleRecord, guarded_sample, summarise_records
+from .spaces import DegenerateImageError, NonFiniteImageError, PixelSpace, PrivacySpace, space_distance
+
+__all__ = [
+    "Calibration",
+    "DegenerateImageError",
+    "GuardedSamplingResult",
+    "NonFiniteImageError",
+    "PixelSpace",
+    "PrivacySafeguard",
+    "PrivacySpace",
+    "SafeguardResult",
+    "SampleRecord",
+    "StaleIndexError",
+    "TrainingIndex",
+    "calibrate_threshold",
+    "certificate_rows",
+    "guarded_sample",
+    "index_fingerprint",
+    "load_certificate",
+    "min_holdout_size",
+    "release_images",
+    "space_distance",
+    "summarise_records",
+    "write_certificate",
+    "write_private_audit",
+]

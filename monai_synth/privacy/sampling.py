@@ -3,17 +3,17 @@
 The generator is any callable ``generate(n, seed, condition) -> (n, C, *spatial)`` model-space tensor, e.g. a
 plain loop around MONAI's ``DiffusionInferer.sample`` / ``LatentDiffusionInferer.sample``::
 
-    def generate(n, seed, condition, guidance=3.0):
+    def generate(n, seed, condition, guidance_scale=3.0):
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn((n, *latent_shape), generator=g)
         ctx = torch.full((n, 1, 1), float(condition))
         return inferer.sample(noise, diffusion_model=model, scheduler=scheduler, conditioning=ctx,
-                              cfg=guidance, autoencoder_model=autoencoder)
+                              cfg=guidance_scale, autoencoder_model=autoencoder)
 
 A rejected image is replaced by a fresh one from a new seed. Lower classifier-free guidance often trades a
-little fidelity for diversity (strong guidance is associated with memorisation), so with ``guidance`` and
-``guidance_decay`` every retry uses ``guidance * guidance_decay ** attempt``; the generator then has to accept a
-``guidance`` keyword.
+little fidelity for diversity (strong guidance is associated with memorisation), so with ``guidance_scale`` and
+``guidance_decay`` every retry uses ``guidance_scale * guidance_decay ** attempt``; the generator then has to accept a
+``guidance_scale`` keyword (as :class:`monai_synth.engines.sampler.LatentSampler` does).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class SampleRecord:
         seed: seed of the generator call that made the image (None if unknown, e.g. an external candidate).
         batch_index: position of the image in that call's output (image = generate(n, seed, ...)[batch_index]).
         attempt: 0 for the first try, k for the k-th resample of the request.
-        guidance: guidance scale used (None if not controlled).
+        guidance: guidance scale used (None if left to the generator).
         passed, distances, thresholds, reason: from :class:`SafeguardResult`.
         source: where the image came from (candidate file name for external generators).
         file: path of the released image in the release folder, set when it is written.
@@ -126,7 +126,7 @@ def _accepts_guidance(generate: Callable) -> bool:
         params = inspect.signature(generate).parameters
     except (TypeError, ValueError):
         return False
-    return "guidance" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return "guidance_scale" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def guarded_sample(
@@ -135,7 +135,7 @@ def guarded_sample(
     requests: Sequence[tuple[Any, int]],
     max_retries: int = 4,
     seed: int = 0,
-    guidance: float | None = None,
+    guidance_scale: float | None = None,
     guidance_decay: float | None = None,
     max_batch: int | None = None,
 ) -> GuardedSamplingResult:
@@ -147,13 +147,14 @@ def guarded_sample(
     reproducible and each record says how to regenerate its image.
 
     Args:
-        generate: ``generate(n, seed, condition[, guidance=g]) -> (n, C, *spatial)`` model-space images.
+        generate: ``generate(n, seed, condition[, guidance_scale=g]) -> (n, C, *spatial)`` model-space images.
         safeguard: the :class:`PrivacySafeguard`.
         requests: ``(condition, count)`` pairs.
         max_retries: resampling rounds after the first attempt.
         seed: first seed.
-        guidance: guidance scale of the first attempt, passed as ``guidance=`` (None: not passed).
-        guidance_decay: factor in (0, 1] applied to the guidance at every retry (needs ``guidance``).
+        guidance_scale: guidance scale of the first attempt, passed as ``guidance_scale=`` (None: not passed, the
+            generator's default applies).
+        guidance_decay: factor in (0, 1] applied to the guidance scale at every retry (needs ``guidance_scale``).
         max_batch: most images per generator call (default: all still needed).
 
     Raises:
@@ -164,12 +165,14 @@ def guarded_sample(
     if max_retries < 0:
         raise ValueError(f"max_retries must be >= 0, got {max_retries}")
     if guidance_decay is not None:
-        if guidance is None:
-            raise ValueError("guidance_decay needs the starting guidance=; give both or neither")
+        if guidance_scale is None:
+            raise ValueError("guidance_decay needs the starting guidance_scale=; give both or neither")
         if not 0.0 < guidance_decay <= 1.0:
             raise ValueError(f"guidance_decay must be in (0, 1], got {guidance_decay}")
-    if guidance is not None and not _accepts_guidance(generate):
-        raise ValueError("guidance was given but generate() has no 'guidance' keyword argument; add one or drop it")
+    if guidance_scale is not None and not _accepts_guidance(generate):
+        raise ValueError(
+            "guidance_scale was given but generate() has no 'guidance_scale' keyword argument; add one or drop it"
+        )
     if max_batch is not None and max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     requests = [(cond, int(count)) for cond, count in requests]
@@ -184,11 +187,11 @@ def guarded_sample(
         for attempt in range(max_retries + 1):
             if needed == 0:
                 break
-            g = None if guidance is None else guidance * (guidance_decay or 1.0) ** attempt
+            g = None if guidance_scale is None else guidance_scale * (guidance_decay or 1.0) ** attempt
             while_needed = needed
             while while_needed > 0:
                 n = while_needed if max_batch is None else min(max_batch, while_needed)
-                kwargs = {} if g is None else {"guidance": g}
+                kwargs = {} if g is None else {"guidance_scale": g}
                 with torch.no_grad():
                     batch = generate(n, call_seed, condition, **kwargs)
                 if not hasattr(batch, "shape") or batch.shape[0] != n:

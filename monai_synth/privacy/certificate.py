@@ -1,0 +1,241 @@
+"""The privacy certificate of a release, and the separate private audit file.
+
+``certificate.json`` (in the release): how many images were generated, rejected and released, the extra sampling
+cost, every privacy space with its threshold and calibration, and the fingerprints of the training indexes (so of
+the training datalist and space) and of the generator checkpoint. ``certificate.csv`` (in the release): one row per
+released image with its file, condition, seed, attempt and, per space, its distance to the nearest training image and
+the threshold it cleared. Neither holds a training pixel or a patient id; :func:`write_certificate` checks that no
+training patient id appears anywhere in them.
+
+The **private audit file** maps every generated image (released or not) to its nearest training *patient* per
+space, so that the hospital's privacy officer can follow up a near-miss. It identifies patients: it is written to a
+path the caller chooses, refused inside the release folder, and must stay with the training data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monai_synth.privacy.safeguard import PrivacySafeguard
+from monai_synth.privacy.sampling import SampleRecord
+
+__all__ = ["release_images", "certificate_rows", "write_certificate", "write_private_audit", "load_certificate"]
+
+CERTIFICATE_JSON = "certificate.json"
+CERTIFICATE_CSV = "certificate.csv"
+DISTANCE = "1 - cosine similarity of L2-normalised space vectors (pixel space: 1 - Pearson correlation)"
+
+
+def _plain(value: Any) -> Any:
+    if torch.is_tensor(value):
+        value = value.detach().cpu()
+        return value.item() if value.numel() == 1 else value.tolist()
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
+def release_images(
+    writer: Any,
+    result: Any,
+    to_physical: Callable[[torch.Tensor], Any] | None = None,
+    stem: str = "images/synthetic_{index:05d}",
+    spacing: Sequence[float] | None = None,
+) -> list[str]:
+    """Write the released images of ``result`` with a ``ReleaseWriter`` and record each file on its record.
+
+    Args:
+        writer: an open :class:`monai_synth.data.export.ReleaseWriter`.
+        result: :class:`~monai_synth.privacy.sampling.GuardedSamplingResult` or
+            :class:`~monai_synth.handlers.privacy.PrivacySafeguardHandler` (``images`` + ``released_records``).
+        to_physical: model space -> physical units (the modality intensity transform's inverse).
+        stem: file stem pattern, formatted with ``index`` and ``condition``.
+        spacing: voxel size in mm.
+
+    Returns:
+        the written paths, relative to the release folder.
+    """
+    records = result.released_records
+    if len(records) != len(result.images):
+        raise ValueError(f"{len(result.images)} images for {len(records)} released records; keep_images must be on")
+    files = []
+    for i, (image, record) in enumerate(zip(result.images, records)):
+        physical = to_physical(image) if to_physical is not None else image
+        record.file = writer.write_image(physical, stem.format(index=i, condition=_plain(record.condition)), spacing)
+        files.append(record.file)
+    return files
+
+
+def certificate_rows(records: Sequence[SampleRecord]) -> list[dict]:
+    """One certificate row per released record (no patient ids)."""
+    rows = []
+    for r in records:
+        if not r.passed:
+            continue
+        row = {
+            "file": r.file,
+            "condition": _plain(r.condition),
+            "seed": r.seed,
+            "batch_index": r.batch_index,
+            "attempt": r.attempt,
+            "guidance_scale": r.guidance,
+        }
+        if r.source is not None:
+            row["source"] = r.source
+        for space, dist in r.distances.items():
+            row[f"distance_{space}"] = round(float(dist), 6)
+            row[f"threshold_{space}"] = round(float(r.thresholds[space]), 6)
+        row["passed"] = bool(r.passed)
+        rows.append(row)
+    return rows
+
+
+def _strings(obj: Any) -> set[str]:
+    if isinstance(obj, str):
+        return {obj}
+    if isinstance(obj, Mapping):
+        return set().union(*(_strings(k) | _strings(v) for k, v in obj.items())) if obj else set()
+    if isinstance(obj, (list, tuple, set)):
+        return set().union(*(_strings(v) for v in obj)) if obj else set()
+    return set()
+
+
+def write_certificate(
+    writer: Any,
+    result: Any,
+    fingerprints: Mapping[str, Any] | None = None,
+    safeguard: PrivacySafeguard | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
+    """Write ``certificate.json`` and ``certificate.csv`` into the release.
+
+    Args:
+        writer: an open :class:`monai_synth.data.export.ReleaseWriter`.
+        result: a guarded-sampling result or a :class:`PrivacySafeguardHandler` (``records`` + ``summary()``);
+            released records should carry their ``file`` (see :func:`release_images`).
+        fingerprints: e.g. ``{"checkpoint": ..., "datalist": ...}``; the index fingerprints of ``safeguard`` are
+            added per space.
+        safeguard: the safeguard used: its spaces, thresholds and calibrations are recorded, and its indexes'
+            patient ids are checked never to appear in the certificate.
+        extra: more JSON-able fields for the certificate (e.g. modality, sampler settings).
+
+    Returns:
+        the certificate dict that was written.
+
+    Raises:
+        ValueError: if a training patient id would appear in the certificate.
+    """
+    summary = result.summary()
+    rows = certificate_rows(result.records)
+    spaces: dict[str, dict] = {}
+    fps = {k: _plain(v) for k, v in (fingerprints or {}).items()}
+    if safeguard is not None:
+        for name, index in safeguard.indexes.items():
+            cal = safeguard.calibrations.get(name)
+            spaces[name] = {
+                "threshold": safeguard.thresholds[name],
+                "margin": safeguard.margin,
+                "index_fingerprint": index.fingerprint,
+                "index_size": index.ntotal,
+                "space_fingerprint": index.space_fingerprint,
+                "calibration": cal.to_dict() if cal is not None else None,
+            }
+            fps[f"index_{name}"] = index.fingerprint
+    else:
+        for r in result.records:
+            for name, thr in r.thresholds.items():
+                spaces.setdefault(name, {"threshold": thr})
+    released_distances = {
+        name: min((r.distances[name] for r in result.records if r.passed), default=None) for name in spaces
+    }
+    cert = {
+        "summary": {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in summary.items()},
+        "guarantee": (
+            "every released image is at least its space's threshold away from every training image, in every space"
+        ),
+        "distance": DISTANCE,
+        "spaces": spaces,
+        "min_released_distance": released_distances,
+        "fingerprints": fps,
+        "files": {"rows": CERTIFICATE_CSV},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **dict(extra or {}),
+    }
+    if safeguard is not None:
+        patients = set().union(*(index.patient_set for index in safeguard.indexes.values()))
+        leaked = sorted((_strings(cert) | _strings(rows)) & patients)
+        if leaked:
+            raise ValueError(
+                f"the certificate would contain {len(leaked)} training patient ids (e.g. as conditions or sources); "
+                "refusing to write it"
+            )
+    writer.write_json(CERTIFICATE_JSON, cert)
+    writer.write_csv(CERTIFICATE_CSV, rows)
+    return cert
+
+
+def write_private_audit(path: str | os.PathLike, result: Any, release_dir: str | os.PathLike | None = None) -> Path:
+    """Write the PRIVATE audit file: for every generated image, its nearest training patient and distance per space.
+
+    This file identifies training patients. Keep it with the training data, never in a release.
+
+    Args:
+        path: CSV file to write (atomically); must not be inside ``release_dir``.
+        result: a guarded-sampling result or a :class:`PrivacySafeguardHandler`.
+        release_dir: the release folder, to refuse writing the audit into it.
+
+    Raises:
+        ValueError: if ``path`` lies inside ``release_dir``.
+    """
+    path = Path(path).expanduser().absolute()
+    if release_dir is not None:
+        release = Path(release_dir).expanduser().absolute()
+        if path == release or release in path.parents:
+            raise ValueError(f"the private audit file {path} must not be written inside the release {release}")
+    rows = []
+    for i, r in enumerate(result.records):
+        for space, dist in r.distances.items():
+            rows.append(
+                {
+                    "generated_index": i,
+                    "file": r.file or "",
+                    "source": r.source or "",
+                    "seed": r.seed,
+                    "batch_index": r.batch_index,
+                    "attempt": r.attempt,
+                    "space": space,
+                    "distance": float(dist),
+                    "threshold": float(r.thresholds.get(space, float("nan"))),
+                    "nearest_patient": r.nearest_patients.get(space, ""),
+                    "passed": bool(r.passed),
+                    "reason": r.reason or "",
+                }
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            fields = list(rows[0]) if rows else ["generated_index", "nearest_patient"]
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_certificate(release_dir: str | os.PathLike) -> dict:
+    """Read ``certificate.json`` of a release."""
+    return json.loads((Path(release_dir) / CERTIFICATE_JSON).read_text())
