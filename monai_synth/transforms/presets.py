@@ -1,0 +1,168 @@
+"""Per-modality presets: the whole loading chain from a datalist record to a model-space tensor.
+
+One function builds what every stage needs (autoencoder training, latent caching, the privacy index, evaluation),
+so all of them see the same pixels: a training image and the index entry for it can never disagree because one
+stage resized differently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    Orientationd,
+    Resized,
+    ResizeWithPadOrCropd,
+    Spacingd,
+)
+
+from monai_synth.data.loading import FileTypeReader
+from monai_synth.data.modalities import get_modality
+from monai_synth.transforms.array import (
+    CTWindow,
+    IntensityScale,
+    MRIPercentileScale,
+    PETSUVScale,
+    UltrasoundGreyScale,
+)
+from monai_synth.transforms.dictionary import IntensityScaled
+
+__all__ = ["intensity_transform", "intensity_transformd", "modality_transforms", "batch_load"]
+
+_INTENSITY = {"ct": CTWindow, "mri": MRIPercentileScale, "pet": PETSUVScale, "us": UltrasoundGreyScale}
+
+#: Model-space value of "no signal" (air in CT, background in MRI / PET, black in ultrasound); padding uses it.
+BACKGROUND = -1.0
+
+
+def intensity_transform(modality: str, **kwargs: Any) -> IntensityScale:
+    """The invertible array intensity transform of a modality.
+
+    Args:
+        modality: ``ct`` (:class:`CTWindow`), ``mri`` (:class:`MRIPercentileScale`), ``pet`` (:class:`PETSUVScale`)
+            or ``us`` (:class:`UltrasoundGreyScale`).
+        kwargs: arguments of that transform (e.g. ``window_min=-200`` for CT, ``reference=(lo, hi)`` for MRI so
+            generated images can be inverted).
+
+    Returns:
+        The transform; ``transform.inverse(model_images)`` gives physical units back.
+    """
+    return _INTENSITY[get_modality(modality).name](**kwargs)
+
+
+def intensity_transformd(modality: str, keys: Sequence[str] = ("image",), **kwargs: Any) -> IntensityScaled:
+    """Dictionary version of :func:`intensity_transform`."""
+    return IntensityScaled(keys, intensity_transform(modality, **kwargs))
+
+
+def _size_tuple(spatial_size: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
+    if isinstance(spatial_size, int):
+        size = (int(spatial_size),) * spatial_dims
+    else:
+        size = tuple(int(s) for s in spatial_size)
+    if len(size) != spatial_dims or min(size) < 1:
+        raise ValueError(f"spatial_size must be a positive int or {spatial_dims} positive ints, got {spatial_size}")
+    return size
+
+
+def modality_transforms(
+    modality: str,
+    spatial_size: int | Sequence[int],
+    keys: Sequence[str] = ("image",),
+    spatial_dims: int = 2,
+    pixdim: Sequence[float] | None = None,
+    resize: str = "pad_crop",
+    intensity_kwargs: Mapping[str, Any] | None = None,
+    load: bool = True,
+) -> Compose:
+    """Build the loading chain of a modality as a MONAI ``Compose``.
+
+    ``LoadImaged`` (reader chosen per file by :func:`monai_synth.data.loading.reader_for`) -> ``EnsureChannelFirstd``
+    -> for 3D volumes ``Orientationd("RAS")`` and, when ``pixdim`` is given, ``Spacingd`` -> the modality's
+    intensity transform -> ``ResizeWithPadOrCropd`` (pads with the model-space background -1) or ``Resized`` ->
+    ``EnsureTyped(float32)``. Every step is invertible, so ``Compose.inverse`` / ``Invertd`` return to the input
+    grid and physical units.
+
+    Args:
+        modality: ``ct``, ``mri``, ``pet`` or ``us``.
+        spatial_size: output size, an int (same on every axis) or one int per axis.
+        keys: image keys (other keys of a record, e.g. ``label``, pass through untouched).
+        spatial_dims: 2 (images) or 3 (volumes). Taking 2D slices from 3D files is not supported.
+        pixdim: target voxel size in mm for 3D volumes (``None`` keeps the native grid).
+        resize: ``"pad_crop"`` keeps the pixel scale (centre crop / pad) or ``"resize"`` interpolates to
+            ``spatial_size`` (area for 2D, trilinear for 3D).
+        intensity_kwargs: arguments of the intensity transform (see :func:`intensity_transform`).
+        load: include ``LoadImaged`` + ``EnsureChannelFirstd``; set False when the records already hold arrays.
+
+    Returns:
+        ``monai.transforms.Compose``.
+    """
+    mod = get_modality(modality)
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if spatial_dims not in mod.spatial_dims:
+        raise ValueError(f"{mod.name} supports spatial_dims {list(mod.spatial_dims)}, got {spatial_dims}")
+    if resize not in ("pad_crop", "resize"):
+        raise ValueError(f"resize must be 'pad_crop' or 'resize', got {resize!r}")
+    size = _size_tuple(spatial_size, spatial_dims)
+    keys = tuple(keys)
+    xforms: list = []
+    if load:
+        xforms += [
+            LoadImaged(keys, reader=FileTypeReader(), image_only=True),
+            EnsureChannelFirstd(keys),
+        ]
+    if spatial_dims == 3:
+        xforms.append(Orientationd(keys, axcodes="RAS"))
+        if pixdim is not None:
+            if len(pixdim) != 3:
+                raise ValueError(f"pixdim must have 3 values for 3D volumes, got {pixdim}")
+            xforms.append(Spacingd(keys, pixdim=tuple(float(p) for p in pixdim), mode="bilinear"))
+    xforms.append(IntensityScaled(keys, intensity_transform(mod.name, **dict(intensity_kwargs or {}))))
+    if resize == "pad_crop":
+        xforms.append(ResizeWithPadOrCropd(keys, spatial_size=size, mode="constant", value=BACKGROUND))
+    else:
+        xforms.append(Resized(keys, spatial_size=size, mode="area" if spatial_dims == 2 else "trilinear"))
+    xforms.append(EnsureTyped(keys, dtype=torch.float32))
+    return Compose(xforms)
+
+
+def batch_load(
+    records: Sequence[Mapping[str, Any]],
+    modality: str,
+    spatial_size: int | Sequence[int],
+    spatial_dims: int = 2,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Load records' images into one model-space tensor ``(N, 1, *spatial_size)`` (float32, CPU).
+
+    For building privacy indices and evaluation sets; the images go through exactly the chain of
+    :func:`modality_transforms` (extra ``kwargs`` are passed to it).
+
+    Args:
+        records: datalist records with an ``"image"`` path.
+        modality: ``ct``, ``mri``, ``pet`` or ``us``.
+        spatial_size: output size per axis (int or tuple).
+        spatial_dims: 2 or 3.
+
+    Returns:
+        ``torch.Tensor`` of shape ``(N, 1, *spatial)``.
+    """
+    size = _size_tuple(spatial_size, spatial_dims)
+    if len(records) == 0:
+        return torch.zeros((0, 1, *size), dtype=torch.float32)
+    chain = modality_transforms(modality, size, keys=("image",), spatial_dims=spatial_dims, **kwargs)
+    images = []
+    for rec in records:
+        image = chain({"image": rec["image"]})["image"]
+        image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+        if image.shape[0] != 1:
+            raise ValueError(f"{rec['image']} loaded with {image.shape[0]} channels; expected one grey channel")
+        images.append(image)
+    return torch.stack(images).to(torch.float32)
