@@ -1,0 +1,308 @@
+"""The autoencoder's latent space as stage 2 sees it: the scale factor and the cache of encoded training images.
+
+Two mistakes of the public latent-diffusion bundles are avoided here. The scale factor (which makes the latents
+roughly unit-variance, as the diffusion schedule assumes; Rombach et al. 2022, sec. 4.3.2) is estimated over the
+*whole* training set, not one batch, and lives in a module buffer so it is saved with the autoencoder weights. The
+cache stores the posterior mean ``z_mu`` (deterministic) rather than a sampled latent, so two runs over the same
+data give the same cache, and it records the fingerprint of the autoencoder checkpoint that produced it so stage 2
+cannot silently train on latents of another autoencoder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from monai_synth.engines.checkpoint import atomic_torch_save, checkpoint_fingerprint
+
+__all__ = ["ScaleFactor", "compute_scale_factor", "encode_labels", "cache_latents", "LatentDataset"]
+
+CACHE_FORMAT_VERSION = 1
+
+
+class ScaleFactor(torch.nn.Module):
+    """Holder of the latent scale factor, a buffer so ``CheckpointSaver`` stores it next to the weights.
+
+    Put it in the autoencoder stage's ``save_dict`` as ``"scale_factor"``. It starts as NaN ("not computed yet") so
+    a checkpoint of an autoencoder whose training stopped before the scale factor was estimated is recognisable and
+    refused by :meth:`value` instead of silently scaling latents by 1.
+
+    Args:
+        value: initial value; leave ``None`` to mark it not computed.
+    """
+
+    def __init__(self, value: float | None = None) -> None:
+        super().__init__()
+        self.register_buffer("scale_factor", torch.tensor(float("nan") if value is None else float(value)))
+
+    @property
+    def computed(self) -> bool:
+        """Whether a finite value has been set."""
+        return bool(torch.isfinite(self.scale_factor))
+
+    def set(self, value: float) -> None:
+        """Store a new positive finite value."""
+        value = float(value)
+        if not (value > 0 and value < float("inf")):
+            raise ValueError(f"scale factor must be positive and finite, got {value}")
+        self.scale_factor.fill_(value)
+
+    def value(self) -> float:
+        """The scale factor; raises ``RuntimeError`` if it was never computed."""
+        if not self.computed:
+            raise RuntimeError(
+                "the latent scale factor was never computed: the autoencoder stage did not finish (the "
+                "ScaleFactorHandler runs at its last iteration). Finish or resume the autoencoder training first."
+            )
+        return float(self.scale_factor)
+
+    def __float__(self) -> float:
+        return self.value()
+
+    def extra_repr(self) -> str:
+        return f"scale_factor={float(self.scale_factor):.6g}"
+
+
+def _as_float(scale_factor: float | ScaleFactor) -> float:
+    return scale_factor.value() if isinstance(scale_factor, ScaleFactor) else float(scale_factor)
+
+
+def _images_of(batch: Any, image_key: str) -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        if image_key not in batch:
+            raise KeyError(f"batch has no {image_key!r} key; it has {sorted(batch)}. Set image_key.")
+        return batch[image_key]
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    return batch
+
+
+@torch.no_grad()
+def compute_scale_factor(
+    autoencoder: torch.nn.Module,
+    data_loader: Iterable,
+    device: str | torch.device = "cpu",
+    image_key: str = "image",
+) -> float:
+    """``1 / std(z_mu)`` over every element of every training image's posterior mean.
+
+    Uses a streaming (Chan et al.) mean/variance merge in float64 so the estimate is exact for the whole set without
+    holding all latents in memory.
+
+    Args:
+        autoencoder: a MONAI ``AutoencoderKL`` (anything with ``encode(x) -> (z_mu, z_sigma)``).
+        data_loader: iterable of batches (dicts with ``image_key`` or tensors), normally the *training* loader
+            without random augmentation.
+        device: where to run the encoder.
+        image_key: key of the image in dict batches.
+
+    Returns:
+        The scale factor as a python float.
+    """
+    was_training = autoencoder.training
+    autoencoder.eval()
+    count, mean, m2 = 0, 0.0, 0.0
+    try:
+        for batch in data_loader:
+            images = _images_of(batch, image_key).to(device)
+            z_mu = autoencoder.encode(images)[0].double()
+            n_b = z_mu.numel()
+            mean_b = float(z_mu.mean())
+            m2_b = float(((z_mu - mean_b) ** 2).sum())
+            delta = mean_b - mean
+            total = count + n_b
+            mean += delta * n_b / total
+            m2 += m2_b + delta**2 * count * n_b / total
+            count = total
+    finally:
+        autoencoder.train(was_training)
+    if count < 2:
+        raise ValueError("compute_scale_factor needs at least two latent elements; the data loader was empty")
+    std = (m2 / (count - 1)) ** 0.5
+    if std == 0:
+        raise ValueError("all latents are identical (std 0); the autoencoder has collapsed, retrain it")
+    return 1.0 / std
+
+
+def encode_labels(values: Any, labels: Sequence[str]) -> torch.Tensor:
+    """Class ids (``LongTensor``) for a batch of labels given as names or ids.
+
+    Args:
+        values: a sequence of label names (``"4a"``), ints, or an integer tensor.
+        labels: the ordered class names the model knows.
+
+    Raises:
+        ValueError: naming labels the model does not know, and the known ones.
+    """
+    names = [str(v) for v in labels]
+    if isinstance(values, torch.Tensor) and not values.is_floating_point():
+        ids = values.reshape(-1).long()
+    else:
+        if isinstance(values, (str, int)):
+            values = [values]
+        out, unknown = [], []
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            if isinstance(v, str) and v in names:
+                out.append(names.index(v))
+            elif isinstance(v, int) and not isinstance(v, bool):
+                out.append(v)
+            else:
+                unknown.append(v)
+        if unknown:
+            raise ValueError(f"labels {sorted(set(map(str, unknown)))} are not known to this model; it knows {names}")
+        ids = torch.tensor(out, dtype=torch.long)
+    bad = ids[(ids < 0) | (ids >= len(names))]
+    if bad.numel():
+        raise ValueError(f"class ids {bad.tolist()} out of range for the {len(names)} labels {names}")
+    return ids
+
+
+@torch.no_grad()
+def cache_latents(
+    autoencoder: torch.nn.Module,
+    data_loader: Iterable,
+    out_path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    autoencoder_checkpoint: str | os.PathLike | None = None,
+    labels: Sequence[str] | None = None,
+    scale_factor: float | ScaleFactor | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+    context_keys: Sequence[str] = (),
+    id_keys: Sequence[str] = ("patient_id",),
+) -> Path:
+    """Encode the training set once and store ``z_mu`` with each item's label and extra conditions.
+
+    The file is a ``torch.save`` dict written atomically (temporary file + rename): ``latents`` (N, C, *spatial)
+    float32, ``labels`` (N,) long, ``context`` (N, K) float32 or ``None``, ``context_keys``, ``label_names``,
+    ``ids`` (dict of lists, e.g. patient ids, for auditing), ``scale_factor`` (float or ``None``), and
+    ``autoencoder_fingerprint`` (SHA-256 of the checkpoint file).
+
+    Args:
+        autoencoder: trained ``AutoencoderKL``; run in eval mode.
+        data_loader: training batches (dicts) *without* random augmentation, in any order.
+        out_path: destination ``.pt`` file.
+        device: where to run the encoder.
+        autoencoder_checkpoint: checkpoint the weights came from; its fingerprint is stored and checked by
+            :class:`LatentDataset`. ``None`` stores no fingerprint (only sensible in tests).
+        labels: ordered class names; label values in the batches are mapped to ids with :func:`encode_labels`.
+        scale_factor: stored for convenience so stage 2 can read it from the cache.
+        image_key: image key in the batches.
+        label_key: label key in the batches.
+        context_keys: keys of extra continuous conditions (one float per item each).
+        id_keys: string keys to keep per item (not used for training).
+
+    Returns:
+        The written path.
+    """
+    if labels is None:
+        raise ValueError("cache_latents needs the ordered class names (labels=...) to map batch labels to ids")
+    fingerprint = None if autoencoder_checkpoint is None else checkpoint_fingerprint(autoencoder_checkpoint)
+    was_training = autoencoder.training
+    autoencoder.eval()
+    latents, ids_all, context = [], [], []
+    kept: dict[str, list] = {k: [] for k in id_keys}
+    try:
+        for batch in data_loader:
+            if not isinstance(batch, Mapping):
+                raise TypeError("cache_latents needs dict batches with image, label and condition keys")
+            images = _images_of(batch, image_key).to(device)
+            latents.append(autoencoder.encode(images)[0].float().cpu())
+            if label_key not in batch:
+                raise KeyError(f"batch has no {label_key!r} key; it has {sorted(batch)}")
+            ids_all.append(encode_labels(batch[label_key], labels))
+            if context_keys:
+                cols = [torch.as_tensor(batch[k], dtype=torch.float32).reshape(-1) for k in context_keys]
+                context.append(torch.stack(cols, dim=1))
+            for k in id_keys:
+                if k in batch:
+                    kept[k].extend(str(v) for v in batch[k])
+    finally:
+        autoencoder.train(was_training)
+    if not latents:
+        raise ValueError("cache_latents got an empty data loader")
+    payload = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "latents": torch.cat(latents),
+        "labels": torch.cat(ids_all),
+        "context": torch.cat(context) if context else None,
+        "context_keys": list(context_keys),
+        "label_names": [str(v) for v in labels],
+        "ids": {k: v for k, v in kept.items() if v},
+        "scale_factor": None if scale_factor is None else _as_float(scale_factor),
+        "autoencoder_fingerprint": fingerprint,
+    }
+    if payload["labels"].shape[0] != payload["latents"].shape[0]:
+        raise ValueError("label count differs from image count in the data loader batches")
+    return atomic_torch_save(payload, out_path)
+
+
+class LatentDataset(Dataset):
+    """Stage-2 dataset over a cache written by :func:`cache_latents`.
+
+    Items are dicts ``{"latent": (C, *spatial) float32, "label": long scalar}`` plus ``"context"`` ((K,) float32)
+    when the cache has extra conditions.
+
+    Args:
+        path: the cache file.
+        autoencoder_checkpoint: the autoencoder checkpoint stage 2 will decode with; the cache is refused if it was
+            made from a different file. ``None`` skips the check (tests only).
+        labels: expected ordered class names; refused if the cache's differ.
+        transform: optional callable applied to each item dict (e.g. flips in latent space).
+
+    Raises:
+        FileNotFoundError: the cache does not exist.
+        ValueError: the cache was made from another autoencoder checkpoint or for other labels.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        autoencoder_checkpoint: str | os.PathLike | None = None,
+        labels: Sequence[str] | None = None,
+        transform: Any = None,
+    ) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"latent cache {str(path)!r} does not exist; run the latent caching step first")
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if autoencoder_checkpoint is not None:
+            expected = checkpoint_fingerprint(autoencoder_checkpoint)
+            if data.get("autoencoder_fingerprint") != expected:
+                raise ValueError(
+                    f"latent cache {str(path)!r} was not made with autoencoder checkpoint {str(autoencoder_checkpoint)!r}"
+                    " (fingerprints differ): the autoencoder was retrained or another one is configured. Delete the "
+                    "cache and re-run the latent caching step."
+                )
+        if labels is not None and list(data["label_names"]) != [str(v) for v in labels]:
+            raise ValueError(f"latent cache {str(path)!r} has labels {data['label_names']}, expected {list(labels)}")
+        self.path = path
+        self.latents: torch.Tensor = data["latents"]
+        self.labels: torch.Tensor = data["labels"]
+        self.context: torch.Tensor | None = data.get("context")
+        self.context_keys: list[str] = list(data.get("context_keys") or [])
+        self.label_names: list[str] = list(data["label_names"])
+        self.scale_factor: float | None = data.get("scale_factor")
+        self.autoencoder_fingerprint: str | None = data.get("autoencoder_fingerprint")
+        self.transform = transform
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """(C, *spatial) of one latent."""
+        return tuple(self.latents.shape[1:])
+
+    def __len__(self) -> int:
+        return int(self.latents.shape[0])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = {"latent": self.latents[index], "label": self.labels[index]}
+        if self.context is not None:
+            item["context"] = self.context[index]
+        return self.transform(item) if self.transform is not None else item
