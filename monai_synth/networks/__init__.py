@@ -1,0 +1,1 @@
+from .dit import DiffusionTransformer as DiffusionTransformer
