@@ -99,18 +99,13 @@ def _spatial(spatial_size: int | Sequence[int], spatial_dims: int) -> tuple[int,
 def load_model_space(
     paths: Sequence[str | os.PathLike], modality: str, spatial_size: int | Sequence[int], spatial_dims: int
 ) -> torch.Tensor:
-    """Load images into model space, ``(N, 1, *spatial_size)`` float32, with the modality presets."""
-    from monai_synth.transforms.presets import modality_transforms
+    """Load images into model space, ``(N, 1, *spatial_size)`` float32, through the modality presets' chain."""
+    from monai_synth.transforms.presets import batch_load
 
-    transform = modality_transforms(modality, _spatial(spatial_size, spatial_dims), spatial_dims=spatial_dims)
-    out = []
-    for p in paths:
-        try:
-            img = transform({"image": os.fspath(p)})["image"]
-        except Exception as err:
-            raise ValueError(f"cannot load {p} into {modality} model space: {err}") from err
-        out.append(torch.as_tensor(np.asarray(img), dtype=torch.float32))
-    return torch.stack(out)
+    try:
+        return batch_load([{"image": os.fspath(p)} for p in paths], modality, spatial_size, spatial_dims=spatial_dims)
+    except Exception as err:
+        raise ValueError(f"cannot load images into {modality} model space: {err}") from err
 
 
 def _spatial_dims_of(modality: str, path: str | os.PathLike, spatial_size: int | Sequence[int]) -> int:
@@ -279,7 +274,7 @@ def train_embedding_from_datalist(
     Returns:
         the weights path.
     """
-    from monai_synth.data.datalist import load_datalist
+    from monai_synth.data.datalist import datalist_fingerprint, load_datalist
     from monai_synth.privacy.embedding import train_embedding
 
     mod = get_modality(modality)
@@ -287,7 +282,12 @@ def train_embedding_from_datalist(
     spatial_dims = _spatial_dims_of(modality, records[0]["image"], spatial_size)
     images = load_model_space([r["image"] for r in records], modality, spatial_size, spatial_dims)
     space = train_embedding(
-        images, [r["patient_id"] for r in records], spatial_dims=spatial_dims, epochs=epochs, seed=seed
+        images,
+        [r["patient_id"] for r in records],
+        spatial_dims=spatial_dims,
+        epochs=epochs,
+        seed=seed,
+        data_fingerprint=datalist_fingerprint(records),
     )
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -117,43 +117,57 @@ class PixelSpace:
 
     Cheap, needs no training and is exact, so it is the default privacy space. Pearson correlation ignores
     a global intensity offset and gain, so a near-copy with its contrast rescaled or with added noise is still
-    close. It is not invariant to geometry: pass ``invariances`` to also catch flipped and/or shifted copies
-    (the query is compared in every flip/shift in the set and the minimum distance counts); a learned
-    :class:`~monai_synth.privacy.embedding.EmbeddingSpace` covers the rest (crops, deformations).
+    close. It is not invariant to geometry by itself: ``invariances`` also catches flipped, shifted and/or
+    cropped-and-resized (zoomed) copies by comparing every such variant of the *query* and keeping the smallest
+    distance; a learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` covers larger changes.
 
     Args:
         grid: side of the grid images are resampled to (area interpolation), so images of any size compare
-            and the vector has ``grid ** spatial_dims`` entries.
+            and the vector has ``grid ** spatial_dims`` entries per channel.
         spatial_dims: 2 or 3.
-        invariances: any of ``"flip"`` (every combination of axis flips) and ``"shift"`` (every integer shift
-            of up to ``max_shift`` grid cells per axis, edges replicated).
+        invariances: any of ``"flip"`` (every combination of axis flips), ``"shift"`` (every integer shift of up
+            to ``max_shift`` grid cells per axis, edges replicated) and ``"zoom"`` (the query magnified by each
+            factor in ``zooms`` about the centre, edges replicated).
         max_shift: largest shift in grid cells when ``"shift"`` is requested.
+        zooms: magnifications tried when ``"zoom"`` is requested (1.0 is always included). A copy cropped by a
+            fraction ``f`` of each side and resized back is undone by the factor ``1 - 2 f``.
 
-    Cost: each query image is compared ``len(variant_ops)`` times (2D: 4 flips x 25 shifts = 100 with the
-    defaults), the index itself does not grow.
+    Cost: each query image is compared ``len(variant_ops)`` times (2D: 4 flips x 25 shifts = 100 for
+    ``("flip", "shift")``; times ``len(zooms)`` with ``"zoom"``); the index itself does not grow.
     """
 
-    _VERSION = 1
+    _VERSION = 2
+    _DEFAULT_ZOOMS = (0.8, 0.9, 1.0, 1.1, 1.25)
 
     def __init__(
-        self, grid: int = 32, spatial_dims: int = 2, invariances: Sequence[str] = (), max_shift: int = 2
+        self,
+        grid: int = 32,
+        spatial_dims: int = 2,
+        invariances: Sequence[str] = (),
+        max_shift: int = 2,
+        zooms: Sequence[float] = _DEFAULT_ZOOMS,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if int(grid) < 4:
             raise ValueError(f"grid must be at least 4 cells per axis, got {grid}")
         invariances = tuple(sorted({str(i) for i in invariances}))
-        unknown = set(invariances) - {"flip", "shift"}
+        unknown = set(invariances) - {"flip", "shift", "zoom"}
         if unknown:
-            raise ValueError(f"unknown invariances {sorted(unknown)}; choose from 'flip', 'shift'")
+            raise ValueError(f"unknown invariances {sorted(unknown)}; choose from 'flip', 'shift', 'zoom'")
         if "shift" in invariances and not 1 <= int(max_shift) < int(grid) // 2:
             raise ValueError(f"max_shift must be in [1, grid/2), got {max_shift} for grid {grid}")
+        if "zoom" in invariances and not all(0.25 <= float(z) <= 4.0 for z in zooms):
+            raise ValueError(f"zooms must lie in [0.25, 4], got {list(zooms)}")
         self.name = "pixel"
         self.grid = int(grid)
         self.spatial_dims = int(spatial_dims)
         self.invariances = invariances
         self.max_shift = int(max_shift) if "shift" in invariances else 0
-        flips = [()]
+        self.zooms: tuple[float, ...] = (1.0,)
+        if "zoom" in invariances:
+            self.zooms = (1.0,) + tuple(sorted({round(float(z), 4) for z in zooms} - {1.0}))
+        flips: list[tuple[int, ...]] = [()]
         if "flip" in invariances:
             axes = range(self.spatial_dims)
             flips = [c for r in range(self.spatial_dims + 1) for c in itertools.combinations(axes, r)]
@@ -161,12 +175,15 @@ class PixelSpace:
         if "shift" in invariances:
             rng = range(-self.max_shift, self.max_shift + 1)
             shifts = sorted(itertools.product(rng, repeat=self.spatial_dims), key=lambda s: (sum(map(abs, s)), s))
-        # identity first: variant 0 is what `embed` returns.
-        self.variant_ops: list[tuple[tuple[int, ...], tuple[int, ...]]] = [(f, s) for f in flips for s in shifts]
+        self._flips, self._shifts = flips, shifts
+        # (zoom, flip axes, shift) of every variant; identity first: variant 0 is what `embed` returns.
+        self.variant_ops: list[tuple[float, tuple[int, ...], tuple[int, ...]]] = [
+            (z, f, s) for z in self.zooms for f in flips for s in shifts
+        ]
 
     @property
     def dim(self) -> int:
-        """Length of the vectors (per channel count 1)."""
+        """Length of the vectors of single-channel images."""
         return self.grid**self.spatial_dims
 
     def fingerprint(self) -> str:
@@ -178,6 +195,7 @@ class PixelSpace:
             "spatial_dims": self.spatial_dims,
             "invariances": list(self.invariances),
             "max_shift": self.max_shift,
+            "zooms": list(self.zooms),
         }
         return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -196,28 +214,57 @@ class PixelSpace:
         g = self._grid(images)
         return _standardise(g.reshape(g.shape[0], -1)).numpy().astype(np.float32, copy=False)
 
+    def _zoomed(self, g: torch.Tensor) -> torch.Tensor:
+        """``(B * Z, C, *grid)``: every image magnified by every zoom factor (identity first), edges replicated."""
+        if len(self.zooms) == 1:
+            return g
+        n, nd = g.shape[0], self.spatial_dims
+        theta = torch.zeros(len(self.zooms), nd, nd + 1)
+        for k, z in enumerate(self.zooms):
+            theta[k, :, :nd] = torch.eye(nd) / z  # output point p samples the input at p / z: content magnified by z
+        theta = theta.repeat(n, 1, 1)
+        src = g.repeat_interleave(len(self.zooms), dim=0)
+        coords = F.affine_grid(theta, list(src.shape), align_corners=False)
+        out = F.grid_sample(src, coords, mode="bilinear", padding_mode="border", align_corners=False)
+        out[:: len(self.zooms)] = g  # the identity variant stays bit-exact
+        return out
+
     def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
-        """``(B, V, d)`` vectors of every flip/shift variant of every image (variant 0 = :meth:`embed`)."""
+        """``(B, V, d)`` vectors of every zoom/flip/shift variant of every image (variant 0 = :meth:`embed`).
+
+        All shifted windows are views of one replicate-padded grid (``unfold``), so the variants cost one copy and
+        one standardisation of a ``(B, V, d)`` array.
+        """
         g = self._grid(images)
-        n, s = g.shape[0], self.max_shift
-        dims = tuple(range(2, 2 + self.spatial_dims))
-        padded = F.pad(g, (s,) * (2 * self.spatial_dims), mode="replicate") if s else g
-        out = []
-        for flip_axes, shift in self.variant_ops:
-            v = padded
-            if s:
-                # a window of the replicate-padded grid = the image moved by `shift` cells, edges repeated.
-                sl = [slice(None), slice(None)] + [slice(s + d, s + d + self.grid) for d in shift]
-                v = padded[tuple(sl)]
-            if flip_axes:
-                v = torch.flip(v, dims=[dims[a] for a in flip_axes])
-            out.append(_standardise(v.reshape(n, -1)))
-        return torch.stack(out, dim=1).numpy().astype(np.float32, copy=False)
+        n = g.shape[0]
+        g = self._zoomed(g)
+        m, c, s, nd = g.shape[0], g.shape[1], self.max_shift, self.spatial_dims
+        if s:
+            w = F.pad(g, (s,) * (2 * nd), mode="replicate")
+            for axis in range(nd):
+                w = w.unfold(2 + axis, self.grid, 1)  # offsets replace the axis, the window goes last
+            w = w.movedim(1, 1 + nd)  # channels after the offsets: (M, *offsets, C, *grid)
+            w = w.reshape(m, (2 * s + 1) ** nd, c, *([self.grid] * nd))
+            # offsets come in row-major order; reorder them like self._shifts (identity first)
+            w = w[:, torch.as_tensor([self._offset_index(shift) for shift in self._shifts])]
+        else:
+            w = g[:, None]
+        spatial = list(range(3, 3 + nd))
+        flips = [w if not axes else torch.flip(w, dims=[spatial[a] for a in axes]) for axes in self._flips]
+        v = torch.cat(flips, dim=1).reshape(n * len(self.variant_ops), -1)
+        return _standardise(v).reshape(n, len(self.variant_ops), -1).numpy().astype(np.float32, copy=False)
+
+    def _offset_index(self, shift: tuple[int, ...]) -> int:
+        """Position of a shift in the unfolded offsets (row-major over axes, offset d at window start s + d)."""
+        side, idx = 2 * self.max_shift + 1, 0
+        for d in shift:
+            idx = idx * side + (d + self.max_shift)
+        return idx
 
     def __repr__(self) -> str:
         return (
             f"PixelSpace(grid={self.grid}, spatial_dims={self.spatial_dims}, invariances={self.invariances}, "
-            f"max_shift={self.max_shift})"
+            f"max_shift={self.max_shift}, zooms={self.zooms})"
         )
 
 

@@ -1,0 +1,133 @@
+"""PixelSpace: unit vectors whose dot product is the Pearson correlation; fail-closed on bad images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from monai_synth.privacy.spaces import (
+    DegenerateImageError,
+    NonFiniteImageError,
+    PixelSpace,
+    PrivacySpace,
+    embed_variants,
+    space_distance,
+)
+
+
+def _blob(shape=(16, 16), centre=(6, 9), sigma=2.5) -> torch.Tensor:
+    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")
+    r2 = sum((g - c) ** 2 for g, c in zip(grids, centre))
+    return torch.exp(-r2 / (2 * sigma**2))[None]
+
+
+def test_is_a_privacy_space_and_returns_unit_vectors():
+    space = PixelSpace(grid=16)
+    assert isinstance(space, PrivacySpace)
+    vec = space.embed(torch.randn(5, 1, 16, 16))
+    assert vec.shape == (5, 256) and vec.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vec, axis=1), 1.0, atol=1e-5)
+
+
+def test_distance_is_one_minus_pearson_correlation():
+    x = torch.randn(2, 1, 16, 16)
+    vec = PixelSpace(grid=16).embed(x)
+    pearson = np.corrcoef(x[0].flatten().numpy(), x[1].flatten().numpy())[0, 1]
+    assert space_distance(vec[:1], vec[1:])[0, 0] == pytest.approx(1 - pearson, abs=1e-5)
+
+
+def test_intensity_gain_and_offset_do_not_change_the_vector():
+    x = torch.randn(1, 1, 32, 32)
+    space = PixelSpace(grid=16)
+    assert space_distance(space.embed(x), space.embed(3.0 * x - 0.7))[0, 0] < 1e-5
+
+
+def test_images_of_any_size_are_resampled_to_the_grid():
+    x = _blob((32, 32), centre=(12, 18), sigma=5)[None]
+    small = torch.nn.functional.interpolate(x, size=(16, 16), mode="area")
+    space = PixelSpace(grid=16)
+    assert space_distance(space.embed(x), space.embed(small))[0, 0] < 1e-5
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_images_are_refused(bad):
+    x = torch.randn(3, 1, 16, 16)
+    x[1, 0, 4, 4] = bad
+    with pytest.raises(NonFiniteImageError, match=r"\[1\]"):
+        PixelSpace(grid=16).embed(x)
+
+
+def test_constant_images_are_refused():
+    with pytest.raises(DegenerateImageError):
+        PixelSpace(grid=8).embed(torch.full((1, 1, 16, 16), 0.3))
+
+
+def test_fingerprint_tracks_every_setting():
+    base = PixelSpace(grid=16).fingerprint()
+    assert base == PixelSpace(grid=16).fingerprint()
+    others = {
+        PixelSpace(grid=8).fingerprint(),
+        PixelSpace(grid=16, spatial_dims=3).fingerprint(),
+        PixelSpace(grid=16, invariances=("flip",)).fingerprint(),
+        PixelSpace(grid=16, invariances=("shift",), max_shift=1).fingerprint(),
+        PixelSpace(grid=16, invariances=("shift",), max_shift=2).fingerprint(),
+    }
+    assert base not in others and len(others) == 5
+
+
+def test_flip_variants_contain_the_unflipped_image():
+    x = _blob()[None]
+    plain, inv = PixelSpace(grid=16), PixelSpace(grid=16, invariances=("flip",))
+    flipped = torch.flip(x, dims=[-1])
+    assert space_distance(plain.embed(flipped), plain.embed(x))[0, 0] > 0.3
+    variants = inv.embed_variants(flipped)
+    assert variants.shape == (1, 4, 256)  # identity, flip x, flip y, flip both
+    assert space_distance(variants[0], inv.embed(x)).min() < 1e-5
+    np.testing.assert_allclose(variants[:, 0], inv.embed(flipped), atol=1e-6)
+
+
+def test_shift_variants_undo_a_small_shift():
+    x, moved = _blob(centre=(7, 8))[None], _blob(centre=(9, 7))[None]
+    plain, inv = PixelSpace(grid=16), PixelSpace(grid=16, invariances=("shift",), max_shift=2)
+    assert inv.embed_variants(x).shape == (1, 25, 256)
+    d_plain = space_distance(plain.embed(moved), plain.embed(x))[0, 0]
+    d_inv = space_distance(inv.embed_variants(moved)[0], inv.embed(x)).min()
+    assert d_plain > 0.2 and d_inv < 0.01
+
+
+def test_embed_variants_falls_back_to_embed_for_spaces_without_variants():
+    class Plain:
+        name = "plain"
+
+        def fingerprint(self):
+            return "x"
+
+        def embed(self, images):
+            return PixelSpace(grid=8).embed(images)
+
+    assert embed_variants(Plain(), torch.randn(2, 1, 8, 8)).shape == (2, 1, 64)
+
+
+def test_3d_volumes():
+    vec = PixelSpace(grid=8, spatial_dims=3, invariances=("flip",)).embed_variants(torch.randn(2, 1, 12, 12, 12))
+    assert vec.shape == (2, 8, 512)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"spatial_dims": 1}, "spatial_dims"),
+        ({"grid": 2}, "grid"),
+        ({"invariances": ("rotate",)}, "unknown invariances"),
+        ({"invariances": ("shift",), "max_shift": 0}, "max_shift"),
+    ],
+)
+def test_bad_settings_fail_early(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PixelSpace(**kwargs)
+
+
+def test_wrong_image_rank_is_explained():
+    with pytest.raises(ValueError, match="spatial_dims=2"):
+        PixelSpace(grid=8).embed(torch.randn(2, 16, 16))
