@@ -325,10 +325,12 @@ def _write_dicom_slice(
     ds.ImageComments = _SYNTHETIC_NOTE
     ds.BurnedInAnnotation = "NO"
     ds.PatientIdentityRemoved = "YES"
-    # Image plane: axis-aligned, slices stacked along z, as MONAI's PydicomReader expects for a series.
+    # Image plane: axis-aligned, slices stacked along z, as MONAI's PydicomReader expects for a series. The array
+    # axes are declared RAS (DICOM's patient axes are LPS, hence the -1s), the orientation MONAI's presets put
+    # images in and the one the NIfTI writer declares, so one array means the same anatomy in every format.
     ds.PixelSpacing = [f"{spacing[1]:g}", f"{spacing[0]:g}"]  # row spacing (y), column spacing (x)
     ds.SliceThickness = f"{spacing[2]:g}"
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
     ds.ImagePositionPatient = [0.0, 0.0, float(index * spacing[2])]
     ds.SliceLocation = float(index * spacing[2])
     ds.SamplesPerPixel = 1

@@ -180,3 +180,22 @@ def test_argument_checks(tmp_path):
         with pytest.raises(FileExistsError, match="already written"):
             writer.write_image(np.zeros((1, 4, 4)), "same")
     assert not (tmp_path / "escape.json").exists()
+
+
+def test_dicom_and_nifti_declare_the_same_orientation(tmp_path):
+    """One array must mean the same anatomy in every format, so 3D presets (Orientationd RAS) agree."""
+    from monai.transforms import LoadImage, Orientation
+
+    from monai_synth.data.loading import FileTypeReader
+
+    volume = np.random.default_rng(5).uniform(-1000, 1000, (1, 6, 5, 4)).astype(np.float32)
+    loaded = {}
+    for fmt in ("dicom", "nifti"):
+        with ReleaseWriter(tmp_path / fmt, fmt, "ct") as writer:
+            rel = writer.write_image(volume, "v", spacing=(0.5, 0.6, 2.0))
+        image = LoadImage(reader=FileTypeReader(), image_only=True, ensure_channel_first=True)(
+            str(tmp_path / fmt / rel)
+        )
+        loaded[fmt] = Orientation("RAS")(image)
+    np.testing.assert_allclose(loaded["dicom"].affine.numpy(), loaded["nifti"].affine.numpy(), atol=1e-6)
+    np.testing.assert_allclose(loaded["dicom"].numpy(), loaded["nifti"].numpy(), atol=0.5 + 1e-3)
