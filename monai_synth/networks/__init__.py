@@ -1,1 +1,2 @@
 from .dit import DiffusionTransformer as DiffusionTransformer
+from .embedding import PatientEmbeddingNet as PatientEmbeddingNet

@@ -1,0 +1,133 @@
+"""Patient re-identification encoder used by the learned ``embedding`` privacy space.
+
+The network maps one image to a unit-length vector so that images of the same patient (repeat studies, or
+copies altered by a flip, shift, crop, noise or intensity change) land close together and images of different
+patients land far apart. It is trained with a supervised contrastive loss in
+:mod:`monai_synth.privacy.embedding`; this module only defines the architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution, ResidualUnit
+from monai.networks.layers.factories import Pool
+from torch import nn
+
+__all__ = ["PatientEmbeddingNet"]
+
+
+class PatientEmbeddingNet(nn.Module):
+    """Small residual CNN -> global average pooling -> MLP projection -> L2-normalised embedding.
+
+    The design follows the encoder + projection head of supervised contrastive learning (Khosla et al.,
+    "Supervised Contrastive Learning", NeurIPS 2020), scaled down so that it trains in seconds on a CPU for
+    small cohorts. Global pooling makes the vector insensitive to where the anatomy sits in the field of view,
+    which is what a copy detector needs (a shifted copy is still a copy). Instance normalisation (MONAI's
+    default in :class:`~monai.networks.blocks.ResidualUnit`) keeps train and eval behaviour identical, so the
+    same image always maps to the same vector, whatever else is in the batch.
+
+    Args:
+        spatial_dims: number of spatial dimensions of the input, 2 or 3.
+        in_channels: number of input channels (1 for the grey-level images of this package).
+        channels: output channels of each residual stage; every stage after the first halves the resolution,
+            so inputs should have at least ``2 ** (len(channels) - 1)`` pixels per axis.
+        out_dim: length of the output embedding.
+        num_res_units: sub-units (conv + norm + act) per residual stage.
+        act: activation type and arguments, as understood by MONAI's layer factories.
+        norm: normalisation type and arguments, as understood by MONAI's layer factories.
+        dropout: dropout probability inside the residual stages.
+
+    Raises:
+        ValueError: for unsupported ``spatial_dims``, non-positive channel counts, ``out_dim`` or
+            ``num_res_units``, or an empty ``channels``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int = 1,
+        channels: Sequence[int] = (16, 32, 64, 128),
+        out_dim: int = 128,
+        num_res_units: int = 2,
+        act: tuple | str = "PRELU",
+        norm: tuple | str = ("INSTANCE", {"affine": True}),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if int(in_channels) < 1:
+            raise ValueError(f"in_channels must be a positive integer, got {in_channels}.")
+        channels = tuple(int(c) for c in channels)
+        if len(channels) == 0 or any(c < 1 for c in channels):
+            raise ValueError(f"channels must be a non-empty sequence of positive integers, got {channels}.")
+        if int(out_dim) < 1:
+            raise ValueError(f"out_dim must be a positive integer, got {out_dim}.")
+        if int(num_res_units) < 1:
+            raise ValueError(f"num_res_units must be at least 1, got {num_res_units}.")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+
+        self.spatial_dims = spatial_dims
+        self.in_channels = int(in_channels)
+        self.channels = channels
+        self.out_dim = int(out_dim)
+
+        self.stem = Convolution(
+            spatial_dims, self.in_channels, channels[0], strides=1, kernel_size=3, act=act, norm=norm
+        )
+        stages = []
+        prev = channels[0]
+        for i, c in enumerate(channels):
+            stages.append(
+                ResidualUnit(
+                    spatial_dims,
+                    prev,
+                    c,
+                    strides=1 if i == 0 else 2,
+                    kernel_size=3,
+                    subunits=num_res_units,
+                    act=act,
+                    norm=norm,
+                    dropout=dropout or None,
+                )
+            )
+            prev = c
+        self.stages = nn.Sequential(*stages)
+        self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
+        # projection head: contrastive training works better on a non-linear head (SimCLR / SupCon);
+        # we keep the head's output as the embedding because the privacy index compares exactly that space.
+        self.head = nn.Sequential(nn.Linear(prev, prev), nn.ReLU(inplace=True), nn.Linear(prev, self.out_dim))
+
+    @property
+    def min_size(self) -> int:
+        """Smallest spatial size per axis the network handles (one pixel left after the last down-sampling)."""
+        return 2 ** (len(self.channels) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed a batch of images.
+
+        Args:
+            x: images of shape ``(B, in_channels, *spatial)`` with ``spatial_dims`` spatial axes.
+
+        Returns:
+            float tensor ``(B, out_dim)`` whose rows have unit L2 norm, so cosine similarity is a dot product.
+
+        Raises:
+            ValueError: when ``x`` has the wrong number of dimensions or channels.
+        """
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"expected input of shape (B, C, {'D, ' if self.spatial_dims == 3 else ''}H, W) for "
+                f"spatial_dims={self.spatial_dims}, got shape {tuple(x.shape)}."
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected {self.in_channels} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)})."
+            )
+        h = self.stages(self.stem(x))
+        h = self.pool(h).flatten(1)
+        return F.normalize(self.head(h), dim=1)
