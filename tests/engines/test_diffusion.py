@@ -1,0 +1,113 @@
+"""Diffusion prepare-batches: targets for DDPM epsilon / v-prediction and rectified flow, condition dropout, trainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_helpers import LABELS, make_dit
+from monai.engines import SupervisedTrainer
+from monai.inferers import DiffusionInferer
+from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
+from torch.utils.data import DataLoader
+
+from monai_synth.engines import (
+    LatentDiffusionPrepareBatch,
+    RectifiedFlowPrepareBatch,
+    ScaleFactor,
+    drop_condition,
+    make_condition,
+)
+
+K = len(LABELS)
+
+
+def _batch(n=6):
+    gen = torch.Generator().manual_seed(3)
+    return {"latent": torch.randn((n, 3, 8, 8), generator=gen), "label": torch.arange(n) % K}
+
+
+def test_epsilon_target_is_the_noise_on_scaled_latents():
+    batch = _batch()
+    prep = LatentDiffusionPrepareBatch(100, num_classes=K, cond_drop_prob=0.0, scale_factor=ScaleFactor(0.5))
+    inputs, target, args, kwargs = prep(batch, "cpu")
+    torch.testing.assert_close(inputs, batch["latent"] * 0.5)
+    assert target is kwargs["noise"] and target.shape == inputs.shape
+    assert args == () and kwargs["timesteps"].dtype == torch.long
+    assert 0 <= int(kwargs["timesteps"].min()) and int(kwargs["timesteps"].max()) < 100
+    expected_cond = torch.nn.functional.one_hot(batch["label"], K).float().unsqueeze(1)
+    torch.testing.assert_close(kwargs["condition"], expected_cond)
+
+
+def test_v_prediction_target():
+    scheduler = DDPMScheduler(100, prediction_type="v_prediction")
+    prep = LatentDiffusionPrepareBatch(100, num_classes=K, prediction_type="v_prediction", scheduler=scheduler)
+    x0, target, _, kwargs = prep(_batch(), "cpu")
+    a = scheduler.alphas_cumprod[kwargs["timesteps"]].reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(target, a.sqrt() * kwargs["noise"] - (1 - a).sqrt() * x0)
+    with pytest.raises(ValueError, match="misread"):
+        LatentDiffusionPrepareBatch(100, num_classes=K, prediction_type="epsilon", scheduler=scheduler)
+    with pytest.raises(ValueError, match="needs the scheduler"):
+        LatentDiffusionPrepareBatch(100, num_classes=K, prediction_type="v_prediction")
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_rectified_flow_velocity_matches_the_scheduler_step(discrete):
+    scheduler = RFlowScheduler(1000, use_discrete_timesteps=discrete, sample_method="logit-normal")
+    prep = RectifiedFlowPrepareBatch(scheduler, num_classes=K, cond_drop_prob=0.0)
+    x0, target, _, kwargs = prep(_batch(), "cpu")
+    noise, t = kwargs["noise"], kwargs["timesteps"]
+    torch.testing.assert_close(target, x0 - noise)
+    assert t.is_floating_point() != discrete
+    # the scheduler's own integrator, fed the true velocity, lands on x0: the sign convention matches
+    x_t = scheduler.add_noise(x0, noise, t)
+    scheduler.set_timesteps(10)
+    for i in range(x0.shape[0]):
+        _, pred_x0 = scheduler.step(target[i : i + 1], float(t[i]), x_t[i : i + 1])
+        torch.testing.assert_close(pred_x0, x0[i : i + 1], atol=1e-4, rtol=1e-4)
+
+
+def test_condition_dropout_rate_and_null_rows():
+    torch.manual_seed(0)
+    cond = make_condition(torch.arange(4000) % K, K, context=torch.rand(4000, 2))
+    assert cond.shape == (4000, 1, K + 2)
+    dropped = drop_condition(cond, 0.3)
+    null = (dropped == -1).all(dim=-1).squeeze(1)
+    assert abs(float(null.float().mean()) - 0.3) < 0.03
+    torch.testing.assert_close(dropped[~null], cond[~null])
+    prep = LatentDiffusionPrepareBatch(100, num_classes=K, cond_drop_prob=0.5)
+    rates = [float((prep(_batch(50), "cpu")[3]["condition"] == -1).all(-1).float().mean()) for _ in range(20)]
+    assert abs(sum(rates) / len(rates) - 0.5) < 0.06
+    assert float((drop_condition(cond, 0.0) == -1).all(-1).float().mean()) == 0.0
+
+
+def test_condition_with_continuous_values_and_unknown_classes():
+    batch = _batch(3)
+    batch["context"] = torch.tensor([[0.1], [0.2], [0.3]])
+    prep = LatentDiffusionPrepareBatch(10, num_classes=K, cond_drop_prob=0.0, context_name="context")
+    cond = prep(batch, "cpu")[3]["condition"]
+    torch.testing.assert_close(cond[:, 0, K:], batch["context"])
+    batch["label"] = torch.tensor([0, 1, K])
+    with pytest.raises(ValueError, match="out of range"):
+        prep(batch, "cpu")
+
+
+def test_supervised_trainer_with_dit_and_diffusion_inferer():
+    dataset = [{"latent": torch.randn(3, 8, 8), "label": torch.tensor(i % K)} for i in range(8)]
+    scheduler = RFlowScheduler(1000, use_discrete_timesteps=False)
+    net = make_dit()
+    trainer = SupervisedTrainer(
+        device="cpu",
+        max_epochs=2,
+        train_data_loader=DataLoader(dataset, batch_size=4),
+        network=net,
+        optimizer=torch.optim.Adam(net.parameters(), 1e-3),
+        loss_function=torch.nn.MSELoss(),
+        prepare_batch=RectifiedFlowPrepareBatch(scheduler, num_classes=K, cond_drop_prob=0.2, scale_factor=0.8),
+        inferer=DiffusionInferer(scheduler),
+        decollate=False,
+    )
+    before = [p.detach().clone() for p in net.parameters()]
+    trainer.run()
+    assert torch.isfinite(trainer.state.output["loss"])
+    assert trainer.state.iteration == 4
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))

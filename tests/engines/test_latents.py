@@ -1,0 +1,148 @@
+"""Scale factor over the whole training set (saved with the weights) and the z_mu latent cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_helpers import LABELS, make_autoencoder, make_images
+from torch.utils.data import DataLoader
+
+from monai_synth.engines import (
+    AtomicCheckpointSaver,
+    AutoencoderKLTrainer,
+    CheckpointMetadata,
+    LatentDataset,
+    ScaleFactor,
+    cache_latents,
+    compute_scale_factor,
+    encode_labels,
+    load_checkpoint,
+)
+from monai_synth.handlers import ScaleFactorHandler
+
+
+def _heterogeneous_loader():
+    """Two batches with very different intensity, so one batch's statistics are not the set's."""
+    data = make_images(8)
+    for i, item in enumerate(data):
+        item["image"] = item["image"] * (0.1 if i < 4 else 3.0)
+    return DataLoader(data, batch_size=4, shuffle=False)
+
+
+def test_scale_factor_is_over_the_whole_set_not_one_batch():
+    ae = make_autoencoder()
+    loader = _heterogeneous_loader()
+    value = compute_scale_factor(ae, loader)
+    with torch.no_grad():
+        all_mu = torch.cat([ae.encode(b["image"])[0] for b in loader]).double()
+        first_mu = ae.encode(next(iter(loader))["image"])[0].double()
+    assert value == pytest.approx(1.0 / float(all_mu.std()), rel=1e-6)
+    assert abs(value - 1.0 / float(first_mu.std())) > 0.05 * value
+    assert ae.training, "compute_scale_factor must restore the training mode"
+
+
+def test_scale_factor_module_round_trips_through_a_checkpoint(tmp_path):
+    sf = ScaleFactor()
+    assert not sf.computed
+    with pytest.raises(RuntimeError, match="never computed"):
+        float(sf)
+    sf.set(0.731)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"scale_factor": sf.state_dict()}, path)
+    restored = ScaleFactor()
+    load_checkpoint(path, {"scale_factor": restored})
+    assert float(restored) == pytest.approx(0.731)
+    with pytest.raises(ValueError, match="positive"):
+        sf.set(0.0)
+
+
+def test_handler_stores_scale_factor_in_the_final_checkpoint_whatever_the_handler_order(tmp_path):
+    ae, sf = make_autoencoder(), ScaleFactor()
+    loader = _heterogeneous_loader()
+    # the saver is attached *before* the scale factor handler: the checkpoint must still carry the new value
+    saver = AtomicCheckpointSaver(
+        save_dir=str(tmp_path),
+        save_dict={"autoencoder": ae, "scale_factor": sf},
+        save_final=True,
+        final_filename="ae.pt",
+    )
+    trainer = AutoencoderKLTrainer(
+        "cpu",
+        2,
+        loader,
+        ae,
+        torch.optim.Adam(ae.parameters(), 1e-3),
+        train_handlers=[saver, ScaleFactorHandler(ae, loader, sf)],
+    )
+    trainer.run()
+    assert sf.computed
+    assert float(sf) == pytest.approx(compute_scale_factor(ae, loader), rel=1e-6)
+    restored = ScaleFactor()
+    load_checkpoint(tmp_path / "ae.pt", {"scale_factor": restored})
+    assert float(restored) == pytest.approx(float(sf))
+
+
+def _write_ae_checkpoint(ae, path, sf=1.0):
+    torch.save({"autoencoder": ae.state_dict(), "scale_factor": ScaleFactor(sf).state_dict()}, path)
+    return path
+
+
+def test_cache_stores_z_mu_deterministically(tmp_path):
+    ae = make_autoencoder()
+    ckpt = _write_ae_checkpoint(ae, tmp_path / "ae.pt")
+    data = make_images(6)
+    loader = DataLoader(data, batch_size=4)
+    a = cache_latents(ae, loader, tmp_path / "a.pt", autoencoder_checkpoint=ckpt, labels=LABELS, context_keys=("age",))
+    b = cache_latents(ae, loader, tmp_path / "b.pt", autoencoder_checkpoint=ckpt, labels=LABELS, context_keys=("age",))
+    ds_a, ds_b = (
+        LatentDataset(a, autoencoder_checkpoint=ckpt, labels=LABELS),
+        LatentDataset(b, autoencoder_checkpoint=ckpt),
+    )
+    assert torch.equal(ds_a.latents, ds_b.latents), "sampled latents would differ between runs; z_mu does not"
+    with torch.no_grad():
+        z_mu = ae.encode(torch.stack([d["image"] for d in data]))[0]
+    torch.testing.assert_close(ds_a.latents, z_mu)
+    assert len(ds_a) == 6 and ds_a.latent_shape == (3, 8, 8)
+    item = ds_a[4]
+    assert set(item) == {"latent", "label", "context"}
+    assert int(item["label"]) == LABELS.index(data[4]["label"])
+    assert float(item["context"][0]) == pytest.approx(data[4]["age"])
+    assert not list(tmp_path.glob("*.partial")), "atomic write left a temporary file"
+
+
+def test_cache_refuses_another_autoencoder_checkpoint(tmp_path):
+    ae = make_autoencoder()
+    ckpt = _write_ae_checkpoint(ae, tmp_path / "ae.pt")
+    cache = cache_latents(
+        ae, DataLoader(make_images(3), batch_size=3), tmp_path / "c.pt", autoencoder_checkpoint=ckpt, labels=LABELS
+    )
+    other = _write_ae_checkpoint(make_autoencoder(seed=1), tmp_path / "ae_retrained.pt")
+    with pytest.raises(ValueError, match="fingerprints differ"):
+        LatentDataset(cache, autoencoder_checkpoint=other)
+    with pytest.raises(ValueError, match="labels"):
+        LatentDataset(cache, autoencoder_checkpoint=ckpt, labels=("normal", "nodule"))
+    with pytest.raises(FileNotFoundError, match="latent caching"):
+        LatentDataset(tmp_path / "nope.pt")
+
+
+def test_unknown_labels_are_named():
+    assert encode_labels(["4a", "3", 2], LABELS).tolist() == [1, 0, 2]
+    with pytest.raises(ValueError, match="'4c'.*not known"):
+        encode_labels(["3", "4c"], LABELS)
+    with pytest.raises(ValueError, match="out of range"):
+        encode_labels(torch.tensor([0, 3]), LABELS)
+    with pytest.raises(ValueError, match="not known"):
+        cache_latents(make_autoencoder(), DataLoader(make_images(3), batch_size=3), "unused.pt", labels=("3", "4a"))
+
+
+def test_metadata_is_checked_when_loading_a_stage_one_checkpoint(tmp_path):
+    path = tmp_path / "ae.pt"
+    meta = CheckpointMetadata(
+        bundle="breast_us_ldit", modality="us", labels=LABELS, spatial_size=16, stage="autoencoder"
+    )
+    torch.save({"metadata": meta.state_dict(), "scale_factor": ScaleFactor(1.0).state_dict()}, path)
+    load_checkpoint(
+        path, metadata=CheckpointMetadata(modality="us", labels=LABELS, spatial_size=(16, 16), stage="diffusion")
+    )
+    with pytest.raises(ValueError, match="modality: checkpoint has 'us', this run expects 'ct'"):
+        load_checkpoint(path, metadata=CheckpointMetadata(modality="ct", labels=LABELS))
