@@ -18,7 +18,13 @@ from monai_synth.transforms.dictionary import (
     UltrasoundGreyScaled,
     UltrasoundGreyScaleDict,
 )
-from monai_synth.transforms.presets import batch_load, intensity_transform, intensity_transformd, modality_transforms
+from monai_synth.transforms.presets import (
+    EnsureSpatialDimsd,
+    batch_load,
+    intensity_transform,
+    intensity_transformd,
+    modality_transforms,
+)
 
 __all__ = [
     "IntensityScale",
@@ -39,6 +45,7 @@ __all__ = [
     "UltrasoundGreyScaled",
     "UltrasoundGreyScaleD",
     "UltrasoundGreyScaleDict",
+    "EnsureSpatialDimsd",
     "intensity_transform",
     "intensity_transformd",
     "modality_transforms",

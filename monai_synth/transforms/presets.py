@@ -11,11 +11,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
+    MapTransform,
     Orientationd,
     Resized,
     ResizeWithPadOrCropd,
@@ -33,12 +35,44 @@ from monai_synth.transforms.array import (
 )
 from monai_synth.transforms.dictionary import IntensityScaled
 
-__all__ = ["intensity_transform", "intensity_transformd", "modality_transforms", "batch_load"]
+__all__ = ["intensity_transform", "intensity_transformd", "modality_transforms", "batch_load", "EnsureSpatialDimsd"]
 
 _INTENSITY = {"ct": CTWindow, "mri": MRIPercentileScale, "pet": PETSUVScale, "us": UltrasoundGreyScale}
 
 #: Model-space value of "no signal" (air in CT, background in MRI / PET, black in ultrasound); padding uses it.
 BACKGROUND = -1.0
+
+
+class EnsureSpatialDimsd(MapTransform):
+    """Check that channel-first images have ``spatial_dims`` spatial axes, dropping trailing singleton axes.
+
+    A 2D image saved as a one-slice volume (``(1, H, W, 1)``) is squeezed to ``(1, H, W)``; any other mismatch
+    (e.g. a 3D volume in a 2D pipeline) fails here with a clear message instead of deep inside a resize.
+
+    Args:
+        keys: image keys.
+        spatial_dims: expected number of spatial axes.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_dims: int, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_dims = int(spatial_dims)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            while image.ndim - 1 > self.spatial_dims and image.shape[-1] == 1:
+                image = image[..., 0]
+            if image.ndim - 1 != self.spatial_dims:
+                source = getattr(image, "meta", {}).get("filename_or_obj", key)
+                raise ValueError(
+                    f"{source}: expected {self.spatial_dims}D images (channel-first shape with {self.spatial_dims} "
+                    f"spatial axes), got shape {tuple(image.shape)}; set spatial_dims to match the files "
+                    "(taking 2D slices from 3D volumes is not supported)"
+                )
+            d[key] = image
+        return d
 
 
 def intensity_transform(modality: str, **kwargs: Any) -> IntensityScale:
@@ -118,6 +152,7 @@ def modality_transforms(
             LoadImaged(keys, reader=FileTypeReader(), image_only=True),
             EnsureChannelFirstd(keys),
         ]
+    xforms.append(EnsureSpatialDimsd(keys, spatial_dims))
     if spatial_dims == 3:
         xforms.append(Orientationd(keys, axcodes="RAS"))
         if pixdim is not None:

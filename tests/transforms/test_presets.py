@@ -102,3 +102,12 @@ def test_argument_checks():
         modality_transforms("ct", 16, resize="stretch")
     with pytest.raises(ValueError, match="unknown modality"):
         intensity_transform("xray")
+
+
+def test_wrong_dimensionality_is_a_clear_error(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.float32), np.eye(4)), str(tmp_path / "vol.nii.gz"))
+    with pytest.raises(RuntimeError) as err:  # MONAI's Compose wraps the transform's error
+        modality_transforms("ct", 8)({"image": str(tmp_path / "vol.nii.gz")})
+    assert "expected 2D images" in str(err.value.__cause__) and "vol.nii.gz" in str(err.value.__cause__)
+    nib.save(nib.Nifti1Image(np.ones((8, 6, 1), np.float32), np.eye(4)), str(tmp_path / "slice.nii.gz"))
+    assert modality_transforms("ct", 8)({"image": str(tmp_path / "slice.nii.gz")})["image"].shape == (1, 8, 8)
