@@ -194,8 +194,8 @@ def validate_records(
             if allowed is not None and label not in allowed:
                 row_problems.append(f"unknown label {label!r}; use one of {allowed} or fix the label")
         for key, value in raw.items():
-            if key in REQUIRED_KEYS or key is None:
-                continue
+            if key in REQUIRED_KEYS or key is None or (key == "" and _is_blank(value)):
+                continue  # an unnamed, empty column (trailing comma from a spreadsheet) carries nothing
             number = _as_float(value)
             if number is None:
                 row_problems.append(

@@ -45,6 +45,14 @@ def test_csv_resolves_relative_paths_and_parses_extras(tmp_path):
     assert records[1]["age"] == pytest.approx(61.5) and isinstance(records[0]["age"], float)
 
 
+def test_trailing_empty_column_is_ignored(tmp_path):
+    _touch_image(tmp_path / "a.nii.gz")
+    (tmp_path / "list.csv").write_text("image,patient_id,label,\na.nii.gz,P1,3,\n")
+    assert load_datalist(tmp_path / "list.csv") == [
+        {"image": str(tmp_path / "a.nii.gz"), "patient_id": "P1", "label": "3"}
+    ]
+
+
 def test_monai_json_datalist(tmp_path):
     _touch_image(tmp_path / "a.nii.gz")
     (tmp_path / "sub").mkdir()
