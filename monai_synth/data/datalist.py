@@ -13,6 +13,7 @@ fix it, so a user fixes the list in one pass instead of one error at a time.
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
 import math
@@ -324,6 +325,31 @@ def _check_image_path(path: Path) -> str | None:
         return "image file is not readable (check permissions)"
     if path.stat().st_size == 0:
         return "image file is empty"
+    return _check_header(path)
+
+
+def _check_header(path: Path) -> str | None:
+    """Cheap signature check of the formats we can recognise from a few bytes (catches truncated / wrong files)."""
+    name = path.name.lower()
+    try:
+        if name.endswith(".nii.gz"):
+            with gzip.open(path, "rb") as f:
+                head = f.read(4)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(132)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        return f"image file cannot be read ({e})"
+    if name.endswith((".nii", ".nii.gz")):
+        sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
+        return None if sizes & {348, 540} else "image file is not a valid NIfTI file (bad header)"
+    if name.endswith(".png"):
+        return None if head.startswith(b"\x89PNG\r\n\x1a\n") else "image file is not a valid PNG file"
+    if name.endswith((".jpg", ".jpeg")):
+        return None if head.startswith(b"\xff\xd8") else "image file is not a valid JPEG file"
+    if name.endswith((".dcm", ".dicom")):
+        ok = head[128:132] == b"DICM"
+        return None if ok else "image file is not a DICOM Part 10 file (no 'DICM' preamble); re-save it as DICOM"
     return None
 
 

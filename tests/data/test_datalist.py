@@ -145,15 +145,19 @@ def test_unreadable_inputs(tmp_path):
     (tmp_path / "empty_series").mkdir()
     (tmp_path / "not_dicom").mkdir()
     (tmp_path / "not_dicom" / "notes.txt").write_text("hello")
-    dl = _write_csv(
-        tmp_path / "list.csv",
-        [["empty.png", "P1", "3"], ["empty_series", "P2", "3"], ["not_dicom", "P3", "3"]],
-    )
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "truncated.nii.gz").write_bytes(b"\x1f\x8b\x08")
+    (tmp_path / "plain.nii").write_bytes(b"\x00" * 400)
+    (tmp_path / "raw.dcm").write_bytes(b"\x00" * 200)
+    names = ["empty.png", "empty_series", "not_dicom", "text.png", "truncated.nii.gz", "plain.nii", "raw.dcm"]
+    dl = _write_csv(tmp_path / "list.csv", [[n, f"P{i}", "3"] for i, n in enumerate(names)])
     with pytest.raises(DatalistError) as err:
         load_datalist(dl)
     msg = str(err.value)
-    assert err.value.rows == [1, 2, 3]
+    assert err.value.rows == list(range(1, 8))
     assert "image file is empty" in msg and "image folder is empty" in msg and "holds no DICOM files" in msg
+    assert "not a valid PNG" in msg and "cannot be read" in msg and "not a valid NIfTI" in msg
+    assert "no 'DICM' preamble" in msg
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
