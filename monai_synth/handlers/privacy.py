@@ -97,7 +97,7 @@ class PrivacySafeguardHandler:
         if self.output_transform is not None:
             return self.output_transform(output)
         images = _pick(output, self.key)
-        if images is None:
+        if images is None or (isinstance(images, list) and any(i is None for i in images)):
             raise KeyError(
                 f"no {self.key!r} in the engine output; set key= or output_transform= to where the images are"
             )
