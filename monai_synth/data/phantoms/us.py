@@ -37,7 +37,7 @@ BIRADS_DESCRIPTORS: dict[str, dict[str, Any]] = {
         echo=(0.25, 0.35),
         hetero=0.03,
         calc=(0, 0),
-        attenuation=(-0.09, -0.06),
+        attenuation=(-0.08, -0.05),
         halo=0.0,
         size=(6.0, 14.0),
         tilt=8.0,
@@ -52,7 +52,7 @@ BIRADS_DESCRIPTORS: dict[str, dict[str, Any]] = {
         echo=(0.2, 0.3),
         hetero=0.08,
         calc=(0, 1),
-        attenuation=(-0.03, 0.0),
+        attenuation=(-0.02, -0.005),
         halo=0.0,
         size=(7.0, 16.0),
         tilt=12.0,
@@ -67,7 +67,7 @@ BIRADS_DESCRIPTORS: dict[str, dict[str, Any]] = {
         echo=(0.15, 0.25),
         hetero=0.14,
         calc=(0, 3),
-        attenuation=(0.0, 0.03),
+        attenuation=(-0.005, 0.01),
         halo=0.0,
         size=(8.0, 18.0),
         tilt=18.0,
@@ -82,7 +82,7 @@ BIRADS_DESCRIPTORS: dict[str, dict[str, Any]] = {
         echo=(0.12, 0.2),
         hetero=0.2,
         calc=(2, 5),
-        attenuation=(0.04, 0.07),
+        attenuation=(0.015, 0.025),
         halo=0.3,
         size=(9.0, 20.0),
         tilt=22.0,
@@ -97,20 +97,24 @@ BIRADS_DESCRIPTORS: dict[str, dict[str, Any]] = {
         echo=(0.08, 0.15),
         hetero=0.25,
         calc=(3, 8),
-        attenuation=(0.09, 0.14),
+        attenuation=(0.035, 0.05),
         halo=0.7,
         size=(10.0, 24.0),
         tilt=10.0,
     ),
 }
 
-FAT_ECHO, GLAND_ECHO, MUSCLE_ECHO, SKIN_ECHO, LIGAMENT_ECHO = 0.35, 0.8, 0.5, 1.0, 1.0
+#: backscatter amplitude of the tissues (relative): fat is darker than the fibroglandular tissue
+FAT_ECHO, GLAND_ECHO, MUSCLE_ECHO, SKIN_ECHO, LIGAMENT_ECHO = 0.2, 0.9, 0.4, 1.2, 1.2
 #: displayed dynamic range of the log-compressed envelope (dB)
 DYNAMIC_RANGE_DB = 50.0
+#: number of steering angles averaged by spatial compounding
+N_COMPOUND = 2
 
 
 def _wrap(angle):
-    return np.angle(np.exp(1j * angle))
+    """Angle difference wrapped to [-pi, pi)."""
+    return np.mod(angle + np.pi, 2 * np.pi) - np.pi
 
 
 class USPhantom(PhantomModel):
@@ -197,62 +201,90 @@ class USPhantom(PhantomModel):
         occ = soft_inside(signed, max(w, les["edge"]))
         halo = np.exp(-(((signed + 1.2) / 1.0) ** 2)) * les["halo"]
         echo = les["echo"] * (1.0 + les["hetero"] * 3.0 * les["texture"](pts))
-        return occ, halo, np.clip(echo, 0.01, None), rn, theta
+        return occ, halo, np.clip(echo, 0.01, None)
 
-    def render(self, pts, scanner_pts, spacing, anatomy, rng):
+    def echo_map(self, pts: np.ndarray, anatomy: dict[str, Any], w: float) -> tuple[np.ndarray, np.ndarray]:
+        """Noise-free tissue echogenicity (backscatter amplitude) and the lesion's occupancy at ``pts``."""
         x, depth = pts[0], pts[1]
-        w = 0.5 * min(spacing)
-        bnd = [
-            f(pts * np.array([1.0, 0.0, 0.0]).reshape(3, 1, 1)) * anatomy["boundary_amp"] for f in anatomy["boundary"]
-        ]
+        lateral = np.zeros_like(pts)
+        lateral[0] = x  # layer boundaries undulate along the skin only
+        bnd = [f(lateral) * anatomy["boundary_amp"] for f in anatomy["boundary"]]
         y_skin = anatomy["skin"]
         y_fat = y_skin + anatomy["fat"] + bnd[0]
         y_gland = y_fat + anatomy["gland"] + 1.5 * bnd[1]
         y_retro = y_gland + anatomy["retro"] + 0.3 * bnd[2]
         y_muscle = y_retro + anatomy["muscle"] + 0.5 * bnd[3]
 
-        echo = np.full(x.shape, SKIN_ECHO)
-        fat = anatomy["fat_echo"] * (1.0 + 0.1 * anatomy["lobules"](pts))
+        lobules = anatomy["lobules"](pts)
+        fat = anatomy["fat_echo"] * (1.0 + 0.15 * lobules)
+        echo = np.full(x.shape, SKIN_ECHO, dtype=np.float32)
         echo = echo + (fat - echo) * soft_inside(depth - y_skin, w)
-        lig = np.exp(-((anatomy["ligaments"](pts) / 0.12) ** 2))  # Cooper's ligaments: thin bright curved lines
-        echo = echo + (LIGAMENT_ECHO - echo) * lig * soft_inside(depth - y_skin - 0.5, w) * soft_inside(
-            y_fat - depth, w
-        )
-        gland = anatomy["gland_echo"] * np.exp(0.35 * anatomy["gland_texture"](pts))
-        gland = np.where(anatomy["lobules"](pts) > 0.9, fat, gland)  # fat lobules inside the glandular layer
+        lig = np.exp(-((anatomy["ligaments"](pts) / 0.1) ** 2))  # Cooper's ligaments: thin bright curved lines
+        echo = echo + (LIGAMENT_ECHO - echo) * lig * soft_inside(depth - y_skin - 0.5, w) * soft_inside(y_fat - depth, w)
+        gland = anatomy["gland_echo"] * np.exp(0.3 * anatomy["gland_texture"](pts))
+        gland = np.where(lobules > 1.0, fat, gland)  # fat lobules inside the glandular layer
         echo = echo + (gland - echo) * soft_inside(depth - y_fat, w)
         echo = echo + (fat - echo) * soft_inside(depth - y_gland, w)
         ma, mp = anatomy["muscle_angle"], anatomy["muscle_period"]
-        fibres = 1.0 + 0.35 * np.cos(2 * np.pi * (np.cos(ma) * depth - np.sin(ma) * x) / mp)
+        fibres = 1.0 + 0.5 * np.cos(2 * np.pi * (np.cos(ma) * depth - np.sin(ma) * x) / mp)
         echo = echo + (MUSCLE_ECHO * fibres - echo) * soft_inside(depth - y_retro, w)
         fascia = np.exp(-(((depth - y_retro) / 0.4) ** 2)) + np.exp(-(((depth - y_muscle) / 0.5) ** 2))
-        echo = echo + (SKIN_ECHO - echo) * np.clip(fascia, 0, 1)
-        echo = echo + (0.3 * MUSCLE_ECHO - echo) * soft_inside(depth - y_muscle, w)  # chest wall below
+        echo = echo + (LIGAMENT_ECHO - echo) * np.clip(fascia, 0, 1)
+        echo = echo + (0.4 * MUSCLE_ECHO - echo) * soft_inside(depth - y_muscle - 0.5, w)  # chest wall below
 
         les = anatomy["lesion"]
-        occ, halo, les_echo, rn, theta = self._lesion(pts, les, w)
+        occ, halo, les_echo = self._lesion(pts, les, w)
         echo = echo + (1.2 * anatomy["gland_echo"] - echo) * np.clip(halo * (1.0 - occ), 0, 1)
         echo = echo + (les_echo * anatomy["fat_echo"] - echo) * occ
         for cu, cv in les["calcs"]:
             cx = les["centre"][0] + cu * les["half_w"]
             cy = les["centre"][1] + cv * les["half_h"]
-            echo = echo + 3.0 * np.exp(-((x - cx) ** 2 + (depth - cy) ** 2) / (2 * max(w, 0.25) ** 2)) * occ
+            echo = echo + 4.0 * np.exp(-((x - cx) ** 2 + (depth - cy) ** 2) / (2 * max(w, 0.25) ** 2)) * occ
+        return echo, occ
 
+    def _posed_maps(self, pts, scanner_pts, spacing, anatomy):
+        """Echo map and lesion occupancy at the posed ``pts``.
+
+        The patient's maps are rendered once per image geometry on a grid padded by the largest pose change and then
+        resampled for each study (a rigid move of the probe), which is what keeps 600 images in a few seconds.
+        """
+        key = (scanner_pts.shape, tuple(spacing))
+        cache = anatomy.setdefault("_maps", {})
+        if key not in cache:
+            pad = [int(np.ceil(4.0 / s)) + 1 for s in spacing]
+            origin = scanner_pts[:, 0, 0].astype(np.float64)
+            steps = [scanner_pts[:, 1, 0] - scanner_pts[:, 0, 0], scanner_pts[:, 0, 1] - scanner_pts[:, 0, 0]]
+            steps = [st.astype(np.float64) for st in steps]
+            i = np.arange(-pad[0], scanner_pts.shape[1] + pad[0])
+            j = np.arange(-pad[1], scanner_pts.shape[2] + pad[1])
+            ref = origin[:, None, None] + steps[0][:, None, None] * i[None, :, None] + steps[1][:, None, None] * j
+            echo, occ = self.echo_map(ref.astype(np.float32), anatomy, 0.5 * min(spacing))
+            cache[key] = (echo, occ, origin - pad[0] * steps[0] - pad[1] * steps[1], steps)
+        echo, occ, origin, steps = cache[key]
+        rel = pts.reshape(3, -1).astype(np.float64) - origin[:, None]
+        idx = np.stack([st @ rel / (st @ st) for st in steps])
+        echo = ndimage.map_coordinates(echo, idx, order=1, mode="nearest").reshape(pts.shape[1:])
+        occ = ndimage.map_coordinates(occ, idx, order=1, mode="nearest").reshape(pts.shape[1:])
+        return echo, occ
+
+    def render(self, pts, scanner_pts, spacing, anatomy, rng):
+        echo, occ = self._posed_maps(pts, scanner_pts, spacing, anatomy)
         # posterior features: the beam runs along image axis 1, so attenuation accumulates along it; a lesion that
         # attenuates less than tissue enhances what lies behind it, one that attenuates more casts a shadow
-        step = spacing[1]
-        path = np.cumsum(occ * les["attenuation"], axis=1) * step
+        path = np.cumsum(occ * anatomy["lesion"]["attenuation"], axis=1) * spacing[1]
         path = ndimage.gaussian_filter1d(path, max(0.5, 0.6 / spacing[0]), axis=0)
         amplitude = echo * np.exp(-2.0 * path)
 
-        # speckle: envelope of a complex Gaussian field blurred by the point-spread function (Rayleigh statistics)
-        psf = (max(0.5, 0.5 / spacing[0]), max(0.4, 0.3 / spacing[1]))
-        field = ndimage.gaussian_filter(rng.standard_normal(x.shape), psf) + 1j * ndimage.gaussian_filter(
-            rng.standard_normal(x.shape), psf
-        )
-        speckle = np.abs(field) / np.sqrt(np.mean(np.abs(field) ** 2))
-        env = amplitude * speckle
+        # speckle: envelope of complex Gaussian scattering blurred by the point-spread function (Rayleigh statistics),
+        # intensity-averaged over a few steering angles as spatial compounding does on breast scanners
+        psf = (max(0.5, 0.45 / spacing[0]), max(0.4, 0.3 / spacing[1]))
+        intensity = np.zeros(echo.shape, dtype=np.float32)
+        for _ in range(N_COMPOUND):
+            re = ndimage.gaussian_filter(rng.standard_normal(echo.shape, dtype=np.float32), psf)
+            im = ndimage.gaussian_filter(rng.standard_normal(echo.shape, dtype=np.float32), psf)
+            intensity += re**2 + im**2
+        speckle = np.sqrt(intensity / intensity.mean())
         gain_db = rng.normal(0.0, 1.5)
-        db = 20.0 * np.log10(np.maximum(env, 1e-6)) + gain_db
-        grey = 255.0 * (db + DYNAMIC_RANGE_DB - 6.0) / DYNAMIC_RANGE_DB
+        db = 20.0 * np.log10(np.maximum(amplitude * speckle, 1e-6)) + gain_db
+        grey = 255.0 * (db + DYNAMIC_RANGE_DB - 4.0) / DYNAMIC_RANGE_DB
         return np.clip(np.round(grey), 0, 255)
