@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 
 __all__ = [
@@ -204,20 +205,46 @@ def load_checkpoint(
     return ckpt
 
 
+class _AtomicDiskSaver(DiskSaver):
+    """Ignite ``DiskSaver(atomic=True)`` that removes superseded files only *after* the new one is safely written.
+
+    Ignite's ``Checkpoint`` and MONAI's ``CheckpointSaver`` delete the previous file before saving the next one, so
+    a crash during the save would leave no checkpoint at all; here deletions are queued and carried out after the
+    next successful write (a fixed filename is simply replaced atomically).
+    """
+
+    def __init__(self, dirname: str, filename: str | None = None) -> None:
+        super().__init__(dirname=dirname, atomic=True, require_empty=False)
+        self.filename = filename
+        self._pending: list[str] = []
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        filename = self.filename or filename
+        super().__call__(checkpoint, filename, metadata)
+        pending, self._pending = self._pending, []
+        for old in pending:
+            if old != filename and (self.dirname / old).exists():
+                super().remove(old)
+
+    def remove(self, filename: str) -> None:
+        self._pending.append(self.filename or filename)
+
+
 class AtomicCheckpointSaver(CheckpointSaver):
     """MONAI :class:`~monai.handlers.CheckpointSaver` whose files are written atomically.
 
     Same arguments as MONAI's class. Each file is written to a temporary file in ``save_dir`` and renamed over the
-    destination (Ignite ``DiskSaver(atomic=True)``), so an interrupted write never leaves a truncated checkpoint that
-    a resumed run would load. Ignite adds group/other read permission after the rename, which is why MONAI's reason
-    for ``atomic=False`` no longer applies.
+    destination (Ignite ``DiskSaver(atomic=True)``; Ignite adds group/other read permission after the rename, which is
+    why MONAI's reason for ``atomic=False`` no longer applies), and a superseded checkpoint is deleted only after its
+    successor is complete. An interrupted write therefore never leaves a truncated checkpoint, nor no checkpoint.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
-                checkpoint.save_handler._atomic = True  # MONAI builds DiskSaver(atomic=False) internally
+                fixed = getattr(checkpoint.save_handler, "filename", None)
+                checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, filename=fixed)
 
 
 class IterationSeedHandler:
