@@ -126,14 +126,14 @@ def make_space(
 ) -> PrivacySpace:
     """A privacy space from its command-line name.
 
-    ``pixel`` = :class:`PixelSpace` invariant to flips and shifts of up to 2 grid cells (the safe default);
-    ``pixel:none``, ``pixel:flip``, ``pixel:shift``, ``pixel:flip,shift`` choose the invariances;
+    ``pixel`` = :class:`PixelSpace` invariant to flips, shifts of up to 2 grid cells and zooms (the safe default);
+    ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances (``none``, ``flip``, ``shift``, ``zoom``);
     ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights).
     """
     name, _, opts = spec.partition(":")
     name = name.strip().lower()
     if name == "pixel":
-        inv = ("flip", "shift") if not opts else tuple(o for o in opts.split(",") if o and o != "none")
+        inv = ("flip", "shift", "zoom") if not opts else tuple(o for o in opts.split(",") if o and o != "none")
         grid = min(32, *spatial_size)
         return PixelSpace(grid=grid, spatial_dims=spatial_dims, invariances=inv, max_shift=min(2, grid // 2 - 1))
     if name == "embedding":
@@ -142,7 +142,7 @@ def make_space(
         from monai_synth.privacy.embedding import EmbeddingSpace
 
         return EmbeddingSpace.from_weights(embedding_weights)
-    raise ValueError(f"unknown privacy space {spec!r}; use pixel[:none|flip|shift|flip,shift] and/or embedding")
+    raise ValueError(f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,zoom] and/or embedding")
 
 
 def run_guard(

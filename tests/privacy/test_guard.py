@@ -1,0 +1,98 @@
+"""``monai-synth guard`` on phantom files: copies of training images are held back, new patients released."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from monai_synth.cli import main
+from monai_synth.data.datalist import load_datalist
+from monai_synth.data.phantoms import write_cohort
+from monai_synth.privacy.certificate import load_certificate
+from monai_synth.privacy.guard import find_candidates, load_model_space, make_space, run_guard
+from monai_synth.privacy.spaces import space_distance
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("guard")
+    train = write_cohort(root / "train", "us", 30, 3, spatial_size=SIZE, seed=0)
+    holdout = write_cohort(root / "holdout", "us", 34, 3, spatial_size=SIZE, seed=0, first_patient=1000)
+    new = write_cohort(root / "new", "us", 6, 1, spatial_size=SIZE, seed=0, first_patient=5000)
+    cand = root / "candidates"
+    (cand / "copies").mkdir(parents=True)
+    train_records = load_datalist(train)
+    for i, rec in enumerate(train_records[:12:3]):  # 4 exact copies
+        shutil.copy(rec["image"], cand / "copies" / f"exact_{i}.png")
+    for i, rec in enumerate(train_records[1:12:4]):  # 3 mirrored copies
+        Image.open(rec["image"]).transpose(Image.FLIP_LEFT_RIGHT).save(cand / "copies" / f"mirror_{i}.png")
+    for rec in load_datalist(new):
+        shutil.copy(rec["image"], cand / f"new_{rec['patient_id']}.png")
+    return {"root": root, "train": train, "holdout": holdout, "candidates": cand}
+
+
+@pytest.fixture(scope="module")
+def guarded(files):
+    out = files["root"] / "release"
+    summary = run_guard(
+        str(files["train"]), str(files["holdout"]), str(files["candidates"]), str(out), "us", spatial_size=SIZE
+    )
+    return out, summary
+
+
+def test_copies_are_held_back_and_new_patients_released(files, guarded):
+    out, summary = guarded
+    assert summary["generated"] == 13
+    with open(summary["audit"]) as f:
+        audit = {r["source"]: r for r in csv.DictReader(f)}
+    assert all(audit[s]["passed"] == "False" for s in audit if s.startswith("copies/"))
+    assert sum(audit[s]["passed"] == "True" for s in audit if s.startswith("new_")) >= 5
+    assert summary["released"] == len(list((out / "images").glob("*.png")))
+    cert = load_certificate(out)
+    assert cert["summary"]["released"] == summary["released"] and cert["fingerprints"]["datalist"]
+    with open(out / "certificate.csv") as f:
+        sources = [r["source"] for r in csv.DictReader(f)]
+    assert sources and all(s.startswith("new_") for s in sources)
+    assert not (out / "private_audit.csv").exists() and out.parent.joinpath("release.private_audit.csv").is_file()
+
+
+def test_released_files_are_far_from_every_training_image_by_brute_force(files, guarded):
+    out, summary = guarded
+    records = load_datalist(files["train"])
+    train = load_model_space([r["image"] for r in records], "us", SIZE, 2)
+    released = load_model_space(sorted((out / "images").glob("*.png")), "us", SIZE, 2)
+    space = make_space("pixel", 2, (SIZE, SIZE))
+    train_vec = space.embed(train)
+    nearest = np.array([space_distance(v, train_vec).min() for v in space.embed_variants(released)])
+    assert (nearest >= summary["thresholds"]["pixel"]).all()
+
+
+def test_candidates_are_found_in_sub_folders(files):
+    found = find_candidates(files["candidates"])
+    assert len(found) == 13 and sum(p.parent.name == "copies" for p in found) == 7
+
+
+def test_cli_refuses_a_holdout_that_shares_patients(files, tmp_path, capsys):
+    code = main(
+        [
+            "guard",
+            *("--train", str(files["train"]), "--holdout", str(files["train"])),
+            *("--candidates", str(files["candidates"]), "--out", str(tmp_path / "r"), "--modality", "us"),
+            *("--spatial-size", str(SIZE)),
+        ]
+    )
+    assert code == 2 and "patients in both --train and --holdout" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_space_and_missing_weights_are_explained():
+    with pytest.raises(ValueError, match="unknown privacy space"):
+        make_space("ssim", 2, (SIZE, SIZE))
+    with pytest.raises(ValueError, match="--embedding-weights"):
+        make_space("embedding", 2, (SIZE, SIZE))
