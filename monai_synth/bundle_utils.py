@@ -239,11 +239,37 @@ def ensure_latent_cache(
 
     The cache records the SHA-256 of the checkpoint it was encoded with; a cache from an earlier (or another)
     autoencoder is re-encoded rather than silently reused, and an up-to-date one is kept so re-running stage 2
-    (e.g. to resume it) does not pay for encoding again.
+    (e.g. to resume it) does not pay for encoding again. In a ``torch.distributed`` run, rank 0 writes the cache
+    and the other ranks wait for it at a barrier.
 
     Returns:
         The cache path.
     """
+    import torch
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()  # rank 0 is writing the cache
+        return str(path)
+    try:
+        return _ensure_latent_cache(
+            path, autoencoder, dataset, autoencoder_checkpoint, labels, scale_factor, device, batch_size
+        )
+    finally:
+        if distributed:
+            torch.distributed.barrier()
+
+
+def _ensure_latent_cache(
+    path: str | os.PathLike,
+    autoencoder: Any,
+    dataset: Any,
+    autoencoder_checkpoint: str | os.PathLike,
+    labels: Sequence[str],
+    scale_factor: Any,
+    device: Any,
+    batch_size: int,
+) -> str:
     import torch
     from monai.data import DataLoader
 

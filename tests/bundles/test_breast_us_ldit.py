@@ -1,0 +1,273 @@
+"""End-to-end tests of the breast-ultrasound bundle: the stage configs as MONAI runs them, with tiny sizes.
+
+One module-scoped run of the quickstart (phantom cohort -> autoencoder -> latent cache -> DiT -> guarded release,
+tracked in MLflow) feeds several tests, each checking one property of its outputs. The bad-input tests stop before
+any training and check that the error names the problem.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from monai_synth import bundle_utils
+from monai_synth.data.datalist import DatalistError
+from monai_synth.engines.checkpoint import CheckpointMetadata, CheckpointMismatchError
+
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "breast_us_ldit"
+LABELS = ["3", "4a", "4b", "4c", "5"]
+
+
+def _quickstart_overrides(**extra) -> dict:
+    """The quickstart's own small sizes, made smaller still so the whole chain runs in seconds."""
+    parser = ConfigParser.load_config_file(str(BUNDLE / "configs" / "quickstart.yaml"))
+    overrides = dict(parser["overrides"])
+    overrides.update(
+        phantom_patients=25,
+        ae_max_epochs=2,
+        dit_max_epochs=2,
+        val_interval=1,
+        ckpt_interval=1,
+        grid_interval=2,
+        grid_per_class=1,
+        num_inference_steps=2,
+        num_per_class=2,
+        calibration_quantile=0.2,
+    )
+    overrides.update(extra)
+    return overrides
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """The exception and everything it was raised from (MONAI wraps config errors in RuntimeError)."""
+    chain = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def _workflow(stage: str, overrides: dict, workflow_type: str | None = "train") -> ConfigWorkflow:
+    return ConfigWorkflow(
+        config_file=bundle_utils.stage_config_files(BUNDLE, stage),
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        logging_file=False,
+        workflow_type=workflow_type,
+        bundle_root=str(BUNDLE),
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Run the quickstart once with tiny overrides; MLflow goes to a store inside the run's folder."""
+    out = tmp_path_factory.mktemp("quickstart")
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        overrides = _quickstart_overrides()
+        outputs = bundle_utils.run_quickstart(BUNDLE, out, overrides=overrides, threads=1)
+        # then resume the autoencoder stage for one more epoch on the same folder
+        resumed = bundle_utils.run_stage(
+            BUNDLE,
+            "autoencoder",
+            overrides={**overrides, "output_dir": str(out), "dataset_dir": None, "ae_max_epochs": 3},
+        )
+    return {"out": out, "uri": uri, "outputs": outputs, "overrides": overrides, "resumed": resumed}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """A small phantom cohort (datalist path) for the bad-input tests."""
+    out = tmp_path_factory.mktemp("cohort")
+    return bundle_utils.prepare_datalist(
+        None, out, "us", phantom_patients=10, phantom_images_per_patient=2, phantom_size=32
+    )
+
+
+def _mlflow_runs(uri: str) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("breast_us_ldit")
+    assert experiment is not None, "the bundle's experiment was not created"
+    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+@pytest.mark.slow
+def test_quickstart_writes_the_documented_layout(chain):
+    out = chain["out"]
+    for what, where in bundle_utils.quickstart_outputs(out).items():
+        if what == "MLflow store":
+            continue
+        assert Path(where).exists(), f"{what} missing at {where}"
+    assert (out / "models" / "autoencoder" / "autoencoder.pt").is_file()
+    assert (out / "models" / "diffusion" / "diffusion.pt").is_file()
+    assert (out / "private_audit.csv").is_file()
+    # the private audit names training patients, so it must never be inside the release
+    assert not any("audit" in p.name for p in (out / "release").rglob("*"))
+
+
+@pytest.mark.slow
+def test_release_has_every_birads_class_and_a_certificate(chain):
+    release = chain["out"] / "release"
+    certificate = json.loads((release / "certificate.json").read_text())
+    assert certificate["summary"]["released"] == 2 * len(LABELS)
+    with open(release / "certificate.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({r["condition"] for r in rows}) == sorted(LABELS)
+    for row in rows:
+        assert (release / row["file"]).is_file()
+        assert float(row["distance_pixel"]) >= float(row["threshold_pixel"])
+    # no patient id of the phantom cohort ("P0000"-style) leaks into the public certificate
+    text = (release / "certificate.json").read_text() + (release / "certificate.csv").read_text()
+    assert "P00" not in text
+
+
+@pytest.mark.slow
+def test_stage1_checkpoint_holds_scale_factor_and_metadata(chain):
+    ckpt = torch.load(chain["out"] / "models" / "autoencoder" / "autoencoder.pt", weights_only=True)
+    scale = float(ckpt["scale_factor"]["scale_factor"])
+    assert scale > 0 and scale == scale  # computed (not the NaN "never computed" marker)
+    assert ckpt["metadata"]["modality"] == "us"
+    assert ckpt["metadata"]["labels"] == LABELS
+    cache = torch.load(chain["out"] / "latents" / "train_latents.pt", weights_only=True)
+    assert cache["latents"].shape[1:] == (2, 16, 16)
+    assert cache["label_names"] == LABELS
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_saved_iteration(chain):
+    trainer = chain["resumed"].parser.get_parsed_content("train#trainer")
+    iters_per_epoch = trainer.state.epoch_length
+    assert trainer.state.epoch == 3
+    assert trainer.state.iteration == 3 * iters_per_epoch
+    # the resumed run's MLflow history has epoch 3 only: epochs 1-2 were loaded, not trained again
+    client, runs = _mlflow_runs(chain["uri"])
+    last_ae = [r for r in runs if r.info.run_name.startswith("train_autoencoder-US")][-1]
+    steps = [m.step for m in client.get_metric_history(last_ae.info.run_id, "train_loss")]
+    assert steps == [3]
+
+
+@pytest.mark.slow
+def test_mlflow_records_each_stage_with_params_metrics_and_artifacts(chain):
+    client, runs = _mlflow_runs(chain["uri"])
+    names = [r.info.run_name for r in runs]
+    for stage in ("train_autoencoder-US", "train_diffusion-US", "sample-US"):
+        assert any(n.startswith(stage) for n in names), f"no {stage} run in {names}"
+    by_stage = {r.info.run_name.split("-")[0]: r for r in runs}
+    ae = by_stage["train_autoencoder"]
+    assert ae.data.params["stage"] == "train_autoencoder"
+    assert ae.data.params["labels"] == json.dumps(LABELS)
+    assert "train_loss" in ae.data.metrics and "val_l1" in ae.data.metrics
+    dit = by_stage["train_diffusion"]
+    assert "val_loss" in dit.data.metrics
+    dit_files = [a.path for a in client.list_artifacts(dit.info.run_id)]
+    assert "diffusion.pt" in dit_files and "sample_grids" in dit_files
+    sample = by_stage["sample"]
+    assert sample.data.metrics["released"] == 2 * len(LABELS)
+    certificate_files = [a.path for a in client.list_artifacts(sample.info.run_id, "certificate")]
+    assert "certificate/certificate.json" in certificate_files
+
+
+@pytest.mark.slow
+def test_training_stages_have_every_required_bundle_property(chain):
+    overrides = {**chain["overrides"], "output_dir": str(chain["out"]), "dataset_dir": None}
+    for stage in ("autoencoder", "diffusion"):
+        workflow = _workflow(stage, overrides)
+        workflow.initialize()
+        assert workflow.check_properties() == [], stage
+
+
+def test_quickstart_config_overrides_only_ids_the_stages_define():
+    parser = ConfigParser.load_config_file(str(BUNDLE / "configs" / "quickstart.yaml"))
+    stage_ids = set()
+    for name in bundle_utils.STAGES["sample"]:
+        stage_ids |= set(ConfigParser.load_config_file(str(BUNDLE / "configs" / name)))
+    unknown = sorted(set(parser["overrides"]) - stage_ids)
+    assert not unknown, f"quickstart overrides ids no stage config defines: {unknown}"
+    assert all(not str(v).startswith(("$", "@", "%")) for v in parser["overrides"].values())
+
+
+def test_metadata_describes_us_and_both_networks():
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    assert meta["modality"] == "US"
+    assert meta["schema"].startswith("https://github.com/Project-MONAI/")
+    assert meta["version"] in meta["changelog"]
+    assert meta["network_data_format"]["inputs"]["class_labels"]["value_range"] == [0, len(LABELS) - 1]
+    assert meta["autoencoder_data_format"]["inputs"]["image"]["num_channels"] == 1
+
+
+def test_unknown_label_stops_before_training(tmp_path, cohort):
+    rows = list(csv.DictReader(open(cohort, newline="")))
+    rows[3]["label"] = "6"
+    bad = tmp_path / "datalist.csv"
+    with open(bad, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            row["image"] = str(Path(cohort).parent / row["image"])
+            writer.writerow(row)
+    workflow = _workflow(
+        "autoencoder", _quickstart_overrides(output_dir=str(tmp_path / "run"), dataset_dir=str(tmp_path))
+    )
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+        workflow.check_properties()
+    errors = [e for e in _causes(info.value) if isinstance(e, DatalistError)]
+    assert errors and "6" in str(errors[0])
+    assert not (tmp_path / "run" / "models").exists()
+
+
+def test_spatial_size_the_autoencoder_cannot_downsample_is_refused(tmp_path, cohort):
+    overrides = _quickstart_overrides(spatial_size=[33, 33], output_dir=str(tmp_path), datalist=cohort)
+    workflow = _workflow("autoencoder", overrides)
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+    messages = [str(e) for e in _causes(info.value) if isinstance(e, ValueError)]
+    assert any("spatial_size [33, 33] cannot be used" in m for m in messages), messages
+
+
+def test_stage2_without_stage1_checkpoint_is_a_clear_error(tmp_path, cohort):
+    workflow = _workflow("diffusion", _quickstart_overrides(output_dir=str(tmp_path), datalist=cohort))
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+    missing = [e for e in _causes(info.value) if isinstance(e, FileNotFoundError)]
+    assert missing and "autoencoder stage" in str(missing[0])
+    assert not (tmp_path / "latents").exists()
+
+
+def test_checkpoint_of_another_modality_is_refused_before_training(tmp_path, cohort):
+    overrides = _quickstart_overrides(output_dir=str(tmp_path), datalist=cohort)
+    parser = _workflow("autoencoder", overrides).parser
+    autoencoder = parser.get_parsed_content("autoencoder_def")
+    foreign = CheckpointMetadata(
+        bundle="chest_ct_ldit", modality="ct", labels=["normal", "nodule"], stage="autoencoder"
+    )
+    path = tmp_path / "models" / "autoencoder" / "autoencoder.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"autoencoder": autoencoder.state_dict(), "metadata": foreign.state_dict()}, path)
+    workflow = _workflow("diffusion", overrides)
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+    mismatch = [e for e in _causes(info.value) if isinstance(e, CheckpointMismatchError)]
+    assert mismatch and "modality" in str(mismatch[0])
+    assert not (tmp_path / "latents").exists()
+
+
+def test_check_spatial_size_names_a_size_that_works():
+    assert bundle_utils.check_spatial_size([256, 256], [64, 128, 256, 256], patch_size=2) == (32, 32)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        bundle_utils.check_spatial_size([250, 256], [64, 128, 256, 256], patch_size=2)
+
+
+def test_latest_checkpoint_prefers_the_highest_epoch(tmp_path):
+    assert bundle_utils.latest_checkpoint(tmp_path / "none") == ""
+    for name in ("checkpoint_epoch=2.pt", "checkpoint_epoch=10.pt", "autoencoder.pt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert Path(bundle_utils.latest_checkpoint(tmp_path, "checkpoint")).name == "checkpoint_epoch=10.pt"
