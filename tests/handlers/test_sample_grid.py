@@ -1,0 +1,75 @@
+"""Sample-grid handler: one row per class, saved every N epochs as PNG and logged to an active MLflow run."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+from PIL import Image
+
+from monai_synth.handlers import SampleGridHandler, make_sample_grid
+
+LABELS = ("3", "4a", "5")
+
+
+def _generate(n, seed, condition):
+    """Each class is a flat image at a known model-space level, so the grid rows can be checked pixel by pixel."""
+    level = {"3": -1.0, "4a": 0.0, "5": 1.0}[condition]
+    return torch.full((n, 1, 6, 5), level)
+
+
+def test_grid_layout_and_intensity_mapping():
+    grid = make_sample_grid([_generate(2, 0, c) for c in LABELS])
+    assert grid.shape == (3 * 6, 2 * 5) and grid.dtype == np.uint8
+    assert (grid[:6] == 0).all() and (grid[6:12] == 128).all() and (grid[12:] == 255).all()
+    volume = torch.zeros(1, 1, 4, 4, 3)
+    volume[..., 1] = 1.0  # the middle slice is what is shown
+    assert (make_sample_grid([volume]) == 255).all()
+
+
+def test_saved_every_interval_and_at_the_end(tmp_path):
+    calls = []
+
+    def generate(n, seed, condition):
+        calls.append((n, seed, condition))
+        return _generate(n, seed, condition)
+
+    engine = Engine(lambda e, b: None)
+    handler = SampleGridHandler(generate, LABELS, tmp_path, n_per_class=3, interval=2, seed=11)
+    handler.attach(engine)
+    engine.run(range(2), max_epochs=5)
+    assert [p.name for p in handler.saved] == [f"samples_epoch{e:04d}.png" for e in (2, 4, 5)]
+    assert calls[:3] == [(3, 11, c) for c in LABELS]
+    image = np.asarray(Image.open(handler.saved[-1]))
+    assert image.shape == (3 * 6, 3 * 5)
+    assert image[0, 0] == 0 and image[-1, -1] == 255
+    assert not list(tmp_path.glob(".*partial"))
+
+
+@pytest.mark.slow
+def test_logged_as_mlflow_artifact_when_a_run_is_active(tmp_path):
+    handler = SampleGridHandler(_generate, LABELS, tmp_path / "grids", n_per_class=1)
+    experiment = mlflow.set_experiment("sample-grid-test")
+    with mlflow.start_run() as run:
+        handler(None)
+    client = mlflow.MlflowClient()
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "sample_grids")] == [
+        "sample_grids/samples_epoch0000.png"
+    ]
+    # MONAI's MLFlowHandler keeps its run on a client, not as the fluent active run: use that run when given
+    monai_like = SimpleNamespace(client=client, cur_run=client.create_run(experiment.experiment_id))
+    SampleGridHandler(_generate, LABELS, tmp_path / "grids2", mlflow_handler=monai_like)(None)
+    assert [a.path for a in client.list_artifacts(monai_like.cur_run.info.run_id, "sample_grids")] == [
+        "sample_grids/samples_epoch0000.png"
+    ]
+
+
+def test_argument_checks(tmp_path):
+    with pytest.raises(ValueError, match="n_per_class"):
+        SampleGridHandler(_generate, LABELS, tmp_path, n_per_class=0)
+    with pytest.raises(ValueError, match="label"):
+        SampleGridHandler(_generate, [], tmp_path)
