@@ -245,25 +245,58 @@ class AtomicCheckpointSaver(CheckpointSaver):
             if checkpoint is not None:
                 fixed = getattr(checkpoint.save_handler, "filename", None)
                 checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, filename=fixed)
+        self._in_iteration = False
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._set_in_iteration, True)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._set_in_iteration, False)
+
+    def _set_in_iteration(self, engine: Engine, value: bool) -> None:
+        self._in_iteration = value
+
+    def exception_raised(self, engine: Engine, e: Exception) -> None:
+        """Save the final checkpoint on an exception (e.g. Ctrl-C), then re-raise it.
+
+        Ignite has already counted an iteration that was interrupted part-way, so a checkpoint saved as MONAI does
+        would make the resumed run skip it. The interrupted iteration is not counted in the checkpoint instead: at
+        worst (interrupted after the optimiser step) it is repeated on resume, it is never lost.
+        """
+        if not self._in_iteration:
+            super().exception_raised(engine, e)
+            return
+        engine.state.iteration -= 1
+        try:
+            super().exception_raised(engine, e)
+        finally:
+            engine.state.iteration += 1
 
 
 class IterationSeedHandler:
-    """Reseed torch's global RNG from ``seed + iteration`` at the start of every iteration.
+    """Reseed torch's global RNG from the epoch at ``EPOCH_STARTED`` and from the iteration at ``ITERATION_STARTED``.
 
     Training randomness (reparameterisation noise, diffusion noise and timesteps, condition dropout) then depends only
-    on the iteration number, so a run resumed from a checkpoint continues with exactly the random numbers the
-    uninterrupted run would have drawn. Data order must be deterministic too (``shuffle=False`` or a sampler seeded
-    per epoch) for bit-identical weights.
+    on the iteration number, and a shuffling ``DataLoader`` (whose iterator is created right after ``EPOCH_STARTED``
+    and draws its order from the global RNG) on the epoch number. A run resumed from an epoch-level checkpoint
+    therefore continues with exactly the batches and random numbers the uninterrupted run would have used, and ends
+    with the same weights (on the same hardware and thread count). Ignite restarts the data iterator when resuming
+    mid-epoch, so iteration-level checkpoints resume the counters exactly but not the batch order.
 
     Args:
         seed: base seed.
     """
 
+    EPOCH_STRIDE = 1_000_003  # keeps epoch seeds away from the iteration seeds of any realistic run
+
     def __init__(self, seed: int = 0) -> None:
         self.seed = int(seed)
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
         engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def epoch_started(self, engine: Engine) -> None:
+        torch.manual_seed(self.seed + self.EPOCH_STRIDE * (int(engine.state.epoch) + 1) ** 2)
 
     def __call__(self, engine: Engine) -> None:
         torch.manual_seed(self.seed + int(engine.state.iteration))

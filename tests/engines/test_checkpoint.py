@@ -189,7 +189,7 @@ def _dit_run(tmp_path, max_epochs, seed, resume_from=None, interrupt_at=None):
     trainer = SupervisedTrainer(
         device="cpu",
         max_epochs=max_epochs,
-        train_data_loader=DataLoader(data, batch_size=4, shuffle=False),
+        train_data_loader=DataLoader(data, batch_size=4, shuffle=True),
         network=net,
         optimizer=opt,
         loss_function=torch.nn.MSELoss(),
@@ -227,3 +227,55 @@ def test_diffusion_stage_resumes_exactly_with_ema_and_lr_schedule(tmp_path):
         for a, b in zip(ref.state_dict().values(), got.state_dict().values()):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert any(not torch.equal(a, b) for a, b in zip(net.parameters(), ema.parameters()))
+
+
+class _FailingL1(torch.nn.Module):
+    """An L1 'perceptual' term that raises (like a Ctrl-C) on its ``fail_at``-th call, i.e. inside an iteration."""
+
+    def __init__(self, fail_at=None):
+        super().__init__()
+        self.fail_at, self.calls = fail_at, 0
+
+    def forward(self, a, b):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise _Interrupt
+        return (a - b).abs().mean()
+
+
+def _ae_final_run(tmp_path, seed, fail_at=None, resume=False):
+    ae = make_autoencoder(seed)
+    opt = torch.optim.Adam(ae.parameters(), 1e-3)
+    loader = DataLoader(make_images(4), batch_size=4)  # one iteration per epoch
+    trainer = AutoencoderKLTrainer(
+        "cpu",
+        4,
+        loader,
+        ae,
+        opt,
+        perceptual_loss=_FailingL1(fail_at),
+        perceptual_weight=0.1,
+        train_handlers=[IterationSeedHandler(0)],
+    )
+    save_dict = {"autoencoder": ae, "optimizer": opt, "trainer": trainer}
+    AtomicCheckpointSaver(str(tmp_path), save_dict, save_final=True, final_filename="final.pt").attach(trainer)
+    if resume:
+        CheckpointLoader(str(tmp_path / "final.pt"), save_dict).attach(trainer)
+    return trainer, ae
+
+
+def test_checkpoint_saved_on_an_interruption_inside_an_iteration_resumes_without_skipping_it(tmp_path):
+    reference, ae_ref = _ae_final_run(tmp_path / "ref", 0)
+    reference.run()
+    interrupted, _ = _ae_final_run(tmp_path / "run", 0, fail_at=3)
+    with pytest.raises(_Interrupt):
+        interrupted.run()
+    assert interrupted.state.iteration == 3
+    assert torch.load(tmp_path / "run" / "final.pt", weights_only=True)["trainer"]["iteration"] == 2
+    resumed, ae = _ae_final_run(tmp_path / "run", 5, resume=True)
+    iterations = []
+    resumed.add_event_handler(Events.ITERATION_STARTED, lambda e: iterations.append(e.state.iteration))
+    resumed.run()
+    assert iterations == [3, 4]
+    for a, b in zip(ae_ref.state_dict().values(), ae.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
