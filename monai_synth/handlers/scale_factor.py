@@ -19,7 +19,8 @@ class ScaleFactorHandler:
     It runs on the *last iteration* of the last epoch (``ITERATION_COMPLETED``), which Ignite fires before
     ``EPOCH_COMPLETED`` and ``COMPLETED``, so every checkpoint a ``CheckpointSaver`` writes at the end of training
     (final, interval or key-metric) already contains the new value, whatever order the handlers were attached in.
-    With ``interval`` it is also refreshed at the end of every ``interval``-th epoch, so interval checkpoints used
+    A run stopped early with ``engine.terminate()`` (early stopping) computes it on ``TERMINATE``, which also comes
+    before ``COMPLETED``. With ``interval`` it is also refreshed at the end of every ``interval``-th epoch, so interval checkpoints used
     for early stopping carry a current value.
 
     Args:
@@ -61,6 +62,8 @@ class ScaleFactorHandler:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED(event_filter=self._due), self)
+        # an early stop (engine.terminate()) fires TERMINATE before COMPLETED, i.e. before the final checkpoint
+        engine.add_event_handler(Events.TERMINATE, self)
 
     def __call__(self, engine: Engine | None = None) -> float:
         device = self.device if self.device is not None else getattr(getattr(engine, "state", None), "device", "cpu")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_helpers import LABELS, make_autoencoder, make_images
+from ignite.engine import Events
 from torch.utils.data import DataLoader
 
 from monai_synth.engines import (
@@ -80,6 +81,27 @@ def test_handler_stores_scale_factor_in_the_final_checkpoint_whatever_the_handle
     restored = ScaleFactor()
     load_checkpoint(tmp_path / "ae.pt", {"scale_factor": restored})
     assert float(restored) == pytest.approx(float(sf))
+
+
+def test_handler_also_runs_when_training_stops_early(tmp_path):
+    ae, sf = make_autoencoder(), ScaleFactor()
+    loader = _heterogeneous_loader()
+    saver = AtomicCheckpointSaver(
+        str(tmp_path), {"scale_factor": sf, "ae": ae}, save_final=True, final_filename="ae.pt"
+    )
+    trainer = AutoencoderKLTrainer(
+        "cpu",
+        5,
+        loader,
+        ae,
+        torch.optim.Adam(ae.parameters()),
+        train_handlers=[saver, ScaleFactorHandler(ae, loader, sf)],
+    )
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda e: e.terminate())
+    trainer.run()
+    restored = ScaleFactor()
+    load_checkpoint(tmp_path / "ae.pt", {"scale_factor": restored})
+    assert restored.computed and float(restored) == pytest.approx(compute_scale_factor(ae, loader), rel=1e-6)
 
 
 def _write_ae_checkpoint(ae, path, sf=1.0):

@@ -87,3 +87,19 @@ def test_sample_latent_images_decodes_scaled_latents():
     noise = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(images, ae.decode(noise / 2.0))
+
+
+def test_drives_guarded_sampling_and_memorised_images_are_resampled():
+    from monai_synth.privacy.index import TrainingIndex
+    from monai_synth.privacy.safeguard import PrivacySafeguard
+    from monai_synth.privacy.sampling import guarded_sample
+    from monai_synth.privacy.spaces import PixelSpace
+
+    sampler = _sampler(DDIMScheduler(100))  # DDIM with eta 0: a seed fixes the images
+    memorised = sampler(2, 0, "4a", guidance_scale=3.0)
+    gen = torch.Generator().manual_seed(1)
+    train = torch.cat([memorised, torch.rand((10, 1, 16, 16), generator=gen) * 2 - 1])
+    index = TrainingIndex.build(PixelSpace(grid=16), train, [f"P{i}" for i in range(len(train))], "datalist")
+    result = guarded_sample(sampler, PrivacySafeguard([(index, 0.01)]), [("4a", 2)], seed=0, guidance_scale=3.0)
+    assert [(r.seed, r.passed) for r in result.records] == [(0, False), (0, False), (1, True), (1, True)]
+    torch.testing.assert_close(torch.stack(result.images), sampler(2, 1, "4a", guidance_scale=3.0))
