@@ -96,3 +96,35 @@ def test_unknown_space_and_missing_weights_are_explained():
         make_space("ssim", 2, (SIZE, SIZE))
     with pytest.raises(ValueError, match="--embedding-weights"):
         make_space("embedding", 2, (SIZE, SIZE))
+
+
+@pytest.mark.slow
+def test_train_embedding_then_guard_in_two_spaces(tmp_path):
+    """The learned embedding space plugs into the same index / calibration / safeguard as the pixel space."""
+    train = write_cohort(tmp_path / "train", "us", 8, 2, spatial_size=16, seed=0)
+    holdout = write_cohort(tmp_path / "holdout", "us", 50, 2, spatial_size=16, seed=0, first_patient=100)
+    new = write_cohort(tmp_path / "new", "us", 3, 1, spatial_size=16, seed=0, first_patient=500)
+    cand = tmp_path / "candidates"
+    shutil.copytree(new.parent / "images", cand)
+    shutil.copy(load_datalist(train)[0]["image"], cand / "copy.png")
+    weights = tmp_path / "embedding.pt"
+    args = ["--train", str(train), "--modality", "us", "--spatial-size", "16", "--epochs", "1", "--out", str(weights)]
+    assert main(["train-embedding", *args]) == 0 and weights.is_file()
+    summary = run_guard(
+        str(train),
+        str(holdout),
+        str(cand),
+        str(tmp_path / "release"),
+        "us",
+        spatial_size=16,
+        spaces=["pixel:none", "embedding"],
+        embedding_weights=str(weights),
+        quantile=0.02,
+    )
+    assert summary["generated"] == 4 and summary["rejected"] >= 1
+    cert = load_certificate(tmp_path / "release")
+    assert set(cert["spaces"]) == {"pixel", "embedding"}
+    with open(summary["audit"]) as f:
+        copy_rows = [r for r in csv.DictReader(f) if r["source"] == "copy.png"]
+    assert {r["space"] for r in copy_rows} == {"pixel", "embedding"}
+    assert all(r["passed"] == "False" and float(r["distance"]) < 1e-3 for r in copy_rows)

@@ -1,0 +1,233 @@
+"""How the privacy safeguard scales: nearest-neighbour search vs training-set size, and its share of sampling time.
+
+Part 1 - search. For N = 1e3 .. 1e6 random unit vectors of the embedding's size (default 128), time FAISS exact
+``IndexFlatIP`` (what :class:`monai_synth.privacy.index.TrainingIndex` uses) against an approximate ``IndexIVFFlat``
+(``nlist = sqrt(N)``, ``nprobe`` probed lists): build time, index memory, queries per second and recall@1 against the
+exact answer, both for random queries and for *near-copy* queries (a training vector plus small noise: the case the
+safeguard exists for).
+
+Part 2 - share of sampling time. A tiny DiT sampled with MONAI's ``DiffusionInferer`` (DDIM) next to the safeguard
+checking the same batch against a 100k-image training index, for the pixel space (plain, and with the flip/shift
+and flip/shift/zoom invariances) and a 128-d embedding-sized space.
+
+Run: ``python benchmarks/safeguard_scaling.py`` (about 3 minutes on 2 idle CPU cores). Results are recorded in
+``docs/benchmarks.md`` (section "Safeguard scaling").
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+import faiss
+import numpy as np
+import torch
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    faiss.normalize_L2(x)
+    return x
+
+
+def _timed(fn, *args, repeat: int = 1, **kwargs):
+    """Best wall time of ``fn(*args, **kwargs)`` over ``repeat`` calls, and its result."""
+    best, out = math.inf, None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def search_scaling(sizes, dim: int, queries: int, nprobe: int, seed: int = 0) -> list[dict]:
+    """Exact vs IVF at each training-set size."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in sizes:
+        train = _unit(rng, n, dim)
+        random_q = _unit(rng, queries, dim)
+        copies = train[rng.integers(0, n, queries)] + 0.05 * rng.standard_normal((queries, dim), dtype=np.float32)
+        faiss.normalize_L2(copies)
+
+        t_build_exact, exact = _timed(_flat, train)
+        t_exact, (_, i_exact) = _timed(exact.search, random_q, 1)
+        _, (_, i_exact_copy) = _timed(exact.search, copies, 1)
+
+        nlist = max(4, min(int(math.sqrt(n)), n // 40))
+        t_build_ivf, ivf = _timed(_ivf, train, nlist, rng)
+        ivf.nprobe = nprobe
+        t_ivf, (_, i_ivf) = _timed(ivf.search, random_q, 1)
+        _, (_, i_ivf_copy) = _timed(ivf.search, copies, 1)
+        rows.append(
+            {
+                "N": n,
+                "exact_build_s": t_build_exact,
+                "exact_qps": queries / t_exact,
+                "exact_mb": n * dim * 4 / 2**20,
+                "ivf_build_s": t_build_ivf,
+                "ivf_qps": queries / t_ivf,
+                "ivf_mb": (n * (dim * 4 + 8) + nlist * dim * 4) / 2**20,
+                "ivf_recall_random": float(np.mean(i_ivf[:, 0] == i_exact[:, 0])),
+                "ivf_recall_copies": float(np.mean(i_ivf_copy[:, 0] == i_exact_copy[:, 0])),
+                "nlist": nlist,
+            }
+        )
+    return rows
+
+
+def _flat(x: np.ndarray) -> faiss.Index:
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    return index
+
+
+def _ivf(x: np.ndarray, nlist: int, rng: np.random.Generator) -> faiss.Index:
+    quantizer = faiss.IndexFlatIP(x.shape[1])
+    index = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+    sample = x[rng.choice(len(x), size=min(len(x), 40 * nlist), replace=False)]
+    index.train(sample)
+    index.add(x)
+    return index
+
+
+class _VectorSpace:
+    """A stand-in space of a given vector size whose ``embed`` costs what a small CNN embedding costs."""
+
+    name = "embedding-sized"
+
+    def __init__(self, dim: int, size: int):
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 3, 2, 1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, 2, 1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 64, 3, 2, 1),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(64, dim),
+        ).eval()
+        self.dim = dim
+
+    def fingerprint(self) -> str:
+        return "bench"
+
+    def embed(self, images) -> np.ndarray:
+        with torch.no_grad():
+            v = self.net(torch.as_tensor(images)).numpy().astype(np.float32)
+        faiss.normalize_L2(v)
+        return v
+
+
+def sampling_share(
+    n_train: int, batch: int, steps: int, size: int, seed: int = 0, with_zoom: bool = False
+) -> list[dict]:
+    """Time of one guarded batch: DiT sampling vs the safeguard's check at ``n_train`` training images."""
+    from monai.inferers import DiffusionInferer
+    from monai.networks.schedulers import DDIMScheduler
+
+    from monai_synth.networks import DiffusionTransformer
+    from monai_synth.privacy.index import TrainingIndex
+    from monai_synth.privacy.safeguard import PrivacySafeguard
+    from monai_synth.privacy.spaces import PixelSpace
+
+    torch.manual_seed(seed)
+    model = DiffusionTransformer.from_preset(
+        "tiny", spatial_dims=2, in_channels=1, out_channels=1, input_size=size, context_dim=1
+    ).eval()
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(steps)
+    inferer = DiffusionInferer(scheduler)
+    noise = torch.randn(batch, 1, size, size)
+    ctx = torch.ones(batch, 1, 1)
+    with torch.no_grad():
+        inferer.sample(noise[:2], model, scheduler, conditioning=ctx[:2], mode="crossattn", verbose=False)  # warm-up
+        t_sample, images = _timed(
+            inferer.sample, noise, model, scheduler, conditioning=ctx, mode="crossattn", cfg=3.0, verbose=False
+        )
+    rng = np.random.default_rng(seed)
+    spaces = [
+        ("pixel (plain)", PixelSpace(grid=size)),
+        ("pixel + flip, shift", PixelSpace(grid=size, invariances=("flip", "shift"))),
+        ("128-d embedding", _VectorSpace(128, size)),
+    ]
+    if with_zoom:  # 5x the flip/shift cost; off by default to keep the run short
+        spaces.insert(2, ("pixel + flip, shift, zoom", PixelSpace(grid=size, invariances=("flip", "shift", "zoom"))))
+    rows = []
+    for label, space in spaces:
+        dim = space.dim
+        vectors = _unit(rng, n_train, dim)
+        index = TrainingIndex(
+            [_flat(vectors)],
+            np.zeros(n_train, dtype=np.int32),
+            ["P0"],
+            space.name,
+            space.fingerprint(),
+            "bench",
+            space=space,
+        )
+        safeguard = PrivacySafeguard([(index, 0.05)], batch_size=batch)
+        t_check, _ = _timed(safeguard.check, images, repeat=2)
+        variants = len(getattr(space, "variant_ops", [None]))
+        rows.append(
+            {
+                "space": label,
+                "dim": dim,
+                "variants": variants,
+                "index_mb": n_train * dim * 4 / 2**20,
+                "sample_s": t_sample,
+                "check_s": t_check,
+                "share": t_check / (t_sample + t_check),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
+    parser.add_argument("--dim", type=int, default=128, help="vector size (the embedding space's)")
+    parser.add_argument("--queries", type=int, default=256)
+    parser.add_argument("--nprobe", type=int, default=8)
+    parser.add_argument("--sampling-train-size", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=16, help="images per sampling batch")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--size", type=int, default=32, help="image side (pixels)")
+    parser.add_argument("--with-zoom", action="store_true", help="also time the flip/shift/zoom pixel space")
+    args = parser.parse_args()
+    print(f"threads: faiss {faiss.omp_get_max_threads()}, torch {torch.get_num_threads()}, cpus {os.cpu_count()}")
+
+    print(f"\nNearest-neighbour search, {args.dim}-d unit vectors, {args.queries} queries, IVF nprobe={args.nprobe}")
+    head = (
+        f"{'N':>9} | {'exact q/s':>10} {'MB':>7} {'build s':>7} | {'IVF q/s':>9} {'MB':>7} {'build s':>7} "
+        f"{'recall@1 rand':>13} {'recall@1 copy':>13} | {'IVF/exact':>9}"
+    )
+    print(head + "\n" + "-" * len(head))
+    for r in search_scaling(args.sizes, args.dim, args.queries, args.nprobe):
+        print(
+            f"{r['N']:>9} | {r['exact_qps']:>10.0f} {r['exact_mb']:>7.1f} {r['exact_build_s']:>7.2f} | "
+            f"{r['ivf_qps']:>9.0f} {r['ivf_mb']:>7.1f} {r['ivf_build_s']:>7.2f} {r['ivf_recall_random']:>13.3f} "
+            f"{r['ivf_recall_copies']:>13.3f} | {r['ivf_qps'] / r['exact_qps']:>8.1f}x",
+            flush=True,
+        )
+
+    n = args.sampling_train_size
+    print(
+        f"\nSafeguard share of sampling time: tiny DiT, {args.size}x{args.size}, batch {args.batch}, "
+        f"DDIM {args.steps} steps with CFG, index of {n} training images"
+    )
+    head = f"{'space':<26} {'dim':>5} {'variants':>8} {'index MB':>9} | {'sample s':>8} {'check s':>8} {'share':>7}"
+    print(head + "\n" + "-" * len(head))
+    for r in sampling_share(n, args.batch, args.steps, args.size, with_zoom=args.with_zoom):
+        print(
+            f"{r['space']:<26} {r['dim']:>5} {r['variants']:>8} {r['index_mb']:>9.0f} | "
+            f"{r['sample_s']:>8.2f} {r['check_s']:>8.3f} {r['share']:>7.1%}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
