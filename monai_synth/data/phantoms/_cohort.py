@@ -40,8 +40,8 @@ def _check_args(
     size = (int(spatial_size),) * spatial_dims if np.isscalar(spatial_size) else tuple(int(s) for s in spatial_size)
     if len(size) != spatial_dims:
         raise ValueError(f"spatial_size {tuple(size)} has {len(size)} axes but spatial_dims={spatial_dims}")
-    if min(size) < 8:
-        raise ValueError(f"spatial_size must be at least 8 along every axis, got {tuple(size)}")
+    if min(size) < 4:
+        raise ValueError(f"spatial_size must be at least 4 along every axis, got {tuple(size)}")
     return mod.name, size
 
 

@@ -34,7 +34,7 @@ class CTPhantom(PhantomModel):
 
     fov_2d = (400.0, 400.0)
     fov_3d = (400.0, 400.0, 300.0)
-    pose_shift_mm = (5.0, 5.0, 3.0)
+    pose_shift_mm = (4.0, 4.0, 3.0)
     pose_angle_deg = (1.0, 1.0, 2.0)
 
     def anatomy(self, rng: np.random.Generator, lesion_rng: np.random.Generator, label: str) -> dict[str, Any]:
@@ -42,7 +42,7 @@ class CTPhantom(PhantomModel):
         b = 105.0 * rng.uniform(0.85, 1.15)
         anat: dict[str, Any] = {
             "body": (a, b),
-            "body_harmonics": [(k, rng.normal(0, 0.025), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4)],
+            "body_harmonics": [(k, rng.normal(0, 0.04), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4)],
             "fat": rng.uniform(5.0, 25.0),
             "fat_hu": FAT + rng.normal(0, 10),
             "muscle": rng.uniform(8.0, 16.0),
@@ -68,25 +68,30 @@ class CTPhantom(PhantomModel):
             "noise_hu": rng.uniform(8.0, 16.0),
         }
         anat["lesion_size_mm"] = 0.0
+        anat["nodules"] = []
         if label == "nodule":
-            side = lesion_rng.integers(2)
-            (lc, ls) = anat["lungs"][side]
-            ang = lesion_rng.uniform(0, 2 * np.pi)
-            rad = lesion_rng.uniform(0.2, 0.55)
-            lateral = np.sign(lc[0])
-            centre = (
-                lc[0] + lateral * abs(np.cos(ang)) * rad * ls[0],
-                lc[1] + np.sin(ang) * rad * ls[1],
-                anat["slice_z"] + lesion_rng.normal(0, 2.0),
-            )
-            diameter = lesion_rng.uniform(8.0, 30.0)
-            anat["nodule"] = {
-                "centre": centre,
-                "radius": diameter / 2,
-                "hu": lesion_rng.uniform(0.0, 60.0),
-                "harmonics": [(k, lesion_rng.normal(0, 0.08), lesion_rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5)],
-            }
-            anat["lesion_size_mm"] = diameter
+            # one to three solid nodules (a primary or metastases); the largest sets lesion_size_mm
+            for _ in range(lesion_rng.integers(1, 4)):
+                (lc, ls) = anat["lungs"][lesion_rng.integers(2)]
+                ang = lesion_rng.uniform(0, 2 * np.pi)
+                rad = lesion_rng.uniform(0.15, 0.55)
+                centre = (
+                    lc[0] + np.sign(lc[0]) * abs(np.cos(ang)) * rad * ls[0],
+                    lc[1] + np.sin(ang) * rad * ls[1],
+                    anat["slice_z"] + lesion_rng.normal(0, 2.0),
+                )
+                diameter = lesion_rng.uniform(8.0, 30.0)
+                anat["nodules"].append(
+                    {
+                        "centre": centre,
+                        "radius": diameter / 2,
+                        "hu": lesion_rng.uniform(0.0, 60.0),
+                        "harmonics": [
+                            (k, lesion_rng.normal(0, 0.08), lesion_rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5)
+                        ],
+                    }
+                )
+            anat["lesion_size_mm"] = max(n["radius"] * 2 for n in anat["nodules"])
         return anat
 
     def centre(self, anatomy: dict[str, Any], spatial_dims: int) -> np.ndarray:
@@ -138,8 +143,7 @@ class CTPhantom(PhantomModel):
         rib = rib * ((np.abs(x) > 0.18 * a) | (y > 0))
         img = _mix(img, BONE, rib)
 
-        if "nodule" in anatomy:
-            nod = anatomy["nodule"]
+        for nod in anatomy["nodules"]:
             rel = pts - np.asarray(nod["centre"]).reshape(3, *([1] * (pts.ndim - 1)))
             dist = np.sqrt(np.sum(rel**2, axis=0))
             ang = np.arctan2(rel[1], rel[0])

@@ -41,15 +41,16 @@ class MRIPhantom(PhantomModel):
 
     fov_2d = (240.0, 240.0)
     fov_3d = (240.0, 240.0, 200.0)
-    pose_shift_mm = (3.0, 3.0, 2.0)
-    pose_angle_deg = (1.5, 1.5, 2.5)
+    pose_shift_mm = (2.5, 2.5, 2.0)
+    pose_angle_deg = (1.0, 1.0, 2.0)
 
     def anatomy(self, rng: np.random.Generator, lesion_rng: np.random.Generator, label: str) -> dict[str, Any]:
         head = (72.0 * rng.uniform(0.9, 1.1), 92.0 * rng.uniform(0.9, 1.1), 75.0 * rng.uniform(0.9, 1.1))
         vs = rng.uniform(0.6, 1.5)
         anat: dict[str, Any] = {
             "head": head,
-            "harmonics": [(k, rng.normal(0, 0.02), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4)],
+            "harmonics": [(k, rng.normal(0, 0.035), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4)],
+            "yaw": np.deg2rad(rng.normal(0, 5.0)),
             "scalp": rng.uniform(4.0, 7.0),
             "skull": rng.uniform(5.0, 8.0),
             "csf": rng.uniform(1.5, 3.5),
@@ -91,6 +92,9 @@ class MRIPhantom(PhantomModel):
         return np.array([0.0, 0.0, anatomy["slice_z"] if spatial_dims == 2 else 0.0])
 
     def render(self, pts, scanner_pts, spacing, anatomy, rng):
+        # heads are not symmetric about the scanner axis: each patient's midline has its own in-plane angle
+        cy, sy = np.cos(anatomy["yaw"]), np.sin(anatomy["yaw"])
+        pts = np.stack([cy * pts[0] - sy * pts[1], sy * pts[0] + cy * pts[1], pts[2]])
         x, y, z = pts
         sig = {k: spin_echo_signal(*v) for k, v in TISSUES.items()}
         w = 0.5 * min(spacing)

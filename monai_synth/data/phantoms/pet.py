@@ -30,10 +30,10 @@ class PETPhantom(PhantomModel):
     patient-specific depth; 3D volumes are (x, y, z)."""
 
     axes_2d = (0, 2)
-    fov_2d = (600.0, 900.0)
-    fov_3d = (600.0, 400.0, 900.0)
-    pose_shift_mm = (5.0, 3.0, 8.0)
-    pose_angle_deg = (1.0, 1.0, 1.5)
+    fov_2d = (600.0, 1040.0)
+    fov_3d = (600.0, 400.0, 1040.0)
+    pose_shift_mm = (4.0, 2.0, 5.0)
+    pose_angle_deg = (0.3, 0.5, 1.0)
 
     def anatomy(self, rng: np.random.Generator, lesion_rng: np.random.Generator, label: str) -> dict[str, Any]:
         a, b = 165.0 * rng.uniform(0.85, 1.15), 110.0 * rng.uniform(0.85, 1.15)
@@ -55,13 +55,19 @@ class PETPhantom(PhantomModel):
                 ((s * u(55, 75), u(15, 40), u(-230, -190)), (u(22, 28), u(22, 28), u(45, 60))) for s in (-1, 1)
             ],
             "kidney_suv": u(3.0, 6.0),
-            "bladder": ((u(-15, 15), u(-30, -5), u(-400, -370)), u(25, 45)),
-            "bladder_suv": u(10.0, 35.0),
+            "bladder": ((u(-25, 25), 0.0, u(-410, -360)), u(25, 45)),
+            "bladder_suv": u(6.0, 25.0),
             "marrow": (u(-5, 5), u(60, 90), u(1.4, 2.0)),
             "texture": RandomField(rng, (30.0, 120.0), 16),
+            "height": u(0.88, 1.12),
+            "bowel": RandomField(rng, (25.0, 70.0), 16),
+            "bowel_suv": u(1.2, 3.0),
             "slice_y": u(-15.0, 10.0),
             "lesions": [],
         }
+        # the coronal reference plane of a 2D study runs through the bladder, as a reader would place it
+        bc, br = anat["bladder"]
+        anat["bladder"] = ((bc[0], anat["slice_y"] + u(-5.0, 5.0), bc[2]), br)
         anat["lesion_size_mm"] = 0.0
         if label == "lesion":
             sites = ["liver", "lung", "node"]
@@ -78,7 +84,7 @@ class PETPhantom(PhantomModel):
                 centre[1] = anat["slice_y"] + lesion_rng.normal(0, 2.0)  # visible in the coronal slice
                 diameter = lesion_rng.uniform(12.0, 40.0)
                 anat["lesions"].append(
-                    {"centre": tuple(centre), "radius": diameter / 2, "suv": lesion_rng.uniform(5, 15)}
+                    {"centre": tuple(centre), "radius": diameter / 2, "suv": lesion_rng.uniform(6, 20)}
                 )
             anat["lesion_size_mm"] = max(les["radius"] * 2 for les in anat["lesions"])
         return anat
@@ -87,6 +93,8 @@ class PETPhantom(PhantomModel):
         return np.array([0.0, anatomy["slice_y"] if spatial_dims == 2 else 0.0, 0.0])
 
     def render(self, pts, scanner_pts, spacing, anatomy, rng):
+        # the anatomy is drawn for a standard height; taller patients stretch it along z
+        pts = pts * np.array([1.0, 1.0, 1.0 / anatomy["height"]], dtype=pts.dtype).reshape(3, *([1] * (pts.ndim - 1)))
         x, y, z = pts
         w = 0.5 * min(spacing)
         a, b, z_lo, z_hi = anatomy["trunk"]

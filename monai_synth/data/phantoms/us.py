@@ -220,7 +220,9 @@ class USPhantom(PhantomModel):
         echo = np.full(x.shape, SKIN_ECHO, dtype=np.float32)
         echo = echo + (fat - echo) * soft_inside(depth - y_skin, w)
         lig = np.exp(-((anatomy["ligaments"](pts) / 0.1) ** 2))  # Cooper's ligaments: thin bright curved lines
-        echo = echo + (LIGAMENT_ECHO - echo) * lig * soft_inside(depth - y_skin - 0.5, w) * soft_inside(y_fat - depth, w)
+        echo = echo + (LIGAMENT_ECHO - echo) * lig * soft_inside(depth - y_skin - 0.5, w) * soft_inside(
+            y_fat - depth, w
+        )
         gland = anatomy["gland_echo"] * np.exp(0.3 * anatomy["gland_texture"](pts))
         gland = np.where(lobules > 1.0, fat, gland)  # fat lobules inside the glandular layer
         echo = echo + (gland - echo) * soft_inside(depth - y_fat, w)
