@@ -27,6 +27,7 @@ from monai_synth.engines.diffusion import (
 )
 from monai_synth.engines.latents import LatentDataset, ScaleFactor, cache_latents, compute_scale_factor, encode_labels
 from monai_synth.engines.sampler import LatentSampler, sample_latent_images
+from monai_synth.engines.utils import unwrap_model
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -53,4 +54,5 @@ __all__ = [
     "load_checkpoint",
     "make_condition",
     "sample_latent_images",
+    "unwrap_model",
 ]

@@ -31,6 +31,8 @@ from monai.losses import PatchAdversarialLoss
 from monai.transforms import Transform
 from torch.optim import Optimizer
 
+from monai_synth.engines.utils import unwrap_model
+
 __all__ = [
     "AutoencoderKLTrainer",
     "AutoencoderPrepareBatch",
@@ -102,7 +104,7 @@ class ReconstructionInferer(Inferer):
     """Inferer returning only ``autoencoder.reconstruct(x)`` (decoding ``z_mu``), for validation metrics."""
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return network.reconstruct(inputs)
+        return unwrap_model(network).reconstruct(inputs)
 
 
 class LocalPerceptualLoss(torch.nn.Module):
@@ -236,7 +238,8 @@ class AutoencoderKLTrainer(Trainer):
             raise ValueError("perceptual_weight > 0 needs perceptual_loss (e.g. LocalPerceptualLoss('<weights.pt>'))")
         if int(adv_warmup_epochs) < 0:
             raise ValueError(f"adv_warmup_epochs must be >= 0, got {adv_warmup_epochs}")
-        self._levels = len(autoencoder.encoder.channels) if hasattr(autoencoder, "encoder") else None
+        inner = unwrap_model(autoencoder)
+        self._levels = len(inner.encoder.channels) if hasattr(getattr(inner, "encoder", None), "channels") else None
         if spatial_size is not None and self._levels is not None:
             check_autoencoder_spatial_size(spatial_size, self._levels)
         super().__init__(

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
@@ -282,11 +283,14 @@ class IterationSeedHandler:
     with the same weights (on the same hardware and thread count). Ignite restarts the data iterator when resuming
     mid-epoch, so iteration-level checkpoints resume the counters exactly but not the batch order.
 
+    Under ``torch.distributed`` every rank adds its rank to the iteration seed, so ranks draw different noise.
+
     Args:
         seed: base seed.
     """
 
     EPOCH_STRIDE = 1_000_003  # keeps epoch seeds away from the iteration seeds of any realistic run
+    RANK_STRIDE = 100_000_007
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = int(seed)
@@ -299,4 +303,4 @@ class IterationSeedHandler:
         torch.manual_seed(self.seed + self.EPOCH_STRIDE * (int(engine.state.epoch) + 1) ** 2)
 
     def __call__(self, engine: Engine) -> None:
-        torch.manual_seed(self.seed + int(engine.state.iteration))
+        torch.manual_seed(self.seed + int(engine.state.iteration) + self.RANK_STRIDE * idist.get_rank())

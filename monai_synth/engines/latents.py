@@ -10,15 +10,18 @@ cannot silently train on latents of another autoencoder.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 from torch.utils.data import Dataset
 
 from monai_synth.engines.checkpoint import atomic_torch_save, checkpoint_fingerprint
+from monai_synth.engines.utils import unwrap_model
 
 __all__ = ["ScaleFactor", "compute_scale_factor", "encode_labels", "cache_latents", "LatentDataset"]
 
@@ -82,6 +85,15 @@ def _images_of(batch: Any, image_key: str) -> torch.Tensor:
     return batch
 
 
+def _merge(count: int, mean: float, m2: float, n_b: int, mean_b: float, m2_b: float) -> tuple[int, float, float]:
+    """Chan et al.'s pairwise update of (count, mean, sum of squared deviations)."""
+    total = count + n_b
+    if total == 0:
+        return 0, 0.0, 0.0
+    delta = mean_b - mean
+    return total, mean + delta * n_b / total, m2 + m2_b + delta**2 * count * n_b / total
+
+
 @torch.no_grad()
 def compute_scale_factor(
     autoencoder: torch.nn.Module,
@@ -92,7 +104,8 @@ def compute_scale_factor(
     """``1 / std(z_mu)`` over every element of every training image's posterior mean.
 
     Uses a streaming (Chan et al.) mean/variance merge in float64 so the estimate is exact for the whole set without
-    holding all latents in memory.
+    holding all latents in memory. Under ``torch.distributed`` each rank encodes its shard of the data and the
+    per-rank statistics are merged, so every rank gets the value for the whole training set.
 
     Args:
         autoencoder: a MONAI ``AutoencoderKL`` (anything with ``encode(x) -> (z_mu, z_sigma)``).
@@ -104,6 +117,7 @@ def compute_scale_factor(
     Returns:
         The scale factor as a python float.
     """
+    autoencoder = unwrap_model(autoencoder)
     was_training = autoencoder.training
     autoencoder.eval()
     count, mean, m2 = 0, 0.0, 0.0
@@ -111,16 +125,16 @@ def compute_scale_factor(
         for batch in data_loader:
             images = _images_of(batch, image_key).to(device)
             z_mu = autoencoder.encode(images)[0].double()
-            n_b = z_mu.numel()
-            mean_b = float(z_mu.mean())
-            m2_b = float(((z_mu - mean_b) ** 2).sum())
-            delta = mean_b - mean
-            total = count + n_b
-            mean += delta * n_b / total
-            m2 += m2_b + delta**2 * count * n_b / total
-            count = total
+            count, mean, m2 = _merge(
+                count, mean, m2, z_mu.numel(), float(z_mu.mean()), float(((z_mu - z_mu.mean()) ** 2).sum())
+            )
     finally:
         autoencoder.train(was_training)
+    if idist.get_world_size() > 1:
+        stats = idist.all_gather(torch.tensor([count, mean, m2], dtype=torch.float64, device=idist.device()))
+        count, mean, m2 = 0, 0.0, 0.0
+        for n_r, mean_r, m2_r in stats.reshape(-1, 3).tolist():
+            count, mean, m2 = _merge(count, mean, m2, int(n_r), mean_r, m2_r)
     if count < 2:
         raise ValueError("compute_scale_factor needs at least two latent elements; the data loader was empty")
     std = (m2 / (count - 1)) ** 0.5
@@ -143,7 +157,7 @@ def encode_labels(values: Any, labels: Sequence[str]) -> torch.Tensor:
     if isinstance(values, torch.Tensor) and not values.is_floating_point():
         ids = values.reshape(-1).long()
     else:
-        if isinstance(values, (str, int)):
+        if isinstance(values, (str, numbers.Integral)):
             values = [values]
         out, unknown = [], []
         for v in values:
@@ -151,7 +165,8 @@ def encode_labels(values: Any, labels: Sequence[str]) -> torch.Tensor:
                 v = v.item()
             if isinstance(v, str) and v in names:
                 out.append(names.index(v))
-            elif isinstance(v, int) and not isinstance(v, bool):
+            elif isinstance(v, numbers.Integral) and not isinstance(v, bool):
+                v = int(v)
                 out.append(v)
             else:
                 unknown.append(v)
@@ -205,6 +220,7 @@ def cache_latents(
     if labels is None:
         raise ValueError("cache_latents needs the ordered class names (labels=...) to map batch labels to ids")
     fingerprint = None if autoencoder_checkpoint is None else checkpoint_fingerprint(autoencoder_checkpoint)
+    autoencoder = unwrap_model(autoencoder)
     was_training = autoencoder.training
     autoencoder.eval()
     latents, ids_all, context = [], [], []
@@ -214,12 +230,16 @@ def cache_latents(
             if not isinstance(batch, Mapping):
                 raise TypeError("cache_latents needs dict batches with image, label and condition keys")
             images = _images_of(batch, image_key).to(device)
-            latents.append(autoencoder.encode(images)[0].float().cpu())
+            # plain tensors (not MetaTensor) so the cache loads with torch.load(weights_only=True)
+            latents.append(autoencoder.encode(images)[0].float().cpu().as_subclass(torch.Tensor))
             if label_key not in batch:
                 raise KeyError(f"batch has no {label_key!r} key; it has {sorted(batch)}")
-            ids_all.append(encode_labels(batch[label_key], labels))
+            ids_all.append(encode_labels(batch[label_key], labels).as_subclass(torch.Tensor))
             if context_keys:
-                cols = [torch.as_tensor(batch[k], dtype=torch.float32).reshape(-1) for k in context_keys]
+                cols = [
+                    torch.as_tensor(batch[k], dtype=torch.float32).reshape(-1).as_subclass(torch.Tensor)
+                    for k in context_keys
+                ]
                 context.append(torch.stack(cols, dim=1))
             for k in id_keys:
                 if k in batch:

@@ -18,6 +18,7 @@ from monai.networks.schedulers import RFlowScheduler
 
 from monai_synth.engines.diffusion import make_condition
 from monai_synth.engines.latents import ScaleFactor, _as_float, encode_labels
+from monai_synth.engines.utils import unwrap_model
 
 __all__ = ["sample_latent_images", "LatentSampler"]
 
@@ -83,6 +84,7 @@ def sample_latent_images(
         batch = labels.shape[0]
         condition = make_condition(labels, num_classes, context, as_sequence=context_as_sequence).to(device)
     cfg = None if guidance_scale is None or condition is None or float(guidance_scale) == 1.0 else float(guidance_scale)
+    diffusion_model, autoencoder = unwrap_model(diffusion_model), unwrap_model(autoencoder)
     inferer = LatentDiffusionInferer(scheduler=scheduler, scale_factor=_as_float(scale_factor))
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     noise = torch.randn((batch, *latent_shape), generator=generator).to(device)

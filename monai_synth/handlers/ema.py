@@ -13,6 +13,8 @@ import torch
 from ignite.engine import Engine, Events
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from monai_synth.engines.utils import unwrap_model
+
 __all__ = ["EMAHandler"]
 
 
@@ -29,7 +31,7 @@ class EMAHandler:
     same definition), i.e. before ``CheckpointLoader`` restores a saved EMA at ``Events.STARTED``.
 
     Args:
-        model: the trained network.
+        model: the trained network (a ``DistributedDataParallel`` wrapper is looked through).
         ema_model: a network of the same architecture that will hold the average; it is put in eval mode and its
             parameters do not require gradients.
         decay: the target decay (0.9999 for long runs; tiny demo runs need e.g. 0.99).
@@ -51,6 +53,7 @@ class EMAHandler:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         if int(update_every) < 1:
             raise ValueError(f"update_every must be >= 1, got {update_every}")
+        model, ema_model = unwrap_model(model), unwrap_model(ema_model)  # DDP / compiled wrappers
         if model is ema_model:
             raise ValueError("ema_model must be a separate copy of model (build a second instance of the network)")
         ema_model.load_state_dict(model.state_dict())

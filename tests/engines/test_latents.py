@@ -6,6 +6,7 @@ import pytest
 import torch
 from engine_helpers import LABELS, make_autoencoder, make_images
 from ignite.engine import Events
+from monai.data import MetaTensor
 from torch.utils.data import DataLoader
 
 from monai_synth.engines import (
@@ -130,6 +131,16 @@ def test_cache_stores_z_mu_deterministically(tmp_path):
     assert int(item["label"]) == LABELS.index(data[4]["label"])
     assert float(item["context"][0]) == pytest.approx(data[4]["age"])
     assert not list(tmp_path.glob("*.partial")), "atomic write left a temporary file"
+
+
+def test_cache_of_monai_metatensors_loads_safely(tmp_path):
+    """MONAI pipelines yield MetaTensors; the cache holds plain tensors (no per-item metadata, any torch can read it)."""
+    data = make_images(3)
+    for item in data:
+        item["image"] = MetaTensor(item["image"], meta={"filename_or_obj": "x.png"})
+    path = cache_latents(make_autoencoder(), DataLoader(data, batch_size=3), tmp_path / "c.pt", labels=LABELS)
+    dataset = LatentDataset(path)
+    assert type(dataset.latents) is torch.Tensor and len(dataset) == 3
 
 
 def test_cache_refuses_another_autoencoder_checkpoint(tmp_path):
