@@ -25,9 +25,19 @@ class PatientEmbeddingNet(nn.Module):
     The design follows the encoder + projection head of supervised contrastive learning (Khosla et al.,
     "Supervised Contrastive Learning", NeurIPS 2020), scaled down so that it trains in seconds on a CPU for
     small cohorts. Global pooling makes the vector insensitive to where the anatomy sits in the field of view,
-    which is what a copy detector needs (a shifted copy is still a copy). Instance normalisation (MONAI's
-    default in :class:`~monai.networks.blocks.ResidualUnit`) keeps train and eval behaviour identical, so the
-    same image always maps to the same vector, whatever else is in the batch.
+    which is what a copy detector needs (a shifted copy is still a copy).
+
+    Two choices matter for learning at all on small, similar-looking cohorts:
+
+    * the residual stages use group normalisation with one group (a layer norm over channels and space), not
+      instance norm: instance norm zeroes every channel's spatial mean, so the global average pool that follows
+      would see almost no image content;
+    * the projection head has a batch norm (as in SimCLR's head): it centres the pooled features across the
+      batch, so at initialisation the images do not all map to nearly the same vector, which stalls the
+      contrastive loss at its chance value.
+
+    In evaluation mode (how :class:`~monai_synth.privacy.embedding.EmbeddingSpace` runs it) both are fixed
+    per-image maps, so an image's vector does not depend on the rest of its batch.
 
     Args:
         spatial_dims: number of spatial dimensions of the input, 2 or 3.
@@ -53,7 +63,7 @@ class PatientEmbeddingNet(nn.Module):
         out_dim: int = 128,
         num_res_units: int = 2,
         act: tuple | str = "PRELU",
-        norm: tuple | str = ("INSTANCE", {"affine": True}),
+        norm: tuple | str = ("GROUP", {"num_groups": 1}),
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -100,7 +110,12 @@ class PatientEmbeddingNet(nn.Module):
         self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
         # projection head: contrastive training works better on a non-linear head (SimCLR / SupCon);
         # we keep the head's output as the embedding because the privacy index compares exactly that space.
-        self.head = nn.Sequential(nn.Linear(prev, prev), nn.ReLU(inplace=True), nn.Linear(prev, self.out_dim))
+        self.head = nn.Sequential(
+            nn.Linear(prev, prev, bias=False),
+            nn.BatchNorm1d(prev),
+            nn.ReLU(inplace=True),
+            nn.Linear(prev, self.out_dim),
+        )
 
     @property
     def min_size(self) -> int:
