@@ -13,7 +13,7 @@ training exactly the null condition it is given at sampling.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -223,10 +223,3 @@ class RectifiedFlowPrepareBatch(LatentDiffusionPrepareBatch):
 
     def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return images - noise
-
-
-def _check_labels(labels: Sequence[str]) -> list[str]:
-    names = [str(v) for v in labels]
-    if len(set(names)) != len(names):
-        raise ValueError(f"labels must be unique, got {names}")
-    return names

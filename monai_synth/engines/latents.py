@@ -19,6 +19,7 @@ from typing import Any
 import ignite.distributed as idist
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from monai_synth.engines.checkpoint import atomic_torch_save, checkpoint_fingerprint
 from monai_synth.engines.utils import unwrap_model
@@ -100,6 +101,7 @@ def compute_scale_factor(
     data_loader: Iterable,
     device: str | torch.device = "cpu",
     image_key: str = "image",
+    progress: bool = False,
 ) -> float:
     """``1 / std(z_mu)`` over every element of every training image's posterior mean.
 
@@ -113,6 +115,7 @@ def compute_scale_factor(
             without random augmentation.
         device: where to run the encoder.
         image_key: key of the image in dict batches.
+        progress: show a tqdm bar over the batches.
 
     Returns:
         The scale factor as a python float.
@@ -122,7 +125,7 @@ def compute_scale_factor(
     autoencoder.eval()
     count, mean, m2 = 0, 0.0, 0.0
     try:
-        for batch in data_loader:
+        for batch in tqdm(data_loader, desc="scale factor", disable=not progress):
             images = _images_of(batch, image_key).to(device)
             z_mu = autoencoder.encode(images)[0].double()
             count, mean, m2 = _merge(
@@ -192,6 +195,7 @@ def cache_latents(
     label_key: str = "label",
     context_keys: Sequence[str] = (),
     id_keys: Sequence[str] = ("patient_id",),
+    progress: bool = False,
 ) -> Path:
     """Encode the training set once and store ``z_mu`` with each item's label and extra conditions.
 
@@ -213,6 +217,7 @@ def cache_latents(
         label_key: label key in the batches.
         context_keys: keys of extra continuous conditions (one float per item each).
         id_keys: string keys to keep per item (not used for training).
+        progress: show a tqdm bar over the batches.
 
     Returns:
         The written path.
@@ -226,7 +231,7 @@ def cache_latents(
     latents, ids_all, context = [], [], []
     kept: dict[str, list] = {k: [] for k in id_keys}
     try:
-        for batch in data_loader:
+        for batch in tqdm(data_loader, desc="caching latents", disable=not progress):
             if not isinstance(batch, Mapping):
                 raise TypeError("cache_latents needs dict batches with image, label and condition keys")
             images = _images_of(batch, image_key).to(device)

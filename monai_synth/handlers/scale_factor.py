@@ -30,6 +30,7 @@ class ScaleFactorHandler:
         device: where to encode; defaults to the engine's device.
         image_key: image key in the batches.
         interval: also recompute every this many epochs (``None``: only at the end).
+        progress: show a tqdm bar while encoding the training set.
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class ScaleFactorHandler:
         device: str | torch.device | None = None,
         image_key: str = "image",
         interval: int | None = None,
+        progress: bool = False,
     ) -> None:
         if not isinstance(scale_factor, ScaleFactor):
             raise TypeError(f"scale_factor must be a monai_synth ScaleFactor module, got {type(scale_factor).__name__}")
@@ -51,6 +53,7 @@ class ScaleFactorHandler:
         self.device = device
         self.image_key = image_key
         self.interval = None if interval is None else int(interval)
+        self.progress = progress
         self.logger = logging.getLogger(__name__)
 
     def _due(self, engine: Engine, _event: int) -> bool:
@@ -67,7 +70,9 @@ class ScaleFactorHandler:
 
     def __call__(self, engine: Engine | None = None) -> float:
         device = self.device if self.device is not None else getattr(getattr(engine, "state", None), "device", "cpu")
-        value = compute_scale_factor(self.autoencoder, self.data_loader, device=device, image_key=self.image_key)
+        value = compute_scale_factor(
+            self.autoencoder, self.data_loader, device=device, image_key=self.image_key, progress=self.progress
+        )
         self.scale_factor.set(value)
         self.logger.info(f"latent scale factor over the training set: {value:.6g}")
         return value
