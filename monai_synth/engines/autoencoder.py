@@ -157,7 +157,7 @@ class LocalPerceptualLoss(torch.nn.Module):
 class AutoencoderKLTrainer(Trainer):
     """Train an ``AutoencoderKL`` with L1 + KL (+ perceptual) (+ patch-adversarial after a warm-up).
 
-    ``engine.state.output`` holds ``"image"``, ``"reconstruction"``, ``"loss"`` (total generator loss, the one
+    ``engine.state.output`` (per item when decollated) holds ``"image"``, ``"reconstruction"``, ``"loss"`` (total generator loss, the one
     ``StatsHandler``/``MLFlowHandler`` should log), ``"recon_loss"``, ``"kl_loss"``, ``"perceptual_loss"``,
     ``"gen_adv_loss"``, ``"disc_loss"`` (losses detached; the adversarial ones are 0 during warm-up or without a
     discriminator). Put ``autoencoder``, ``optimizer``, ``discriminator``, ``disc_optimizer``, LR schedulers, the
@@ -187,7 +187,9 @@ class AutoencoderKLTrainer(Trainer):
         image_key: image key in the batches.
         epoch_length, non_blocking, iteration_update, postprocessing, key_train_metric, additional_metrics,
         metric_cmp_fn, train_handlers, amp, event_names, event_to_attr, decollate, optim_set_to_none, to_kwargs,
-        amp_kwargs: as in MONAI ``SupervisedTrainer`` (``decollate`` defaults to False here: the outputs are batches).
+        amp_kwargs: as in MONAI ``SupervisedTrainer``. With ``decollate=True`` (the default, as there) the output
+            becomes a list of per-item dicts, each repeating the scalar losses, so MONAI's
+            ``from_engine(["loss"], first=True)`` (used by ``--tracking mlflow``) reads the loss.
     """
 
     def __init__(
@@ -220,7 +222,7 @@ class AutoencoderKLTrainer(Trainer):
         amp: bool = False,
         event_names: list[str | EventEnum | type[EventEnum]] | None = None,
         event_to_attr: dict | None = None,
-        decollate: bool = False,
+        decollate: bool = True,
         optim_set_to_none: bool = False,
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,

@@ -8,7 +8,7 @@ from engine_helpers import make_autoencoder, make_discriminator, make_images
 from ignite.contrib.handlers import ProgressBar
 from ignite.engine import Events
 from monai.engines import SupervisedEvaluator
-from monai.handlers import MeanAbsoluteError, ValidationHandler, from_engine
+from monai.handlers import MeanAbsoluteError, StatsHandler, ValidationHandler, from_engine
 from torch.utils.data import DataLoader
 
 from monai_synth.engines import (
@@ -48,23 +48,37 @@ def _trainer(max_epochs=1, lr=1e-3, data=None, batch_size=4, **kwargs):
         **kwargs,
     )
     history = []
-    trainer.add_event_handler(
-        Events.ITERATION_COMPLETED,
-        lambda e: history.append({k: float(v) for k, v in e.state.output.items() if k.endswith("loss")}),
-    )
+
+    def _record(engine):
+        out = engine.state.output[0] if isinstance(engine.state.output, list) else engine.state.output
+        history.append({k: float(v) for k, v in out.items() if k.endswith("loss")})
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, _record)
     return trainer, ae, history
 
 
 def test_loss_decreases_and_output_keys():
-    trainer, _, history = _trainer(max_epochs=6, lr=1e-2)
+    trainer, _, history = _trainer(max_epochs=6, lr=1e-2, decollate=False)
     trainer.run()
     assert set(trainer.state.output) == OUTPUT_KEYS
-    assert trainer.state.output["reconstruction"].shape == trainer.state.output["image"].shape
+    assert trainer.state.output["reconstruction"].shape == trainer.state.output["image"].shape == (4, 1, 16, 16)
     first = sum(h["recon_loss"] for h in history[:2]) / 2
     last = sum(h["recon_loss"] for h in history[-2:]) / 2
     assert last < 0.7 * first, (first, last)
     # without a discriminator the adversarial losses stay exactly zero
     assert all(h["gen_adv_loss"] == 0 and h["disc_loss"] == 0 for h in history)
+
+
+def test_decollated_output_works_with_monai_loss_transforms():
+    """The default (decollated) output is what ``--tracking mlflow`` and StatsHandler configs read."""
+    trainer, _, history = _trainer()
+    StatsHandler(name=None, output_transform=from_engine(["loss"], first=True)).attach(trainer)
+    trainer.run()
+    items = trainer.state.output
+    assert isinstance(items, list) and len(items) == 4
+    assert all(set(item) == OUTPUT_KEYS and item["image"].shape == (1, 16, 16) for item in items)
+    loss = from_engine(["loss"], first=True)(items)
+    assert isinstance(loss, float) and loss == pytest.approx(history[-1]["loss"])  # decollate turns scalars into floats
 
 
 def test_total_loss_is_weighted_sum():
