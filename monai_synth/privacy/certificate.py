@@ -116,6 +116,7 @@ def write_certificate(
     fingerprints: Mapping[str, Any] | None = None,
     safeguard: PrivacySafeguard | None = None,
     extra: Mapping[str, Any] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> dict:
     """Write ``certificate.json`` and ``certificate.csv`` into the release.
 
@@ -128,6 +129,8 @@ def write_certificate(
         safeguard: the safeguard used: its spaces, thresholds and calibrations are recorded, and its indexes'
             patient ids are checked never to appear in the certificate.
         extra: more JSON-able fields for the certificate (e.g. modality, sampler settings).
+        labels: the condition vocabulary (default: the labels of ``extra["modality"]`` if given). A patient id that
+            equals a label (numeric ids vs BI-RADS "3" / "5") is not taken for a leak.
 
     Returns:
         the certificate dict that was written.
@@ -173,7 +176,11 @@ def write_certificate(
     }
     if safeguard is not None:
         patients = set().union(*(index.patient_set for index in safeguard.indexes.values()))
-        leaked = sorted((_strings(cert) | _strings(rows)) & patients)
+        if labels is None and isinstance((extra or {}).get("modality"), str):
+            from monai_synth.data.modalities import get_modality
+
+            labels = get_modality(extra["modality"]).labels
+        leaked = sorted((_strings(cert) | _strings(rows)) & (patients - set(map(str, labels or ()))))
         if leaked:
             raise ValueError(
                 f"the certificate would contain {len(leaked)} training patient ids (e.g. as conditions or sources); "

@@ -109,3 +109,15 @@ def test_a_patient_id_used_as_condition_is_refused_and_nothing_is_released(tmp_p
         _release(tmp_path, safeguard, result)
     assert not (tmp_path / "release").exists()  # the writer removed the partial release
     assert json.dumps(result.summary(), default=str)  # the run summary itself stays usable
+
+
+def test_numeric_patient_ids_equal_to_labels_are_not_taken_for_leaks(tmp_path):
+    train = torch.randn(20, 1, 8, 8)
+    index = TrainingIndex.build(PixelSpace(grid=8), train, [str(i % 10) for i in range(20)], "dl")  # ids "0".."9"
+    safeguard = PrivacySafeguard([(index, 0.05)])
+    gen = lambda n, seed, condition: torch.randn((n, 1, 8, 8), generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    result = guarded_sample(gen, safeguard, [("3", 1), ("5", 1)])
+    with ReleaseWriter(tmp_path / "release", fmt="png", modality="us") as writer:
+        release_images(writer, result, to_physical=lambda x: (x.clamp(-1, 1) + 1) * 127.5)
+        write_certificate(writer, result, safeguard=safeguard, extra={"modality": "us"})  # BI-RADS "3", "5"
+    assert load_certificate(tmp_path / "release")["summary"]["released"] == 2
