@@ -12,10 +12,10 @@ Scale (about 1e6 training images):
       (``numpy`` memmap) instead of reading them: a process starts instantly and the OS pages in only what the
       scans touch, shared between processes guarding in parallel.
     * Exact search costs ``N * d`` multiply-adds per query; FAISS batches queries into one BLAS matrix
-      product, so guarding a batch of generated images against 1e6 rows takes tens of milliseconds per image
-      on two CPU cores (numbers in ``docs/benchmarks.md``, from ``benchmarks/safeguard_scaling.py``), small
-      next to a diffusion sampling step. Approximate indexes (IVF, HNSW) are faster but miss some true nearest
-      neighbours, which would let a near-copy through; the benchmark measures that recall.
+      product: about 60 ms of CPU per image against 1e6 rows of 128-d on the 2-core development machine
+      (``docs/benchmarks.md``, from ``benchmarks/safeguard_scaling.py``), small next to sampling the image.
+      Approximate indexes (IVF, HNSW) are faster but miss some true nearest neighbours (IVF missed 14-21% of
+      near-copies at 1e5-1e6 rows), which would let a near-copy through, so the safeguard stays exact.
 
 The index is private: it holds vectors of training images and their patient ids. It never goes into a
 release; only its fingerprint does.
