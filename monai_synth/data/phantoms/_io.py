@@ -88,6 +88,11 @@ def _set_pixels(ds, plane: np.ndarray, code: str) -> None:
     ds.PixelData = stored.tobytes()
 
 
+def _corner(shape, spacing) -> list[float]:
+    """Patient position (mm) of the first voxel so that the image is centred on the scanner's origin."""
+    return [-(shape[0] - 1) / 2 * float(spacing[0]), -(shape[1] - 1) / 2 * float(spacing[1])]
+
+
 def write_dicom(path: Path, record: dict[str, Any], code: str) -> None:
     """Write a 2D image as one DICOM file, or a 3D volume as a folder holding one file per z slice (one series)."""
     from pydicom.uid import generate_uid
@@ -99,7 +104,7 @@ def write_dicom(path: Path, record: dict[str, Any], code: str) -> None:
         ds.InstanceNumber = 1
         ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]
         ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.ImagePositionPatient = [0.0, 0.0, 0.0]
+        ds.ImagePositionPatient = _corner(image.shape, spacing) + [0.0]
         _set_pixels(ds, image, code)
         ds.save_as(path, enforce_file_format=True)
         return
@@ -113,7 +118,7 @@ def write_dicom(path: Path, record: dict[str, Any], code: str) -> None:
         ds.SliceThickness = float(spacing[2])
         ds.SpacingBetweenSlices = float(spacing[2])
         ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.ImagePositionPatient = [0.0, 0.0, float(z0 + k * spacing[2])]
+        ds.ImagePositionPatient = _corner(image.shape, spacing) + [float(z0 + k * spacing[2])]
         ds.SliceLocation = float(z0 + k * spacing[2])
         _set_pixels(ds, image[:, :, k], code)
         ds.save_as(path / f"slice_{k:04d}.dcm", enforce_file_format=True)

@@ -80,7 +80,7 @@ class CTPhantom(PhantomModel):
                     lc[1] + np.sin(ang) * rad * ls[1],
                     anat["slice_z"] + lesion_rng.normal(0, 2.0),
                 )
-                diameter = lesion_rng.uniform(8.0, 30.0)
+                diameter = lesion_rng.uniform(10.0, 30.0)
                 anat["nodules"].append(
                     {
                         "centre": centre,

@@ -100,7 +100,9 @@ class MRIPhantom(PhantomModel):
         w = 0.5 * min(spacing)
         a, b, c = anatomy["head"]
         theta = np.arctan2(y / b, x / a)
-        shape = 1.0 + sum(h * np.cos(k * theta + p) for k, h, p in anatomy["harmonics"])
+        # the in-plane shape harmonics fade towards the vertex, where their angle is undefined
+        fade = (x**2 + y**2) / (x**2 + y**2 + (0.3 * a) ** 2)
+        shape = 1.0 + fade * sum(h * np.cos(k * theta + p) for k, h, p in anatomy["harmonics"])
         r = ellipsoid_radius(pts, (0, 0, 0), anatomy["head"]) / shape
         rho = np.sqrt(x**2 + y**2 + z**2)
         depth = rho * (1.0 / np.maximum(r, 1e-6) - 1.0)  # mm below the scalp surface

@@ -92,7 +92,7 @@ BIRADS_DESCRIPTORS: dict[str, dict[str, Any]] = {
         lobes=(0.15, 0.22),
         micro=0.06,
         angular=0.18,
-        spicules=((8, 14), 0.7),
+        spicules=((8, 14), 0.5),
         edge=1.5,
         echo=(0.08, 0.15),
         hetero=0.25,
@@ -206,9 +206,11 @@ class USPhantom(PhantomModel):
     def echo_map(self, pts: np.ndarray, anatomy: dict[str, Any], w: float) -> tuple[np.ndarray, np.ndarray]:
         """Noise-free tissue echogenicity (backscatter amplitude) and the lesion's occupancy at ``pts``."""
         x, depth = pts[0], pts[1]
-        lateral = np.zeros_like(pts)
-        lateral[0] = x  # layer boundaries undulate along the skin only
-        bnd = [f(lateral) * anatomy["boundary_amp"] for f in anatomy["boundary"]]
+        # layer boundaries undulate along the skin only: evaluate them once per distinct lateral position
+        xs, inverse = np.unique(x, return_inverse=True)
+        line = np.zeros((3, xs.size), dtype=pts.dtype)
+        line[0] = xs
+        bnd = [(f(line) * anatomy["boundary_amp"])[inverse].reshape(x.shape) for f in anatomy["boundary"]]
         y_skin = anatomy["skin"]
         y_fat = y_skin + anatomy["fat"] + bnd[0]
         y_gland = y_fat + anatomy["gland"] + 1.5 * bnd[1]
@@ -224,7 +226,7 @@ class USPhantom(PhantomModel):
             y_fat - depth, w
         )
         gland = anatomy["gland_echo"] * np.exp(0.3 * anatomy["gland_texture"](pts))
-        gland = np.where(lobules > 1.0, fat, gland)  # fat lobules inside the glandular layer
+        gland = gland + (fat - gland) * soft_inside(lobules - 1.0, 0.12)  # fat lobules inside the glandular layer
         echo = echo + (gland - echo) * soft_inside(depth - y_fat, w)
         echo = echo + (fat - echo) * soft_inside(depth - y_gland, w)
         ma, mp = anatomy["muscle_angle"], anatomy["muscle_period"]
@@ -241,7 +243,7 @@ class USPhantom(PhantomModel):
         for cu, cv in les["calcs"]:
             cx = les["centre"][0] + cu * les["half_w"]
             cy = les["centre"][1] + cv * les["half_h"]
-            echo = echo + 4.0 * np.exp(-((x - cx) ** 2 + (depth - cy) ** 2) / (2 * max(w, 0.25) ** 2)) * occ
+            echo = echo + 2.5 * np.exp(-((x - cx) ** 2 + (depth - cy) ** 2) / (2 * max(w, 0.25) ** 2)) * occ
         return echo, occ
 
     def _posed_maps(self, pts, scanner_pts, spacing, anatomy):
