@@ -1,7 +1,7 @@
 """The autoencoder's latent space as stage 2 sees it: the scale factor and the cache of encoded training images.
 
 Two mistakes of the public latent-diffusion bundles are avoided here. The scale factor (which makes the latents
-roughly unit-variance, as the diffusion schedule assumes; Rombach et al. 2022, sec. 4.3.2) is estimated over the
+roughly unit-variance, as the diffusion schedule assumes; Rombach et al. 2022) is estimated over the
 *whole* training set, not one batch, and lives in a module buffer so it is saved with the autoencoder weights. The
 cache stores the posterior mean ``z_mu`` (deterministic) rather than a sampled latent, so two runs over the same
 data give the same cache, and it records the fingerprint of the autoencoder checkpoint that produced it so stage 2
