@@ -427,6 +427,8 @@ class DiffusionTransformer(nn.Module):
             if context is not None:
                 if context.ndim == 3 and context.shape[1] == 1:
                     context = context.squeeze(1)
+                if not context.is_floating_point():
+                    context = context.float()  # e.g. an integer one-hot vector
                 if context.ndim != 2 or context.shape[0] != batch or context.shape[1] != self.context_dim:
                     raise ValueError(
                         f"context must have shape ({batch}, {self.context_dim}) or ({batch}, 1, {self.context_dim}) "

@@ -105,6 +105,7 @@ def test_context_minus_one_row_is_null_condition():
     one_hot = torch.eye(4)[[1, 3]]
     cond = net(x, t, context=one_hot)
     assert torch.allclose(net(x, t, context=one_hot.unsqueeze(1)), cond)  # (B, 1, C) == (B, C)
+    assert torch.allclose(net(x, t, context=one_hot.long()), cond)  # integer one-hot works too
     assert not torch.allclose(cond[0], cond[1])
     null = net(x, t, context=None)
     mixed = net(x, t, context=torch.stack([one_hot[0], -torch.ones(4)]))
