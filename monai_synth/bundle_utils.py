@@ -426,7 +426,7 @@ def guarded_release(
 
     with ReleaseWriter(release_dir, fmt=release_format, modality=modality, overwrite=overwrite) as writer:
         release_images(writer, result, to_physical=physical)
-        certificate = write_certificate(
+        write_certificate(
             writer,
             result,
             fingerprints=fingerprints,
@@ -463,12 +463,12 @@ def guarded_release(
         f"({summary.get('rejected')} rejected as too close to a training image) into {release_dir}"
     )
     if mlflow:
-        _log_release_to_mlflow(mlflow, summary, certificate, release_dir, grid_path)
+        _log_release_to_mlflow(mlflow, summary, release_dir, grid_path)
     return summary
 
 
 def _log_release_to_mlflow(
-    settings: Mapping[str, Any], summary: Mapping[str, Any], certificate: Mapping[str, Any], release_dir: Any, grid: Any
+    settings: Mapping[str, Any], summary: Mapping[str, Any], release_dir: Any, grid: Any
 ) -> None:
     """Record a release as an MLflow run: parameters, the certificate summary as metrics, certificate + grid files."""
     import mlflow
