@@ -89,15 +89,19 @@ class PatientEmbeddingNet(nn.Module):
         self.stem = Convolution(
             spatial_dims, self.in_channels, channels[0], strides=1, kernel_size=3, act=act, norm=norm
         )
-        stages = []
+        stages: list[nn.Module] = []
         prev = channels[0]
         for i, c in enumerate(channels):
+            if i > 0:
+                # average-pool then convolve, rather than a strided convolution: the box filter reduces the
+                # aliasing that makes strided CNNs change their output when the input moves by a few pixels.
+                stages.append(Pool[Pool.AVG, spatial_dims](kernel_size=2, stride=2))
             stages.append(
                 ResidualUnit(
                     spatial_dims,
                     prev,
                     c,
-                    strides=1 if i == 0 else 2,
+                    strides=1,
                     kernel_size=3,
                     subunits=num_res_units,
                     act=act,

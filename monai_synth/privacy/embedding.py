@@ -177,7 +177,7 @@ class PatientBatchSampler(Sampler[list[int]]):
             yield batch
 
 
-def copy_augmentations(spatial_size: Sequence[int], strength: float = 1.0) -> Compose:
+def copy_augmentations(spatial_size: Sequence[int], strength: float = 1.0, max_shift: float = 0.15) -> Compose:
     """MONAI random transforms that make the altered copies the safeguard must still catch.
 
     Each is the kind of change a generator could make to a memorised image: mirror flips, small shifts and
@@ -186,9 +186,12 @@ def copy_augmentations(spatial_size: Sequence[int], strength: float = 1.0) -> Co
 
     Args:
         spatial_size: size of the (channel-first) images the pipeline receives and returns.
-        strength: scales every range (1.0 = shifts up to 10% of the field of view, rotation up to ~6 degrees,
-            zoom 5%, crops down to 85% of each side, noise std up to 0.05 in model space, gain 0.8-1.2, offset 0.1).
-            Stronger changes make the contrastive task so hard at the start that small cohorts learn slowly.
+        strength: scales every range but the shift (1.0 = rotation up to ~6 degrees, zoom 10%, crops down to
+            80% of each side, noise std up to 0.05 in model space, gain 0.75-1.25, offset 0.1). Much stronger
+            changes (noise especially: tissue contrast in model space is often ~0.1) make the contrastive task so
+            hard at the start that small cohorts learn slowly.
+        max_shift: largest translation, as a fraction of the field of view per axis. Kept separate from
+            ``strength`` because a CNN is least invariant to shifts, and a shifted copy is the cheapest copy.
 
     Returns:
         a :class:`~monai.transforms.Compose` mapping a ``(C, *spatial)`` tensor to one of the same shape.
@@ -200,10 +203,12 @@ def copy_augmentations(spatial_size: Sequence[int], strength: float = 1.0) -> Co
     s = float(strength)
     if not s >= 0:
         raise ValueError(f"strength must be >= 0, got {strength}.")
+    if not 0 <= float(max_shift) < 0.5:
+        raise ValueError(f"max_shift must be a fraction of the field of view in [0, 0.5), got {max_shift}.")
     rotate = (0.1 * s,) if nd == 2 else (0.1 * s,) * 3
     crop_resize = Compose(
         [
-            RandScaleCrop(roi_scale=max(0.2, 1.0 - 0.15 * s), max_roi_scale=1.0, random_center=True, random_size=True),
+            RandScaleCrop(roi_scale=max(0.2, 1.0 - 0.2 * s), max_roi_scale=1.0, random_center=True, random_size=True),
             Resize(spatial_size=size, mode="bilinear" if nd == 2 else "trilinear", anti_aliasing=False),
         ]
     )
@@ -214,13 +219,13 @@ def copy_augmentations(spatial_size: Sequence[int], strength: float = 1.0) -> Co
             RandAffine(
                 prob=0.8,
                 rotate_range=rotate,
-                translate_range=tuple(0.1 * s * n for n in size),
-                scale_range=(0.05 * s,) * nd,
+                translate_range=tuple(float(max_shift) * n for n in size),
+                scale_range=(0.1 * s,) * nd,
                 padding_mode="border",
                 mode="bilinear",
             ),
             RandGaussianNoise(prob=0.5, std=0.05 * s),
-            RandScaleIntensity(factors=0.2 * s, prob=0.5),
+            RandScaleIntensity(factors=0.25 * s, prob=0.5),
             RandShiftIntensity(offsets=0.1 * s, prob=0.5),
         ]
     )
@@ -477,6 +482,7 @@ def train_embedding(
     weight_decay: float = 1e-4,
     temperature: float = 0.1,
     augmentation_strength: float = 1.0,
+    max_shift: float = 0.15,
     data_fingerprint: str | None = None,
     device: str | torch.device | None = None,
 ) -> EmbeddingSpace:
@@ -505,6 +511,7 @@ def train_embedding(
         weight_decay: AdamW weight decay.
         temperature: SupCon temperature.
         augmentation_strength: scale of the copy augmentations (see :func:`copy_augmentations`).
+        max_shift: largest training shift as a fraction of the field of view (see :func:`copy_augmentations`).
         data_fingerprint: fingerprint of the data, stored with the weights (pass the training datalist's
             fingerprint so that the index can check it); default: a sha256 of ``images`` and ``patient_ids``.
         device: training device (default CPU).
@@ -557,7 +564,7 @@ def train_embedding(
             )
         network = network.to(dev).train()
 
-        augment = copy_augmentations(spatial_size, augmentation_strength)
+        augment = copy_augmentations(spatial_size, augmentation_strength, max_shift)
         augment.set_random_state(seed=seed)
         sampler = PatientBatchSampler(
             ids, int(batch_size) // int(views_per_patient), views_per_patient=int(views_per_patient), seed=seed
@@ -592,6 +599,7 @@ def train_embedding(
         "weight_decay": float(weight_decay),
         "temperature": float(temperature),
         "augmentation_strength": float(augmentation_strength),
+        "max_shift": float(max_shift),
         "n_images": int(x.shape[0]),
         "n_patients": len(label_of),
         "loss_history": history,
