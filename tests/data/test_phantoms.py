@@ -91,6 +91,7 @@ def test_anatomy_does_not_depend_on_the_label():
         ({"modality": "ct", "spatial_size": (32, 32, 32)}, "spatial_size"),
         ({"modality": "ct", "spatial_size": 3}, "spatial_size"),
         ({"modality": "ct", "n_patients": 0}, "n_patients"),
+        ({"modality": "ct", "first_patient": -1}, "first_patient"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, match):

@@ -57,6 +57,8 @@ def iter_cohort(
 ) -> Iterator[dict[str, Any]]:
     """Lazily yield the records of :func:`generate_cohort`, one image at a time (constant memory for big cohorts)."""
     name, size = _check_args(modality, n_patients, images_per_patient, spatial_dims, spatial_size)
+    if int(seed) < 0 or int(first_patient) < 0:
+        raise ValueError(f"seed and first_patient must be >= 0, got seed={seed}, first_patient={first_patient}")
     mod = get_modality(name)
     if labels is not None:
         labels = [str(lb) for lb in labels]

@@ -14,6 +14,7 @@ from monai_synth.data.phantoms._geometry import RandomField, ellipsoid_radius, s
 __all__ = ["CTPhantom"]
 
 AIR, FAT, MUSCLE, SOFT, BLOOD, LUNG, BONE, MARROW, CSF = -1000.0, -100.0, 50.0, 35.0, 45.0, -850.0, 700.0, 250.0, 15.0
+LIVER = 60.0
 
 
 def _mix(img: np.ndarray, value: np.ndarray | float, occ: np.ndarray) -> np.ndarray:
@@ -57,6 +58,10 @@ class CTPhantom(PhantomModel):
             "heart": (
                 (a * rng.uniform(0.05, 0.2), -b * rng.uniform(0.15, 0.35), rng.normal(-10, 10)),
                 (rng.uniform(45, 62), rng.uniform(38, 50), rng.uniform(50, 65)),
+            ),
+            "liver": (
+                (-a * rng.uniform(0.2, 0.35), b * rng.uniform(-0.1, 0.1), rng.uniform(-140.0, -110.0)),
+                (a * rng.uniform(0.45, 0.6), b * rng.uniform(0.6, 0.75), rng.uniform(70.0, 90.0)),
             ),
             "aorta": (a * rng.uniform(0.08, 0.18), b * rng.uniform(0.35, 0.5), rng.uniform(10, 15)),
             "spine": (rng.normal(0, 4), b * rng.uniform(0.55, 0.7), rng.uniform(15, 20)),
@@ -112,6 +117,9 @@ class CTPhantom(PhantomModel):
         inner = soft_inside(depth - anatomy["fat"] - anatomy["muscle"], w)
         img = _mix(img, SOFT + 6.0 * anatomy["tissue_texture"](pts), inner)
 
+        # the liver sits under the right hemidiaphragm: it shows in the lung bases of a volume
+        liver_c, liver_s = anatomy["liver"]
+        img = _mix(img, LIVER, soft_inside((1.0 - ellipsoid_radius(pts, liver_c, liver_s)) * min(liver_s), w) * inner)
         heart_c, heart_s = anatomy["heart"]
         heart = soft_inside((1.0 - ellipsoid_radius(pts, heart_c, heart_s)) * min(heart_s), w)
         lung_hu = anatomy["lung_hu"] + 25.0 * anatomy["lung_texture"](pts)
