@@ -304,11 +304,24 @@ def _ensure_latent_cache(
     return str(path)
 
 
-def _stack_images(dataset: Any) -> Any:
-    """All images of a (cached) MONAI dataset as one ``(N, C, *spatial)`` float tensor, in dataset order."""
-    import torch
+class _ImageBatches:
+    """Re-iterable batches of a MONAI dataset's images as plain float tensors ``(B, C, *spatial)``, in order."""
 
-    return torch.stack([torch.as_tensor(dataset[i]["image"]).float() for i in range(len(dataset))])
+    def __init__(self, dataset: Any, batch_size: int = 64) -> None:
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+
+    def __iter__(self):
+        import torch
+
+        for start in range(0, len(self.dataset), self.batch_size):
+            stop = min(start + self.batch_size, len(self.dataset))
+            yield torch.stack(
+                [
+                    torch.as_tensor(self.dataset[i]["image"]).as_subclass(torch.Tensor).float()
+                    for i in range(start, stop)
+                ]
+            )
 
 
 def guarded_release(
@@ -390,15 +403,16 @@ def guarded_release(
 
     if int(num_per_class) < 1:
         raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
-    train = _stack_images(train_images)
-    holdout = _stack_images(holdout_images)
-    if len(train) != len(train_records) or len(holdout) != len(holdout_records):
+    if len(train_images) != len(train_records) or len(holdout_images) != len(holdout_records):
         raise ValueError("the image datasets and their records differ in length; build both from the same split")
-    spatial_dims = train.ndim - 2
+    # batches of plain tensors, so the training set never has to sit in memory as one array
+    train = _ImageBatches(train_images)
+    holdout = _ImageBatches(holdout_images)
+    spatial_size = tuple(torch.as_tensor(train_images[0]["image"]).shape[1:])
     data_fp = datalist_fingerprint(train_records)
     checks = []
     for spec in spaces:
-        space = make_space(spec, spatial_dims, tuple(train.shape[2:]), embedding_weights)
+        space = make_space(spec, len(spatial_size), spatial_size, embedding_weights)
         index = TrainingIndex.build(space, train, [r["patient_id"] for r in train_records], data_fp)
         calibration = calibrate_threshold(
             index,
@@ -409,7 +423,7 @@ def guarded_release(
         )
         checks.append((index, calibration))
     safeguard = PrivacySafeguard(checks)
-    logger.info(f"privacy thresholds calibrated on {len(holdout)} holdout images: {safeguard.thresholds}")
+    logger.info(f"privacy thresholds calibrated on {len(holdout_images)} holdout images: {safeguard.thresholds}")
     result = guarded_sample(
         sampler,
         safeguard,
