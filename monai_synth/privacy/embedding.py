@@ -351,9 +351,9 @@ class EmbeddingSpace:
             raise ValueError(
                 f"expected {self.network.in_channels} channel(s) per image, got images of shape {tuple(x.shape)}."
             )
-        check_finite(x)
         if x.shape[0] == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        check_finite(x)
         self.network.eval()
         out = []
         with torch.inference_mode():
