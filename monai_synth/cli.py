@@ -26,6 +26,12 @@ def _add_phantoms(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, nargs="+", default=[64], help="spatial size, one value or one per axis")
     p.add_argument("--format", dest="fmt", default=None, help="file format (default: the modality's native one)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--first-patient",
+        type=int,
+        default=0,
+        help="index of the first patient: a cohort starting past another one's patients holds new, unseen people",
+    )
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.set_defaults(func=_run_phantoms)
 
@@ -43,6 +49,7 @@ def _run_phantoms(args: argparse.Namespace) -> int:
         spatial_size=size,
         seed=args.seed,
         fmt=args.fmt,
+        first_patient=args.first_patient,
     )
     print(f"wrote {args.modality} phantom cohort of {args.patients} patients; datalist: {datalist}")
     return 0
@@ -78,11 +85,22 @@ def _add_guard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="release folder (written atomically)")
     p.add_argument("--modality", required=True, choices=["ct", "mri", "pet", "us"])
     p.add_argument("--spatial-size", type=int, nargs="+", default=[64])
-    p.add_argument("--spaces", nargs="+", default=["pixel"], help="privacy spaces: pixel and/or embedding")
+    p.add_argument(
+        "--spaces",
+        nargs="+",
+        default=["pixel"],
+        help="privacy spaces: pixel (flip/shift/zoom-invariant; pixel:none for plain correlation) and/or embedding",
+    )
     p.add_argument("--embedding-weights", default=None, help="weights from `monai-synth train-embedding`")
     p.add_argument("--quantile", type=float, default=0.01, help="holdout quantile that sets the threshold")
     p.add_argument("--floor", type=float, default=0.0, help="absolute minimum threshold")
     p.add_argument("--format", dest="fmt", default=None, help="release format (default: the modality's native one)")
+    p.add_argument(
+        "--audit",
+        default=None,
+        help="PRIVATE audit CSV naming the nearest training patient of each image (default: <out>.private_audit.csv); "
+        "keep it with the training data, never with the release",
+    )
     p.set_defaults(func=_run_guard)
 
 
@@ -102,6 +120,7 @@ def _run_guard(args: argparse.Namespace) -> int:
         quantile=args.quantile,
         floor=args.floor,
         fmt=args.fmt,
+        audit=args.audit,
     )
     print(
         f"released {summary['released']} of {summary['generated']} candidates "

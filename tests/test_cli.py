@@ -50,3 +50,14 @@ def test_missing_datalist_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("monai-synth guard: error:")
     assert "missing.csv" in err
     assert not (tmp_path / "release").exists()
+
+
+def test_phantoms_first_patient_gives_new_patient_ids(tmp_path):
+    out = tmp_path / "cohort"
+    code = main(
+        ["phantoms", "--modality", "us", "--patients", "2", "--images-per-patient", "1", "--size", "16"]
+        + ["--first-patient", "1000", "--out", str(out)]
+    )
+    assert code == 0
+    rows = (out / "datalist.csv").read_text().splitlines()
+    assert [r.split(",")[1] for r in rows[1:]] == ["P1000", "P1001"]

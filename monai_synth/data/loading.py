@@ -19,7 +19,9 @@ are converted to luminance (ITU-R BT.601 weights) by the readers themselves.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,11 @@ __all__ = [
 ]
 
 _itk, _has_itk = optional_import("itk")
+
+# MONAI's LoadImage builds every reader it knows, including the optional GPU (nvImageCodec) DICOM decoder, which
+# then warns on every load on a machine without it. Its absence is the normal case here: pydicom decodes instead.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*nvImageCodec decoder plugin did not register.*", category=UserWarning)
 
 #: ITU-R BT.601 luma weights, used to turn colour images into the grey images the models expect.
 _LUMA = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
