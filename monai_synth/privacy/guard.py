@@ -108,6 +108,26 @@ def load_model_space(
         raise ValueError(f"cannot load images into {modality} model space: {err}") from err
 
 
+def _load_candidates(
+    files: Sequence[Path], modality: str, spatial_size: Sequence[int], spatial_dims: int
+) -> tuple[torch.Tensor, dict[int, str]]:
+    """Candidates in model space, one file at a time, so that one unreadable file is refused, not the whole run.
+
+    An unreadable file becomes a NaN image, which the safeguard fails closed; its index maps to the read error.
+    """
+    images, unreadable = [], {}
+    for i, path in enumerate(files):
+        try:
+            images.append(load_model_space([path], modality, spatial_size, spatial_dims)[0])
+        except ValueError as err:
+            root: BaseException = err
+            while root.__cause__ is not None:  # MONAI wraps the reader's error in "applying transform ..."
+                root = root.__cause__
+            unreadable[i] = f"{type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}"
+            images.append(torch.full((1, *spatial_size), float("nan")))
+    return torch.stack(images), unreadable
+
+
 def _spatial_dims_of(modality: str, path: str | os.PathLike, spatial_size: int | Sequence[int]) -> int:
     if not isinstance(spatial_size, int) and len(tuple(spatial_size)) > 1:
         return len(tuple(spatial_size))
@@ -122,13 +142,18 @@ def _spatial_dims_of(modality: str, path: str | os.PathLike, spatial_size: int |
 
 
 def make_space(
-    spec: str, spatial_dims: int, spatial_size: Sequence[int], embedding_weights: str | None = None
+    spec: str,
+    spatial_dims: int,
+    spatial_size: Sequence[int],
+    embedding_weights: str | None = None,
+    data_fingerprint: str | None = None,
 ) -> PrivacySpace:
     """A privacy space from its command-line name.
 
     ``pixel`` = :class:`PixelSpace` invariant to flips, shifts of up to 2 grid cells and zooms (the safe default);
     ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances (``none``, ``flip``, ``shift``, ``zoom``);
-    ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights).
+    ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights; with
+    ``data_fingerprint``, weights trained on another training set are refused).
 
     The default pixel space compares every query in 500 variants (4 flips x 25 shifts x 5 zooms): fine for a gate
     over thousands of training images; inside a sampler over ~1e5 training images use ``pixel:none`` plus
@@ -145,7 +170,7 @@ def make_space(
             raise ValueError("the embedding space needs --embedding-weights (from `monai-synth train-embedding`)")
         from monai_synth.privacy.embedding import EmbeddingSpace
 
-        return EmbeddingSpace.from_weights(embedding_weights)
+        return EmbeddingSpace.from_weights(embedding_weights, expected_data_fingerprint=data_fingerprint)
     raise ValueError(f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,zoom] and/or embedding")
 
 
@@ -204,12 +229,12 @@ def run_guard(
     size = _spatial(spatial_size, spatial_dims)
     train_images = load_model_space([r["image"] for r in train_records], modality, size, spatial_dims)
     holdout_images = load_model_space([r["image"] for r in holdout_records], modality, size, spatial_dims)
-    cand_images = load_model_space(files, modality, size, spatial_dims)
+    cand_images, unreadable = _load_candidates(files, modality, size, spatial_dims)
     dl_fp = datalist_fingerprint(train_records)
 
     checks = []
     for spec in spaces:
-        space = make_space(spec, spatial_dims, size, embedding_weights)
+        space = make_space(spec, spatial_dims, size, embedding_weights, data_fingerprint=dl_fp)
         index = TrainingIndex.build(space, train_images, [r["patient_id"] for r in train_records], dl_fp, batch_size)
         cal = calibrate_threshold(
             index,
@@ -234,6 +259,9 @@ def run_guard(
         )
         for i, (path, res) in enumerate(zip(files, safeguard.check(cand_images)))
     ]
+    for i, why in unreadable.items():  # checked as NaN images, so they failed; say why they could not be checked
+        records[i].passed = False
+        records[i].reason = f"cannot read candidate: {why}"
     # released candidates are written as they were given (physical units, own spacing), not re-rendered
     released_physical: list[Any] = []
     spacings: list[Any] = []

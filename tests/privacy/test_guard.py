@@ -128,3 +128,38 @@ def test_train_embedding_then_guard_in_two_spaces(tmp_path):
         copy_rows = [r for r in csv.DictReader(f) if r["source"] == "copy.png"]
     assert {r["space"] for r in copy_rows} == {"pixel", "embedding"}
     assert all(r["passed"] == "False" and float(r["distance"]) < 1e-3 for r in copy_rows)
+
+
+def test_an_unreadable_candidate_is_refused_and_the_rest_released(files, tmp_path):
+    cand = tmp_path / "candidates"
+    shutil.copytree(files["candidates"], cand)
+    (cand / "broken.png").write_bytes(b"not an image")
+    summary = run_guard(
+        str(files["train"]), str(files["holdout"]), str(cand), str(tmp_path / "release"), "us", spatial_size=SIZE
+    )
+    assert summary["generated"] == 14 and summary["released"] >= 5
+    with open(summary["audit"]) as f:
+        broken = [r for r in csv.DictReader(f) if r["source"] == "broken.png"]
+    assert broken and all(r["passed"] == "False" and r["reason"].startswith("cannot read candidate") for r in broken)
+    with open(tmp_path / "release" / "certificate.csv") as f:
+        assert "broken.png" not in {r["source"] for r in csv.DictReader(f)}
+
+
+@pytest.mark.slow
+def test_embedding_weights_of_another_training_set_are_refused(files, tmp_path):
+    other = write_cohort(tmp_path / "other", "us", 6, 2, spatial_size=SIZE, seed=3, first_patient=7000)
+    weights = tmp_path / "embedding.pt"
+    args = ["--train", str(other), "--modality", "us", "--spatial-size", str(SIZE), "--epochs", "1"]
+    assert main(["train-embedding", *args, "--out", str(weights)]) == 0
+    with pytest.raises(ValueError, match="fingerprint"):
+        run_guard(
+            str(files["train"]),
+            str(files["holdout"]),
+            str(files["candidates"]),
+            str(tmp_path / "release"),
+            "us",
+            spatial_size=SIZE,
+            spaces=["embedding"],
+            embedding_weights=str(weights),
+        )
+    assert not (tmp_path / "release").exists()
