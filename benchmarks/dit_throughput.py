@@ -72,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--no-unet", action="store_true")
     p.add_argument("--no-3d", action="store_true")
+    p.add_argument("--no-2d", action="store_true", help="only the 3D part")
     p.add_argument("--size3d", type=int, default=32, help="3D latent edge (patch 2)")
     p.add_argument("--preset3d", default="S/2")
     p.add_argument("--peak-tflops", type=float, default=None, help="GPU bf16 peak, overrides the table")
@@ -406,7 +407,7 @@ def main(argv=None) -> None:
         flush=True,
     )
     kinds = ["ours"] + ([] if args.no_diffusers else ["diffusers"]) + ([] if args.no_unet else ["unet"])
-    for preset in args.presets:
+    for preset in [] if args.no_2d else args.presets:
         bench_2d(args, preset, kinds)
     if not args.no_3d:
         bench_3d(args)
