@@ -90,8 +90,10 @@ class PatchEmbed(nn.Module):
         self.proj = conv(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, C, *grid) -> (B, N, D): tokens in row-major grid order.
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # (B, C, *grid) -> (B, N, D): tokens in row-major grid order. The copy to a contiguous token layout matters:
+        # elementwise ops keep their input's strides, so a transposed view here would leave the whole residual stream
+        # transposed and make every LayerNorm and Linear copy its input.
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class TimestepEmbedder(nn.Module):
