@@ -53,10 +53,12 @@ def test_saved_every_interval_and_at_the_end(tmp_path):
 @pytest.mark.slow
 def test_logged_as_mlflow_artifact_when_a_run_is_active(tmp_path):
     handler = SampleGridHandler(_generate, LABELS, tmp_path / "grids", n_per_class=1)
-    experiment = mlflow.set_experiment("sample-grid-test")
-    with mlflow.start_run() as run:
-        handler(None)
     client = mlflow.MlflowClient()
+    # artifacts inside the test's folder, not MLflow's default ./mlruns in the working directory
+    experiment_id = client.create_experiment("sample-grid-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    experiment = client.get_experiment(experiment_id)
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        handler(None)
     assert [a.path for a in client.list_artifacts(run.info.run_id, "sample_grids")] == [
         "sample_grids/samples_epoch0000.png"
     ]
