@@ -252,6 +252,14 @@ def _hash_tensor_data(images: torch.Tensor, patient_ids: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def _check_zooms(zooms: Sequence[float]) -> tuple[float, ...]:
+    """``(1.0, *others)``: the identity first (variant 0 is the plain query), duplicates dropped, others sorted."""
+    values = [float(z) for z in zooms]
+    if not all(0.25 <= z <= 4.0 for z in values):
+        raise ValueError(f"zooms must lie in [0.25, 4], got {list(zooms)}.")
+    return (1.0,) + tuple(sorted({round(z, 4) for z in values} - {1.0}))
+
+
 class EmbeddingSpace:
     """A trained :class:`~monai_synth.networks.embedding.PatientEmbeddingNet` as a privacy space.
 
@@ -269,9 +277,17 @@ class EmbeddingSpace:
         training: facts about the training run kept with the weights (epochs, seed, loss history, ...).
         device: where to run the network (default CPU).
         batch_size: images per forward pass in :meth:`embed`.
+        zooms: scale factors of the query variants of :meth:`embed_variants` (1.0, the plain query, always comes
+            first). A factor ``z < 1`` shrinks the query about its centre (borders replicated), which undoes a copy
+            cropped to ``z`` of its side length and resized back: apparent body size is also what tells patients
+            apart, so the network learns little scale invariance and such copies are otherwise poorly
+            re-identified. Only queries are zoomed, so the index keeps one row per training image. Each extra
+            variant is also another chance for a wrong patient to come nearest (a shrunk query looks like a
+            smaller patient), so use few factors, matched to the crops to be caught.
     """
 
     name = "embedding"
+    _DEFAULT_ZOOMS = (1.0,)
 
     def __init__(
         self,
@@ -282,6 +298,7 @@ class EmbeddingSpace:
         training: dict[str, Any] | None = None,
         device: str | torch.device | None = None,
         batch_size: int = 64,
+        zooms: Sequence[float] = _DEFAULT_ZOOMS,
     ) -> None:
         self.spatial_size = tuple(int(s) for s in spatial_size)
         if len(self.spatial_size) != network.spatial_dims:
@@ -298,6 +315,7 @@ class EmbeddingSpace:
         self.config = dict(config)
         self.training = dict(training or {})
         self.batch_size = int(batch_size)
+        self.zooms = _check_zooms(zooms)
 
     @property
     def spatial_dims(self) -> int:
@@ -312,7 +330,8 @@ class EmbeddingSpace:
         """sha256 of the weights, the data fingerprint, the network config and the input size.
 
         Changes whenever the mapping from images to vectors could change, so an index built with other
-        weights (or weights trained on other data) is refused.
+        weights (or weights trained on other data) is refused. Query zooms other than the default are included:
+        they change the distances, and so the thresholds calibrated with them.
         """
         h = hashlib.sha256()
         meta = {
@@ -322,6 +341,8 @@ class EmbeddingSpace:
             "spatial_size": list(self.spatial_size),
             "data_fingerprint": self.data_fingerprint,
         }
+        if self.zooms != self._DEFAULT_ZOOMS:  # left out by default, so fingerprints of earlier weights still hold
+            meta["zooms"] = list(self.zooms)
         h.update(json.dumps(meta, sort_keys=True).encode())
         for key, value in sorted(self.network.state_dict().items()):
             h.update(key.encode())
@@ -365,6 +386,44 @@ class EmbeddingSpace:
             raise ValueError("the embedding network produced NaN/Inf vectors; the weights are unusable.")
         return vec
 
+    def _zoomed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B * Z', C, *spatial)``: every image scaled about its centre by every zoom but the identity.
+
+        ``z < 1`` shrinks the content (the output point ``p`` samples the input at ``p / z``); the freed margin
+        replicates the border, which for model-space images is mostly background.
+        """
+        zooms = self.zooms[1:]
+        n, nd = x.shape[0], self.spatial_dims
+        theta = torch.zeros(len(zooms), nd, nd + 1)
+        for k, z in enumerate(zooms):
+            theta[k, :, :nd] = torch.eye(nd) / z
+        src = x.repeat_interleave(len(zooms), dim=0)
+        coords = F.affine_grid(theta.repeat(n, 1, 1), list(src.shape), align_corners=False)
+        return F.grid_sample(src, coords, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
+        """``(B, V, d)`` vectors of every zoom variant of every image, ``V = len(zooms)``; variant 0 = :meth:`embed`.
+
+        The index, calibration and safeguard take the smallest distance over the variants
+        (:func:`monai_synth.privacy.spaces.embed_variants`). Variant 0 is computed by :meth:`embed` itself, so
+        it is bit-identical to it whatever the batch composition.
+        """
+        plain = self.embed(images)
+        if len(self.zooms) == 1:
+            return plain[:, None, :]
+        x = as_image_batch(images, self.spatial_dims)
+        n_var = len(self.zooms) - 1
+        per_pass = max(1, self.batch_size // n_var)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, x.shape[0], per_pass):
+                chunk = self._zoomed(self._resample(x[start : start + per_pass]))
+                out.append(self.network(chunk.to(self.device)).float().cpu())
+        zoomed = torch.cat(out).numpy().astype(np.float32, copy=False).reshape(x.shape[0], n_var, self.dim)
+        if not np.isfinite(zoomed).all():
+            raise ValueError("the embedding network produced NaN/Inf vectors; the weights are unusable.")
+        return np.concatenate([plain[:, None, :], zoomed], axis=1)
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write weights, config, data fingerprint and training facts to ``path`` atomically.
 
@@ -380,6 +439,7 @@ class EmbeddingSpace:
             "spatial_size": list(self.spatial_size),
             "data_fingerprint": self.data_fingerprint,
             "training": self.training,
+            "zooms": list(self.zooms),
             "fingerprint": self.fingerprint(),
             "state_dict": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
         }
@@ -403,6 +463,7 @@ class EmbeddingSpace:
         expected_data_fingerprint: str | None = None,
         device: str | torch.device | None = None,
         batch_size: int = 64,
+        zooms: Sequence[float] | None = None,
     ) -> EmbeddingSpace:
         """Load weights written by :meth:`save`.
 
@@ -412,6 +473,8 @@ class EmbeddingSpace:
                 the training datalist the index is built from).
             device: where to run the network.
             batch_size: images per forward pass in :meth:`embed`.
+            zooms: query zooms to use instead of the saved ones (files written before zooms existed load with
+                ``(1.0,)``); the stored fingerprint is checked against the saved ones first.
 
         Raises:
             FileNotFoundError: if ``path`` does not exist.
@@ -445,6 +508,7 @@ class EmbeddingSpace:
                 training=payload.get("training"),
                 device=device,
                 batch_size=batch_size,
+                zooms=payload.get("zooms", cls._DEFAULT_ZOOMS),
             )
         except (KeyError, TypeError, RuntimeError, ValueError) as e:
             raise EmbeddingWeightsError(f"embedding weights {path} are incomplete or inconsistent: {e}") from e
@@ -458,12 +522,14 @@ class EmbeddingSpace:
                 f"not the expected {str(expected_data_fingerprint)[:16]}...; retrain the embedding on this training "
                 "set (`monai-synth train-embedding`) so it knows every training patient."
             )
+        if zooms is not None:
+            space.zooms = _check_zooms(zooms)
         return space
 
     def __repr__(self) -> str:
         return (
             f"EmbeddingSpace(spatial_size={self.spatial_size}, dim={self.dim}, "
-            f"data_fingerprint={self.data_fingerprint[:12]}...)"
+            f"zooms={self.zooms}, data_fingerprint={self.data_fingerprint[:12]}...)"
         )
 
 
@@ -485,6 +551,7 @@ def train_embedding(
     max_shift: float = 0.15,
     data_fingerprint: str | None = None,
     device: str | torch.device | None = None,
+    zooms: Sequence[float] = EmbeddingSpace._DEFAULT_ZOOMS,
 ) -> EmbeddingSpace:
     """Train the patient re-identification embedding on the training set.
 
@@ -515,6 +582,7 @@ def train_embedding(
         data_fingerprint: fingerprint of the data, stored with the weights (pass the training datalist's
             fingerprint so that the index can check it); default: a sha256 of ``images`` and ``patient_ids``.
         device: training device (default CPU).
+        zooms: query zooms of the returned space (see :class:`EmbeddingSpace`); they do not change the training.
 
     Returns:
         the trained :class:`EmbeddingSpace`.
@@ -542,6 +610,7 @@ def train_embedding(
         )
     if not float(lr) > 0:
         raise ValueError(f"lr must be > 0, got {lr}.")
+    zooms = _check_zooms(zooms)  # before training, not after it
     spatial_size = tuple(int(s) for s in x.shape[2:])
     config = {
         "spatial_dims": int(spatial_dims),
@@ -604,4 +673,6 @@ def train_embedding(
         "n_patients": len(label_of),
         "loss_history": history,
     }
-    return EmbeddingSpace(network.eval(), spatial_size, data_fingerprint, config, training=training, device=dev)
+    return EmbeddingSpace(
+        network.eval(), spatial_size, data_fingerprint, config, training=training, device=dev, zooms=zooms
+    )

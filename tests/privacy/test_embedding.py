@@ -17,7 +17,7 @@ from monai_synth.privacy.embedding import (
     _hash_tensor_data,
     train_embedding,
 )
-from monai_synth.privacy.spaces import NonFiniteImageError, PrivacySpace, space_distance
+from monai_synth.privacy.spaces import NonFiniteImageError, PrivacySpace, embed_variants, space_distance
 from monai_synth.transforms.presets import intensity_transform
 
 SIZE = 32
@@ -112,6 +112,23 @@ def test_reidentifies_altered_copies(trained, cohort, kind):
 
 
 @pytest.mark.slow
+def test_zoom_variants_reidentify_crop_resize_copies(trained, cohort):
+    space, train_vec, train_ids = trained
+    images, ids = cohort["train"]
+    zoomed = EmbeddingSpace(space.network, space.spatial_size, space.data_fingerprint, space.config, zooms=(0.9,))
+    queries = COPIES["crop_resize90"][0](images)
+    vec = embed_variants(zoomed, queries)
+    assert vec.shape == (len(ids), 2, 64)
+    np.testing.assert_array_equal(vec[:, 0], space.embed(queries))
+    nearest = (1.0 - np.einsum("qvd,nd->qvn", vec, train_vec)).min(axis=1).argmin(axis=1)
+    top1 = float(np.mean(train_ids[nearest] == np.asarray(ids)))
+    plain = _top1(space, train_vec, train_ids, queries, ids)
+    # measured 0.88 against 0.22 for the plain query: shrinking the query by 0.9 undoes the 90% crop.
+    print(f"re-identification of crop_resize90 copies: plain top-1 {plain:.3f}, with zoom variants {top1:.3f}")
+    assert top1 >= max(0.7, plain + 0.4), (plain, top1)
+
+
+@pytest.mark.slow
 def test_repeat_studies_and_copies_are_closer_than_unseen_patients(trained, cohort):
     space, train_vec, train_ids = trained
     images, ids = cohort["train"]
@@ -183,6 +200,34 @@ def test_save_load_round_trip(quick, tmp_path):
     assert loaded.fingerprint() == space.fingerprint()
     assert loaded.spatial_size == (16, 16) and loaded.training["n_patients"] == 6
     np.testing.assert_array_equal(loaded.embed(images), space.embed(images))
+
+
+def test_zoom_variants_are_configured_persisted_and_fingerprinted(quick, tmp_path):
+    space, images = quick
+    assert space.zooms == (1.0,)
+    np.testing.assert_array_equal(space.embed_variants(images), space.embed(images)[:, None])
+    zoomed = EmbeddingSpace(space.network, space.spatial_size, "d1", space.config, zooms=(0.95, 1.0, 0.9, 0.9))
+    assert zoomed.zooms == (1.0, 0.9, 0.95)  # identity first, duplicates dropped
+    vec = zoomed.embed_variants(images)
+    assert vec.shape == (len(images), 3, 8)
+    np.testing.assert_array_equal(vec[:, 0], space.embed(images))
+    np.testing.assert_allclose(np.linalg.norm(vec, axis=2), 1.0, atol=1e-5)
+    assert np.abs(vec[:, 1] - vec[:, 0]).max() > 1e-3  # the zoomed queries are other images
+    assert zoomed.fingerprint() != space.fingerprint()
+
+    loaded = EmbeddingSpace.from_weights(zoomed.save(tmp_path / "zoomed.pt"), expected_data_fingerprint="d1")
+    assert loaded.zooms == zoomed.zooms and loaded.fingerprint() == zoomed.fingerprint()
+    np.testing.assert_array_equal(loaded.embed_variants(images), vec)
+    assert EmbeddingSpace.from_weights(tmp_path / "zoomed.pt", zooms=(1.0,)).fingerprint() == space.fingerprint()
+
+    # weights files written before query zooms existed load with the default and keep their fingerprint
+    payload = torch.load(space.save(tmp_path / "plain.pt"), weights_only=True)
+    del payload["zooms"]
+    torch.save(payload, tmp_path / "old.pt")
+    old = EmbeddingSpace.from_weights(tmp_path / "old.pt", zooms=(0.9,))
+    assert old.zooms == (1.0, 0.9) and EmbeddingSpace.from_weights(tmp_path / "old.pt").zooms == (1.0,)
+    with pytest.raises(ValueError, match="zooms"):
+        EmbeddingSpace(space.network, space.spatial_size, "d1", space.config, zooms=(0.1,))
 
 
 def test_fingerprint_tracks_data_and_weights(quick):
