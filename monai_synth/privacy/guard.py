@@ -115,11 +115,14 @@ def _load_candidates(
 
     An unreadable file becomes a NaN image, which the safeguard fails closed; its index maps to the read error.
     """
+    from monai_synth.transforms.presets import load_with, modality_transforms
+
+    chain = modality_transforms(modality, spatial_size, keys=("image",), spatial_dims=spatial_dims)
     images, unreadable = [], {}
     for i, path in enumerate(files):
         try:
-            images.append(load_model_space([path], modality, spatial_size, spatial_dims)[0])
-        except ValueError as err:
+            images.append(load_with(chain, path))
+        except Exception as err:  # any reader failure: this file is refused, the others are still checked
             root: BaseException = err
             while root.__cause__ is not None:  # MONAI wraps the reader's error in "applying transform ..."
                 root = root.__cause__

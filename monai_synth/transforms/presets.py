@@ -7,6 +7,7 @@ stage resized differently.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,7 +36,14 @@ from monai_synth.transforms.array import (
 )
 from monai_synth.transforms.dictionary import IntensityScaled
 
-__all__ = ["intensity_transform", "intensity_transformd", "modality_transforms", "batch_load", "EnsureSpatialDimsd"]
+__all__ = [
+    "intensity_transform",
+    "intensity_transformd",
+    "modality_transforms",
+    "batch_load",
+    "load_with",
+    "EnsureSpatialDimsd",
+]
 
 _INTENSITY = {"ct": CTWindow, "mri": MRIPercentileScale, "pet": PETSUVScale, "us": UltrasoundGreyScale}
 
@@ -193,11 +201,19 @@ def batch_load(
     if len(records) == 0:
         return torch.zeros((0, 1, *size), dtype=torch.float32)
     chain = modality_transforms(modality, size, keys=("image",), spatial_dims=spatial_dims, **kwargs)
-    images = []
-    for rec in records:
-        image = chain({"image": rec["image"]})["image"]
-        image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
-        if image.shape[0] != 1:
-            raise ValueError(f"{rec['image']} loaded with {image.shape[0]} channels; expected one grey channel")
-        images.append(image)
-    return torch.stack(images).to(torch.float32)
+    return torch.stack([load_with(chain, rec["image"]) for rec in records])
+
+
+def load_with(chain: Compose, path: str | os.PathLike) -> torch.Tensor:
+    """One image through a :func:`modality_transforms` chain, as a float32 ``(1, *spatial)`` tensor.
+
+    Lets a caller build the chain once and load file by file (e.g. to refuse one unreadable file, not the batch).
+
+    Raises:
+        ValueError: if the image does not have exactly one grey channel.
+    """
+    image = chain({"image": os.fspath(path)})["image"]
+    image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+    if image.shape[0] != 1:
+        raise ValueError(f"{path} loaded with {image.shape[0]} channels; expected one grey channel")
+    return image.to(torch.float32)
