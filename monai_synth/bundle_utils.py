@@ -394,11 +394,9 @@ def guarded_release(
     from monai_synth.data.export import ReleaseWriter
     from monai_synth.engines.checkpoint import checkpoint_fingerprint
     from monai_synth.handlers.sample_grid import make_sample_grid, save_grid_png
-    from monai_synth.privacy.calibration import calibrate_threshold
     from monai_synth.privacy.certificate import release_images, write_certificate, write_private_audit
     from monai_synth.privacy.guard import make_space
-    from monai_synth.privacy.index import TrainingIndex
-    from monai_synth.privacy.safeguard import PrivacySafeguard
+    from monai_synth.privacy.safeguard import build_safeguard
     from monai_synth.privacy.sampling import guarded_sample
 
     if int(num_per_class) < 1:
@@ -410,19 +408,16 @@ def guarded_release(
     holdout = _ImageBatches(holdout_images)
     spatial_size = tuple(torch.as_tensor(train_images[0]["image"]).shape[1:])
     data_fp = datalist_fingerprint(train_records)
-    checks = []
-    for spec in spaces:
-        space = make_space(spec, len(spatial_size), spatial_size, embedding_weights)
-        index = TrainingIndex.build(space, train, [r["patient_id"] for r in train_records], data_fp)
-        calibration = calibrate_threshold(
-            index,
-            holdout,
-            quantile=quantile,
-            floor=floor,
-            holdout_patient_ids=[r["patient_id"] for r in holdout_records],
-        )
-        checks.append((index, calibration))
-    safeguard = PrivacySafeguard(checks)
+    safeguard = build_safeguard(
+        [make_space(spec, len(spatial_size), spatial_size, embedding_weights) for spec in spaces],
+        train,
+        [r["patient_id"] for r in train_records],
+        holdout,
+        [r["patient_id"] for r in holdout_records],
+        data_fp,
+        quantile=quantile,
+        floor=floor,
+    )
     logger.info(f"privacy thresholds calibrated on {len(holdout_images)} holdout images: {safeguard.thresholds}")
     result = guarded_sample(
         sampler,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from .calibration import Calibration, calibrate_threshold, min_holdout_size
 from .certificate import certificate_rows, load_certificate, release_images, write_certificate, write_private_audit
 from .index import StaleIndexError, TrainingIndex, index_fingerprint
-from .safeguard import PrivacySafeguard, SafeguardResult
+from .safeguard import PrivacySafeguard, SafeguardResult, build_safeguard
 from .sampling import GuardedSamplingResult, SampleRecord, guarded_sample, summarise_records
 from .spaces import DegenerateImageError, NonFiniteImageError, PixelSpace, PrivacySpace, space_distance
 
@@ -24,6 +24,7 @@ __all__ = [
     "SampleRecord",
     "StaleIndexError",
     "TrainingIndex",
+    "build_safeguard",
     "calibrate_threshold",
     "certificate_rows",
     "guarded_sample",

@@ -23,10 +23,8 @@ import torch
 
 from monai_synth.data.loading import is_dicom
 from monai_synth.data.modalities import get_modality
-from monai_synth.privacy.calibration import calibrate_threshold
 from monai_synth.privacy.certificate import write_certificate, write_private_audit
-from monai_synth.privacy.index import TrainingIndex
-from monai_synth.privacy.safeguard import PrivacySafeguard
+from monai_synth.privacy.safeguard import build_safeguard
 from monai_synth.privacy.sampling import GuardedSamplingResult, SampleRecord
 from monai_synth.privacy.spaces import PixelSpace, PrivacySpace
 
@@ -235,20 +233,17 @@ def run_guard(
     cand_images, unreadable = _load_candidates(files, modality, size, spatial_dims)
     dl_fp = datalist_fingerprint(train_records)
 
-    checks = []
-    for spec in spaces:
-        space = make_space(spec, spatial_dims, size, embedding_weights, data_fingerprint=dl_fp)
-        index = TrainingIndex.build(space, train_images, [r["patient_id"] for r in train_records], dl_fp, batch_size)
-        cal = calibrate_threshold(
-            index,
-            holdout_images,
-            quantile=quantile,
-            floor=floor,
-            holdout_patient_ids=[r["patient_id"] for r in holdout_records],
-            batch_size=batch_size,
-        )
-        checks.append((index, cal))
-    safeguard = PrivacySafeguard(checks, batch_size=batch_size)
+    safeguard = build_safeguard(
+        [make_space(spec, spatial_dims, size, embedding_weights, data_fingerprint=dl_fp) for spec in spaces],
+        train_images,
+        [r["patient_id"] for r in train_records],
+        holdout_images,
+        [r["patient_id"] for r in holdout_records],
+        dl_fp,
+        quantile=quantile,
+        floor=floor,
+        batch_size=batch_size,
+    )
     root = Path(candidates)
     records = [
         SampleRecord.from_result(

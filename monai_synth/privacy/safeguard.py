@@ -10,17 +10,17 @@ sampling loop goes on and counts it as rejected.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from monai_synth.privacy.calibration import Calibration
+from monai_synth.privacy.calibration import Calibration, calibrate_threshold
 from monai_synth.privacy.index import StaleIndexError, TrainingIndex
-from monai_synth.privacy.spaces import embed_variants
+from monai_synth.privacy.spaces import PrivacySpace, embed_variants
 
-__all__ = ["PrivacySafeguard", "SafeguardResult"]
+__all__ = ["PrivacySafeguard", "SafeguardResult", "build_safeguard"]
 
 
 @dataclass
@@ -253,3 +253,44 @@ class PrivacySafeguard:
 
     def __repr__(self) -> str:
         return f"PrivacySafeguard(thresholds={self.thresholds}, fingerprints={self.fingerprints})"
+
+
+def build_safeguard(
+    spaces: Sequence[PrivacySpace],
+    train_images: torch.Tensor | np.ndarray | Iterable,
+    train_patient_ids: Sequence[str],
+    holdout_images: torch.Tensor | np.ndarray | Iterable,
+    holdout_patient_ids: Sequence[str],
+    datalist_fingerprint: str,
+    quantile: float = 0.01,
+    floor: float = 0.0,
+    batch_size: int = 64,
+) -> PrivacySafeguard:
+    """One exact training index per space, each with its threshold calibrated on the holdout patients.
+
+    The one way the sampler and ``monai-synth guard`` set the safeguard up, so both certify the same thing.
+
+    Args:
+        spaces: privacy spaces; a candidate must pass every one.
+        train_images: model-space training images (a batch, or an iterable of batches that can be read again).
+        train_patient_ids: patient id of every training image, in order.
+        holdout_images: model-space images of patients not in the training set (same forms as ``train_images``).
+        holdout_patient_ids: patient id of every holdout image.
+        datalist_fingerprint: fingerprint of the training datalist, recorded in each index.
+        quantile: holdout quantile that sets each threshold (see :func:`calibrate_threshold`).
+        floor: absolute minimum threshold.
+        batch_size: images embedded at once.
+    """
+    checks = []
+    for space in spaces:
+        index = TrainingIndex.build(space, train_images, train_patient_ids, datalist_fingerprint, batch_size)
+        calibration = calibrate_threshold(
+            index,
+            holdout_images,
+            quantile=quantile,
+            floor=floor,
+            holdout_patient_ids=holdout_patient_ids,
+            batch_size=batch_size,
+        )
+        checks.append((index, calibration))
+    return PrivacySafeguard(checks, batch_size=batch_size)
