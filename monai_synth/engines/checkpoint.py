@@ -23,6 +23,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 
+from monai_synth.atomic import atomic_file
+
 __all__ = [
     "AtomicCheckpointSaver",
     "CheckpointMetadata",
@@ -47,14 +49,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
         The destination path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with atomic_file(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

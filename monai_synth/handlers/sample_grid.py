@@ -13,6 +13,8 @@ import torch
 from ignite.engine import Engine, Events
 from PIL import Image
 
+from monai_synth.atomic import atomic_file
+
 __all__ = ["SampleGridHandler", "make_sample_grid", "save_grid_png"]
 
 
@@ -49,10 +51,8 @@ def make_sample_grid(
 def save_grid_png(grid: np.ndarray, path: str | os.PathLike) -> Path:
     """Write a uint8 grid as an 8-bit greyscale PNG (atomically: temporary file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    Image.fromarray(grid, mode="L").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        Image.fromarray(grid, mode="L").save(tmp, format="PNG")
     return path
 
 

@@ -18,7 +18,6 @@ import csv
 import json
 import math
 import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 
+from monai_synth.atomic import atomic_file
 from monai_synth.privacy.safeguard import PrivacySafeguard
 from monai_synth.privacy.sampling import SampleRecord
 
@@ -228,18 +228,11 @@ def write_private_audit(path: str | os.PathLike, result: Any, release_dir: str |
                     "reason": r.reason or "",
                 }
             )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            fields = list(rows[0]) if rows else ["generated_index", "nearest_patient"]
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        fields = list(rows[0]) if rows else ["generated_index", "nearest_patient"]
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
     return path
 
 

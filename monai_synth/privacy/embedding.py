@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from monai.transforms import (
 from torch.nn.modules.loss import _Loss
 from torch.utils.data import Sampler
 
+from monai_synth.atomic import atomic_file
 from monai_synth.networks.embedding import PatientEmbeddingNet
 from monai_synth.privacy.spaces import as_image_batch, check_finite
 
@@ -443,17 +443,8 @@ class EmbeddingSpace:
             "fingerprint": self.fingerprint(),
             "state_dict": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_file(path, durable=True) as tmp:
+            torch.save(payload, tmp)
         return path
 
     @classmethod
