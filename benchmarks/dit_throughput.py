@@ -34,9 +34,14 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import Counter
 
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+
+_GEMMS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
 
 # Dense bf16 tensor-core peak (TFLOP/s, without sparsity) of common GPUs, for MFU.
 GPU_BF16_PEAK_TFLOPS = {
@@ -154,6 +159,11 @@ class Runner:
         self.params = sum(p.numel() for p in self.model.parameters())
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=args.fused_adamw or None)
         self.inputs = make_inputs(batch, args.latent_channels, spatial_dims, size, args.num_classes, self.device)
+        # Regress a fixed N(0, 1) target, as a noise-prediction step does. (A target of zero would leave a
+        # zero-initialised DiT with exactly zero gradients and time a degenerate step.)
+        out_channels = 2 * args.latent_channels
+        g = torch.Generator().manual_seed(1)
+        self.target = torch.randn(batch, out_channels, *(size,) * spatial_dims, generator=g).to(self.device)
         self.batch = batch
         from monai_synth.networks.dit import DIT_PRESETS
 
@@ -169,7 +179,7 @@ class Runner:
     def train_step(self):
         with self._autocast():
             out = self.fn(*self.inputs)
-        out.float().pow(2).mean().backward()
+        F.mse_loss(out.float(), self.target).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -196,12 +206,64 @@ class Runner:
         self.model.train()
         return (time.perf_counter() - start) / steps
 
+    def time_optimizer(self, reps: int = 5) -> float:
+        """Seconds of one optimizer step alone, on random gradients (memory-bound: it streams every parameter)."""
+        state = {k: {n: t.clone() for n, t in v.items()} for k, v in self.opt.state.items()}
+        for p in self.model.parameters():
+            p.grad = torch.randn_like(p)
+        self.opt.step()
+        best = float("inf")
+        for _ in range(reps):
+            self.sync()
+            start = time.perf_counter()
+            self.opt.step()
+            self.sync()
+            best = min(best, time.perf_counter() - start)
+        self.opt.zero_grad(set_to_none=True)
+        self.opt.state.update(state)  # leave the optimizer as it was: timing must not train the model
+        return best
+
+    def time_gemms(self, reps: int = 5) -> tuple[float, int]:
+        """Seconds the matrix multiplies of one training forward+backward take when run alone, and their count.
+
+        Every ``mm``/``addmm``/``bmm`` call of a real step is recorded (shapes, strides, dtype), then each distinct
+        call is timed in isolation (best of ``reps``) and weighted by how often the step makes it. This is the time
+        the step could not go below with the same matmul library, whatever else the implementation does.
+        """
+        calls: Counter = Counter()
+
+        class Recorder(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in _GEMMS:
+                    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                    calls[(func, tuple((tuple(t.shape), tuple(t.stride()), t.dtype) for t in tensors))] += 1
+                return func(*args, **(kwargs or {}))
+
+        with Recorder():
+            with self._autocast():
+                out = self.fn(*self.inputs)
+            F.mse_loss(out.float(), self.target).backward()
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for (func, specs), count in calls.items():
+            operands = [torch.empty_strided(sh, st, dtype=dt, device=self.device).normal_() for sh, st, dt in specs]
+            func(*operands)
+            best = float("inf")
+            for _ in range(reps):
+                self.sync()
+                start = time.perf_counter()
+                func(*operands)
+                self.sync()
+                best = min(best, time.perf_counter() - start)
+            total += count * best
+        return total, sum(calls.values())
+
     def train_flops(self) -> float:
         """Counted matmul/conv FLOPs of one training forward+backward, plus attention (not counted on CPU)."""
         with FlopCounterMode(display=False) as counter:
             with self._autocast():
                 out = self.fn(*self.inputs)
-            out.float().pow(2).mean().backward()
+            F.mse_loss(out.float(), self.target).backward()
         self.opt.zero_grad(set_to_none=True)
         flops = counter.get_total_flops()
         counted = {str(k) for k in counter.get_flop_counts().get("Global", {})}
@@ -359,6 +421,24 @@ def bench_2d(args, preset: str, kinds: list[str]) -> None:
         print(
             f"ours / diffusers training throughput: {statistics.median(train['diffusers']) / base:.2f}x "
             f"(per-round ratios: {', '.join(f'{d / o:.2f}' for o, d in zip(train['ours'], train['diffusers']))})"
+        )
+    print("\nWhere a training step goes (matmuls and optimizer step each timed alone, on the shapes the step uses):")
+    widths = [16, 8, 9, 9, 9, 8, 12]
+    print(fmt_row(["model", "step s", "matmul s", "optim s", "other s", "matmuls", "floor img/s"], widths))
+    floor = {}
+    for k, r in runners.items():
+        if "+" in k:  # a compiled model runs the same matmuls and optimizer as its eager twin
+            continue
+        step = statistics.median(train[k])
+        gemm, n_gemm = r.time_gemms()
+        opt = r.time_optimizer()
+        floor[k] = batch / (gemm + opt)
+        row = [k, f"{step:.3f}", f"{gemm:.3f}", f"{opt:.3f}", f"{step - gemm - opt:.3f}", n_gemm, f"{floor[k]:.1f}"]
+        print(fmt_row(row, widths))
+    if "ours" in floor and "diffusers" in train:
+        print(
+            f"ours at its matmul + optimizer floor would be {floor['ours'] * statistics.median(train['diffusers']) / batch:.2f}x "
+            "diffusers' measured throughput ('other' is the part of a step an implementation can still remove)"
         )
     del runners
 

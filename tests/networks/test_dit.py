@@ -84,6 +84,25 @@ def test_unpatchify_inverts_row_major_patchify(spatial_dims, grid, patch):
     assert tokens.abs().sum(-1).squeeze(0).nonzero().flatten().tolist() == [tokens.shape[1] - 1]
 
 
+def test_attention_matches_reference_multi_head_attention():
+    # The qkv features of a token are laid out (3, heads, head_dim), as in the reference DiT/timm weights; heads must
+    # not mix tokens or features, in the forward pass or in the gradients.
+    from monai_synth.networks.dit import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(hidden_size=12, num_heads=3)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    out = attn(x)
+    q, k, v = rearrange(attn.qkv(x), "b n (three h d) -> three b h n d", three=3, h=3)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)  # head_dim 4: scale 1/sqrt(4)
+    ref = attn.proj(rearrange(weights @ v, "b h n d -> b n (h d)"))
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, x, grad)
+    (want,) = torch.autograd.grad(ref, x, grad)
+    torch.testing.assert_close(got, want)
+
+
 def test_timestep_forms_broadcast_and_float_timesteps_matter():
     net = randomize(tiny(2)).eval()
     x = torch.randn(3, 3, 8, 8)

@@ -1,0 +1,25 @@
+"""Smoke tests of the benchmark scripts at toy sizes, so that they keep running as the code they measure changes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_dit_throughput_runs_and_splits_the_step():
+    cmd = [sys.executable, str(BENCHMARKS / "dit_throughput.py"), "--presets", "tiny", "--latent", "8"]
+    cmd += ["--batch", "2", "--rounds", "1", "--steps", "1", "--threads", "1", "--no-diffusers", "--no-unet", "--no-3d"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "fp32 large-matmul ceiling" in out
+    split = out.split("Where a training step goes")[1]
+    step, gemm, optim, other, n_gemm, floor = re.search(
+        r"^ours\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\d+)\s+(\S+)", split, re.M
+    ).groups()
+    # A DiT training step runs matmuls (patch embedding is a conv; every linear layer is one) and an optimizer step,
+    # both of which take time, and the floor they set is faster than the measured step.
+    assert int(n_gemm) > 0 and float(gemm) > 0 and float(optim) > 0
+    assert float(floor) > 2 / float(step)
