@@ -41,7 +41,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-_GEMMS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+_aten = torch.ops.aten
+# The matrix-multiply kernels of a step: linear layers, attention (when not fused), convolutions (patch embedding, UNet).
+_GEMMS = (_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.convolution.default)
+_GEMMS += (_aten.convolution_backward.default,)
 
 # Dense bf16 tensor-core peak (TFLOP/s, without sparsity) of common GPUs, for MFU.
 GPU_BF16_PEAK_TFLOPS = {
@@ -223,20 +226,25 @@ class Runner:
         self.opt.state.update(state)  # leave the optimizer as it was: timing must not train the model
         return best
 
-    def time_gemms(self, reps: int = 5) -> tuple[float, int]:
-        """Seconds the matrix multiplies of one training forward+backward take when run alone, and their count.
+    def time_gemms(self, sweeps: int = 3, reps: int = 5) -> tuple[float, int]:
+        """Seconds the matrix multiplies and convolutions of one training step take when run alone, and their count.
 
-        Every ``mm``/``addmm``/``bmm`` call of a real step is recorded (shapes, strides, dtype), then each distinct
-        call is timed in isolation (best of ``reps``) and weighted by how often the step makes it. This is the time
-        the step could not go below with the same matmul library, whatever else the implementation does.
+        Every matmul/convolution call (forward and backward) of a real step is recorded with its shapes, strides,
+        dtype and other arguments; each distinct call is then timed alone (best of ``reps`` calls in each of
+        ``sweeps`` passes over all calls, so that a noisy moment does not inflate one of them) and weighted by how
+        often the step makes it. With the same kernels, no implementation of the model can take less time.
         """
         calls: Counter = Counter()
 
+        def spec(a):
+            if isinstance(a, torch.Tensor):
+                return ("T", tuple(a.shape), tuple(a.stride()), a.dtype)
+            return ("L", tuple(spec(x) for x in a)) if isinstance(a, list) else a
+
         class Recorder(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func in _GEMMS:
-                    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-                    calls[(func, tuple((tuple(t.shape), tuple(t.stride()), t.dtype) for t in tensors))] += 1
+                if func in _GEMMS and not kwargs:
+                    calls[(func, tuple(spec(a) for a in args))] += 1
                 return func(*args, **(kwargs or {}))
 
         with Recorder():
@@ -244,19 +252,24 @@ class Runner:
                 out = self.fn(*self.inputs)
             F.mse_loss(out.float(), self.target).backward()
         self.opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for (func, specs), count in calls.items():
-            operands = [torch.empty_strided(sh, st, dtype=dt, device=self.device).normal_() for sh, st, dt in specs]
-            func(*operands)
-            best = float("inf")
-            for _ in range(reps):
-                self.sync()
-                start = time.perf_counter()
-                func(*operands)
-                self.sync()
-                best = min(best, time.perf_counter() - start)
-            total += count * best
-        return total, sum(calls.values())
+
+        def operand(a):
+            if isinstance(a, tuple) and a and a[0] == "T":
+                return torch.empty_strided(a[1], a[2], dtype=a[3], device=self.device).normal_()
+            return [operand(x) for x in a[1]] if isinstance(a, tuple) and a and a[0] == "L" else a
+
+        best = {}
+        for _ in range(sweeps):
+            for key in calls:
+                func, args = key[0], [operand(a) for a in key[1]]
+                func(*args)
+                for _ in range(reps):
+                    self.sync()
+                    start = time.perf_counter()
+                    func(*args)
+                    self.sync()
+                    best[key] = min(best.get(key, float("inf")), time.perf_counter() - start)
+        return sum(count * best[key] for key, count in calls.items()), sum(calls.values())
 
     def train_flops(self) -> float:
         """Counted matmul/conv FLOPs of one training forward+backward, plus attention (not counted on CPU)."""
@@ -422,12 +435,16 @@ def bench_2d(args, preset: str, kinds: list[str]) -> None:
             f"ours / diffusers training throughput: {statistics.median(train['diffusers']) / base:.2f}x "
             f"(per-round ratios: {', '.join(f'{d / o:.2f}' for o, d in zip(train['ours'], train['diffusers']))})"
         )
-    print("\nWhere a training step goes (matmuls and optimizer step each timed alone, on the shapes the step uses):")
+    print(
+        "\nWhere a training step goes (matmuls/convolutions and optimizer step each timed alone, on the shapes the step uses):"
+    )
     widths = [16, 8, 9, 9, 9, 8, 12]
-    print(fmt_row(["model", "step s", "matmul s", "optim s", "other s", "matmuls", "floor img/s"], widths))
+    print(fmt_row(["model", "step s", "mm+conv s", "optim s", "other s", "calls", "floor img/s"], widths))
     floor = {}
     for k, r in runners.items():
-        if "+" in k:  # a compiled model runs the same matmuls and optimizer as its eager twin
+        # A compiled model runs the same matmuls as its eager twin. The UNet is left out: its convolutions timed alone
+        # (fresh oneDNN primitives and weight layouts each call) take longer than inside its step, so no floor.
+        if "+" in k or k == "unet":
             continue
         step = statistics.median(train[k])
         gemm, n_gemm = r.time_gemms()
