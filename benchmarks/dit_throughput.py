@@ -209,8 +209,9 @@ class Runner:
         self.model.train()
         return (time.perf_counter() - start) / steps
 
-    def time_optimizer(self, reps: int = 5) -> float:
-        """Seconds of one optimizer step alone, on random gradients (memory-bound: it streams every parameter)."""
+    def time_optimizer(self, reps: int = 3) -> float:
+        """Seconds of one optimizer step alone (best of ``reps``), on random gradients; the model is left as it was."""
+        params = [p.detach().clone() for p in self.model.parameters()]
         state = {k: {n: t.clone() for n, t in v.items()} for k, v in self.opt.state.items()}
         for p in self.model.parameters():
             p.grad = torch.randn_like(p)
@@ -223,16 +224,17 @@ class Runner:
             self.sync()
             best = min(best, time.perf_counter() - start)
         self.opt.zero_grad(set_to_none=True)
-        self.opt.state.update(state)  # leave the optimizer as it was: timing must not train the model
+        with torch.no_grad():
+            for p, saved in zip(self.model.parameters(), params):
+                p.copy_(saved)
+        self.opt.state.update(state)
         return best
 
-    def time_gemms(self, sweeps: int = 3, reps: int = 5) -> tuple[float, int]:
-        """Seconds the matrix multiplies and convolutions of one training step take when run alone, and their count.
+    def record_gemms(self) -> int:
+        """Record every matmul/convolution call (forward and backward) of one training step; return their number.
 
-        Every matmul/convolution call (forward and backward) of a real step is recorded with its shapes, strides,
-        dtype and other arguments; each distinct call is then timed alone (best of ``reps`` calls in each of
-        ``sweeps`` passes over all calls, so that a noisy moment does not inflate one of them) and weighted by how
-        often the step makes it. With the same kernels, no implementation of the model can take less time.
+        Each distinct call is kept with its shapes, strides, dtype and other arguments, and with operands of that
+        layout, for :meth:`time_gemms`.
         """
         calls: Counter = Counter()
 
@@ -258,18 +260,26 @@ class Runner:
                 return torch.empty_strided(a[1], a[2], dtype=a[3], device=self.device).normal_()
             return [operand(x) for x in a[1]] if isinstance(a, tuple) and a and a[0] == "L" else a
 
-        best = {}
-        for _ in range(sweeps):
-            for key in calls:
-                func, args = key[0], [operand(a) for a in key[1]]
+        self.gemm_calls = [(func, [operand(a) for a in args], count) for (func, args), count in calls.items()]
+        return sum(calls.values())
+
+    def time_gemms(self, reps: int = 3) -> float:
+        """Seconds the recorded matmuls/convolutions of one step take when each runs alone (best of ``reps``).
+
+        With the same kernels, no implementation of the model trains faster than this plus its optimizer step.
+        """
+        total = 0.0
+        for func, args, count in self.gemm_calls:
+            func(*args)
+            best = float("inf")
+            for _ in range(reps):
+                self.sync()
+                start = time.perf_counter()
                 func(*args)
-                for _ in range(reps):
-                    self.sync()
-                    start = time.perf_counter()
-                    func(*args)
-                    self.sync()
-                    best[key] = min(best.get(key, float("inf")), time.perf_counter() - start)
-        return sum(count * best[key] for key, count in calls.items()), sum(calls.values())
+                self.sync()
+                best = min(best, time.perf_counter() - start)
+            total += count * best
+        return total
 
     def train_flops(self) -> float:
         """Counted matmul/conv FLOPs of one training forward+backward, plus attention (not counted on CPU)."""
@@ -371,12 +381,20 @@ def bench_2d(args, preset: str, kinds: list[str]) -> None:
         r.train_step()
         r.time_sample(1)
     train, cpu, sample = ({k: [] for k in runners} for _ in range(3))
+    # Step split for the eager DiTs: a compiled model runs the same matmuls as its eager twin. The UNet is left out:
+    # its convolutions timed alone (fresh oneDNN primitives and weight layouts each call) take longer than in its step.
+    split = [k for k in runners if "+" not in k and k != "unet"]
+    n_gemm = {k: runners[k].record_gemms() for k in split}
+    gemm, optim = ({k: [] for k in split} for _ in range(2))
     ceiling = []
     for i in range(args.rounds):
         for k, r in runners.items():
             wall, cpu_s = r.time_train(args.steps)
             train[k].append(wall)
             cpu[k].append(cpu_s)
+        for k in split:  # timed in the same round, so that the split compares like with like on a noisy machine
+            gemm[k].append(runners[k].time_gemms())
+            optim[k].append(runners[k].time_optimizer())
         ceiling.append(matmul_ceiling(args.device))
         for k, r in runners.items():
             sample[k].append(r.time_sample(max(2, args.steps)))
@@ -435,27 +453,20 @@ def bench_2d(args, preset: str, kinds: list[str]) -> None:
             f"ours / diffusers training throughput: {statistics.median(train['diffusers']) / base:.2f}x "
             f"(per-round ratios: {', '.join(f'{d / o:.2f}' for o, d in zip(train['ours'], train['diffusers']))})"
         )
-    print(
-        "\nWhere a training step goes (matmuls/convolutions and optimizer step each timed alone, on the shapes the step uses):"
-    )
-    widths = [16, 8, 9, 9, 9, 8, 12]
+    print("\nWhere a training step goes (median over rounds; matmuls/convolutions and optimizer step timed alone):")
+    widths = [16, 8, 9, 9, 9, 6, 12]
     print(fmt_row(["model", "step s", "mm+conv s", "optim s", "other s", "calls", "floor img/s"], widths))
-    floor = {}
-    for k, r in runners.items():
-        # A compiled model runs the same matmuls as its eager twin. The UNet is left out: its convolutions timed alone
-        # (fresh oneDNN primitives and weight layouts each call) take longer than inside its step, so no floor.
-        if "+" in k or k == "unet":
-            continue
-        step = statistics.median(train[k])
-        gemm, n_gemm = r.time_gemms()
-        opt = r.time_optimizer()
-        floor[k] = batch / (gemm + opt)
-        row = [k, f"{step:.3f}", f"{gemm:.3f}", f"{opt:.3f}", f"{step - gemm - opt:.3f}", n_gemm, f"{floor[k]:.1f}"]
+    for k in split:
+        step, mm, opt = (statistics.median(v[k]) for v in (train, gemm, optim))
+        other = statistics.median(t - g - o for t, g, o in zip(train[k], gemm[k], optim[k]))
+        row = [k, f"{step:.3f}", f"{mm:.3f}", f"{opt:.3f}", f"{other:.3f}", n_gemm[k], f"{batch / (mm + opt):.1f}"]
         print(fmt_row(row, widths))
-    if "ours" in floor and "diffusers" in train:
+    if "ours" in split and "diffusers" in split:
+        ratios = [t / (g + o) for g, o, t in zip(gemm["ours"], optim["ours"], train["diffusers"])]
         print(
-            f"ours at its matmul + optimizer floor would be {floor['ours'] * statistics.median(train['diffusers']) / batch:.2f}x "
-            "diffusers' measured throughput ('other' is the part of a step an implementation can still remove)"
+            f"ours reduced to its matmuls and optimizer step would be {statistics.median(ratios):.2f}x diffusers' "
+            f"measured throughput (median of per-round ratios {', '.join(f'{r:.2f}' for r in ratios)}): the most "
+            "any implementation with these kernels can reach"
         )
     del runners
 
