@@ -324,6 +324,35 @@ class _ImageBatches:
             )
 
 
+def _train_split_embedding(
+    train: _ImageBatches,
+    train_records: Sequence[Mapping[str, Any]],
+    spatial_dims: int,
+    data_fingerprint: str,
+    epochs: int,
+    seed: int,
+    out: str | os.PathLike | None,
+) -> Any:
+    """Train the re-identification embedding on the bundle's own train split, so it has seen every training patient."""
+    import torch
+
+    from monai_synth.privacy.embedding import train_embedding
+
+    logger.info(f"training the re-identification embedding on {len(train_records)} training images ({epochs} epochs)")
+    space = train_embedding(
+        torch.cat(list(train)),
+        [r["patient_id"] for r in train_records],
+        spatial_dims=spatial_dims,
+        epochs=int(epochs),
+        seed=int(seed),
+        data_fingerprint=data_fingerprint,
+    )
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        space.save(out)
+    return space
+
+
 def guarded_release(
     sampler: Any,
     train_images: Any,
@@ -338,6 +367,8 @@ def guarded_release(
     to_physical: Any,
     spaces: Sequence[str] = ("pixel",),
     embedding_weights: str | None = None,
+    embedding_out: str | os.PathLike | None = None,
+    embedding_epochs: int = 20,
     quantile: float = 0.01,
     floor: float = 0.0,
     max_retries: int = 4,
@@ -371,7 +402,11 @@ def guarded_release(
         release_format: ``png``, ``dicom`` or ``nifti``.
         to_physical: model space -> physical units.
         spaces: privacy spaces (``pixel``, ``embedding``; see :func:`monai_synth.privacy.guard.make_space`).
-        embedding_weights: weights of the embedding space.
+        embedding_weights: weights of the embedding space, trained on exactly ``train_records`` (checked by their
+            data fingerprint: weights that never saw some training patient are refused). ``None`` with an
+            ``embedding`` space trains the embedding here, on the training images, and saves it to ``embedding_out``.
+        embedding_out: where to save an embedding trained here (``None``: not saved).
+        embedding_epochs: training epochs of an embedding trained here.
         quantile: holdout quantile that sets each threshold.
         floor: absolute minimum threshold.
         max_retries: resampling rounds for rejected candidates.
@@ -408,8 +443,18 @@ def guarded_release(
     holdout = _ImageBatches(holdout_images)
     spatial_size = tuple(torch.as_tensor(train_images[0]["image"]).shape[1:])
     data_fp = datalist_fingerprint(train_records)
+    built = []
+    for spec in spaces:
+        if spec.partition(":")[0].strip().lower() == "embedding" and not embedding_weights:
+            built.append(
+                _train_split_embedding(
+                    train, train_records, len(spatial_size), data_fp, embedding_epochs, seed, embedding_out
+                )
+            )
+        else:
+            built.append(make_space(spec, len(spatial_size), spatial_size, embedding_weights, data_fingerprint=data_fp))
     safeguard = build_safeguard(
-        [make_space(spec, len(spatial_size), spatial_size, embedding_weights) for spec in spaces],
+        built,
         train,
         [r["patient_id"] for r in train_records],
         holdout,

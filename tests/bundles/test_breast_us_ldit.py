@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,13 +73,24 @@ def chain(tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         overrides = _quickstart_overrides()
         outputs = bundle_utils.run_quickstart(BUNDLE, out, overrides=overrides, threads=1)
+        # a copy of the finished quickstart, for re-running the release stage: the resume below and the tests that
+        # re-initialise stages on `out` replace its autoencoder and latent cache
+        snapshot = tmp_path_factory.mktemp("quickstart_snapshot")
+        shutil.copytree(out, snapshot, dirs_exist_ok=True)
         # then resume the autoencoder stage for one more epoch on the same folder
         resumed = bundle_utils.run_stage(
             BUNDLE,
             "autoencoder",
             overrides={**overrides, "output_dir": str(out), "dataset_dir": None, "ae_max_epochs": 3},
         )
-    return {"out": out, "uri": uri, "outputs": outputs, "overrides": overrides, "resumed": resumed}
+    return {
+        "out": out,
+        "uri": uri,
+        "outputs": outputs,
+        "overrides": overrides,
+        "resumed": resumed,
+        "snapshot": snapshot,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +306,58 @@ def test_monai_tracking_option_adds_its_handler_to_the_same_run(chain):
     assert last.info.run_name.startswith("train_autoencoder-US")
     # MONAI's handler logs the loss every iteration, the bundle's own handler the epoch means: one run holds both
     assert "train_loss" in last.data.metrics and "epoch_train_loss" in last.data.metrics
+
+
+def _sample_overrides(chain, name: str, **extra) -> dict:
+    """Re-run only the release stage on the quickstart's checkpoints, into its own release folder, without MLflow."""
+    out = chain["snapshot"]
+    return {
+        **chain["overrides"],
+        "output_dir": str(out),
+        "dataset_dir": None,
+        "mlflow": False,
+        "release_dir": str(out / name),
+        "private_audit": str(out / f"{name}_audit.csv"),
+        **extra,
+    }
+
+
+@pytest.mark.slow
+def test_embedding_space_is_trained_on_the_bundles_train_split(chain):
+    from monai_synth.privacy.embedding import EmbeddingSpace
+
+    overrides = _sample_overrides(chain, "release_embedding", privacy_spaces=["pixel:none", "embedding"])
+    bundle_utils.run_stage(BUNDLE, "sample", overrides={**overrides, "embedding_epochs": 1})
+    release = chain["snapshot"] / "release_embedding"
+    certificate = json.loads((release / "certificate.json").read_text())
+    weights = chain["snapshot"] / "models" / "embedding.pt"
+    # the weights saved at release carry the fingerprint of the very training split the index was built from
+    EmbeddingSpace.from_weights(weights, expected_data_fingerprint=certificate["fingerprints"]["datalist"])
+    with open(release / "certificate.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * len(LABELS)
+    assert all(float(r["distance_embedding"]) >= float(r["threshold_embedding"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_embedding_weights_trained_on_other_data_are_refused(chain, tmp_path):
+    from monai_synth.privacy.embedding import EmbeddingWeightsError, train_embedding
+
+    other = train_embedding(
+        torch.rand(8, 1, 32, 32) * 2 - 1,
+        [f"X{i // 2}" for i in range(8)],
+        spatial_dims=2,
+        epochs=1,
+        batch_size=8,
+        views_per_patient=2,
+    )
+    other.data_fingerprint = "another-cohort"
+    other.save(tmp_path / "other.pt")
+    overrides = _sample_overrides(
+        chain, "release_other", privacy_spaces=["embedding"], embedding_weights=str(tmp_path / "other.pt")
+    )
+    with pytest.raises(Exception) as info:
+        bundle_utils.run_stage(BUNDLE, "sample", overrides=overrides)
+    refused = [e for e in _causes(info.value) if isinstance(e, EmbeddingWeightsError)]
+    assert refused and "trained on data with fingerprint" in str(refused[0])
+    assert not (chain["snapshot"] / "release_other").exists()
