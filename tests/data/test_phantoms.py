@@ -303,6 +303,29 @@ def test_ct_dicom_series_is_one_series_with_geometry(tmp_path):
     assert float(slices[0].RescaleIntercept) == -1024.0 and slices[0].PatientID == "P0000"
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_ct_dicom_and_nifti_phantoms_are_the_same_anatomy(tmp_path, dims):
+    # The same patient written as DICOM and as NIfTI must load, oriented to RAS, as the same array in the same place.
+    from monai.transforms import Orientation
+
+    from monai_synth.data.loading import FileTypeReader
+
+    size = (20, 16, 6)[:dims]
+    load = LoadImage(reader=FileTypeReader(), image_only=True, ensure_channel_first=True)
+    loaded = {}
+    for fmt in ("dicom", "nifti"):
+        csv_path = write_cohort(tmp_path / fmt, "ct", 1, 1, spatial_dims=dims, spatial_size=size, seed=3, fmt=fmt)
+        with open(csv_path, newline="") as fh:
+            row = next(csv.DictReader(fh))
+        image = load(str(csv_path.parent / row["image"]))
+        loaded[fmt] = Orientation("RAS")(image) if dims == 3 else image
+    np.testing.assert_allclose(loaded["dicom"].affine.numpy(), loaded["nifti"].affine.numpy(), atol=1e-4)
+    np.testing.assert_allclose(loaded["dicom"].numpy(), loaded["nifti"].numpy(), atol=1.0)
+    # centred on the scanner's origin: the middle voxel sits at (0, 0, 0) mm
+    centre = loaded["nifti"].affine.numpy() @ np.array([*((n - 1) / 2 for n in size), *([0] * (3 - dims)), 1.0])
+    np.testing.assert_allclose(centre[:dims], 0.0, atol=1e-6)
+
+
 def test_datalist_csv_content(tmp_path):
     csv_path = write_cohort(tmp_path / "us", "us", 5, 2, spatial_size=16, seed=0)
     with open(csv_path, newline="") as fh:

@@ -23,11 +23,15 @@ SOP_CLASS = {"CT": "1.2.840.10008.5.1.4.1.1.2", "US": "1.2.840.10008.5.1.4.1.1.6
 
 
 def write_nifti(path: Path, image: np.ndarray, spacing: Sequence[float], description: str = "") -> None:
-    """float32 NIfTI with the voxel spacing in the affine and header (mm)."""
+    """float32 NIfTI with the voxel spacing in the affine and header (mm), centred on the scanner's origin.
+
+    Array axes run along +x, +y, +z of RAS, as in :func:`write_dicom`, so both formats load as the same anatomy.
+    """
     import nibabel as nib
 
     data = np.asarray(image[0], dtype=np.float32)
     affine = np.diag([*[float(s) for s in spacing], *([1.0] * (4 - len(spacing)))])
+    affine[: data.ndim, 3] = _centre_offset(data.shape, spacing)
     img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm")
     if description:
@@ -88,9 +92,19 @@ def _set_pixels(ds, plane: np.ndarray, code: str) -> None:
     ds.PixelData = stored.tobytes()
 
 
-def _corner(shape, spacing) -> list[float]:
-    """Patient position (mm) of the first voxel so that the image is centred on the scanner's origin."""
-    return [-(shape[0] - 1) / 2 * float(spacing[0]), -(shape[1] - 1) / 2 * float(spacing[1])]
+def _centre_offset(shape, spacing) -> list[float]:
+    """RAS position (mm) of the first voxel that centres the image on the scanner's origin."""
+    return [-(n - 1) / 2 * float(s) for n, s in zip(shape, spacing)]
+
+
+# Array axes 0 and 1 run along +x and +y of RAS (the NIfTI convention), which are -x and -y of DICOM's LPS.
+_IMAGE_ORIENTATION = [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0]
+
+
+def _first_voxel_lps(shape, spacing, z: float) -> list[float]:
+    """DICOM ImagePositionPatient (LPS, mm) of a plane's first voxel, matching :func:`write_nifti`'s affine."""
+    x, y = _centre_offset(shape[:2], spacing[:2])
+    return [-x, -y, float(z)]
 
 
 def write_dicom(path: Path, record: dict[str, Any], code: str) -> None:
@@ -103,22 +117,22 @@ def write_dicom(path: Path, record: dict[str, Any], code: str) -> None:
         ds = _dicom_dataset(code, record, study_uid, series_uid, frame_uid)
         ds.InstanceNumber = 1
         ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.ImagePositionPatient = _corner(image.shape, spacing) + [0.0]
+        ds.ImageOrientationPatient = _IMAGE_ORIENTATION
+        ds.ImagePositionPatient = _first_voxel_lps(image.shape, spacing, 0.0)
         _set_pixels(ds, image, code)
         ds.save_as(path, enforce_file_format=True)
         return
     path.mkdir()
     nz = image.shape[2]
-    z0 = -(nz - 1) / 2 * spacing[2]
+    z0 = _centre_offset(image.shape, spacing)[2]
     for k in range(nz):
         ds = _dicom_dataset(code, record, study_uid, series_uid, frame_uid)
         ds.InstanceNumber = k + 1
         ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]
         ds.SliceThickness = float(spacing[2])
         ds.SpacingBetweenSlices = float(spacing[2])
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.ImagePositionPatient = _corner(image.shape, spacing) + [float(z0 + k * spacing[2])]
+        ds.ImageOrientationPatient = _IMAGE_ORIENTATION
+        ds.ImagePositionPatient = _first_voxel_lps(image.shape, spacing, z0 + k * spacing[2])
         ds.SliceLocation = float(z0 + k * spacing[2])
         _set_pixels(ds, image[:, :, k], code)
         ds.save_as(path / f"slice_{k:04d}.dcm", enforce_file_format=True)
