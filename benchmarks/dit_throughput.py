@@ -27,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -179,10 +180,14 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def train_step(self):
+    def forward_backward(self) -> None:
+        """Forward pass, MSE against the target, backward pass: the gradient part of a training step."""
         with self._autocast():
             out = self.fn(*self.inputs)
         F.mse_loss(out.float(), self.target).backward()
+
+    def train_step(self):
+        self.forward_backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -216,13 +221,7 @@ class Runner:
         for p in self.model.parameters():
             p.grad = torch.randn_like(p)
         self.opt.step()
-        best = float("inf")
-        for _ in range(reps):
-            self.sync()
-            start = time.perf_counter()
-            self.opt.step()
-            self.sync()
-            best = min(best, time.perf_counter() - start)
+        best = best_time(self.opt.step, reps, self.sync)
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             for p, saved in zip(self.model.parameters(), params):
@@ -250,9 +249,7 @@ class Runner:
                 return func(*args, **(kwargs or {}))
 
         with Recorder():
-            with self._autocast():
-                out = self.fn(*self.inputs)
-            F.mse_loss(out.float(), self.target).backward()
+            self.forward_backward()
         self.opt.zero_grad(set_to_none=True)
 
         def operand(a):
@@ -271,22 +268,13 @@ class Runner:
         total = 0.0
         for func, args, count in self.gemm_calls:
             func(*args)
-            best = float("inf")
-            for _ in range(reps):
-                self.sync()
-                start = time.perf_counter()
-                func(*args)
-                self.sync()
-                best = min(best, time.perf_counter() - start)
-            total += count * best
+            total += count * best_time(functools.partial(func, *args), reps, self.sync)
         return total
 
     def train_flops(self) -> float:
         """Counted matmul/conv FLOPs of one training forward+backward, plus attention (not counted on CPU)."""
         with FlopCounterMode(display=False) as counter:
-            with self._autocast():
-                out = self.fn(*self.inputs)
-            F.mse_loss(out.float(), self.target).backward()
+            self.forward_backward()
         self.opt.zero_grad(set_to_none=True)
         flops = counter.get_total_flops()
         counted = {str(k) for k in counter.get_flop_counts().get("Global", {})}
@@ -299,6 +287,18 @@ class Runner:
         return float(flops)
 
 
+def best_time(fn, reps: int, sync=lambda: None) -> float:
+    """Shortest wall time of ``reps`` calls of ``fn``, each bracketed by ``sync`` (a GPU synchronisation)."""
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def matmul_ceiling(device: str, n: int | None = None, reps: int = 3) -> float:
     """GFLOP/s of a large square matmul: fp32 on the CPU, bf16 on a GPU (best of ``reps``)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -306,17 +306,13 @@ def matmul_ceiling(device: str, n: int | None = None, reps: int = 3) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    best = float("inf")
     inner = 20 if device == "cuda" else 1
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def matmuls():
         for _ in range(inner):
             a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / inner)
+
+    best = best_time(matmuls, reps, torch.cuda.synchronize if device == "cuda" else lambda: None) / inner
     return 2 * n**3 / best / 1e9
 
 

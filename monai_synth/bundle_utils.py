@@ -430,7 +430,7 @@ def guarded_release(
     from monai_synth.engines.checkpoint import checkpoint_fingerprint
     from monai_synth.handlers.sample_grid import make_sample_grid, save_grid_png
     from monai_synth.privacy.certificate import release_images, write_certificate, write_private_audit
-    from monai_synth.privacy.guard import make_space
+    from monai_synth.privacy.guard import make_space, space_name
     from monai_synth.privacy.safeguard import build_safeguard
     from monai_synth.privacy.sampling import guarded_sample
 
@@ -443,16 +443,17 @@ def guarded_release(
     holdout = _ImageBatches(holdout_images)
     spatial_size = tuple(torch.as_tensor(train_images[0]["image"]).shape[1:])
     data_fp = datalist_fingerprint(train_records)
-    built = []
-    for spec in spaces:
-        if spec.partition(":")[0].strip().lower() == "embedding" and not embedding_weights:
-            built.append(
-                _train_split_embedding(
-                    train, train_records, len(spatial_size), data_fp, embedding_epochs, seed, embedding_out
-                )
-            )
-        else:
-            built.append(make_space(spec, len(spatial_size), spatial_size, embedding_weights, data_fingerprint=data_fp))
+    trained = None
+    if not embedding_weights and any(space_name(spec) == "embedding" for spec in spaces):
+        trained = _train_split_embedding(
+            train, train_records, len(spatial_size), data_fp, embedding_epochs, seed, embedding_out
+        )
+    built = [
+        trained
+        if trained is not None and space_name(spec) == "embedding"
+        else make_space(spec, len(spatial_size), spatial_size, embedding_weights, data_fingerprint=data_fp)
+        for spec in spaces
+    ]
     safeguard = build_safeguard(
         built,
         train,

@@ -142,6 +142,11 @@ def _spatial_dims_of(modality: str, path: str | os.PathLike, spatial_size: int |
     return len(shape)
 
 
+def space_name(spec: str) -> str:
+    """The kind of privacy space a command-line spec names (``"pixel:flip,shift"`` -> ``"pixel"``)."""
+    return spec.partition(":")[0].strip().lower()
+
+
 def make_space(
     spec: str,
     spatial_dims: int,
@@ -160,8 +165,7 @@ def make_space(
     over thousands of training images; inside a sampler over ~1e5 training images use ``pixel:none`` plus
     ``embedding``, which together stay under 5% of sampling time (``docs/benchmarks.md``).
     """
-    name, _, opts = spec.partition(":")
-    name = name.strip().lower()
+    name, opts = space_name(spec), spec.partition(":")[2]
     if name == "pixel":
         inv = ("flip", "shift", "zoom") if not opts else tuple(o for o in opts.split(",") if o and o != "none")
         grid = min(32, *spatial_size)
