@@ -455,7 +455,7 @@ def bench_2d(args, preset: str, kinds: list[str]) -> None:
     for k in split:
         step, mm, opt = (statistics.median(v[k]) for v in (train, gemm, optim))
         other = statistics.median(t - g - o for t, g, o in zip(train[k], gemm[k], optim[k]))
-        row = [k, f"{step:.3f}", f"{mm:.3f}", f"{opt:.3f}", f"{other:.3f}", n_gemm[k], f"{batch / (mm + opt):.1f}"]
+        row = [k, *(_seconds(x) for x in (step, mm, opt, other)), n_gemm[k], f"{batch / (mm + opt):.1f}"]
         print(fmt_row(row, widths))
     if "ours" in split and "diffusers" in split:
         ratios = [t / (g + o) for g, o, t in zip(gemm["ours"], optim["ours"], train["diffusers"])]
@@ -465,6 +465,11 @@ def bench_2d(args, preset: str, kinds: list[str]) -> None:
             "any implementation with these kernels can reach"
         )
     del runners
+
+
+def _seconds(x: float) -> str:
+    """Seconds with three decimals, or three significant digits below 10 ms, so toy sizes never print 0.000."""
+    return f"{x:.3f}" if abs(x) >= 0.01 else f"{x:.2e}"
 
 
 def bench_3d(args) -> None:
