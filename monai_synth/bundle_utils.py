@@ -365,7 +365,7 @@ def guarded_release(
     release_dir: str | os.PathLike,
     release_format: str,
     to_physical: Any,
-    spaces: Sequence[str] = ("pixel",),
+    spaces: Sequence[str] = ("pixel", "parts", "tiles", "embedding"),
     embedding_weights: str | None = None,
     embedding_out: str | os.PathLike | None = None,
     embedding_epochs: int = 20,
@@ -380,14 +380,16 @@ def guarded_release(
     private_audit: str | os.PathLike | None = None,
     mlflow: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    to_model: Any = None,
 ) -> dict:
     """Sample every class through the privacy safeguard and write the release, its certificate and a sample grid.
 
     The safeguard indexes every training image in each privacy space, calibrates each threshold on the holdout
     patients (images of people the model never saw), and :func:`~monai_synth.privacy.sampling.guarded_sample`
-    regenerates any candidate closer than the threshold to a training image. Released images go back to physical
-    units (grey levels for ultrasound) and are written atomically with ``certificate.json`` / ``.csv``; the private
-    audit, which names training patients, is written outside the release.
+    regenerates any candidate closer than the threshold to a training image. Each candidate is judged as the file
+    will hold it (physical units, the format's storage, see :mod:`monai_synth.privacy.release`) and exactly that array
+    is written, atomically with ``certificate.json`` / ``.csv``; the private audit, which names training patients, is
+    written outside the release, before the release is committed.
 
     Args:
         sampler: ``generate(n, seed, condition, guidance_scale=...)`` (a :class:`LatentSampler` on the EMA weights).
@@ -415,10 +417,11 @@ def guarded_release(
         checkpoints: name -> checkpoint path, fingerprinted into the certificate.
         sample_grid: PNG path for a grid of released images (one row per class).
         grid_per_class: columns of the grid.
-        private_audit: path of the private audit CSV (outside the release).
+        private_audit: path of the private audit CSV (outside the release; default next to it).
         mlflow: ``{"tracking_uri", "experiment_name", "run_name", "params"}`` to record the release in MLflow,
             or ``None``.
         overwrite: replace an existing release.
+        to_model: physical units -> model space, the training images' intensity transform (default: the modality's).
 
     Returns:
         The certificate summary plus ``release_dir``, ``thresholds``, ``sample_grid`` and ``private_audit``.
@@ -426,11 +429,10 @@ def guarded_release(
     import torch
 
     from monai_synth.data.datalist import datalist_fingerprint
-    from monai_synth.data.export import ReleaseWriter
     from monai_synth.engines.checkpoint import checkpoint_fingerprint
     from monai_synth.handlers.sample_grid import make_sample_grid, save_grid_png
-    from monai_synth.privacy.certificate import release_images, write_certificate, write_private_audit
     from monai_synth.privacy.guard import make_space, space_name
+    from monai_synth.privacy.release import GuardedRelease, ReleaseEncoder
     from monai_synth.privacy.safeguard import build_safeguard
     from monai_synth.privacy.sampling import guarded_sample
 
@@ -438,6 +440,9 @@ def guarded_release(
         raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
     if len(train_images) != len(train_records) or len(holdout_images) != len(holdout_records):
         raise ValueError("the image datasets and their records differ in length; build both from the same split")
+    # every output path is checked before calibration and sampling start
+    release = GuardedRelease(release_dir, release_format, modality, audit=private_audit, overwrite=overwrite)
+    encoder = ReleaseEncoder(release_format, modality, to_model=to_model, to_physical=lambda x: to_physical(x))
     # batches of plain tensors, so the training set never has to sit in memory as one array
     train = _ImageBatches(train_images)
     holdout = _ImageBatches(holdout_images)
@@ -463,6 +468,7 @@ def guarded_release(
         data_fp,
         quantile=quantile,
         floor=floor,
+        batch_size=16,
     )
     logger.info(f"privacy thresholds calibrated on {len(holdout_images)} holdout images: {safeguard.thresholds}")
     result = guarded_sample(
@@ -472,30 +478,28 @@ def guarded_release(
         max_retries=int(max_retries),
         seed=int(seed),
         guidance_scale=guidance_scale,
+        encoder=encoder,
     )
     fingerprints = {name: checkpoint_fingerprint(path) for name, path in (checkpoints or {}).items()}
     fingerprints["datalist"] = data_fp
-
-    def physical(image: Any) -> Any:
-        return to_physical(torch.as_tensor(image))
-
-    with ReleaseWriter(release_dir, fmt=release_format, modality=modality, overwrite=overwrite) as writer:
-        release_images(writer, result, to_physical=physical)
-        write_certificate(
-            writer,
-            result,
+    released = iter(result.images)
+    with release:
+        for rec in result.records:
+            release.add(rec, next(released) if rec.passed else None)
+        release.requested = result.requested
+        release.finish(
+            safeguard,
             fingerprints=fingerprints,
-            safeguard=safeguard,
             extra={"modality": modality, "format": release_format, "guidance_scale": guidance_scale},
         )
-    audit = write_private_audit(private_audit, result, release_dir=release_dir) if private_audit else None
+    audit = release.audit
+    # the grid shows the released images as written, back in model space
+    written = [encoder.views(img)[0] for img in result.images]
     grid_path = None
     if sample_grid:
         rows = []
         for label in labels:
-            picked = [
-                img for img, rec in zip(result.images, result.released_records) if str(rec.condition) == str(label)
-            ]
+            picked = [img for img, rec in zip(written, result.released_records) if str(rec.condition) == str(label)]
             if picked:
                 rows.append(torch.stack([torch.as_tensor(i) for i in picked[: int(grid_per_class)]]))
         if rows:

@@ -78,6 +78,8 @@ def _run_train_embedding(args: argparse.Namespace) -> int:
 
 
 def _add_guard(sub: argparse._SubParsersAction) -> None:
+    from monai_synth.privacy.guard import DEFAULT_SPACES
+
     p = sub.add_parser("guard", help="release only the candidate images that are not near-copies of training images")
     p.add_argument("--train", required=True, help="training datalist (CSV or MONAI JSON)")
     p.add_argument("--holdout", required=True, help="holdout datalist of patients not in --train, for calibration")
@@ -88,10 +90,19 @@ def _add_guard(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--spaces",
         nargs="+",
-        default=["pixel"],
-        help="privacy spaces: pixel (flip/shift/zoom-invariant; pixel:none for plain correlation) and/or embedding",
+        default=list(DEFAULT_SPACES),
+        help="privacy spaces a candidate must all pass (default: %(default)s): pixel (whole image under flips, rot90, "
+        "shifts, zooms, rotations, inversion; pixel:none for plain correlation), parts (aligned regions), tiles "
+        "(windows at every scale), embedding (re-identification network)",
     )
-    p.add_argument("--embedding-weights", default=None, help="weights from `monai-synth train-embedding`")
+    p.add_argument(
+        "--embedding-weights",
+        default=None,
+        help="weights from `monai-synth train-embedding` on the same --train datalist (default: trained here)",
+    )
+    p.add_argument("--embedding-epochs", type=int, default=None, help="epochs of an embedding trained here")
+    p.add_argument("--batch-size", type=int, default=16, help="candidates judged at once (bounds memory)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing release once the new one is complete")
     p.add_argument("--quantile", type=float, default=0.01, help="holdout quantile that sets the threshold")
     p.add_argument("--floor", type=float, default=0.0, help="absolute minimum threshold")
     p.add_argument("--format", dest="fmt", default=None, help="release format (default: the modality's native one)")
@@ -121,6 +132,9 @@ def _run_guard(args: argparse.Namespace) -> int:
         floor=args.floor,
         fmt=args.fmt,
         audit=args.audit,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        embedding_epochs=args.embedding_epochs,
     )
     print(
         f"released {summary['released']} of {summary['generated']} candidates "

@@ -23,9 +23,9 @@ import torch
 
 from monai_synth.data.loading import is_dicom
 from monai_synth.data.modalities import get_modality
-from monai_synth.privacy.certificate import write_certificate, write_private_audit
+from monai_synth.privacy.partial import PartSpace, TileSpace
 from monai_synth.privacy.safeguard import build_safeguard
-from monai_synth.privacy.sampling import GuardedSamplingResult, SampleRecord
+from monai_synth.privacy.sampling import SampleRecord
 from monai_synth.privacy.spaces import PixelSpace, PrivacySpace
 
 __all__ = ["run_guard", "train_embedding_from_datalist", "find_candidates", "make_space", "load_model_space"]
@@ -51,10 +51,12 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
-def find_candidates(folder: str | os.PathLike) -> list[Path]:
+def find_candidates(folder: str | os.PathLike, with_unsupported: bool = False) -> Any:
     """Candidate images in ``folder`` (recursively): image files, and folders holding one DICOM series.
 
-    Hidden entries are skipped. Sorted, so runs are reproducible.
+    Hidden entries are skipped. Sorted, so runs are reproducible. With ``with_unsupported``, also the other files
+    (``.tif``, ``.npy``, ...), returned as ``(images, unsupported)`` so a caller can refuse them with a reason instead of
+    skipping them silently.
 
     Raises:
         FileNotFoundError: if ``folder`` is not a folder.
@@ -64,6 +66,7 @@ def find_candidates(folder: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"candidate folder not found: {root}")
     found: list[Path] = []
+    other: list[Path] = []
 
     def visit(d: Path) -> None:
         entries = sorted(p for p in d.iterdir() if not p.name.startswith("."))
@@ -74,13 +77,14 @@ def find_candidates(folder: str | os.PathLike) -> list[Path]:
             found.append(d)  # a DICOM series: one image
             return
         found.extend(p for p in files if _suffix(p) in _IMAGE_SUFFIXES or p in dicom_files)
+        other.extend(p for p in files if not (_suffix(p) in _IMAGE_SUFFIXES or p in dicom_files))
         for s in subdirs:
             visit(s)
 
     visit(root)
-    if not found:
+    if not found and not (with_unsupported and other):
         raise ValueError(f"no candidate images (NIfTI, DICOM, PNG, ...) in {root}")
-    return found
+    return (found, other) if with_unsupported else found
 
 
 def _spatial(spatial_size: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
@@ -100,33 +104,12 @@ def load_model_space(
     """Load images into model space, ``(N, 1, *spatial_size)`` float32, through the modality presets' chain."""
     from monai_synth.transforms.presets import batch_load
 
-    try:
-        return batch_load([{"image": os.fspath(p)} for p in paths], modality, spatial_size, spatial_dims=spatial_dims)
+    try:  # the whole field of view resampled, never a centre crop: a copy of any part of the image must be caught
+        return batch_load(
+            [{"image": os.fspath(p)} for p in paths], modality, spatial_size, spatial_dims=spatial_dims, resize="resize"
+        )
     except Exception as err:
         raise ValueError(f"cannot load images into {modality} model space: {err}") from err
-
-
-def _load_candidates(
-    files: Sequence[Path], modality: str, spatial_size: Sequence[int], spatial_dims: int
-) -> tuple[torch.Tensor, dict[int, str]]:
-    """Candidates in model space, one file at a time, so that one unreadable file is refused, not the whole run.
-
-    An unreadable file becomes a NaN image, which the safeguard fails closed; its index maps to the read error.
-    """
-    from monai_synth.transforms.presets import load_with, modality_transforms
-
-    chain = modality_transforms(modality, spatial_size, keys=("image",), spatial_dims=spatial_dims)
-    images, unreadable = [], {}
-    for i, path in enumerate(files):
-        try:
-            images.append(load_with(chain, path))
-        except Exception as err:  # any reader failure: this file is refused, the others are still checked
-            root: BaseException = err
-            while root.__cause__ is not None:  # MONAI wraps the reader's error in "applying transform ..."
-                root = root.__cause__
-            unreadable[i] = f"{type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}"
-            images.append(torch.full((1, *spatial_size), float("nan")))
-    return torch.stack(images), unreadable
 
 
 def _spatial_dims_of(modality: str, path: str | os.PathLike, spatial_size: int | Sequence[int]) -> int:
@@ -147,6 +130,18 @@ def space_name(spec: str) -> str:
     return spec.partition(":")[0].strip().lower()
 
 
+DEFAULT_SPACES = ("pixel", "parts", "tiles", "embedding")
+"""What a candidate must pass by default: whole-image pixel correlation under the geometric and intensity changes a
+person would still call the same image, aligned parts, windows at every scale, and the learned re-identification
+embedding trained on the training patients."""
+
+_PIXEL_DEFAULTS = {
+    2: {"invariances": ("flip", "transpose", "shift", "zoom", "rotate", "invert"), "max_shift": 2,
+        "zooms": (0.7, 0.8, 0.9, 1.1, 1.25, 1.4), "rotations": (-20.0, -10.0, 10.0, 20.0)},
+    3: {"invariances": ("flip", "shift", "zoom", "invert"), "max_shift": 1, "zooms": (0.8, 1.25), "rotations": ()},
+}  # fmt: skip
+
+
 def make_space(
     spec: str,
     spatial_dims: int,
@@ -156,27 +151,70 @@ def make_space(
 ) -> PrivacySpace:
     """A privacy space from its command-line name.
 
-    ``pixel`` = :class:`PixelSpace` invariant to flips, shifts of up to 2 grid cells and zooms (the safe default);
-    ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances (``none``, ``flip``, ``shift``, ``zoom``);
+    ``pixel`` = :class:`PixelSpace` on a 16-cell grid, invariant (2D) to mirror flips, transposes / rot90, shifts
+    of up to 2 cells (12%), zooms 0.7-1.4, rotations up to 20 degrees and intensity inversion (3D: flips, 1-cell
+    shifts, zooms 0.8-1.25, inversion); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
+    ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre),
+    ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every scale).
     ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights; with
     ``data_fingerprint``, weights trained on another training set are refused).
 
-    The default pixel space compares every query in 500 variants (4 flips x 25 shifts x 5 zooms): fine for a gate
-    over thousands of training images; inside a sampler over ~1e5 training images use ``pixel:none`` plus
-    ``embedding``, which together stay under 5% of sampling time (``docs/benchmarks.md``).
+    The default pixel space compares every 2D query in 14,000 variants: fine for a gate over thousands of training
+    images; see ``docs/benchmarks.md`` for its cost at larger indexes, where ``pixel:flip,shift`` plus ``embedding``
+    is the cheaper pair.
     """
     name, opts = space_name(spec), spec.partition(":")[2]
+    grid = min(16, *spatial_size)
     if name == "pixel":
-        inv = ("flip", "shift", "zoom") if not opts else tuple(o for o in opts.split(",") if o and o != "none")
-        grid = min(32, *spatial_size)
-        return PixelSpace(grid=grid, spatial_dims=spatial_dims, invariances=inv, max_shift=min(2, grid // 2 - 1))
+        kwargs = dict(_PIXEL_DEFAULTS[spatial_dims])
+        if opts:
+            kwargs["invariances"] = tuple(o for o in opts.split(",") if o and o != "none")
+        if "shift" in kwargs["invariances"]:
+            kwargs["max_shift"] = max(1, min(kwargs["max_shift"], grid // 2 - 1))
+        return PixelSpace(grid=grid, spatial_dims=spatial_dims, **kwargs)
+    if name == "parts":
+        return PartSpace(grid=grid - grid % 2, spatial_dims=spatial_dims)
+    if name == "tiles":
+        return TileSpace(grid=grid, spatial_dims=spatial_dims)
     if name == "embedding":
         if not embedding_weights:
-            raise ValueError("the embedding space needs --embedding-weights (from `monai-synth train-embedding`)")
+            raise ValueError(
+                "the embedding space needs --embedding-weights (from `monai-synth train-embedding` on the same training "
+                "datalist), or leave them out and the guard trains it on the training images"
+            )
         from monai_synth.privacy.embedding import EmbeddingSpace
 
         return EmbeddingSpace.from_weights(embedding_weights, expected_data_fingerprint=data_fingerprint)
-    raise ValueError(f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,zoom] and/or embedding")
+    raise ValueError(f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], parts, tiles and/or embedding")
+
+
+def _read_candidate(path: Path, spatial_dims: int) -> tuple[np.ndarray, tuple[float, ...] | None]:
+    """Read a candidate once, in physical units: ``(1, *spatial)`` float64 and its voxel size.
+
+    Volumes are brought to RAS, as the training volumes are; trailing singleton axes are dropped.
+
+    Raises:
+        ValueError: not one grey channel, or not ``spatial_dims`` spatial axes.
+    """
+    from monai.transforms import LoadImage, Orientation
+
+    from monai_synth.data.loading import reader_for
+
+    img = LoadImage(reader=reader_for(path), image_only=True, ensure_channel_first=True, dtype=np.float64)(
+        os.fspath(path)
+    )
+    while img.ndim - 1 > spatial_dims and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.shape[0] != 1:
+        raise ValueError(f"{img.shape[0]} channels; expected one grey channel")
+    if img.ndim - 1 != spatial_dims:
+        raise ValueError(
+            f"{img.ndim - 1}D image of shape {tuple(img.shape[1:])}, but the training images are {spatial_dims}D"
+        )
+    if spatial_dims == 3:
+        img = Orientation(axcodes="RAS")(img)
+    spacing = tuple(float(v) for v in np.asarray(img.pixdim)[:spatial_dims]) if hasattr(img, "pixdim") else None
+    return np.asarray(img, dtype=np.float64), spacing
 
 
 def run_guard(
@@ -186,59 +224,70 @@ def run_guard(
     out: str,
     modality: str,
     spatial_size: int | Sequence[int] = 64,
-    spaces: Sequence[str] = ("pixel",),
+    spaces: Sequence[str] = DEFAULT_SPACES,
     embedding_weights: str | None = None,
     quantile: float = 0.01,
     floor: float = 0.0,
     fmt: str | None = None,
     audit: str | None = None,
-    batch_size: int = 32,
+    batch_size: int = 16,
+    overwrite: bool = False,
+    embedding_epochs: int | None = None,
 ) -> dict:
     """Release the candidate images that are not near-copies of any training image.
+
+    Each candidate file is read once; the array its release file will hold is judged over its whole field of view
+    (see :mod:`monai_synth.privacy.release`) and that same array is written. Files that cannot be read, are of an
+    unsupported type or of another dimensionality than the training images are refused with the reason.
 
     Args:
         train: training datalist (CSV or MONAI JSON) of the images the generator was trained on.
         holdout: datalist of other patients, for calibrating the thresholds.
         candidates: folder of candidate images (NIfTI, DICOM files or series folders, PNG, ...).
-        out: release folder (written atomically; must not exist or be empty).
+        out: release folder (written atomically; must not exist or be empty unless ``overwrite``).
         modality: ``ct``, ``mri``, ``pet`` or ``us``.
-        spatial_size: model-space size (as the generator was trained).
+        spatial_size: size the training and holdout images are resampled to (whole field of view) for the index.
         spaces: privacy spaces (see :func:`make_space`); a candidate must pass all.
-        embedding_weights: weights file of the embedding space.
+        embedding_weights: weights file of the embedding space; without it the embedding is trained here on the
+            training images.
         quantile: holdout quantile that sets each threshold.
         floor: absolute minimum threshold.
         fmt: release format (default: the modality's native one).
         audit: PRIVATE audit CSV (default ``<out>.private_audit.csv`` next to the release folder).
-        batch_size: images embedded at once.
+        batch_size: images judged at once (bounds memory: 3D variants are large).
+        overwrite: replace an existing release (only once the new one is complete).
+        embedding_epochs: epochs of an embedding trained here (default: its training default).
 
     Returns:
         the certificate summary (generated, rejected, released, rejection_rate, ...) plus ``out`` and ``audit``.
     """
-    from monai.transforms import LoadImage
-
     from monai_synth.data.datalist import datalist_fingerprint, load_datalist
-    from monai_synth.data.export import ReleaseWriter
-    from monai_synth.data.loading import reader_for
+    from monai_synth.privacy.release import GuardedRelease, ReleaseEncoder
 
     mod = get_modality(modality)
     fmt = fmt or mod.native_formats[0]
-    out_path = Path(out).expanduser().absolute()
-    audit_path = Path(audit) if audit else out_path.parent / f"{out_path.name}.private_audit.csv"
+    release = GuardedRelease(out, fmt, mod.name, audit=audit, overwrite=overwrite)  # checks every path first
+    encoder = ReleaseEncoder(fmt, mod.name)
+    specs = [str(s) for s in spaces]
     train_records = load_datalist(train, labels=mod.labels)
     holdout_records = load_datalist(holdout, labels=mod.labels)
     shared = sorted({r["patient_id"] for r in train_records} & {r["patient_id"] for r in holdout_records})
     if shared:
         raise ValueError(f"patients in both --train and --holdout: {shared[:10]}; the holdout must be unseen patients")
-    files = find_candidates(candidates)
+    files, unsupported = find_candidates(candidates, with_unsupported=True)
     spatial_dims = _spatial_dims_of(modality, train_records[0]["image"], spatial_size)
     size = _spatial(spatial_size, spatial_dims)
     train_images = load_model_space([r["image"] for r in train_records], modality, size, spatial_dims)
     holdout_images = load_model_space([r["image"] for r in holdout_records], modality, size, spatial_dims)
-    cand_images, unreadable = _load_candidates(files, modality, size, spatial_dims)
     dl_fp = datalist_fingerprint(train_records)
-
+    built = []
+    for spec in specs:
+        if space_name(spec) == "embedding" and not embedding_weights:
+            built.append(_train_embedding(train_images, train_records, spatial_dims, dl_fp, embedding_epochs))
+        else:
+            built.append(make_space(spec, spatial_dims, size, embedding_weights, data_fingerprint=dl_fp))
     safeguard = build_safeguard(
-        [make_space(spec, spatial_dims, size, embedding_weights, data_fingerprint=dl_fp) for spec in spaces],
+        built,
         train_images,
         [r["patient_id"] for r in train_records],
         holdout_images,
@@ -248,48 +297,82 @@ def run_guard(
         floor=floor,
         batch_size=batch_size,
     )
+    del train_images, holdout_images
+    nan = dict.fromkeys(safeguard.thresholds, float("nan"))
     root = Path(candidates)
-    records = [
-        SampleRecord.from_result(
-            res,
-            condition=None,
-            seed=None,
-            batch_index=i,
-            attempt=0,
-            guidance=None,
-            source=path.relative_to(root).as_posix(),
-        )
-        for i, (path, res) in enumerate(zip(files, safeguard.check(cand_images)))
-    ]
-    for i, why in unreadable.items():  # checked as NaN images, so they failed; say why they could not be checked
-        records[i].passed = False
-        records[i].reason = f"cannot read candidate: {why}"
-    # released candidates are written as they were given (physical units, own spacing), not re-rendered
-    released_physical: list[Any] = []
-    spacings: list[Any] = []
-    for path, rec in zip(files, records):
-        if rec.passed:
-            img = LoadImage(reader=reader_for(path), image_only=True, ensure_channel_first=True, dtype=np.float32)(
-                os.fspath(path)
-            )
-            spacing = [float(s) for s in np.asarray(img.pixdim)][:spatial_dims] if hasattr(img, "pixdim") else None
-            released_physical.append(np.asarray(img, dtype=np.float32))
-            spacings.append(spacing)
-    result = GuardedSamplingResult(images=released_physical, records=records, requested=len(records))
-    with ReleaseWriter(out_path, fmt=fmt, modality=mod.name) as writer:
-        for i, (image, rec, spacing) in enumerate(zip(result.images, result.released_records, spacings)):
-            rec.file = writer.write_image(image, stem=f"images/{mod.name}_{i:05d}", spacing=spacing)
-        write_certificate(
-            writer,
-            result,
+    with release:
+        for path in unsupported:
+            rec = _refused(safeguard, nan, path, root, "unsupported file type: not an image format the guard reads")
+            release.add(rec, None)
+        for start in range(0, len(files), max(1, int(batch_size))):
+            stored, spacings, recs = [], [], []
+            for path in files[start : start + max(1, int(batch_size))]:
+                try:
+                    physical, spacing = _read_candidate(path, spatial_dims)
+                    stored.append(encoder.store(physical))
+                    spacings.append(spacing)
+                    recs.append(path)
+                except Exception as err:  # this file is refused, the others are still judged
+                    release.add(
+                        _refused(safeguard, nan, path, root, f"cannot read candidate: {_root_cause(err)}"), None
+                    )
+            for path, array, spacing, res in zip(recs, stored, spacings, encoder.judge(safeguard, stored)):
+                record = SampleRecord.from_result(
+                    res, condition=None, seed=None, batch_index=0, attempt=0, guidance=None, source=_rel(path, root)
+                )
+                release.add(record, array, spacing)
+        release.requested = len(release.records)
+        return release.finish(
+            safeguard,
             fingerprints={"datalist": dl_fp, "checkpoint": None, "generator": "external (monai-synth guard)"},
-            safeguard=safeguard,
-            extra={"modality": mod.name, "format": fmt, "spatial_size": list(size)},
+            extra={"modality": mod.name, "format": fmt, "spatial_size": list(size), "spaces": specs},
         )
-    write_private_audit(audit_path, result, release_dir=out_path)
-    summary = result.summary()
-    summary.update({"out": str(out_path), "audit": str(audit_path), "thresholds": dict(safeguard.thresholds)})
-    return summary
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _root_cause(err: BaseException) -> str:
+    root: BaseException = err
+    while root.__cause__ is not None:  # MONAI wraps the reader's error in "applying transform ..."
+        root = root.__cause__
+    text = str(root).splitlines()[0] if str(root) else ""
+    return f"{type(root).__name__}: {text}"
+
+
+def _refused(safeguard: Any, nan: dict, path: Path, root: Path, reason: str) -> SampleRecord:
+    return SampleRecord(
+        condition=None,
+        seed=None,
+        batch_index=0,
+        attempt=0,
+        guidance=None,
+        passed=False,
+        distances=dict(nan),
+        thresholds=dict(safeguard.thresholds),
+        reason=reason,
+        source=_rel(path, root),
+    )
+
+
+def _train_embedding(
+    images: torch.Tensor, records: Sequence[dict], spatial_dims: int, data_fingerprint: str, epochs: int | None
+) -> PrivacySpace:
+    """The re-identification embedding trained on exactly these training images, so it knows every training patient."""
+    import logging
+
+    from monai_synth.privacy.embedding import train_embedding
+
+    logging.getLogger(__name__).info(f"training the re-identification embedding on {len(records)} training images")
+    kwargs = {} if epochs is None else {"epochs": int(epochs)}
+    return train_embedding(
+        images,
+        [r["patient_id"] for r in records],
+        spatial_dims=spatial_dims,
+        data_fingerprint=data_fingerprint,
+        **kwargs,
+    )
 
 
 def train_embedding_from_datalist(

@@ -129,6 +129,27 @@ def _accepts_guidance(generate: Callable) -> bool:
     return "guidance_scale" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+def _judge(safeguard: PrivacySafeguard, batch: Any, encoder: Any | None) -> tuple[list, list[SafeguardResult]]:
+    """The images to keep and their verdicts; with an encoder, the stored arrays (an image that cannot be stored
+    fails closed with the reason)."""
+    if encoder is None:
+        return [torch.as_tensor(batch[i]).detach().cpu() for i in range(batch.shape[0])], safeguard.check(batch)
+    kept: list = [None] * batch.shape[0]
+    results: list = [None] * batch.shape[0]
+    for i in range(batch.shape[0]):
+        try:
+            kept[i] = encoder.store_generated(batch[i])
+        except Exception as err:
+            results[i] = SafeguardResult(
+                False, dict.fromkeys(safeguard.thresholds, float("nan")), dict(safeguard.thresholds),
+                f"cannot be stored for release: {err}",
+            )  # fmt: skip
+    ok = [i for i in range(len(kept)) if results[i] is None]
+    for i, res in zip(ok, encoder.judge(safeguard, [kept[i] for i in ok])):
+        results[i] = res
+    return kept, results
+
+
 def guarded_sample(
     generate: Callable[..., torch.Tensor],
     safeguard: PrivacySafeguard,
@@ -138,6 +159,7 @@ def guarded_sample(
     guidance_scale: float | None = None,
     guidance_decay: float | None = None,
     max_batch: int | None = None,
+    encoder: Any | None = None,
 ) -> GuardedSamplingResult:
     """Generate the requested images, releasing only those the safeguard passes.
 
@@ -156,6 +178,10 @@ def guarded_sample(
             generator's default applies).
         guidance_decay: factor in (0, 1] applied to the guidance scale at every retry (needs ``guidance_scale``).
         max_batch: most images per generator call (default: all still needed).
+        encoder: a :class:`~monai_synth.privacy.release.ReleaseEncoder`: each generated image is first turned into
+            the array its release file will hold, that array is judged (through the encoder's views) and kept as the
+            released image, so what is released is exactly what was judged. ``None``: the model-space images are
+            judged and kept as they are.
 
     Raises:
         ValueError: bad arguments, or a generator that returns the wrong number of images.
@@ -198,13 +224,14 @@ def guarded_sample(
                     raise ValueError(
                         f"generate({n}, ...) returned {getattr(batch, 'shape', type(batch))}, not {n} images"
                     )
-                for i, res in enumerate(safeguard.check(batch)):
+                kept, results = _judge(safeguard, batch, encoder)
+                for i, res in enumerate(results):
                     rec = SampleRecord.from_result(
                         res, condition=condition, seed=call_seed, batch_index=i, attempt=attempt, guidance=g
                     )
                     records.append(rec)
                     if res.passed:
-                        images.append(torch.as_tensor(batch[i]).detach().cpu())
+                        images.append(kept[i])
                         needed -= 1
                 call_seed += 1
                 while_needed -= n

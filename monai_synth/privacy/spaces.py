@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -100,16 +101,71 @@ def check_finite(images: torch.Tensor) -> None:
         raise NonFiniteImageError(f"images {bad.nonzero().flatten().tolist()} of the batch contain NaN or Inf values")
 
 
+def _scaled(x: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its largest magnitude: correlation ignores scale, and huge values can no longer overflow."""
+    peak = x.abs().amax(dim=1, keepdim=True)
+    return x / torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
 def _standardise(x: torch.Tensor) -> torch.Tensor:
-    """Zero-mean, unit-norm per row, so the dot product of two rows is their Pearson correlation."""
+    """Zero-mean, unit-norm per row, so the dot product of two rows is their Pearson correlation.
+
+    Raises:
+        DegenerateImageError: for rows with no structure (constant) or a norm that is not finite: a degenerate vector
+            is never turned into a distance.
+    """
+    x = _scaled(x)
     x = x - x.mean(dim=1, keepdim=True)
     norm = x.norm(dim=1, keepdim=True)
-    flat = norm.flatten() <= 1e-6 * x.shape[1] ** 0.5
+    flat = ~(norm.flatten() > 1e-6 * x.shape[1] ** 0.5) | ~torch.isfinite(norm.flatten())
     if bool(flat.any()):
         raise DegenerateImageError(
-            f"images {flat.nonzero().flatten().tolist()} of the batch are constant; correlation is undefined"
+            f"images {flat.nonzero().flatten().tolist()[:10]} of the batch are constant or not finite; correlation is "
+            "undefined"
         )
     return x / norm
+
+
+_INVARIANCES = ("flip", "transpose", "shift", "zoom", "rotate", "invert")
+
+
+def _affine_variants(g: torch.Tensor, zooms: Sequence[float], rotations: Sequence[float]) -> torch.Tensor:
+    """``(B * Z * R, C, *grid)``: every image magnified by every zoom and rotated (in the first two axes) by every angle.
+
+    Identity (zoom 1, angle 0) first and bit-exact; edges replicated.
+    """
+    ops = [(z, r) for z in zooms for r in rotations]
+    if len(ops) == 1:
+        return g
+    n, nd = g.shape[0], g.ndim - 2
+    theta = torch.zeros(len(ops), nd, nd + 1)
+    for k, (z, deg) in enumerate(ops):
+        rot = torch.eye(nd)
+        c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+        rot[:2, :2] = torch.tensor([[c, -s], [s, c]])
+        theta[k, :, :nd] = rot / z  # output point p samples the input at R p / z: content magnified by z
+    theta = theta.repeat(n, 1, 1)
+    src = g.repeat_interleave(len(ops), dim=0)
+    coords = F.affine_grid(theta, list(src.shape), align_corners=False)
+    out = F.grid_sample(src, coords, mode="bilinear", padding_mode="border", align_corners=False)
+    out[:: len(ops)] = g
+    return out
+
+
+def _symmetries(spatial_dims: int, flip: bool, transpose: bool) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(axis permutation, flipped axes) pairs: the identity first, then flips and/or axis permutations (rot90)."""
+    perms = list(itertools.permutations(range(spatial_dims))) if transpose else [tuple(range(spatial_dims))]
+    axes = range(spatial_dims)
+    flips = [c for r in range(spatial_dims + 1) for c in itertools.combinations(axes, r)] if flip else [()]
+    return [(p, f) for p in perms for f in flips]
+
+
+def _apply_symmetry(w: torch.Tensor, perm: tuple[int, ...], flips: tuple[int, ...], first: int) -> torch.Tensor:
+    """Permute then flip the spatial axes of ``w``, which start at dimension ``first``."""
+    if perm != tuple(range(len(perm))):
+        lead = list(range(first))
+        w = w.permute(*lead, *[first + a for a in perm])
+    return torch.flip(w, dims=[first + a for a in flips]) if flips else w
 
 
 class PixelSpace:
@@ -117,27 +173,33 @@ class PixelSpace:
 
     Cheap, needs no training and is exact, so it is the default privacy space. Pearson correlation ignores
     a global intensity offset and gain, so a near-copy with its contrast rescaled or with added noise is still
-    close. It is not invariant to geometry by itself: ``invariances`` also catches flipped, shifted and/or
-    cropped-and-resized (zoomed) copies by comparing every such variant of the *query* and keeping the smallest
-    distance; a learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` covers larger changes.
+    close. It is not invariant to geometry by itself: ``invariances`` catch transformed copies by comparing every
+    such variant of the *query* and keeping the smallest distance:
+
+    * ``"flip"``: every combination of axis flips; ``"transpose"``: every axis permutation (with flips: rot90);
+    * ``"shift"``: every integer shift of up to ``max_shift`` grid cells per axis, edges replicated;
+    * ``"zoom"``: the query magnified by each factor in ``zooms`` about the centre (a copy cropped by a fraction
+      ``f`` of each side and resized back is undone by ``1 - 2 f``);
+    * ``"rotate"``: the query rotated by each angle in ``rotations`` (degrees, in the plane of the first two axes);
+    * ``"invert"``: the negated query as well, so an intensity-inverted copy (Pearson r = -1) is as close as the copy.
 
     Args:
         grid: side of the grid images are resampled to (area interpolation), so images of any size compare
-            and the vector has ``grid ** spatial_dims`` entries per channel.
+            (the whole field of view, never a crop) and the vector has ``grid ** spatial_dims`` entries per channel.
         spatial_dims: 2 or 3.
-        invariances: any of ``"flip"`` (every combination of axis flips), ``"shift"`` (every integer shift of up
-            to ``max_shift`` grid cells per axis, edges replicated) and ``"zoom"`` (the query magnified by each
-            factor in ``zooms`` about the centre, edges replicated).
+        invariances: any of the names above.
         max_shift: largest shift in grid cells when ``"shift"`` is requested.
-        zooms: magnifications tried when ``"zoom"`` is requested (1.0 is always included). A copy cropped by a
-            fraction ``f`` of each side and resized back is undone by the factor ``1 - 2 f``.
+        zooms: magnifications tried when ``"zoom"`` is requested (1.0 is always included).
+        rotations: angles tried when ``"rotate"`` is requested (0 is always included).
 
-    Cost: each query image is compared ``len(variant_ops)`` times (2D: 4 flips x 25 shifts = 100 for
-    ``("flip", "shift")``; times ``len(zooms)`` with ``"zoom"``); the index itself does not grow.
+    Cost: each query image is compared ``len(variant_ops)`` times (the product of the sizes of the requested
+    groups, e.g. 2D 8 symmetries x 25 shifts x 5 zooms x 5 angles x 2 signs = 20,000 for the guard's default); the
+    index itself does not grow.
     """
 
-    _VERSION = 2
+    _VERSION = 3
     _DEFAULT_ZOOMS = (0.8, 0.9, 1.0, 1.1, 1.25)
+    _DEFAULT_ROTATIONS = (-20.0, -10.0, 0.0, 10.0, 20.0)
 
     def __init__(
         self,
@@ -146,19 +208,22 @@ class PixelSpace:
         invariances: Sequence[str] = (),
         max_shift: int = 2,
         zooms: Sequence[float] = _DEFAULT_ZOOMS,
+        rotations: Sequence[float] = _DEFAULT_ROTATIONS,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if int(grid) < 4:
             raise ValueError(f"grid must be at least 4 cells per axis, got {grid}")
         invariances = tuple(sorted({str(i) for i in invariances}))
-        unknown = set(invariances) - {"flip", "shift", "zoom"}
+        unknown = set(invariances) - set(_INVARIANCES)
         if unknown:
-            raise ValueError(f"unknown invariances {sorted(unknown)}; choose from 'flip', 'shift', 'zoom'")
+            raise ValueError(f"unknown invariances {sorted(unknown)}; choose from {list(_INVARIANCES)}")
         if "shift" in invariances and not 1 <= int(max_shift) < int(grid) // 2:
             raise ValueError(f"max_shift must be in [1, grid/2), got {max_shift} for grid {grid}")
         if "zoom" in invariances and not all(0.25 <= float(z) <= 4.0 for z in zooms):
             raise ValueError(f"zooms must lie in [0.25, 4], got {list(zooms)}")
+        if "rotate" in invariances and not all(-180.0 <= float(r) <= 180.0 for r in rotations):
+            raise ValueError(f"rotations must be angles in degrees within [-180, 180], got {list(rotations)}")
         self.name = "pixel"
         self.grid = int(grid)
         self.spatial_dims = int(spatial_dims)
@@ -167,18 +232,24 @@ class PixelSpace:
         self.zooms: tuple[float, ...] = (1.0,)
         if "zoom" in invariances:
             self.zooms = (1.0,) + tuple(sorted({round(float(z), 4) for z in zooms} - {1.0}))
-        flips: list[tuple[int, ...]] = [()]
-        if "flip" in invariances:
-            axes = range(self.spatial_dims)
-            flips = [c for r in range(self.spatial_dims + 1) for c in itertools.combinations(axes, r)]
+        self.rotations: tuple[float, ...] = (0.0,)
+        if "rotate" in invariances:
+            self.rotations = (0.0,) + tuple(sorted({round(float(r), 4) for r in rotations} - {0.0}))
+        self.signs = (1, -1) if "invert" in invariances else (1,)
+        self._symmetries = _symmetries(self.spatial_dims, "flip" in invariances, "transpose" in invariances)
         shifts = [(0,) * self.spatial_dims]
         if "shift" in invariances:
             rng = range(-self.max_shift, self.max_shift + 1)
             shifts = sorted(itertools.product(rng, repeat=self.spatial_dims), key=lambda s: (sum(map(abs, s)), s))
-        self._flips, self._shifts = flips, shifts
-        # (zoom, flip axes, shift) of every variant; identity first: variant 0 is what `embed` returns.
-        self.variant_ops: list[tuple[float, tuple[int, ...], tuple[int, ...]]] = [
-            (z, f, s) for z in self.zooms for f in flips for s in shifts
+        self._shifts = shifts
+        # (sign, zoom, angle, symmetry, shift) of every variant; identity first: variant 0 is what `embed` returns.
+        self.variant_ops: list[tuple] = [
+            (sign, z, r, sym, s)
+            for sign in self.signs
+            for z in self.zooms
+            for r in self.rotations
+            for sym in self._symmetries
+            for s in shifts
         ]
 
     @property
@@ -196,12 +267,15 @@ class PixelSpace:
             "invariances": list(self.invariances),
             "max_shift": self.max_shift,
             "zooms": list(self.zooms),
+            "rotations": list(self.rotations),
         }
         return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
     def _grid(self, images: torch.Tensor | np.ndarray | Sequence) -> torch.Tensor:
         x = as_image_batch(images, self.spatial_dims)
         check_finite(x)
+        # scale first: area interpolation of values near the float32 limit would overflow to Inf
+        x = _scaled(x.reshape(x.shape[0], -1)).reshape(x.shape)
         return F.interpolate(x, size=(self.grid,) * self.spatial_dims, mode="area")
 
     def embed(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
@@ -214,30 +288,15 @@ class PixelSpace:
         g = self._grid(images)
         return _standardise(g.reshape(g.shape[0], -1)).numpy().astype(np.float32, copy=False)
 
-    def _zoomed(self, g: torch.Tensor) -> torch.Tensor:
-        """``(B * Z, C, *grid)``: every image magnified by every zoom factor (identity first), edges replicated."""
-        if len(self.zooms) == 1:
-            return g
-        n, nd = g.shape[0], self.spatial_dims
-        theta = torch.zeros(len(self.zooms), nd, nd + 1)
-        for k, z in enumerate(self.zooms):
-            theta[k, :, :nd] = torch.eye(nd) / z  # output point p samples the input at p / z: content magnified by z
-        theta = theta.repeat(n, 1, 1)
-        src = g.repeat_interleave(len(self.zooms), dim=0)
-        coords = F.affine_grid(theta, list(src.shape), align_corners=False)
-        out = F.grid_sample(src, coords, mode="bilinear", padding_mode="border", align_corners=False)
-        out[:: len(self.zooms)] = g  # the identity variant stays bit-exact
-        return out
-
     def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
-        """``(B, V, d)`` vectors of every zoom/flip/shift variant of every image (variant 0 = :meth:`embed`).
+        """``(B, V, d)`` vectors of every variant of every image (variant 0 = :meth:`embed`).
 
         All shifted windows are views of one replicate-padded grid (``unfold``), so the variants cost one copy and
         one standardisation of a ``(B, V, d)`` array.
         """
         g = self._grid(images)
         n = g.shape[0]
-        g = self._zoomed(g)
+        g = _affine_variants(g, self.zooms, self.rotations)
         m, c, s, nd = g.shape[0], g.shape[1], self.max_shift, self.spatial_dims
         if s:
             w = F.pad(g, (s,) * (2 * nd), mode="replicate")
@@ -249,10 +308,12 @@ class PixelSpace:
             w = w[:, torch.as_tensor([self._offset_index(shift) for shift in self._shifts])]
         else:
             w = g[:, None]
-        spatial = list(range(3, 3 + nd))
-        flips = [w if not axes else torch.flip(w, dims=[spatial[a] for a in axes]) for axes in self._flips]
-        v = torch.cat(flips, dim=1).reshape(n * len(self.variant_ops), -1)
-        return _standardise(v).reshape(n, len(self.variant_ops), -1).numpy().astype(np.float32, copy=False)
+        sym = [_apply_symmetry(w, perm, flips, 3) for perm, flips in self._symmetries]
+        per_sign = len(self.variant_ops) // len(self.signs)
+        v = _standardise(torch.cat(sym, dim=1).reshape(n * per_sign, -1)).reshape(n, per_sign, -1)
+        if len(self.signs) == 2:
+            v = torch.cat([v, -v], dim=1)
+        return v.numpy().astype(np.float32, copy=False)
 
     def _offset_index(self, shift: tuple[int, ...]) -> int:
         """Position of a shift in the unfolded offsets (row-major over axes, offset d at window start s + d)."""
@@ -264,7 +325,7 @@ class PixelSpace:
     def __repr__(self) -> str:
         return (
             f"PixelSpace(grid={self.grid}, spatial_dims={self.spatial_dims}, invariances={self.invariances}, "
-            f"max_shift={self.max_shift}, zooms={self.zooms})"
+            f"max_shift={self.max_shift}, zooms={self.zooms}, rotations={self.rotations})"
         )
 
 

@@ -1,0 +1,325 @@
+"""Privacy spaces for partial copies: a part of a training image inside a candidate.
+
+A whole-image correlation does not see a copy that fills only part of the candidate: half of a training image
+joined to another image, a training image behind a masking border, a training image shrunk into one tile of a mosaic
+or pasted onto a larger canvas. Two spaces catch those, each with its own index and calibrated threshold (so they
+never loosen the whole-image ``pixel`` space):
+
+* :class:`PartSpace` (``"parts"``) compares *aligned regions*: each quadrant (each octant in 3D) and the central
+  region of the candidate with the same region of every training image, and the whole candidate with central crops
+  of every training image resized to the full grid (a crop of a training image blown up to full size).
+* :class:`TileSpace` (``"tiles"``) compares *windows* of the candidate, at several scales and positions over its
+  whole field of view, with every whole training image.
+
+Both keep the index one row per training image (what lets the index scale, see :mod:`monai_synth.privacy.index`):
+
+* ``parts`` stores the R standardised regions of a training image side by side, scaled by ``1 / sqrt(R)``, and a
+  query variant holds one standardised candidate region in its slot and zeros elsewhere, so the inner product is
+  that region's Pearson correlation ``r`` divided by ``sqrt(R)`` and the distance is ``1 - r / sqrt(R)``: an exact
+  half copy scores ``1 - 1 / sqrt(R)`` (0.553 in 2D), unrelated regions about 1.
+* ``tiles`` stores the training image like :class:`~monai_synth.privacy.spaces.PixelSpace`; every window of the
+  candidate, resampled to the grid, is a query variant: distance ``1 - r`` of the best window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from monai_synth.privacy.spaces import (
+    DegenerateImageError,
+    _apply_symmetry,
+    _scaled,
+    _standardise,
+    _symmetries,
+    as_image_batch,
+    check_finite,
+)
+
+__all__ = ["PartSpace", "TileSpace"]
+
+
+def _fingerprint(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _on_grid(images: torch.Tensor | np.ndarray, spatial_dims: int, grid: int) -> torch.Tensor:
+    x = as_image_batch(images, spatial_dims)
+    check_finite(x)
+    x = _scaled(x.reshape(x.shape[0], -1)).reshape(x.shape)
+    return F.interpolate(x, size=(grid,) * spatial_dims, mode="area")
+
+
+class PartSpace:
+    """Aligned regions: the quadrants (octants) and the centre of the image, each compared with the same region.
+
+    Catches a candidate that keeps one region of a training image and replaces the rest: half of a training image
+    joined to another image (two quadrants match), a copy behind a masking border (the centre matches); and, through
+    ``crops``, a central crop of a training image resized to the full size (the whole candidate matches the crop).
+
+    Args:
+        grid: side of the grid the whole image is resampled to before it is cut into regions (even, >= 8).
+        spatial_dims: 2 or 3.
+        centre: fraction of each side the central region spans.
+        crops: fractions of each side of the central crops of training images compared with the whole candidate.
+        invariances: ``"flip"``, ``"transpose"`` (with flips: rot90) and/or ``"invert"``, applied to the whole
+            candidate before it is cut, so a mirrored half is caught as well.
+    """
+
+    _VERSION = 1
+
+    def __init__(
+        self,
+        grid: int = 16,
+        spatial_dims: int = 2,
+        centre: float = 0.75,
+        crops: Sequence[float] = (0.5, 0.6, 0.7, 0.8),
+        invariances: Sequence[str] = ("flip", "transpose", "invert"),
+    ) -> None:
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if int(grid) < 8 or int(grid) % 2:
+            raise ValueError(f"grid must be an even number >= 8, got {grid}")
+        if not 0.25 <= float(centre) < 1.0:
+            raise ValueError(f"centre must be a fraction of the side in [0.25, 1), got {centre}")
+        if not all(0.25 <= float(c) < 1.0 for c in crops):
+            raise ValueError(f"crops must be fractions of the side in [0.25, 1), got {list(crops)}")
+        unknown = set(invariances) - {"flip", "transpose", "invert"}
+        if unknown:
+            raise ValueError(f"unknown invariances {sorted(unknown)}; choose from 'flip', 'transpose', 'invert'")
+        self.name = "parts"
+        self.crops = tuple(sorted({round(float(c), 4) for c in crops}))
+        self.grid, self.spatial_dims, self.centre = int(grid), int(spatial_dims), float(centre)
+        self.invariances = tuple(sorted(set(invariances)))
+        half = self.grid // 2
+        margin = int(round(self.grid * (1.0 - self.centre) / 2))
+        self.regions: list[tuple[slice, ...]] = [
+            tuple(slice(o, o + half) for o in corner) for corner in itertools.product((0, half), repeat=spatial_dims)
+        ]
+        self.regions.append(tuple(slice(margin, self.grid - margin) for _ in range(spatial_dims)))
+        self._sizes = [math.prod(s.stop - s.start for s in r) for r in self.regions]
+        self._sizes += [self.grid**spatial_dims] * len(self.crops)
+        self._offsets = np.cumsum([0, *self._sizes])
+        self._symmetries = _symmetries(self.spatial_dims, "flip" in self.invariances, "transpose" in self.invariances)
+        self.signs = (1, -1) if "invert" in self.invariances else (1,)
+
+    @property
+    def dim(self) -> int:
+        """Length of the vectors of single-channel images."""
+        return int(self._offsets[-1])
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the vectors."""
+        return _fingerprint(
+            {
+                "space": "parts",
+                "version": self._VERSION,
+                "grid": self.grid,
+                "spatial_dims": self.spatial_dims,
+                "centre": self.centre,
+                "crops": list(self.crops),
+                "invariances": list(self.invariances),
+            }
+        )
+
+    def _regions(self, g: torch.Tensor, full: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per slot: ``(B, size)`` standardised vectors (zero rows where constant) and the ``(B,)`` valid mask.
+
+        ``full`` (training side) is the image at full resolution, cut into the central crops; without it (query
+        side) the crop slots hold the whole grid.
+        """
+        out = []
+        size = (self.grid,) * self.spatial_dims
+        pieces = [g[(slice(None), slice(None), *region)] for region in self.regions]
+        for c in self.crops:
+            if full is None:
+                pieces.append(g)
+                continue
+            crop = []
+            for n in full.shape[2:]:
+                side = max(1, int(round(n * c)))
+                crop.append(slice((n - side) // 2, (n - side) // 2 + side))
+            pieces.append(F.interpolate(full[(slice(None), slice(None), *crop)], size=size, mode="area"))
+        for piece in pieces:
+            flat = piece.reshape(g.shape[0], -1)
+            centred = _scaled(flat) - _scaled(flat).mean(dim=1, keepdim=True)
+            norm = centred.norm(dim=1, keepdim=True)
+            valid = (norm.flatten() > 1e-6 * centred.shape[1] ** 0.5) & torch.isfinite(norm.flatten())
+            out.append((torch.where(valid[:, None], centred / norm.clamp_min(1e-30), torch.zeros_like(centred)), valid))
+        return out
+
+    def embed(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
+        """Training side: every standardised region in its slot, scaled by ``1 / sqrt(R)``.
+
+        Raises:
+            NonFiniteImageError: for NaN/Inf images.
+            DegenerateImageError: when every region is constant.
+        """
+        full = as_image_batch(images, self.spatial_dims)
+        check_finite(full)
+        full = _scaled(full.reshape(full.shape[0], -1)).reshape(full.shape)
+        g = F.interpolate(full, size=(self.grid,) * self.spatial_dims, mode="area")
+        parts = self._regions(g, full)
+        if not bool(torch.stack([v for _, v in parts]).any(dim=0).all()):
+            raise DegenerateImageError("an image is constant in every region; correlation is undefined")
+        vec = torch.cat([p for p, _ in parts], dim=1) / math.sqrt(len(parts))
+        return vec.numpy().astype(np.float32, copy=False)
+
+    def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
+        """Query side ``(B, V, d)``: one variant per (sign, symmetry, slot), the candidate's part alone in its slot.
+
+        A constant region cannot be compared; its variant repeats the first comparable region of the same image
+        instead (so it never adds a spurious distance), and an image with no comparable region is refused.
+        """
+        g = _on_grid(images, self.spatial_dims, self.grid)
+        n, rows = g.shape[0], []
+        for perm, flips in self._symmetries:
+            parts = self._regions(_apply_symmetry(g, perm, flips, 2))
+            valid = torch.stack([v for _, v in parts], dim=1)  # (B, R)
+            if not bool(valid.any(dim=1).all()):
+                raise DegenerateImageError("an image is constant in every region; correlation is undefined")
+            first = valid.float().argmax(dim=1)
+            slots = []
+            for r, (vec, ok) in enumerate(parts):
+                slot = torch.zeros(n, self.dim)  # (B, d): this slot filled, the others zero
+                slot[:, self._offsets[r] : self._offsets[r + 1]] = vec
+                slots.append((slot, ok))
+            for slot, ok in slots:
+                fallback = torch.stack([slots[int(f)][0][i] for i, f in enumerate(first)])
+                rows.append(torch.where(ok[:, None], slot, fallback))
+        v = torch.stack(rows, dim=1)
+        if len(self.signs) == 2:
+            v = torch.cat([v, -v], dim=1)
+        return v.numpy().astype(np.float32, copy=False)
+
+    def __repr__(self) -> str:
+        return f"PartSpace(grid={self.grid}, spatial_dims={self.spatial_dims}, centre={self.centre})"
+
+
+class TileSpace:
+    """Windows of the candidate over its whole field of view, each compared with every whole training image.
+
+    Catches a training image (at any size) that sits somewhere inside a candidate: one tile of a mosaic, a corner
+    of a larger canvas, one side of a side-by-side pair. Windows are squares (cubes) of ``scale`` times the
+    candidate's shortest side at every scale, slid by a quarter of their side over the whole image (the last
+    window always touches the far edge), resampled to the grid, and tried mirrored / transposed / inverted.
+
+    Args:
+        grid: side of the grid windows and training images are resampled to.
+        spatial_dims: 2 or 3.
+        scales: window sides as fractions of the candidate's shortest side. The whole image (scale 1 of a square
+            candidate) is the ``pixel`` space's job; a non-square candidate is also tried with scale-1 windows.
+        stride: window step as a fraction of the window side.
+        invariances: ``"flip"``, ``"transpose"``, ``"invert"``.
+    """
+
+    _VERSION = 1
+
+    def __init__(
+        self,
+        grid: int = 16,
+        spatial_dims: int = 2,
+        scales: Sequence[float] = (0.5, 1.0 / 3.0),
+        stride: float = 0.25,
+        invariances: Sequence[str] = ("flip", "transpose", "invert"),
+    ) -> None:
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if int(grid) < 4:
+            raise ValueError(f"grid must be at least 4 cells per axis, got {grid}")
+        if not scales or not all(0.1 <= float(s) < 1.0 for s in scales):
+            raise ValueError(f"scales must be fractions of the shortest side in [0.1, 1), got {list(scales)}")
+        if not 0.05 <= float(stride) <= 1.0:
+            raise ValueError(f"stride must be a fraction of the window side in [0.05, 1], got {stride}")
+        unknown = set(invariances) - {"flip", "transpose", "invert"}
+        if unknown:
+            raise ValueError(f"unknown invariances {sorted(unknown)}; choose from 'flip', 'transpose', 'invert'")
+        self.name = "tiles"
+        self.grid, self.spatial_dims = int(grid), int(spatial_dims)
+        self.scales = tuple(sorted({round(float(s), 4) for s in scales}, reverse=True))
+        self.stride = float(stride)
+        self.invariances = tuple(sorted(set(invariances)))
+        self._symmetries = _symmetries(self.spatial_dims, "flip" in self.invariances, "transpose" in self.invariances)
+        self.signs = (1, -1) if "invert" in self.invariances else (1,)
+
+    @property
+    def dim(self) -> int:
+        """Length of the vectors of single-channel images."""
+        return self.grid**self.spatial_dims
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the vectors."""
+        return _fingerprint(
+            {
+                "space": "tiles",
+                "version": self._VERSION,
+                "grid": self.grid,
+                "spatial_dims": self.spatial_dims,
+                "scales": list(self.scales),
+                "stride": self.stride,
+                "invariances": list(self.invariances),
+            }
+        )
+
+    def embed(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
+        """Training side: the whole image on the grid, standardised (as the ``pixel`` space's plain vector)."""
+        g = _on_grid(images, self.spatial_dims, self.grid)
+        return _standardise(g.reshape(g.shape[0], -1)).numpy().astype(np.float32, copy=False)
+
+    def windows(self, shape: Sequence[int]) -> list[tuple[slice, ...]]:
+        """The windows judged in an image of spatial ``shape``: every scale, every position, the far edges included."""
+        shape = [int(s) for s in shape]
+        scales = self.scales if len(set(shape)) == 1 else (1.0, *self.scales)
+        out: list[tuple[slice, ...]] = []
+        for scale in scales:
+            side = max(2, int(round(min(shape) * scale)))
+            step = max(1, int(round(side * self.stride)))
+            starts = []
+            for n in shape:
+                pos = list(range(0, max(n - side, 0) + 1, step))
+                if pos[-1] != max(n - side, 0):
+                    pos.append(n - side)
+                starts.append(pos)
+            out.extend(tuple(slice(o, o + side) for o in corner) for corner in itertools.product(*starts))
+        return out
+
+    def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
+        """Query side ``(B, V, d)``: every window x symmetry x sign, resampled to the grid and standardised.
+
+        A constant window (e.g. plain background) cannot be compared; it repeats the image's first comparable window
+        instead, and an image with no comparable window is refused.
+        """
+        x = as_image_batch(images, self.spatial_dims)
+        check_finite(x)
+        x = _scaled(x.reshape(x.shape[0], -1)).reshape(x.shape)
+        n, size = x.shape[0], (self.grid,) * self.spatial_dims
+        tiles = torch.stack(
+            [
+                F.interpolate(x[(slice(None), slice(None), *w)], size=size, mode="area")
+                for w in self.windows(x.shape[2:])
+            ],
+            dim=1,
+        )  # (B, W, C, *grid)
+        sym = torch.cat([_apply_symmetry(tiles, p, f, 3) for p, f in self._symmetries], dim=1)
+        flat = sym.reshape(n, sym.shape[1], -1)
+        centred = flat - flat.mean(dim=2, keepdim=True)
+        norm = centred.norm(dim=2, keepdim=True)
+        valid = (norm[..., 0] > 1e-6 * flat.shape[2] ** 0.5) & torch.isfinite(norm[..., 0])
+        if not bool(valid.any(dim=1).all()):
+            raise DegenerateImageError("an image is constant in every window; correlation is undefined")
+        v = centred / norm.clamp_min(1e-30)
+        first = valid.float().argmax(dim=1)
+        v = torch.where(valid[..., None], v, v[torch.arange(n), first][:, None, :])
+        if len(self.signs) == 2:
+            v = torch.cat([v, -v], dim=1)
+        return v.numpy().astype(np.float32, copy=False)
+
+    def __repr__(self) -> str:
+        return f"TileSpace(grid={self.grid}, spatial_dims={self.spatial_dims}, scales={self.scales})"
