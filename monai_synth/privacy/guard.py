@@ -130,9 +130,9 @@ def space_name(spec: str) -> str:
     return spec.partition(":")[0].strip().lower()
 
 
-DEFAULT_SPACES = ("pixel", "parts", "tiles", "embedding")
+DEFAULT_SPACES = ("pixel", "parts", "crops", "tiles", "embedding")
 """What a candidate must pass by default: whole-image pixel correlation under the geometric and intensity changes a
-person would still call the same image, aligned parts, windows at every scale, and the learned re-identification
+person would still call the same image, aligned parts, crops of training images, windows at every scale, and the learned re-identification
 embedding trained on the training patients."""
 
 _PIXEL_DEFAULTS = {
@@ -155,6 +155,7 @@ def make_space(
     of up to 2 cells (12%), zooms 0.7-1.4, rotations up to 20 degrees and intensity inversion (3D: flips, 1-cell
     shifts, zooms 0.8-1.25, inversion); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
     ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre),
+    ``crops`` = the same class comparing crops of training images with the whole candidate,
     ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every scale).
     ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights; with
     ``data_fingerprint``, weights trained on another training set are refused).
@@ -172,8 +173,10 @@ def make_space(
         if "shift" in kwargs["invariances"]:
             kwargs["max_shift"] = max(1, min(kwargs["max_shift"], grid // 2 - 1))
         return PixelSpace(grid=grid, spatial_dims=spatial_dims, **kwargs)
-    if name == "parts":
-        return PartSpace(grid=grid - grid % 2, spatial_dims=spatial_dims)
+    if name in ("parts", "crops"):
+        return PartSpace(
+            grid=grid - grid % 2, spatial_dims=spatial_dims, kind="regions" if name == "parts" else "crops"
+        )
     if name == "tiles":
         return TileSpace(grid=grid, spatial_dims=spatial_dims)
     if name == "embedding":
@@ -185,7 +188,9 @@ def make_space(
         from monai_synth.privacy.embedding import EmbeddingSpace
 
         return EmbeddingSpace.from_weights(embedding_weights, expected_data_fingerprint=data_fingerprint)
-    raise ValueError(f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], parts, tiles and/or embedding")
+    raise ValueError(
+        f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], parts, crops, tiles and/or embedding"
+    )
 
 
 def _read_candidate(path: Path, spatial_dims: int) -> tuple[np.ndarray, tuple[float, ...] | None]:

@@ -6,8 +6,9 @@ or pasted onto a larger canvas. Two spaces catch those, each with its own index 
 never loosen the whole-image ``pixel`` space):
 
 * :class:`PartSpace` (``"parts"``) compares *aligned regions*: each quadrant (each octant in 3D) and the central
-  region of the candidate with the same region of every training image, and the whole candidate with central crops
-  of every training image resized to the full grid (a crop of a training image blown up to full size).
+  region of the candidate with the same region of every training image, and the whole candidate with crops of every
+  training image (centre and, in 2D, corners) resized to a common grid (a crop of a training image, kept at its size
+  or blown up).
 * :class:`TileSpace` (``"tiles"``) compares *windows* of the candidate, at several scales and positions over its
   whole field of view, with every whole training image.
 
@@ -58,17 +59,22 @@ def _on_grid(images: torch.Tensor | np.ndarray, spatial_dims: int, grid: int) ->
 
 
 class PartSpace:
-    """Aligned regions: the quadrants (octants) and the centre of the image, each compared with the same region.
+    """Aligned regions of the image, each compared with the same region of every training image (``"parts"``), or
+    crops of every training image compared with the whole candidate (``"crops"``).
 
-    Catches a candidate that keeps one region of a training image and replaces the rest: half of a training image
-    joined to another image (two quadrants match), a copy behind a masking border (the centre matches); and, through
-    ``crops``, a central crop of a training image resized to the full size (the whole candidate matches the crop).
+    ``kind="regions"`` (name ``parts``) catches a candidate that keeps one region of a training image and replaces
+    the rest: half of a training image joined to another image (two quadrants match), a copy behind a masking border
+    (the centre matches). ``kind="crops"`` (name ``crops``) catches a crop of a training image, kept at its own size
+    or resized (the whole candidate matches the crop). The two are separate spaces with their own thresholds: more
+    slots give an unrelated image more chances to correlate somewhere, which would loosen the other's threshold.
 
     Args:
+        kind: ``"regions"`` or ``"crops"``.
         grid: side of the grid the whole image is resampled to before it is cut into regions (even, >= 8).
         spatial_dims: 2 or 3.
         centre: fraction of each side the central region spans.
-        crops: fractions of each side of the central crops of training images compared with the whole candidate.
+        crops: fractions of each side of the crops of training images compared with the whole candidate (the centre
+            crop and, in 2D, the four corner crops of each size), for ``kind="crops"``.
         invariances: ``"flip"``, ``"transpose"`` (with flips: rot90) and/or ``"invert"``, applied to the whole
             candidate before it is cut, so a mirrored half is caught as well.
     """
@@ -79,8 +85,9 @@ class PartSpace:
         self,
         grid: int = 16,
         spatial_dims: int = 2,
+        kind: str = "regions",
         centre: float = 0.75,
-        crops: Sequence[float] = (0.5, 0.6, 0.7, 0.8),
+        crops: Sequence[float] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9),
         invariances: Sequence[str] = ("flip", "transpose", "invert"),
     ) -> None:
         if spatial_dims not in (2, 3):
@@ -94,8 +101,11 @@ class PartSpace:
         unknown = set(invariances) - {"flip", "transpose", "invert"}
         if unknown:
             raise ValueError(f"unknown invariances {sorted(unknown)}; choose from 'flip', 'transpose', 'invert'")
-        self.name = "parts"
-        self.crops = tuple(sorted({round(float(c), 4) for c in crops}))
+        if kind not in ("regions", "crops"):
+            raise ValueError(f"kind must be 'regions' or 'crops', got {kind!r}")
+        self.kind = kind
+        self.name = "parts" if kind == "regions" else "crops"
+        self.crops = tuple(sorted({round(float(c), 4) for c in crops})) if kind == "crops" else ()
         self.grid, self.spatial_dims, self.centre = int(grid), int(spatial_dims), float(centre)
         self.invariances = tuple(sorted(set(invariances)))
         half = self.grid // 2
@@ -104,8 +114,12 @@ class PartSpace:
             tuple(slice(o, o + half) for o in corner) for corner in itertools.product((0, half), repeat=spatial_dims)
         ]
         self.regions.append(tuple(slice(margin, self.grid - margin) for _ in range(spatial_dims)))
+        if kind == "crops":
+            self.regions = []
         self._sizes = [math.prod(s.stop - s.start for s in r) for r in self.regions]
-        self._sizes += [self.grid**spatial_dims] * len(self.crops)
+        self.crop_grid = self.grid // 2  # coarse: a crop of an unknown fraction is registered only roughly
+        self._anchors = ("centre", "low-low", "low-high", "high-low", "high-high") if spatial_dims == 2 else ("centre",)
+        self._sizes += [self.crop_grid**spatial_dims] * (len(self.crops) * len(self._anchors))
         self._offsets = np.cumsum([0, *self._sizes])
         self._symmetries = _symmetries(self.spatial_dims, "flip" in self.invariances, "transpose" in self.invariances)
         self.signs = (1, -1) if "invert" in self.invariances else (1,)
@@ -119,12 +133,13 @@ class PartSpace:
         """Hash of everything that changes the vectors."""
         return _fingerprint(
             {
-                "space": "parts",
+                "space": self.name,
                 "version": self._VERSION,
                 "grid": self.grid,
                 "spatial_dims": self.spatial_dims,
                 "centre": self.centre,
                 "crops": list(self.crops),
+                "anchors": list(self._anchors),
                 "invariances": list(self.invariances),
             }
         )
@@ -132,21 +147,25 @@ class PartSpace:
     def _regions(self, g: torch.Tensor, full: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per slot: ``(B, size)`` standardised vectors (zero rows where constant) and the ``(B,)`` valid mask.
 
-        ``full`` (training side) is the image at full resolution, cut into the central crops; without it (query
-        side) the crop slots hold the whole grid.
+        ``full`` (training side) is the image at full resolution, cut into the crops; without it (query side) the
+        crop slots hold the whole candidate.
         """
         out = []
-        size = (self.grid,) * self.spatial_dims
+        size = (self.crop_grid,) * self.spatial_dims
         pieces = [g[(slice(None), slice(None), *region)] for region in self.regions]
+        whole = F.interpolate(g, size=size, mode="area")
         for c in self.crops:
-            if full is None:
-                pieces.append(g)
-                continue
-            crop = []
-            for n in full.shape[2:]:
-                side = max(1, int(round(n * c)))
-                crop.append(slice((n - side) // 2, (n - side) // 2 + side))
-            pieces.append(F.interpolate(full[(slice(None), slice(None), *crop)], size=size, mode="area"))
+            for anchor in self._anchors:
+                if full is None:
+                    pieces.append(whole)
+                    continue
+                crop = []
+                for axis, n in enumerate(full.shape[2:]):
+                    side = max(1, int(round(n * c)))
+                    ends = anchor.split("-") if anchor != "centre" else None
+                    start = (n - side) // 2 if ends is None else (0 if ends[axis] == "low" else n - side)
+                    crop.append(slice(start, start + side))
+                pieces.append(F.interpolate(full[(slice(None), slice(None), *crop)], size=size, mode="area"))
         for piece in pieces:
             flat = piece.reshape(g.shape[0], -1)
             centred = _scaled(flat) - _scaled(flat).mean(dim=1, keepdim=True)

@@ -119,7 +119,7 @@ def test_3d_volumes():
     [
         ({"spatial_dims": 1}, "spatial_dims"),
         ({"grid": 2}, "grid"),
-        ({"invariances": ("rotate",)}, "unknown invariances"),
+        ({"invariances": ("shear",)}, "unknown invariances"),
         ({"invariances": ("shift",), "max_shift": 0}, "max_shift"),
     ],
 )
