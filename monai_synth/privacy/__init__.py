@@ -6,8 +6,9 @@ The learned re-identification space lives in :mod:`monai_synth.privacy.embedding
 from __future__ import annotations
 
 from .calibration import Calibration, calibrate_threshold, min_holdout_size
-from .certificate import certificate_rows, load_certificate, release_images, write_certificate, write_private_audit
+from .certificate import certificate_rows, load_certificate, write_certificate, write_private_audit
 from .index import StaleIndexError, TrainingIndex, index_fingerprint
+from .release import GuardedRelease, ReleaseEncoder
 from .safeguard import PrivacySafeguard, SafeguardResult, build_safeguard
 from .sampling import GuardedSamplingResult, SampleRecord, guarded_sample, summarise_records
 from .spaces import DegenerateImageError, NonFiniteImageError, PixelSpace, PrivacySpace, space_distance
@@ -31,7 +32,8 @@ __all__ = [
     "index_fingerprint",
     "load_certificate",
     "min_holdout_size",
-    "release_images",
+    "GuardedRelease",
+    "ReleaseEncoder",
     "space_distance",
     "summarise_records",
     "write_certificate",

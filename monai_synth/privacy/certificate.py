@@ -18,7 +18,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from monai_synth.atomic import atomic_file
 from monai_synth.privacy.safeguard import PrivacySafeguard
 from monai_synth.privacy.sampling import SampleRecord
 
-__all__ = ["release_images", "certificate_rows", "write_certificate", "write_private_audit", "load_certificate"]
+__all__ = ["certificate_rows", "write_certificate", "write_private_audit", "load_certificate"]
 
 CERTIFICATE_JSON = "certificate.json"
 CERTIFICATE_CSV = "certificate.csv"
@@ -50,37 +50,6 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
         return value.item()
     return value
-
-
-def release_images(
-    writer: Any,
-    result: Any,
-    to_physical: Callable[[torch.Tensor], Any] | None = None,
-    stem: str = "images/synthetic_{index:05d}",
-    spacing: Sequence[float] | None = None,
-) -> list[str]:
-    """Write the released images of ``result`` with a ``ReleaseWriter`` and record each file on its record.
-
-    Args:
-        writer: an open :class:`monai_synth.data.export.ReleaseWriter`.
-        result: :class:`~monai_synth.privacy.sampling.GuardedSamplingResult` or
-            :class:`~monai_synth.handlers.privacy.PrivacySafeguardHandler` (``images`` + ``released_records``).
-        to_physical: model space -> physical units (the modality intensity transform's inverse).
-        stem: file stem pattern, formatted with ``index`` and ``condition``.
-        spacing: voxel size in mm.
-
-    Returns:
-        the written paths, relative to the release folder.
-    """
-    records = result.released_records
-    if len(records) != len(result.images):
-        raise ValueError(f"{len(result.images)} images for {len(records)} released records; keep_images must be on")
-    files = []
-    for i, (image, record) in enumerate(zip(result.images, records)):
-        physical = to_physical(image) if to_physical is not None else image
-        record.file = writer.write_image(physical, stem.format(index=i, condition=_plain(record.condition)), spacing)
-        files.append(record.file)
-    return files
 
 
 def certificate_rows(records: Sequence[SampleRecord], calibrations: Mapping[str, Any] | None = None) -> list[dict]:
@@ -136,7 +105,7 @@ def write_certificate(
     Args:
         writer: an open :class:`monai_synth.data.export.ReleaseWriter`.
         result: a guarded-sampling result or a :class:`PrivacySafeguardHandler` (``records`` + ``summary()``);
-            released records should carry their ``file`` (see :func:`release_images`).
+            released records should carry their ``file`` (see :class:`monai_synth.privacy.release.GuardedRelease`).
         fingerprints: e.g. ``{"checkpoint": ..., "datalist": ...}``; the index fingerprints of ``safeguard`` are
             added per space.
         safeguard: the safeguard used: its spaces, thresholds and calibrations are recorded, and its indexes'

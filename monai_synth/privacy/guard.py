@@ -173,12 +173,14 @@ def make_space(
         if "shift" in kwargs["invariances"]:
             kwargs["max_shift"] = max(1, min(kwargs["max_shift"], grid // 2 - 1))
         return PixelSpace(grid=grid, spatial_dims=spatial_dims, **kwargs)
+    # in 3D the 48 axis permutations x flips would multiply the variants (and memory) by 6: flips only
+    symmetry = ("flip", "transpose", "invert") if spatial_dims == 2 else ("flip", "invert")
     if name in ("parts", "crops"):
-        return PartSpace(
-            grid=grid - grid % 2, spatial_dims=spatial_dims, kind="regions" if name == "parts" else "crops"
-        )
+        kind = "regions" if name == "parts" else "crops"
+        return PartSpace(grid=grid - grid % 2, spatial_dims=spatial_dims, kind=kind, invariances=symmetry)
     if name == "tiles":
-        return TileSpace(grid=grid, spatial_dims=spatial_dims)
+        scales = (0.5, 1.0 / 3.0) if spatial_dims == 2 else (0.5,)
+        return TileSpace(grid=grid, spatial_dims=spatial_dims, scales=scales, invariances=symmetry)
     if name == "embedding":
         if not embedding_weights:
             raise ValueError(

@@ -163,7 +163,9 @@ def _combine(parts: Sequence[SafeguardResult]) -> SafeguardResult:
                 if name in part.nearest_patients:
                     patients[name] = part.nearest_patients[name]
                     rows[name] = part.nearest_rows.get(name, -1)
-    reasons = list(dict.fromkeys(p.reason for p in parts if not p.passed and p.reason))
+    # one reason per problem: the views' reasons differ only in the distance they quote
+    reasons = [r for p in parts if not p.passed and p.reason for r in p.reason.split("; ")]
+    reasons = list(dict.fromkeys(r.split(" (")[0] if r.startswith("too close") else r for r in reasons))
     return SafeguardResult(
         passed=all(p.passed for p in parts),
         distances=distances,

@@ -12,7 +12,6 @@ from monai_synth.data.export import ReleaseWriter
 from monai_synth.privacy.calibration import calibrate_threshold
 from monai_synth.privacy.certificate import (
     load_certificate,
-    release_images,
     write_certificate,
     write_private_audit,
 )
@@ -41,6 +40,15 @@ def run():
 
     result = guarded_sample(generate, safeguard, [("3", 2), ("5", 3)], max_retries=3)
     return safeguard, result
+
+
+def release_images(writer, result, to_physical):
+    """Write the released images (as the release path does, record by record) and note each file on its record."""
+    files = []
+    for i, (image, record) in enumerate(zip(result.images, result.released_records)):
+        record.file = writer.write_image(to_physical(image), f"images/synthetic_{i:05d}")
+        files.append(record.file)
+    return files
 
 
 def _release(tmp_path, safeguard, result, **kwargs):
