@@ -13,6 +13,7 @@ Every image (training, holdout, candidate) is brought to model space the same wa
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,8 @@ from monai_synth.privacy.partial import PartSpace, TileSpace
 from monai_synth.privacy.safeguard import build_safeguard
 from monai_synth.privacy.sampling import SampleRecord
 from monai_synth.privacy.spaces import PixelSpace, PrivacySpace
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["run_guard", "train_embedding_from_datalist", "find_candidates", "make_space", "load_model_space"]
 
@@ -305,6 +308,7 @@ def run_guard(
         batch_size=batch_size,
     )
     del train_images, holdout_images
+    logger.info(f"thresholds calibrated on {len(holdout_records)} holdout images: {safeguard.thresholds}")
     nan = dict.fromkeys(safeguard.thresholds, float("nan"))
     root = Path(candidates)
     with release:
@@ -328,6 +332,7 @@ def run_guard(
                     res, condition=None, seed=None, batch_index=0, attempt=0, guidance=None, source=_rel(path, root)
                 )
                 release.add(record, array, spacing)
+            logger.info(f"judged {min(start + int(batch_size), len(files))} of {len(files)} candidates")
         release.requested = len(release.records)
         return release.finish(
             safeguard,
@@ -367,11 +372,9 @@ def _train_embedding(
     images: torch.Tensor, records: Sequence[dict], spatial_dims: int, data_fingerprint: str, epochs: int | None
 ) -> PrivacySpace:
     """The re-identification embedding trained on exactly these training images, so it knows every training patient."""
-    import logging
-
     from monai_synth.privacy.embedding import train_embedding
 
-    logging.getLogger(__name__).info(f"training the re-identification embedding on {len(records)} training images")
+    logger.info(f"training the re-identification embedding on {len(records)} training images")
     kwargs = {} if epochs is None else {"epochs": int(epochs)}
     return train_embedding(
         images,
