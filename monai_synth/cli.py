@@ -104,6 +104,13 @@ def _add_guard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedding-epochs", type=int, default=None, help="epochs of an embedding trained here")
     p.add_argument("--batch-size", type=int, default=16, help="candidates judged at once (bounds memory)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing release once the new one is complete")
+    p.add_argument(
+        "--no-duplicate-check",
+        dest="duplicate_check",
+        action="store_false",
+        help="accept a holdout with images that look like near-duplicates of training images (they lower the "
+        "thresholds; use only for a holdout known to hold new patients)",
+    )
     p.add_argument("--quantile", type=float, default=0.01, help="holdout quantile that sets the threshold")
     p.add_argument("--floor", type=float, default=0.0, help="absolute minimum threshold")
     p.add_argument("--format", dest="fmt", default=None, help="release format (default: the modality's native one)")
@@ -136,6 +143,7 @@ def _run_guard(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         embedding_epochs=args.embedding_epochs,
+        duplicate_check=args.duplicate_check,
     )
     print(
         f"released {summary['released']} of {summary['generated']} candidates "

@@ -5,9 +5,9 @@ The learned re-identification space lives in :mod:`monai_synth.privacy.embedding
 
 from __future__ import annotations
 
-from .calibration import Calibration, calibrate_threshold, min_holdout_size
+from .calibration import Calibration, HoldoutDuplicateError, calibrate_threshold, min_holdout_size
 from .certificate import certificate_rows, load_certificate, write_certificate, write_private_audit
-from .index import StaleIndexError, TrainingIndex, index_fingerprint
+from .index import DegenerateVectorError, StaleIndexError, TrainingIndex, index_fingerprint
 from .release import GuardedRelease, ReleaseEncoder
 from .safeguard import PrivacySafeguard, SafeguardResult, build_safeguard
 from .sampling import GuardedSamplingResult, SampleRecord, guarded_sample, summarise_records
@@ -16,7 +16,9 @@ from .spaces import DegenerateImageError, NonFiniteImageError, PixelSpace, Priva
 __all__ = [
     "Calibration",
     "DegenerateImageError",
+    "DegenerateVectorError",
     "GuardedSamplingResult",
+    "HoldoutDuplicateError",
     "NonFiniteImageError",
     "PixelSpace",
     "PrivacySafeguard",

@@ -243,6 +243,7 @@ def run_guard(
     batch_size: int = 16,
     overwrite: bool = False,
     embedding_epochs: int | None = None,
+    duplicate_check: bool = True,
 ) -> dict:
     """Release the candidate images that are not near-copies of any training image.
 
@@ -267,6 +268,8 @@ def run_guard(
         batch_size: images judged at once (bounds memory: 3D variants are large).
         overwrite: replace an existing release (only once the new one is complete).
         embedding_epochs: epochs of an embedding trained here (default: its training default).
+        duplicate_check: refuse a holdout that holds near-duplicates of training images (they would lower the
+            thresholds); switch off only for a holdout known to be new patients.
 
     Returns:
         the certificate summary (generated, rejected, released, rejection_rate, ...) plus ``out`` and ``audit``.
@@ -306,6 +309,7 @@ def run_guard(
         quantile=quantile,
         floor=floor,
         batch_size=batch_size,
+        duplicate_check=duplicate_check,
     )
     del train_images, holdout_images
     logger.info(f"thresholds calibrated on {len(holdout_records)} holdout images: {safeguard.thresholds}")

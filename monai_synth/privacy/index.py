@@ -19,6 +19,22 @@ Scale (about 1e6 training images):
 
 The index is private: it holds vectors of training images and their patient ids. It never goes into a
 release; only its fingerprint does.
+
+Trust in a saved index:
+    * :meth:`TrainingIndex.load` needs the fingerprint the caller expects (of the current datalist and space), so an
+      index of another datalist is never served by accident.
+    * :meth:`TrainingIndex.save` records the sha256 of every shard file, of the patient table and of the patient id
+      list in ``meta.json``; :meth:`TrainingIndex.load` recomputes them and refuses an index whose contents changed
+      (a shard copied from another index, a truncated or edited file). The fingerprint alone only says which
+      datalist the index *claims* to hold. Hashing reads every file once (about 1 s per GB on the development
+      machine), which also warms the page cache for the memory-mapped case. The hashes guard against mix-ups and corruption, not against someone
+      who can rewrite ``meta.json`` as well; the index folder must stay as private as the training data.
+
+Degenerate vectors: a vector of zero norm, of non-finite values, or of only subnormal values (a space that
+underflowed or overflowed) has no direction, and L2-normalising it would silently give a vector at distance 1 from
+everything, so an exact copy would look unrelated. :class:`DegenerateVectorError` is raised instead, naming the
+rows; the safeguard turns that into a rejection of the image. Each vector is divided by its largest entry before it
+is normalised, so a finite vector of any magnitude keeps its direction instead of over- or underflowing.
 """
 
 from __future__ import annotations
@@ -37,15 +53,32 @@ import torch
 
 from monai_synth.privacy.spaces import PrivacySpace, embed_variants
 
-__all__ = ["TrainingIndex", "StaleIndexError", "index_fingerprint"]
+__all__ = ["TrainingIndex", "StaleIndexError", "DegenerateVectorError", "index_fingerprint"]
 
-_FORMAT_VERSION = 1
+# 2: meta.json records the sha256 of every file and of the patient ids, verified on load.
+_FORMAT_VERSION = 2
 _META = "meta.json"
 _PATIENTS = "patient_codes.npy"
+_HASH_CHUNK = 1 << 22
+# A vector with no entry of at least the smallest normal float32 holds only subnormal values (or zeros): its
+# direction has lost most of its precision (underflow), so it is as meaningless as a zero vector.
+_MIN_NORM = float(np.finfo(np.float32).tiny)
 
 
 class StaleIndexError(ValueError):
-    """The index was built from other data or another space than the one it is asked to serve."""
+    """The index was built from other data or another space than the one it is asked to serve, or its files changed."""
+
+
+class DegenerateVectorError(ValueError):
+    """Vectors with no direction (zero, subnormal-only or non-finite): they cannot be given a distance.
+
+    Attributes:
+        rows: positions of the offending vectors (query rows for a search, training image numbers for a build).
+    """
+
+    def __init__(self, message: str, rows: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.rows = [int(r) for r in rows]
 
 
 def index_fingerprint(datalist_fingerprint: str, space_fingerprint: str) -> str:
@@ -67,12 +100,35 @@ def _iter_batches(images: torch.Tensor | np.ndarray | Iterable, batch_size: int)
                 yield batch
 
 
-def _normalised(vectors: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32)).copy()
-    if not np.isfinite(x).all():
-        raise ValueError("vectors contain NaN/Inf")
-    faiss.normalize_L2(x)
-    return x
+def _unit_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-norm float32 copies of ``(n, d)`` vectors, and the mask of rows that have no direction.
+
+    Each row is divided by its largest absolute entry before its norm is taken, so no finite vector over- or
+    underflows (float32 normalisation turns a vector scaled by 1e20 or 1e-25 into a zero vector). A row is degenerate
+    if it holds NaN/Inf or has no entry of normal float32 magnitude (zero, or only subnormal values whose direction
+    has lost its precision); degenerate rows are left as they are in the returned array.
+    """
+    x = np.asarray(vectors)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)
+    finite = np.isfinite(x).all(axis=1)
+    scale = np.abs(x).max(axis=1, initial=0)  # NaN/Inf for non-finite rows, which `finite` rules out
+    ok = finite & (scale >= _MIN_NORM)
+    y = x / np.where(ok, scale, 1)[:, None]
+    y /= np.where(ok, np.linalg.norm(y, axis=1), 1)[:, None]
+    return np.ascontiguousarray(y, dtype=np.float32), ~ok
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_patients(patients: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps([str(p) for p in patients]).encode()).hexdigest()
 
 
 class TrainingIndex:
@@ -175,6 +231,8 @@ class TrainingIndex:
 
         Raises:
             ValueError: if the number of images and patient ids differ or there are no images.
+            DegenerateVectorError: a training image whose vector has no direction, named with its patient; indexing
+                it would make its copies look unrelated to it.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -183,11 +241,19 @@ class TrainingIndex:
         patient_ids = [str(p) for p in patient_ids]
         shards: list[faiss.Index] = []
         n = 0
+        degenerate: list[int] = []
         for batch in _iter_batches(images, batch_size):
             try:
-                vec = _normalised(space.embed(batch))
+                vec = np.asarray(space.embed(batch))
             except ValueError as err:
                 raise ValueError(f"cannot index training images {n}..{n + len(batch) - 1}: {err}") from err
+            if vec.ndim != 2:
+                raise ValueError(f"space {space.name!r} returned vectors of shape {vec.shape}; expected (B, d)")
+            vec, bad = _unit_rows(vec)
+            if bad.any() or degenerate:  # go on embedding, to name every bad image at once
+                degenerate.extend((n + np.flatnonzero(bad)).tolist())
+                n += len(vec)
+                continue
             while len(vec):
                 if not shards or (shard_size is not None and shards[-1].ntotal >= shard_size):
                     shards.append(faiss.IndexFlatIP(vec.shape[1]))
@@ -195,6 +261,14 @@ class TrainingIndex:
                 shards[-1].add(vec[:room])
                 n += len(vec[:room])
                 vec = vec[room:]
+        if degenerate:
+            named = [f"{r} ({patient_ids[r]})" if r < len(patient_ids) else str(r) for r in degenerate[:20]]
+            raise DegenerateVectorError(
+                f"cannot index training images {', '.join(named)}{' ...' if len(degenerate) > 20 else ''}: their "
+                f"{space.name!r} vectors have no direction (zero, subnormal-only or non-finite), so a copy of them "
+                "could not be recognised; fix or drop those images, or fix the space (under- or overflow?)",
+                degenerate,
+            )
         if n == 0:
             raise ValueError("no training images to index")
         if n != len(patient_ids):
@@ -222,8 +296,13 @@ class TrainingIndex:
         Returns:
             ``distances (Q, k)`` float64 (``1 - cosine``, ascending), ``rows (Q, k)`` int64 global row numbers,
             ``patient_ids (Q, k)`` object array of the rows' patients.
+
+        Raises:
+            DegenerateVectorError: naming the query rows with a variant of zero, subnormal-only or non-finite norm;
+                such a vector has no direction, and a distance for it would be meaningless (normalising a zero
+                vector would put an exact copy at distance 1 from everything).
         """
-        vectors = np.asarray(vectors, dtype=np.float32)
+        vectors = np.asarray(vectors)
         if vectors.ndim == 2:
             vectors = vectors[:, None, :]
         if vectors.ndim != 3 or vectors.shape[2] != self.dim:
@@ -231,7 +310,15 @@ class TrainingIndex:
         if not 1 <= k <= self.ntotal:
             raise ValueError(f"k must be in [1, {self.ntotal}], got {k}")
         q, v, d = vectors.shape
-        flat = _normalised(vectors.reshape(q * v, d))
+        flat, bad = _unit_rows(vectors.reshape(q * v, d))
+        bad_rows = np.flatnonzero(bad.reshape(q, v).any(axis=1))
+        if len(bad_rows):
+            raise DegenerateVectorError(
+                f"query rows {bad_rows[:20].tolist()}{' ...' if len(bad_rows) > 20 else ''} have a vector with no "
+                "direction (zero, subnormal-only or non-finite), so their distance to the training images is "
+                "undefined; the privacy space under- or overflowed on those images: they must not be released",
+                bad_rows.tolist(),
+            )
         kk = min(k, self.ntotal)
         sims, rows = [], []
         for shard, offset in zip(self.shards, self.offsets[:-1]):
@@ -274,10 +361,11 @@ class TrainingIndex:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the index to ``directory`` atomically (shards, patient table, JSON meta).
+        """Write the index to ``directory`` atomically (shards, patient table, JSON meta with content hashes).
 
         The files are written to a sibling temporary folder which then replaces ``directory``, so a crash
-        never leaves a half-written index that would load.
+        never leaves a half-written index that would load. ``meta.json`` records the sha256 of every file and of
+        the patient id list, so :meth:`load` can tell that the contents are the ones saved, not just the metadata.
         """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
@@ -289,6 +377,7 @@ class TrainingIndex:
                 files.append(f"shard_{i:03d}.faiss")
                 faiss.write_index(shard, str(tmp / files[-1]))
             np.save(tmp / _PATIENTS, np.asarray(self.patient_codes, dtype=np.int32))
+            sha256 = {name: _sha256_file(tmp / name) for name in [*files, _PATIENTS]}
             meta = {
                 "format_version": _FORMAT_VERSION,
                 "fingerprint": self.fingerprint,
@@ -301,6 +390,8 @@ class TrainingIndex:
                 "shards": files,
                 "shard_sizes": [int(s.ntotal) for s in self.shards],
                 "patients": self.patients,
+                "sha256": sha256,
+                "patients_sha256": _sha256_patients(self.patients),
             }
             (tmp / _META).write_text(json.dumps(meta, indent=1))
             old = None
@@ -323,36 +414,61 @@ class TrainingIndex:
         expected_fingerprint: str | None = None,
         mmap: bool = False,
     ) -> TrainingIndex:
-        """Load a saved index, refusing a stale one.
+        """Load a saved index, refusing a stale or altered one.
 
         Args:
             directory: folder written by :meth:`save`.
             space: the privacy space to attach (its fingerprint must match the indexed one).
-            expected_fingerprint: the fingerprint the caller expects, e.g.
+            expected_fingerprint: required. The fingerprint the caller expects, e.g.
                 ``index_fingerprint(datalist_fingerprint(records), space.fingerprint())`` for the current
-                datalist; a different saved fingerprint means the training data changed.
+                datalist, or the one a calibration was made on (``Calibration.index_fingerprint``); a different
+                saved fingerprint means the training data or the space changed. It has no default because an index
+                loaded without it could belong to any datalist.
             mmap: memory-map shards and patient table instead of reading them.
 
         Raises:
+            TypeError: if ``expected_fingerprint`` is not given.
             FileNotFoundError: if there is no index in ``directory``.
-            StaleIndexError: if the fingerprint or space does not match.
+            StaleIndexError: if the fingerprint or space does not match, the index has an old format, or a file's
+                contents differ from the sha256 recorded when it was saved.
         """
+        if expected_fingerprint is None:
+            raise TypeError(
+                "TrainingIndex.load() needs expected_fingerprint=: the fingerprint of the index for the current training "
+                "datalist and space, e.g. index_fingerprint(datalist_fingerprint(records), space.fingerprint()), or the "
+                "index_fingerprint of the calibration it will serve; without it an index of another datalist would be "
+                "loaded silently"
+            )
+        if not isinstance(expected_fingerprint, str) or not expected_fingerprint:
+            raise TypeError(f"expected_fingerprint must be a non-empty string, got {expected_fingerprint!r}")
         directory = Path(directory)
         if not (directory / _META).is_file():
             raise FileNotFoundError(f"no training index in {directory} (missing {_META}); build one first")
         meta = json.loads((directory / _META).read_text())
         if meta.get("format_version") != _FORMAT_VERSION:
-            raise StaleIndexError(f"index in {directory} has format {meta.get('format_version')}; rebuild it")
-        if expected_fingerprint is not None and meta["fingerprint"] != expected_fingerprint:
             raise StaleIndexError(
-                f"index in {directory} has fingerprint {meta['fingerprint']} but {expected_fingerprint} was expected: "
+                f"index in {directory} has format {meta.get('format_version')}, this version reads format "
+                f"{_FORMAT_VERSION} (which records content hashes); rebuild it"
+            )
+        recorded = index_fingerprint(meta["datalist_fingerprint"], meta["space_fingerprint"])
+        if meta["fingerprint"] != recorded:
+            raise StaleIndexError(
+                f"index in {directory} has inconsistent metadata: fingerprint {meta['fingerprint']} is not that of its "
+                f"datalist and space fingerprints ({recorded}); meta.json was edited or corrupted: rebuild it"
+            )
+        if recorded != expected_fingerprint:
+            raise StaleIndexError(
+                f"index in {directory} has fingerprint {recorded} but {expected_fingerprint} was expected: "
                 "the training datalist or the privacy space changed since it was built; rebuild it"
             )
+        cls._verify_contents(directory, meta)
         flags = faiss.IO_FLAG_MMAP if mmap else 0
         shards = [faiss.read_index(str(directory / f), flags) for f in meta["shards"]]
-        if [s.ntotal for s in shards] != meta["shard_sizes"]:
+        if [s.ntotal for s in shards] != meta["shard_sizes"] or any(s.d != meta["dim"] for s in shards):
             raise StaleIndexError(f"index shards in {directory} do not match its meta.json; rebuild it")
         codes = np.load(directory / _PATIENTS, mmap_mode="r" if mmap else None)
+        if len(codes) and not 0 <= int(codes.min()) <= int(codes.max()) < len(meta["patients"]):
+            raise StaleIndexError(f"patient table in {directory} points outside its patient list; rebuild it")
         return cls(
             shards,
             codes,
@@ -362,6 +478,30 @@ class TrainingIndex:
             meta["datalist_fingerprint"],
             space=space,
         )
+
+    @staticmethod
+    def _verify_contents(directory: Path, meta: dict) -> None:
+        """Raise :class:`StaleIndexError` unless every file and the patient list hash to what :meth:`save` recorded."""
+        recorded = meta.get("sha256")
+        names = [*meta["shards"], _PATIENTS]
+        if not isinstance(recorded, dict) or set(recorded) != set(names) or "patients_sha256" not in meta:
+            raise StaleIndexError(
+                f"index in {directory} does not record a sha256 for each of {names} and the patient list; rebuild it"
+            )
+        changed = []
+        for name in names:
+            path = directory / name
+            if not path.is_file():
+                changed.append(f"{name} (missing)")
+            elif _sha256_file(path) != recorded[name]:
+                changed.append(name)
+        if _sha256_patients(meta["patients"]) != meta["patients_sha256"]:
+            changed.append("patient list in meta.json")
+        if changed:
+            raise StaleIndexError(
+                f"index in {directory}: contents of {', '.join(changed)} differ from the sha256 recorded when it was "
+                "saved (a file was replaced, edited or corrupted); do not use it: rebuild the index"
+            )
 
     def __repr__(self) -> str:
         return (

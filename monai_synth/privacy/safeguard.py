@@ -85,7 +85,7 @@ class PrivacySafeguard:
     Args:
         checks: ``(index, threshold)`` pairs, one per privacy space; ``threshold`` is a float or the
             :class:`~monai_synth.privacy.calibration.Calibration` of that index. Each index needs its space
-            attached (``TrainingIndex.build`` does that; ``TrainingIndex.load(..., space=...)``).
+            attached (``TrainingIndex.build`` does that; ``TrainingIndex.load(..., space=..., expected_fingerprint=...)``).
         expected_fingerprints: optional space -> index fingerprint the caller expects (e.g. from the current
             datalist); a mismatch raises at construction.
         margin: see above.
@@ -265,6 +265,7 @@ def build_safeguard(
     quantile: float = 0.01,
     floor: float = 0.0,
     batch_size: int = 64,
+    duplicate_check: bool = True,
 ) -> PrivacySafeguard:
     """One exact training index per space, each with its threshold calibrated on the holdout patients.
 
@@ -280,6 +281,12 @@ def build_safeguard(
         quantile: holdout quantile that sets each threshold (see :func:`calibrate_threshold`).
         floor: absolute minimum threshold.
         batch_size: images embedded at once.
+        duplicate_check: refuse a holdout holding near-duplicates of training images (see
+            :func:`~monai_synth.privacy.calibration.calibrate_threshold`); switch off only knowingly.
+
+    Raises:
+        ValueError: a space in which unseen patients' images are all as close to training as copies are (a collapsed
+            space: its threshold would guard nothing), or a holdout that fails calibration's checks.
     """
     checks = []
     for space in spaces:
@@ -291,6 +298,7 @@ def build_safeguard(
             floor=floor,
             holdout_patient_ids=holdout_patient_ids,
             batch_size=batch_size,
+            duplicate_check=duplicate_check,
         )
         checks.append((index, calibration))
     return PrivacySafeguard(checks, batch_size=batch_size)

@@ -1,14 +1,29 @@
-"""calibrate_threshold: the holdout quantile, the floor, and the refusals that keep it meaningful."""
+"""calibrate_threshold: the holdout quantile, the floor, its confidence interval, the holdout percentiles, and the
+refusals that keep it meaningful (training patients or near-copies of training images in the holdout)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from scipy.stats import binom
 
-from monai_synth.privacy.calibration import Calibration, calibrate_threshold, min_holdout_size
+from monai_synth.data.phantoms import generate_cohort
+from monai_synth.privacy.calibration import (
+    Calibration,
+    HoldoutDuplicateError,
+    calibrate_threshold,
+    min_holdout_size,
+    quantile_confidence_interval,
+)
 from monai_synth.privacy.index import TrainingIndex
 from monai_synth.privacy.spaces import PixelSpace, space_distance
+from monai_synth.transforms.presets import intensity_transform
+
+HOLDOUT_IDS = [f"H{i}" for i in range(120)]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +64,82 @@ def test_vectors_give_the_same_answer_as_images(setup):
 
 def test_round_trip_through_dict(setup):
     _, index, _, holdout = setup
-    cal = calibrate_threshold(index, holdout, holdout_patient_ids=[f"H{i}" for i in range(120)])
-    assert Calibration.from_dict(cal.to_dict()) == cal
+    cal = calibrate_threshold(index, holdout, holdout_patient_ids=HOLDOUT_IDS)
+    data = json.loads(json.dumps(cal.to_dict()))  # what a certificate holds
+    back = Calibration.from_dict(data)
+    assert back == cal and back.threshold_ci == cal.threshold_ci and back.duplicate_screen == cal.duplicate_screen
+    for t in (0.0, cal.threshold, cal.summary["p50"], 0.7, 3.0):
+        assert back.holdout_percentile(t) == cal.holdout_percentile(t)
+    text = json.dumps(data)
+    assert not [p for p in [*index.patients, *HOLDOUT_IDS] if f'"{p}"' in text]  # no patient id goes into it
+
+
+def test_old_dicts_without_interval_screen_or_distances_still_load(setup):
+    _, index, _, holdout = setup
+    data = calibrate_threshold(index, holdout, holdout_patient_ids=HOLDOUT_IDS).to_dict()
+    for key in ("threshold_ci", "ci_level", "duplicate_screen", "holdout_distances"):
+        del data[key]
+    old = Calibration.from_dict(data)
+    assert old.threshold_ci is None and old.duplicate_screen is None
+    with pytest.raises(ValueError, match="holds no holdout distances.*recalibrate"):
+        old.holdout_percentile(0.5)
+    with pytest.raises(ValueError, match="unknown fields \\['extra'\\]"):
+        Calibration.from_dict({**data, "extra": 1})
+
+
+def test_holdout_percentile_is_the_share_of_holdout_images_closer_than_the_distance(setup):
+    space, index, train, holdout = setup
+    cal = calibrate_threshold(index, holdout, quantile=0.05, holdout_patient_ids=HOLDOUT_IDS)
+    nn = space_distance(space.embed(holdout), space.embed(train)).min(axis=1)
+    for t in np.linspace(0.4, 0.9, 11):
+        assert cal.holdout_percentile(t) == pytest.approx(np.mean(nn < t), abs=1 / 120)
+    assert cal.holdout_percentile(0.0) == 0.0 and cal.holdout_percentile(2.0) == 1.0
+    assert cal.holdout_percentile(cal.threshold) == pytest.approx(0.05, abs=1 / 120)
+    with pytest.raises(ValueError, match="finite"):
+        cal.holdout_percentile(float("nan"))
+
+
+def test_large_holdouts_keep_a_compact_dict_with_percentiles_within_a_thousandth():
+    rng = np.random.default_rng(0)
+    distances = rng.gamma(20.0, 0.02, size=20_000)
+    cal = Calibration("pixel", 0.2, 0.01, 0.0, 0.2, len(distances), 0, "fp", holdout_distances=distances)
+    data = cal.to_dict()
+    assert len(data["holdout_distances"]) == 1001 and len(json.dumps(data)) < 15_000
+    back = Calibration.from_dict(json.loads(json.dumps(data)))
+    for t in np.quantile(distances, [0.0005, 0.01, 0.3, 0.5, 0.99]):
+        assert back.holdout_percentile(t) == pytest.approx(np.mean(distances < t), abs=1e-3)
+    assert Calibration.from_dict(back.to_dict()).to_dict() == back.to_dict()  # stable once thinned
+
+
+def test_threshold_interval_brackets_the_quantile_with_order_statistics(setup):
+    _, index, _, holdout = setup
+    cal = calibrate_threshold(index, holdout, quantile=0.05, holdout_patient_ids=HOLDOUT_IDS, ci_level=0.9)
+    lo, hi = cal.threshold_ci
+    d = cal.holdout_distances
+    assert lo <= cal.quantile_value <= hi and cal.ci_level == 0.9
+    # 5% of 120: l-th and u-th smallest with P(Bin(120, .05) <= l-1) <= .05 and P(Bin <= u-1) >= .95 -> l=2, u=11
+    assert binom.cdf(1, 120, 0.05) <= 0.05 < binom.cdf(2, 120, 0.05)
+    assert binom.cdf(9, 120, 0.05) < 0.95 <= binom.cdf(10, 120, 0.05)
+    assert (lo, hi) == (d[1], d[10]) and cal.summary["ci_coverage"] >= 0.9
+    floored = calibrate_threshold(
+        index, holdout, quantile=0.05, floor=0.62, holdout_patient_ids=HOLDOUT_IDS, ci_level=0.9
+    )
+    assert floored.threshold_ci == (max(0.62, d[1]), max(0.62, d[10]))
+
+
+def test_interval_without_a_low_enough_order_statistic_falls_back_to_zero():
+    lo, hi, coverage = quantile_confidence_interval(np.linspace(0.3, 0.8, 100), 0.01)
+    assert lo == 0.0 and hi == pytest.approx(0.3 + 3 * 0.5 / 99) and coverage >= 0.95  # 4th smallest
+
+
+@pytest.mark.parametrize(("n", "q"), [(100, 0.01), (300, 0.01), (60, 0.05)])
+def test_interval_covers_the_true_quantile_at_least_at_its_level(n, q):
+    rng = np.random.default_rng(n)
+    hits = [
+        lo <= q <= hi  # uniform samples: the true q-quantile is q
+        for lo, hi, _ in (quantile_confidence_interval(np.sort(rng.random(n)), q, 0.95, 0.0, 1.0) for _ in range(2000))
+    ]
+    assert np.mean(hits) >= 0.94
 
 
 def test_holdout_patients_seen_in_training_are_refused(setup):
@@ -73,8 +162,140 @@ def test_missing_patient_ids_warn(setup):
         calibrate_threshold(index, holdout)
 
 
-@pytest.mark.parametrize("kwargs", [{"quantile": 0.0}, {"quantile": 0.7}, {"floor": -0.1}, {"floor": float("nan")}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"quantile": 0.0},
+        {"quantile": 0.7},
+        {"floor": -0.1},
+        {"floor": float("nan")},
+        {"ci_level": 1.0},
+        {"duplicate_z": 0.0},
+        {"duplicate_alpha": 1.5},
+    ],
+)
 def test_bad_settings_fail_early(setup, kwargs):
     _, index, _, holdout = setup
     with pytest.raises(ValueError):
         calibrate_threshold(index, holdout, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- duplicate screen
+@pytest.mark.parametrize(
+    "copy",
+    [
+        pytest.param(lambda x, g: x, id="exact"),
+        pytest.param(lambda x, g: x + 0.3 * torch.randn(x.shape, generator=g), id="noised"),  # correlation ~0.96
+        pytest.param(lambda x, g: 0.5 * x + 2.0, id="intensity rescaled"),
+    ],
+)
+def test_a_training_image_planted_in_the_holdout_is_refused_by_row(setup, copy):
+    _, index, train, holdout = setup
+    planted = holdout.clone()
+    planted[17] = copy(train[5], torch.Generator().manual_seed(0))
+    expected = r"^1 holdout images look like near-duplicates .* rows 17 \(H17\) at \S+ from training row 5\..*Remove "
+    with pytest.raises(HoldoutDuplicateError, match=expected + r"those images .* pass duplicate_check=False\.$") as err:
+        calibrate_threshold(index, planted, holdout_patient_ids=HOLDOUT_IDS)
+    assert err.value.rows == [17]
+
+
+def test_several_copies_are_all_named_and_vectors_are_screened_too(setup):
+    space, index, train, holdout = setup
+    planted = holdout.clone()
+    g = torch.Generator().manual_seed(1)
+    for row, src in [(3, 10), (50, 11), (51, 11), (119, 79)]:
+        planted[row] = train[src] + 0.2 * torch.randn(train[src].shape, generator=g)
+    with pytest.raises(HoldoutDuplicateError, match=r"^4 holdout images.*rows 3 \(H3\).*; 50 .*; 51 .*; 119 ") as err:
+        calibrate_threshold(index, planted, holdout_patient_ids=HOLDOUT_IDS)
+    assert err.value.rows == [3, 50, 51, 119]
+    with pytest.raises(HoldoutDuplicateError, match=r"rows 3 at ") as err, pytest.warns(UserWarning, match="ids"):
+        calibrate_threshold(index, holdout_vectors=space.embed(planted), quantile=0.05)  # no ids: positions only
+    assert err.value.rows == [3, 50, 51, 119]
+
+
+def test_message_says_how_far_the_copies_would_pull_the_threshold(setup):
+    _, index, train, holdout = setup
+    planted = holdout.clone()
+    planted[[7, 8, 9]] = train[[20, 21, 22]]
+    clean = calibrate_threshold(index, holdout, holdout_patient_ids=HOLDOUT_IDS)
+    with pytest.raises(HoldoutDuplicateError, match=r"pull the 0\.01 quantile threshold from 0\.5\d+ down to ") as err:
+        calibrate_threshold(index, planted, holdout_patient_ids=HOLDOUT_IDS)
+    assert clean.threshold > 0.5 and err.value.rows == [7, 8, 9]
+
+
+def test_switching_the_screen_off_is_recorded(setup):
+    _, index, train, holdout = setup
+    planted = holdout.clone()
+    planted[[7, 8, 9]] = train[[20, 21, 22]]
+    cal = calibrate_threshold(index, planted, holdout_patient_ids=HOLDOUT_IDS, duplicate_check=False)
+    assert cal.duplicate_screen is None and cal.threshold < 1e-3  # what the screen is there to prevent
+    clean = calibrate_threshold(index, holdout, holdout_patient_ids=HOLDOUT_IDS)
+    assert clean.duplicate_screen["flagged"] == 0 and clean.duplicate_screen["z_min"] == 5.0
+
+
+def _model_space(records):
+    scale = intensity_transform("us")
+    return torch.stack([torch.as_tensor(np.asarray(scale(r["image"]))) for r in records]).float()
+
+
+def _blur(x):
+    k = torch.tensor([1.0, 2.0, 1.0])
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), ((k[:, None] * k[None]) / 16)[None, None])
+
+
+def _rotate(x, degrees):
+    t = np.deg2rad(degrees)
+    theta = torch.tensor([[np.cos(t), -np.sin(t), 0.0], [np.sin(t), np.cos(t), 0.0]], dtype=torch.float32)
+    grid = F.affine_grid(theta[None].expand(len(x), 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    train = generate_cohort("us", 30, 3, spatial_size=32, seed=0)
+    holdout = generate_cohort("us", 40, 3, spatial_size=32, seed=0, first_patient=1000)
+    index = TrainingIndex.build(PixelSpace(grid=32), _model_space(train), [r["patient_id"] for r in train], "us")
+    return index, _model_space(train), _model_space(holdout), [r["patient_id"] for r in holdout]
+
+
+def test_clean_phantom_holdout_is_not_refused(phantoms):
+    index, _, holdout, ids = phantoms
+    cal = calibrate_threshold(index, holdout, holdout_patient_ids=ids)
+    assert cal.duplicate_screen["flagged"] == 0 and cal.threshold > 0.2
+
+
+@pytest.mark.parametrize(
+    "alter",
+    [
+        pytest.param(_blur, id="blurred"),
+        pytest.param(lambda x: _rotate(x, 3.0), id="rotated 3 degrees"),
+        pytest.param(lambda x: x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)), id="noised"),
+    ],
+)
+def test_altered_copies_that_would_lower_the_phantom_threshold_are_refused(phantoms, alter):
+    # the issue: a training patient in the holdout under another id; its lightly altered images pulled the 1%
+    # threshold down so far that blurred, rotated and noised copies passed the safeguard
+    index, train, holdout, ids = phantoms
+    planted = holdout.clone()
+    planted[[30, 31, 32]] = alter(train[[12, 13, 14]])  # one training patient's three studies
+    with pytest.raises(HoldoutDuplicateError, match=r"^3 holdout images.*rows 30 \(P1010\).*31 \(P1010\).*32 ") as err:
+        calibrate_threshold(index, planted, holdout_patient_ids=[*ids[:30], "P1010", "P1010", "P1010", *ids[33:]])
+    assert err.value.rows == [30, 31, 32]
+
+
+def test_a_collapsed_space_is_refused():
+    """A space that maps every image to about one vector (an untrained or collapsed embedding) cannot guard anything."""
+    import faiss
+
+    from monai_synth.privacy.calibration import CollapsedSpaceError
+    from monai_synth.privacy.index import TrainingIndex
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(1, 16)).astype(np.float32)
+    train = base + 1e-4 * rng.normal(size=(40, 16)).astype(np.float32)
+    shard = faiss.IndexFlatIP(16)
+    shard.add(train / np.linalg.norm(train, axis=1, keepdims=True))
+    index = TrainingIndex([shard], np.arange(40, dtype=np.int32), [f"P{i}" for i in range(40)], "embedding", "s", "d")
+    holdout = base + 1e-4 * rng.normal(size=(200, 16)).astype(np.float32)
+    with pytest.raises(CollapsedSpaceError, match="median distance"):
+        calibrate_threshold(index, holdout_vectors=holdout, holdout_patient_ids=[f"H{i}" for i in range(200)])

@@ -1,12 +1,18 @@
-"""TrainingIndex: exact search (checked against numpy), sharding, persistence and stale-fingerprint refusal."""
+"""TrainingIndex: exact search (checked against numpy), sharding, persistence, and the refusals: a stale fingerprint,
+altered files, a load without an expected fingerprint, degenerate vectors."""
 
 from __future__ import annotations
+
+import hashlib
+import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from monai_synth.privacy.index import StaleIndexError, TrainingIndex, index_fingerprint
+from monai_synth.privacy.index import DegenerateVectorError, StaleIndexError, TrainingIndex, index_fingerprint
+from monai_synth.privacy.safeguard import PrivacySafeguard
 from monai_synth.privacy.spaces import PixelSpace, space_distance
 
 
@@ -89,8 +95,9 @@ def test_save_replaces_an_older_index(tmp_path, data):
     images, patients = data
     space = PixelSpace(grid=16)
     TrainingIndex.build(space, images[:30], patients[:30], "old").save(tmp_path / "idx")
-    TrainingIndex.build(space, images, patients, "new").save(tmp_path / "idx")
-    assert TrainingIndex.load(tmp_path / "idx").ntotal == 60
+    new = TrainingIndex.build(space, images, patients, "new")
+    new.save(tmp_path / "idx")
+    assert TrainingIndex.load(tmp_path / "idx", expected_fingerprint=new.fingerprint).ntotal == 60
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
 
 
@@ -100,10 +107,88 @@ def test_stale_index_is_refused(tmp_path, data):
     TrainingIndex.build(space, images, patients, "dl-v1").save(tmp_path / "idx")
     with pytest.raises(StaleIndexError, match="datalist or the privacy space changed"):
         TrainingIndex.load(tmp_path / "idx", expected_fingerprint=index_fingerprint("dl-v2", space.fingerprint()))
+    fingerprint = index_fingerprint("dl-v1", space.fingerprint())
     with pytest.raises(StaleIndexError, match="rebuild the index with this space"):
-        TrainingIndex.load(tmp_path / "idx", space=PixelSpace(grid=8))
+        TrainingIndex.load(tmp_path / "idx", space=PixelSpace(grid=8), expected_fingerprint=fingerprint)
     with pytest.raises(FileNotFoundError, match="no training index"):
-        TrainingIndex.load(tmp_path / "missing")
+        TrainingIndex.load(tmp_path / "missing", expected_fingerprint=fingerprint)
+
+
+def test_load_needs_the_expected_fingerprint(tmp_path, data):
+    images, patients = data
+    space = PixelSpace(grid=16)
+    TrainingIndex.build(space, images, patients, "dl").save(tmp_path / "idx")
+    with pytest.raises(TypeError, match="needs expected_fingerprint=.*index_fingerprint"):
+        TrainingIndex.load(tmp_path / "idx", space=space)
+    with pytest.raises(TypeError, match="non-empty string"):
+        TrainingIndex.load(tmp_path / "idx", space=space, expected_fingerprint="")
+
+
+def _saved(tmp_path, data, shard_size=25):
+    images, patients = data
+    space = PixelSpace(grid=16)
+    index = TrainingIndex.build(space, images, patients, "dl", shard_size=shard_size)
+    index.save(tmp_path / "idx")
+    return tmp_path / "idx", space, index.fingerprint
+
+
+def test_meta_records_a_sha256_of_every_file(tmp_path, data):
+    directory, _, _ = _saved(tmp_path, data)
+    meta = json.loads((directory / "meta.json").read_text())
+    assert sorted(meta["sha256"]) == ["patient_codes.npy", "shard_000.faiss", "shard_001.faiss", "shard_002.faiss"]
+    for name, digest in meta["sha256"].items():
+        assert hashlib.sha256((directory / name).read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_shard_from_another_index_is_refused(tmp_path, data, mmap):
+    directory, space, fingerprint = _saved(tmp_path, data)
+    images, patients = data
+    # same datalist fingerprint and shapes, other contents: the metadata alone cannot tell
+    TrainingIndex.build(space, images.flip(0), patients, "dl", shard_size=25).save(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "shard_001.faiss", directory / "shard_001.faiss")
+    with pytest.raises(StaleIndexError, match=r"contents of shard_001\.faiss differ from the sha256"):
+        TrainingIndex.load(directory, space=space, expected_fingerprint=fingerprint, mmap=mmap)
+
+
+def test_an_edited_patient_table_or_list_is_refused(tmp_path, data):
+    directory, space, fingerprint = _saved(tmp_path, data)
+    codes = np.load(directory / "patient_codes.npy")
+    np.save(directory / "patient_codes.npy", codes[::-1].copy())
+    with pytest.raises(StaleIndexError, match=r"contents of patient_codes\.npy differ"):
+        TrainingIndex.load(directory, space=space, expected_fingerprint=fingerprint)
+    directory, space, fingerprint = _saved(tmp_path, data)
+    meta = json.loads((directory / "meta.json").read_text())
+    meta["patients"][0] = "SOMEONE-ELSE"
+    (directory / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StaleIndexError, match="patient list in meta.json"):
+        TrainingIndex.load(directory, space=space, expected_fingerprint=fingerprint)
+
+
+def test_a_missing_shard_or_an_index_without_hashes_is_refused(tmp_path, data):
+    directory, space, fingerprint = _saved(tmp_path, data)
+    (directory / "shard_002.faiss").unlink()
+    with pytest.raises(StaleIndexError, match=r"shard_002\.faiss \(missing\)"):
+        TrainingIndex.load(directory, space=space, expected_fingerprint=fingerprint)
+    directory, space, fingerprint = _saved(tmp_path, data)
+    meta = json.loads((directory / "meta.json").read_text())
+    del meta["sha256"]
+    (directory / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StaleIndexError, match="does not record a sha256"):
+        TrainingIndex.load(directory, space=space, expected_fingerprint=fingerprint)
+    meta["format_version"] = 1
+    (directory / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StaleIndexError, match="has format 1.*rebuild it"):
+        TrainingIndex.load(directory, space=space, expected_fingerprint=fingerprint)
+
+
+def test_a_meta_fingerprint_that_does_not_follow_from_its_datalist_is_refused(tmp_path, data):
+    directory, space, fingerprint = _saved(tmp_path, data)
+    meta = json.loads((directory / "meta.json").read_text())
+    meta["datalist_fingerprint"] = "another-datalist"  # "fingerprint" still says the expected one
+    (directory / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StaleIndexError, match="inconsistent metadata"):
+        TrainingIndex.load(directory, space=space, expected_fingerprint=fingerprint)
 
 
 def test_query_without_a_space_or_with_wrong_vectors_fails(tmp_path, data):
@@ -111,6 +196,71 @@ def test_query_without_a_space_or_with_wrong_vectors_fails(tmp_path, data):
     index = TrainingIndex.build(PixelSpace(grid=16), images, patients, "dl")
     index.save(tmp_path / "idx")
     with pytest.raises(StaleIndexError, match="no privacy space"):
-        TrainingIndex.load(tmp_path / "idx").query(images[:2])
+        TrainingIndex.load(tmp_path / "idx", expected_fingerprint=index.fingerprint).query(images[:2])
     with pytest.raises(ValueError, match="d=256"):
         index.search(np.zeros((2, 10), dtype=np.float32))
+
+
+class _UnderflowingSpace:
+    """A pixel space that returns a zero vector for images marked by a corner value, as an underflowing space would."""
+
+    name = "pixel"
+    MARK = 1234.0
+
+    def __init__(self):
+        self.pixel = PixelSpace(grid=16)
+
+    def fingerprint(self):
+        return "underflowing-" + self.pixel.fingerprint()
+
+    def embed(self, images):
+        vec = self.pixel.embed(images)
+        vec[np.asarray(torch.as_tensor(images)[:, 0, 0, 0] == self.MARK)] = 0.0
+        return vec
+
+
+@pytest.mark.parametrize("bad", [0.0, np.inf, np.nan, 1e-40])
+def test_a_degenerate_query_vector_is_an_error_not_a_distance(data, bad):
+    images, patients = data
+    index = TrainingIndex.build(PixelSpace(grid=16), images, patients, "dl")
+    vectors = PixelSpace(grid=16).embed(images[:5])
+    vectors[[1, 3]] *= np.float32(bad)
+    with pytest.raises(DegenerateVectorError, match=r"query rows \[1, 3\] have a vector with no direction") as err:
+        index.search(vectors)
+    assert err.value.rows == [1, 3] and isinstance(err.value, ValueError)
+    # one bad variant is enough to refuse the query image: its minimum over the variants is undefined
+    variants = np.stack([PixelSpace(grid=16).embed(images[:3])] * 2, axis=1)
+    variants[2, 1] = 0.0
+    with pytest.raises(DegenerateVectorError, match=r"query rows \[2\]"):
+        index.search(variants)
+
+
+def test_any_finite_vector_keeps_its_direction_however_large_or_small(data):
+    images, patients = data
+    index = TrainingIndex.build(PixelSpace(grid=16), images, patients, "dl")
+    vectors = PixelSpace(grid=16).embed(images[:4]).astype(np.float64)
+    for scale in (1e20, 1e-25, 1e300):  # float32 normalisation would turn the first two into zero vectors
+        dist, rows, _ = index.search(vectors * scale)
+        np.testing.assert_array_equal(rows[:, 0], [0, 1, 2, 3])
+        assert (dist[:, 0] < 1e-5).all()
+
+
+def test_a_training_image_with_a_degenerate_vector_cannot_be_indexed(data):
+    images, patients = data
+    images = images.clone()
+    images[[7, 41], 0, 0, 0] = _UnderflowingSpace.MARK
+    with pytest.raises(DegenerateVectorError, match=r"cannot index training images 7 \(P002\), 41 \(P013\):") as err:
+        TrainingIndex.build(_UnderflowingSpace(), images, patients, "dl", batch_size=16)  # every one named
+    assert err.value.rows == [7, 41]
+
+
+def test_the_safeguard_fails_a_degenerate_image_closed_and_judges_the_others(data):
+    images, patients = data
+    index = TrainingIndex.build(_UnderflowingSpace(), images, patients, "dl")
+    safeguard = PrivacySafeguard([(index, 0.05)])
+    queries = images[:3].clone()  # exact copies: all must be rejected
+    queries[1, 0, 0, 0] = _UnderflowingSpace.MARK  # its vector underflows to zero: distance 1 if normalised blindly
+    results = safeguard.check(queries)
+    assert not any(r.passed for r in results)
+    assert "DegenerateVectorError" in results[1].reason and "too close" in results[0].reason
+    assert np.isnan(results[1].distances["pixel"])
