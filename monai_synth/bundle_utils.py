@@ -570,6 +570,27 @@ def _log_release_to_mlflow(
         raise
 
 
+def as_bool(value: Any, name: str) -> bool:
+    """A boolean config value, also when it comes from the command line as a string (``--mlflow false``).
+
+    ``python -m monai.bundle run --mlflow false`` passes the string ``'false'``, which Python takes for true; a flag
+    must mean what it says, so the usual spellings are parsed and anything else is refused.
+
+    Raises:
+        ValueError: a value that is not a recognisable boolean, naming the config id.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0", "none", "null", ""):
+        return False
+    raise ValueError(f"--{name} must be true or false, got {value!r}")
+
+
 def tracking_uri(output_dir: str | os.PathLike) -> str:
     """MLflow tracking URI: ``MLFLOW_TRACKING_URI`` when set (a server, Databricks, a shared database), else an
     embedded SQLite store ``<output_dir>/mlflow.db`` that needs no server (``mlflow ui --backend-store-uri <uri>``).

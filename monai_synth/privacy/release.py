@@ -201,6 +201,8 @@ class GuardedRelease:
         overwrite: bool = False,
         stem: str | None = None,
     ) -> None:
+        if not isinstance(overwrite, bool):  # the string "false" from a command line is truthy
+            raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
         self.out_dir = Path(out_dir).expanduser().absolute()
         self.audit = Path(audit).expanduser().absolute() if audit else default_audit_path(self.out_dir)
         check_release_paths(self.out_dir, self.audit, overwrite)
