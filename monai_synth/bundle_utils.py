@@ -365,7 +365,7 @@ def guarded_release(
     release_dir: str | os.PathLike,
     release_format: str,
     to_physical: Any,
-    spaces: Sequence[str] = ("pixel", "parts", "tiles", "embedding"),
+    spaces: Sequence[str] = ("pixel", "parts", "crops", "tiles"),
     embedding_weights: str | None = None,
     embedding_out: str | os.PathLike | None = None,
     embedding_epochs: int = 20,
