@@ -89,8 +89,9 @@ _DISTANCE_DIGITS = 6  # significant digits of the holdout distances in to_dict()
 _MAX_DISTANCE = 2.0  # distances are 1 - cosine, in [0, 2]
 
 
-COLLAPSED_SPACE = 1e-3
-"""Median holdout distance below which a space is refused as collapsed (every image maps to about one vector)."""
+COLLAPSED_SPACE = 1e-4
+"""Median holdout distance below which a space is refused as collapsed (every image maps to about one vector): ten
+times the float32 rounding margin the safeguard adds to every threshold, so a threshold below it is rounding noise."""
 
 
 class CollapsedSpaceError(ValueError):

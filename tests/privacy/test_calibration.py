@@ -292,10 +292,10 @@ def test_a_collapsed_space_is_refused():
 
     rng = np.random.default_rng(0)
     base = rng.normal(size=(1, 16)).astype(np.float32)
-    train = base + 1e-4 * rng.normal(size=(40, 16)).astype(np.float32)
+    train = base + 1e-5 * rng.normal(size=(40, 16)).astype(np.float32)
     shard = faiss.IndexFlatIP(16)
     shard.add(train / np.linalg.norm(train, axis=1, keepdims=True))
     index = TrainingIndex([shard], np.arange(40, dtype=np.int32), [f"P{i}" for i in range(40)], "embedding", "s", "d")
-    holdout = base + 1e-4 * rng.normal(size=(200, 16)).astype(np.float32)
+    holdout = base + 1e-5 * rng.normal(size=(200, 16)).astype(np.float32)
     with pytest.raises(CollapsedSpaceError, match="median distance"):
         calibrate_threshold(index, holdout_vectors=holdout, holdout_patient_ids=[f"H{i}" for i in range(200)])
