@@ -152,8 +152,11 @@ def write_certificate(
         "fingerprints": fps,
         "files": {"rows": CERTIFICATE_CSV},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **dict(extra or {}),
     }
+    clash = sorted(set(extra or {}) & set(cert))
+    if clash:
+        raise ValueError(f"extra certificate fields {clash} would overwrite the certificate's own; rename them")
+    cert.update(dict(extra or {}))
     if safeguard is not None:
         patients = set().union(*(index.patient_set for index in safeguard.indexes.values()))
         if labels is None and isinstance((extra or {}).get("modality"), str):

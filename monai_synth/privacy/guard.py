@@ -342,7 +342,7 @@ def run_guard(
         return release.finish(
             safeguard,
             fingerprints={"datalist": dl_fp, "checkpoint": None, "generator": "external (monai-synth guard)"},
-            extra={"modality": mod.name, "format": fmt, "spatial_size": list(size), "spaces": specs},
+            extra={"modality": mod.name, "format": fmt, "spatial_size": list(size), "space_specs": specs},
         )
 
 
