@@ -1,0 +1,1192 @@
+"""Attack the privacy safeguard with near-copies of training images and count how many it releases.
+
+A near-copy is an image a person would still call the same picture: an exact copy, a mirror image, a rotation, a
+noisy or re-encoded copy, a crop, a copy pasted into a bigger canvas, and so on. The safeguard must release none of
+them, and still release genuinely new images. This benchmark plants such copies and tries to get them out through
+both entry points, on phantom cohorts of every modality:
+
+* ``guard``: :func:`monai_synth.privacy.guard.run_guard` (``monai-synth guard``), the gate for any generator's output.
+  Every attacked image is written as a file in the training files' own format (PNG for ultrasound, DICOM for CT,
+  NIfTI for MRI and PET); what counts is what the gate WROTE: the release folder is read back and each released
+  file is matched by content to the candidate it came from (or, with ``--guard-per-transform``, each transform
+  gets its own release folder and its files are counted).
+* ``sampler``: :func:`monai_synth.privacy.safeguard.build_safeguard` plus
+  :func:`monai_synth.privacy.sampling.guarded_sample` with a generator that returns the planted copies as
+  model-space tensors; what counts is ``result.images``.
+
+Each cohort is split by patient into train / holdout / unseen; unseen patients (same generator, never trained on nor
+used for calibration) give the control row: the share of genuinely new images released (goal >= 95%).
+
+The guard's and the sampler's default privacy spaces and settings are used unless ``--spaces`` overrides them, so
+the benchmark measures whatever the current default is. The printed table per modality and entry point is
+``transform | released | attempted``; ``--json`` saves it with the refusal reasons and timings. A release is a
+measurement, not an error: the exit code is non-zero only when something crashed.
+
+Run: ``python benchmarks/safeguard_attacks.py`` (all modalities), ``--modalities us2d,ct3d``, ``--transforms
+exact,mirror``, ``--attempts 20``, ``--json results.json``. Cohorts are small (2D 64x64, 3D 32^3, the smallest
+holdout the 1% threshold accepts) and the guard is called once per modality, so the time goes to the safeguard
+itself: its index, calibration and judging (seconds per image with the strong default spaces on 2 CPU cores) and,
+with the embedding space, its training. The cohort and attempt flags scale it up or down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import inspect
+import io
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: modality key -> (modality, spatial dims)
+CONFIGS: dict[str, tuple[str, int]] = {
+    "us2d": ("us", 2),
+    "ct2d": ("ct", 2),
+    "mri2d": ("mri", 2),
+    "pet2d": ("pet", 2),
+    "ct3d": ("ct", 3),
+    "mri3d": ("mri", 3),
+    "pet3d": ("pet", 3),
+}
+PATHS = ("guard", "sampler")
+CONTROL = "unseen"
+CONTROL_LABEL = "unseen patient images (control)"
+TABLE_HEADER = ("transform", "released", "attempted")
+#: a released file correlating less than this with the file it came from was rewritten by the release, not copied
+REWRITTEN_R = 0.95
+
+
+# ---------------------------------------------------------------------------------------------------- transforms
+@dataclass
+class Ctx:
+    """What a transform needs besides its images: randomness, the pixel scale and where the copy goes."""
+
+    rng: np.random.Generator
+    spatial_dims: int
+    scale: float  # pixel distances below are for a 64-pixel image; 3D volumes of 32 voxels halve them
+
+    def px(self, n: float) -> int:
+        return max(1, int(round(n * self.scale)))
+
+
+def _range(a: np.ndarray) -> tuple[float, float]:
+    lo, hi = float(a.min()), float(a.max())
+    return lo, (hi if hi > lo else lo + 1.0)
+
+
+def _on_unit(a: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Apply an intensity change on the image's own [0, 1] range, so it means the same in HU, SUV or grey levels."""
+    lo, hi = _range(a)
+    u = np.clip(fn((a - lo) / (hi - lo)), 0.0, 1.0)
+    return lo + u * (hi - lo)
+
+
+def _resize(a: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Area interpolation when shrinking, (bi/tri)linear when growing."""
+    import torch
+    import torch.nn.functional as F
+
+    shape = tuple(int(s) for s in shape)
+    if shape == a.shape:
+        return a.copy()
+    x = torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)[None, None]
+    if all(s <= n for s, n in zip(shape, a.shape)):
+        y = F.interpolate(x, size=shape, mode="area")
+    else:
+        y = F.interpolate(x, size=shape, mode="bilinear" if a.ndim == 2 else "trilinear", align_corners=False)
+    return y[0, 0].numpy().astype(np.float64)
+
+
+def _centre_fit(a: np.ndarray, shape: Sequence[int], fill: float) -> np.ndarray:
+    """Centre crop / pad with ``fill`` to ``shape`` (no resampling)."""
+    out = np.full(tuple(shape), fill, dtype=np.float64)
+    src, dst = [], []
+    for n, m in zip(a.shape, shape):
+        if n >= m:
+            s = (n - m) // 2
+            src.append(slice(s, s + m))
+            dst.append(slice(0, m))
+        else:
+            d = (m - n) // 2
+            src.append(slice(0, n))
+            dst.append(slice(d, d + n))
+    out[tuple(dst)] = a[tuple(src)]
+    return out
+
+
+def _crop_centre(a: np.ndarray, frac: float, axes: Sequence[int]) -> np.ndarray:
+    sl = [slice(None)] * a.ndim
+    for ax in axes:
+        n = a.shape[ax]
+        m = max(2, int(round(n * frac)))
+        s = (n - m) // 2
+        sl[ax] = slice(s, s + m)
+    return a[tuple(sl)]
+
+
+def _rotate(a: np.ndarray, degrees: float) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.rotate(a, degrees, axes=(0, 1), reshape=False, order=1, mode="constant", cval=float(a.min()))
+
+
+def _shift(a: np.ndarray, px: int, axis: int = 0) -> np.ndarray:
+    out = np.full_like(a, a.min())
+    src = [slice(None)] * a.ndim
+    dst = [slice(None)] * a.ndim
+    src[axis], dst[axis] = slice(0, a.shape[axis] - px), slice(px, None)
+    out[tuple(dst)] = a[tuple(src)]
+    return out
+
+
+def _elastic(a: np.ndarray, ctx: Ctx) -> np.ndarray:
+    """A smooth random displacement of up to ~2 px (at 64 px): the same anatomy, slightly warped."""
+    from scipy import ndimage
+
+    sigma, amp = 6.0 * ctx.scale, 2.0 * ctx.scale
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in a.shape], indexing="ij")
+    coords = []
+    for g in grids:
+        d = ndimage.gaussian_filter(ctx.rng.standard_normal(a.shape), sigma)
+        d *= amp / max(float(np.abs(d).max()), 1e-12)
+        coords.append(g + d)
+    return ndimage.map_coordinates(a, coords, order=1, mode="nearest")
+
+
+def _jpeg(a: np.ndarray, quality: int = 30) -> np.ndarray:
+    """JPEG re-encoding (8 bits on the image's range, per slice), then stored back in the original format."""
+    from PIL import Image
+
+    lo, hi = _range(a)
+    u8 = np.clip(np.rint((a - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+    planes = u8[..., None] if a.ndim == 2 else u8
+    out = np.empty(planes.shape, dtype=np.float64)
+    for k in range(planes.shape[-1]):
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(planes[..., k])).save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        out[..., k] = np.asarray(Image.open(buf), dtype=np.float64)
+    out = out[..., 0] if a.ndim == 2 else out
+    return lo + out / 255.0 * (hi - lo)
+
+
+def _mosaic(images: Sequence[np.ndarray]) -> np.ndarray:
+    """Four images at half size (in plane) in a 2x2 mosaic of the original size."""
+    a = images[0]
+    h0, h1 = a.shape[0] // 2, a.shape[1] // 2
+    out = np.full(a.shape, min(float(i.min()) for i in images), dtype=np.float64)
+    for q, img in enumerate(images[:4]):
+        i, j = divmod(q, 2)
+        small = _resize(img, (h0, h1, *a.shape[2:]))
+        out[i * h0 : (i + 1) * h0, j * h1 : (j + 1) * h1] = small
+    return out
+
+
+def _canvas(train: Sequence[np.ndarray], other: np.ndarray) -> np.ndarray:
+    """A canvas 3x the size (in plane): three bit-exact training images in corners around an unseen image."""
+    n0, n1 = train[0].shape[:2]
+    fill = min(float(x.min()) for x in [*train, other])
+    out = np.full((3 * n0, 3 * n1, *train[0].shape[2:]), fill, dtype=np.float64)
+    out[:n0, :n1] = train[0]
+    out[2 * n0 :, :n1] = train[1]
+    out[:n0, 2 * n1 :] = train[2]
+    out[n0 : 2 * n0, n1 : 2 * n1] = other
+    return out
+
+
+def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(a, sigma)
+
+
+def _drop_slices(a: np.ndarray, n: int = 4) -> np.ndarray:
+    drop = set(np.linspace(2, a.shape[2] - 3, n).round().astype(int).tolist())
+    return a[:, :, [k for k in range(a.shape[2]) if k not in drop]]
+
+
+def _half_join(a: np.ndarray, other: np.ndarray) -> np.ndarray:
+    out = _resize(other, a.shape).astype(np.float64)
+    h = a.shape[0] // 2
+    out[:h] = a[:h]
+    return out
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One way of planting a near-copy.
+
+    Attributes:
+        key: name on the command line.
+        label: row label; ``{px}`` etc. are filled with the pixel sizes actually used.
+        fn: ``fn(train_images, unseen_images, ctx) -> image``.
+        n_train: training images per copy; n_unseen: unseen images per copy.
+        paths: entry points it applies to.
+        dims: spatial dims it applies to.
+        formats: file formats it applies to on the guard path (None: all).
+        model_fit: on the sampler path, how an output of another shape is brought back to the model size
+            (``"resize"``, ``"pad"``: centre crop/pad with background); None: shape-changing attacks are skipped there.
+        cut: the output is cut or pasted together, not resampled, so its files keep the training voxel size.
+    """
+
+    key: str
+    label: str
+    fn: Callable[[list[np.ndarray], list[np.ndarray], Ctx], np.ndarray]
+    n_train: int = 1
+    n_unseen: int = 0
+    paths: tuple[str, ...] = PATHS
+    dims: tuple[int, ...] = (2, 3)
+    formats: tuple[str, ...] | None = None
+    model_fit: str | None = None
+    cut: bool = False
+
+    def applies(self, path: str, spatial_dims: int, fmt: str) -> bool:
+        if path not in self.paths or spatial_dims not in self.dims:
+            return False
+        return path != "guard" or self.formats is None or fmt in self.formats
+
+
+def _px_label(label: str, ctx_scale: float) -> str:
+    def px(n: float) -> int:
+        return max(1, int(round(n * ctx_scale)))
+
+    return label.format(px4=px(4), px8=px(8))
+
+
+ATTACKS: list[Attack] = [
+    Attack("exact", "exact copy", lambda t, u, c: t[0].copy()),
+    Attack("invert", "intensity inversion", lambda t, u, c: float(t[0].min()) + float(t[0].max()) - t[0]),
+    Attack(
+        "border",
+        "{px4}-px background border",
+        lambda t, u, c: np.pad(
+            t[0], [(c.px(4), c.px(4))] * 2 + [(0, 0)] * (t[0].ndim - 2), constant_values=float(t[0].min())
+        ),
+        model_fit="resize",
+        cut=True,
+    ),
+    Attack(
+        "crop70",
+        "crop to 70% and resize back",
+        lambda t, u, c: _resize(_crop_centre(t[0], 0.7, range(t[0].ndim)), t[0].shape),
+    ),
+    Attack("transpose", "transpose", lambda t, u, c: np.swapaxes(t[0], 0, 1).copy()),
+    Attack("rot90", "rot90", lambda t, u, c: np.rot90(t[0], 1, axes=(0, 1)).copy()),
+    Attack("mirror", "mirror", lambda t, u, c: t[0][::-1].copy()),
+    Attack("half", "half joined to half of an unseen image", lambda t, u, c: _half_join(t[0], u[0]), n_unseen=1),
+    Attack("rot10", "rotation 10 deg", lambda t, u, c: _rotate(t[0], 10.0)),
+    Attack("rot20", "rotation 20 deg", lambda t, u, c: _rotate(t[0], 20.0)),
+    Attack("shift8", "shift {px8} px", lambda t, u, c: _shift(t[0], c.px(8))),
+    Attack("shift4", "shift {px4} px", lambda t, u, c: _shift(t[0], c.px(4))),
+    Attack(
+        "speckle",
+        "speckle noise sd 0.5 (multiplicative)",
+        lambda t, u, c: _on_unit(t[0], lambda x: x * (1.0 + 0.5 * c.rng.standard_normal(x.shape))),
+    ),
+    Attack(
+        "gauss",
+        "Gaussian noise sd 10% of range",
+        lambda t, u, c: _on_unit(t[0], lambda x: x + 0.1 * c.rng.standard_normal(x.shape)),
+    ),
+    Attack("gamma", "gamma 0.5", lambda t, u, c: _on_unit(t[0], lambda x: x**0.5)),
+    Attack("blur", "Gaussian blur sd 1.5 px", lambda t, u, c: _blur(t[0], 1.5 * c.scale)),
+    Attack("x1e20", "exact copy x 1e20", lambda t, u, c: t[0] * 1e20, formats=("nifti",)),
+    Attack("x257", "16-bit copy (x257)", lambda t, u, c: t[0] * 257.0, paths=("guard",)),
+    Attack(
+        "up2x", "upsampled to 2x size", lambda t, u, c: _resize(t[0], [2 * n for n in t[0].shape]), paths=("guard",)
+    ),
+    Attack(
+        "down2x",
+        "downsampled to half size",
+        lambda t, u, c: _resize(t[0], [max(2, n // 2) for n in t[0].shape]),
+        model_fit="pad",
+    ),
+    Attack(
+        "canvas",
+        "3x canvas: 3 exact copies around an unseen image",
+        lambda t, u, c: _canvas(t[:3], u[0]),
+        n_train=3,
+        n_unseen=1,
+        model_fit="resize",
+        cut=True,
+    ),
+    Attack(
+        "side",
+        "side by side with an unseen image",
+        lambda t, u, c: np.concatenate([t[0], _resize(u[0], t[0].shape)], axis=0),
+        n_unseen=1,
+        model_fit="resize",
+        cut=True,
+    ),
+    Attack(
+        "crop75",
+        "crop 75% of each side, not resized",
+        lambda t, u, c: _crop_centre(t[0], 0.75, range(t[0].ndim)).copy(),
+        model_fit="pad",
+        cut=True,
+    ),
+    Attack("mosaic", "2x2 mosaic of 4 training images at half size", lambda t, u, c: _mosaic(t[:4]), n_train=4),
+    Attack(
+        "dropslices",
+        "4 of its slices removed",
+        lambda t, u, c: _drop_slices(t[0]),
+        dims=(3,),
+        model_fit="resize",
+        cut=True,
+    ),
+    # near-copies of our own
+    Attack("elastic", "elastic deformation (~2 px)", lambda t, u, c: _elastic(t[0], c)),
+    Attack("jpeg", "JPEG re-encoding (quality 30)", lambda t, u, c: _jpeg(t[0])),
+    Attack("window", "contrast window 10-70% of range", lambda t, u, c: _on_unit(t[0], lambda x: (x - 0.1) / 0.6)),
+    Attack("rotshift", "rotation 5 deg + shift {px4} px", lambda t, u, c: _shift(_rotate(t[0], 5.0), c.px(4), axis=1)),
+    Attack(
+        "mirror_noise",
+        "mirror + Gaussian noise sd 5%",
+        lambda t, u, c: _on_unit(t[0][::-1], lambda x: x + 0.05 * c.rng.standard_normal(x.shape)),
+    ),
+]
+ATTACK_KEYS = [a.key for a in ATTACKS]
+
+
+# ---------------------------------------------------------------------------------------------------- file I/O
+def _fmt_of(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if name.endswith((".png", ".jpg", ".jpeg", ".bmp")):
+        return "png"
+    return "dicom"
+
+
+def _read(path: str | os.PathLike, spatial_dims: int) -> tuple[np.ndarray, tuple[float, ...]]:
+    """An image file (or DICOM series folder) in physical units, spatial axes only, volumes in RAS, and its spacing."""
+    from monai.transforms import LoadImage, Orientation
+
+    from monai_synth.data.loading import reader_for
+
+    img = LoadImage(reader=reader_for(path), image_only=True, ensure_channel_first=True, dtype=np.float64)(
+        os.fspath(path)
+    )
+    while img.ndim - 1 > spatial_dims and img.shape[-1] == 1:
+        img = img[..., 0]
+    if spatial_dims == 3 and img.ndim == 4:
+        img = Orientation(axcodes="RAS")(img)
+    spacing = tuple(float(s) for s in np.asarray(img.pixdim)[:spatial_dims]) if hasattr(img, "pixdim") else ()
+    return np.asarray(img, dtype=np.float64)[0], spacing or (1.0,) * spatial_dims
+
+
+def _write_png(path: Path, a: np.ndarray) -> None:
+    """8-bit grey PNG, or 16-bit when the values do not fit (rows = axis 1, as the project's PNGs)."""
+    from PIL import Image
+
+    v = np.rint(a)
+    if v.min() >= 0 and v.max() <= 255:
+        Image.fromarray(np.ascontiguousarray(v.astype(np.uint8).T)).save(path)
+    else:
+        Image.fromarray(np.ascontiguousarray(np.clip(v, 0, 65535).astype(np.uint16).T)).save(path)
+
+
+def _write_nifti(path: Path, a: np.ndarray, spacing: Sequence[float]) -> None:
+    import nibabel as nib
+
+    affine = np.diag([*[float(s) for s in spacing], *([1.0] * (4 - len(spacing)))])
+    affine[: a.ndim, 3] = [-(n - 1) / 2 * float(s) for n, s in zip(a.shape, spacing)]
+    img = nib.Nifti1Image(a.astype(np.float32), affine)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(path))
+
+
+def _write_dicom(path: Path, a: np.ndarray, spacing: Sequence[float], template: Path) -> None:
+    """The training file's DICOM header with new pixels (a folder of slices for a volume), axes along +x, +y, +z RAS.
+
+    The template's storage (bits, slope, intercept) is kept when the values fit it, otherwise 16 bits with a slope
+    that fits, as a person re-saving an edited image would get.
+    """
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    tpl_file = template if template.is_file() else sorted(p for p in template.iterdir() if p.is_file())[0]
+    tpl = pydicom.dcmread(tpl_file)
+    slope = float(getattr(tpl, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(tpl, "RescaleIntercept", 0.0) or 0.0)
+    bits, signed = int(tpl.BitsAllocated), int(getattr(tpl, "PixelRepresentation", 0)) == 1
+    stored = np.rint((a - intercept) / slope)
+    lo_s, hi_s = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    if stored.min() < lo_s or stored.max() > hi_s:
+        bits, signed = 16, False
+        intercept = float(f"{float(a.min()):.8g}")
+        slope = float(f"{max((float(a.max()) - intercept) / 65000.0, 1e-6):.8g}")
+        stored = np.clip(np.rint((a - intercept) / slope), 0, 65535)
+    dtype = {(8, False): np.uint8, (16, False): np.uint16, (16, True): np.int16}[(bits, signed)]
+    vol = stored[..., None] if a.ndim == 2 else stored
+    sp = [float(s) for s in spacing] + [1.0] * (3 - len(spacing))
+    series_uid = generate_uid()
+    z0 = -(vol.shape[2] - 1) / 2 * sp[2]
+    if a.ndim == 3:
+        path.mkdir()
+    for k in range(vol.shape[2]):
+        ds = copy.deepcopy(tpl)
+        uid = generate_uid()
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.SeriesInstanceUID = series_uid
+        ds.InstanceNumber = k + 1
+        plane = np.ascontiguousarray(vol[:, :, k].T.astype(dtype))  # rows = axis 1, columns = axis 0
+        ds.Rows, ds.Columns = plane.shape
+        ds.PixelSpacing = [sp[1], sp[0]]
+        ds.ImageOrientationPatient = [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0]
+        z = z0 + k * sp[2] if a.ndim == 3 else float(getattr(tpl, "ImagePositionPatient", [0, 0, 0])[2])
+        ds.ImagePositionPatient = [(vol.shape[0] - 1) / 2 * sp[0], (vol.shape[1] - 1) / 2 * sp[1], z]
+        if a.ndim == 3:
+            ds.SliceThickness = sp[2]
+            ds.SpacingBetweenSlices = sp[2]
+            ds.SliceLocation = z
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, int(signed)
+        if "RescaleSlope" in tpl or slope != 1.0 or intercept != 0.0:
+            ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        ds.PixelData = plane.tobytes()
+        ds.save_as(path if a.ndim == 2 else path / f"slice_{k:04d}.dcm", enforce_file_format=True)
+
+
+def _write(path_stem: Path, a: np.ndarray, fmt: str, spacing: Sequence[float], template: Path) -> Path:
+    """Write an attacked image next to ``path_stem`` in ``fmt``; returns the file (or series folder)."""
+    if fmt == "png":
+        out = path_stem.with_name(path_stem.name + ".png")
+        _write_png(out, a)
+    elif fmt == "nifti":
+        out = path_stem.with_name(path_stem.name + ".nii.gz")
+        _write_nifti(out, a, spacing)
+    else:
+        out = path_stem.with_name(path_stem.name + (".dcm" if a.ndim == 2 else ""))
+        _write_dicom(out, a, spacing, template)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- cohorts
+@dataclass
+class Cohort:
+    """A phantom cohort split by patient: datalists and the raw images of train and unseen patients."""
+
+    key: str
+    modality: str
+    spatial_dims: int
+    size: tuple[int, ...]
+    fmt: str
+    train_csv: Path
+    holdout_csv: Path
+    train_paths: list[Path]
+    unseen_paths: list[Path]
+    n_holdout: int
+    train_ids: list[str] = field(default_factory=list)
+
+
+def make_cohort(key: str, root: Path, size: int, patients: Sequence[int], images_per_patient: int, seed: int) -> Cohort:
+    """Write one phantom cohort and split it by patient into train / holdout / unseen datalists."""
+    from monai_synth.data.phantoms import write_cohort
+
+    modality, dims = CONFIGS[key]
+    n_train, n_holdout, n_unseen = (int(p) for p in patients)
+    datalist = write_cohort(
+        root / "cohort",
+        modality=modality,
+        n_patients=n_train + n_holdout + n_unseen,
+        images_per_patient=images_per_patient,
+        spatial_dims=dims,
+        spatial_size=size,
+        seed=seed,
+    )
+    with open(datalist, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    order = list(dict.fromkeys(r["patient_id"] for r in rows))
+    split = {
+        "train": set(order[:n_train]),
+        "holdout": set(order[n_train : n_train + n_holdout]),
+        "unseen": set(order[n_train + n_holdout :]),
+    }
+    parts = {}
+    for name, ids in split.items():
+        sel = [r for r in rows if r["patient_id"] in ids]
+        path = datalist.parent / f"{name}.csv"  # next to datalist.csv: relative image paths stay valid
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(sel)
+        parts[name] = (path, sel)
+    base = datalist.parent
+    train_rows, unseen_rows = parts["train"][1], parts["unseen"][1]
+    return Cohort(
+        key=key,
+        modality=modality,
+        spatial_dims=dims,
+        size=(int(size),) * dims,
+        fmt=_fmt_of(base / train_rows[0]["image"]),
+        train_csv=parts["train"][0],
+        holdout_csv=parts["holdout"][0],
+        train_paths=[base / r["image"] for r in train_rows],
+        unseen_paths=[base / r["image"] for r in unseen_rows],
+        n_holdout=len(parts["holdout"][1]),
+        train_ids=[r["patient_id"] for r in train_rows],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- planting
+@dataclass
+class Plant:
+    """The copies of one transform: what was planted and from which training images."""
+
+    attack: Attack
+    label: str
+    images: list[np.ndarray]
+    spacings: list[tuple[float, ...]]
+    sources: list[list[int]]
+
+
+def plant(
+    attacks: Sequence[Attack],
+    train: Sequence[np.ndarray],
+    unseen: Sequence[np.ndarray],
+    train_spacing: Sequence[tuple[float, ...]],
+    attempts: int,
+    spatial_dims: int,
+    scale: float,
+    model: bool,
+    seed: int,
+) -> list[Plant]:
+    """Apply every attack ``attempts`` times, cycling through the training (and unseen) images.
+
+    The training images are used in turn across all attacks, so different transforms mostly start from different
+    images, which keeps the content matching of released files unambiguous.
+    """
+    out, t_next, u_next = [], 0, 0
+    for ai, attack in enumerate(attacks):
+        images, spacings, sources = [], [], []
+        for k in range(attempts):
+            t_idx = [(t_next + j) % len(train) for j in range(attack.n_train)]
+            u_idx = [(u_next + j) % len(unseen) for j in range(attack.n_unseen)]
+            t_next, u_next = t_next + attack.n_train, u_next + attack.n_unseen
+            ctx = Ctx(np.random.default_rng([seed, ai, k]), spatial_dims, scale)
+            t_imgs = [np.asarray(train[i], dtype=np.float64) for i in t_idx]
+            img = np.asarray(attack.fn(t_imgs, [np.asarray(unseen[i], dtype=np.float64) for i in u_idx], ctx))
+            base = train_spacing[t_idx[0]]
+            spacing = tuple(base)
+            if not attack.cut:  # resampled: the same field of view on another grid
+                spacing = tuple(s * n / m for s, n, m in zip(base, t_imgs[0].shape, img.shape))
+            if model and img.shape != t_imgs[0].shape:
+                fill = float(t_imgs[0].min())
+                img = (
+                    _resize(img, t_imgs[0].shape)
+                    if attack.model_fit == "resize"
+                    else _centre_fit(img, t_imgs[0].shape, fill)
+                )
+            images.append(img)
+            spacings.append(spacing)
+            sources.append(t_idx)
+        out.append(Plant(attack, _px_label(attack.label, scale), images, spacings, sources))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- results
+@dataclass
+class Row:
+    transform: str
+    label: str
+    released: int
+    attempted: int
+    reasons: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _short_reason(reason: str | None) -> str:
+    """A reason without its numbers and image indices, so equal reasons are counted together."""
+    text = re.sub(r"\s*\([-+\d.eE<>=, naif]*\)", "", reason or "")  # "(0.012 < 0.13)", "(nan)"
+    text = re.sub(r"\[[\d, ]*\]", "[...]", text)  # "images [0, 1, 2] of the batch"
+    return "; ".join(dict.fromkeys(t.strip() for t in text.split(";") if t.strip()))[:200] or "unknown"
+
+
+def print_table(title: str, rows: Sequence[Row]) -> None:
+    width = max([len(TABLE_HEADER[0])] + [len(r.label) for r in rows])
+    print(f"\n-- {title} --")
+    print(f"{TABLE_HEADER[0]:<{width}} | {TABLE_HEADER[1]:>8} | {TABLE_HEADER[2]:>9}")
+    print(f"{'-' * width}-+-{'-' * 8}-+-{'-' * 9}")
+    for r in rows:
+        print(f"{r.label:<{width}} | {r.released:>8d} | {r.attempted:>9d}")
+
+
+def parse_tables(text: str) -> list[list[tuple[str, int, int]]]:
+    """The tables of a run's output, as ``[(label, released, attempted), ...]`` per table (for tests and tools)."""
+    tables: list[list[tuple[str, int, int]]] = []
+    current: list[tuple[str, int, int]] | None = None
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) == 3 and tuple(cells) == TABLE_HEADER:
+            current = []
+            tables.append(current)
+        elif current is not None and len(cells) == 3 and cells[1].isdigit() and cells[2].isdigit():
+            current.append((cells[0], int(cells[1]), int(cells[2])))
+        elif current is not None and not line.startswith("-"):
+            current = None
+    return tables
+
+
+# ---------------------------------------------------------------------------------------------------- guard path
+def _released_entries(out: Path, spatial_dims: int) -> list[Path]:
+    """Every image present in a release folder: image files, and DICOM series folders for volumes.
+
+    Found by walking the folder (what a recipient gets), plus whatever the certificate's ``file`` column names.
+    """
+    found: set[Path] = set()
+    if not out.is_dir():
+        return []
+    suffixes = (".png", ".jpg", ".jpeg", ".bmp", ".nii", ".nii.gz", ".dcm", ".mha", ".mhd", ".nrrd")
+    for dirpath, dirnames, filenames in os.walk(out):
+        d = Path(dirpath)
+        files = [f for f in filenames if not f.startswith(".") and not f.startswith("certificate.")]
+        if spatial_dims == 3 and d != out and not dirnames and files and all(f.lower().endswith(".dcm") for f in files):
+            found.add(d)
+            continue
+        found.update(d / f for f in files if f.lower().endswith(suffixes))
+    cert = out / "certificate.csv"
+    if cert.is_file():
+        with open(cert, newline="") as fh:
+            for row in csv.DictReader(fh):
+                p = out / (row.get("file") or "")
+                if row.get("file") and p.exists():
+                    found.add(p)
+    return sorted(found)
+
+
+def _match(
+    released: Sequence[np.ndarray], candidates: Sequence[np.ndarray], hints: Sequence[int | None] | None = None
+) -> list[tuple[int, str, float]]:
+    """Map each released image to the candidate it came from, by content.
+
+    An identical candidate (same shape, same values within storage rounding) wins; then the candidate the private
+    audit names for that file (``hints``), which settles files the release rewrote beyond recognition; then the
+    highest Pearson correlation among same-shape candidates, then on a common 16-cell grid. Each candidate is matched
+    at most once, best matches first.
+
+    Returns:
+        ``(candidate index, "exact" | "audit" | "correlation" | "grid", r)`` per released image, ``r`` the correlation
+        of the released image with its candidate (on the grid if their shapes differ); index -1 if none is left.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def grid(a: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)[None, None]
+        pool = F.adaptive_avg_pool2d if a.ndim == 2 else F.adaptive_avg_pool3d
+        return pool(x, 16)[0, 0].numpy()
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        v = np.asarray(v, dtype=np.float64).ravel()
+        v = v - v.mean()
+        n = np.linalg.norm(v)
+        return v / n if n > 0 else v
+
+    def corr(x: np.ndarray, y: np.ndarray) -> float:
+        return float(unit(x) @ unit(y)) if x.shape == y.shape else float(unit(grid(x)) @ unit(grid(y)))
+
+    by_shape: dict[tuple, list[int]] = {}
+    for j, c in enumerate(candidates):
+        by_shape.setdefault(c.shape, []).append(j)
+    units = {shape: np.stack([unit(candidates[j]) for j in idx]) for shape, idx in by_shape.items()}
+    grids = np.stack([unit(grid(c)) for c in candidates])
+    scores = []
+    for i, rel in enumerate(released):
+        idx = by_shape.get(rel.shape, [])
+        if idx:
+            r = units[rel.shape] @ unit(rel)
+            for t in np.argsort(-r)[:8]:
+                cand = candidates[idx[t]]
+                span = float(cand.max() - cand.min()) or 1.0
+                exact = float(np.abs(cand - rel).max()) <= 2e-3 * span + 1e-6 * float(np.abs(cand).max())
+                scores.append((2.0 + r[t] if exact else 1.0 + r[t], i, idx[t], "exact" if exact else "correlation"))
+        if hints is not None and hints[i] is not None:
+            scores.append((2.5, i, int(hints[i]), "audit"))
+        rg = grids @ unit(grid(rel))
+        for j in np.argsort(-rg)[:8]:
+            if candidates[j].shape != rel.shape:
+                scores.append((rg[j], i, int(j), "grid"))
+    scores.sort(key=lambda s: -s[0])
+    out: list[tuple[int, str, float] | None] = [None] * len(released)
+    taken: set[int] = set()
+    for _, i, j, how in scores:
+        if out[i] is None and j not in taken:
+            out[i] = (int(j), how, corr(released[i], candidates[j]))
+            taken.add(j)
+    return [o if o is not None else (-1, "none", float("nan")) for o in out]
+
+
+def _read_audit(audit: Path | None) -> tuple[dict[str, tuple[bool, str | None]], dict[str, str]]:
+    """From the private audit file, when it has those columns (best effort): source -> (passed, reasons), and
+    released file -> source.
+
+    A candidate with one row per space passed only if every row did.
+    """
+    if audit is None or not Path(audit).is_file():
+        return {}, {}
+    out: dict[str, tuple[bool, str | None]] = {}
+    files: dict[str, str] = {}
+    with open(audit, newline="") as fh:
+        for row in csv.DictReader(fh):
+            src = row.get("source")
+            if not src:
+                continue
+            if row.get("file"):
+                files[row["file"]] = src
+            passed = str(row.get("passed", "")).strip().lower() in ("true", "1", "yes")
+            reason = row.get("reason") or None
+            if src in out:
+                was, why = out[src]
+                passed = was and passed
+                reason = "; ".join(r for r in dict.fromkeys([why, reason]) if r) or None
+            out[src] = (passed, reason)
+    return out, files
+
+
+def _guard_kwargs(args: argparse.Namespace) -> dict:
+    from monai_synth.privacy.guard import run_guard
+
+    params = inspect.signature(run_guard).parameters
+    kwargs: dict[str, Any] = {}
+    if args.spaces:
+        kwargs["spaces"] = list(args.spaces)
+    if args.embedding_weights:
+        kwargs["embedding_weights"] = args.embedding_weights
+    if args.embedding_epochs is not None and "embedding_epochs" in params:
+        kwargs["embedding_epochs"] = args.embedding_epochs
+    if args.batch_size is not None:
+        kwargs["batch_size"] = args.batch_size
+    return kwargs
+
+
+def run_guard_path(cohort: Cohort, plants: Sequence[Plant], control: Sequence[Path], work: Path, args) -> dict:
+    """Write the planted copies as files, run the gate, read the release back and count per transform."""
+    from monai_synth.privacy.guard import run_guard
+
+    cand_root = work / "candidates"
+    cand_root.mkdir(parents=True)
+    cand_files: list[tuple[str, Path]] = []  # (transform key, file)
+
+    def folder_of(key: str) -> Path:
+        # one run: a flat folder, because the guard reads a folder holding only DICOM files as one series (a volume),
+        # so 2D DICOM candidates in per-transform subfolders would become volumes
+        folder = cand_root / key if args.guard_per_transform else cand_root
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    for p in plants:
+        folder = folder_of(p.attack.key)
+        for k, (img, spacing, src) in enumerate(zip(p.images, p.spacings, p.sources)):
+            f = _write(folder / f"{p.attack.key}_{k:03d}", img, cohort.fmt, spacing, cohort.train_paths[src[0]])
+            cand_files.append((p.attack.key, f))
+    folder = folder_of(CONTROL)
+    for k, src in enumerate(control):
+        dst = folder / f"{CONTROL}_{k:03d}{''.join(src.suffixes) if src.is_file() else ''}"
+        (shutil.copy2 if src.is_file() else shutil.copytree)(src, dst)
+        cand_files.append((CONTROL, dst))
+    keys = [p.attack.key for p in plants] + [CONTROL]
+    labels = {p.attack.key: p.label for p in plants} | {CONTROL: CONTROL_LABEL}
+    attempted = Counter(k for k, _ in cand_files)
+    kwargs = _guard_kwargs(args)
+    released: Counter = Counter()
+    rewritten: Counter = Counter()  # released files that no longer look like what was submitted
+    matches: dict[str, Counter] = {k: Counter() for k in keys}
+    audit: dict[str, tuple[bool, str | None]] = {}
+    summaries = []
+    t0 = time.perf_counter()
+    if args.guard_per_transform:
+        for key in keys:
+            out = work / "release" / key
+            s = run_guard(
+                str(cohort.train_csv),
+                str(cohort.holdout_csv),
+                str(cand_root / key),
+                str(out),
+                cohort.modality,
+                spatial_size=list(cohort.size),
+                **kwargs,
+            )
+            summaries.append(s)
+            released[key] = len(_released_entries(out, cohort.spatial_dims))
+            audit.update({f"{key}/{src}": v for src, v in _read_audit(_audit_path(s, out))[0].items()})
+        guard_s = time.perf_counter() - t0
+    else:
+        out = work / "release" / "all"
+        s = run_guard(
+            str(cohort.train_csv),
+            str(cohort.holdout_csv),
+            str(cand_root),
+            str(out),
+            cohort.modality,
+            spatial_size=list(cohort.size),
+            **kwargs,
+        )
+        guard_s = time.perf_counter() - t0
+        summaries.append(s)
+        audit, audit_files = _read_audit(_audit_path(s, out))
+        entries = _released_entries(out, cohort.spatial_dims)
+        if entries:
+            rel_imgs = [_read(e, cohort.spatial_dims)[0] for e in entries]
+            cand_imgs = [_read(f, cohort.spatial_dims)[0] for _, f in cand_files]
+            index = {f.relative_to(cand_root).as_posix(): j for j, (_, f) in enumerate(cand_files)}
+            hints = [index.get(audit_files.get(e.relative_to(out).as_posix(), "")) for e in entries]
+            for j, how, r in _match(rel_imgs, cand_imgs, hints):
+                key = cand_files[j][0] if j >= 0 else "unmatched"
+                released[key] += 1
+                matches.setdefault(key, Counter())[how] += 1
+                if not r >= REWRITTEN_R:
+                    rewritten[key] += 1
+    rows = []
+    for key in keys:
+        reasons: Counter = Counter()
+        audit_passed = 0
+        for k, f in cand_files:
+            if k != key:
+                continue
+            src = f.relative_to(cand_root).as_posix()
+            passed, reason = audit.get(src, (None, None))
+            audit_passed += bool(passed)
+            if passed is False:
+                reasons[_short_reason(reason)] += 1
+        extra: dict[str, Any] = {"audit_released": audit_passed if audit else None}
+        if matches.get(key):
+            extra["matched_by"] = dict(matches[key])
+            extra["rewritten"] = rewritten[key]
+        rows.append(Row(key, labels[key], released[key], attempted[key], dict(reasons), extra))
+    if released.get("unmatched"):
+        rows.append(Row("unmatched", "released files matching no candidate", released["unmatched"], 0))
+    n = sum(attempted.values())
+    return {
+        "rows": rows,
+        "safeguard_s": guard_s,
+        "images": n,
+        "s_per_image": guard_s / max(n, 1),
+        "thresholds": summaries[0].get("thresholds") if summaries else None,
+        "summary": [{k: v for k, v in s.items() if k not in ("out", "audit")} for s in summaries],
+        "timing_note": "run_guard wall time: reading, index build, calibration"
+        + (", embedding training" if _has_embedding(args) else "")
+        + " and judging",
+    }
+
+
+def _audit_path(summary: dict, out: Path) -> Path | None:
+    p = summary.get("audit") if isinstance(summary, dict) else None
+    return Path(p) if p else out.parent / f"{out.name}.private_audit.csv"
+
+
+def _default_spaces() -> list[str]:
+    from monai_synth.privacy.guard import run_guard
+
+    default = inspect.signature(run_guard).parameters["spaces"].default
+    return [str(s) for s in default]
+
+
+def _has_embedding(args) -> bool:
+    return any(_space_name(s) == "embedding" for s in (args.spaces or _default_spaces()))
+
+
+def _space_name(spec: str) -> str:
+    return str(spec).partition(":")[0].strip().lower()
+
+
+# ---------------------------------------------------------------------------------------------------- sampler path
+def _model_space(paths: Sequence[Path], cohort: Cohort):
+    try:
+        from monai_synth.privacy.guard import load_model_space
+    except ImportError:  # the guard's own loader is the reference; the presets chain is what it wraps
+        from monai_synth.transforms.presets import batch_load
+
+        return batch_load([{"image": str(p)} for p in paths], cohort.modality, cohort.size, cohort.spatial_dims)
+    return load_model_space([str(p) for p in paths], cohort.modality, cohort.size, cohort.spatial_dims)
+
+
+def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args) -> dict:
+    """Build the sampler's safeguard once, then feed each transform's copies through ``guarded_sample``."""
+    import torch
+
+    from monai_synth.data.datalist import datalist_fingerprint, load_datalist
+    from monai_synth.data.modalities import get_modality
+    from monai_synth.privacy.guard import make_space
+    from monai_synth.privacy.safeguard import build_safeguard
+    from monai_synth.privacy.sampling import guarded_sample
+
+    mod = get_modality(cohort.modality)
+    train_records = load_datalist(str(cohort.train_csv), labels=mod.labels)
+    holdout_records = load_datalist(str(cohort.holdout_csv), labels=mod.labels)
+    dl_fp = datalist_fingerprint(train_records)
+    specs = list(args.spaces or _default_spaces())
+    t0 = time.perf_counter()
+    train = _model_space([r["image"] for r in train_records], cohort)
+    holdout = _model_space([r["image"] for r in holdout_records], cohort)
+    unseen = _model_space(cohort.unseen_paths, cohort)
+    spaces = []
+    for spec in specs:
+        weights = args.embedding_weights
+        if _space_name(spec) == "embedding" and not weights:
+            from monai_synth.privacy.guard import train_embedding_from_datalist
+
+            kw = {} if args.embedding_epochs is None else {"epochs": args.embedding_epochs}
+            weights = train_embedding_from_datalist(
+                str(cohort.train_csv), cohort.modality, list(cohort.size), out=str(work / "embedding.pt"), **kw
+            )
+        spaces.append(make_space(spec, cohort.spatial_dims, cohort.size, weights, data_fingerprint=dl_fp))
+    kw = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    safeguard = build_safeguard(
+        spaces,
+        train,
+        [r["patient_id"] for r in train_records],
+        holdout,
+        [r["patient_id"] for r in holdout_records],
+        dl_fp,
+        quantile=0.01,
+        **kw,
+    )
+    build_s = time.perf_counter() - t0
+    plants = plant(
+        attacks,
+        [t[0].numpy() for t in train],
+        [u[0].numpy() for u in unseen],
+        [(1.0,) * cohort.spatial_dims] * len(train),
+        args.attempts_for(cohort),
+        cohort.spatial_dims,
+        cohort.size[0] / 64.0,
+        model=True,
+        seed=args.seed,
+    )
+    batches = [(p.attack.key, p.label, np.stack(p.images)) for p in plants]
+    batches.append((CONTROL, CONTROL_LABEL, np.stack([u[0].numpy() for u in unseen])))
+    rows, check_s, n_checked = [], 0.0, 0
+    for key, label, batch in batches:
+        tensor = torch.as_tensor(batch, dtype=torch.float32)[:, None]
+
+        def generate(n: int, seed: int, condition: Any, _t=tensor) -> torch.Tensor:
+            return _t[:n]
+
+        t1 = time.perf_counter()
+        result = guarded_sample(generate, safeguard, [(None, len(tensor))], max_retries=0)
+        check_s += time.perf_counter() - t1
+        n_checked += len(tensor)
+        reasons = Counter(_short_reason(r.reason) for r in result.records if not r.passed)
+        rows.append(Row(key, label, len(result.images), len(tensor), dict(reasons)))
+    return {
+        "rows": rows,
+        "safeguard_s": build_s + check_s,
+        "build_s": build_s,
+        "images": n_checked,
+        "s_per_image": check_s / max(n_checked, 1),
+        "thresholds": dict(getattr(safeguard, "thresholds", {}) or {}),
+        "timing_note": "build_safeguard (loading, index, calibration"
+        + (", embedding training" if any(_space_name(s) == "embedding" for s in specs) else "")
+        + ") once, then guarded_sample per image",
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def run_modality(key: str, work: Path, args) -> dict:
+    """One cohort, both entry points; a crash in one entry point is recorded and the other still runs."""
+    dims = CONFIGS[key][1]
+    size = args.size if dims == 2 else args.size_3d
+    patients = args.cohort_2d if dims == 2 else args.cohort_3d
+    t0 = time.perf_counter()
+    cohort = make_cohort(key, work, size, patients, args.images_per_patient, args.seed)
+    attacks = [a for a in ATTACKS if a.key in args.transforms]
+    n_train = len(cohort.train_paths)
+    print(
+        f"\n== {key}: {cohort.modality.upper()} {dims}D {'x'.join(map(str, cohort.size))} ({cohort.fmt}); "
+        f"train {n_train} images of {len(set(cohort.train_ids))} patients, holdout {cohort.n_holdout}, "
+        f"unseen {len(cohort.unseen_paths)}; {args.attempts_for(cohort)} copies per transform ==",
+        flush=True,
+    )
+    out: dict[str, Any] = {
+        "modality": key,
+        "paths": {},
+        "cohort": {"train": n_train, "holdout": cohort.n_holdout, "unseen": len(cohort.unseen_paths)},
+    }
+    for path in args.paths:
+        t1 = time.perf_counter()
+        try:
+            if path == "guard":
+                chosen = [a for a in attacks if a.applies("guard", dims, cohort.fmt)]
+                read = [_read(p, dims) for p in cohort.train_paths]
+                unseen = [_read(p, dims)[0] for p in cohort.unseen_paths]
+                plants = plant(
+                    chosen,
+                    [r[0] for r in read],
+                    unseen,
+                    [r[1] for r in read],
+                    args.attempts_for(cohort),
+                    dims,
+                    cohort.size[0] / 64.0,
+                    model=False,
+                    seed=args.seed,
+                )
+                res = run_guard_path(cohort, plants, cohort.unseen_paths, work / "guard", args)
+                title = f"{key} / guard: run_guard -> files written"
+            else:
+                chosen = [a for a in attacks if a.applies("sampler", dims, cohort.fmt)]
+                res = run_sampler_path(cohort, chosen, work / "sampler", args)
+                title = f"{key} / sampler: build_safeguard + guarded_sample -> result.images"
+        except Exception as err:  # a crash of one entry point is a finding; the others still run
+            tb = traceback.format_exc()
+            print(f"\n-- {key} / {path}: CRASHED: {type(err).__name__}: {err}", flush=True)
+            out["paths"][path] = {
+                "error": f"{type(err).__name__}: {err}",
+                "traceback": tb,
+                "wall_s": time.perf_counter() - t1,
+            }
+            continue
+        res["wall_s"] = time.perf_counter() - t1
+        print_table(title, res["rows"])
+        line = f"{path}: {res['images']} images, safeguard {res['safeguard_s']:.1f} s"
+        if "build_s" in res:
+            line += f" (build {res['build_s']:.1f} s once, then {res['s_per_image']:.4f} s/image)"
+        else:
+            line += f" = {res['s_per_image']:.4f} s/image ({res['timing_note']})"
+        print(line + f"; wall {res['wall_s']:.1f} s", flush=True)
+        mismatched = [
+            r.label
+            for r in res["rows"]
+            if r.extra.get("audit_released") is not None and r.extra["audit_released"] != r.released
+        ]
+        if mismatched:
+            print(f"note: files in the release differ from the audit's 'passed' count for: {', '.join(mismatched)}")
+        for r in res["rows"]:
+            if r.extra.get("rewritten"):
+                print(
+                    f"note: {r.extra['rewritten']} of the {r.released} released '{r.label}' files do not hold the "
+                    f"submitted image (r < {REWRITTEN_R} with it): the release rewrote them"
+                )
+        res["rows"] = [r.__dict__ for r in res["rows"]]
+        out["paths"][path] = res
+    out["wall_s"] = time.perf_counter() - t0
+    print(f"{key} wall time: {out['wall_s']:.1f} s", flush=True)
+    return out
+
+
+def _limit_memory(gb: float) -> None:
+    """Cap this process's address space: on a shared machine a runaway allocation then fails here, in this process,
+    instead of waking the kernel's OOM killer."""
+    if gb > 0:
+        limit = int(gb * 2**30)
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--modalities", type=_csv_list, default=list(CONFIGS), help=f"any of {','.join(CONFIGS)}")
+    p.add_argument("--paths", type=_csv_list, default=list(PATHS), help="entry points: guard,sampler")
+    p.add_argument("--transforms", type=_csv_list, default=ATTACK_KEYS, help=f"any of {','.join(ATTACK_KEYS)}")
+    p.add_argument("--attempts", type=int, default=20, help="copies per transform (2D)")
+    p.add_argument("--attempts-3d", type=int, default=5, help="copies per transform for volumes (default 5)")
+    p.add_argument("--size", type=int, default=64, help="2D image size")
+    p.add_argument("--size-3d", type=int, default=32, help="3D volume size")
+    p.add_argument(
+        "--cohort-2d",
+        type=lambda s: [int(v) for v in _csv_list(s)],
+        default=[80, 36, 20],
+        help="train,holdout,unseen patients for 2D (3 images each; the holdout needs >= 100 images)",
+    )
+    p.add_argument("--cohort-3d", type=lambda s: [int(v) for v in _csv_list(s)], default=[12, 34, 8])
+    p.add_argument("--images-per-patient", type=int, default=3)
+    p.add_argument("--spaces", nargs="+", default=None, help="privacy spaces (default: the guard's default spaces)")
+    p.add_argument("--embedding-weights", default=None, help="weights for the embedding space (default: trained)")
+    p.add_argument(
+        "--embedding-epochs", type=int, default=None, help="epochs of a trained embedding (default: its own)"
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="images judged at once (default: the API's default)")
+    p.add_argument(
+        "--guard-per-transform",
+        action="store_true",
+        help="one run_guard per transform into its own release folder (no content matching; much slower)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="save the results here")
+    p.add_argument("--workdir", default=None, help="keep cohorts, candidates and releases here (default: a temp dir)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--max-memory-gb", type=float, default=16.0, help="address-space cap of this process (0: none)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name, allowed in (("modalities", CONFIGS), ("paths", PATHS), ("transforms", ATTACK_KEYS)):
+        unknown = [v for v in getattr(args, name) if v not in allowed]
+        if unknown:
+            print(f"unknown {name}: {unknown}; choose from {list(allowed)}", file=sys.stderr)
+            return 2
+    if args.spaces:
+        args.spaces = [s for spec in args.spaces for s in _csv_list(spec)]
+    args.attempts_for = lambda c: args.attempts if c.spatial_dims == 2 else args.attempts_3d
+    _limit_memory(args.max_memory_gb)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spaces = args.spaces or _default_spaces()
+    print(f"safeguard attacks: spaces {spaces}{'' if args.spaces else ' (default)'}; entry points {args.paths}")
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="safeguard_attacks_"))
+    work.mkdir(parents=True, exist_ok=True)
+    results, crashed, t0 = [], False, time.perf_counter()
+    try:
+        for key in args.modalities:
+            mwork = work / key
+            if mwork.exists():
+                shutil.rmtree(mwork)
+            try:
+                res = run_modality(key, mwork, args)
+            except Exception as err:  # e.g. the cohort could not be written
+                print(f"\n== {key}: CRASHED: {type(err).__name__}: {err}", flush=True)
+                res = {"modality": key, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+            crashed |= "error" in res or any("error" in v for v in res.get("paths", {}).values())
+            results.append(res)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    total = time.perf_counter() - t0
+    print(f"\ntotal wall time: {total:.1f} s" + ("; SOME ENTRY POINTS CRASHED (see above)" if crashed else ""))
+    if args.json:
+        config = {k: v for k, v in vars(args).items() if k not in ("attempts_for", "json")}
+        config["spaces"] = spaces
+        payload = {"config": config, "results": results, "total_wall_s": total}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=1, default=_json_default))
+    return 1 if crashed else 0
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return str(obj)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Smoke tests of ``benchmarks/safeguard_attacks.py`` at toy size: it runs, its tables parse, exact copies stay out."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "safeguard_attacks.py"
+# the smallest cohort the guard accepts: its 1% threshold needs >= 100 holdout images (34 patients x 3)
+TOY = ["--modalities", "us2d", "--attempts", "3", "--cohort-2d", "10,34,4", "--size", "32"]
+
+
+def _parse_tables(text: str) -> list:
+    spec = importlib.util.spec_from_file_location("safeguard_attacks", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.parse_tables(text)
+
+
+def _run(args: list[str]) -> str:
+    cmd = [sys.executable, str(SCRIPT), *TOY, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_both_entry_points_print_parseable_tables_and_release_no_exact_copy(tmp_path):
+    # plain correlation keeps this fast; an exact copy is at distance 0 in any space, so it must never get out
+    out_json = tmp_path / "attacks.json"
+    text = _run(["--transforms", "exact,mirror", "--spaces", "pixel:none", "--json", str(out_json)])
+    tables = _parse_tables(text)
+    assert len(tables) == 2, text  # guard, then sampler
+    for table in tables:
+        rows = {label: (released, attempted) for label, released, attempted in table}
+        assert set(rows) == {"exact copy", "mirror", "unseen patient images (control)"}, rows
+        assert rows["exact copy"] == (0, 3)
+        assert rows["mirror"][1] == 3
+        released, attempted = rows["unseen patient images (control)"]
+        assert attempted == 12 and 0 <= released <= attempted
+    assert "us2d wall time:" in text and "s/image" in text
+    saved = json.loads(out_json.read_text())
+    paths = saved["results"][0]["paths"]
+    assert set(paths) == {"guard", "sampler"}
+    for path, table in zip(("guard", "sampler"), tables):
+        assert [(r["label"], r["released"], r["attempted"]) for r in paths[path]["rows"]] == table
+        exact = next(r for r in paths[path]["rows"] if r["transform"] == "exact")
+        assert sum(exact["reasons"].values()) == 3  # every refusal says why
+
+
+def test_gate_with_its_default_pixel_space_releases_no_exact_copy():
+    tables = _parse_tables(_run(["--transforms", "exact", "--paths", "guard", "--spaces", "pixel"]))
+    assert len(tables) == 1
+    rows = {label: (released, attempted) for label, released, attempted in tables[0]}
+    assert rows["exact copy"] == (0, 3)
