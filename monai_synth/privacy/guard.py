@@ -181,9 +181,12 @@ def make_space(
     symmetry = ("flip", "transpose", "invert") if spatial_dims == 2 else ("flip", "invert")
     if name in ("parts", "crops"):
         kind = "regions" if name == "parts" else "crops"
-        return PartSpace(grid=grid - grid % 2, spatial_dims=spatial_dims, kind=kind, invariances=symmetry)
+        rotations = (-20.0, -10.0, 10.0, 20.0) if spatial_dims == 2 and kind == "regions" else ()
+        return PartSpace(
+            grid=grid - grid % 2, spatial_dims=spatial_dims, kind=kind, invariances=symmetry, rotations=rotations
+        )
     if name == "tiles":
-        scales = (0.5, 1.0 / 3.0) if spatial_dims == 2 else (0.5,)
+        scales = (0.9, 0.8, 0.5, 1.0 / 3.0) if spatial_dims == 2 else (0.8, 0.5)
         return TileSpace(grid=grid, spatial_dims=spatial_dims, scales=scales, invariances=symmetry)
     if name == "embedding":
         if not embedding_weights:

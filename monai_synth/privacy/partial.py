@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from monai_synth.privacy.spaces import (
     DegenerateImageError,
+    _affine_variants,
     _apply_symmetry,
     _scaled,
     _standardise,
@@ -77,6 +78,8 @@ class PartSpace:
             crop and, in 2D, the four corner crops of each size), for ``kind="crops"``.
         invariances: ``"flip"``, ``"transpose"`` (with flips: rot90) and/or ``"invert"``, applied to the whole
             candidate before it is cut, so a mirrored half is caught as well.
+        rotations: angles (degrees, first two axes) the candidate is also rotated back by before it is cut: a
+            rotated copy has background corners, which the aligned centre region mostly leaves out.
     """
 
     _VERSION = 1
@@ -89,6 +92,7 @@ class PartSpace:
         centre: float = 0.75,
         crops: Sequence[float] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9),
         invariances: Sequence[str] = ("flip", "transpose", "invert"),
+        rotations: Sequence[float] = (),
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -108,6 +112,7 @@ class PartSpace:
         self.crops = tuple(sorted({round(float(c), 4) for c in crops})) if kind == "crops" else ()
         self.grid, self.spatial_dims, self.centre = int(grid), int(spatial_dims), float(centre)
         self.invariances = tuple(sorted(set(invariances)))
+        self.rotations = (0.0,) + tuple(sorted({round(float(r), 4) for r in rotations} - {0.0}))
         half = self.grid // 2
         margin = int(round(self.grid * (1.0 - self.centre) / 2))
         self.regions: list[tuple[slice, ...]] = [
@@ -139,6 +144,7 @@ class PartSpace:
                 "spatial_dims": self.spatial_dims,
                 "centre": self.centre,
                 "crops": list(self.crops),
+                "rotations": list(self.rotations),
                 "anchors": list(self._anchors),
                 "invariances": list(self.invariances),
             }
@@ -199,8 +205,9 @@ class PartSpace:
         """
         g = _on_grid(images, self.spatial_dims, self.grid)
         n, rows = g.shape[0], []
-        for perm, flips in self._symmetries:
-            parts = self._regions(_apply_symmetry(g, perm, flips, 2))
+        turned = _affine_variants(g, (1.0,), self.rotations).reshape(n, len(self.rotations), *g.shape[1:])
+        for (perm, flips), k in itertools.product(self._symmetries, range(len(self.rotations))):
+            parts = self._regions(_apply_symmetry(turned[:, k], perm, flips, 2))
             valid = torch.stack([v for _, v in parts], dim=1)  # (B, R)
             if not bool(valid.any(dim=1).all()):
                 raise DegenerateImageError("an image is constant in every region; correlation is undefined")
@@ -228,7 +235,7 @@ class TileSpace:
     Catches a training image (at any size) that sits somewhere inside a candidate: one tile of a mosaic, a corner
     of a larger canvas, one side of a side-by-side pair. Windows are squares (cubes) of ``scale`` times the
     candidate's shortest side at every scale, slid by a quarter of their side over the whole image (the last
-    window always touches the far edge), resampled to the grid, and tried mirrored / transposed / inverted.
+    window always touches the far edge, and the centred window is always there), resampled to the grid, and tried mirrored / transposed / inverted.
 
     Args:
         grid: side of the grid windows and training images are resampled to.
@@ -245,7 +252,7 @@ class TileSpace:
         self,
         grid: int = 16,
         spatial_dims: int = 2,
-        scales: Sequence[float] = (0.5, 1.0 / 3.0),
+        scales: Sequence[float] = (0.9, 0.8, 0.5, 1.0 / 3.0),
         stride: float = 0.25,
         invariances: Sequence[str] = ("flip", "transpose", "invert"),
     ) -> None:
@@ -303,9 +310,8 @@ class TileSpace:
             starts = []
             for n in shape:
                 pos = list(range(0, max(n - side, 0) + 1, step))
-                if pos[-1] != max(n - side, 0):
-                    pos.append(n - side)
-                starts.append(pos)
+                pos += [max(n - side, 0), max(n - side, 0) // 2]  # the far edge and the centre, always
+                starts.append(sorted(set(pos)))
             out.extend(tuple(slice(o, o + side) for o in corner) for corner in itertools.product(*starts))
         return out
 
