@@ -2,15 +2,15 @@
 
 Given the training datalist the generator saw, a holdout datalist of other patients and a folder of candidate
 images, :func:`run_guard` builds the training index of each privacy space, calibrates the thresholds on the
-holdout, judges every candidate and writes only those that pass, plus the certificate, atomically with
-:class:`~monai_synth.data.export.ReleaseWriter`. The private audit file (nearest training patient per candidate) is
-written next to, never into, the release folder.
+holdout, judges every candidate and writes only those that pass, plus the certificate, through the one release path
+of :mod:`monai_synth.privacy.release`. The private audit file (nearest training patient per candidate) is written
+next to, never into, the release folder, before the release is committed.
 
-Every image (training, holdout, candidate) is brought to model space the same way: the modality presets of
-:mod:`monai_synth.transforms.presets` (reader by file type, orientation/spacing, intensity normalisation, resize to
-``spatial_size``), the same transform the generator was trained on.
+Training and holdout images go through the modality presets of :mod:`monai_synth.transforms.presets` (reader by
+file type, orientation, intensity normalisation) and are resized, whole field of view, to ``spatial_size`` for the
+index. A candidate is read once and judged, at its own size and over its whole field of view, as the array its
+release file will hold; that same array is written.
 """
-
 from __future__ import annotations
 
 import logging
