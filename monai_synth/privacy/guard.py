@@ -11,6 +11,7 @@ file type, orientation, intensity normalisation) and are resized, whole field of
 index. A candidate is read once and judged, at its own size and over its whole field of view, as the array its
 release file will hold; that same array is written.
 """
+
 from __future__ import annotations
 
 import logging
