@@ -115,6 +115,11 @@ class ReleaseEncoder:
         if self.fmt == "png":
             if array.ndim != 3:
                 raise ValueError("PNG releases are 2D only; use nifti or dicom for volumes")
+            if array.min() < -0.5 or array.max() > 255.5:  # clipping would release another image than the one given
+                raise ValueError(
+                    f"values {array.min():.4g}..{array.max():.4g} do not fit an 8-bit PNG (0..255) without clipping; "
+                    "release this image as nifti or dicom, or rescale it first"
+                )
             return np.clip(np.rint(array), 0, 255).astype(np.float32)
         if self.fmt == "dicom":
             volume = array[0] if array.ndim == 4 else array[0][..., None]

@@ -119,6 +119,13 @@ def test_released_file_holds_exactly_the_judged_array(png_release):
         np.testing.assert_array_equal(_grey(f), _grey(cand / by_file[f"images/{f.name}"]))
 
 
+def test_a_png_release_refuses_values_it_would_have_to_clip():
+    encoder = ReleaseEncoder("png", "us")
+    with pytest.raises(ValueError, match="8-bit PNG"):
+        encoder.store(np.full((1, 4, 4), 300.0))
+    np.testing.assert_array_equal(encoder.store(np.full((1, 4, 4), 254.6)), np.full((1, 4, 4), 255.0))
+
+
 def test_unsupported_and_unreadable_files_are_refused_with_a_reason(png_release):
     summary, _, audit, _, _ = png_release
     reasons = {r["source"]: r["reason"] for r in audit}
