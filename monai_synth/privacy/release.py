@@ -115,18 +115,21 @@ class ReleaseEncoder:
         if self.fmt == "png":
             if array.ndim != 3:
                 raise ValueError("PNG releases are 2D only; use nifti or dicom for volumes")
-            if array.min() < -0.5 or array.max() > 255.5:  # clipping would release another image than the one given
-                raise ValueError(
-                    f"values {array.min():.4g}..{array.max():.4g} do not fit an 8-bit PNG (0..255) without clipping; "
-                    "release this image as nifti or dicom, or rescale it first"
-                )
-            return np.clip(np.rint(array), 0, 255).astype(np.float32)
-        if self.fmt == "dicom":
+            stored, step = np.clip(np.rint(array), 0, 255), 1.0
+        elif self.fmt == "dicom":
             volume = array[0] if array.ndim == 4 else array[0][..., None]
             pixels, slope, intercept, _, _ = _dicom_storage(self.modality.dicom_code, volume)
-            stored = pixels.astype(np.float64) * slope + intercept
-            return stored.reshape(array.shape).astype(np.float32)
-        return array.astype(np.float32)
+            stored, step = (pixels.astype(np.float64) * slope + intercept).reshape(array.shape), float(slope)
+        else:
+            stored, step = array.astype(np.float32).astype(np.float64), 0.0
+        # storage that clips (8-bit PNG, CT int16) would release another image than the one judged and given
+        error = float(np.max(np.abs(stored - array))) if np.isfinite(stored).all() else float("inf")
+        if not error <= step / 2 + 1e-6 * max(1.0, float(np.max(np.abs(array)))):
+            raise ValueError(
+                f"values {array.min():.4g}..{array.max():.4g} do not fit a {self.fmt} {self.modality.name} release "
+                f"without clipping (error {error:.4g}); release the image in another format or rescale it first"
+            )
+        return stored.astype(np.float32)
 
     def store_generated(self, model_image: Any) -> np.ndarray:
         """A generated model-space image -> the array its file will hold."""

@@ -121,9 +121,18 @@ def test_released_file_holds_exactly_the_judged_array(png_release):
 
 def test_a_png_release_refuses_values_it_would_have_to_clip():
     encoder = ReleaseEncoder("png", "us")
-    with pytest.raises(ValueError, match="8-bit PNG"):
+    with pytest.raises(ValueError, match="without clipping"):
         encoder.store(np.full((1, 4, 4), 300.0))
     np.testing.assert_array_equal(encoder.store(np.full((1, 4, 4), 254.6)), np.full((1, 4, 4), 255.0))
+
+
+def test_a_ct_dicom_release_refuses_a_copy_scaled_beyond_int16():
+    """A CT copy x257 stored as int16 HU would be clipped, and the clipped file still shows the training anatomy."""
+    encoder = ReleaseEncoder("dicom", "ct")
+    hu = np.linspace(-1000, 400, 64).reshape(1, 8, 8)
+    np.testing.assert_allclose(encoder.store(hu), np.rint(hu), atol=0.5)
+    with pytest.raises(ValueError, match="without clipping"):
+        encoder.store(hu * 257)
 
 
 def test_unsupported_and_unreadable_files_are_refused_with_a_reason(png_release):
