@@ -22,6 +22,8 @@ from monai_synth.engines.checkpoint import (
 from monai_synth.engines.diffusion import (
     LatentDiffusionPrepareBatch,
     RectifiedFlowPrepareBatch,
+    WarmupCosine,
+    diffusion_prepare_batch,
     drop_condition,
     make_condition,
 )
@@ -44,10 +46,12 @@ __all__ = [
     "RectifiedFlowPrepareBatch",
     "ScaleFactor",
     "atomic_torch_save",
+    "WarmupCosine",
     "cache_latents",
     "check_autoencoder_spatial_size",
     "checkpoint_fingerprint",
     "compute_scale_factor",
+    "diffusion_prepare_batch",
     "drop_condition",
     "encode_labels",
     "kl_divergence",

@@ -13,6 +13,7 @@ training exactly the null condition it is given at sampling.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +24,14 @@ from monai.networks.schedulers import RFlowScheduler
 
 from monai_synth.engines.latents import ScaleFactor, _as_float
 
-__all__ = ["make_condition", "drop_condition", "LatentDiffusionPrepareBatch", "RectifiedFlowPrepareBatch"]
+__all__ = [
+    "make_condition",
+    "drop_condition",
+    "LatentDiffusionPrepareBatch",
+    "RectifiedFlowPrepareBatch",
+    "diffusion_prepare_batch",
+    "WarmupCosine",
+]
 
 NULL_CONDITION_VALUE = -1.0  # MONAI's cfg_fill_value default
 
@@ -223,3 +231,60 @@ class RectifiedFlowPrepareBatch(LatentDiffusionPrepareBatch):
 
     def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return images - noise
+
+
+def diffusion_prepare_batch(
+    scheduler: Any,
+    num_classes: int | None = None,
+    cond_drop_prob: float = 0.1,
+    scale_factor: float | ScaleFactor = 1.0,
+    prediction_type: str = "epsilon",
+    **kwargs: Any,
+) -> LatentDiffusionPrepareBatch:
+    """The prepare-batch that matches ``scheduler``, so a config switches objective by changing the scheduler only.
+
+    An ``RFlowScheduler`` gets :class:`RectifiedFlowPrepareBatch` (velocity target, the scheduler's own timestep
+    sampling; ``prediction_type`` does not apply), any other MONAI scheduler :class:`LatentDiffusionPrepareBatch`
+    with ``prediction_type``. Extra keyword arguments go to the class.
+    """
+    if isinstance(scheduler, RFlowScheduler):
+        return RectifiedFlowPrepareBatch(
+            scheduler, num_classes=num_classes, cond_drop_prob=cond_drop_prob, scale_factor=scale_factor, **kwargs
+        )
+    return LatentDiffusionPrepareBatch(
+        num_train_timesteps=scheduler.num_train_timesteps,
+        num_classes=num_classes,
+        cond_drop_prob=cond_drop_prob,
+        scale_factor=scale_factor,
+        prediction_type=prediction_type,
+        scheduler=scheduler,
+        **kwargs,
+    )
+
+
+class WarmupCosine:
+    """Learning-rate multiplier for ``torch.optim.lr_scheduler.LambdaLR``: linear warm-up, then cosine decay.
+
+    Transformers trained with Adam are unstable in their first steps at full learning rate, and a decay to
+    ``final`` lets the last weights (and their EMA) settle; both matter most for short runs, where a constant rate
+    ends the run on a noisy iterate. A callable object (not a lambda) so the scheduler's state can be checkpointed.
+
+    Args:
+        warmup_steps: steps of linear warm-up from ``1 / warmup_steps`` to 1 (0: none).
+        total_steps: step at which the cosine reaches ``final`` (later steps stay there).
+        final: multiplier at the end of the decay.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, final: float = 0.0) -> None:
+        if int(warmup_steps) < 0 or int(total_steps) < 1:
+            raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps}, {total_steps}")
+        if not 0.0 <= float(final) <= 1.0:
+            raise ValueError(f"final must be in [0, 1], got {final}")
+        self.warmup_steps, self.total_steps, self.final = int(warmup_steps), int(total_steps), float(final)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -136,3 +136,103 @@ class SampleGridHandler:
         self._log_artifact(path)
         self.logger.info(f"sample grid ({len(self.labels)} classes x {self.n_per_class}) saved to {path}")
         return path
+
+
+def make_side_by_side(
+    real_per_class: Sequence[np.ndarray],
+    released_per_class: Sequence[np.ndarray],
+    labels: Sequence[str],
+    zoom: int = 3,
+) -> np.ndarray:
+    """One row per class: real images on the left, released images on the right, each row named by its class.
+
+    The question a newcomer asks of a release is "does it look like the data, class by class?"; this puts the two
+    next to each other so that it is answered at a glance.
+
+    Args:
+        real_per_class: per class a sequence of 2D uint8 images (training images of that class).
+        released_per_class: per class a sequence of 2D uint8 images of the same size (released images).
+        labels: class names, one per row.
+        zoom: integer upscaling (nearest neighbour) so that small images stay visible.
+
+    Returns:
+        (H, W) uint8 picture.
+
+    Raises:
+        ValueError: the three sequences differ in length, or a class has no image on either side.
+    """
+    from PIL import ImageDraw
+
+    if not len(real_per_class) == len(released_per_class) == len(labels):
+        raise ValueError(
+            f"need one entry per class on both sides: {len(real_per_class)} real, {len(released_per_class)} released, "
+            f"{len(labels)} labels"
+        )
+    empty = [str(lb) for lb, a, b in zip(labels, real_per_class, released_per_class) if len(a) == 0 or len(b) == 0]
+    if empty:
+        raise ValueError(f"classes {empty} have no real or no released image to show")
+    h, w = np.asarray(real_per_class[0][0]).shape
+    n = max(max(len(a), len(b)) for a, b in zip(real_per_class, released_per_class))
+    margin, gap, header = 4 * w // 8 + 24, w // 2, 14
+    canvas = np.full((header + len(labels) * (h + 2), margin + 2 * n * w + gap), 255, np.uint8)
+    for row, (real, released) in enumerate(zip(real_per_class, released_per_class)):
+        y = header + row * (h + 2)
+        for side, images in ((0, real), (1, released)):
+            for col, img in enumerate(images):
+                x = margin + side * (n * w + gap) + col * w
+                canvas[y : y + h, x : x + w] = np.asarray(img, np.uint8)
+    picture = Image.fromarray(canvas, mode="L").resize((canvas.shape[1] * zoom, canvas.shape[0] * zoom), Image.NEAREST)
+    draw = ImageDraw.Draw(picture)
+    draw.text((margin * zoom, 2), "real (training) images", fill=0)
+    draw.text(((margin + n * w + gap) * zoom, 2), "released synthetic images", fill=0)
+    for row, label in enumerate(labels):
+        draw.text((4, (header + row * (h + 2) + h // 2) * zoom - 6), str(label), fill=0)
+    return np.asarray(picture)
+
+
+def write_release_side_by_side(
+    datalist_file: str | os.PathLike,
+    release_dir: str | os.PathLike,
+    labels: Sequence[str],
+    path: str | os.PathLike,
+    n_per_class: int = 8,
+    zoom: int = 3,
+) -> Path:
+    """Write :func:`make_side_by_side` for a release: training images of the datalist next to released PNG images.
+
+    Real images are read with MONAI's ``LoadImage`` and resized to the released size; released ones are listed by
+    the release's ``certificate.csv`` (``file``, ``condition``). Both are shown as stored (8-bit grey levels).
+
+    Raises:
+        FileNotFoundError: the release has no ``certificate.csv``.
+    """
+    import csv
+
+    from monai.transforms import LoadImage, Resize
+
+    from monai_synth.data.datalist import load_datalist
+
+    certificate = Path(release_dir) / "certificate.csv"
+    if not certificate.is_file():
+        raise FileNotFoundError(f"{certificate} does not exist; run the sample stage (it writes the release) first")
+    load = LoadImage(image_only=True, ensure_channel_first=True)
+    released: dict[str, list[np.ndarray]] = {str(lb): [] for lb in labels}
+    with open(certificate, newline="") as f:
+        for row in csv.DictReader(f):
+            cond = str(row["condition"])
+            if cond in released and len(released[cond]) < n_per_class:
+                released[cond].append(np.asarray(load(str(Path(release_dir) / row["file"])))[0])
+    size = next((v[0].shape for v in released.values() if v), None)
+    if size is None:
+        raise ValueError(f"the release in {release_dir} holds no image of the classes {list(labels)}")
+    resize = Resize(size, mode="area")
+    real: dict[str, list[np.ndarray]] = {str(lb): [] for lb in labels}
+    for record in load_datalist(datalist_file):
+        cond = str(record["label"])
+        if cond in real and len(real[cond]) < n_per_class:
+            image = np.asarray(resize(load(record["image"])))[0]
+            real[cond].append(np.clip(np.round(image), 0, 255).astype(np.uint8))
+    shown = [str(lb) for lb in labels if real[str(lb)] and released[str(lb)]]
+    grid = make_side_by_side([real[lb] for lb in shown], [released[lb] for lb in shown], shown, zoom=zoom)
+    save_grid_png(grid, path)
+    return Path(path)

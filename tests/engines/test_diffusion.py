@@ -153,3 +153,36 @@ def test_trained_model_follows_the_class_condition_and_guidance_strengthens_it()
     assert neg < -0.4 and pos > 0.4, (neg, pos)
     neg_g, pos_g = class_means(3.0)
     assert pos_g - neg_g > pos - neg
+
+
+def test_prepare_batch_factory_follows_the_scheduler():
+    from monai_synth.engines import diffusion_prepare_batch
+
+    rflow = diffusion_prepare_batch(RFlowScheduler(1000, use_discrete_timesteps=False), num_classes=K)
+    assert isinstance(rflow, RectifiedFlowPrepareBatch)
+    inputs, target, _, kw = rflow(_batch())
+    assert torch.allclose(target, inputs - kw["noise"])  # velocity towards the data
+    ddpm = DDPMScheduler(1000, prediction_type="v_prediction")
+    v = diffusion_prepare_batch(ddpm, num_classes=K, prediction_type="v_prediction")
+    assert type(v) is LatentDiffusionPrepareBatch and v.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="scheduler predicts"):
+        diffusion_prepare_batch(ddpm, num_classes=K, prediction_type="epsilon")
+
+
+def test_warmup_cosine_rises_linearly_then_decays_to_final():
+    from monai_synth.engines import WarmupCosine
+
+    f = WarmupCosine(warmup_steps=4, total_steps=14, final=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0) and f(9) == pytest.approx(0.55) and f(14) == pytest.approx(0.1)
+    assert f(100) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(4, 20))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+    opt.step()
+    sched.step()
+    restored = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0), f)
+    restored.load_state_dict(sched.state_dict())  # checkpointable: a callable object, not a lambda
+    assert restored.last_epoch == 1 and opt.param_groups[0]["lr"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="final"):
+        WarmupCosine(1, 10, final=2.0)

@@ -75,3 +75,22 @@ def test_argument_checks(tmp_path):
         SampleGridHandler(_generate, LABELS, tmp_path, n_per_class=0)
     with pytest.raises(ValueError, match="label"):
         SampleGridHandler(_generate, [], tmp_path)
+
+
+def test_side_by_side_puts_real_left_and_released_right_per_class(tmp_path):
+    from monai_synth.handlers.sample_grid import make_side_by_side, write_release_side_by_side
+
+    real = [[np.full((8, 8), 10, np.uint8)] * 2, [np.full((8, 8), 20, np.uint8)]]
+    released = [[np.full((8, 8), 200, np.uint8)], [np.full((8, 8), 220, np.uint8)] * 2]
+    picture = make_side_by_side(real, released, ["3", "5"], zoom=1)
+    # each row holds its class's real values on the left half of the image area and released values on the right
+    rows = [picture[14 + r * 10 : 14 + r * 10 + 8] for r in range(2)]
+    # image area: two real columns of 8 px, a 4-px gap, two released columns of 8 px (the class name is left of it)
+    start, middle = picture.shape[1] - 4 * 8 - 4, picture.shape[1] - 2 * 8 - 2
+    for row, (lo, hi) in zip(rows, ((10, 200), (20, 220))):
+        assert (row[:, start:middle] == lo).any() and not (row[:, start:middle] == hi).any()
+        assert (row[:, middle:] == hi).any() and not (row[:, middle:] == lo).any()
+    with pytest.raises(ValueError, match="no real or no released"):
+        make_side_by_side([[], real[1]], released, ["3", "5"])
+    with pytest.raises(FileNotFoundError, match="certificate.csv"):
+        write_release_side_by_side(tmp_path / "datalist.csv", tmp_path / "release", ["3"], tmp_path / "x.png")

@@ -1,0 +1,179 @@
+"""Does the quickstart's release look like breast ultrasound of its class? Two independent measures, printed side by side.
+
+- class: a small CNN trained on real phantoms of new patients classifies real held-out phantoms (other new patients)
+  and the released images; the release passes at >= 0.8 x the real accuracy.
+- realism: a CNN trained to tell released images from real phantoms of new patients, cross-validated on a balanced
+  set (as many real as synthetic images, per class); 0.5 is indistinguishable, the release passes at <= 0.9. The same
+  test between two real cohorts is the floor.
+
+    python benchmarks/quickstart_quality.py --release quickstart_output/release
+
+"Real" here always means phantoms the generator never saw (other patient indices and seeds than the quickstart's
+cohort), quantised to 8-bit grey levels like the cohort's PNGs. The functions are also imported by
+``benchmarks/diffusion_recipe.py``, which scores unguarded samples the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from monai_synth.data.modalities import get_modality
+from monai_synth.data.phantoms import generate_cohort
+
+LABELS = list(get_modality("us").labels)
+#: patient index ranges of the real cohorts: far from the quickstart's patients 0..N so none is a training patient
+FIRST_PATIENT = {"classifier_train": 100_000, "classifier_test": 200_000, "realism": 300_000, "realism_b": 400_000}
+
+
+def real_cohort(n_per_class: int, size: int, role: str, images_per_patient: int = 1, seed: int = 7):
+    """``(images in [-1, 1], class ids)`` of phantoms of new patients, 8-bit quantised like the cohort's PNG files."""
+    n_patients = int(np.ceil(n_per_class * len(LABELS) / images_per_patient))
+    recs = generate_cohort("us", n_patients, images_per_patient, 2, size, seed=seed, first_patient=FIRST_PATIENT[role])
+    x = np.stack([np.clip(np.round(r["image"]), 0, 255) for r in recs]).astype(np.float32) / 127.5 - 1.0
+    y = np.asarray([LABELS.index(r["label"]) for r in recs])
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def load_release(release_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Released images (in [-1, 1], the model's grey-level mapping) and their class ids, read back from the PNGs."""
+    from monai.transforms import LoadImage
+
+    release_dir = Path(release_dir)
+    load = LoadImage(image_only=True, ensure_channel_first=True, reader="PILReader")
+    images, labels = [], []
+    with open(release_dir / "certificate.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            images.append(np.asarray(load(str(release_dir / row["file"])), dtype=np.float32)[:1])
+            labels.append(LABELS.index(str(row["condition"])))
+    if not images:
+        raise ValueError(f"{release_dir} released no image")
+    return torch.from_numpy(np.stack(images) / 127.5 - 1.0).float(), torch.as_tensor(labels)
+
+
+class SmallCNN(torch.nn.Sequential):
+    """Three conv blocks and a linear head: enough to read lesion shape and shadowing at 32-64 px, quick on a CPU."""
+
+    def __init__(self, num_classes: int, width: int = 16) -> None:
+        layers: list[torch.nn.Module] = []
+        c_in = 1
+        for c in (width, 2 * width, 4 * width):
+            layers += [torch.nn.Conv2d(c_in, c, 3, padding=1), torch.nn.BatchNorm2d(c), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+            c_in = c
+        layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Dropout(0.2), torch.nn.Linear(c_in, num_classes)]
+        super().__init__(*layers)
+
+
+def train_cnn(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int = 20, seed: int = 0) -> SmallCNN:
+    """Train :class:`SmallCNN` with lateral flips (axis 0 of the (lateral, depth) image) as the only augmentation."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = SmallCNN(num_classes)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    steps = epochs * int(np.ceil(len(x) / 32))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), 32):
+            idx = order[i : i + 32]
+            xb = x[idx]
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            xb = torch.where(flip[:, None, None, None], xb.flip(2), xb)
+            loss = F.cross_entropy(net(xb), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((net(x).argmax(1) == y).float().mean())
+
+
+def class_scores(samples: torch.Tensor, labels: torch.Tensor, size: int, seeds: int = 3) -> dict[str, float]:
+    """Accuracy of real-trained classifiers on real held-out phantoms and on ``samples`` (mean over ``seeds``)."""
+    x_tr, y_tr = real_cohort(80, size, "classifier_train", images_per_patient=2)
+    x_te, y_te = real_cohort(40, size, "classifier_test")
+    real, synth = [], []
+    for s in range(seeds):
+        net = train_cnn(x_tr, y_tr, len(LABELS), seed=s)
+        real.append(accuracy(net, x_te, y_te))
+        synth.append(accuracy(net, samples, labels))
+    r, f = float(np.mean(real)), float(np.mean(synth))
+    return {"real_accuracy": r, "synthetic_accuracy": f, "ratio": f / max(r, 1e-8)}
+
+
+def realism_accuracy(a: torch.Tensor, ya: torch.Tensor, b: torch.Tensor, yb: torch.Tensor, folds: int = 5) -> float:
+    """Cross-validated accuracy of telling set ``a`` from set ``b``, balanced per class (0.5: indistinguishable)."""
+    g = torch.Generator().manual_seed(0)
+    keep_a, keep_b = [], []
+    for c in range(len(LABELS)):
+        ia, ib = torch.nonzero(ya == c).flatten(), torch.nonzero(yb == c).flatten()
+        n = min(len(ia), len(ib))
+        keep_a.append(ia[torch.randperm(len(ia), generator=g)[:n]])
+        keep_b.append(ib[torch.randperm(len(ib), generator=g)[:n]])
+    xa, xb = a[torch.cat(keep_a)], b[torch.cat(keep_b)]
+    if len(xa) < folds:
+        raise ValueError(f"only {len(xa)} images per side after balancing per class; need at least {folds}")
+    x = torch.cat([xa, xb])
+    y = torch.cat([torch.zeros(len(xa), dtype=torch.long), torch.ones(len(xb), dtype=torch.long)])
+    fold = torch.randperm(len(x), generator=g) % folds
+    correct = 0
+    for k in range(folds):
+        net = train_cnn(x[fold != k], y[fold != k], 2, epochs=20, seed=k)
+        correct += int((net(x[fold == k]).argmax(1) == y[fold == k]).sum())
+    return correct / len(x)
+
+
+def realism_scores(samples: torch.Tensor, labels: torch.Tensor, size: int) -> dict[str, float]:
+    """Real-vs-synthetic accuracy of ``samples`` and, as the floor, of two real cohorts of new patients."""
+    n = int(np.bincount(labels.numpy(), minlength=len(LABELS)).max())
+    x_r, y_r = real_cohort(n, size, "realism")
+    x_b, y_b = real_cohort(n, size, "realism_b")
+    return {
+        "realism_accuracy": realism_accuracy(samples, labels, x_r, y_r),
+        "real_vs_real_accuracy": realism_accuracy(x_b, y_b, x_r, y_r),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--release", required=True, help="a release folder (certificate.csv + images)")
+    parser.add_argument("--seeds", type=int, default=3, help="classifier seeds averaged for the class measure")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    x, y = load_release(args.release)
+    size = x.shape[-1]
+    counts = np.bincount(y.numpy(), minlength=len(LABELS))
+    print(f"release: {len(x)} images of {size} x {x.shape[-2]} px, per class {dict(zip(LABELS, counts.tolist()))}")
+    scores = {"n_released": len(x), **class_scores(x, y, size, seeds=args.seeds), **realism_scores(x, y, size)}
+    scores["class_pass"] = scores["ratio"] >= 0.8
+    scores["realism_pass"] = scores["realism_accuracy"] <= 0.9
+    print(f"{'measure':<44}{'value':>8}  goal")
+    print(f"{'class accuracy, real held-out phantoms':<44}{scores['real_accuracy']:>8.2f}")
+    print(f"{'class accuracy, released images':<44}{scores['synthetic_accuracy']:>8.2f}")
+    print(f"{'  ratio released / real':<44}{scores['ratio']:>8.2f}  >= 0.80")
+    print(f"{'real-vs-synthetic accuracy (5-fold, balanced)':<44}{scores['realism_accuracy']:>8.2f}  <= 0.90")
+    print(f"{'real-vs-real accuracy (floor)':<44}{scores['real_vs_real_accuracy']:>8.2f}")
+    print(f"({time.time() - t0:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(scores, indent=2))
+    return scores
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
