@@ -146,3 +146,16 @@ def test_3d_transpose_catches_volumes_rotated_by_90_degrees_without_multiplying_
         missed = 1.0 - np.einsum("bvd,bd->bv", plain.embed_variants(copy), plain.embed(x)).max(axis=1)
         assert caught.max() < 1e-5 and missed.min() > 0.1
     assert space.fingerprint() != plain.fingerprint()
+
+
+def test_tiles_catch_one_side_of_a_pair_squeezed_side_by_side():
+    from monai_synth.privacy.partial import TileSpace
+
+    g = torch.Generator().manual_seed(6)
+    train = torch.nn.functional.avg_pool2d(torch.rand(2, 1, 64, 64, generator=g), 5, 1, 2)  # smooth, image-like
+    other = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 64, 64, generator=g), 5, 1, 2)
+    squeeze = lambda x: torch.nn.functional.interpolate(x, size=(64, 32), mode="area")  # noqa: E731
+    pair = torch.cat([squeeze(other), squeeze(train[:1])], dim=-1)  # the training image squeezed into the right half
+    space = TileSpace(grid=16)
+    d = 1.0 - (space.embed_variants(pair)[0] @ space.embed(train).T).max(axis=0)
+    assert d[0] < 0.02 < d[1]
