@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -66,9 +65,19 @@ class SmallCNN(torch.nn.Sequential):
         layers: list[torch.nn.Module] = []
         c_in = 1
         for c in (width, 2 * width, 4 * width):
-            layers += [torch.nn.Conv2d(c_in, c, 3, padding=1), torch.nn.BatchNorm2d(c), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+            layers += [
+                torch.nn.Conv2d(c_in, c, 3, padding=1),
+                torch.nn.BatchNorm2d(c),
+                torch.nn.ReLU(),
+                torch.nn.MaxPool2d(2),
+            ]
             c_in = c
-        layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Dropout(0.2), torch.nn.Linear(c_in, num_classes)]
+        layers += [
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(c_in, num_classes),
+        ]
         super().__init__(*layers)
 
 

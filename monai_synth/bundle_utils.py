@@ -735,7 +735,10 @@ def run_quickstart(
 
     write_release_side_by_side(datalist_file, outputs["synthetic release"], labels, outputs["side by side"])
     times["side-by-side picture"] = time.time() - t0
-    print(f"\n[quickstart] finished in {time.time() - start:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+    print(
+        f"\n[quickstart] finished in {time.time() - start:.0f} s: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+    )
     print(f"[quickstart] real images next to released images, per class: {outputs['side by side']}")
     for what, where in outputs.items():
         print(f"[quickstart]   {what:<22} {where}")
