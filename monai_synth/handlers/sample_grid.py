@@ -221,8 +221,9 @@ def write_release_side_by_side(
         for row in csv.DictReader(f):
             cond = str(row["condition"])
             if cond in released and len(released[cond]) < n_per_class:
-                released[cond].append(np.asarray(load(str(Path(release_dir) / row["file"])))[0])
-    size = next((v[0].shape for v in released.values() if v), None)
+                # MONAI readers return (x, y); the picture shows rows as the file does, hence the transpose
+                released[cond].append(np.asarray(load(str(Path(release_dir) / row["file"])))[0].T)
+    size = next((v[0].shape[::-1] for v in released.values() if v), None)  # (x, y) for Resize
     if size is None:
         raise ValueError(f"the release in {release_dir} holds no image of the classes {list(labels)}")
     resize = Resize(size, mode="area")
@@ -231,7 +232,7 @@ def write_release_side_by_side(
         cond = str(record["label"])
         if cond in real and len(real[cond]) < n_per_class:
             image = np.asarray(resize(load(record["image"])))[0]
-            real[cond].append(np.clip(np.round(image), 0, 255).astype(np.uint8))
+            real[cond].append(np.clip(np.round(image), 0, 255).astype(np.uint8).T)
     shown = [str(lb) for lb in labels if real[str(lb)] and released[str(lb)]]
     grid = make_side_by_side([real[lb] for lb in shown], [released[lb] for lb in shown], shown, zoom=zoom)
     save_grid_png(grid, path)

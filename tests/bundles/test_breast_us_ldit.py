@@ -149,7 +149,8 @@ def test_stage1_checkpoint_holds_scale_factor_and_metadata(chain):
     assert ckpt["metadata"]["modality"] == "us"
     assert ckpt["metadata"]["labels"] == LABELS
     cache = torch.load(chain["out"] / "latents" / "train_latents.pt", weights_only=True)
-    assert cache["latents"].shape[1:] == (2, 16, 16)
+    # 32 x 32 images, two autoencoder levels (one halving): latent_channels x 16 x 16
+    assert cache["latents"].shape[1:] == (chain["overrides"]["latent_channels"], 16, 16)
     assert cache["label_names"] == LABELS
 
 
