@@ -232,7 +232,12 @@ def main(argv=None):
         ema_net, sampling, stats = torch.load(dit_path, weights_only=False)
     else:
         ema_net, sampling, stats = train_dit(args, z * scale, y)
-        torch.save((ema_net, sampling, stats), dit_path)
+        try:
+            torch.save((ema_net, sampling, stats), dit_path)
+        except (AttributeError, TypeError):  # a logit-normal RFlowScheduler holds a lambda: keep the weights only
+            torch.save((ema_net, None, stats), dit_path)
+    if sampling is None:
+        sampling = schedulers(args)[2]
     result.update(stats, scale_factor=scale)
     guidances, result["by_guidance"] = args.guidance, {}
     for g in guidances:
