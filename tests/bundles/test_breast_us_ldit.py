@@ -361,3 +361,31 @@ def test_embedding_weights_trained_on_other_data_are_refused(chain, tmp_path):
     refused = [e for e in _causes(info.value) if isinstance(e, EmbeddingWeightsError)]
     assert refused and "trained on data with fingerprint" in str(refused[0])
     assert not (chain["snapshot"] / "release_other").exists()
+
+
+def _rewrite_datalist(cohort: str, dest: Path, replace: dict[str, str]) -> Path:
+    """A copy of the cohort's datalist with absolute image paths, some images replaced by other files."""
+    rows = list(csv.DictReader(open(cohort, newline="")))
+    with open(dest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            image = str(Path(cohort).parent / row["image"])
+            writer.writerow({**row, "image": replace.get(image, image)})
+    return dest
+
+
+def test_non_image_dicom_in_the_holdout_stops_stage1_before_training(tmp_path, cohort):
+    from pydicom.data import get_testdata_file
+
+    holdout = bundle_utils.load_splits(cohort, LABELS)["holdout"][0]["image"]
+    dose = tmp_path / "dose.dcm"
+    shutil.copy(get_testdata_file("rtdose.dcm"), dose)
+    datalist = _rewrite_datalist(cohort, tmp_path / "datalist.csv", {holdout: str(dose)})
+    workflow = _workflow("autoencoder", _quickstart_overrides(output_dir=str(tmp_path / "run"), datalist=str(datalist)))
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+        workflow.check_properties()
+    errors = [e for e in _causes(info.value) if isinstance(e, DatalistError)]
+    assert errors and "holdout split" in str(errors[0]) and f"{dose} is an RT dose grid" in str(errors[0])
+    assert not (tmp_path / "run" / "models").exists()
