@@ -248,25 +248,49 @@ class AtomicCheckpointSaver(CheckpointSaver):
         super().attach(engine)
         engine.add_event_handler(Events.ITERATION_STARTED, self._set_in_iteration, True)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._set_in_iteration, False)
+        if self._final_checkpoint is not None:
+            self._handle_exceptions_first(engine)
+
+    def _handle_exceptions_first(self, engine: Engine) -> None:
+        """Run this saver's ``EXCEPTION_RAISED`` handler before any other.
+
+        Ignite stops at the first ``EXCEPTION_RAISED`` handler that re-raises, and MONAI's ``StatsHandler`` (attached
+        with the trainer, before this saver) re-raises at once: Ctrl-C would save nothing. Ignite has no public way
+        to order handlers, so this one is moved to the front of the engine's handler list.
+        """
+        handlers = engine._event_handlers.get(Events.EXCEPTION_RAISED, [])
+        ours = [h for h in handlers if getattr(h[0], "__self__", None) is self]
+        engine._event_handlers[Events.EXCEPTION_RAISED] = ours + [h for h in handlers if h not in ours]
 
     def _set_in_iteration(self, engine: Engine, value: bool) -> None:
         self._in_iteration = value
 
-    def exception_raised(self, engine: Engine, e: Exception) -> None:
-        """Save the final checkpoint on an exception (e.g. Ctrl-C), then re-raise it.
+    def exception_raised(self, engine: Engine, e: BaseException) -> None:
+        """Save a resumable checkpoint on an exception (e.g. Ctrl-C), then re-raise it.
+
+        With interval checkpoints the state is saved as one of them (``checkpoint_epoch=N.pt`` for the epoch that was
+        interrupted), so re-running the stage resumes from it; the final file (``final_filename``) is kept for a
+        finished stage, which the next stage takes it for. Without interval checkpoints the final file is written,
+        as MONAI does.
 
         Ignite has already counted an iteration that was interrupted part-way, so a checkpoint saved as MONAI does
         would make the resumed run skip it. The interrupted iteration is not counted in the checkpoint instead: at
         worst (interrupted after the optimiser step) it is repeated on resume, it is never lost.
         """
-        if not self._in_iteration:
-            super().exception_raised(engine, e)
-            return
-        engine.state.iteration -= 1
+        in_iteration = self._in_iteration
+        if in_iteration:
+            engine.state.iteration -= 1
         try:
-            super().exception_raised(engine, e)
+            if self._interval_checkpoint is None:
+                super().exception_raised(engine, e)
+                return
+            self._interval_checkpoint(engine)
+            saved = self._interval_checkpoint.last_checkpoint
+            engine.logger.info(f"{type(e).__name__} raised; saved a resumable checkpoint: {saved}")
         finally:
-            engine.state.iteration += 1
+            if in_iteration:
+                engine.state.iteration += 1
+        raise e
 
 
 class IterationSeedHandler:
