@@ -113,6 +113,7 @@ def scan_folder(
     if slices:
         records = _extract_slices(records, out / "slices", int(slice_step))
         spatial_dims = 2
+    records.sort(key=lambda rec: (str(rec["patient_id"]), rec["image"]))
     rows = [{**rec, "image": os.path.relpath(rec["image"], out)} for rec in records]
     records = validate_records(rows, base_dir=out, labels=labels, check_files=True, source=str(out / DATALIST_NAME))
     if check_images:
