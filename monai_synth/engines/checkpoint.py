@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -142,9 +143,15 @@ class CheckpointMetadata:
             if found != expected:
                 problems.append(f"{key}: checkpoint has {found!r}, this run expects {expected!r}")
         if problems:
+            data = ""
+            if any(p.startswith("training_split:") for p in problems):
+                data = (
+                    " The training split differs (another datalist, split seed or fractions, or changed image files): "
+                    "resume, continue or release only on the data the models were trained on."
+                )
             raise CheckpointMismatchError(
                 f"{source} was trained for something else ({'; '.join(problems)}). Point the config at a checkpoint "
-                "of this bundle/modality or retrain this stage."
+                f"of this bundle/modality or retrain this stage.{data}"
             )
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -245,6 +252,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self._in_iteration = False
 
     def attach(self, engine: Engine) -> None:
+        from monai_synth.engines.resume import remove_leftovers
+
+        remove_leftovers(self.save_dir)  # temporary files of a killed run's checkpoint writes
         super().attach(engine)
         engine.add_event_handler(Events.ITERATION_STARTED, self._set_in_iteration, True)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._set_in_iteration, False)
@@ -264,6 +274,27 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def _set_in_iteration(self, engine: Engine, value: bool) -> None:
         self._in_iteration = value
+
+    def interval_completed(self, engine: Engine) -> None:
+        super().interval_completed(engine)
+        self._remove_stale_intervals()
+
+    def _remove_stale_intervals(self) -> None:
+        """Keep only this run's ``n_saved`` interval checkpoints in ``save_dir``.
+
+        A resumed run's Ignite ``Checkpoint`` knows only the files it wrote itself, so the checkpoint it resumed
+        from (a killed run's, gigabytes at real sizes) stayed forever. Once a newer checkpoint is safely written,
+        interval checkpoints of the same name pattern that this run does not keep are deleted.
+        """
+        checkpoint = self._interval_checkpoint
+        if checkpoint is None or checkpoint.n_saved is None or checkpoint.last_checkpoint is None:
+            return
+        newest = os.path.basename(str(checkpoint.last_checkpoint))
+        pattern = re.compile("^" + re.sub(r"(epoch|iteration)=\d+", r"\1=\\d+", re.escape(newest)) + "$")
+        keep = {os.path.basename(str(item.filename)) for item in checkpoint._saved}
+        for path in Path(self.save_dir).iterdir():
+            if path.is_file() and path.name not in keep and pattern.match(path.name):
+                path.unlink(missing_ok=True)
 
     def exception_raised(self, engine: Engine, e: BaseException) -> None:
         """Save a resumable checkpoint on an exception (e.g. Ctrl-C), then re-raise it.
@@ -285,6 +316,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 super().exception_raised(engine, e)
                 return
             self._interval_checkpoint(engine)
+            self._remove_stale_intervals()
             saved = self._interval_checkpoint.last_checkpoint
             engine.logger.info(f"{type(e).__name__} raised; saved a resumable checkpoint: {saved}")
         finally:

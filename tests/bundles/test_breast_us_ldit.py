@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from monai_synth import bundle_utils
@@ -389,3 +390,40 @@ def test_non_image_dicom_in_the_holdout_stops_stage1_before_training(tmp_path, c
     errors = [e for e in _causes(info.value) if isinstance(e, DatalistError)]
     assert errors and "holdout split" in str(errors[0]) and f"{dose} is an RT dose grid" in str(errors[0])
     assert not (tmp_path / "run" / "models").exists()
+
+
+@pytest.mark.slow
+def test_resume_with_a_changed_learning_rate_is_refused_naming_it(chain, tmp_path):
+    from monai_synth.engines.resume import ResumeMismatchError
+
+    run = tmp_path / "run"
+    shutil.copytree(chain["snapshot"], run)  # a copied output folder resumes like the original
+    overrides = {**chain["overrides"], "output_dir": str(run), "dataset_dir": None, "mlflow": False}
+    overrides.update(ae_max_epochs=3, ae_lr=5.0e-3)
+    iterations = []
+    with pytest.raises(Exception) as info:
+        workflow = _workflow("autoencoder", overrides)
+        workflow.initialize()
+        workflow.parser.get_parsed_content("train#trainer").add_event_handler(
+            Events.ITERATION_STARTED, lambda e: iterations.append(e.state.iteration)
+        )
+        workflow.run()
+    refused = [e for e in _causes(info.value) if isinstance(e, ResumeMismatchError)]
+    assert refused and "ae_lr: checkpoint 0.002, this run 0.005" in str(refused[0])
+    assert "--resume_changes apply" in str(refused[0]) and iterations == []
+
+
+@pytest.mark.slow
+def test_release_on_another_dataset_is_refused_naming_both_fingerprints(chain, cohort):
+    from monai_synth.data.datalist import content_fingerprint
+    from monai_synth.engines.checkpoint import CheckpointMismatchError
+
+    trained = torch.load(chain["snapshot"] / "models" / "autoencoder" / "autoencoder.pt", weights_only=True)
+    trained = trained["metadata"]["training_split"]
+    other = content_fingerprint(bundle_utils.load_splits(cohort, LABELS)["train"])
+    overrides = _sample_overrides(chain, "release_other_data", datalist=cohort)
+    with pytest.raises(Exception) as info:
+        bundle_utils.run_stage(BUNDLE, "sample", overrides=overrides, workflow_type=None)
+    refused = [e for e in _causes(info.value) if isinstance(e, CheckpointMismatchError)]
+    assert refused and trained in str(refused[0]) and other in str(refused[0]) and trained != other
+    assert not (chain["snapshot"] / "release_other_data").exists()
