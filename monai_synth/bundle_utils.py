@@ -381,6 +381,7 @@ def guarded_release(
     mlflow: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     to_model: Any = None,
+    spacing: Sequence[float] | None = None,
 ) -> dict:
     """Sample every class through the privacy safeguard and write the release, its certificate and a sample grid.
 
@@ -422,6 +423,8 @@ def guarded_release(
             or ``None``.
         overwrite: replace an existing release.
         to_model: physical units -> model space, the training images' intensity transform (default: the modality's).
+        spacing: voxel size in mm of the released NIfTI / DICOM images, the training images' model-space spacing
+            (:func:`monai_synth.data.geometry.model_spacing`); ``None`` writes 1 mm.
 
     Returns:
         The certificate summary plus ``release_dir``, ``thresholds``, ``sample_grid`` and ``private_audit``.
@@ -485,7 +488,7 @@ def guarded_release(
     released = iter(result.images)
     with release:
         for rec in result.records:
-            release.add(rec, next(released) if rec.passed else None)
+            release.add(rec, next(released) if rec.passed else None, spacing)
         release.requested = result.requested
         release.finish(
             safeguard,
