@@ -160,11 +160,13 @@ def test_resume_continues_from_the_saved_iteration(chain):
     iters_per_epoch = trainer.state.epoch_length
     assert trainer.state.epoch == 3
     assert trainer.state.iteration == 3 * iters_per_epoch
-    # the resumed run's MLflow history has epoch 3 only: epochs 1-2 were loaded, not trained again
+    # the resume continued the MLflow run of the checkpoint it resumed: one autoencoder run, each epoch logged
+    # once (epochs 1-2 were loaded, not trained again)
     client, runs = _mlflow_runs(chain["uri"])
-    last_ae = [r for r in runs if r.info.run_name.startswith("train_autoencoder-US")][-1]
-    steps = [m.step for m in client.get_metric_history(last_ae.info.run_id, "epoch_train_loss")]
-    assert steps == [3]
+    ae_runs = [r for r in runs if r.info.run_name.startswith("train_autoencoder-US")]
+    assert len(ae_runs) == 1 and ae_runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(ae_runs[0].info.run_id, "epoch_train_loss")]
+    assert steps == [1, 2, 3]
 
 
 @pytest.mark.slow
@@ -303,10 +305,11 @@ def test_monai_tracking_option_adds_its_handler_to_the_same_run(chain):
         workflow.run()
         workflow.finalize()
     client, runs = _mlflow_runs(chain["uri"])
-    last = runs[-1]
-    assert last.info.run_name.startswith("train_autoencoder-US")
-    # MONAI's handler logs the loss every iteration, the bundle's own handler the epoch means: one run holds both
-    assert "train_loss" in last.data.metrics and "epoch_train_loss" in last.data.metrics
+    ae_runs = [r for r in runs if r.info.run_name.startswith("train_autoencoder-US")]
+    # MONAI's handler logs the loss every iteration, the bundle's own handler the epoch means: one run holds both,
+    # the autoencoder run this resume continued
+    assert len(ae_runs) == 1, [(r.info.run_name, r.info.status, sorted(r.data.metrics)) for r in ae_runs]
+    assert "train_loss" in ae_runs[0].data.metrics and "epoch_train_loss" in ae_runs[0].data.metrics
 
 
 def _sample_overrides(chain, name: str, **extra) -> dict:
