@@ -146,15 +146,21 @@ def prepare_datalist(
     logger.info(
         f"no dataset_dir given: writing a {modality} phantom cohort of {phantom_patients} patients to {cohort_dir}"
     )
-    path = write_cohort(
-        cohort_dir,
-        modality=modality,
-        n_patients=int(phantom_patients),
-        images_per_patient=int(phantom_images_per_patient),
-        spatial_dims=2,
-        spatial_size=phantom_size,
-        seed=int(seed),
-    )
+    try:
+        path = write_cohort(
+            cohort_dir,
+            modality=modality,
+            n_patients=int(phantom_patients),
+            images_per_patient=int(phantom_images_per_patient),
+            spatial_dims=2,
+            spatial_size=phantom_size,
+            seed=int(seed),
+        )
+    except OSError:
+        # the processes of a distributed run all write the same (seeded) cohort; the first one to finish wins
+        if existing.is_file():
+            return str(existing.resolve())
+        raise
     return str(Path(path).resolve())
 
 
