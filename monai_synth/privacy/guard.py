@@ -134,16 +134,18 @@ def space_name(spec: str) -> str:
     return spec.partition(":")[0].strip().lower()
 
 
-DEFAULT_SPACES = ("pixel", "parts", "crops", "tiles")
+DEFAULT_SPACES = ("pixel", "parts", "crops", "tiles", "embedding")
 """What a candidate must pass by default: whole-image pixel correlation under the geometric and intensity changes a
-person would still call the same image, aligned parts, crops of training images and windows at every scale. The
-learned ``embedding`` is opt-in: trained on small cohorts (~100 images) it can collapse (every image at about one
-vector), which calibration refuses, so it is not yet safe to turn on by default."""
+person would still call the same image, aligned parts, crops of training images, windows at every scale, and the
+learned copy-detection / re-identification ``embedding``, trained on the training images themselves when no weights
+are given (minutes on a CPU for a few hundred images; pass ``--embedding-weights`` to reuse them). A space that
+collapsed in training is refused at calibration, never certified."""
 
 _PIXEL_DEFAULTS = {
     2: {"invariances": ("flip", "transpose", "shift", "zoom", "rotate", "invert"), "max_shift": 2,
         "zooms": (0.7, 0.8, 0.9, 1.1, 1.25, 1.4), "rotations": (-20.0, -10.0, 10.0, 20.0)},
-    3: {"invariances": ("flip", "shift", "zoom", "invert"), "max_shift": 1, "zooms": (0.8, 1.25), "rotations": ()},
+    3: {"invariances": ("flip", "transpose", "shift", "zoom", "invert"), "max_shift": 1, "zooms": (0.8, 1.25),
+        "rotations": ()},
 }  # fmt: skip
 
 
@@ -158,7 +160,7 @@ def make_space(
 
     ``pixel`` = :class:`PixelSpace` on a 16-cell grid, invariant (2D) to mirror flips, transposes / rot90, shifts
     of up to 2 cells (12%), zooms 0.7-1.4, rotations up to 20 degrees and intensity inversion (3D: flips, 1-cell
-    shifts, zooms 0.8-1.25, inversion); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
+    shifts, zooms 0.8-1.25, inversion, and the 90-degree rotations / axis swaps on their own); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
     ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre),
     ``crops`` = the same class comparing crops of training images with the whole candidate,
     ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every scale).
@@ -315,6 +317,7 @@ def run_guard(
         floor=floor,
         batch_size=batch_size,
         duplicate_check=duplicate_check,
+        views=encoder.model_views,
     )
     del train_images, holdout_images
     logger.info(f"thresholds calibrated on {len(holdout_records)} holdout images: {safeguard.thresholds}")
