@@ -19,6 +19,7 @@ are converted to luminance (ITU-R BT.601 weights) by the readers themselves.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import warnings
@@ -59,6 +60,9 @@ _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 
 #: DICOM modalities that hold no image a model could learn from (segmentations, dose grids, plans, reports, signals).
+JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
+"""JPEG Extended (12-bit): of the decoders pydicom uses, only pylibjpeg-libjpeg (GPL-3.0, an optional extra) reads it."""
+
 _NON_IMAGE_MODALITIES = {
     "SEG": "a segmentation (SEG)",
     "RTDOSE": "an RT dose grid (RTDOSE)",
@@ -199,8 +203,13 @@ class GreyPydicomReader(PydicomReader):
         except ImageLoadError:
             raise
         except Exception as err:
-            syntax = getattr(getattr(img, "file_meta", None), "TransferSyntaxUID", None)
-            syntax = f" ({syntax.name})" if syntax is not None else ""
+            uid = getattr(getattr(img, "file_meta", None), "TransferSyntaxUID", None)
+            syntax = f" ({uid.name})" if uid is not None else ""
+            if uid == JPEG_EXTENDED and importlib.util.find_spec("libjpeg") is None:
+                syntax += (
+                    "; 12-bit JPEG Extended needs the GPL-3.0 decoder pylibjpeg-libjpeg: "
+                    "pip install 'monai_synth[jpeg-extended]'"
+                )
             raise _refusal(filename, f"has pixel data{syntax} that cannot be decoded", err) from err
         frames = int(getattr(img, "NumberOfFrames", 1) or 1)
         if frames > 1 and data.ndim == 3:
