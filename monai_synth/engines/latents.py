@@ -10,6 +10,7 @@ cannot silently train on latents of another autoencoder.
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,13 +19,23 @@ from typing import Any
 
 import ignite.distributed as idist
 import torch
+from monai.data import DataLoader
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from monai_synth.engines.checkpoint import atomic_torch_save, checkpoint_fingerprint
 from monai_synth.engines.utils import unwrap_model
 
-__all__ = ["ScaleFactor", "compute_scale_factor", "encode_labels", "cache_latents", "LatentDataset"]
+__all__ = [
+    "ScaleFactor",
+    "compute_scale_factor",
+    "encode_labels",
+    "cache_latents",
+    "ensure_latent_cache",
+    "LatentDataset",
+]
+
+logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 
@@ -267,6 +278,77 @@ def cache_latents(
     if payload["labels"].shape[0] != payload["latents"].shape[0]:
         raise ValueError("label count differs from image count in the data loader batches")
     return atomic_torch_save(payload, out_path)
+
+
+def ensure_latent_cache(
+    path: str | os.PathLike,
+    autoencoder: torch.nn.Module,
+    dataset: Sequence[Mapping[str, Any]],
+    autoencoder_checkpoint: str | os.PathLike,
+    labels: Sequence[str],
+    scale_factor: float | ScaleFactor,
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+) -> str:
+    """Encode ``dataset`` into a latent cache at ``path`` unless a cache of the same autoencoder checkpoint is there.
+
+    The cache records the SHA-256 of the checkpoint it was encoded with; a cache from an earlier (or another)
+    autoencoder is re-encoded rather than silently reused, and an up-to-date one is kept so re-running stage 2
+    (e.g. to resume it) does not pay for encoding again. In a ``torch.distributed`` run, rank 0 writes the cache
+    and the other ranks wait for it at a barrier.
+
+    Returns:
+        The cache path.
+    """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()  # rank 0 is writing the cache
+        return str(path)
+    try:
+        return _ensure_latent_cache(
+            path, autoencoder, dataset, autoencoder_checkpoint, labels, scale_factor, device, batch_size
+        )
+    finally:
+        if distributed:
+            torch.distributed.barrier()
+
+
+def _ensure_latent_cache(
+    path: str | os.PathLike,
+    autoencoder: torch.nn.Module,
+    dataset: Sequence[Mapping[str, Any]],
+    autoencoder_checkpoint: str | os.PathLike,
+    labels: Sequence[str],
+    scale_factor: float | ScaleFactor,
+    device: str | torch.device,
+    batch_size: int,
+) -> str:
+    path = Path(path)
+    expected = checkpoint_fingerprint(autoencoder_checkpoint)
+    if path.is_file():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a damaged cache is rebuilt below
+            cached = {}
+        if cached.get("autoencoder_fingerprint") == expected and list(cached.get("label_names", [])) == list(labels):
+            logger.info(f"latent cache {path} is up to date with {autoencoder_checkpoint}; reusing it")
+            return str(path)
+        logger.info(f"latent cache {path} was made with another autoencoder checkpoint; encoding again")
+    loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=0)
+    # plain tensors: MONAI's MetaTensor would pickle its metadata classes into the cache, which torch's safe
+    # (weights_only) loader refuses
+    batches = ({**b, "image": torch.as_tensor(b["image"]).as_subclass(torch.Tensor)} for b in loader)
+    cache_latents(
+        autoencoder,
+        batches,
+        path,
+        device=device,
+        autoencoder_checkpoint=autoencoder_checkpoint,
+        labels=list(labels),
+        scale_factor=scale_factor,
+    )
+    logger.info(f"encoded {len(dataset)} images into the latent cache {path}")
+    return str(path)
 
 
 class LatentDataset(Dataset):

@@ -16,8 +16,9 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from monai_synth import bundle_utils
+from monai_synth import workflows
 from monai_synth.data.datalist import DatalistError
+from monai_synth.data.preparation import prepare_datalist
 from monai_synth.engines.checkpoint import CheckpointMetadata, CheckpointMismatchError
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "breast_us_ldit"
@@ -55,7 +56,7 @@ def _causes(err: BaseException) -> list[BaseException]:
 
 def _workflow(stage: str, overrides: dict, workflow_type: str | None = "train") -> ConfigWorkflow:
     return ConfigWorkflow(
-        config_file=bundle_utils.stage_config_files(BUNDLE, stage),
+        config_file=workflows.stage_config_files(BUNDLE, stage),
         meta_file=str(BUNDLE / "configs" / "metadata.json"),
         logging_file=False,
         workflow_type=workflow_type,
@@ -72,13 +73,13 @@ def chain(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         overrides = _quickstart_overrides()
-        outputs = bundle_utils.run_quickstart(BUNDLE, out, overrides=overrides, threads=1)
+        outputs = workflows.run_quickstart(BUNDLE, out, overrides=overrides, threads=1)
         # a copy of the finished quickstart, for re-running the release stage: the resume below and the tests that
         # re-initialise stages on `out` replace its autoencoder and latent cache
         snapshot = tmp_path_factory.mktemp("quickstart_snapshot")
         shutil.copytree(out, snapshot, dirs_exist_ok=True)
         # then resume the autoencoder stage for one more epoch on the same folder
-        resumed = bundle_utils.run_stage(
+        resumed = workflows.run_stage(
             BUNDLE,
             "autoencoder",
             overrides={**overrides, "output_dir": str(out), "dataset_dir": None, "ae_max_epochs": 3},
@@ -97,9 +98,7 @@ def chain(tmp_path_factory):
 def cohort(tmp_path_factory):
     """A small phantom cohort (datalist path) for the bad-input tests."""
     out = tmp_path_factory.mktemp("cohort")
-    return bundle_utils.prepare_datalist(
-        None, out, "us", phantom_patients=10, phantom_images_per_patient=2, phantom_size=32
-    )
+    return prepare_datalist(None, out, "us", phantom_patients=10, phantom_images_per_patient=2, phantom_size=32)
 
 
 def _mlflow_runs(uri: str) -> list:
@@ -114,7 +113,7 @@ def _mlflow_runs(uri: str) -> list:
 @pytest.mark.slow
 def test_quickstart_writes_the_documented_layout(chain):
     out = chain["out"]
-    for what, where in bundle_utils.quickstart_outputs(out).items():
+    for what, where in workflows.quickstart_outputs(out).items():
         if what == "MLflow store":
             continue
         assert Path(where).exists(), f"{what} missing at {where}"
@@ -199,7 +198,7 @@ def test_diffusion_stage_has_every_required_bundle_property(chain):
 def test_quickstart_config_overrides_only_ids_the_stages_define():
     parser = ConfigParser.load_config_file(str(BUNDLE / "configs" / "quickstart.yaml"))
     stage_ids = set()
-    for name in bundle_utils.STAGES["sample"]:
+    for name in workflows.STAGES["sample"]:
         stage_ids |= set(ConfigParser.load_config_file(str(BUNDLE / "configs" / name)))
     unknown = sorted(set(parser["overrides"]) - stage_ids)
     assert not unknown, f"quickstart overrides ids no stage config defines: {unknown}"
@@ -272,26 +271,13 @@ def test_checkpoint_of_another_modality_is_refused_before_training(tmp_path, coh
     assert not (tmp_path / "latents").exists()
 
 
-def test_check_spatial_size_names_a_size_that_works():
-    assert bundle_utils.check_spatial_size([256, 256], [64, 128, 256, 256], patch_size=2) == (32, 32)
-    with pytest.raises(ValueError, match="multiple of 16"):
-        bundle_utils.check_spatial_size([250, 256], [64, 128, 256, 256], patch_size=2)
-
-
-def test_latest_checkpoint_prefers_the_highest_epoch(tmp_path):
-    assert bundle_utils.latest_checkpoint(tmp_path / "none") == ""
-    for name in ("checkpoint_epoch=2.pt", "checkpoint_epoch=10.pt", "autoencoder.pt"):
-        (tmp_path / name).write_bytes(b"x")
-    assert Path(bundle_utils.latest_checkpoint(tmp_path, "checkpoint")).name == "checkpoint_epoch=10.pt"
-
-
 @pytest.mark.slow
 def test_monai_tracking_option_adds_its_handler_to_the_same_run(chain):
     overrides = {**chain["overrides"], "output_dir": str(chain["out"]), "dataset_dir": None, "ae_max_epochs": 4}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", chain["uri"])
         workflow = ConfigWorkflow(
-            config_file=bundle_utils.stage_config_files(BUNDLE, "autoencoder"),
+            config_file=workflows.stage_config_files(BUNDLE, "autoencoder"),
             logging_file=False,
             tracking="mlflow",
             bundle_root=str(BUNDLE),
@@ -327,7 +313,7 @@ def test_embedding_space_is_trained_on_the_bundles_train_split(chain):
     from monai_synth.privacy.embedding import EmbeddingSpace
 
     overrides = _sample_overrides(chain, "release_embedding", privacy_spaces=["pixel:none", "embedding"])
-    bundle_utils.run_stage(BUNDLE, "sample", overrides={**overrides, "embedding_epochs": 1})
+    workflows.run_stage(BUNDLE, "sample", overrides={**overrides, "embedding_epochs": 1})
     release = chain["snapshot"] / "release_embedding"
     certificate = json.loads((release / "certificate.json").read_text())
     weights = chain["snapshot"] / "models" / "embedding.pt"
@@ -357,7 +343,7 @@ def test_embedding_weights_trained_on_other_data_are_refused(chain, tmp_path):
         chain, "release_other", privacy_spaces=["embedding"], embedding_weights=str(tmp_path / "other.pt")
     )
     with pytest.raises(Exception) as info:
-        bundle_utils.run_stage(BUNDLE, "sample", overrides=overrides)
+        workflows.run_stage(BUNDLE, "sample", overrides=overrides)
     refused = [e for e in _causes(info.value) if isinstance(e, EmbeddingWeightsError)]
     assert refused and "trained on data with fingerprint" in str(refused[0])
     assert not (chain["snapshot"] / "release_other").exists()
