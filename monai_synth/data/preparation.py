@@ -69,8 +69,9 @@ def prepare_datalist(
     existing = cohort_dir / "datalist.csv"
     if existing.is_file():
         return str(existing.resolve())
-    logger.info(
-        f"no dataset_dir given: writing a {modality} phantom cohort of {phantom_patients} patients to {cohort_dir}"
+    logger.warning(
+        f"no dataset_dir given: training on a {modality} PHANTOM cohort of {phantom_patients} patients written to "
+        f"{cohort_dir}; pass --dataset_dir (or --datalist) to train on your data"
     )
     path = write_cohort(
         cohort_dir,

@@ -15,17 +15,35 @@ from typing import Any
 
 import torch
 from monai.bundle import ConfigWorkflow
+from monai.utils import look_up_option
 
 from monai_synth.tracking import tracking_uri
 
-__all__ = ["STAGES", "as_bool", "stage_config_files", "run_stage", "run_quickstart", "quickstart_outputs"]
+__all__ = [
+    "STAGES",
+    "MULTI_GPU_OVERLAY",
+    "STAGE_WORKFLOW_TYPES",
+    "as_bool",
+    "stage_config_files",
+    "run_stage",
+    "run_quickstart",
+    "quickstart_outputs",
+]
 
-#: Stages of a monai_synth bundle and the config files each one layers, in order (MONAI merges them left to right).
+#: Stages of a monai_synth bundle and the config files each one merges, in order (MONAI merges them left to right):
+#: every stage stands on ``common.yaml`` alone, so a stage's settings (e.g. ``val_interval``) are its own.
 STAGES: dict[str, tuple[str, ...]] = {
     "autoencoder": ("common.yaml", "train_autoencoder.yaml"),
-    "diffusion": ("common.yaml", "train_autoencoder.yaml", "train_diffusion.yaml"),
-    "sample": ("common.yaml", "train_autoencoder.yaml", "train_diffusion.yaml", "sample.yaml"),
+    "diffusion": ("common.yaml", "train_diffusion.yaml"),
+    "sample": ("common.yaml", "sample.yaml"),
 }
+
+#: MONAI workflow type of each stage: the training stages must have MONAI's training properties (``train#trainer``,
+#: ...), which ``--tracking mlflow`` and other MONAI tools drive; the release has only metadata properties.
+STAGE_WORKFLOW_TYPES: dict[str, str | None] = {"autoencoder": "train", "diffusion": "train", "sample": None}
+
+#: The overlay layered last on a training stage for DistributedDataParallel (``torchrun``).
+MULTI_GPU_OVERLAY = "multi_gpu.yaml"
 
 
 def as_bool(value: Any, name: str) -> bool:
@@ -50,12 +68,16 @@ def as_bool(value: Any, name: str) -> bool:
 
 
 def stage_config_files(bundle_root: str | os.PathLike, stage: str, multi_gpu: bool = False) -> list[str]:
-    """Config files of one stage, in merge order (optionally with the multi-GPU overlay)."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
-    names = list(STAGES[stage])
-    if multi_gpu and stage in ("autoencoder", "diffusion"):
-        names.append(f"multi_gpu_train_{stage}.yaml")
+    """Config files of one stage, in merge order (optionally with the multi-GPU overlay of the training stages).
+
+    Raises:
+        ValueError: an unknown stage, or ``multi_gpu`` for the release (it runs on one device).
+    """
+    names = list(look_up_option(stage, STAGES))
+    if multi_gpu:
+        if stage == "sample":
+            raise ValueError("the release stage runs on one device; multi_gpu applies to the training stages")
+        names.append(MULTI_GPU_OVERLAY)
     return [str(Path(bundle_root) / "configs" / n) for n in names]
 
 
@@ -63,7 +85,6 @@ def run_stage(
     bundle_root: str | os.PathLike,
     stage: str,
     overrides: Mapping[str, Any] | None = None,
-    workflow_type: str | None = "train",
 ) -> Any:
     """Run one stage of a bundle as ``python -m monai.bundle run`` would, and return the workflow.
 
@@ -74,8 +95,6 @@ def run_stage(
         bundle_root: the bundle folder.
         stage: ``"autoencoder"``, ``"diffusion"`` or ``"sample"``.
         overrides: config id -> value pairs, as on the ``monai.bundle run`` command line.
-        workflow_type: ``"train"`` for the training stages (checks MONAI's training properties), ``None`` for
-            sampling (only metadata properties).
 
     Raises:
         ValueError: the stage's config lacks required bundle properties.
@@ -85,7 +104,7 @@ def run_stage(
         config_file=files,
         meta_file=str(Path(bundle_root) / "configs" / "metadata.json"),
         logging_file=False,
-        workflow_type=workflow_type,
+        workflow_type=STAGE_WORKFLOW_TYPES[stage],
         bundle_root=str(bundle_root),
         **dict(overrides or {}),
     )
@@ -126,10 +145,10 @@ def run_quickstart(
     output_dir = os.path.abspath(output_dir)
     common = {"output_dir": output_dir, "dataset_dir": None if not dataset_dir else os.path.abspath(dataset_dir)}
     common.update(dict(overrides or {}))
-    for stage, workflow_type in (("autoencoder", "train"), ("diffusion", "train"), ("sample", None)):
+    for stage in STAGES:
         t0 = time.time()
         print(f"[quickstart] stage {stage} ...", flush=True)
-        run_stage(bundle_root, stage, overrides=common, workflow_type=workflow_type)
+        run_stage(bundle_root, stage, overrides=common)
         print(f"[quickstart] stage {stage} done in {time.time() - t0:.0f} s", flush=True)
     outputs = quickstart_outputs(output_dir)
     print(

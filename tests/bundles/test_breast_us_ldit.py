@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -198,7 +201,7 @@ def test_diffusion_stage_has_every_required_bundle_property(chain):
 def test_quickstart_config_overrides_only_ids_the_stages_define():
     parser = ConfigParser.load_config_file(str(BUNDLE / "configs" / "quickstart.yaml"))
     stage_ids = set()
-    for name in workflows.STAGES["sample"]:
+    for name in {name for files in workflows.STAGES.values() for name in files}:
         stage_ids |= set(ConfigParser.load_config_file(str(BUNDLE / "configs" / name)))
     unknown = sorted(set(parser["overrides"]) - stage_ids)
     assert not unknown, f"quickstart overrides ids no stage config defines: {unknown}"
@@ -210,7 +213,7 @@ def test_metadata_describes_us_and_both_networks():
     assert meta["modality"] == "US"
     assert meta["schema"].startswith("https://github.com/Project-MONAI/")
     assert meta["version"] in meta["changelog"]
-    assert meta["network_data_format"]["inputs"]["class_labels"]["value_range"] == [0, len(LABELS) - 1]
+    assert meta["network_data_format"]["inputs"]["context"]["num_channels"] == len(LABELS)
     assert meta["autoencoder_data_format"]["inputs"]["image"]["num_channels"] == 1
 
 
@@ -347,3 +350,101 @@ def test_embedding_weights_trained_on_other_data_are_refused(chain, tmp_path):
     refused = [e for e in _causes(info.value) if isinstance(e, EmbeddingWeightsError)]
     assert refused and "trained on data with fingerprint" in str(refused[0])
     assert not (chain["snapshot"] / "release_other").exists()
+
+
+@pytest.mark.slow
+def test_dataset_dir_none_on_the_monai_command_line_trains_on_a_phantom_cohort(tmp_path):
+    # `python -m monai.bundle run` drops None-valued overrides, so `--dataset_dir None` must mean what the default means
+    small = {
+        "spatial_size": "[32,32]",
+        "phantom_patients": 10,
+        "autoencoder_channels": "[8,16]",
+        "autoencoder_norm_groups": 8,
+        "autoencoder_res_blocks": 1,
+        "latent_channels": 2,
+        "patch_size": 4,
+        "ae_max_epochs": 1,
+        "ae_batch_size": 8,
+        "adv_weight": 0.0,
+        "mlflow": "false",
+        "device": "cpu",
+    }
+    args = [f"--{k}={v}" for k, v in small.items()]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/common.yaml','configs/train_autoencoder.yaml']",
+        "--bundle_root",
+        ".",
+        "--output_dir",
+        str(tmp_path),
+        "--dataset_dir",
+        "None",
+        *args,
+    ]
+    # the package under test, also when another copy is installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BUNDLE.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "phantom_cohort" / "datalist.csv").is_file()
+    assert (tmp_path / "models" / "autoencoder" / "autoencoder.pt").is_file()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_one_multi_gpu_overlay_serves_both_training_stages(chain, tmp_path, monkeypatch):
+    # a one-process gloo group on CPU: the overlay's DDP wrapping, samplers and process group, not the speed-up
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DistributedSampler
+
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+    }.items():
+        monkeypatch.setenv(key, value)
+    small = {k: v for k, v in chain["overrides"].items() if k != "device"}  # the overlay picks the device
+    runs = {
+        "autoencoder": {
+            **small,
+            "output_dir": str(tmp_path),
+            "dataset_dir": None,
+            "ae_max_epochs": 1,
+            "mlflow": False,
+        },
+        "diffusion": {**small, "output_dir": str(chain["snapshot"]), "dataset_dir": None, "mlflow": False},
+    }
+    for stage, overrides in runs.items():
+        workflow = ConfigWorkflow(
+            config_file=workflows.stage_config_files(BUNDLE, stage, multi_gpu=True),
+            logging_file=False,
+            workflow_type="train",
+            bundle_root=str(BUNDLE),
+            **overrides,
+        )
+        workflow.initialize()
+        try:
+            assert dist.is_initialized()
+            assert workflow.check_properties() == []
+            trainer = workflow.parser.get_parsed_content("train#trainer")
+            assert isinstance(trainer.network, DistributedDataParallel)
+            assert isinstance(trainer.data_loader.sampler, DistributedSampler)
+            if stage == "autoencoder":
+                workflow.run()
+                assert (tmp_path / "models" / "autoencoder" / "autoencoder.pt").is_file()
+        finally:
+            workflow.finalize()
+        assert not dist.is_initialized()
