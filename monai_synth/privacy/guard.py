@@ -315,6 +315,7 @@ def run_guard(
         floor=floor,
         batch_size=batch_size,
         duplicate_check=duplicate_check,
+        views=encoder.model_views,
     )
     del train_images, holdout_images
     logger.info(f"thresholds calibrated on {len(holdout_records)} holdout images: {safeguard.thresholds}")

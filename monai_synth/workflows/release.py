@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.transforms import InvertibleTransform
 
 from monai_synth.data.datalist import datalist_fingerprint
 from monai_synth.engines.checkpoint import checkpoint_fingerprint
@@ -88,6 +87,7 @@ def calibrated_safeguard(
     quantile: float = 0.01,
     floor: float = 0.0,
     seed: int = 0,
+    encoder: ReleaseEncoder | None = None,
 ) -> PrivacySafeguard:
     """The privacy safeguard of a bundle: every training image indexed in each space, thresholds set on the holdout.
 
@@ -105,6 +105,8 @@ def calibrated_safeguard(
         quantile: holdout quantile that sets each threshold.
         floor: absolute minimum threshold.
         seed: seed of an embedding trained here.
+        encoder: the release's encoder; the holdout is then judged as a released candidate is (every view of its
+            stored array), so the calibrated share of refused unseen images holds for the release.
 
     Raises:
         ValueError: the image datasets and their records differ in length.
@@ -137,6 +139,7 @@ def calibrated_safeguard(
         quantile=quantile,
         floor=floor,
         batch_size=16,
+        views=None if encoder is None else encoder.model_views,
     )
     logger.info(f"privacy thresholds calibrated on {len(holdout_images)} holdout images: {safeguard.thresholds}")
     return safeguard
@@ -166,9 +169,9 @@ def guarded_release(
     sampler: Generator,
     safeguard: PrivacySafeguard,
     release: GuardedRelease,
+    encoder: ReleaseEncoder,
     labels: Sequence[str],
     num_per_class: int,
-    intensity: InvertibleTransform,
     data_fingerprint: str,
     max_retries: int = 4,
     seed: int = 0,
@@ -191,10 +194,11 @@ def guarded_release(
         sampler: the generator (a :class:`~monai_synth.engines.sampler.LatentSampler` on the EMA weights).
         safeguard: the calibrated safeguard (:func:`calibrated_safeguard`).
         release: the release writer (folder, format, modality, private audit path, overwrite).
+        encoder: what a candidate becomes in the release's storage and the views it is judged in; built with the
+            training images' intensity transform (``to_model``), whose ``inverse`` exports generated images, so both
+            directions come from one object. The same encoder the safeguard was calibrated with.
         labels: classes to release, ``num_per_class`` images each.
         num_per_class: released images per class.
-        intensity: the training images' invertible intensity transform (physical units -> model space; its
-            ``inverse`` gives physical units back): both directions come from this one object.
         data_fingerprint: fingerprint of the training records, written into the certificate.
         max_retries: resampling rounds for rejected candidates.
         seed: first sampling seed.
@@ -214,7 +218,11 @@ def guarded_release(
     if int(num_per_class) < 1:
         raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
     modality = release.modality.name
-    encoder = ReleaseEncoder(release.fmt, modality, to_model=intensity)
+    if (encoder.fmt, encoder.modality.name) != (release.fmt, modality):
+        raise ValueError(
+            f"the encoder is for {encoder.fmt} {encoder.modality.name} images but the release writes {release.fmt} "
+            f"{modality}; build both from the same release_format and modality"
+        )
     result = guarded_sample(
         sampler,
         safeguard,
