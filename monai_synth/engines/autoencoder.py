@@ -26,6 +26,7 @@ from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, PrepareBatch, default_metric_cmp_fn
 from monai.losses import PatchAdversarialLoss
 from monai.transforms import Transform
+from monai.utils import look_up_option
 from torch.optim import Optimizer
 
 from monai_synth.engines.utils import unwrap_model
@@ -136,8 +137,10 @@ class AutoencoderKLTrainer(Trainer):
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
     ) -> None:
-        if recon_loss not in ("l1", "l2"):
-            raise ValueError(f"recon_loss must be 'l1' or 'l2', got {recon_loss!r}")
+        try:
+            recon_loss = look_up_option(recon_loss, ("l1", "l2"))
+        except ValueError as e:
+            raise ValueError(f"recon_loss: {e}") from None
         for name, value in (("kl_weight", kl_weight), ("recon_weight", recon_weight), ("adv_weight", adv_weight)):
             if float(value) < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")

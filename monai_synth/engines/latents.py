@@ -20,6 +20,7 @@ from typing import Any
 import ignite.distributed as idist
 import torch
 from monai.data import DataLoader
+from monai.networks.utils import eval_mode
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -83,7 +84,8 @@ class ScaleFactor(torch.nn.Module):
         return f"scale_factor={float(self.scale_factor):.6g}"
 
 
-def _as_float(scale_factor: float | ScaleFactor) -> float:
+def scale_factor_value(scale_factor: float | ScaleFactor) -> float:
+    """The scale factor as a float, from a number or a :class:`ScaleFactor` (read at call time, so after training)."""
     return scale_factor.value() if isinstance(scale_factor, ScaleFactor) else float(scale_factor)
 
 
@@ -132,18 +134,14 @@ def compute_scale_factor(
         The scale factor as a python float.
     """
     autoencoder = unwrap_model(autoencoder)
-    was_training = autoencoder.training
-    autoencoder.eval()
     count, mean, m2 = 0, 0.0, 0.0
-    try:
+    with eval_mode(autoencoder):
         for batch in tqdm(data_loader, desc="scale factor", disable=not progress):
             images = _images_of(batch, image_key).to(device)
             z_mu = autoencoder.encode(images)[0].double()
             count, mean, m2 = _merge(
                 count, mean, m2, z_mu.numel(), float(z_mu.mean()), float(((z_mu - z_mu.mean()) ** 2).sum())
             )
-    finally:
-        autoencoder.train(was_training)
     if idist.get_world_size() > 1:
         stats = idist.all_gather(torch.tensor([count, mean, m2], dtype=torch.float64, device=idist.device()))
         count, mean, m2 = 0, 0.0, 0.0
@@ -237,11 +235,9 @@ def cache_latents(
         raise ValueError("cache_latents needs the ordered class names (labels=...) to map batch labels to ids")
     fingerprint = None if autoencoder_checkpoint is None else checkpoint_fingerprint(autoencoder_checkpoint)
     autoencoder = unwrap_model(autoencoder)
-    was_training = autoencoder.training
-    autoencoder.eval()
     latents, ids_all, context = [], [], []
     kept: dict[str, list] = {k: [] for k in id_keys}
-    try:
+    with eval_mode(autoencoder):
         for batch in tqdm(data_loader, desc="caching latents", disable=not progress):
             if not isinstance(batch, Mapping):
                 raise TypeError("cache_latents needs dict batches with image, label and condition keys")
@@ -260,8 +256,6 @@ def cache_latents(
             for k in id_keys:
                 if k in batch:
                     kept[k].extend(str(v) for v in batch[k])
-    finally:
-        autoencoder.train(was_training)
     if not latents:
         raise ValueError("cache_latents got an empty data loader")
     payload = {
@@ -272,7 +266,7 @@ def cache_latents(
         "context_keys": list(context_keys),
         "label_names": [str(v) for v in labels],
         "ids": {k: v for k, v in kept.items() if v},
-        "scale_factor": None if scale_factor is None else _as_float(scale_factor),
+        "scale_factor": None if scale_factor is None else scale_factor_value(scale_factor),
         "autoencoder_fingerprint": fingerprint,
     }
     if payload["labels"].shape[0] != payload["latents"].shape[0]:

@@ -15,9 +15,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from monai.inferers import LatentDiffusionInferer
 from monai.networks.schedulers import RFlowScheduler
+from monai.networks.utils import eval_mode
 
 from monai_synth.engines.diffusion import make_condition
-from monai_synth.engines.latents import ScaleFactor, _as_float, encode_labels
+from monai_synth.engines.latents import ScaleFactor, encode_labels, scale_factor_value
 from monai_synth.engines.utils import unwrap_model
 
 __all__ = ["Generator", "sample_latent_images", "LatentSampler"]
@@ -97,14 +98,11 @@ def sample_latent_images(
         condition = make_condition(labels, num_classes, context, as_sequence=context_as_sequence).to(device)
     cfg = None if guidance_scale is None or condition is None or float(guidance_scale) == 1.0 else float(guidance_scale)
     diffusion_model, autoencoder = unwrap_model(diffusion_model), unwrap_model(autoencoder)
-    inferer = LatentDiffusionInferer(scheduler=scheduler, scale_factor=_as_float(scale_factor))
+    inferer = LatentDiffusionInferer(scheduler=scheduler, scale_factor=scale_factor_value(scale_factor))
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     noise = torch.randn((batch, *latent_shape), generator=generator).to(device)
-    modes = (diffusion_model.training, autoencoder.training)
-    diffusion_model.eval()
-    autoencoder.eval()
     fork_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
-    try:
+    with eval_mode(diffusion_model, autoencoder):
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(int(seed))
             _set_timesteps(scheduler, int(num_inference_steps), latent_shape, device)
@@ -118,9 +116,6 @@ def sample_latent_images(
                 verbose=verbose,
                 cfg=cfg,
             )
-    finally:
-        diffusion_model.train(modes[0])
-        autoencoder.train(modes[1])
     return images
 
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.utils import ensure_tuple_rep
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -44,7 +45,10 @@ _VALID_PATCHES = (1, 2, 4, 8)
 
 def _ensure_tuple(value: int | Sequence[int], dims: int, name: str) -> tuple[int, ...]:
     """Return ``value`` as a tuple of ``dims`` positive ints, or raise a ValueError naming ``name``."""
-    out = (int(value),) * dims if isinstance(value, (int, np.integer)) else tuple(int(v) for v in value)
+    try:
+        out = tuple(int(v) for v in ensure_tuple_rep(int(value) if isinstance(value, np.integer) else value, dims))
+    except ValueError:
+        out = ()
     if len(out) != dims or any(v < 1 for v in out):
         raise ValueError(f"{name} must be a positive int or a sequence of {dims} positive ints, got {value}.")
     return out

@@ -149,7 +149,10 @@ def modality_transforms(
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     if spatial_dims not in mod.spatial_dims:
         raise ValueError(f"{mod.name} supports spatial_dims {list(mod.spatial_dims)}, got {spatial_dims}")
-    resize = look_up_option(resize, RESIZE_MODES)
+    try:
+        resize = look_up_option(resize, RESIZE_MODES)
+    except ValueError as e:
+        raise ValueError(f"resize: {e}") from None
     if intensity is not None and intensity_kwargs:
         raise ValueError("pass either an intensity transform or intensity_kwargs to build one, not both")
     size = _size_tuple(spatial_size, spatial_dims)
