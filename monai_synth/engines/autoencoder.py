@@ -26,6 +26,7 @@ from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, PrepareBatch, default_metric_cmp_fn
 from monai.losses import PatchAdversarialLoss
 from monai.transforms import Transform
+from monai.utils import CommonKeys as Keys
 from monai.utils import look_up_option
 from torch.optim import Optimizer
 
@@ -67,8 +68,9 @@ class AutoencoderPrepareBatch(PrepareBatch):
 class AutoencoderKLTrainer(Trainer):
     """Train an ``AutoencoderKL`` with L1 + KL (+ perceptual) (+ patch-adversarial after a warm-up).
 
-    ``engine.state.output`` (per item when decollated) holds ``"image"``, ``"reconstruction"``, ``"loss"`` (total generator loss, the one
-    ``StatsHandler``/``MLFlowHandler`` should log), ``"recon_loss"``, ``"kl_loss"``, ``"perceptual_loss"``,
+    ``engine.state.output`` (per item when decollated) uses MONAI's ``CommonKeys``, so stock handlers and metrics
+    read it: ``"image"`` (the input), ``"label"`` (the reconstruction target, the input itself), ``"pred"`` (the
+    reconstruction), ``"loss"`` (total generator loss, the one ``StatsHandler``/``MLFlowHandler`` should log), and ``"recon_loss"``, ``"kl_loss"``, ``"perceptual_loss"``,
     ``"gen_adv_loss"``, ``"disc_loss"`` (losses detached; the adversarial ones are 0 during warm-up or without a
     discriminator). Put ``autoencoder``, ``optimizer``, ``discriminator``, ``disc_optimizer``, LR schedulers, the
     trainer itself, :class:`~monai_synth.engines.latents.ScaleFactor` and
@@ -230,7 +232,8 @@ class AutoencoderKLTrainer(Trainer):
                 logits_fake = engine.discriminator(recon.contiguous().float())[-1]
                 gen_adv = engine.adv_loss(logits_fake, target_is_real=True, for_discriminator=False)
                 loss = loss + engine.adv_weight * gen_adv
-        engine.state.output = {"image": images, "reconstruction": recon.detach(), "loss": loss}
+        # MONAI's keys, so stock handlers and metrics read the output: the target of a reconstruction is its input
+        engine.state.output = {Keys.IMAGE: images, Keys.LABEL: images, Keys.PRED: recon.detach(), Keys.LOSS: loss}
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -264,7 +267,7 @@ class AutoencoderKLTrainer(Trainer):
 
         engine.state.output.update(
             {
-                "loss": loss.detach(),
+                Keys.LOSS: loss.detach(),
                 "recon_loss": recon_loss.detach(),
                 "kl_loss": kl_loss.detach(),
                 "perceptual_loss": perc_loss.detach(),

@@ -17,7 +17,8 @@ from monai_synth.losses import LocalPerceptualLoss
 
 OUTPUT_KEYS = {
     "image",
-    "reconstruction",
+    "label",
+    "pred",
     "loss",
     "recon_loss",
     "kl_loss",
@@ -56,7 +57,7 @@ def test_loss_decreases_and_output_keys():
     trainer, _, history = _trainer(max_epochs=6, lr=1e-2, decollate=False)
     trainer.run()
     assert set(trainer.state.output) == OUTPUT_KEYS
-    assert trainer.state.output["reconstruction"].shape == trainer.state.output["image"].shape == (4, 1, 16, 16)
+    assert trainer.state.output["pred"].shape == trainer.state.output["image"].shape == (4, 1, 16, 16)
     first = sum(h["recon_loss"] for h in history[:2]) / 2
     last = sum(h["recon_loss"] for h in history[-2:]) / 2
     assert last < 0.7 * first, (first, last)
@@ -74,6 +75,16 @@ def test_decollated_output_works_with_monai_loss_transforms():
     assert all(set(item) == OUTPUT_KEYS and item["image"].shape == (1, 16, 16) for item in items)
     loss = from_engine(["loss"], first=True)(items)
     assert isinstance(loss, float) and loss == pytest.approx(history[-1]["loss"])  # decollate turns scalars into floats
+
+
+def test_stock_monai_metric_handlers_read_the_trainer_output():
+    trainer, _, _ = _trainer(data=make_images(4))  # one iteration: the epoch metric is the last output's
+    MeanAbsoluteError(output_transform=from_engine(["pred", "label"])).attach(trainer, "train_l1")
+    trainer.run()
+    out = trainer.state.output
+    expected = torch.stack([(o["pred"] - o["label"]).abs().mean() for o in out]).mean()
+    assert trainer.state.metrics["train_l1"] == pytest.approx(float(expected), rel=1e-5)
+    assert all(torch.equal(o["label"], o["image"]) for o in out)
 
 
 def test_total_loss_is_weighted_sum():
