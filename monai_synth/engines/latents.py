@@ -299,50 +299,45 @@ def ensure_latent_cache(
         torch.distributed.barrier()  # rank 0 is writing the cache
         return str(path)
     try:
-        return _ensure_latent_cache(
-            path, autoencoder, dataset, autoencoder_checkpoint, labels, scale_factor, device, batch_size
+        if _cache_is_current(path, autoencoder_checkpoint, labels):
+            logger.info(f"latent cache {path} is up to date with {autoencoder_checkpoint}; reusing it")
+            return str(path)
+        loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=0)
+        # plain tensors: MONAI's MetaTensor would pickle its metadata classes into the cache, which torch's safe
+        # (weights_only) loader refuses
+        batches = ({**b, "image": torch.as_tensor(b["image"]).as_subclass(torch.Tensor)} for b in loader)
+        cache_latents(
+            autoencoder,
+            batches,
+            path,
+            device=device,
+            autoencoder_checkpoint=autoencoder_checkpoint,
+            labels=list(labels),
+            scale_factor=scale_factor,
         )
+        logger.info(f"encoded {len(dataset)} images into the latent cache {path}")
+        return str(path)
     finally:
         if distributed:
             torch.distributed.barrier()
 
 
-def _ensure_latent_cache(
-    path: str | os.PathLike,
-    autoencoder: torch.nn.Module,
-    dataset: Sequence[Mapping[str, Any]],
-    autoencoder_checkpoint: str | os.PathLike,
-    labels: Sequence[str],
-    scale_factor: float | ScaleFactor,
-    device: str | torch.device,
-    batch_size: int,
-) -> str:
+def _cache_is_current(
+    path: str | os.PathLike, autoencoder_checkpoint: str | os.PathLike, labels: Sequence[str]
+) -> bool:
+    """Whether ``path`` holds a readable cache of this autoencoder checkpoint and label list (a damaged one is not)."""
     path = Path(path)
-    expected = checkpoint_fingerprint(autoencoder_checkpoint)
-    if path.is_file():
-        try:
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a damaged cache is rebuilt below
-            cached = {}
-        if cached.get("autoencoder_fingerprint") == expected and list(cached.get("label_names", [])) == list(labels):
-            logger.info(f"latent cache {path} is up to date with {autoencoder_checkpoint}; reusing it")
-            return str(path)
-        logger.info(f"latent cache {path} was made with another autoencoder checkpoint; encoding again")
-    loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=0)
-    # plain tensors: MONAI's MetaTensor would pickle its metadata classes into the cache, which torch's safe
-    # (weights_only) loader refuses
-    batches = ({**b, "image": torch.as_tensor(b["image"]).as_subclass(torch.Tensor)} for b in loader)
-    cache_latents(
-        autoencoder,
-        batches,
-        path,
-        device=device,
-        autoencoder_checkpoint=autoencoder_checkpoint,
-        labels=list(labels),
-        scale_factor=scale_factor,
-    )
-    logger.info(f"encoded {len(dataset)} images into the latent cache {path}")
-    return str(path)
+    if not path.is_file():
+        return False
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged cache is rebuilt
+        return False
+    current = cached.get("autoencoder_fingerprint") == checkpoint_fingerprint(autoencoder_checkpoint)
+    if not (current and list(cached.get("label_names", [])) == list(labels)):
+        logger.info(f"latent cache {path} was made with another autoencoder checkpoint or labels; encoding again")
+        return False
+    return True
 
 
 class LatentDataset(Dataset):

@@ -129,17 +129,19 @@ def calibrated_safeguard(
         else make_space(spec, len(spatial_size), spatial_size, embedding_weights, data_fingerprint=data_fp)
         for spec in spaces
     ]
+    train_ids, holdout_ids = ([r["patient_id"] for r in records] for records in (train_records, holdout_records))
+    views = None if encoder is None else encoder.model_views
     safeguard = build_safeguard(
         built,
         train,
-        [r["patient_id"] for r in train_records],
+        train_ids,
         holdout,
-        [r["patient_id"] for r in holdout_records],
+        holdout_ids,
         data_fp,
         quantile=quantile,
         floor=floor,
         batch_size=16,
-        views=None if encoder is None else encoder.model_views,
+        views=views,
     )
     logger.info(f"privacy thresholds calibrated on {len(holdout_images)} holdout images: {safeguard.thresholds}")
     return safeguard
