@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from monai_synth.data.datalist import datalist_fingerprint
@@ -149,7 +150,7 @@ def calibrated_safeguard(
 
 def release_grid(
     images: Sequence[torch.Tensor], conditions: Sequence[Any], labels: Sequence[str], per_class: int
-) -> torch.Tensor | None:
+) -> np.ndarray | None:
     """A grid of released images, one row per class (``per_class`` columns, short rows padded with background).
 
     Returns:

@@ -404,6 +404,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_one_multi_gpu_overlay_serves_both_training_stages(chain, tmp_path, monkeypatch):
     # a one-process gloo group on CPU: the overlay's DDP wrapping, samplers and process group, not the speed-up
+    import ignite.distributed as idist
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DistributedSampler
@@ -448,3 +449,4 @@ def test_one_multi_gpu_overlay_serves_both_training_stages(chain, tmp_path, monk
         finally:
             workflow.finalize()
         assert not dist.is_initialized()
+        assert idist.model_name() == "serial"  # Ignite's metrics no longer gather across a finished group
