@@ -7,7 +7,7 @@ import errno
 import pytest
 
 import monai_synth.data.phantoms as phantoms
-from monai_synth.bundle_utils import prepare_datalist
+from monai_synth.data.preparation import prepare_datalist
 
 
 def test_a_cohort_written_by_another_rank_meanwhile_is_used(tmp_path, monkeypatch):
