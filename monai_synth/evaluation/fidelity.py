@@ -96,9 +96,9 @@ def prdc_metrics(real_features: Any, fake_features: Any, nearest_k: int = 5) -> 
 
     real = np.asarray(_as_tensor(real_features))
     fake = np.asarray(_as_tensor(fake_features))
-    k = int(min(nearest_k, real.shape[0] - 1, fake.shape[0] - 1))
+    k = int(min(nearest_k, real.shape[0] - 2, fake.shape[0] - 2))  # prdc partitions at k + 1 (the point itself)
     if k < 1:
-        raise ValueError(f"precision/recall need at least 2 images per set, got {real.shape[0]} and {fake.shape[0]}")
+        raise ValueError(f"precision/recall need at least 3 images per set, got {real.shape[0]} and {fake.shape[0]}")
     with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
         out = prdc.compute_prdc(real_features=real, fake_features=fake, nearest_k=k)
     return {key: float(v) for key, v in out.items()} | {"nearest_k": k}
@@ -232,7 +232,8 @@ def _compare(ref: torch.Tensor, other: torch.Tensor, n_boot: int, permutations: 
         out["note"] = f"fewer images than feature dimensions ({ref.shape[1]}): FID is biased; compare with the floor"
     out["fid_ci"] = list(bootstrap_interval(fid, other, ref, n_boot=n_boot, seed=seed))
     out["kid"], out["kid_std"] = kid(other, ref, seed=seed)
-    out.update(prdc_metrics(ref, other))
+    if min(ref.shape[0], other.shape[0]) >= 3:
+        out.update(prdc_metrics(ref, other))
     mmd = mmd_permutation_test(other, ref, permutations=permutations, seed=seed)
     out["mmd2"], out["mmd_p_value"] = mmd["mmd2"], mmd["p_value"]
     return out
