@@ -191,12 +191,17 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "with the training data",
     )
     p.add_argument("--overwrite", action="store_true", help="replace the reports in an existing --out")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from monai_synth.evaluation.report import run_evaluation
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(int(args.threads))
     report = run_evaluation(
         train=args.train,
         holdout=args.holdout,

@@ -39,6 +39,7 @@ __all__ = [
     "run_evaluation",
     "flat_metrics",
     "write_reports",
+    "evaluate_release",
     "log_report_to_mlflow",
 ]
 
@@ -119,6 +120,15 @@ def load_synthetic(path: str | os.PathLike, labels: Sequence[str]) -> list[dict]
     return out
 
 
+def _records(source: Any, labels: Sequence[str]) -> list[dict]:
+    """Validated records from a datalist file or from records already in memory (a bundle's splits)."""
+    from monai_synth.data.datalist import load_datalist, validate_records
+
+    if isinstance(source, (str, os.PathLike)):
+        return load_datalist(source, labels=labels)
+    return validate_records([dict(r) for r in source], labels=labels, source="<records>")
+
+
 def _spatial_dims(modality: str, first_image: str, spatial_size: Sequence[int]) -> int:
     if len(spatial_size) > 1:
         return len(spatial_size)
@@ -178,8 +188,9 @@ def run_evaluation(
     """Evaluate a synthetic dataset against the training and holdout data it came from, and write the reports.
 
     Args:
-        train: training datalist (CSV or MONAI JSON) of the images the generator was trained on.
-        holdout: datalist of other patients (never trained on).
+        train: training datalist (CSV or MONAI JSON) of the images the generator was trained on, or its records
+            (as a bundle's ``splits['train']``).
+        holdout: datalist (or records) of other patients (never trained on).
         synthetic: release folder or datalist CSV (see :func:`load_synthetic`).
         modality: ``ct``, ``mri``, ``pet`` or ``us``.
         out: folder for ``report.json`` and ``report.html`` (created; must be empty unless ``overwrite``).
@@ -199,7 +210,7 @@ def run_evaluation(
     Returns:
         the report dict written to ``report.json``.
     """
-    from monai_synth.data.datalist import datalist_fingerprint, load_datalist
+    from monai_synth.data.datalist import datalist_fingerprint
     from monai_synth.evaluation import features, fidelity, privacy, utility
     from monai_synth.privacy.guard import load_model_space
 
@@ -216,8 +227,8 @@ def run_evaluation(
     labels = list(mod.labels)
     timing: dict[str, float] = {}
     start = time.perf_counter()
-    train_records = load_datalist(train, labels=labels)
-    holdout_records = load_datalist(holdout, labels=labels)
+    train_records = _records(train, labels)
+    holdout_records = _records(holdout, labels)
     shared = sorted({r["patient_id"] for r in train_records} & {r["patient_id"] for r in holdout_records})
     if shared:
         raise ValueError(f"{len(shared)} patient(s) in both --train and --holdout; the holdout must be unseen patients")
@@ -569,6 +580,15 @@ def _private_page(pairs: Mapping[str, list]) -> str:
         parts.append(f"<h2>space: {html.escape(name)} (top: synthetic, bottom: nearest training image)</h2>"
                      + _img_tag(_png(fig), name) + _table(rows, ["rank", "training patient", "distance"]))  # fmt: skip
     return f"<!doctype html><html><head><meta charset='utf-8'><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>"
+
+
+def evaluate_release(mlflow: Mapping[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """:func:`run_evaluation`, then (with ``mlflow`` = ``{"tracking_uri", "experiment_name", "run_name", "params"}``)
+    :func:`log_report_to_mlflow`; the bundle's ``evaluate.yaml`` runs this."""
+    report = run_evaluation(**kwargs)
+    if mlflow:
+        report["mlflow_run_id"] = log_report_to_mlflow(report, **dict(mlflow))
+    return report
 
 
 def log_report_to_mlflow(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from monai_synth.evaluation.features import random_feature_space
@@ -76,3 +77,26 @@ def test_evaluate_fidelity_reports_synthetic_next_to_the_real_floor_per_class():
         <= res_good["overall"]["synthetic"]["fid_ci"][1]
     )
     assert res_good["space"]["weights_sha256"] == space.weights_hash
+
+
+def test_fid_equals_torchmetrics_and_monai():
+    from monai.metrics import FIDMetric
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from monai_synth.evaluation.fidelity import _GivenFeatures
+
+    a, b = _feats(300, seed=0), _feats(200, shift=0.3, seed=1) * 1.2
+    metric = FrechetInceptionDistance(feature=_GivenFeatures(8))
+    metric.update(a, real=True)
+    metric.update(b, real=False)
+    assert fid(a, b) == pytest.approx(float(metric.compute()), rel=1e-6)
+    assert fid(a, b) == pytest.approx(float(FIDMetric()(b, a)), rel=1e-6)
+
+
+def test_mmd_statistic_is_the_unbiased_estimate():
+    a, b = _feats(7, seed=3), _feats(5, shift=0.4, seed=4)
+    res = mmd_permutation_test(a, b, permutations=1, bandwidth=2.0)
+    k = lambda x, y: torch.exp(-torch.cdist(x, y).square() / 8.0)  # noqa: E731
+    kaa, kbb = k(a, a), k(b, b)
+    expected = (kaa.sum() - kaa.trace()) / 42 + (kbb.sum() - kbb.trace()) / 20 - 2 * k(a, b).mean()
+    assert res["mmd2"] == pytest.approx(float(expected), rel=1e-9)
