@@ -401,7 +401,7 @@ def _roc_figure(roc: Mapping[str, Mapping[str, list]] | None, util: Mapping[str,
         return None
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
     for arm, curve in roc.items():
-        a1.plot(curve["fpr"], curve["tpr"], label=f"{arm} (AUC {util.get(f'auc_{arm}', float('nan')):.3f})")
+        a1.plot(curve["fpr"], curve["tpr"], label=f"{arm} (macro AUC {util.get(f'auc_{arm}', float('nan')):.3f})")
     a1.plot([0, 1], [0, 1], "k:", lw=1)
     a1.set_xlabel("false positive rate")
     a1.set_ylabel("true positive rate")
