@@ -925,6 +925,7 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
     from monai_synth.data.datalist import datalist_fingerprint, load_datalist
     from monai_synth.data.modalities import get_modality
     from monai_synth.privacy.guard import make_space
+    from monai_synth.privacy.release import ReleaseEncoder
     from monai_synth.privacy.safeguard import build_safeguard
     from monai_synth.privacy.sampling import guarded_sample
 
@@ -949,6 +950,8 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
             )
         spaces.append(make_space(spec, cohort.spatial_dims, cohort.size, weights, data_fingerprint=dl_fp))
     kw = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    # judged as the bundle's release judges: the array the file will hold, through every intensity view
+    encoder = ReleaseEncoder(cohort.fmt, cohort.modality)
     safeguard = build_safeguard(
         spaces,
         train,
@@ -957,6 +960,7 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
         [r["patient_id"] for r in holdout_records],
         dl_fp,
         quantile=0.01,
+        views=encoder.model_views,
         **kw,
     )
     build_s = time.perf_counter() - t0
@@ -981,7 +985,7 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
             return _t[:n]
 
         t1 = time.perf_counter()
-        result = guarded_sample(generate, safeguard, [(None, len(tensor))], max_retries=0)
+        result = guarded_sample(generate, safeguard, [(None, len(tensor))], max_retries=0, encoder=encoder)
         check_s += time.perf_counter() - t1
         n_checked += len(tensor)
         reasons = Counter(_short_reason(r.reason) for r in result.records if not r.passed)

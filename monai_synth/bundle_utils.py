@@ -469,6 +469,7 @@ def guarded_release(
         quantile=quantile,
         floor=floor,
         batch_size=16,
+        views=encoder.model_views,
     )
     logger.info(f"privacy thresholds calibrated on {len(holdout_images)} holdout images: {safeguard.thresholds}")
     result = guarded_sample(

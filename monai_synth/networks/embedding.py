@@ -1,9 +1,9 @@
-"""Patient re-identification encoder used by the learned ``embedding`` privacy space.
+"""Copy-detection and patient re-identification encoder used by the learned ``embedding`` privacy space.
 
-The network maps one image to a unit-length vector so that images of the same patient (repeat studies, or
-copies altered by a flip, shift, crop, noise or intensity change) land close together and images of different
-patients land far apart. It is trained with a supervised contrastive loss in
-:mod:`monai_synth.privacy.embedding`; this module only defines the architecture.
+The network maps one image to a unit-length vector so that an image and its altered copies (rotated, shifted,
+cropped, noised, blurred, partly replaced), and images of the same patient (repeat studies), land close together,
+and other images land far apart. It is trained in :mod:`monai_synth.privacy.embedding`; this module only defines
+the architecture.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.layers.factories import Pool
 from torch import nn
 
-__all__ = ["PatientEmbeddingNet"]
+__all__ = ["PatientEmbeddingNet", "rank_normalise"]
+
+_INPUT_NORMS = ("none", "rank")
 
 
 class PatientEmbeddingNet(nn.Module):
@@ -27,16 +29,20 @@ class PatientEmbeddingNet(nn.Module):
     small cohorts. Global pooling makes the vector insensitive to where the anatomy sits in the field of view,
     which is what a copy detector needs (a shifted copy is still a copy).
 
-    Two choices matter for learning at all on small, similar-looking cohorts:
+    Choices that matter for learning at all on small, similar-looking cohorts:
 
-    * the residual stages use group normalisation with one group (a layer norm over channels and space), not
-      instance norm: instance norm zeroes every channel's spatial mean, so the global average pool that follows
-      would see almost no image content;
+    * the residual stages normalise with group normalisation with one group (a layer norm over channels and space,
+      the default) or batch normalisation (what :func:`~monai_synth.privacy.embedding.train_embedding` uses: on the
+      phantom cohorts it reached a lower loss in the same few hundred CPU steps), not instance norm: instance norm zeroes every
+      channel's spatial mean, so the global average pool that follows would see almost no image content;
     * the projection head has a batch norm (as in SimCLR's head): it centres the pooled features across the
       batch, so at initialisation the images do not all map to nearly the same vector, which stalls the
-      contrastive loss at its chance value.
+      contrastive loss at its chance value;
+    * ``input_norm="rank"`` replaces each image's values by their ranks (:func:`rank_normalise`) before the first
+      layer: any monotone change of contrast (gamma, gain, offset, windowing) leaves the ranks unchanged, so the
+      vector cannot move with it, and an intensity inversion (``x -> -x``) exactly negates them.
 
-    In evaluation mode (how :class:`~monai_synth.privacy.embedding.EmbeddingSpace` runs it) both are fixed
+    In evaluation mode (how :class:`~monai_synth.privacy.embedding.EmbeddingSpace` runs it) all of these are fixed
     per-image maps, so an image's vector does not depend on the rest of its batch.
 
     Args:
@@ -49,10 +55,12 @@ class PatientEmbeddingNet(nn.Module):
         act: activation type and arguments, as understood by MONAI's layer factories.
         norm: normalisation type and arguments, as understood by MONAI's layer factories.
         dropout: dropout probability inside the residual stages.
+        input_norm: ``"none"`` (the model-space values as they are; how version-1 weights were trained) or
+            ``"rank"`` (see above).
 
     Raises:
         ValueError: for unsupported ``spatial_dims``, non-positive channel counts, ``out_dim`` or
-            ``num_res_units``, or an empty ``channels``.
+            ``num_res_units``, an empty ``channels``, or an unknown ``input_norm``.
     """
 
     def __init__(
@@ -65,6 +73,7 @@ class PatientEmbeddingNet(nn.Module):
         act: tuple | str = "PRELU",
         norm: tuple | str = ("GROUP", {"num_groups": 1}),
         dropout: float = 0.0,
+        input_norm: str = "none",
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -80,11 +89,14 @@ class PatientEmbeddingNet(nn.Module):
             raise ValueError(f"num_res_units must be at least 1, got {num_res_units}.")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        if input_norm not in _INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {list(_INPUT_NORMS)}, got {input_norm!r}.")
 
         self.spatial_dims = spatial_dims
         self.in_channels = int(in_channels)
         self.channels = channels
         self.out_dim = int(out_dim)
+        self.input_norm = input_norm
 
         self.stem = Convolution(
             spatial_dims, self.in_channels, channels[0], strides=1, kernel_size=3, act=act, norm=norm
@@ -147,6 +159,24 @@ class PatientEmbeddingNet(nn.Module):
             raise ValueError(
                 f"expected {self.in_channels} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)})."
             )
+        if self.input_norm == "rank":
+            x = rank_normalise(x)
         h = self.stages(self.stem(x))
         h = self.pool(h).flatten(1)
         return F.normalize(self.head(h), dim=1)
+
+
+def rank_normalise(x: torch.Tensor) -> torch.Tensor:
+    """Each channel of each image with its values replaced by their mid-ranks among its own values, scaled to [-1, 1].
+
+    A per-image histogram equalisation: the result depends only on the order of the values, so any strictly
+    increasing intensity map leaves it unchanged, and negating the image negates it exactly (mid-ranks, so tied
+    values, e.g. a flat background, all get the same rank and no artificial texture). ``(B, C, *spatial)`` in and out.
+    """
+    flat = x.flatten(2)
+    srt = flat.sort(dim=2).values
+    lo = torch.searchsorted(srt, flat.contiguous(), right=False)
+    hi = torch.searchsorted(srt, flat.contiguous(), right=True)
+    n = flat.shape[2]
+    r = (lo + hi - 1).to(x.dtype) / max(n - 1, 1) - 1.0
+    return r.reshape(x.shape)

@@ -55,9 +55,10 @@ sits among unseen patients.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -73,6 +74,7 @@ __all__ = [
     "Calibration",
     "HoldoutDuplicateError",
     "calibrate_threshold",
+    "joint_space_quantile",
     "min_holdout_size",
     "quantile_confidence_interval",
     "DUPLICATE_Z",
@@ -143,6 +145,57 @@ def quantile_confidence_interval(
     return lo, hi, coverage
 
 
+def _summary(d: np.ndarray, coverage: float) -> dict:
+    return {
+        "min": float(d.min()),
+        **{f"p{p:g}": float(np.percentile(d, p)) for p in (1, 5, 25, 50)},
+        "mean": float(d.mean()),
+        "max": float(d.max()),
+        "ci_coverage": coverage,
+    }
+
+
+def joint_space_quantile(distances: Mapping[str, np.ndarray], quantile: float, margin: float = 0.0) -> float:
+    """The per-space quantile at which all spaces together reject at most ``quantile`` of the holdout images.
+
+    Each space's threshold at its own ``quantile`` rejects that share of unseen patients' images, but a candidate
+    must pass every space (and every intensity view), so k spaces together reject up to k times as many: with four
+    spaces at 1%, about 8% of new patients' images were refused. This returns the largest ``q'`` in
+    ``[quantile / 2k, quantile]`` such that rejecting the images below each space's ``q'``-quantile rejects at most
+    ``quantile`` of the holdout images in at least one space. Spaces that agree about which images are close keep
+    ``quantile``; independent ones get about ``quantile / k`` (the lower end leaves room for the rounding of a
+    quantile of a few hundred values; it is returned when even it rejects more).
+
+    Args:
+        distances: space -> the holdout images' nearest-training distances, same images in the same order.
+        quantile: target share of holdout images rejected by all spaces together, in (0, 0.5].
+        margin: what the safeguard adds to every threshold (an image passes at ``distance >= threshold + margin``).
+    """
+    if not distances:
+        raise ValueError("joint calibration needs the holdout distances of at least one space")
+    arrays = {name: np.asarray(d, dtype=np.float64).ravel() for name, d in distances.items()}
+    sizes = {len(d) for d in arrays.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"every space needs the distances of the same holdout images, got sizes {sorted(sizes)}")
+    if not all(np.isfinite(d).all() for d in arrays.values()):
+        raise ValueError("holdout distances must be finite: an image the safeguard cannot judge cannot calibrate it")
+    d = np.stack(list(arrays.values()))  # (k, n)
+
+    def rejected(q: float) -> float:
+        thresholds = np.quantile(d, q, axis=1)[:, None]
+        return float((d < thresholds + margin).any(axis=0).mean())
+
+    lo, hi = quantile / (2 * len(arrays)), float(quantile)
+    if rejected(hi) <= quantile:
+        return hi
+    if rejected(lo) > quantile:
+        return lo
+    for _ in range(40):  # rejected() is a non-decreasing step function of q
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if rejected(mid) <= quantile else (lo, mid)
+    return lo
+
+
 def _thinned_ranks(n: int, m: int) -> np.ndarray:
     """0-based ranks of the ``m`` order statistics kept out of ``n`` (first and last always)."""
     return np.round(np.linspace(0, n - 1, m)).astype(np.int64)
@@ -155,7 +208,8 @@ class Calibration:
     Attributes:
         space: privacy space name.
         threshold: images closer than this to a training image are rejected (``max(floor, quantile_value)``).
-        quantile: holdout quantile asked for.
+        quantile: holdout quantile asked for: the share of unseen patients' images rejected (by all spaces together
+            when the calibration was made jointly, see ``space_quantile``).
         floor: absolute minimum threshold asked for.
         quantile_value: the holdout distance at ``quantile``, before the floor.
         n_holdout: holdout images used.
@@ -172,6 +226,9 @@ class Calibration:
         duplicate_screen: the settings and outcome of the holdout near-duplicate screen (see the module docstring),
             or None if it was switched off (or the calibration predates it): a certificate then shows that nothing
             guarded the threshold against training images in the holdout.
+        space_quantile: the quantile of this space's holdout distances that sets the threshold when several spaces
+            (and intensity views) were calibrated jointly so that together they reject ``quantile`` of the holdout
+            images (see :func:`joint_space_quantile`); None when the threshold is this space's own ``quantile``.
         holdout_distances: the sorted holdout->train nearest distances: all of them, or, for a calibration read back
             with :meth:`from_dict` from a holdout of more than 1001 images, 1001 order statistics at evenly spaced
             ranks (first and last included); used by :meth:`holdout_percentile`. Not compared by ``==``.
@@ -189,6 +246,7 @@ class Calibration:
     threshold_ci: tuple[float, float] | None = None
     ci_level: float | None = None
     duplicate_screen: dict | None = None
+    space_quantile: float | None = None
     holdout_distances: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -236,6 +294,33 @@ class Calibration:
         gap = d[j] - d[j - 1]
         frac = (t - d[j - 1]) / gap if gap > 0 else 0.0
         return float(below_at_least + frac * (below_at_most - below_at_least)) / n
+
+    def at_space_quantile(self, distances: np.ndarray, space_quantile: float) -> Calibration:
+        """This calibration re-set at ``space_quantile`` of ``distances`` (the same holdout images, as judged).
+
+        Used by joint calibration: ``distances`` are the holdout images' distances as the safeguard will measure a
+        candidate's (nearest over every intensity view), and the threshold becomes their ``space_quantile``, with
+        its interval, summary and holdout distances from them; the duplicate screen and ``quantile`` are kept.
+        """
+        d = np.sort(np.asarray(distances, dtype=np.float64).ravel())
+        if len(d) != self.n_holdout or not np.isfinite(d).all():
+            raise ValueError(
+                f"expected {self.n_holdout} finite holdout distances for space {self.space!r}, got {len(d)}"
+            )
+        if not 0.0 < space_quantile <= self.quantile:
+            raise ValueError(f"space_quantile must be in (0, {self.quantile}], got {space_quantile}")
+        q_value = float(np.quantile(d, space_quantile))
+        lo, hi, coverage = quantile_confidence_interval(d, space_quantile, self.ci_level or 0.95)
+        return dataclasses.replace(
+            self,
+            threshold=max(self.floor, q_value),
+            quantile_value=q_value,
+            summary=_summary(d, coverage),
+            threshold_ci=(max(self.floor, lo), max(self.floor, hi)),
+            ci_level=self.ci_level or 0.95,
+            space_quantile=float(space_quantile),
+            holdout_distances=d,
+        )
 
     def to_dict(self) -> dict:
         """JSON-ready dict (certificates): small, and free of patient ids and training pixels.
@@ -455,13 +540,7 @@ def calibrate_threshold(
     q_value = float(np.quantile(d, quantile))
     d_sorted = np.sort(d)
     lo, hi, coverage = quantile_confidence_interval(d_sorted, quantile, ci_level)
-    summary = {
-        "min": float(d.min()),
-        **{f"p{p:g}": float(np.percentile(d, p)) for p in (1, 5, 25, 50)},
-        "mean": float(d.mean()),
-        "max": float(d.max()),
-        "ci_coverage": coverage,
-    }
+    summary = _summary(d, coverage)
     return Calibration(
         space=index.space_name,
         threshold=max(float(floor), q_value),

@@ -34,11 +34,12 @@ __all__ = ["certificate_rows", "write_certificate", "write_private_audit", "load
 CERTIFICATE_JSON = "certificate.json"
 CERTIFICATE_CSV = "certificate.csv"
 GUARANTEE = (
-    "every released image is at least its space's threshold away from every training image, in every space; each "
-    "threshold is the calibration quantile (e.g. 1%) of the distances from unseen patients' images to their nearest "
-    "training image, so a released image is farther from the training set than that closest fraction of unseen "
-    "patients' images are -- not farther than most of them (holdout_percentile_<space> in certificate.csv says where "
-    "each image sits)"
+    "every released image is at least its space's threshold away from every training image, in every space and "
+    "intensity view; the thresholds are low quantiles of the distances from unseen patients' images to their nearest "
+    "training image, set together so that, judged the same way, the calibration quantile (e.g. 1%) of unseen "
+    "patients' images would be refused (each space's own quantile is its calibration's space_quantile). A released "
+    "image is therefore farther from the training set than that closest fraction of unseen patients' images are -- "
+    "not farther than most of them (holdout_percentile_<space> in certificate.csv says where each image sits)"
 )
 DISTANCE = "1 - cosine similarity of L2-normalised space vectors (pixel space: 1 - Pearson correlation)"
 

@@ -143,7 +143,8 @@ vector), which calibration refuses, so it is not yet safe to turn on by default.
 _PIXEL_DEFAULTS = {
     2: {"invariances": ("flip", "transpose", "shift", "zoom", "rotate", "invert"), "max_shift": 2,
         "zooms": (0.7, 0.8, 0.9, 1.1, 1.25, 1.4), "rotations": (-20.0, -10.0, 10.0, 20.0)},
-    3: {"invariances": ("flip", "shift", "zoom", "invert"), "max_shift": 1, "zooms": (0.8, 1.25), "rotations": ()},
+    3: {"invariances": ("flip", "transpose", "shift", "zoom", "invert"), "max_shift": 1, "zooms": (0.8, 1.25),
+        "rotations": ()},
 }  # fmt: skip
 
 
@@ -158,7 +159,7 @@ def make_space(
 
     ``pixel`` = :class:`PixelSpace` on a 16-cell grid, invariant (2D) to mirror flips, transposes / rot90, shifts
     of up to 2 cells (12%), zooms 0.7-1.4, rotations up to 20 degrees and intensity inversion (3D: flips, 1-cell
-    shifts, zooms 0.8-1.25, inversion); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
+    shifts, zooms 0.8-1.25, inversion, and the 90-degree rotations / axis swaps on their own); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
     ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre),
     ``crops`` = the same class comparing crops of training images with the whole candidate,
     ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every scale).
@@ -315,6 +316,7 @@ def run_guard(
         floor=floor,
         batch_size=batch_size,
         duplicate_check=duplicate_check,
+        views=encoder.model_views,
     )
     del train_images, holdout_images
     logger.info(f"thresholds calibrated on {len(holdout_records)} holdout images: {safeguard.thresholds}")

@@ -235,7 +235,8 @@ class TileSpace:
     Catches a training image (at any size) that sits somewhere inside a candidate: one tile of a mosaic, a corner
     of a larger canvas, one side of a side-by-side pair. Windows are squares (cubes) of ``scale`` times the
     candidate's shortest side at every scale, slid by a quarter of their side over the whole image (the last
-    window always touches the far edge, and the centred window is always there), resampled to the grid, and tried mirrored / transposed / inverted.
+    window always touches the far edge, and the centred window is always there), and the halves of each axis (one
+    side of a pair squeezed side by side), resampled to the grid and tried mirrored / transposed / inverted.
 
     Args:
         grid: side of the grid windows and training images are resampled to.
@@ -246,7 +247,7 @@ class TileSpace:
         invariances: ``"flip"``, ``"transpose"``, ``"invert"``.
     """
 
-    _VERSION = 1
+    _VERSION = 2
 
     def __init__(
         self,
@@ -313,6 +314,12 @@ class TileSpace:
                 pos += [max(n - side, 0), max(n - side, 0) // 2]  # the far edge and the centre, always
                 starts.append(sorted(set(pos)))
             out.extend(tuple(slice(o, o + side) for o in corner) for corner in itertools.product(*starts))
+        # halves: the whole extent of the other axes and half of one, at its start, middle and end: one side of a
+        # pair squeezed side by side into the candidate's shape (resampled to the grid, it is that image again)
+        for axis, n in enumerate(shape):
+            half = max(2, n // 2)
+            for start in sorted({0, (n - half) // 2, n - half}):
+                out.append(tuple(slice(start, start + half) if a == axis else slice(0, m) for a, m in enumerate(shape)))
         return out
 
     def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:

@@ -148,6 +148,14 @@ class ReleaseEncoder:
             views.append(torch.as_tensor(np.clip(robust, -1.0, 1.0), dtype=torch.float32))
         return views
 
+    def model_views(self, model_image: Any) -> list[torch.Tensor]:
+        """The views the safeguard would judge if this model-space image were released (how the holdout is judged
+        when the thresholds are calibrated); the image itself when it cannot be stored."""
+        try:
+            return self.views(self.store_generated(model_image))
+        except ValueError:
+            return [torch.as_tensor(model_image).detach().cpu().float()]
+
     def judge(self, safeguard: PrivacySafeguard, stored: Sequence[np.ndarray]) -> list[SafeguardResult]:
         """One result per stored array: passed only if every view passes every space; distances are the smallest."""
         views = [self.views(s) for s in stored]

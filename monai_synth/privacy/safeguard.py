@@ -10,14 +10,14 @@ sampling loop goes on and counts it as rejected.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from monai_synth.privacy.calibration import Calibration, calibrate_threshold
-from monai_synth.privacy.index import StaleIndexError, TrainingIndex
+from monai_synth.privacy.calibration import Calibration, calibrate_threshold, joint_space_quantile
+from monai_synth.privacy.index import StaleIndexError, TrainingIndex, _iter_batches
 from monai_synth.privacy.spaces import PrivacySpace, embed_variants
 
 __all__ = ["PrivacySafeguard", "SafeguardResult", "build_safeguard"]
@@ -266,6 +266,8 @@ def build_safeguard(
     floor: float = 0.0,
     batch_size: int = 64,
     duplicate_check: bool = True,
+    views: Callable[[torch.Tensor], Sequence[torch.Tensor]] | None = None,
+    joint: bool = True,
 ) -> PrivacySafeguard:
     """One exact training index per space, each with its threshold calibrated on the holdout patients.
 
@@ -283,6 +285,14 @@ def build_safeguard(
         batch_size: images embedded at once.
         duplicate_check: refuse a holdout holding near-duplicates of training images (see
             :func:`~monai_synth.privacy.calibration.calibrate_threshold`); switch off only knowingly.
+        views: ``model image (C, *spatial) -> the model-space images the safeguard will judge for it`` (a release's
+            intensity views, :meth:`~monai_synth.privacy.release.ReleaseEncoder.model_views`), so the holdout is
+            judged as a candidate will be. None: the image itself.
+        joint: calibrate the spaces together so that, judged as candidates are (every space, every view), at most
+            ``quantile`` of the holdout images are rejected (see
+            :func:`~monai_synth.privacy.calibration.joint_space_quantile`); each space's threshold is then a lower
+            quantile of its holdout distances, recorded as ``space_quantile``. False: each space at ``quantile``,
+            so k spaces reject up to k times ``quantile`` of unseen patients' images.
 
     Raises:
         ValueError: a space in which unseen patients' images are all as close to training as copies are (a collapsed
@@ -301,4 +311,35 @@ def build_safeguard(
             duplicate_check=duplicate_check,
         )
         checks.append((index, calibration))
+    safeguard = PrivacySafeguard(checks, batch_size=batch_size)
+    if not joint or (len(checks) == 1 and views is None):
+        return safeguard
+    judged = _holdout_as_judged(safeguard, holdout_images, views, batch_size)
+    space_quantile = joint_space_quantile(judged, quantile, margin=safeguard.margin)
+    checks = [(index, cal.at_space_quantile(judged[index.space_name], space_quantile)) for index, cal in checks]
     return PrivacySafeguard(checks, batch_size=batch_size)
+
+
+def _holdout_as_judged(
+    safeguard: PrivacySafeguard,
+    holdout_images: torch.Tensor | np.ndarray | Iterable,
+    views: Callable[[torch.Tensor], Sequence[torch.Tensor]] | None,
+    batch_size: int,
+) -> dict[str, np.ndarray]:
+    """Space -> each holdout image's nearest-training distance as a candidate's is measured (the least over views)."""
+    out: dict[str, list[float]] = {name: [] for name in safeguard.spaces}
+    for batch in _iter_batches(holdout_images, batch_size):
+        batch = torch.as_tensor(np.asarray(batch) if not torch.is_tensor(batch) else batch)
+        for image in batch:
+            image_views = list(views(image)) if views is not None else [image]
+            results = safeguard.check(image_views)
+            for name in out:
+                d = [r.distances[name] for r in results]
+                if not all(math.isfinite(v) for v in d):
+                    reasons = "; ".join(r.reason for r in results if r.reason)
+                    raise ValueError(
+                        f"holdout image {len(out[name])} cannot be judged in space {name!r} ({reasons}): every "
+                        "holdout image must be a valid image of the training modality"
+                    )
+                out[name].append(min(d))
+    return {name: np.asarray(d) for name, d in out.items()}

@@ -197,7 +197,7 @@ class PixelSpace:
     index itself does not grow.
     """
 
-    _VERSION = 3
+    _VERSION = 4
     _DEFAULT_ZOOMS = (0.8, 0.9, 1.0, 1.1, 1.25)
     _DEFAULT_ROTATIONS = (-20.0, -10.0, 0.0, 10.0, 20.0)
 
@@ -236,7 +236,16 @@ class PixelSpace:
         if "rotate" in invariances:
             self.rotations = (0.0,) + tuple(sorted({round(float(r), 4) for r in rotations} - {0.0}))
         self.signs = (1, -1) if "invert" in invariances else (1,)
-        self._symmetries = _symmetries(self.spatial_dims, "flip" in invariances, "transpose" in invariances)
+        flip, transpose = "flip" in invariances, "transpose" in invariances
+        # 2D: every symmetry combines with every shift, zoom and angle (8 symmetries). 3D: 48 symmetries would multiply
+        # the variants (and memory) by 6, so the axis permutations are compared alone (with flips and inversion),
+        # which catches a volume rotated by 90 degrees or with its axes swapped, not one also shifted.
+        self._symmetries = _symmetries(self.spatial_dims, flip, transpose and self.spatial_dims == 2)
+        self._permuted = (
+            [sym for sym in _symmetries(3, flip, True) if sym[0] != (0, 1, 2)]
+            if transpose and spatial_dims == 3
+            else []
+        )
         shifts = [(0,) * self.spatial_dims]
         if "shift" in invariances:
             rng = range(-self.max_shift, self.max_shift + 1)
@@ -250,7 +259,7 @@ class PixelSpace:
             for r in self.rotations
             for sym in self._symmetries
             for s in shifts
-        ]
+        ] + [(sign, 1.0, 0.0, sym, shifts[0]) for sign in self.signs for sym in self._permuted]
 
     @property
     def dim(self) -> int:
@@ -309,11 +318,19 @@ class PixelSpace:
         else:
             w = g[:, None]
         sym = [_apply_symmetry(w, perm, flips, 3) for perm, flips in self._symmetries]
-        per_sign = len(self.variant_ops) // len(self.signs)
-        v = _standardise(torch.cat(sym, dim=1).reshape(n * per_sign, -1)).reshape(n, per_sign, -1)
-        if len(self.signs) == 2:
-            v = torch.cat([v, -v], dim=1)
+        v = self._signed(torch.cat(sym, dim=1), n)
+        if self._permuted:
+            g0 = g[:: len(self.zooms) * len(self.rotations), None]  # (n, 1, C, *grid): unshifted, unzoomed, unrotated
+            permuted = torch.cat([_apply_symmetry(g0, perm, flips, 3) for perm, flips in self._permuted], dim=1)
+            v = torch.cat([v, self._signed(permuted, n)], dim=1)
         return v.numpy().astype(np.float32, copy=False)
+
+    def _signed(self, w: torch.Tensor, n: int) -> torch.Tensor:
+        """``(n * A, V, C, *grid)`` variants (A affine variants per image) -> ``(n, A * V * signs, d)`` standardised
+        vectors, the negated copies after."""
+        per_sign = w.shape[0] * w.shape[1] // n
+        v = _standardise(w.reshape(n * per_sign, -1)).reshape(n, per_sign, -1)
+        return torch.cat([v, -v], dim=1) if len(self.signs) == 2 else v
 
     def _offset_index(self, shift: tuple[int, ...]) -> int:
         """Position of a shift in the unfolded offsets (row-major over axes, offset d at window start s + d)."""

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from monai_synth.networks import PatientEmbeddingNet
+from monai_synth.networks.embedding import rank_normalise
 
 
 @pytest.mark.parametrize("spatial_dims, size", [(2, 16), (3, 8)])
@@ -50,6 +51,7 @@ def test_multichannel_input():
         ({"spatial_dims": 2, "out_dim": 0}, "out_dim"),
         ({"spatial_dims": 2, "num_res_units": 0}, "num_res_units"),
         ({"spatial_dims": 2, "dropout": 1.0}, "dropout"),
+        ({"spatial_dims": 2, "input_norm": "zscore"}, "input_norm"),
     ],
 )
 def test_argument_errors(kwargs, match):
@@ -64,3 +66,23 @@ def test_input_shape_errors_name_the_expected_shape():
     with pytest.raises(ValueError, match="1 input channel"):
         net(torch.randn(1, 3, 8, 8))
     assert net.min_size == 2
+
+
+def test_rank_input_ignores_monotone_contrast_changes():
+    """Gamma, gain and offset keep the order of the values, so the ranked network cannot see them."""
+    net = PatientEmbeddingNet(2, channels=(8, 16), out_dim=8, input_norm="rank").eval()
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        plain = net(x)
+        torch.testing.assert_close(net(((x + 1) / 2) ** 2.2 * 2 - 1), plain)
+        torch.testing.assert_close(net(3.0 * x + 0.5), plain)
+        assert not torch.allclose(net(-x), plain)  # inversion is the query variants' job, not the ranking's
+
+
+def test_rank_normalise_uses_mid_ranks_and_negates_with_the_image():
+    x = torch.tensor([[[[-1.0, -1.0, 0.5, 0.2]]], [[[4.0, 3.0, 2.0, 1.0]]]])
+    torch.testing.assert_close(rank_normalise(x)[0].flatten(), torch.tensor([-2 / 3, -2 / 3, 1.0, 1 / 3]))
+    torch.testing.assert_close(rank_normalise(x)[1].flatten(), torch.tensor([1.0, 1 / 3, -1 / 3, -1.0]))
+    torch.testing.assert_close(rank_normalise(-x), -rank_normalise(x))
+    volume = torch.randn(2, 2, 4, 4, 4)
+    assert rank_normalise(volume).shape == volume.shape and rank_normalise(volume).abs().max() <= 1.0

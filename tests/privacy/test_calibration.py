@@ -16,6 +16,7 @@ from monai_synth.privacy.calibration import (
     Calibration,
     HoldoutDuplicateError,
     calibrate_threshold,
+    joint_space_quantile,
     min_holdout_size,
     quantile_confidence_interval,
 )
@@ -299,3 +300,38 @@ def test_a_collapsed_space_is_refused():
     holdout = base + 1e-5 * rng.normal(size=(200, 16)).astype(np.float32)
     with pytest.raises(CollapsedSpaceError, match="median distance"):
         calibrate_threshold(index, holdout_vectors=holdout, holdout_patient_ids=[f"H{i}" for i in range(200)])
+
+
+def test_joint_space_quantile_keeps_the_union_of_spaces_at_the_asked_share():
+    rng = np.random.default_rng(0)
+    independent = {"a": rng.random(400), "b": rng.random(400), "c": rng.random(400)}
+    q = joint_space_quantile(independent, 0.02)
+    union = np.mean([any(d[i] < np.quantile(d, q) for d in independent.values()) for i in range(400)])
+    alone = np.mean([any(d[i] < np.quantile(d, 0.02) for d in independent.values()) for i in range(400)])
+    assert alone > 0.04  # three spaces at their own 2% refuse about 6% of unseen images
+    assert union <= 0.02 and 0.02 / 6 <= q < 0.02
+    same = rng.random(400)
+    assert joint_space_quantile({"a": same, "b": same * 2}, 0.02) == 0.02  # spaces that agree lose nothing
+    with pytest.raises(ValueError, match="same holdout images"):
+        joint_space_quantile({"a": rng.random(10), "b": rng.random(11)}, 0.1)
+    with pytest.raises(ValueError, match="finite"):
+        joint_space_quantile({"a": np.array([0.1, np.nan])}, 0.5)
+
+
+def test_build_safeguard_calibrates_spaces_jointly_so_unseen_images_pass_at_the_asked_rate():
+    from monai_synth.privacy.partial import PartSpace
+    from monai_synth.privacy.safeguard import build_safeguard
+
+    g = torch.Generator().manual_seed(0)
+    train, holdout = torch.rand(40, 1, 8, 8, generator=g), torch.rand(200, 1, 8, 8, generator=g)
+    spaces = [PixelSpace(grid=8), PartSpace(grid=8, kind="crops")]
+    args = (train, [f"P{i}" for i in range(40)], holdout, [f"H{i}" for i in range(200)], "dl")
+    joint = build_safeguard(spaces, *args, quantile=0.05)
+    apart = build_safeguard(spaces, *args, quantile=0.05, joint=False)
+    refused_joint = np.mean([not r.passed for r in joint.check(holdout)])
+    refused_apart = np.mean([not r.passed for r in apart.check(holdout)])
+    assert refused_joint <= 0.05 < refused_apart
+    for name, cal in joint.calibrations.items():
+        assert cal.quantile == 0.05 and 0.0125 <= cal.space_quantile <= 0.05
+        assert cal.threshold <= apart.thresholds[name]
+        assert Calibration.from_dict(cal.to_dict()).space_quantile == cal.space_quantile

@@ -131,3 +131,31 @@ def test_bad_settings_fail_early(kwargs, match):
 def test_wrong_image_rank_is_explained():
     with pytest.raises(ValueError, match="spatial_dims=2"):
         PixelSpace(grid=8).embed(torch.randn(2, 16, 16))
+
+
+def test_3d_transpose_catches_volumes_rotated_by_90_degrees_without_multiplying_the_shifted_variants():
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(2, 1, 16, 16, 16, generator=g)
+    plain = PixelSpace(grid=8, spatial_dims=3, invariances=("flip", "shift", "invert"), max_shift=1)
+    space = PixelSpace(grid=8, spatial_dims=3, invariances=("flip", "transpose", "shift", "invert"), max_shift=1)
+    # 40 extra permutations with flips, each also inverted; not 6x the 8 x 27 x 2 shifted ones
+    assert len(space.variant_ops) == len(plain.variant_ops) + 80 == space.embed_variants(x).shape[1]
+    np.testing.assert_allclose(space.embed_variants(x)[:, 0], space.embed(x), atol=1e-6)
+    for copy in (torch.rot90(x, 1, dims=(2, 3)), -x.permute(0, 1, 4, 3, 2), x.permute(0, 1, 3, 4, 2).flip(-1)):
+        caught = 1.0 - np.einsum("bvd,bd->bv", space.embed_variants(copy), space.embed(x)).max(axis=1)
+        missed = 1.0 - np.einsum("bvd,bd->bv", plain.embed_variants(copy), plain.embed(x)).max(axis=1)
+        assert caught.max() < 1e-5 and missed.min() > 0.1
+    assert space.fingerprint() != plain.fingerprint()
+
+
+def test_tiles_catch_one_side_of_a_pair_squeezed_side_by_side():
+    from monai_synth.privacy.partial import TileSpace
+
+    g = torch.Generator().manual_seed(6)
+    train = torch.nn.functional.avg_pool2d(torch.rand(2, 1, 64, 64, generator=g), 5, 1, 2)  # smooth, image-like
+    other = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 64, 64, generator=g), 5, 1, 2)
+    squeeze = lambda x: torch.nn.functional.interpolate(x, size=(64, 32), mode="area")  # noqa: E731
+    pair = torch.cat([squeeze(other), squeeze(train[:1])], dim=-1)  # the training image squeezed into the right half
+    space = TileSpace(grid=16)
+    d = 1.0 - (space.embed_variants(pair)[0] @ space.embed(train).T).max(axis=0)
+    assert d[0] < 0.02 < d[1]
