@@ -275,8 +275,8 @@ def run_evaluation(
         elif feature_space == "weights":
             if not feature_weights:
                 raise ValueError("feature_space='weights' needs --feature-weights (a TorchScript feature network)")
-            space = features.FeatureSpace.from_weights(feature_weights, spatial_dims=2 if dims == 3 and
-                                                       _is_2d(feature_weights) else dims)  # fmt: skip
+            net_dims = 2 if dims == 3 and _is_2d(feature_weights) else dims  # a 2D network runs tri-planar on volumes
+            space = features.FeatureSpace.from_weights(feature_weights, spatial_dims=net_dims)
         else:
             raise ValueError(f"unknown feature space {feature_space!r}; use random, trained or weights")
         report["fidelity"] = fidelity.evaluate_fidelity(

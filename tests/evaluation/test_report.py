@@ -64,11 +64,22 @@ def test_release_folder_conditions_are_labels_or_class_ids(tmp_path):
     (tmp_path / "certificate.csv").write_text("file,condition,seed\na.png,7b,1\n")
     with pytest.raises(ValueError, match="not a label"):
         load_synthetic(tmp_path, ["3", "4a", "4b", "4c", "5"])
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no certificate.csv"):
-        load_synthetic(tmp_path / "..", ["3"]) if False else load_synthetic(_empty(tmp_path), ["3"])
+        load_synthetic(tmp_path / "empty", ["3"])
 
 
-def _empty(tmp_path):
-    d = tmp_path / "empty"
-    d.mkdir()
-    return d
+def test_user_feature_weights_are_named_with_their_hash(cohorts, tmp_path):
+    from monai_synth.evaluation.features import random_feature_space
+
+    weights = random_feature_space(2, seed=7).save(tmp_path / "my_features.pt")
+    out = tmp_path / "report"
+    argv = ["evaluate", "--train", str(cohorts["train"]), "--holdout", str(cohorts["holdout"]), "--synthetic",
+            str(cohorts["synthetic"]), "--modality", "us", "--out", str(out), "--spatial-size", "32",
+            "--sections", "fidelity", "--feature-space", "weights", "--feature-weights", str(weights),
+            "--bootstrap", "5", "--permutations", "5"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["fidelity"]["space"]["name"] == "weights(my_features.pt)"
+    assert report["fidelity"]["space"]["weights_sha256"] == random_feature_space(2, seed=7).weights_hash
+    assert report["utility"] is None and set(report["gate"]) == {"fidelity.fid", "fidelity.fid_real_floor"}
