@@ -146,15 +146,21 @@ def prepare_datalist(
     logger.info(
         f"no dataset_dir given: writing a {modality} phantom cohort of {phantom_patients} patients to {cohort_dir}"
     )
-    path = write_cohort(
-        cohort_dir,
-        modality=modality,
-        n_patients=int(phantom_patients),
-        images_per_patient=int(phantom_images_per_patient),
-        spatial_dims=2,
-        spatial_size=phantom_size,
-        seed=int(seed),
-    )
+    try:
+        path = write_cohort(
+            cohort_dir,
+            modality=modality,
+            n_patients=int(phantom_patients),
+            images_per_patient=int(phantom_images_per_patient),
+            spatial_dims=2,
+            spatial_size=phantom_size,
+            seed=int(seed),
+        )
+    except OSError:
+        # the processes of a distributed run all write the same (seeded) cohort; the first one to finish wins
+        if existing.is_file():
+            return str(existing.resolve())
+        raise
     return str(Path(path).resolve())
 
 
@@ -381,6 +387,7 @@ def guarded_release(
     mlflow: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     to_model: Any = None,
+    spacing: Sequence[float] | None = None,
 ) -> dict:
     """Sample every class through the privacy safeguard and write the release, its certificate and a sample grid.
 
@@ -422,6 +429,8 @@ def guarded_release(
             or ``None``.
         overwrite: replace an existing release.
         to_model: physical units -> model space, the training images' intensity transform (default: the modality's).
+        spacing: voxel size in mm of the released NIfTI / DICOM images, the training images' model-space spacing
+            (:func:`monai_synth.data.geometry.model_spacing`); ``None`` writes 1 mm.
 
     Returns:
         The certificate summary plus ``release_dir``, ``thresholds``, ``sample_grid`` and ``private_audit``.
@@ -486,7 +495,7 @@ def guarded_release(
     released = iter(result.images)
     with release:
         for rec in result.records:
-            release.add(rec, next(released) if rec.passed else None)
+            release.add(rec, next(released) if rec.passed else None, spacing)
         release.requested = result.requested
         release.finish(
             safeguard,

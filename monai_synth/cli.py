@@ -2,6 +2,7 @@
 
 Subcommands:
     phantoms          write a labelled phantom cohort (images + datalist) in native formats
+    datalist          scan a folder of DICOM / NIfTI / 2D images, join a labels CSV, write the bundles' datalist
     train-embedding   train the copy/re-identification embedding used as a privacy space
     guard             apply the privacy safeguard to a folder of images made by any generator
     evaluate          fidelity, utility and an independent privacy audit of a synthetic dataset, as one report
@@ -57,6 +58,50 @@ def _run_phantoms(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_datalist(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("datalist", help="scan an image folder, join a labels CSV and write a validated datalist")
+    p.add_argument("--images", required=True, help="folder of DICOM files (any nesting), NIfTI volumes or 2D images")
+    p.add_argument(
+        "--labels",
+        required=True,
+        help="CSV with columns patient_id (or image, relative to --images) and label; other columns are numeric "
+        "extra conditions",
+    )
+    p.add_argument("--out", required=True, help="folder for datalist.csv (use it as the bundle's dataset_dir)")
+    p.add_argument(
+        "--modality",
+        default=None,
+        choices=["ct", "mri", "pet", "us"],
+        help="check the labels against this modality's classes",
+    )
+    p.add_argument("--slices", action="store_true", help="cut volumes into 2D slices (for the 2D bundles)")
+    p.add_argument("--slice-step", type=int, default=1, help="keep every N-th slice (default 1)")
+    p.add_argument("--spatial-dims", type=int, default=None, choices=[2, 3], help="spatial axes every image must have")
+    p.set_defaults(func=_run_datalist)
+
+
+def _run_datalist(args: argparse.Namespace) -> int:
+    from monai_synth.data.modalities import get_modality
+    from monai_synth.data.scan import scan_folder
+
+    summary = scan_folder(
+        args.images,
+        args.labels,
+        args.out,
+        labels=list(get_modality(args.modality).labels) if args.modality else None,
+        slices=args.slices,
+        slice_step=args.slice_step,
+        spatial_dims=args.spatial_dims,
+    )
+    print(
+        f"wrote {summary['datalist']}: {summary['images']} images of {summary['patients']} patients, "
+        f"per label {summary['per_label']}"
+    )
+    if summary["skipped"]:
+        print(f"skipped {len(summary['skipped'])} non-image DICOM files, e.g. {summary['skipped'][0]}")
+    return 0
+
+
 def _add_train_embedding(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-embedding", help="train the re-identification embedding privacy space")
     p.add_argument("--train", required=True, help="training datalist (CSV or MONAI JSON)")
@@ -95,7 +140,7 @@ def _add_guard(sub: argparse._SubParsersAction) -> None:
         default=list(DEFAULT_SPACES),
         help="privacy spaces a candidate must all pass (default: %(default)s): pixel (whole image under flips, rot90, "
         "shifts, zooms, rotations, inversion; pixel:none for plain correlation), parts (aligned regions), tiles "
-        "(windows at every scale), embedding (re-identification network)",
+        "(windows at every scale), embedding (copy-detection network, trained on --train unless --embedding-weights)",
     )
     p.add_argument(
         "--embedding-weights",
@@ -231,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monai-synth", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_phantoms(sub)
+    _add_datalist(sub)
     _add_train_embedding(sub)
     _add_guard(sub)
     _add_evaluate(sub)

@@ -22,7 +22,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DatalistError", "REQUIRED_KEYS", "load_datalist", "validate_records", "datalist_fingerprint"]
+__all__ = [
+    "DatalistError",
+    "REQUIRED_KEYS",
+    "load_datalist",
+    "validate_records",
+    "datalist_fingerprint",
+    "content_fingerprint",
+]
 
 #: Keys every record must have; any other key is an extra (numeric) condition.
 REQUIRED_KEYS: tuple[str, ...] = ("image", "patient_id", "label")
@@ -239,6 +246,41 @@ def datalist_fingerprint(records: Iterable[Mapping[str, Any]]) -> str:
     for entry in sorted(entries):
         digest.update(entry.encode("utf-8"))
         digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def content_fingerprint(records: Iterable[Mapping[str, Any]]) -> str:
+    """A sha256 of what a model learns from a split: the bytes of every image with its patient, label and extras.
+
+    Unlike :func:`datalist_fingerprint` it does not depend on where the files are or when they were copied, so a
+    dataset or output folder that is moved or copied keeps its fingerprint, while any changed, added or removed
+    image, label or patient changes it. Checkpoints carry it to tie each stage to the split it trained on.
+
+    Args:
+        records: records as returned by :func:`load_datalist`.
+
+    Returns:
+        Hex digest.
+    """
+    entries = []
+    for rec in records:
+        extras = sorted((str(k), repr(float(v))) for k, v in rec.items() if k not in REQUIRED_KEYS)
+        entries.append(json.dumps([str(rec["patient_id"]), str(rec["label"]), extras, _content_hash(rec["image"])]))
+    digest = hashlib.sha256()
+    for entry in sorted(entries):
+        digest.update(entry.encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _content_hash(image: str) -> str:
+    path = Path(image)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -19,6 +19,7 @@ are converted to luminance (ITU-R BT.601 weights) by the readers themselves.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import warnings
@@ -32,12 +33,14 @@ from monai.data.utils import orientation_ras_lps
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple, optional_import
 
 __all__ = [
+    "ImageLoadError",
     "GreyPydicomReader",
     "SimpleITKReader",
     "FileTypeReader",
     "reader_for",
     "load_image",
     "is_dicom",
+    "dicom_problem",
 ]
 
 _itk, _has_itk = optional_import("itk")
@@ -54,6 +57,51 @@ _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 _NUMPY_SUFFIXES = (".npy", ".npz")
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+#: DICOM modalities that hold no image a model could learn from (segmentations, dose grids, plans, reports, signals).
+JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
+"""JPEG Extended (12-bit): of the decoders pydicom uses, only pylibjpeg-libjpeg (GPL-3.0, an optional extra) reads it."""
+
+_NON_IMAGE_MODALITIES = {
+    "SEG": "a segmentation (SEG)",
+    "RTDOSE": "an RT dose grid (RTDOSE)",
+    "RTSTRUCT": "an RT structure set (RTSTRUCT)",
+    "RTPLAN": "an RT plan (RTPLAN)",
+    "RTRECORD": "an RT treatment record (RTRECORD)",
+    "SR": "a structured report (SR)",
+    "KO": "a key object selection (KO)",
+    "PR": "a presentation state (PR)",
+    "REG": "a registration (REG)",
+    "DOC": "an encapsulated document (DOC)",
+    "ECG": "a waveform (ECG)",
+    "HD": "a waveform (HD)",
+}
+#: Words of SOP class names (pydicom's UID names) of the same non-image objects, for files without a Modality tag.
+_NON_IMAGE_SOP_WORDS = (
+    "Segmentation",
+    "RT Dose",
+    "RT Structure",
+    "RT Plan",
+    "RT Beams Treatment",
+    " SR ",
+    "Waveform",
+    "Presentation State",
+    "Registration",
+    "Key Object",
+    "Encapsulated",
+    "Raw Data",
+    "Spectroscopy",
+)
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+class ImageLoadError(ValueError):
+    """An image file cannot be used: the message names the file, says what is wrong and how to fix it.
+
+    Readers raise it instead of the decoder's own exception, which (deep inside MONAI's ``LoadImage``) names neither
+    the file nor what to do about it.
+    """
 
 
 def _full_suffix(path: str | os.PathLike) -> str:
@@ -76,6 +124,34 @@ def is_dicom(path: str | os.PathLike) -> bool:
         return False
 
 
+def dicom_problem(ds) -> str | None:
+    """Why a pydicom dataset is not an image to train on (non-image object, no pixel data), or ``None``.
+
+    A segmentation, an RT dose grid or a structured report next to the images of a study is common in hospital
+    exports; some of them even carry pixel data, so they would otherwise train (a dose grid looks like a blurry
+    image) or fail much later.
+    """
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality in _NON_IMAGE_MODALITIES:
+        return f"is {_NON_IMAGE_MODALITIES[modality]}, not an image"
+    sop = ds.get("SOPClassUID")
+    sop_name = f" {getattr(sop, 'name', '')} " if sop is not None else ""
+    for word in _NON_IMAGE_SOP_WORDS:
+        if word in sop_name:
+            return f"is a{'n' if sop_name.strip()[:1] in 'AEIOU' else ''} {sop_name.strip()} object, not an image"
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        return "holds no pixel data"
+    return None
+
+
+def _refusal(path: str | os.PathLike, what: str, err: BaseException | None = None) -> ImageLoadError:
+    detail = f" ({type(err).__name__}: {err})" if err is not None else ""
+    return ImageLoadError(
+        f"image {os.fspath(path)} {what}{detail}. Replace it with a good copy (a truncated or corrupt file) or remove "
+        "its row from the datalist"
+    )
+
+
 def _pil_to_grey(image):
     """PILReader converter: colour and palette images -> 8-bit luminance; grey images (8/16/32 bit) unchanged."""
     if image.mode in ("RGB", "RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
@@ -92,7 +168,56 @@ class GreyPydicomReader(PydicomReader):
     units) are applied as in ``PydicomReader``. Arguments are those of ``PydicomReader``.
     """
 
+    def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
+        """:func:`reader_for` chose this reader from the suffix or the ``DICM`` preamble already."""
+        return True
+
+    def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs):
+        """Read like ``PydicomReader``, then refuse non-image objects; every failure names the file."""
+        names = [os.fspath(n) for n in ensure_tuple(data)]
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                img = super().read(data, **kwargs)
+        except Exception as err:
+            raise _refusal(", ".join(names), "cannot be read as DICOM", err) from err
+        for warning in caught:
+            # pydicom reads what it can of a cut file and only warns; the pixel data it dropped would then be missing
+            if "End of file reached" in str(warning.message):
+                raise _refusal(", ".join(names), f"is truncated ({warning.message})")
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        datasets = img if len(names) > 1 else [img]
+        for name, item in zip(self.filenames, datasets):
+            for slice_name, ds in zip(ensure_tuple(name), item if isinstance(item, list) else [item]):
+                problem = dicom_problem(ds)
+                if problem:
+                    raise ImageLoadError(
+                        f"DICOM {slice_name} {problem}; only image objects can be trained on: remove its row from "
+                        "the datalist (or the file from the series folder)"
+                    )
+        return img
+
     def _get_array_data(self, img, filename):
+        try:
+            data = self._grey_array(img, filename)
+        except ImageLoadError:
+            raise
+        except Exception as err:
+            uid = getattr(getattr(img, "file_meta", None), "TransferSyntaxUID", None)
+            syntax = f" ({uid.name})" if uid is not None else ""
+            if uid == JPEG_EXTENDED and importlib.util.find_spec("libjpeg") is None:
+                syntax += (
+                    "; 12-bit JPEG Extended needs the GPL-3.0 decoder pylibjpeg-libjpeg: "
+                    "pip install 'monai_synth[jpeg-extended]'"
+                )
+            raise _refusal(filename, f"has pixel data{syntax} that cannot be decoded", err) from err
+        frames = int(getattr(img, "NumberOfFrames", 1) or 1)
+        if frames > 1 and data.ndim == 3:
+            # frames first (pydicom) -> last, so MONAI's row/column swap gives (x, y, frame) as for a series folder
+            data = np.moveaxis(data, 0, -1)
+        return data
+
+    def _grey_array(self, img, filename):
         photometric = str(getattr(img, "PhotometricInterpretation", "")).upper()
         if photometric == "PALETTE COLOR":
             from pydicom.pixels import apply_color_lut
@@ -229,15 +354,25 @@ class FileTypeReader(ImageReader):
         return True
 
     def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs):
-        """Read with the chosen reader and return ``(reader, image)`` so ``get_data`` can use the same reader."""
+        """Read with the chosen reader; return ``(reader, image, names)`` so ``get_data`` uses the same reader."""
         names = ensure_tuple(data)
         reader = reader_for(names[0])
-        return reader, reader.read(data if len(names) > 1 else names[0], **kwargs)
+        try:
+            return reader, reader.read(data if len(names) > 1 else names[0], **kwargs), names
+        except ImageLoadError:
+            raise
+        except Exception as err:
+            raise _refusal(", ".join(map(os.fspath, names)), "cannot be read", err) from err
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:
-        """Delegate to the reader that read the image."""
-        reader, image = img
-        return reader.get_data(image)
+        """Delegate to the reader that read the image; a decoding failure names the file."""
+        reader, image, names = img
+        try:
+            return reader.get_data(image)
+        except ImageLoadError:
+            raise
+        except Exception as err:
+            raise _refusal(", ".join(map(os.fspath, names)), "cannot be decoded", err) from err
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -254,11 +389,14 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        ImageLoadError: the file cannot be read or decoded, or is a DICOM object that is not an image (SEG, RTDOSE,
+            SR, ...); the message names the file.
     """
     from monai.transforms import LoadImage
 
     if not Path(path).exists():
         raise FileNotFoundError(f"image not found: {path}")
-    loader = LoadImage(reader=reader_for(path), image_only=True, ensure_channel_first=True, dtype=np.float32)
-    image = loader(os.fspath(path))
+    loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
+    # a runtime reader: LoadImage's own readers would turn a read error into "cannot find a suitable reader"
+    image = loader(os.fspath(path), reader=FileTypeReader())
     return np.ascontiguousarray(np.asarray(image.array if hasattr(image, "array") else image, dtype=np.float32))

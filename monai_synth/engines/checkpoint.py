@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -142,9 +143,15 @@ class CheckpointMetadata:
             if found != expected:
                 problems.append(f"{key}: checkpoint has {found!r}, this run expects {expected!r}")
         if problems:
+            data = ""
+            if any(p.startswith("training_split:") for p in problems):
+                data = (
+                    " The training split differs (another datalist, split seed or fractions, or changed image files): "
+                    "resume, continue or release only on the data the models were trained on."
+                )
             raise CheckpointMismatchError(
                 f"{source} was trained for something else ({'; '.join(problems)}). Point the config at a checkpoint "
-                "of this bundle/modality or retrain this stage."
+                f"of this bundle/modality or retrain this stage.{data}"
             )
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -245,28 +252,77 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self._in_iteration = False
 
     def attach(self, engine: Engine) -> None:
+        from monai_synth.engines.resume import remove_leftovers
+
+        remove_leftovers(self.save_dir)  # temporary files of a killed run's checkpoint writes
         super().attach(engine)
         engine.add_event_handler(Events.ITERATION_STARTED, self._set_in_iteration, True)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._set_in_iteration, False)
+        if self._final_checkpoint is not None:
+            self._handle_exceptions_first(engine)
+
+    def _handle_exceptions_first(self, engine: Engine) -> None:
+        """Run this saver's ``EXCEPTION_RAISED`` handler before any other.
+
+        Ignite stops at the first ``EXCEPTION_RAISED`` handler that re-raises, and MONAI's ``StatsHandler`` (attached
+        with the trainer, before this saver) re-raises at once: Ctrl-C would save nothing. Ignite has no public way
+        to order handlers, so this one is moved to the front of the engine's handler list.
+        """
+        handlers = engine._event_handlers.get(Events.EXCEPTION_RAISED, [])
+        ours = [h for h in handlers if getattr(h[0], "__self__", None) is self]
+        engine._event_handlers[Events.EXCEPTION_RAISED] = ours + [h for h in handlers if h not in ours]
 
     def _set_in_iteration(self, engine: Engine, value: bool) -> None:
         self._in_iteration = value
 
-    def exception_raised(self, engine: Engine, e: Exception) -> None:
-        """Save the final checkpoint on an exception (e.g. Ctrl-C), then re-raise it.
+    def interval_completed(self, engine: Engine) -> None:
+        super().interval_completed(engine)
+        self._remove_stale_intervals()
+
+    def _remove_stale_intervals(self) -> None:
+        """Keep only this run's ``n_saved`` interval checkpoints in ``save_dir``.
+
+        A resumed run's Ignite ``Checkpoint`` knows only the files it wrote itself, so the checkpoint it resumed
+        from (a killed run's, gigabytes at real sizes) stayed forever. Once a newer checkpoint is safely written,
+        interval checkpoints of the same name pattern that this run does not keep are deleted.
+        """
+        checkpoint = self._interval_checkpoint
+        if checkpoint is None or checkpoint.n_saved is None or checkpoint.last_checkpoint is None:
+            return
+        newest = os.path.basename(str(checkpoint.last_checkpoint))
+        pattern = re.compile("^" + re.sub(r"(epoch|iteration)=\d+", r"\1=\\d+", re.escape(newest)) + "$")
+        keep = {os.path.basename(str(item.filename)) for item in checkpoint._saved}
+        for path in Path(self.save_dir).iterdir():
+            if path.is_file() and path.name not in keep and pattern.match(path.name):
+                path.unlink(missing_ok=True)
+
+    def exception_raised(self, engine: Engine, e: BaseException) -> None:
+        """Save a resumable checkpoint on an exception (e.g. Ctrl-C), then re-raise it.
+
+        With interval checkpoints the state is saved as one of them (``checkpoint_epoch=N.pt`` for the epoch that was
+        interrupted), so re-running the stage resumes from it; the final file (``final_filename``) is kept for a
+        finished stage, which the next stage takes it for. Without interval checkpoints the final file is written,
+        as MONAI does.
 
         Ignite has already counted an iteration that was interrupted part-way, so a checkpoint saved as MONAI does
         would make the resumed run skip it. The interrupted iteration is not counted in the checkpoint instead: at
         worst (interrupted after the optimiser step) it is repeated on resume, it is never lost.
         """
-        if not self._in_iteration:
-            super().exception_raised(engine, e)
-            return
-        engine.state.iteration -= 1
+        in_iteration = self._in_iteration
+        if in_iteration:
+            engine.state.iteration -= 1
         try:
-            super().exception_raised(engine, e)
+            if self._interval_checkpoint is None:
+                super().exception_raised(engine, e)
+                return
+            self._interval_checkpoint(engine)
+            self._remove_stale_intervals()
+            saved = self._interval_checkpoint.last_checkpoint
+            engine.logger.info(f"{type(e).__name__} raised; saved a resumable checkpoint: {saved}")
         finally:
-            engine.state.iteration += 1
+            if in_iteration:
+                engine.state.iteration += 1
+        raise e
 
 
 class IterationSeedHandler:

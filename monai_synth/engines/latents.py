@@ -266,6 +266,9 @@ def cache_latents(
     }
     if payload["labels"].shape[0] != payload["latents"].shape[0]:
         raise ValueError("label count differs from image count in the data loader batches")
+    from monai_synth.engines.resume import remove_leftovers
+
+    remove_leftovers(Path(out_path).parent)  # half-written caches of killed runs (gigabytes each at real sizes)
     return atomic_torch_save(payload, out_path)
 
 

@@ -861,8 +861,10 @@ class EmbeddingSpace:
         if expected_data_fingerprint is not None and space.data_fingerprint != str(expected_data_fingerprint):
             raise EmbeddingWeightsError(
                 f"embedding weights {path} were trained on data with fingerprint {space.data_fingerprint[:16]}..., "
-                f"not the expected {str(expected_data_fingerprint)[:16]}...; retrain the embedding on this training "
-                "set (`monai-synth train-embedding`) so it knows every training patient."
+                f"not the expected {str(expected_data_fingerprint)[:16]}...; it must know every training patient. "
+                "Leave the weights out and the embedding is trained on exactly these training images (the bundle: "
+                "`--embedding_weights None`, saved to `embedding_out`; `monai-synth guard`: no `--embedding-weights`), "
+                "or train it on the same training datalist with `monai-synth train-embedding --train ...`."
             )
         if zooms is not None:
             space.zooms = _check_zooms(zooms)

@@ -74,6 +74,11 @@ def check_release_paths(out_dir: str | os.PathLike, audit: str | os.PathLike, ov
             raise PermissionError(f"cannot write into {existing}; choose output paths in a writable folder")
 
 
+MAX_GENERATED_CLIP = 0.25
+"""Largest change (model units, range [-1, 1]) the physical transform's clipping may make to a generated image: a
+decoder's overshoot just past the range is clipped; an image far outside it is refused."""
+
+
 class ReleaseEncoder:
     """How a release stores an image, and how the safeguard sees exactly that stored image.
 
@@ -132,10 +137,25 @@ class ReleaseEncoder:
         return stored.astype(np.float32)
 
     def store_generated(self, model_image: Any) -> np.ndarray:
-        """A generated model-space image -> the array its file will hold."""
+        """A generated model-space image -> the array its file will hold.
+
+        Raises:
+            ValueError: values so far outside the model's intensity range that going to physical units clips them
+                (a copy of a training image times 1e20 came out as its binarised silhouette): the stored image would
+                not be the one generated.
+        """
         if self.to_physical is None:
             raise ValueError("this encoder has no to_physical transform for generated images")
-        return self.store(self.to_physical(torch.as_tensor(model_image).detach().cpu().float()))
+        x = torch.as_tensor(model_image).detach().cpu().float()
+        physical = self.to_physical(x)
+        back = torch.as_tensor(self.to_model(torch.as_tensor(physical).float())).as_subclass(torch.Tensor).float()
+        moved = float((back - x).abs().max()) if bool(torch.isfinite(x).all()) else float("inf")
+        if not moved <= MAX_GENERATED_CLIP:
+            raise ValueError(
+                f"generated values {float(x.min()):.4g}..{float(x.max()):.4g} lie outside the model's intensity range: "
+                f"physical units would clip them by up to {moved:.4g}, releasing another image than the one generated"
+            )
+        return self.store(physical)
 
     def views(self, stored: np.ndarray) -> list[torch.Tensor]:
         """The model-space views the safeguard judges: the modality transform, and the array's own robust range."""

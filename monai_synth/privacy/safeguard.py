@@ -9,7 +9,9 @@ sampling loop goes on and counts it as rejected.
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +23,8 @@ from monai_synth.privacy.index import StaleIndexError, TrainingIndex, _iter_batc
 from monai_synth.privacy.spaces import PrivacySpace, embed_variants
 
 __all__ = ["PrivacySafeguard", "SafeguardResult", "build_safeguard"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -316,6 +320,18 @@ def build_safeguard(
         return safeguard
     judged = _holdout_as_judged(safeguard, holdout_images, views, batch_size)
     space_quantile = joint_space_quantile(judged, quantile, margin=safeguard.margin)
+    n = len(next(iter(judged.values())))
+    if n * space_quantile < 1.0:
+        # below one holdout image per space the thresholds are the holdout's smallest distances, and each space alone
+        # refuses about 1 / (n + 1) of new patients' images: k spaces together up to k / (n + 1)
+        message = (
+            f"{n} holdout images are too few to calibrate {len(checks)} privacy spaces together at quantile {quantile:g}: "
+            f"each space's threshold is about its smallest holdout distance, so up to {len(checks) / (n + 1):.1%} of "
+            f"unseen patients' images may be refused instead of {quantile:.1%}; give at least "
+            f"{math.ceil(len(checks) / quantile)} holdout images (more holdout patients) for the asked rate"
+        )
+        logger.warning(message)
+        warnings.warn(message, stacklevel=2)
     checks = [(index, cal.at_space_quantile(judged[index.space_name], space_quantile)) for index, cal in checks]
     return PrivacySafeguard(checks, batch_size=batch_size)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from monai_synth import bundle_utils
@@ -160,11 +161,13 @@ def test_resume_continues_from_the_saved_iteration(chain):
     iters_per_epoch = trainer.state.epoch_length
     assert trainer.state.epoch == 3
     assert trainer.state.iteration == 3 * iters_per_epoch
-    # the resumed run's MLflow history has epoch 3 only: epochs 1-2 were loaded, not trained again
+    # the resume continued the MLflow run of the checkpoint it resumed: one autoencoder run, each epoch logged
+    # once (epochs 1-2 were loaded, not trained again)
     client, runs = _mlflow_runs(chain["uri"])
-    last_ae = [r for r in runs if r.info.run_name.startswith("train_autoencoder-US")][-1]
-    steps = [m.step for m in client.get_metric_history(last_ae.info.run_id, "epoch_train_loss")]
-    assert steps == [3]
+    ae_runs = [r for r in runs if r.info.run_name.startswith("train_autoencoder-US")]
+    assert len(ae_runs) == 1 and ae_runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(ae_runs[0].info.run_id, "epoch_train_loss")]
+    assert steps == [1, 2, 3]
 
 
 @pytest.mark.slow
@@ -303,10 +306,11 @@ def test_monai_tracking_option_adds_its_handler_to_the_same_run(chain):
         workflow.run()
         workflow.finalize()
     client, runs = _mlflow_runs(chain["uri"])
-    last = runs[-1]
-    assert last.info.run_name.startswith("train_autoencoder-US")
-    # MONAI's handler logs the loss every iteration, the bundle's own handler the epoch means: one run holds both
-    assert "train_loss" in last.data.metrics and "epoch_train_loss" in last.data.metrics
+    ae_runs = [r for r in runs if r.info.run_name.startswith("train_autoencoder-US")]
+    # MONAI's handler logs the loss every iteration, the bundle's own handler the epoch means: one run holds both,
+    # the autoencoder run this resume continued
+    assert len(ae_runs) == 1, [(r.info.run_name, r.info.status, sorted(r.data.metrics)) for r in ae_runs]
+    assert "train_loss" in ae_runs[0].data.metrics and "epoch_train_loss" in ae_runs[0].data.metrics
 
 
 def _sample_overrides(chain, name: str, **extra) -> dict:
@@ -393,3 +397,68 @@ def test_evaluate_config_reports_the_bundles_release_and_logs_it_to_mlflow(chain
     metrics = runs[-1].data.metrics
     assert metrics["fidelity.fid"] == pytest.approx(report["fidelity"]["fid"])
     assert "privacy.reid_match_rate" in metrics
+
+
+def _rewrite_datalist(cohort: str, dest: Path, replace: dict[str, str]) -> Path:
+    """A copy of the cohort's datalist with absolute image paths, some images replaced by other files."""
+    rows = list(csv.DictReader(open(cohort, newline="")))
+    with open(dest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            image = str(Path(cohort).parent / row["image"])
+            writer.writerow({**row, "image": replace.get(image, image)})
+    return dest
+
+
+def test_non_image_dicom_in_the_holdout_stops_stage1_before_training(tmp_path, cohort):
+    from pydicom.data import get_testdata_file
+
+    holdout = bundle_utils.load_splits(cohort, LABELS)["holdout"][0]["image"]
+    dose = tmp_path / "dose.dcm"
+    shutil.copy(get_testdata_file("rtdose.dcm"), dose)
+    datalist = _rewrite_datalist(cohort, tmp_path / "datalist.csv", {holdout: str(dose)})
+    workflow = _workflow("autoencoder", _quickstart_overrides(output_dir=str(tmp_path / "run"), datalist=str(datalist)))
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+        workflow.check_properties()
+    errors = [e for e in _causes(info.value) if isinstance(e, DatalistError)]
+    assert errors and "holdout split" in str(errors[0]) and f"{dose} is an RT dose grid" in str(errors[0])
+    assert not (tmp_path / "run" / "models").exists()
+
+
+@pytest.mark.slow
+def test_resume_with_a_changed_learning_rate_is_refused_naming_it(chain, tmp_path):
+    from monai_synth.engines.resume import ResumeMismatchError
+
+    run = tmp_path / "run"
+    shutil.copytree(chain["snapshot"], run)  # a copied output folder resumes like the original
+    overrides = {**chain["overrides"], "output_dir": str(run), "dataset_dir": None, "mlflow": False}
+    overrides.update(ae_max_epochs=3, ae_lr=5.0e-3)
+    iterations = []
+    with pytest.raises(Exception) as info:
+        workflow = _workflow("autoencoder", overrides)
+        workflow.initialize()
+        workflow.parser.get_parsed_content("train#trainer").add_event_handler(
+            Events.ITERATION_STARTED, lambda e: iterations.append(e.state.iteration)
+        )
+        workflow.run()
+    refused = [e for e in _causes(info.value) if isinstance(e, ResumeMismatchError)]
+    assert refused and "ae_lr: checkpoint 0.002, this run 0.005" in str(refused[0])
+    assert "--resume_changes apply" in str(refused[0]) and iterations == []
+
+
+@pytest.mark.slow
+def test_release_on_another_dataset_is_refused_naming_both_fingerprints(chain, cohort):
+    from monai_synth.data.datalist import content_fingerprint
+    from monai_synth.engines.checkpoint import CheckpointMismatchError
+
+    trained = torch.load(chain["snapshot"] / "models" / "autoencoder" / "autoencoder.pt", weights_only=True)
+    trained = trained["metadata"]["training_split"]
+    other = content_fingerprint(bundle_utils.load_splits(cohort, LABELS)["train"])
+    overrides = _sample_overrides(chain, "release_other_data", datalist=cohort)
+    with pytest.raises(Exception) as info:
+        bundle_utils.run_stage(BUNDLE, "sample", overrides=overrides, workflow_type=None)
+    refused = [e for e in _causes(info.value) if isinstance(e, CheckpointMismatchError)]
+    assert refused and trained in str(refused[0]) and other in str(refused[0]) and trained != other
+    assert not (chain["snapshot"] / "release_other_data").exists()

@@ -9,11 +9,12 @@ import torch
 from engine_helpers import LABELS, make_autoencoder, make_discriminator, make_dit, make_images
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
-from monai.handlers import CheckpointLoader, LrScheduleHandler
+from monai.handlers import CheckpointLoader, LrScheduleHandler, StatsHandler
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import RFlowScheduler
 from torch.utils.data import DataLoader
 
+from monai_synth.bundle_utils import latest_checkpoint
 from monai_synth.engines import (
     AtomicCheckpointSaver,
     AutoencoderKLTrainer,
@@ -279,3 +280,67 @@ def test_checkpoint_saved_on_an_interruption_inside_an_iteration_resumes_without
     assert iterations == [3, 4]
     for a, b in zip(ae_ref.state_dict().values(), ae.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+class _CtrlC(torch.nn.Module):
+    """An L1 'perceptual' term that raises KeyboardInterrupt on its ``at``-th call, i.e. inside an iteration."""
+
+    def __init__(self, at=None):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, a, b):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return (a - b).abs().mean()
+
+
+def _ae_stats_run(tmp_path, seed, ctrl_c_at=None, resume_from=None):
+    """The bundle's arrangement: StatsHandler among the trainer's handlers, the saver attached afterwards."""
+    ae = make_autoencoder(seed)
+    opt = torch.optim.Adam(ae.parameters(), 1e-3)
+    loader = DataLoader(make_images(4), batch_size=2)  # two iterations per epoch
+    trainer = AutoencoderKLTrainer(
+        "cpu",
+        3,
+        loader,
+        ae,
+        opt,
+        perceptual_loss=_CtrlC(ctrl_c_at),
+        perceptual_weight=0.1,
+        train_handlers=[IterationSeedHandler(0), StatsHandler(name=None, iteration_log=False)],
+    )
+    save_dict = {"autoencoder": ae, "optimizer": opt, "trainer": trainer}
+    if resume_from:
+        CheckpointLoader(resume_from, save_dict).attach(trainer)
+    saver = AtomicCheckpointSaver(
+        str(tmp_path), save_dict, save_interval=1, n_saved=1, save_final=True, final_filename="autoencoder.pt"
+    )
+    saver.attach(trainer)
+    return trainer, ae
+
+
+def test_ctrl_c_saves_a_checkpoint_the_rerun_resumes_from(tmp_path):
+    run = tmp_path / "run"
+    interrupted, ae_stopped = _ae_stats_run(run, 0, ctrl_c_at=6)  # inside iteration 6, i.e. epoch 3
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run()
+    assert not (run / "autoencoder.pt").exists(), "an interrupted stage must not look finished to the next stage"
+    latest = latest_checkpoint(run, "checkpoint")
+    assert latest.endswith("checkpoint_epoch=3.pt")
+    assert torch.load(latest, weights_only=True)["trainer"]["iteration"] == 5
+    resumed, ae = _ae_stats_run(run, 7, resume_from=latest)
+    started = []
+
+    def _first_iteration(engine):
+        if not started:  # the resumed run starts from the weights of the interrupted one: no epoch is lost
+            for a, b in zip(ae_stopped.state_dict().values(), ae.state_dict().values()):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        started.append(engine.state.iteration)
+
+    resumed.add_event_handler(Events.ITERATION_STARTED, _first_iteration)
+    resumed.run()
+    # iteration 6 is run again (it was interrupted before its optimiser step); mid-epoch, Ignite restarts the data
+    # iterator, so only epoch-level resumes replay the exact batches (see IterationSeedHandler)
+    assert started == [6] and (run / "autoencoder.pt").is_file()

@@ -179,3 +179,22 @@ def test_metadata_is_checked_when_loading_a_stage_one_checkpoint(tmp_path):
     )
     with pytest.raises(ValueError, match="modality: checkpoint has 'us', this run expects 'ct'"):
         load_checkpoint(path, metadata=CheckpointMetadata(modality="ct", labels=LABELS))
+
+
+def test_encoding_a_cache_removes_half_written_caches_of_killed_runs(tmp_path):
+    import os
+    import time
+
+    ae = make_autoencoder()
+    ckpt = _write_ae_checkpoint(ae, tmp_path / "ae.pt")
+    stale = tmp_path / ".train_latents.pt.0a1b2c3d.partial"  # what a kill -9 during the atomic write leaves
+    stale.write_bytes(b"half a cache")
+    os.utime(stale, (time.time() - 3600,) * 2)
+    cache_latents(
+        ae,
+        DataLoader(make_images(2), batch_size=2),
+        tmp_path / "train_latents.pt",
+        autoencoder_checkpoint=ckpt,
+        labels=LABELS,
+    )
+    assert not stale.exists() and (tmp_path / "train_latents.pt").is_file()

@@ -335,3 +335,14 @@ def test_build_safeguard_calibrates_spaces_jointly_so_unseen_images_pass_at_the_
         assert cal.quantile == 0.05 and 0.0125 <= cal.space_quantile <= 0.05
         assert cal.threshold <= apart.thresholds[name]
         assert Calibration.from_dict(cal.to_dict()).space_quantile == cal.space_quantile
+
+
+def test_joint_calibration_warns_when_the_holdout_is_too_small_for_the_asked_rate():
+    from monai_synth.privacy.partial import PartSpace
+    from monai_synth.privacy.safeguard import build_safeguard
+
+    g = torch.Generator().manual_seed(1)
+    train, holdout = torch.rand(20, 1, 8, 8, generator=g), torch.rand(100, 1, 8, 8, generator=g)
+    spaces = [PixelSpace(grid=8), PartSpace(grid=8, kind="crops")]
+    with pytest.warns(UserWarning, match="at least 200 holdout images"):
+        build_safeguard(spaces, train, [f"P{i}" for i in range(20)], holdout, [f"H{i}" for i in range(100)], "dl")

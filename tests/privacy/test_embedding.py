@@ -341,7 +341,7 @@ def test_fingerprint_tracks_data_and_weights(quick):
 def test_refuses_mismatched_missing_corrupt_modified_or_future_weights(quick, tmp_path):
     space, _ = quick
     path = space.save(tmp_path / "embedding.pt")
-    with pytest.raises(EmbeddingWeightsError, match="retrain"):
+    with pytest.raises(EmbeddingWeightsError, match="Leave the weights out.*train-embedding --train"):
         EmbeddingSpace.from_weights(path, expected_data_fingerprint="another-datalist")
     with pytest.raises(FileNotFoundError, match="train-embedding"):
         EmbeddingSpace.from_weights(tmp_path / "missing.pt")

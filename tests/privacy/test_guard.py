@@ -41,7 +41,13 @@ def files(tmp_path_factory):
 def guarded(files):
     out = files["root"] / "release"
     summary = run_guard(
-        str(files["train"]), str(files["holdout"]), str(files["candidates"]), str(out), "us", spatial_size=SIZE
+        str(files["train"]),
+        str(files["holdout"]),
+        str(files["candidates"]),
+        str(out),
+        "us",
+        spatial_size=SIZE,
+        embedding_epochs=1,  # the default spaces, with the embedding trained briefly on the training images
     )
     return out, summary
 
@@ -56,7 +62,7 @@ def test_copies_are_held_back_and_new_patients_released(files, guarded):
     assert summary["released"] == len(list((out / "images").glob("*.png")))
     cert = load_certificate(out)
     assert cert["summary"]["released"] == summary["released"] and cert["fingerprints"]["datalist"]
-    assert set(cert["spaces"]) == {"pixel", "parts", "crops", "tiles"}  # the default spaces
+    assert set(cert["spaces"]) == {"pixel", "parts", "crops", "tiles", "embedding"}  # the default spaces
     released = {s for s in audit if audit[s]["passed"] == "True"}
     assert released and all(s.startswith("new_") for s in released)
     assert not (out / "private_audit.csv").exists() and out.parent.joinpath("release.private_audit.csv").is_file()

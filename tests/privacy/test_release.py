@@ -209,3 +209,13 @@ def test_pixel_space_scores_a_huge_copy_as_the_copy():
     x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     space = PixelSpace(grid=8)
     np.testing.assert_allclose(space.embed(x * 1e20), space.embed(x), atol=1e-5)
+
+
+def test_generated_images_the_physical_transform_would_clip_are_refused_not_binarised():
+    encoder = ReleaseEncoder("png", "us")
+    image = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with pytest.raises(ValueError, match="outside the model's intensity range"):
+        encoder.store_generated(image * 1e20)  # would be stored as the copy's black-and-white silhouette
+    overshoot = image.clone()
+    overshoot[0, 0, 0] = 1.1  # a decoder's overshoot is clipped to white, as before
+    assert encoder.store_generated(overshoot)[0, 0, 0] == 255.0

@@ -1,0 +1,91 @@
+"""Resume: changed hyper-parameters are refused or applied explicitly; killed runs' leftovers are cleaned."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from engine_helpers import make_autoencoder, make_images
+from ignite.engine import Events
+from monai.handlers import CheckpointLoader
+from torch.utils.data import DataLoader
+
+from monai_synth.bundle_utils import latest_checkpoint
+from monai_synth.engines import AtomicCheckpointSaver, AutoencoderKLTrainer, IterationSeedHandler
+from monai_synth.engines.resume import ResumeMismatchError, TrainingParams, remove_leftovers
+
+
+def _run(tmp_path, max_epochs, lr=1e-3, batch_size=2, apply="refuse", resume=False):
+    ae = make_autoencoder(0)
+    opt = torch.optim.Adam(ae.parameters(), lr)
+    trainer = AutoencoderKLTrainer(
+        "cpu",
+        max_epochs,
+        DataLoader(make_images(4), batch_size=batch_size),
+        ae,
+        opt,
+        train_handlers=[IterationSeedHandler(0)],
+    )
+    params = TrainingParams({"lr": lr, "batch_size": batch_size}, learning_rates={"lr": opt}, apply_changes=apply)
+    save_dict = {"autoencoder": ae, "optimizer": opt, "training_params": params, "trainer": trainer}
+    if resume:
+        CheckpointLoader(latest_checkpoint(tmp_path, "checkpoint"), save_dict).attach(trainer)
+        params.attach(trainer)
+    AtomicCheckpointSaver(str(tmp_path), save_dict, save_interval=1, n_saved=1).attach(trainer)
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: seen.append(opt.param_groups[0]["lr"]))
+    return trainer, seen
+
+
+def test_a_changed_learning_rate_is_refused_before_any_iteration(tmp_path):
+    _run(tmp_path, 2)[0].run()
+    trainer, seen = _run(tmp_path, 3, lr=2e-3, resume=True)
+    with pytest.raises(ResumeMismatchError, match=r"lr: checkpoint 0\.001, this run 0\.002.*--resume_changes apply"):
+        trainer.run()
+    assert seen == []
+
+
+def test_a_changed_learning_rate_is_applied_when_asked(tmp_path):
+    _run(tmp_path, 2)[0].run()
+    trainer, seen = _run(tmp_path, 3, lr=2e-3, apply="apply", resume=True)
+    trainer.run()
+    assert seen == [2e-3, 2e-3]  # without the check the restored optimiser would train on at 1e-3
+
+
+def test_a_changed_batch_size_is_refused_even_when_applying(tmp_path):
+    _run(tmp_path, 2)[0].run()
+    trainer, seen = _run(tmp_path, 3, batch_size=4, apply="apply", resume=True)
+    with pytest.raises(ResumeMismatchError, match=r"batch_size: checkpoint 2, this run 4"):
+        trainer.run()
+    assert seen == []
+
+
+def test_unchanged_values_resume(tmp_path):
+    _run(tmp_path, 2)[0].run()
+    trainer, seen = _run(tmp_path, 3, resume=True)
+    trainer.run()
+    assert seen == [1e-3, 1e-3]
+
+
+def test_a_resumed_run_removes_the_killed_runs_checkpoint_and_temporary_files(tmp_path):
+    _run(tmp_path, 2)[0].run()
+    old = time.time() - 3600
+    leftovers = [tmp_path / "tmpab12cd_3", tmp_path / ".train_latents.pt.0a1b2c3d.partial"]
+    for path in leftovers:
+        path.write_bytes(b"half a checkpoint")
+        os.utime(path, (old, old))
+    mine = tmp_path / "tmpnotmine9"  # not Ignite's pattern: kept
+    mine.write_bytes(b"x")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == ["checkpoint_epoch=2.pt"]
+    trainer, _ = _run(tmp_path, 4, resume=True)
+    trainer.run()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == ["checkpoint_epoch=4.pt"]
+    assert not any(p.exists() for p in leftovers) and mine.exists()
+
+
+def test_leftovers_newer_than_this_process_are_kept(tmp_path):
+    fresh = tmp_path / ".cache.pt.0a1b2c3d.partial"  # may be another process's write in progress
+    fresh.write_bytes(b"x")
+    assert remove_leftovers(tmp_path) == [] and fresh.exists()
