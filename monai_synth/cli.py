@@ -17,12 +17,17 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from monai_synth.data.modalities import MODALITIES
+
 __all__ = ["main", "build_parser"]
+
+#: ``--modality`` choices: the modality table's keys, so a new modality is offered without editing this file
+MODALITY_KEYS = sorted(MODALITIES)
 
 
 def _add_phantoms(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("phantoms", help="write a labelled phantom cohort and its datalist")
-    p.add_argument("--modality", required=True, choices=["ct", "mri", "pet", "us"])
+    p.add_argument("--modality", required=True, choices=MODALITY_KEYS)
     p.add_argument("--patients", type=int, default=50, help="number of patients (default 50)")
     p.add_argument("--images-per-patient", type=int, default=3, help="repeat studies per patient (default 3)")
     p.add_argument("--spatial-dims", type=int, default=2, choices=[2, 3])
@@ -105,7 +110,7 @@ def _run_datalist(args: argparse.Namespace) -> int:
 def _add_train_embedding(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-embedding", help="train the re-identification embedding privacy space")
     p.add_argument("--train", required=True, help="training datalist (CSV or MONAI JSON)")
-    p.add_argument("--modality", required=True, choices=["ct", "mri", "pet", "us"])
+    p.add_argument("--modality", required=True, choices=MODALITY_KEYS)
     p.add_argument("--spatial-size", type=int, nargs="+", default=[64])
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -132,7 +137,7 @@ def _add_guard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--holdout", required=True, help="holdout datalist of patients not in --train, for calibration")
     p.add_argument("--candidates", required=True, help="folder of candidate images (NIfTI, DICOM, PNG)")
     p.add_argument("--out", required=True, help="release folder (written atomically)")
-    p.add_argument("--modality", required=True, choices=["ct", "mri", "pet", "us"])
+    p.add_argument("--modality", required=True, choices=MODALITY_KEYS)
     p.add_argument("--spatial-size", type=int, nargs="+", default=[64])
     p.add_argument(
         "--spaces",

@@ -204,7 +204,7 @@ def validate_records(
         for key, value in raw.items():
             if key in REQUIRED_KEYS or key is None or (key == "" and _is_blank(value)):
                 continue  # an unnamed, empty column (trailing comma from a spreadsheet) carries nothing
-            number = _as_float(value)
+            number = _finite_number(value)
             if number is None:
                 row_problems.append(
                     f"extra condition {key!r} = {value!r} is not a number; extra columns are numeric conditions, "
@@ -340,7 +340,7 @@ def _as_id(value: Any) -> str:
     return str(value).strip()
 
 
-def _as_float(value: Any) -> float | None:
+def _finite_number(value: Any) -> float | None:
     if isinstance(value, bool) or _is_blank(value):
         return None
     try:

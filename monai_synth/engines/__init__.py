@@ -1,22 +1,21 @@
-"""Training engines for the two stages of latent diffusion, the latent cache, the sampler and checkpoints."""
+"""Training engines for the two stages of latent diffusion, the latent cache, the sampler and checkpoints.
+
+Losses are in :mod:`monai_synth.losses`, inferers in :mod:`monai_synth.inferers`, Ignite handlers in
+:mod:`monai_synth.handlers`.
+"""
 
 from __future__ import annotations
 
 from monai_synth.engines.autoencoder import (
     AutoencoderKLTrainer,
     AutoencoderPrepareBatch,
-    LocalPerceptualLoss,
-    ReconstructionInferer,
-    check_autoencoder_spatial_size,
-    kl_divergence,
 )
 from monai_synth.engines.checkpoint import (
-    AtomicCheckpointSaver,
     CheckpointMetadata,
     CheckpointMismatchError,
-    IterationSeedHandler,
     atomic_torch_save,
     checkpoint_fingerprint,
+    latest_checkpoint,
     load_checkpoint,
 )
 from monai_synth.engines.diffusion import (
@@ -25,32 +24,36 @@ from monai_synth.engines.diffusion import (
     drop_condition,
     make_condition,
 )
-from monai_synth.engines.latents import LatentDataset, ScaleFactor, cache_latents, compute_scale_factor, encode_labels
-from monai_synth.engines.sampler import LatentSampler, sample_latent_images
+from monai_synth.engines.latents import (
+    LatentDataset,
+    ScaleFactor,
+    cache_latents,
+    compute_scale_factor,
+    encode_labels,
+    ensure_latent_cache,
+)
+from monai_synth.engines.sampler import Generator, LatentSampler, sample_latent_images
 from monai_synth.engines.utils import unwrap_model
 
 __all__ = [
-    "AtomicCheckpointSaver",
     "AutoencoderKLTrainer",
     "AutoencoderPrepareBatch",
     "CheckpointMetadata",
     "CheckpointMismatchError",
-    "IterationSeedHandler",
+    "Generator",
     "LatentDataset",
     "LatentDiffusionPrepareBatch",
     "LatentSampler",
-    "LocalPerceptualLoss",
-    "ReconstructionInferer",
     "RectifiedFlowPrepareBatch",
     "ScaleFactor",
     "atomic_torch_save",
     "cache_latents",
-    "check_autoencoder_spatial_size",
     "checkpoint_fingerprint",
     "compute_scale_factor",
     "drop_condition",
     "encode_labels",
-    "kl_divergence",
+    "ensure_latent_cache",
+    "latest_checkpoint",
     "load_checkpoint",
     "make_condition",
     "sample_latent_images",

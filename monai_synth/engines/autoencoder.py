@@ -9,15 +9,13 @@ MONAI's ``AdversarialTrainer`` cannot add the KL term of a variational autoencod
 
 and the patch discriminator ``D`` (MONAI ``PatchDiscriminator``, best with ``norm="INSTANCE"``) is trained with its
 own optimiser on the least-squares GAN loss. Perceptual loss is never downloaded: pass a module, or a TorchScript
-feature extractor file via :class:`LocalPerceptualLoss`.
+feature extractor file via :class:`~monai_synth.losses.LocalPerceptualLoss`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,53 +24,20 @@ from ignite.engine import Engine, EventEnum
 from ignite.metrics import Metric
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, PrepareBatch, default_metric_cmp_fn
-from monai.inferers import Inferer
 from monai.losses import PatchAdversarialLoss
 from monai.transforms import Transform
+from monai.utils import CommonKeys as Keys
+from monai.utils import look_up_option
 from torch.optim import Optimizer
 
 from monai_synth.engines.utils import unwrap_model
+from monai_synth.losses import kl_divergence
+from monai_synth.networks.utils import check_spatial_size
 
 __all__ = [
     "AutoencoderKLTrainer",
     "AutoencoderPrepareBatch",
-    "ReconstructionInferer",
-    "LocalPerceptualLoss",
-    "kl_divergence",
-    "check_autoencoder_spatial_size",
 ]
-
-
-def check_autoencoder_spatial_size(spatial_size: int | Sequence[int], channels: Sequence[int] | int) -> None:
-    """Fail early if an ``AutoencoderKL`` with ``channels`` cannot downsample ``spatial_size`` exactly.
-
-    ``AutoencoderKL`` halves the image ``len(channels) - 1`` times, so every spatial dimension must be divisible by
-    ``2 ** (len(channels) - 1)`` or the decoder output will not match the input.
-
-    Args:
-        spatial_size: image size per spatial axis (an int means every axis).
-        channels: the autoencoder's ``channels`` tuple, or the number of levels.
-
-    Raises:
-        ValueError: naming the dimensions that do not divide and sizes that would.
-    """
-    levels = channels if isinstance(channels, int) else len(channels)
-    factor = 2 ** (levels - 1)
-    sizes = [int(spatial_size)] if isinstance(spatial_size, int) else [int(s) for s in spatial_size]
-    bad = [s for s in sizes if s % factor]
-    if bad:
-        suggest = sorted({max(factor, round(s / factor) * factor) for s in bad})
-        raise ValueError(
-            f"spatial size {sizes} cannot be downsampled by this autoencoder: it has {levels} levels, so every "
-            f"dimension must be divisible by 2**{levels - 1} = {factor} ({bad} are not). Change spatial_size to e.g. "
-            f"{suggest} or use fewer autoencoder levels."
-        )
-
-
-def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, sigma^2) || N(0, 1)) summed over latent elements, averaged over the batch (MONAI tutorials' form)."""
-    kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2).clamp_min(1e-12)) - 1)
-    return kl.flatten(1).sum(1).mean()
 
 
 class AutoencoderPrepareBatch(PrepareBatch):
@@ -100,65 +65,12 @@ class AutoencoderPrepareBatch(PrepareBatch):
         return images, images
 
 
-class ReconstructionInferer(Inferer):
-    """Inferer returning only ``autoencoder.reconstruct(x)`` (decoding ``z_mu``), for validation metrics."""
-
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return unwrap_model(network).reconstruct(inputs)
-
-
-class LocalPerceptualLoss(torch.nn.Module):
-    """LPIPS-style perceptual distance with a feature extractor read from a local file (never downloaded).
-
-    The distance is the mean over layers of the squared difference of channel-normalised features (Zhang et al.
-    2018, without the learned linear heads). Images with fewer channels than the extractor expects are repeated
-    along the channel axis.
-
-    Args:
-        network: a feature extractor module, or a path to a TorchScript file (``torch.jit.save``) of one. Its
-            forward returns a tensor or a list/tuple of tensors (one per layer).
-        in_channels: channels the extractor expects (e.g. 3 for ImageNet networks); ``None`` leaves images as they are.
-
-    Raises:
-        FileNotFoundError: the weights file is missing (with what to do instead).
-    """
-
-    def __init__(self, network: torch.nn.Module | str | os.PathLike, in_channels: int | None = None) -> None:
-        super().__init__()
-        if isinstance(network, (str, os.PathLike)):
-            path = Path(network)
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"perceptual network file {str(path)!r} not found. Perceptual loss needs a local TorchScript "
-                    "feature extractor; set perceptual_weight to 0 to train without it."
-                )
-            network = torch.jit.load(str(path), map_location="cpu")
-        self.network = network.eval()
-        for p in self.network.parameters():
-            p.requires_grad_(False)
-        self.in_channels = in_channels
-
-    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.in_channels is not None and x.shape[1] != self.in_channels:
-            x = x.repeat(1, self.in_channels // x.shape[1], *([1] * (x.ndim - 2)))
-        feats = self.network(x)
-        return list(feats) if isinstance(feats, (list, tuple)) else [feats]
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        total = input.new_zeros(())
-        fi, ft = self._features(input), self._features(target)
-        for a, b in zip(fi, ft):
-            a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            total = total + (a - b).pow(2).sum(1).mean()
-        return total / max(len(fi), 1)
-
-
 class AutoencoderKLTrainer(Trainer):
     """Train an ``AutoencoderKL`` with L1 + KL (+ perceptual) (+ patch-adversarial after a warm-up).
 
-    ``engine.state.output`` (per item when decollated) holds ``"image"``, ``"reconstruction"``, ``"loss"`` (total generator loss, the one
-    ``StatsHandler``/``MLFlowHandler`` should log), ``"recon_loss"``, ``"kl_loss"``, ``"perceptual_loss"``,
+    ``engine.state.output`` (per item when decollated) uses MONAI's ``CommonKeys``, so stock handlers and metrics
+    read it: ``"image"`` (the input), ``"label"`` (the reconstruction target, the input itself), ``"pred"`` (the
+    reconstruction), ``"loss"`` (total generator loss, the one ``StatsHandler``/``MLFlowHandler`` should log), and ``"recon_loss"``, ``"kl_loss"``, ``"perceptual_loss"``,
     ``"gen_adv_loss"``, ``"disc_loss"`` (losses detached; the adversarial ones are 0 during warm-up or without a
     discriminator). Put ``autoencoder``, ``optimizer``, ``discriminator``, ``disc_optimizer``, LR schedulers, the
     trainer itself, :class:`~monai_synth.engines.latents.ScaleFactor` and
@@ -180,10 +92,10 @@ class AutoencoderKLTrainer(Trainer):
             discriminator does not fight a still-blurry autoencoder; ignite epochs are 1-based, the adversarial part
             starts at epoch ``adv_warmup_epochs + 1``.
         adv_criterion: ``"least_squares"``, ``"hinge"`` or ``"bce"`` (MONAI ``PatchAdversarialLoss``).
-        perceptual_loss: optional module ``(reconstruction, image) -> scalar`` (e.g. :class:`LocalPerceptualLoss`).
+        perceptual_loss: optional module ``(reconstruction, image) -> scalar`` (e.g. :class:`~monai_synth.losses.LocalPerceptualLoss`).
         perceptual_weight: its weight; must be 0 without ``perceptual_loss``.
         spatial_size: if given, checked against the autoencoder's levels at construction
-            (:func:`check_autoencoder_spatial_size`); the first batch's size is always checked before any update.
+            (:func:`~monai_synth.networks.utils.check_spatial_size`); the first batch's size is always checked before any update.
         image_key: image key in the batches.
         epoch_length, non_blocking, iteration_update, postprocessing, key_train_metric, additional_metrics,
         metric_cmp_fn, train_handlers, amp, event_names, event_to_attr, decollate, optim_set_to_none, to_kwargs,
@@ -227,8 +139,10 @@ class AutoencoderKLTrainer(Trainer):
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
     ) -> None:
-        if recon_loss not in ("l1", "l2"):
-            raise ValueError(f"recon_loss must be 'l1' or 'l2', got {recon_loss!r}")
+        try:
+            recon_loss = look_up_option(recon_loss, ("l1", "l2"))
+        except ValueError as e:
+            raise ValueError(f"recon_loss: {e}") from None
         for name, value in (("kl_weight", kl_weight), ("recon_weight", recon_weight), ("adv_weight", adv_weight)):
             if float(value) < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -243,7 +157,7 @@ class AutoencoderKLTrainer(Trainer):
         inner = unwrap_model(autoencoder)
         self._levels = len(inner.encoder.channels) if hasattr(getattr(inner, "encoder", None), "channels") else None
         if spatial_size is not None and self._levels is not None:
-            check_autoencoder_spatial_size(spatial_size, self._levels)
+            check_spatial_size(spatial_size, self._levels)
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -292,7 +206,7 @@ class AutoencoderKLTrainer(Trainer):
             raise ValueError("Must provide batch data for current iteration.")
         images, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         if not engine._size_checked and engine._levels is not None:
-            check_autoencoder_spatial_size(tuple(images.shape[2:]), engine._levels)
+            check_spatial_size(tuple(images.shape[2:]), engine._levels)
             engine._size_checked = True
         use_adv = engine.adversarial_active(engine.state.epoch)
         scaler = engine.scaler if engine.amp else None
@@ -318,7 +232,8 @@ class AutoencoderKLTrainer(Trainer):
                 logits_fake = engine.discriminator(recon.contiguous().float())[-1]
                 gen_adv = engine.adv_loss(logits_fake, target_is_real=True, for_discriminator=False)
                 loss = loss + engine.adv_weight * gen_adv
-        engine.state.output = {"image": images, "reconstruction": recon.detach(), "loss": loss}
+        # MONAI's keys, so stock handlers and metrics read the output: the target of a reconstruction is its input
+        engine.state.output = {Keys.IMAGE: images, Keys.LABEL: images, Keys.PRED: recon.detach(), Keys.LOSS: loss}
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -352,7 +267,7 @@ class AutoencoderKLTrainer(Trainer):
 
         engine.state.output.update(
             {
-                "loss": loss.detach(),
+                Keys.LOSS: loss.detach(),
                 "recon_loss": recon_loss.detach(),
                 "kl_loss": kl_loss.detach(),
                 "perceptual_loss": perc_loss.detach(),

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from monai.engines.utils import DiffusionPrepareBatch
 from monai.networks.schedulers import RFlowScheduler
 
-from monai_synth.engines.latents import ScaleFactor, _as_float
+from monai_synth.engines.latents import ScaleFactor, scale_factor_value
 
 __all__ = ["make_condition", "drop_condition", "LatentDiffusionPrepareBatch", "RectifiedFlowPrepareBatch"]
 
@@ -168,7 +168,7 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         if not isinstance(batchdata, Mapping) or self.latent_key not in batchdata:
             raise KeyError(f"batches must be dicts with a {self.latent_key!r} key (see LatentDataset)")
         latents = torch.as_tensor(batchdata[self.latent_key]).to(device=device, non_blocking=non_blocking, **kwargs)
-        latents = latents * _as_float(self.scale_factor)
+        latents = latents * scale_factor_value(self.scale_factor)
         noise = self.get_noise(latents)
         timesteps = self.get_timesteps(latents)
         target = self.get_target(latents, noise, timesteps)

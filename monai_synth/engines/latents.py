@@ -10,6 +10,7 @@ cannot silently train on latents of another autoencoder.
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,13 +19,24 @@ from typing import Any
 
 import ignite.distributed as idist
 import torch
+from monai.data import DataLoader
+from monai.networks.utils import eval_mode
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from monai_synth.engines.checkpoint import atomic_torch_save, checkpoint_fingerprint
 from monai_synth.engines.utils import unwrap_model
 
-__all__ = ["ScaleFactor", "compute_scale_factor", "encode_labels", "cache_latents", "LatentDataset"]
+__all__ = [
+    "ScaleFactor",
+    "compute_scale_factor",
+    "encode_labels",
+    "cache_latents",
+    "ensure_latent_cache",
+    "LatentDataset",
+]
+
+logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 
@@ -72,7 +84,8 @@ class ScaleFactor(torch.nn.Module):
         return f"scale_factor={float(self.scale_factor):.6g}"
 
 
-def _as_float(scale_factor: float | ScaleFactor) -> float:
+def scale_factor_value(scale_factor: float | ScaleFactor) -> float:
+    """The scale factor as a float, from a number or a :class:`ScaleFactor` (read at call time, so after training)."""
     return scale_factor.value() if isinstance(scale_factor, ScaleFactor) else float(scale_factor)
 
 
@@ -121,18 +134,14 @@ def compute_scale_factor(
         The scale factor as a python float.
     """
     autoencoder = unwrap_model(autoencoder)
-    was_training = autoencoder.training
-    autoencoder.eval()
     count, mean, m2 = 0, 0.0, 0.0
-    try:
+    with eval_mode(autoencoder):
         for batch in tqdm(data_loader, desc="scale factor", disable=not progress):
             images = _images_of(batch, image_key).to(device)
             z_mu = autoencoder.encode(images)[0].double()
             count, mean, m2 = _merge(
                 count, mean, m2, z_mu.numel(), float(z_mu.mean()), float(((z_mu - z_mu.mean()) ** 2).sum())
             )
-    finally:
-        autoencoder.train(was_training)
     if idist.get_world_size() > 1:
         stats = idist.all_gather(torch.tensor([count, mean, m2], dtype=torch.float64, device=idist.device()))
         count, mean, m2 = 0, 0.0, 0.0
@@ -226,11 +235,9 @@ def cache_latents(
         raise ValueError("cache_latents needs the ordered class names (labels=...) to map batch labels to ids")
     fingerprint = None if autoencoder_checkpoint is None else checkpoint_fingerprint(autoencoder_checkpoint)
     autoencoder = unwrap_model(autoencoder)
-    was_training = autoencoder.training
-    autoencoder.eval()
     latents, ids_all, context = [], [], []
     kept: dict[str, list] = {k: [] for k in id_keys}
-    try:
+    with eval_mode(autoencoder):
         for batch in tqdm(data_loader, desc="caching latents", disable=not progress):
             if not isinstance(batch, Mapping):
                 raise TypeError("cache_latents needs dict batches with image, label and condition keys")
@@ -249,8 +256,6 @@ def cache_latents(
             for k in id_keys:
                 if k in batch:
                     kept[k].extend(str(v) for v in batch[k])
-    finally:
-        autoencoder.train(was_training)
     if not latents:
         raise ValueError("cache_latents got an empty data loader")
     payload = {
@@ -261,7 +266,7 @@ def cache_latents(
         "context_keys": list(context_keys),
         "label_names": [str(v) for v in labels],
         "ids": {k: v for k, v in kept.items() if v},
-        "scale_factor": None if scale_factor is None else _as_float(scale_factor),
+        "scale_factor": None if scale_factor is None else scale_factor_value(scale_factor),
         "autoencoder_fingerprint": fingerprint,
     }
     if payload["labels"].shape[0] != payload["latents"].shape[0]:
@@ -270,6 +275,72 @@ def cache_latents(
 
     remove_leftovers(Path(out_path).parent)  # half-written caches of killed runs (gigabytes each at real sizes)
     return atomic_torch_save(payload, out_path)
+
+
+def ensure_latent_cache(
+    path: str | os.PathLike,
+    autoencoder: torch.nn.Module,
+    dataset: Sequence[Mapping[str, Any]],
+    autoencoder_checkpoint: str | os.PathLike,
+    labels: Sequence[str],
+    scale_factor: float | ScaleFactor,
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+) -> str:
+    """Encode ``dataset`` into a latent cache at ``path`` unless a cache of the same autoencoder checkpoint is there.
+
+    The cache records the SHA-256 of the checkpoint it was encoded with; a cache from an earlier (or another)
+    autoencoder is re-encoded rather than silently reused, and an up-to-date one is kept so re-running stage 2
+    (e.g. to resume it) does not pay for encoding again. In a ``torch.distributed`` run, rank 0 writes the cache
+    and the other ranks wait for it at a barrier.
+
+    Returns:
+        The cache path.
+    """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()  # rank 0 is writing the cache
+        return str(path)
+    try:
+        if _cache_is_current(path, autoencoder_checkpoint, labels):
+            logger.info(f"latent cache {path} is up to date with {autoencoder_checkpoint}; reusing it")
+            return str(path)
+        loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=0)
+        # plain tensors: MONAI's MetaTensor would pickle its metadata classes into the cache, which torch's safe
+        # (weights_only) loader refuses
+        batches = ({**b, "image": torch.as_tensor(b["image"]).as_subclass(torch.Tensor)} for b in loader)
+        cache_latents(
+            autoencoder,
+            batches,
+            path,
+            device=device,
+            autoencoder_checkpoint=autoencoder_checkpoint,
+            labels=list(labels),
+            scale_factor=scale_factor,
+        )
+        logger.info(f"encoded {len(dataset)} images into the latent cache {path}")
+        return str(path)
+    finally:
+        if distributed:
+            torch.distributed.barrier()
+
+
+def _cache_is_current(
+    path: str | os.PathLike, autoencoder_checkpoint: str | os.PathLike, labels: Sequence[str]
+) -> bool:
+    """Whether ``path`` holds a readable cache of this autoencoder checkpoint and label list (a damaged one is not)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged cache is rebuilt
+        return False
+    current = cached.get("autoencoder_fingerprint") == checkpoint_fingerprint(autoencoder_checkpoint)
+    if not (current and list(cached.get("label_names", [])) == list(labels)):
+        logger.info(f"latent cache {path} was made with another autoencoder checkpoint or labels; encoding again")
+        return False
+    return True
 
 
 class LatentDataset(Dataset):

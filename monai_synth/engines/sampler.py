@@ -2,25 +2,38 @@
 
 :func:`sample_latent_images` is one call of MONAI's ``LatentDiffusionInferer.sample`` with classifier-free guidance,
 made reproducible by seed without disturbing the caller's random state. :class:`LatentSampler` binds the trained
-pieces once and is itself the ``generate(n, seed, condition, **guidance) -> images`` callable that
-:func:`monai_synth.privacy.sampling.guarded_sample` drives.
+pieces once and is the :class:`Generator` that the sample grids and
+:func:`monai_synth.privacy.sampling.guarded_sample` drive.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from monai.inferers import LatentDiffusionInferer
 from monai.networks.schedulers import RFlowScheduler
+from monai.networks.utils import eval_mode
 
 from monai_synth.engines.diffusion import make_condition
-from monai_synth.engines.latents import ScaleFactor, _as_float, encode_labels
+from monai_synth.engines.latents import ScaleFactor, encode_labels, scale_factor_value
 from monai_synth.engines.utils import unwrap_model
 
-__all__ = ["sample_latent_images", "LatentSampler"]
+__all__ = ["Generator", "sample_latent_images", "LatentSampler"]
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """What every consumer of a trained model calls: the sample grids, guarded sampling and the release.
+
+    ``generate(n, seed, condition, **guidance)`` returns ``(n, C, *spatial)`` model-space images of ``condition`` (a
+    label name, a class id, or ``{"label": ..., <context key>: value}``); the same arguments give the same images.
+    ``guidance`` holds optional overrides such as ``guidance_scale`` and ``num_inference_steps``.
+    """
+
+    def __call__(self, n: int, seed: int, condition: Any, **guidance: Any) -> torch.Tensor: ...
 
 
 def _set_timesteps(scheduler: Any, num_inference_steps: int, latent_shape: Sequence[int], device: Any) -> None:
@@ -85,14 +98,11 @@ def sample_latent_images(
         condition = make_condition(labels, num_classes, context, as_sequence=context_as_sequence).to(device)
     cfg = None if guidance_scale is None or condition is None or float(guidance_scale) == 1.0 else float(guidance_scale)
     diffusion_model, autoencoder = unwrap_model(diffusion_model), unwrap_model(autoencoder)
-    inferer = LatentDiffusionInferer(scheduler=scheduler, scale_factor=_as_float(scale_factor))
+    inferer = LatentDiffusionInferer(scheduler=scheduler, scale_factor=scale_factor_value(scale_factor))
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     noise = torch.randn((batch, *latent_shape), generator=generator).to(device)
-    modes = (diffusion_model.training, autoencoder.training)
-    diffusion_model.eval()
-    autoencoder.eval()
     fork_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
-    try:
+    with eval_mode(diffusion_model, autoencoder):
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(int(seed))
             _set_timesteps(scheduler, int(num_inference_steps), latent_shape, device)
@@ -106,14 +116,11 @@ def sample_latent_images(
                 verbose=verbose,
                 cfg=cfg,
             )
-    finally:
-        diffusion_model.train(modes[0])
-        autoencoder.train(modes[1])
     return images
 
 
-class LatentSampler:
-    """The trained generator as a ``generate(n, seed, condition, **guidance) -> images`` callable.
+class LatentSampler(Generator):
+    """The trained latent diffusion model as a :class:`Generator`.
 
     Args:
         diffusion_model: the EMA diffusion network (the one to release samples from).

@@ -1,17 +1,21 @@
-"""Ignite handlers for monai_synth engines."""
+"""Ignite handlers for monai_synth engines: checkpoints, reseeding, EMA weights, scale factor, sample grids, safeguard."""
 
 from __future__ import annotations
 
-from .ema import EMAHandler
+from .checkpoint_saver import AtomicCheckpointSaver
+from .ema import EMAWeightsHandler
 from .privacy import PrivacySafeguardHandler
 from .sample_grid import SampleGridHandler, make_sample_grid, save_grid_png
 from .scale_factor import ScaleFactorHandler
+from .seed import IterationSeedHandler
 
 __all__ = [
+    "AtomicCheckpointSaver",
+    "EMAWeightsHandler",
+    "IterationSeedHandler",
     "PrivacySafeguardHandler",
-    "EMAHandler",
     "SampleGridHandler",
+    "ScaleFactorHandler",
     "make_sample_grid",
     "save_grid_png",
-    "ScaleFactorHandler",
 ]

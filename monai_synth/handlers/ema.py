@@ -15,11 +15,16 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from monai_synth.engines.utils import unwrap_model
 
-__all__ = ["EMAHandler"]
+__all__ = ["EMAWeightsHandler"]
 
 
-class EMAHandler:
+class EMAWeightsHandler:
     """Update ``ema_model <- decay * ema_model + (1 - decay) * model`` after every ``update_every`` iterations.
+
+    Not ignite's ``EMAHandler``: that one deep-copies the model inside the handler and counts its momentum warm-up
+    in handler-local state, so a bundle config could not hand the same EMA network to ``CheckpointSaver``,
+    ``CheckpointLoader`` and the sampler before the handler exists, and a resumed run would restart the warm-up. Here
+    the EMA network comes from the config and the warm-up is a function of ``engine.state.iteration`` alone.
 
     The effective decay warms up as ``min(decay, (1 + k) / (warmup_steps_scale + k))`` where ``k`` is the number of
     EMA updates so far, so early averages are not dominated by the random initialisation; ``k`` is derived from

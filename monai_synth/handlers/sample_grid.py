@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,6 +14,9 @@ from ignite.engine import Engine, Events
 from PIL import Image
 
 from monai_synth.atomic import atomic_file
+
+if TYPE_CHECKING:
+    from monai_synth.engines.sampler import Generator
 
 __all__ = ["SampleGridHandler", "make_sample_grid", "save_grid_png"]
 
@@ -65,7 +68,7 @@ class SampleGridHandler:
     the run of the ``mlflow_handler`` given), the PNG is logged as an artifact under ``artifact_path``.
 
     Args:
-        generate: ``generate(n, seed, condition) -> (n, C, *spatial)`` model-space images, e.g. ``LatentSampler``.
+        generate: the :class:`~monai_synth.engines.sampler.Generator` (e.g. ``LatentSampler``).
         labels: the class names (conditions) to show, one grid row each.
         output_dir: where the PNGs go.
         n_per_class: samples per class (grid columns).
@@ -79,7 +82,7 @@ class SampleGridHandler:
 
     def __init__(
         self,
-        generate: Callable[..., torch.Tensor],
+        generate: Generator,
         labels: Sequence[Any],
         output_dir: str | os.PathLike,
         n_per_class: int = 4,

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.utils import ensure_tuple_rep
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -44,7 +45,10 @@ _VALID_PATCHES = (1, 2, 4, 8)
 
 def _ensure_tuple(value: int | Sequence[int], dims: int, name: str) -> tuple[int, ...]:
     """Return ``value`` as a tuple of ``dims`` positive ints, or raise a ValueError naming ``name``."""
-    out = (int(value),) * dims if isinstance(value, (int, np.integer)) else tuple(int(v) for v in value)
+    try:
+        out = tuple(int(v) for v in ensure_tuple_rep(int(value) if isinstance(value, np.integer) else value, dims))
+    except ValueError:
+        out = ()
     if len(out) != dims or any(v < 1 for v in out):
         raise ValueError(f"{name} must be a positive int or a sequence of {dims} positive ints, got {value}.")
     return out
@@ -118,18 +122,36 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Learned embedding of integer class labels, with one extra row used as the null ("unconditional") class."""
+    """Learned embedding of integer class labels, with one extra row used as the null ("unconditional") class.
+
+    The label range is checked without a host synchronisation where that would cost one per step: on an accelerator
+    (or under ``torch.compile``) as an asynchronous device assertion, on the CPU as an immediate ``ValueError``.
+    """
 
     def __init__(self, num_classes: int, hidden_size: int) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
+    def _check(self, labels: torch.Tensor, batch: int) -> None:
+        if labels.dtype.is_floating_point or labels.shape != (batch,):
+            raise ValueError(
+                f"class_labels must be an integer tensor of shape ({batch},), got dtype {labels.dtype} "
+                f"and shape {tuple(labels.shape)}."
+            )
+        valid = ((labels >= -1) & (labels < self.num_classes)).all()
+        message = f"class_labels must be in [0, {self.num_classes}) (or -1 for the null class)"
+        if labels.device.type != "cpu" or torch.compiler.is_compiling():
+            torch._assert_async(valid, message)
+        elif not bool(valid):
+            raise ValueError(f"{message}, got values {labels.unique().tolist()}.")
+
     def forward(self, labels: torch.Tensor | None, drop: torch.Tensor | None, batch: int) -> torch.Tensor:
         if labels is None:
-            return self.embedding_table.weight[self.num_classes].unsqueeze(0).expand(batch, -1)
+            return self.embedding_table.weight[self.num_classes].unsqueeze(0).expand(batch, -1)  # (B, D)
+        self._check(labels, batch)
         null = labels < 0 if drop is None else (labels < 0) | drop
-        return self.embedding_table(torch.where(null, self.num_classes, labels))
+        return self.embedding_table(torch.where(null, self.num_classes, labels))  # (B, D)
 
 
 class ContextEmbedder(nn.Module):
@@ -142,16 +164,26 @@ class ContextEmbedder(nn.Module):
 
     def __init__(self, context_dim: int, hidden_size: int) -> None:
         super().__init__()
+        self.context_dim = context_dim
         self.mlp = nn.Sequential(nn.Linear(context_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
         self.null_embedding = nn.Parameter(torch.zeros(hidden_size))
 
     def forward(self, context: torch.Tensor | None, drop: torch.Tensor | None, batch: int) -> torch.Tensor:
         if context is None:
-            return self.null_embedding.unsqueeze(0).expand(batch, -1)
-        null = (context == -1).all(dim=1)
+            return self.null_embedding.unsqueeze(0).expand(batch, -1)  # (B, D)
+        if context.ndim == 3 and context.shape[1] == 1:
+            context = context.squeeze(1)  # MONAI's cross-attention form (B, 1, K) -> (B, K)
+        if not context.is_floating_point():
+            context = context.float()  # e.g. an integer one-hot vector
+        if context.ndim != 2 or context.shape[0] != batch or context.shape[1] != self.context_dim:
+            raise ValueError(
+                f"context must have shape ({batch}, {self.context_dim}) or ({batch}, 1, {self.context_dim}) "
+                f"(context_dim={self.context_dim}), got {tuple(context.shape)}."
+            )
+        null = (context == -1).all(dim=1)  # (B,)
         if drop is not None:
             null = null | drop
-        emb = self.mlp(context)
+        emb = self.mlp(context)  # (B, D)
         return torch.where(null.unsqueeze(1), self.null_embedding.to(emb.dtype), emb)
 
 
@@ -208,6 +240,7 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Linear(hidden_size, 6 * hidden_size)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, D) tokens; c: (B, D) SiLU of the condition -> six (B, D) modulations
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
         return torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
@@ -223,8 +256,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Linear(hidden_size, 2 * hidden_size)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, D) each
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, D) -> (B, T, prod(patch) * C)
 
 
 class DiffusionTransformer(nn.Module):
@@ -407,42 +440,19 @@ class DiffusionTransformer(nn.Module):
     def _condition(
         self, batch: int, device: torch.device, context: torch.Tensor | None, class_labels: torch.Tensor | None
     ) -> torch.Tensor:
-        """Sum of the label and context embeddings (zeros when the network has neither)."""
-        drop = None
+        """Sum of the label and context embeddings, ``(B, D)`` (zeros when the network has neither)."""
+        if class_labels is not None and self.y_embedder is None:
+            raise ValueError("class_labels were given but the network was built with num_classes=None.")
+        if context is not None and self.c_embedder is None:
+            raise ValueError("context was given but the network was built with context_dim=None.")
+        drop = None  # (B,) rows trained with the null condition, for classifier-free guidance
         if self.training and self.class_dropout_prob > 0:
             drop = torch.rand(batch, device=device) < self.class_dropout_prob
         cond = torch.zeros(1, self.hidden_size, device=device)
         if self.y_embedder is not None:
-            if class_labels is not None:
-                if class_labels.dtype.is_floating_point or class_labels.shape != (batch,):
-                    raise ValueError(
-                        f"class_labels must be an integer tensor of shape ({batch},), got dtype {class_labels.dtype} "
-                        f"and shape {tuple(class_labels.shape)}."
-                    )
-                if not torch.compiler.is_compiling() and (
-                    bool((class_labels < -1).any()) or bool((class_labels >= self.num_classes).any())
-                ):
-                    raise ValueError(
-                        f"class_labels must be in [0, {self.num_classes}) (or -1 for the null class), got values "
-                        f"{class_labels.unique().tolist()}."
-                    )
             cond = cond + self.y_embedder(class_labels, drop, batch)
-        elif class_labels is not None:
-            raise ValueError("class_labels were given but the network was built with num_classes=None.")
         if self.c_embedder is not None:
-            if context is not None:
-                if context.ndim == 3 and context.shape[1] == 1:
-                    context = context.squeeze(1)
-                if not context.is_floating_point():
-                    context = context.float()  # e.g. an integer one-hot vector
-                if context.ndim != 2 or context.shape[0] != batch or context.shape[1] != self.context_dim:
-                    raise ValueError(
-                        f"context must have shape ({batch}, {self.context_dim}) or ({batch}, 1, {self.context_dim}) "
-                        f"(context_dim={self.context_dim}), got {tuple(context.shape)}."
-                    )
             cond = cond + self.c_embedder(context, drop, batch)
-        elif context is not None:
-            raise ValueError("context was given but the network was built with context_dim=None.")
         return cond
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -484,13 +494,14 @@ class DiffusionTransformer(nn.Module):
         """
         self._check_input(x)
         batch = x.shape[0]
-        t = self._timesteps(timesteps, batch, x.device)
-        c = self.t_embedder(t) + self._condition(batch, x.device, context, class_labels)
+        t = self._timesteps(timesteps, batch, x.device)  # (B,)
+        c = self.t_embedder(t) + self._condition(batch, x.device, context, class_labels)  # (B, D)
         c = F.silu(c)  # the SiLU that starts every adaLN_modulation, computed once
-        h = self.x_embedder(x) + self.pos_embed
+        h = self.x_embedder(x) + self.pos_embed  # (B, T, D), T = prod(input_size / patch_size)
         for block in self.blocks:
             if self.use_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, use_reentrant=False)
+                h = checkpoint(block, h, c, use_reentrant=False)  # (B, T, D)
             else:
-                h = block(h, c)
-        return self.unpatchify(self.final_layer(h, c))
+                h = block(h, c)  # (B, T, D)
+        h = self.final_layer(h, c)  # (B, T, prod(patch_size) * out_channels)
+        return self.unpatchify(h)  # (B, out_channels, *input_size)

@@ -24,16 +24,11 @@ from monai.transforms import (
     ResizeWithPadOrCropd,
     Spacingd,
 )
+from monai.utils import ensure_tuple_rep, instantiate, look_up_option
 
 from monai_synth.data.loading import FileTypeReader
 from monai_synth.data.modalities import get_modality
-from monai_synth.transforms.array import (
-    CTWindow,
-    IntensityScale,
-    MRIPercentileScale,
-    PETSUVScale,
-    UltrasoundGreyScale,
-)
+from monai_synth.transforms.array import IntensityScale
 from monai_synth.transforms.dictionary import IntensityScaled
 
 __all__ = [
@@ -45,7 +40,7 @@ __all__ = [
     "EnsureSpatialDimsd",
 ]
 
-_INTENSITY = {"ct": CTWindow, "mri": MRIPercentileScale, "pet": PETSUVScale, "us": UltrasoundGreyScale}
+RESIZE_MODES = ("pad_crop", "resize")
 
 #: Model-space value of "no signal" (air in CT, background in MRI / PET, black in ultrasound); padding uses it.
 BACKGROUND = -1.0
@@ -86,16 +81,17 @@ class EnsureSpatialDimsd(MapTransform):
 def intensity_transform(modality: str, **kwargs: Any) -> IntensityScale:
     """The invertible array intensity transform of a modality.
 
+    The class is the one the modality table names (``Modality.intensity``), e.g. ``CTWindow`` for CT.
+
     Args:
-        modality: ``ct`` (:class:`CTWindow`), ``mri`` (:class:`MRIPercentileScale`), ``pet`` (:class:`PETSUVScale`)
-            or ``us`` (:class:`UltrasoundGreyScale`).
+        modality: a key of :data:`monai_synth.data.modalities.MODALITIES`.
         kwargs: arguments of that transform (e.g. ``window_min=-200`` for CT, ``reference=(lo, hi)`` for MRI so
             generated images can be inverted).
 
     Returns:
         The transform; ``transform.inverse(model_images)`` gives physical units back.
     """
-    return _INTENSITY[get_modality(modality).name](**kwargs)
+    return instantiate(get_modality(modality).intensity, "default", **kwargs)
 
 
 def intensity_transformd(modality: str, keys: Sequence[str] = ("image",), **kwargs: Any) -> IntensityScaled:
@@ -104,10 +100,10 @@ def intensity_transformd(modality: str, keys: Sequence[str] = ("image",), **kwar
 
 
 def _size_tuple(spatial_size: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
-    if isinstance(spatial_size, int):
-        size = (int(spatial_size),) * spatial_dims
-    else:
-        size = tuple(int(s) for s in spatial_size)
+    try:
+        size = tuple(int(s) for s in ensure_tuple_rep(spatial_size, spatial_dims))
+    except ValueError:
+        size = ()
     if len(size) != spatial_dims or min(size) < 1:
         raise ValueError(f"spatial_size must be a positive int or {spatial_dims} positive ints, got {spatial_size}")
     return size
@@ -122,6 +118,7 @@ def modality_transforms(
     resize: str = "pad_crop",
     intensity_kwargs: Mapping[str, Any] | None = None,
     load: bool = True,
+    intensity: IntensityScale | None = None,
 ) -> Compose:
     """Build the loading chain of a modality as a MONAI ``Compose``.
 
@@ -141,6 +138,8 @@ def modality_transforms(
             ``spatial_size`` (area for 2D, trilinear for 3D).
         intensity_kwargs: arguments of the intensity transform (see :func:`intensity_transform`).
         load: include ``LoadImaged`` + ``EnsureChannelFirstd``; set False when the records already hold arrays.
+        intensity: the intensity transform to use, e.g. the one object whose ``inverse`` also exports the generated
+            images (a bundle builds it once); ``None`` builds the modality's with ``intensity_kwargs``.
 
     Returns:
         ``monai.transforms.Compose``.
@@ -150,8 +149,12 @@ def modality_transforms(
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     if spatial_dims not in mod.spatial_dims:
         raise ValueError(f"{mod.name} supports spatial_dims {list(mod.spatial_dims)}, got {spatial_dims}")
-    if resize not in ("pad_crop", "resize"):
-        raise ValueError(f"resize must be 'pad_crop' or 'resize', got {resize!r}")
+    try:
+        resize = look_up_option(resize, RESIZE_MODES)
+    except ValueError as e:
+        raise ValueError(f"resize: {e}") from None
+    if intensity is not None and intensity_kwargs:
+        raise ValueError("pass either an intensity transform or intensity_kwargs to build one, not both")
     size = _size_tuple(spatial_size, spatial_dims)
     keys = tuple(keys)
     xforms: list = []
@@ -167,7 +170,9 @@ def modality_transforms(
             if len(pixdim) != 3:
                 raise ValueError(f"pixdim must have 3 values for 3D volumes, got {pixdim}")
             xforms.append(Spacingd(keys, pixdim=tuple(float(p) for p in pixdim), mode="bilinear"))
-    xforms.append(IntensityScaled(keys, intensity_transform(mod.name, **dict(intensity_kwargs or {}))))
+    if intensity is None:
+        intensity = intensity_transform(mod.name, **dict(intensity_kwargs or {}))
+    xforms.append(IntensityScaled(keys, intensity))
     if resize == "pad_crop":
         xforms.append(ResizeWithPadOrCropd(keys, spatial_size=size, mode="constant", value=BACKGROUND))
     else:

@@ -11,6 +11,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +20,9 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from monai_synth import bundle_utils
+from monai_synth import workflows
 from monai_synth.data.datalist import DatalistError
+from monai_synth.data.preparation import load_splits, prepare_datalist
 from monai_synth.engines.checkpoint import CheckpointMetadata, CheckpointMismatchError
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "breast_us_ldit"
@@ -57,7 +60,7 @@ def _causes(err: BaseException) -> list[BaseException]:
 
 def _workflow(stage: str, overrides: dict, workflow_type: str | None = "train") -> ConfigWorkflow:
     return ConfigWorkflow(
-        config_file=bundle_utils.stage_config_files(BUNDLE, stage),
+        config_file=workflows.stage_config_files(BUNDLE, stage),
         meta_file=str(BUNDLE / "configs" / "metadata.json"),
         logging_file=False,
         workflow_type=workflow_type,
@@ -74,13 +77,13 @@ def chain(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         overrides = _quickstart_overrides()
-        outputs = bundle_utils.run_quickstart(BUNDLE, out, overrides=overrides, threads=1)
+        outputs = workflows.run_quickstart(BUNDLE, out, overrides=overrides, threads=1)
         # a copy of the finished quickstart, for re-running the release stage: the resume below and the tests that
         # re-initialise stages on `out` replace its autoencoder and latent cache
         snapshot = tmp_path_factory.mktemp("quickstart_snapshot")
         shutil.copytree(out, snapshot, dirs_exist_ok=True)
         # then resume the autoencoder stage for one more epoch on the same folder
-        resumed = bundle_utils.run_stage(
+        resumed = workflows.run_stage(
             BUNDLE,
             "autoencoder",
             overrides={**overrides, "output_dir": str(out), "dataset_dir": None, "ae_max_epochs": 3},
@@ -99,9 +102,7 @@ def chain(tmp_path_factory):
 def cohort(tmp_path_factory):
     """A small phantom cohort (datalist path) for the bad-input tests."""
     out = tmp_path_factory.mktemp("cohort")
-    return bundle_utils.prepare_datalist(
-        None, out, "us", phantom_patients=10, phantom_images_per_patient=2, phantom_size=32
-    )
+    return prepare_datalist(None, out, "us", phantom_patients=10, phantom_images_per_patient=2, phantom_size=32)
 
 
 def _mlflow_runs(uri: str) -> list:
@@ -116,7 +117,7 @@ def _mlflow_runs(uri: str) -> list:
 @pytest.mark.slow
 def test_quickstart_writes_the_documented_layout(chain):
     out = chain["out"]
-    for what, where in bundle_utils.quickstart_outputs(out).items():
+    for what, where in workflows.quickstart_outputs(out).items():
         if what == "MLflow store":
             continue
         assert Path(where).exists(), f"{what} missing at {where}"
@@ -203,7 +204,7 @@ def test_diffusion_stage_has_every_required_bundle_property(chain):
 def test_quickstart_config_overrides_only_ids_the_stages_define():
     parser = ConfigParser.load_config_file(str(BUNDLE / "configs" / "quickstart.yaml"))
     stage_ids = set()
-    for name in bundle_utils.STAGES["sample"]:
+    for name in {name for files in workflows.STAGES.values() for name in files}:
         stage_ids |= set(ConfigParser.load_config_file(str(BUNDLE / "configs" / name)))
     unknown = sorted(set(parser["overrides"]) - stage_ids)
     assert not unknown, f"quickstart overrides ids no stage config defines: {unknown}"
@@ -215,7 +216,7 @@ def test_metadata_describes_us_and_both_networks():
     assert meta["modality"] == "US"
     assert meta["schema"].startswith("https://github.com/Project-MONAI/")
     assert meta["version"] in meta["changelog"]
-    assert meta["network_data_format"]["inputs"]["class_labels"]["value_range"] == [0, len(LABELS) - 1]
+    assert meta["network_data_format"]["inputs"]["context"]["num_channels"] == len(LABELS)
     assert meta["autoencoder_data_format"]["inputs"]["image"]["num_channels"] == 1
 
 
@@ -276,26 +277,13 @@ def test_checkpoint_of_another_modality_is_refused_before_training(tmp_path, coh
     assert not (tmp_path / "latents").exists()
 
 
-def test_check_spatial_size_names_a_size_that_works():
-    assert bundle_utils.check_spatial_size([256, 256], [64, 128, 256, 256], patch_size=2) == (32, 32)
-    with pytest.raises(ValueError, match="multiple of 16"):
-        bundle_utils.check_spatial_size([250, 256], [64, 128, 256, 256], patch_size=2)
-
-
-def test_latest_checkpoint_prefers_the_highest_epoch(tmp_path):
-    assert bundle_utils.latest_checkpoint(tmp_path / "none") == ""
-    for name in ("checkpoint_epoch=2.pt", "checkpoint_epoch=10.pt", "autoencoder.pt"):
-        (tmp_path / name).write_bytes(b"x")
-    assert Path(bundle_utils.latest_checkpoint(tmp_path, "checkpoint")).name == "checkpoint_epoch=10.pt"
-
-
 @pytest.mark.slow
 def test_monai_tracking_option_adds_its_handler_to_the_same_run(chain):
     overrides = {**chain["overrides"], "output_dir": str(chain["out"]), "dataset_dir": None, "ae_max_epochs": 4}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", chain["uri"])
         workflow = ConfigWorkflow(
-            config_file=bundle_utils.stage_config_files(BUNDLE, "autoencoder"),
+            config_file=workflows.stage_config_files(BUNDLE, "autoencoder"),
             logging_file=False,
             tracking="mlflow",
             bundle_root=str(BUNDLE),
@@ -332,7 +320,7 @@ def test_embedding_space_is_trained_on_the_bundles_train_split(chain):
     from monai_synth.privacy.embedding import EmbeddingSpace
 
     overrides = _sample_overrides(chain, "release_embedding", privacy_spaces=["pixel:none", "embedding"])
-    bundle_utils.run_stage(BUNDLE, "sample", overrides={**overrides, "embedding_epochs": 1})
+    workflows.run_stage(BUNDLE, "sample", overrides={**overrides, "embedding_epochs": 1})
     release = chain["snapshot"] / "release_embedding"
     certificate = json.loads((release / "certificate.json").read_text())
     weights = chain["snapshot"] / "models" / "embedding.pt"
@@ -362,7 +350,7 @@ def test_embedding_weights_trained_on_other_data_are_refused(chain, tmp_path):
         chain, "release_other", privacy_spaces=["embedding"], embedding_weights=str(tmp_path / "other.pt")
     )
     with pytest.raises(Exception) as info:
-        bundle_utils.run_stage(BUNDLE, "sample", overrides=overrides)
+        workflows.run_stage(BUNDLE, "sample", overrides=overrides)
     refused = [e for e in _causes(info.value) if isinstance(e, EmbeddingWeightsError)]
     assert refused and "trained on data with fingerprint" in str(refused[0])
     assert not (chain["snapshot"] / "release_other").exists()
@@ -414,7 +402,7 @@ def _rewrite_datalist(cohort: str, dest: Path, replace: dict[str, str]) -> Path:
 def test_non_image_dicom_in_the_holdout_stops_stage1_before_training(tmp_path, cohort):
     from pydicom.data import get_testdata_file
 
-    holdout = bundle_utils.load_splits(cohort, LABELS)["holdout"][0]["image"]
+    holdout = load_splits(cohort, LABELS)["holdout"][0]["image"]
     dose = tmp_path / "dose.dcm"
     shutil.copy(get_testdata_file("rtdose.dcm"), dose)
     datalist = _rewrite_datalist(cohort, tmp_path / "datalist.csv", {holdout: str(dose)})
@@ -455,10 +443,110 @@ def test_release_on_another_dataset_is_refused_naming_both_fingerprints(chain, c
 
     trained = torch.load(chain["snapshot"] / "models" / "autoencoder" / "autoencoder.pt", weights_only=True)
     trained = trained["metadata"]["training_split"]
-    other = content_fingerprint(bundle_utils.load_splits(cohort, LABELS)["train"])
+    other = content_fingerprint(load_splits(cohort, LABELS)["train"])
     overrides = _sample_overrides(chain, "release_other_data", datalist=cohort)
     with pytest.raises(Exception) as info:
-        bundle_utils.run_stage(BUNDLE, "sample", overrides=overrides, workflow_type=None)
+        workflows.run_stage(BUNDLE, "sample", overrides=overrides)
     refused = [e for e in _causes(info.value) if isinstance(e, CheckpointMismatchError)]
     assert refused and trained in str(refused[0]) and other in str(refused[0]) and trained != other
     assert not (chain["snapshot"] / "release_other_data").exists()
+
+
+@pytest.mark.slow
+def test_dataset_dir_none_on_the_monai_command_line_trains_on_a_phantom_cohort(tmp_path):
+    # `python -m monai.bundle run` drops None-valued overrides, so `--dataset_dir None` must mean what the default means
+    small = {
+        "spatial_size": "[32,32]",
+        "phantom_patients": 10,
+        "autoencoder_channels": "[8,16]",
+        "autoencoder_norm_groups": 8,
+        "autoencoder_res_blocks": 1,
+        "latent_channels": 2,
+        "patch_size": 4,
+        "ae_max_epochs": 1,
+        "ae_batch_size": 8,
+        "adv_weight": 0.0,
+        "mlflow": "false",
+        "device": "cpu",
+    }
+    args = [f"--{k}={v}" for k, v in small.items()]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/common.yaml','configs/train_autoencoder.yaml']",
+        "--bundle_root",
+        ".",
+        "--output_dir",
+        str(tmp_path),
+        "--dataset_dir",
+        "None",
+        *args,
+    ]
+    # the package under test, also when another copy is installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BUNDLE.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "phantom_cohort" / "datalist.csv").is_file()
+    assert (tmp_path / "models" / "autoencoder" / "autoencoder.pt").is_file()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_one_multi_gpu_overlay_serves_both_training_stages(chain, tmp_path, monkeypatch):
+    # a one-process gloo group on CPU: the overlay's DDP wrapping, samplers and process group, not the speed-up
+    import ignite.distributed as idist
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DistributedSampler
+
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+    }.items():
+        monkeypatch.setenv(key, value)
+    small = {k: v for k, v in chain["overrides"].items() if k != "device"}  # the overlay picks the device
+    runs = {
+        "autoencoder": {
+            **small,
+            "output_dir": str(tmp_path),
+            "dataset_dir": None,
+            "ae_max_epochs": 1,
+            "mlflow": False,
+        },
+        "diffusion": {**small, "output_dir": str(chain["snapshot"]), "dataset_dir": None, "mlflow": False},
+    }
+    for stage, overrides in runs.items():
+        workflow = ConfigWorkflow(
+            config_file=workflows.stage_config_files(BUNDLE, stage, multi_gpu=True),
+            logging_file=False,
+            workflow_type="train",
+            bundle_root=str(BUNDLE),
+            **overrides,
+        )
+        workflow.initialize()
+        try:
+            assert dist.is_initialized()
+            assert workflow.check_properties() == []
+            trainer = workflow.parser.get_parsed_content("train#trainer")
+            assert isinstance(trainer.network, DistributedDataParallel)
+            assert isinstance(trainer.data_loader.sampler, DistributedSampler)
+            if stage == "autoencoder":
+                workflow.run()
+                assert (tmp_path / "models" / "autoencoder" / "autoencoder.pt").is_file()
+        finally:
+            workflow.finalize()
+        assert not dist.is_initialized()
+        assert idist.model_name() == "serial"  # Ignite's metrics no longer gather across a finished group

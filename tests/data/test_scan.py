@@ -12,11 +12,11 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from monai_synth.bundle_utils import load_splits
 from monai_synth.cli import main
 from monai_synth.data.datalist import DatalistError, load_datalist
 from monai_synth.data.loading import load_image
 from monai_synth.data.phantoms import write_cohort
+from monai_synth.data.preparation import load_splits
 from monai_synth.data.scan import scan_folder
 
 CT = ["normal", "nodule"]

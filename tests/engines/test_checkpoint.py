@@ -2,31 +2,28 @@
 
 from __future__ import annotations
 
-import pickle
+from pathlib import Path
 
 import pytest
 import torch
 from engine_helpers import LABELS, make_autoencoder, make_discriminator, make_dit, make_images
-from ignite.engine import Engine, Events
+from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.handlers import CheckpointLoader, LrScheduleHandler, StatsHandler
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import RFlowScheduler
 from torch.utils.data import DataLoader
 
-from monai_synth.bundle_utils import latest_checkpoint
 from monai_synth.engines import (
-    AtomicCheckpointSaver,
     AutoencoderKLTrainer,
     CheckpointMetadata,
     CheckpointMismatchError,
-    IterationSeedHandler,
     RectifiedFlowPrepareBatch,
     ScaleFactor,
-    checkpoint_fingerprint,
     load_checkpoint,
 )
-from monai_synth.handlers import EMAHandler, ScaleFactorHandler
+from monai_synth.engines.checkpoint import latest_checkpoint
+from monai_synth.handlers import AtomicCheckpointSaver, EMAWeightsHandler, IterationSeedHandler, ScaleFactorHandler
 
 META = {"bundle": "breast_us_ldit", "modality": "us", "labels": LABELS, "spatial_size": 16}
 
@@ -41,54 +38,6 @@ def _interrupt_at_epoch(trainer, epoch):
             raise _Interrupt
 
     trainer.add_event_handler(Events.EPOCH_STARTED, _raise)
-
-
-class _Unpicklable:
-    def __reduce__(self):
-        raise RuntimeError("disk full")
-
-
-class _Breakable(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.broken = False
-
-    def state_dict(self, *args, **kwargs):
-        return {"x": _Unpicklable()} if self.broken else {"x": torch.ones(1)}
-
-
-def test_saver_is_atomic_and_a_failed_write_keeps_the_previous_file(tmp_path):
-    obj = _Breakable()
-    saver = AtomicCheckpointSaver(str(tmp_path), {"obj": obj}, save_final=True, final_filename="final.pt")
-    saver.completed(_engine_at(1))
-    good = checkpoint_fingerprint(tmp_path / "final.pt")
-    obj.broken = True
-    with pytest.raises((RuntimeError, pickle.PicklingError)):
-        saver.completed(_engine_at(2))
-    assert checkpoint_fingerprint(tmp_path / "final.pt") == good
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt"], "temporary file left behind"
-
-
-def test_interval_checkpoint_is_replaced_only_after_its_successor_is_written(tmp_path):
-    obj = _Breakable()
-    saver = AtomicCheckpointSaver(
-        str(tmp_path), {"obj": obj, "meta": CheckpointMetadata(**META)}, save_interval=1, n_saved=1, epoch_level=True
-    )
-    saver.interval_completed(_engine_at(1, epoch=1))
-    obj.broken = True
-    with pytest.raises((RuntimeError, pickle.PicklingError)):
-        saver.interval_completed(_engine_at(2, epoch=2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=1.pt"]
-    obj.broken = False
-    saver.interval_completed(_engine_at(3, epoch=3))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=3.pt"]
-
-
-def _engine_at(iteration, epoch=1):
-    engine = Engine(lambda e, b: None)
-    engine.state.iteration = iteration
-    engine.state.epoch = epoch
-    return engine
 
 
 def test_metadata_mismatch_is_refused_before_any_iteration(tmp_path):
@@ -198,7 +147,7 @@ def _dit_run(tmp_path, max_epochs, seed, resume_from=None, interrupt_at=None):
         inferer=DiffusionInferer(scheduler),
         train_handlers=[
             IterationSeedHandler(1),
-            EMAHandler(net, ema, decay=0.9),
+            EMAWeightsHandler(net, ema, decay=0.9),
             LrScheduleHandler(lr, print_lr=False),
         ],
         decollate=False,
@@ -344,3 +293,10 @@ def test_ctrl_c_saves_a_checkpoint_the_rerun_resumes_from(tmp_path):
     # iteration 6 is run again (it was interrupted before its optimiser step); mid-epoch, Ignite restarts the data
     # iterator, so only epoch-level resumes replay the exact batches (see IterationSeedHandler)
     assert started == [6] and (run / "autoencoder.pt").is_file()
+
+
+def test_latest_checkpoint_prefers_the_highest_epoch(tmp_path):
+    assert latest_checkpoint(tmp_path / "none") == ""
+    for name in ("checkpoint_epoch=2.pt", "checkpoint_epoch=10.pt", "autoencoder.pt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert Path(latest_checkpoint(tmp_path, "checkpoint")).name == "checkpoint_epoch=10.pt"

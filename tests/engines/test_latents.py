@@ -10,7 +10,6 @@ from monai.data import MetaTensor
 from torch.utils.data import DataLoader
 
 from monai_synth.engines import (
-    AtomicCheckpointSaver,
     AutoencoderKLTrainer,
     CheckpointMetadata,
     LatentDataset,
@@ -20,7 +19,7 @@ from monai_synth.engines import (
     encode_labels,
     load_checkpoint,
 )
-from monai_synth.handlers import ScaleFactorHandler
+from monai_synth.handlers import AtomicCheckpointSaver, ScaleFactorHandler
 
 
 def _heterogeneous_loader():

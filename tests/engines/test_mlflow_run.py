@@ -10,8 +10,9 @@ from ignite.engine import Events
 from monai.handlers import CheckpointLoader, MLFlowHandler, StatsHandler
 from torch.utils.data import DataLoader
 
-from monai_synth.bundle_utils import latest_checkpoint
-from monai_synth.engines import AtomicCheckpointSaver, AutoencoderKLTrainer, IterationSeedHandler
+from monai_synth.engines import AutoencoderKLTrainer
+from monai_synth.engines.checkpoint import latest_checkpoint
+from monai_synth.handlers import AtomicCheckpointSaver, IterationSeedHandler
 from monai_synth.handlers.mlflow_run import MLflowRunLink
 
 

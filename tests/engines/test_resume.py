@@ -12,9 +12,10 @@ from ignite.engine import Events
 from monai.handlers import CheckpointLoader
 from torch.utils.data import DataLoader
 
-from monai_synth.bundle_utils import latest_checkpoint
-from monai_synth.engines import AtomicCheckpointSaver, AutoencoderKLTrainer, IterationSeedHandler
+from monai_synth.engines import AutoencoderKLTrainer
+from monai_synth.engines.checkpoint import latest_checkpoint
 from monai_synth.engines.resume import ResumeMismatchError, TrainingParams, remove_leftovers
+from monai_synth.handlers import AtomicCheckpointSaver, IterationSeedHandler
 
 
 def _run(tmp_path, max_epochs, lr=1e-3, batch_size=2, apply="refuse", resume=False):

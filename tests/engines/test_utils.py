@@ -7,8 +7,9 @@ from engine_helpers import LABELS, make_autoencoder, make_dit, make_images
 from monai.networks.schedulers import DDIMScheduler
 from torch.utils.data import DataLoader
 
-from monai_synth.engines import LatentSampler, ReconstructionInferer, compute_scale_factor, unwrap_model
-from monai_synth.handlers import EMAHandler
+from monai_synth.engines import LatentSampler, compute_scale_factor, unwrap_model
+from monai_synth.handlers import EMAWeightsHandler
+from monai_synth.inferers import ReconstructionInferer
 
 
 def test_wrapped_networks_behave_like_the_inner_ones():
@@ -21,7 +22,7 @@ def test_wrapped_networks_behave_like_the_inner_ones():
     with torch.no_grad():
         torch.testing.assert_close(ReconstructionInferer()(x, wrapped_ae), ae.reconstruct(x))
     ema = make_dit(seed=5)
-    EMAHandler(wrapped_dit, torch.nn.DataParallel(ema), decay=0.5)
+    EMAWeightsHandler(wrapped_dit, torch.nn.DataParallel(ema), decay=0.5)
     torch.testing.assert_close(next(ema.parameters()), next(dit.parameters()))
 
     def sampler(d, a):

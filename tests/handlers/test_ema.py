@@ -6,7 +6,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from monai_synth.handlers import EMAHandler
+from monai_synth.handlers import EMAWeightsHandler
 
 
 def _net(seed: int) -> torch.nn.Module:
@@ -22,7 +22,7 @@ def _perturb(model: torch.nn.Module, scale: float = 0.1) -> None:
 
 def test_ema_starts_as_a_copy_and_follows_the_update_rule():
     model, ema = _net(0), _net(1)
-    handler = EMAHandler(model, ema, decay=0.9, warmup=False)
+    handler = EMAWeightsHandler(model, ema, decay=0.9, warmup=False)
     for a, b in zip(model.state_dict().values(), ema.state_dict().values()):
         torch.testing.assert_close(a, b)
     assert not ema.training and not any(p.requires_grad for p in ema.parameters())
@@ -41,12 +41,12 @@ def test_ema_starts_as_a_copy_and_follows_the_update_rule():
 
 
 def test_warmup_and_start_iteration():
-    handler = EMAHandler(_net(0), _net(1), decay=0.999, warmup=True, start_iteration=2)
+    handler = EMAWeightsHandler(_net(0), _net(1), decay=0.999, warmup=True, start_iteration=2)
     assert handler.current_decay(1) == 0.0 and handler.current_decay(2) == 0.0
     assert handler.current_decay(3) == pytest.approx(1 / 10)
     assert handler.current_decay(4) == pytest.approx(2 / 11)
     assert handler.current_decay(100_000) == pytest.approx(0.999)
-    assert EMAHandler(_net(0), _net(1), decay=0.5, warmup=False).current_decay(1) == 0.5
+    assert EMAWeightsHandler(_net(0), _net(1), decay=0.5, warmup=False).current_decay(1) == 0.5
 
 
 def test_update_every_n_iterations_from_an_engine():
@@ -56,7 +56,7 @@ def test_update_every_n_iterations_from_an_engine():
         _perturb(model)
 
     engine = Engine(step)
-    handler = EMAHandler(model, ema, decay=0.5, warmup=False, update_every=2)
+    handler = EMAWeightsHandler(model, ema, decay=0.5, warmup=False, update_every=2)
     handler.attach(engine)
     snapshots = []
     engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: snapshots.append(ema[0].weight.detach().clone()))
@@ -68,7 +68,7 @@ def test_update_every_n_iterations_from_an_engine():
 
 def test_state_round_trips_as_a_module(tmp_path):
     model, ema = _net(0), _net(1)
-    handler = EMAHandler(model, ema, decay=0.8, warmup=False)
+    handler = EMAWeightsHandler(model, ema, decay=0.8, warmup=False)
     _perturb(model)
     handler.update(0.8)
     torch.save({"ema": ema.state_dict()}, tmp_path / "c.pt")
@@ -81,8 +81,8 @@ def test_state_round_trips_as_a_module(tmp_path):
 def test_argument_checks():
     model = _net(0)
     with pytest.raises(ValueError, match="separate copy"):
-        EMAHandler(model, model)
+        EMAWeightsHandler(model, model)
     with pytest.raises(ValueError, match="decay"):
-        EMAHandler(model, _net(1), decay=1.0)
+        EMAWeightsHandler(model, _net(1), decay=1.0)
     with pytest.raises(ValueError, match="update_every"):
-        EMAHandler(model, _net(1), update_every=0)
+        EMAWeightsHandler(model, _net(1), update_every=0)

@@ -362,3 +362,16 @@ def test_forward_traces_without_graph_breaks():
     x = torch.randn(2, 3, 8, 8)
     explanation = torch._dynamo.explain(net)(x, torch.tensor([1.0]), context=torch.eye(2), class_labels=None)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_the_embedders_validate_their_own_inputs():
+    from monai_synth.networks.dit import ContextEmbedder, LabelEmbedder
+
+    labels = LabelEmbedder(num_classes=3, hidden_size=8)
+    assert labels(torch.tensor([0, -1, 2]), None, 3).shape == (3, 8)
+    with pytest.raises(ValueError, match=r"class_labels must be in \[0, 3\)"):
+        labels(torch.tensor([0, 3]), None, 2)
+    context = ContextEmbedder(context_dim=3, hidden_size=8)
+    assert context(torch.eye(3).unsqueeze(1).long(), None, 3).shape == (3, 8)  # (B, 1, K) integer one-hot
+    with pytest.raises(ValueError, match="context must have shape"):
+        context(torch.zeros(2, 4), None, 2)

@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from monai.utils import ensure_tuple_rep
 
 from monai_synth.data.modalities import get_modality
 from monai_synth.data.phantoms._base import ANATOMY, LESION, STUDY, PhantomModel, patient_rng
@@ -37,9 +38,12 @@ def _check_args(
             f"spatial_dims={spatial_dims} is not available for {mod.name} phantoms; "
             f"use spatial_dims in {list(mod.spatial_dims)}"
         )
-    size = (int(spatial_size),) * spatial_dims if np.isscalar(spatial_size) else tuple(int(s) for s in spatial_size)
-    if len(size) != spatial_dims:
-        raise ValueError(f"spatial_size {tuple(size)} has {len(size)} axes but spatial_dims={spatial_dims}")
+    scalar = np.isscalar(spatial_size)
+    if not scalar and len(spatial_size) != spatial_dims:
+        raise ValueError(
+            f"spatial_size {tuple(spatial_size)} has {len(spatial_size)} axes but spatial_dims={spatial_dims}"
+        )
+    size = tuple(int(s) for s in ensure_tuple_rep(int(spatial_size) if scalar else spatial_size, spatial_dims))
     if min(size) < 4:
         raise ValueError(f"spatial_size must be at least 4 along every axis, got {tuple(size)}")
     return mod.name, size

@@ -1,0 +1,274 @@
+"""The bundle's release stage: calibrate the privacy safeguard, sample every class through it, write the release.
+
+The judge-write-certify path itself lives in :mod:`monai_synth.privacy` (the safeguard, guarded sampling and the
+atomic release writer, also used by ``monai-synth guard``); this module is the bundle-side orchestration around it:
+the bundle's datasets and records in, an optional re-identification embedding trained on the bundle's own train
+split, a sample grid of what was released, and the MLflow record of the release.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from monai_synth.data.datalist import datalist_fingerprint
+from monai_synth.engines.checkpoint import checkpoint_fingerprint
+from monai_synth.engines.sampler import Generator
+from monai_synth.handlers.sample_grid import make_sample_grid, save_grid_png
+from monai_synth.privacy.embedding import train_embedding
+from monai_synth.privacy.guard import make_space, space_name
+from monai_synth.privacy.release import GuardedRelease, ReleaseEncoder
+from monai_synth.privacy.safeguard import PrivacySafeguard, build_safeguard
+from monai_synth.privacy.sampling import guarded_sample
+from monai_synth.tracking import log_release
+
+__all__ = ["calibrated_safeguard", "guarded_release", "release_grid"]
+
+logger = logging.getLogger(__name__)
+
+
+class _ImageBatches:
+    """Re-iterable batches of a MONAI dataset's images as plain float tensors ``(B, C, *spatial)``, in order."""
+
+    def __init__(self, dataset: Any, batch_size: int = 64) -> None:
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.dataset), self.batch_size):
+            stop = min(start + self.batch_size, len(self.dataset))
+            yield torch.stack(
+                [
+                    torch.as_tensor(self.dataset[i]["image"]).as_subclass(torch.Tensor).float()
+                    for i in range(start, stop)
+                ]
+            )
+
+
+def _train_split_embedding(
+    train: _ImageBatches,
+    train_records: Sequence[Mapping[str, Any]],
+    spatial_dims: int,
+    data_fingerprint: str,
+    epochs: int,
+    seed: int,
+    out: str | os.PathLike | None,
+) -> Any:
+    """Train the re-identification embedding on the bundle's own train split, so it has seen every training patient."""
+    logger.info(f"training the re-identification embedding on {len(train_records)} training images ({epochs} epochs)")
+    space = train_embedding(
+        torch.cat(list(train)),
+        [r["patient_id"] for r in train_records],
+        spatial_dims=spatial_dims,
+        epochs=int(epochs),
+        seed=int(seed),
+        data_fingerprint=data_fingerprint,
+    )
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        space.save(out)
+    return space
+
+
+def calibrated_safeguard(
+    train_images: Sequence[Mapping[str, Any]],
+    holdout_images: Sequence[Mapping[str, Any]],
+    train_records: Sequence[Mapping[str, Any]],
+    holdout_records: Sequence[Mapping[str, Any]],
+    spaces: Sequence[str] = ("pixel", "parts", "crops", "tiles"),
+    embedding_weights: str | None = None,
+    embedding_out: str | os.PathLike | None = None,
+    embedding_epochs: int = 20,
+    quantile: float = 0.01,
+    floor: float = 0.0,
+    seed: int = 0,
+    encoder: ReleaseEncoder | None = None,
+) -> PrivacySafeguard:
+    """The privacy safeguard of a bundle: every training image indexed in each space, thresholds set on the holdout.
+
+    Args:
+        train_images: dataset of the training images in model space (dicts with ``"image"``), in record order.
+        holdout_images: dataset of the holdout images in model space, in record order.
+        train_records: datalist records of ``train_images`` (patient ids; fingerprint of the training data).
+        holdout_records: datalist records of ``holdout_images``.
+        spaces: privacy spaces (see :func:`monai_synth.privacy.guard.make_space`).
+        embedding_weights: weights of the embedding space, trained on exactly ``train_records`` (checked by their
+            data fingerprint: weights that never saw some training patient are refused). ``None`` with an
+            ``embedding`` space trains the embedding here, on the training images, and saves it to ``embedding_out``.
+        embedding_out: where to save an embedding trained here (``None``: not saved).
+        embedding_epochs: training epochs of an embedding trained here.
+        quantile: holdout quantile that sets each threshold.
+        floor: absolute minimum threshold.
+        seed: seed of an embedding trained here.
+        encoder: the release's encoder; the holdout is then judged as a released candidate is (every view of its
+            stored array), so the calibrated share of refused unseen images holds for the release.
+
+    Raises:
+        ValueError: the image datasets and their records differ in length.
+    """
+    if len(train_images) != len(train_records) or len(holdout_images) != len(holdout_records):
+        raise ValueError("the image datasets and their records differ in length; build both from the same split")
+    # batches of plain tensors, so the training set never has to sit in memory as one array
+    train = _ImageBatches(train_images)
+    holdout = _ImageBatches(holdout_images)
+    spatial_size = tuple(torch.as_tensor(train_images[0]["image"]).shape[1:])
+    data_fp = datalist_fingerprint(train_records)
+    trained = None
+    if not embedding_weights and any(space_name(spec) == "embedding" for spec in spaces):
+        trained = _train_split_embedding(
+            train, train_records, len(spatial_size), data_fp, embedding_epochs, seed, embedding_out
+        )
+    built = [
+        trained
+        if trained is not None and space_name(spec) == "embedding"
+        else make_space(spec, len(spatial_size), spatial_size, embedding_weights, data_fingerprint=data_fp)
+        for spec in spaces
+    ]
+    train_ids, holdout_ids = ([r["patient_id"] for r in records] for records in (train_records, holdout_records))
+    views = None if encoder is None else encoder.model_views
+    safeguard = build_safeguard(
+        built,
+        train,
+        train_ids,
+        holdout,
+        holdout_ids,
+        data_fp,
+        quantile=quantile,
+        floor=floor,
+        batch_size=16,
+        views=views,
+    )
+    logger.info(f"privacy thresholds calibrated on {len(holdout_images)} holdout images: {safeguard.thresholds}")
+    return safeguard
+
+
+def release_grid(
+    images: Sequence[torch.Tensor], conditions: Sequence[Any], labels: Sequence[str], per_class: int
+) -> np.ndarray | None:
+    """A grid of released images, one row per class (``per_class`` columns, short rows padded with background).
+
+    Returns:
+        The grid, or ``None`` when nothing was released.
+    """
+    rows = []
+    for label in labels:
+        picked = [img for img, cond in zip(images, conditions) if str(cond) == str(label)]
+        if picked:
+            rows.append(torch.stack([torch.as_tensor(i) for i in picked[: int(per_class)]]))
+    if not rows:
+        return None
+    width = max(len(r) for r in rows)
+    rows = [torch.cat([r, torch.full((width - len(r), *r.shape[1:]), -1.0)]) if len(r) < width else r for r in rows]
+    return make_sample_grid(rows)
+
+
+def guarded_release(
+    sampler: Generator,
+    safeguard: PrivacySafeguard,
+    release: GuardedRelease,
+    encoder: ReleaseEncoder,
+    labels: Sequence[str],
+    num_per_class: int,
+    data_fingerprint: str,
+    max_retries: int = 4,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+    checkpoints: Mapping[str, str | os.PathLike] | None = None,
+    sample_grid: str | os.PathLike | None = None,
+    grid_per_class: int = 8,
+    mlflow: Mapping[str, Any] | None = None,
+    spacing: Sequence[float] | None = None,
+) -> dict:
+    """Sample every class through the privacy safeguard and write the release, its certificate and a sample grid.
+
+    :func:`~monai_synth.privacy.sampling.guarded_sample` regenerates any candidate closer than the safeguard's
+    threshold to a training image. Each candidate is judged as the file will hold it (physical units, the format's
+    storage, see :mod:`monai_synth.privacy.release`) and exactly that array is written, atomically with
+    ``certificate.json`` / ``.csv``; the private audit, which names training patients, is written outside the
+    release, before the release is committed. ``release`` is built (and its paths checked) by the caller before the
+    safeguard is calibrated, so a release folder that cannot be written stops the run before any work.
+
+    Args:
+        sampler: the generator (a :class:`~monai_synth.engines.sampler.LatentSampler` on the EMA weights).
+        safeguard: the calibrated safeguard (:func:`calibrated_safeguard`).
+        release: the release writer (folder, format, modality, private audit path, overwrite).
+        encoder: what a candidate becomes in the release's storage and the views it is judged in; built with the
+            training images' intensity transform (``to_model``), whose ``inverse`` exports generated images, so both
+            directions come from one object. The same encoder the safeguard was calibrated with.
+        labels: classes to release, ``num_per_class`` images each.
+        num_per_class: released images per class.
+        data_fingerprint: fingerprint of the training records, written into the certificate.
+        max_retries: resampling rounds for rejected candidates.
+        seed: first sampling seed.
+        guidance_scale: classifier-free guidance weight.
+        checkpoints: name -> checkpoint path, fingerprinted into the certificate.
+        sample_grid: PNG path for a grid of released images (one row per class).
+        grid_per_class: columns of the grid.
+        mlflow: ``{"tracking_uri", "experiment_name", "run_name", "params"}`` to record the release in MLflow,
+            or ``None``.
+        spacing: voxel size in mm of the released NIfTI / DICOM images, the training images' model-space spacing
+            (:func:`monai_synth.data.geometry.model_spacing`); ``None`` writes 1 mm.
+
+    Returns:
+        The certificate summary plus ``release_dir``, ``thresholds``, ``sample_grid`` and ``private_audit``.
+
+    Raises:
+        ValueError: ``num_per_class`` below 1.
+    """
+    if int(num_per_class) < 1:
+        raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
+    modality = release.modality.name
+    if (encoder.fmt, encoder.modality.name) != (release.fmt, modality):
+        raise ValueError(
+            f"the encoder is for {encoder.fmt} {encoder.modality.name} images but the release writes {release.fmt} "
+            f"{modality}; build both from the same release_format and modality"
+        )
+    result = guarded_sample(
+        sampler,
+        safeguard,
+        [(label, int(num_per_class)) for label in labels],
+        max_retries=int(max_retries),
+        seed=int(seed),
+        guidance_scale=guidance_scale,
+        encoder=encoder,
+    )
+    fingerprints = {name: checkpoint_fingerprint(path) for name, path in (checkpoints or {}).items()}
+    fingerprints["datalist"] = data_fingerprint
+    released = iter(result.images)
+    with release:
+        for rec in result.records:
+            release.add(rec, next(released) if rec.passed else None, spacing)
+        release.requested = result.requested
+        release.finish(
+            safeguard,
+            fingerprints=fingerprints,
+            extra={"modality": modality, "format": release.fmt, "guidance_scale": guidance_scale},
+        )
+    grid_path = None
+    if sample_grid:
+        # the grid shows the released images as written, back in model space
+        written = [encoder.views(img)[0] for img in result.images]
+        grid = release_grid(written, [rec.condition for rec in result.released_records], labels, grid_per_class)
+        grid_path = None if grid is None else str(save_grid_png(grid, sample_grid))
+    summary = dict(result.summary())
+    summary.update(
+        {
+            "release_dir": str(release.out_dir),
+            "thresholds": dict(safeguard.thresholds),
+            "sample_grid": grid_path,
+            "private_audit": None if release.audit is None else str(release.audit),
+        }
+    )
+    logger.info(
+        f"released {summary.get('released')} of {summary.get('generated')} generated images "
+        f"({summary.get('rejected')} rejected as too close to a training image) into {release.out_dir}"
+    )
+    if mlflow:
+        log_release(mlflow, summary, release.out_dir, grid_path)
+    return summary

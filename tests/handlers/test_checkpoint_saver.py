@@ -1,0 +1,62 @@
+"""Atomic checkpoint saver: an interrupted write never leaves a truncated checkpoint, nor none."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from ignite.engine import Engine
+
+from monai_synth.engines import CheckpointMetadata, checkpoint_fingerprint
+from monai_synth.handlers import AtomicCheckpointSaver
+
+META = {"bundle": "breast_us_ldit", "modality": "us", "labels": ("3", "4a", "4b"), "spatial_size": 16}
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("disk full")
+
+
+class _Breakable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.broken = False
+
+    def state_dict(self, *args, **kwargs):
+        return {"x": _Unpicklable()} if self.broken else {"x": torch.ones(1)}
+
+
+def test_saver_is_atomic_and_a_failed_write_keeps_the_previous_file(tmp_path):
+    obj = _Breakable()
+    saver = AtomicCheckpointSaver(str(tmp_path), {"obj": obj}, save_final=True, final_filename="final.pt")
+    saver.completed(_engine_at(1))
+    good = checkpoint_fingerprint(tmp_path / "final.pt")
+    obj.broken = True
+    with pytest.raises((RuntimeError, pickle.PicklingError)):
+        saver.completed(_engine_at(2))
+    assert checkpoint_fingerprint(tmp_path / "final.pt") == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt"], "temporary file left behind"
+
+
+def test_interval_checkpoint_is_replaced_only_after_its_successor_is_written(tmp_path):
+    obj = _Breakable()
+    saver = AtomicCheckpointSaver(
+        str(tmp_path), {"obj": obj, "meta": CheckpointMetadata(**META)}, save_interval=1, n_saved=1, epoch_level=True
+    )
+    saver.interval_completed(_engine_at(1, epoch=1))
+    obj.broken = True
+    with pytest.raises((RuntimeError, pickle.PicklingError)):
+        saver.interval_completed(_engine_at(2, epoch=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=1.pt"]
+    obj.broken = False
+    saver.interval_completed(_engine_at(3, epoch=3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=3.pt"]
+
+
+def _engine_at(iteration, epoch=1):
+    engine = Engine(lambda e, b: None)
+    engine.state.iteration = iteration
+    engine.state.epoch = epoch
+    return engine
