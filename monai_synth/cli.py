@@ -5,6 +5,7 @@ Subcommands:
     datalist          scan a folder of DICOM / NIfTI / 2D images, join a labels CSV, write the bundles' datalist
     train-embedding   train the copy/re-identification embedding used as a privacy space
     guard             apply the privacy safeguard to a folder of images made by any generator
+    evaluate          fidelity, utility and an independent privacy audit of a synthetic dataset, as one report
 
 Training and sampling are bundle runs: ``python -m monai.bundle run --config_file ...``.
 """
@@ -202,6 +203,80 @@ def _run_guard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", help="fidelity, utility and privacy audit of a synthetic dataset: report.json + report.html"
+    )
+    p.add_argument("--train", required=True, help="training datalist the generator saw (CSV or MONAI JSON)")
+    p.add_argument("--holdout", required=True, help="holdout datalist of patients not in --train")
+    p.add_argument(
+        "--synthetic",
+        required=True,
+        help="release folder (its certificate.csv gives each image's condition) or a CSV with image and label columns",
+    )
+    p.add_argument("--modality", required=True, choices=["ct", "mri", "pet", "us"])
+    p.add_argument("--out", required=True, help="report folder (report.json, report.html)")
+    p.add_argument("--spatial-size", type=int, nargs="+", default=[64])
+    p.add_argument(
+        "--sections", nargs="+", default=["fidelity", "utility", "privacy"], choices=["fidelity", "utility", "privacy"]
+    )
+    p.add_argument(
+        "--feature-space",
+        default="random",
+        choices=["random", "trained", "weights"],
+        help="fidelity feature space: fixed random-init ResNet (seeded), ResNet trained on the training labels, or "
+        "--feature-weights (default: %(default)s)",
+    )
+    p.add_argument("--feature-weights", default=None, help="TorchScript feature network for --feature-space weights")
+    p.add_argument("--utility-steps", type=int, default=300, help="training steps of every utility classifier")
+    p.add_argument("--reid-steps", type=int, default=300, help="training steps of the audit's re-identification net")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples per interval")
+    p.add_argument("--permutations", type=int, default=200, help="permutations of the MMD test")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-real-images", dest="show_real", action="store_false", help="no holdout images in report.html")
+    p.add_argument(
+        "--private-report",
+        default=None,
+        help="PRIVATE report with the closest synthetic/training pairs (default: <out>.private_report.html); keep it "
+        "with the training data",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the reports in an existing --out")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from monai_synth.evaluation.report import run_evaluation
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(int(args.threads))
+    report = run_evaluation(
+        train=args.train,
+        holdout=args.holdout,
+        synthetic=args.synthetic,
+        modality=args.modality,
+        out=args.out,
+        spatial_size=args.spatial_size,
+        feature_space=args.feature_space,
+        feature_weights=args.feature_weights,
+        sections=args.sections,
+        utility_steps=args.utility_steps,
+        reid_steps=args.reid_steps,
+        n_boot=args.bootstrap,
+        permutations=args.permutations,
+        seed=args.seed,
+        show_real=args.show_real,
+        private_report=args.private_report,
+        overwrite=args.overwrite,
+    )
+    for key, value in report["gate"].items():
+        print(f"{key} = {value:.4g}")
+    print(f"report: {report['files']['html']} ({report['timing_seconds']['total']:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monai-synth", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_datalist(sub)
     _add_train_embedding(sub)
     _add_guard(sub)
+    _add_evaluate(sub)
     return parser
 
 

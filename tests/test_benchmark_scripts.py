@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -24,3 +25,13 @@ def test_dit_throughput_runs_and_splits_the_step():
     # alone are within timer noise of the whole step, so only a gross mismatch (parts far slower than the step) fails.
     assert int(n_gemm) > 0 and float(gemm) > 0 and float(optim) > 0
     assert float(floor) > 0 and float(gemm) + float(optim) < 3 * float(step)
+
+
+def test_evaluation_speed_runs_every_section_at_toy_size():
+    cmd = [sys.executable, str(BENCHMARKS / "evaluation_speed.py"), "--real", "40", "--synthetic", "20", "--size", "32"]
+    cmd += ["--threads", "1", "--utility-steps", "3", "--reid-steps", "3", "--bootstrap", "3", "--permutations", "3"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True, env=env).stdout
+    for section in ("loading", "fidelity", "utility", "privacy", "total"):
+        assert re.search(rf"^{section}\s+\d+\.\d$", out, re.M), section
+    assert "20 synthetic vs 20 training + 20 holdout images" in out

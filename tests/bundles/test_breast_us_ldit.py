@@ -357,6 +357,37 @@ def test_embedding_weights_trained_on_other_data_are_refused(chain, tmp_path):
     assert not (chain["snapshot"] / "release_other").exists()
 
 
+@pytest.mark.slow
+def test_evaluate_config_reports_the_bundles_release_and_logs_it_to_mlflow(chain, tmp_path):
+    """configs/evaluate.yaml on the quickstart's release: report.json with the gate keys, the same metrics in MLflow."""
+    from monai_synth.evaluation.report import GATE_KEYS
+
+    out = tmp_path / "run"
+    shutil.copytree(chain["snapshot"], out)
+    overrides = {**chain["overrides"], "output_dir": str(out), "dataset_dir": None, "utility_steps": 5,
+                 "reid_steps": 5, "bootstrap": 5, "permutations": 5}  # fmt: skip
+    workflow = ConfigWorkflow(
+        config_file=[str(BUNDLE / "configs" / "common.yaml"), str(BUNDLE / "configs" / "evaluate.yaml")],
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        logging_file=False,
+        workflow_type=None,
+        bundle_root=str(BUNDLE),
+        **overrides,
+    )
+    workflow.initialize()
+    assert not workflow.check_properties()
+    workflow.run()
+    workflow.finalize()
+    report = json.loads((out / "evaluation" / "report.json").read_text())
+    assert set(report["gate"]) == set(GATE_KEYS)
+    assert report["counts"]["synthetic"] == 2 * len(LABELS)
+    assert (out / "evaluation.private_report.html").is_file()
+    client, runs = _mlflow_runs(os.environ["MLFLOW_TRACKING_URI"])
+    metrics = runs[-1].data.metrics
+    assert metrics["fidelity.fid"] == pytest.approx(report["fidelity"]["fid"])
+    assert "privacy.reid_match_rate" in metrics
+
+
 def _rewrite_datalist(cohort: str, dest: Path, replace: dict[str, str]) -> Path:
     """A copy of the cohort's datalist with absolute image paths, some images replaced by other files."""
     rows = list(csv.DictReader(open(cohort, newline="")))

@@ -1,0 +1,80 @@
+"""How long the evaluation suite takes: ``monai-synth evaluate`` on phantom cohorts, time per section.
+
+Writes three breast-ultrasound phantom cohorts as PNG files with their datalists (``monai_synth.data.phantoms``): a
+training cohort, a holdout cohort of other patients, and a "synthetic" cohort of yet other patients (a generator of
+unseen patients; its datalist CSV gives the labels). Then runs the whole evaluation (fidelity, utility, privacy
+audit, reports) with the defaults of ``monai-synth evaluate`` and prints the time of each section, wall and CPU.
+
+Run: ``python benchmarks/evaluation_speed.py`` (1,000 synthetic vs 1,000 real 64x64 images: 500 training and 500
+holdout images; the target is under 10 minutes on 2 CPU cores). Results are recorded in ``docs/benchmarks.md``
+(section "Evaluation speed").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--real", type=int, default=1000, help="real images (half training, half holdout)")
+    parser.add_argument("--synthetic", type=int, default=1000, help="synthetic images")
+    parser.add_argument("--images-per-patient", type=int, default=2)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--utility-steps", type=int, default=300)
+    parser.add_argument("--reid-steps", type=int, default=300)
+    parser.add_argument("--bootstrap", type=int, default=200)
+    parser.add_argument("--permutations", type=int, default=200)
+    parser.add_argument("--workdir", default=None, help="folder for cohorts and report (default: a temporary one)")
+    args = parser.parse_args()
+
+    from monai_synth.data.phantoms import write_cohort
+    from monai_synth.evaluation.report import run_evaluation
+
+    torch.set_num_threads(args.threads)
+    per = args.images_per_patient
+    n_train = max(2, args.real // 2 // per)
+    n_hold = max(2, (args.real - n_train * per) // per)
+    n_syn = max(2, args.synthetic // per)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.workdir or tmp)
+        kw = dict(modality="us", images_per_patient=per, spatial_size=args.size, seed=0)
+        t = time.perf_counter()
+        train = write_cohort(root / "train", n_patients=n_train, **kw)
+        holdout = write_cohort(root / "holdout", n_patients=n_hold, first_patient=n_train, **kw)
+        synthetic = write_cohort(root / "synthetic", n_patients=n_syn, first_patient=10 * (n_train + n_hold), **kw)
+        print(f"cohorts written in {time.perf_counter() - t:.0f} s (not part of the evaluation time)")
+        wall, cpu = time.perf_counter(), time.process_time()
+        report = run_evaluation(
+            train,
+            holdout,
+            synthetic,
+            "us",
+            root / "report",
+            spatial_size=args.size,
+            utility_steps=args.utility_steps,
+            reid_steps=args.reid_steps,
+            n_boot=args.bootstrap,
+            permutations=args.permutations,
+            private_report=root / "private_report.html",
+        )
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    counts = report["counts"]
+    print(f"\n{counts['synthetic']} synthetic vs {counts['train']} training + {counts['holdout']} holdout images, "
+          f"{args.size}x{args.size}, {args.threads} threads")  # fmt: skip
+    print(f"{'section':<10} {'seconds':>8}")
+    for section, seconds in report["timing_seconds"].items():
+        print(f"{section:<10} {seconds:>8.1f}")
+    print(f"wall {wall:.0f} s ({wall / 60:.1f} min), process CPU {cpu:.0f} s")
+    print(json.dumps(report["gate"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
