@@ -924,7 +924,7 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
 
     from monai_synth.data.datalist import datalist_fingerprint, load_datalist
     from monai_synth.data.modalities import get_modality
-    from monai_synth.privacy.guard import make_space
+    from monai_synth.privacy.factory import make_space
     from monai_synth.privacy.release import ReleaseEncoder
     from monai_synth.privacy.safeguard import build_safeguard
     from monai_synth.privacy.sampling import guarded_sample

@@ -130,7 +130,7 @@ def _run_train_embedding(args: argparse.Namespace) -> int:
 
 
 def _add_guard(sub: argparse._SubParsersAction) -> None:
-    from monai_synth.privacy.guard import DEFAULT_SPACES
+    from monai_synth.privacy.factory import DEFAULT_SPACES
 
     p = sub.add_parser("guard", help="release only the candidate images that are not near-copies of training images")
     p.add_argument("--train", required=True, help="training datalist (CSV or MONAI JSON)")

@@ -60,10 +60,10 @@ from monai.transforms import (
     Resize,
     ShiftIntensity,
 )
-from torch.nn.modules.loss import _Loss
-from torch.utils.data import Sampler
 
 from monai_synth.atomic import atomic_file
+from monai_synth.data.samplers import PatientBatchSampler
+from monai_synth.losses.contrastive import SupervisedContrastiveLoss
 from monai_synth.networks.embedding import PatientEmbeddingNet
 from monai_synth.privacy.spaces import as_image_batch, check_finite
 from monai_synth.transforms.presets import BACKGROUND
@@ -71,12 +71,10 @@ from monai_synth.transforms.presets import BACKGROUND
 __all__ = [
     "EmbeddingSpace",
     "EmbeddingWeightsError",
-    "PatientBatchSampler",
     "RandInvertIntensity",
     "RandMosaic",
     "RandPartialComposite",
     "RandSpeckleNoise",
-    "SupervisedContrastiveLoss",
     "VARIANTS",
     "copy_augmentations",
     "train_embedding",
@@ -105,117 +103,6 @@ _MAX_SHIFT = {2: 0.15, 3: 0.05}
 
 class EmbeddingWeightsError(ValueError):
     """Embedding weights that must not be used: corrupt, not ours, modified, or trained on other data."""
-
-
-class SupervisedContrastiveLoss(_Loss):
-    """Supervised contrastive loss ("SupCon", L_out form) of Khosla et al., NeurIPS 2020.
-
-    For every anchor ``i`` with at least one positive (another item with the same label in the batch)::
-
-        loss_i = -1/|P(i)| * sum_{p in P(i)} log( exp(z_i.z_p / T) / sum_{a != i} exp(z_i.z_a / T) )
-
-    Why not :class:`monai.losses.ContrastiveLoss`: MONAI's loss is SimCLR's NT-Xent over exactly two views of
-    each item (one positive per anchor). A patient has several repeat studies, and all of them (and their
-    augmented copies) should pull together, which needs any number of positives per anchor; that is SupCon.
-    It is a dozen lines, written here with a log-sum-exp for numerical stability.
-
-    Args:
-        temperature: softmax temperature ``T`` (> 0); 0.1 is the paper's default.
-
-    Raises:
-        ValueError: for a non-positive temperature, or inputs that are not ``(B, d)`` features with ``(B,)``
-            labels.
-    """
-
-    def __init__(self, temperature: float = 0.1) -> None:
-        super().__init__()
-        if not float(temperature) > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
-        self.temperature = float(temperature)
-
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Args:
-            features: ``(B, d)`` embeddings; they are L2-normalised here (a no-op when already unit length).
-            labels: ``(B,)`` integer identities; items with equal labels are positives of each other.
-
-        Returns:
-            scalar mean loss over anchors that have a positive (0 when none has).
-        """
-        if features.ndim != 2:
-            raise ValueError(f"features must have shape (B, d), got {tuple(features.shape)}.")
-        if labels.shape != (features.shape[0],):
-            raise ValueError(f"labels must have shape ({features.shape[0]},), got {tuple(labels.shape)}.")
-        z = F.normalize(features, dim=1)
-        logits = z @ z.T / self.temperature
-        self_mask = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
-        logits = logits.masked_fill(self_mask, float("-inf"))
-        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-        pos = (labels[:, None] == labels[None, :]) & ~self_mask
-        n_pos = pos.sum(dim=1)
-        has_pos = n_pos > 0
-        if not bool(has_pos.any()):
-            return features.sum() * 0.0
-        pos_log_prob = log_prob.masked_fill(~pos, 0.0).sum(dim=1)
-        return -(pos_log_prob[has_pos] / n_pos[has_pos]).mean()
-
-
-class PatientBatchSampler(Sampler[list[int]]):
-    """Batches of ``patients_per_batch`` patients with ``views_per_patient`` items each ("P x K" sampling).
-
-    Contrastive learning with identities as positives needs several images of each patient in every batch,
-    and many patients per batch as negatives; a random batch of a 50-patient cohort would rarely hold two
-    images of one patient. One epoch visits every patient once (in a random order); a patient's views cycle
-    through its images in a random order, so all of its repeat studies are seen, and are repeated (each repeat
-    augmented differently) when it has fewer images than views. The last group is topped up with other
-    patients so that every batch has the same number of patients.
-
-    Args:
-        patient_ids: identity of every item of the dataset.
-        patients_per_batch: P, at least 2 (a batch needs negatives); capped at the number of patients.
-        views_per_patient: K, at least 2 (an anchor needs a positive).
-        seed: seed of the sampler's own generator; call :meth:`set_epoch` for a new order each epoch.
-    """
-
-    def __init__(
-        self, patient_ids: Sequence[str], patients_per_batch: int, views_per_patient: int = 4, seed: int = 0
-    ) -> None:
-        groups: dict[str, list[int]] = {}
-        for i, pid in enumerate(patient_ids):
-            groups.setdefault(str(pid), []).append(i)
-        if len(groups) < 2:
-            raise ValueError(f"need images of at least 2 patients to learn identities, got {len(groups)}.")
-        if int(patients_per_batch) < 2:
-            raise ValueError(f"patients_per_batch must be at least 2, got {patients_per_batch}.")
-        if int(views_per_patient) < 2:
-            raise ValueError(f"views_per_patient must be at least 2, got {views_per_patient}.")
-        self.groups = [groups[k] for k in sorted(groups)]
-        self.patients_per_batch = min(int(patients_per_batch), len(self.groups))
-        self.views_per_patient = int(views_per_patient)
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Use the order of ``epoch`` (deterministic from ``seed`` and ``epoch``)."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.groups) / self.patients_per_batch)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(len(self.groups)).tolist()
-        p = self.patients_per_batch
-        for start in range(0, len(order), p):
-            chosen = order[start : start + p]
-            if len(chosen) < p:
-                rest = [g for g in order if g not in chosen]
-                chosen += rng.choice(rest, size=p - len(chosen), replace=False).tolist()
-            batch: list[int] = []
-            for g in chosen:
-                items = self.groups[g]
-                perm = rng.permutation(len(items))
-                batch += [items[perm[k % len(items)]] for k in range(self.views_per_patient)]
-            yield batch
 
 
 class RandInvertIntensity(RandomizableTransform):

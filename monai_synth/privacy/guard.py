@@ -25,14 +25,14 @@ import torch
 
 from monai_synth.data.loading import is_dicom
 from monai_synth.data.modalities import get_modality
-from monai_synth.privacy.partial import PartSpace, TileSpace
+from monai_synth.privacy.factory import DEFAULT_SPACES, make_space, space_name
 from monai_synth.privacy.safeguard import build_safeguard
 from monai_synth.privacy.sampling import SampleRecord
-from monai_synth.privacy.spaces import PixelSpace, PrivacySpace
+from monai_synth.privacy.spaces import PrivacySpace
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_guard", "train_embedding_from_datalist", "find_candidates", "make_space", "load_model_space"]
+__all__ = ["run_guard", "train_embedding_from_datalist", "find_candidates", "load_model_space"]
 
 _IMAGE_SUFFIXES = (
     ".nii",
@@ -127,82 +127,6 @@ def _spatial_dims_of(modality: str, path: str | os.PathLike, spatial_size: int |
     while len(shape) > 2 and shape[-1] == 1:
         shape.pop()
     return len(shape)
-
-
-def space_name(spec: str) -> str:
-    """The kind of privacy space a command-line spec names (``"pixel:flip,shift"`` -> ``"pixel"``)."""
-    return spec.partition(":")[0].strip().lower()
-
-
-DEFAULT_SPACES = ("pixel", "parts", "crops", "tiles", "embedding")
-"""What a candidate must pass by default: whole-image pixel correlation under the geometric and intensity changes a
-person would still call the same image, aligned parts, crops of training images, windows at every scale, and the
-learned copy-detection / re-identification ``embedding``, trained on the training images themselves when no weights
-are given (minutes on a CPU for a few hundred images; pass ``--embedding-weights`` to reuse them). A space that
-collapsed in training is refused at calibration, never certified."""
-
-_PIXEL_DEFAULTS = {
-    2: {"invariances": ("flip", "transpose", "shift", "zoom", "rotate", "invert"), "max_shift": 2,
-        "zooms": (0.7, 0.8, 0.9, 1.1, 1.25, 1.4), "rotations": (-20.0, -10.0, 10.0, 20.0)},
-    3: {"invariances": ("flip", "transpose", "shift", "zoom", "invert"), "max_shift": 1, "zooms": (0.8, 1.25),
-        "rotations": ()},
-}  # fmt: skip
-
-
-def make_space(
-    spec: str,
-    spatial_dims: int,
-    spatial_size: Sequence[int],
-    embedding_weights: str | None = None,
-    data_fingerprint: str | None = None,
-) -> PrivacySpace:
-    """A privacy space from its command-line name.
-
-    ``pixel`` = :class:`PixelSpace` on a 16-cell grid, invariant (2D) to mirror flips, transposes / rot90, shifts
-    of up to 2 cells (12%), zooms 0.7-1.4, rotations up to 20 degrees and intensity inversion (3D: flips, 1-cell
-    shifts, zooms 0.8-1.25, inversion, and the 90-degree rotations / axis swaps on their own); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
-    ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre),
-    ``crops`` = the same class comparing crops of training images with the whole candidate,
-    ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every scale).
-    ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights; with
-    ``data_fingerprint``, weights trained on another training set are refused).
-
-    The default pixel space compares every 2D query in 14,000 variants: fine for a gate over thousands of training
-    images; see ``docs/benchmarks.md`` for its cost at larger indexes, where ``pixel:flip,shift`` plus ``embedding``
-    is the cheaper pair.
-    """
-    name, opts = space_name(spec), spec.partition(":")[2]
-    grid = min(16, *spatial_size)
-    if name == "pixel":
-        kwargs = dict(_PIXEL_DEFAULTS[spatial_dims])
-        if opts:
-            kwargs["invariances"] = tuple(o for o in opts.split(",") if o and o != "none")
-        if "shift" in kwargs["invariances"]:
-            kwargs["max_shift"] = max(1, min(kwargs["max_shift"], grid // 2 - 1))
-        return PixelSpace(grid=grid, spatial_dims=spatial_dims, **kwargs)
-    # in 3D the 48 axis permutations x flips would multiply the variants (and memory) by 6: flips only
-    symmetry = ("flip", "transpose", "invert") if spatial_dims == 2 else ("flip", "invert")
-    if name in ("parts", "crops"):
-        kind = "regions" if name == "parts" else "crops"
-        rotations = (-20.0, -10.0, 10.0, 20.0) if spatial_dims == 2 and kind == "regions" else ()
-        return PartSpace(
-            grid=grid - grid % 2, spatial_dims=spatial_dims, kind=kind, invariances=symmetry, rotations=rotations
-        )
-    if name == "tiles":
-        scales = (0.9, 0.8, 0.5, 1.0 / 3.0) if spatial_dims == 2 else (0.8, 0.5)
-        return TileSpace(grid=grid, spatial_dims=spatial_dims, scales=scales, invariances=symmetry)
-    if name == "embedding":
-        if not embedding_weights:
-            raise ValueError(
-                "the embedding space needs --embedding-weights (from `monai-synth train-embedding` on the same training "
-                "datalist), or leave them out and the guard trains it on the training images"
-            )
-        from monai_synth.privacy.embedding import EmbeddingSpace
-
-        return EmbeddingSpace.from_weights(embedding_weights, expected_data_fingerprint=data_fingerprint)
-    raise ValueError(
-        f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], parts, crops, tiles and/or embedding"
-    )
 
 
 def _read_candidate(path: Path, spatial_dims: int) -> tuple[np.ndarray, tuple[float, ...] | None]:

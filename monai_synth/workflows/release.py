@@ -22,7 +22,7 @@ from monai_synth.engines.checkpoint import checkpoint_fingerprint
 from monai_synth.engines.sampler import Generator
 from monai_synth.handlers.sample_grid import make_sample_grid, save_grid_png
 from monai_synth.privacy.embedding import train_embedding
-from monai_synth.privacy.guard import make_space, space_name
+from monai_synth.privacy.factory import make_space, space_name
 from monai_synth.privacy.release import GuardedRelease, ReleaseEncoder
 from monai_synth.privacy.safeguard import PrivacySafeguard, build_safeguard
 from monai_synth.privacy.sampling import guarded_sample
@@ -97,7 +97,7 @@ def calibrated_safeguard(
         holdout_images: dataset of the holdout images in model space, in record order.
         train_records: datalist records of ``train_images`` (patient ids; fingerprint of the training data).
         holdout_records: datalist records of ``holdout_images``.
-        spaces: privacy spaces (see :func:`monai_synth.privacy.guard.make_space`).
+        spaces: privacy spaces (see :func:`monai_synth.privacy.factory.make_space`).
         embedding_weights: weights of the embedding space, trained on exactly ``train_records`` (checked by their
             data fingerprint: weights that never saw some training patient are refused). ``None`` with an
             ``embedding`` space trains the embedding here, on the training images, and saves it to ``embedding_out``.

@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from monai_synth.data.phantoms import generate_cohort
+from monai_synth.data.samplers import PatientBatchSampler
+from monai_synth.losses import SupervisedContrastiveLoss
 from monai_synth.privacy.embedding import (
     VARIANTS,
     EmbeddingSpace,
     EmbeddingWeightsError,
-    PatientBatchSampler,
     RandMosaic,
     RandPartialComposite,
     RandSpeckleNoise,
-    SupervisedContrastiveLoss,
     _augment_batch,
     _hash_tensor_data,
     copy_augmentations,

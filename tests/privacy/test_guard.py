@@ -13,7 +13,8 @@ from monai_synth.cli import main
 from monai_synth.data.datalist import load_datalist
 from monai_synth.data.phantoms import write_cohort
 from monai_synth.privacy.certificate import load_certificate
-from monai_synth.privacy.guard import find_candidates, load_model_space, make_space, run_guard
+from monai_synth.privacy.factory import make_space
+from monai_synth.privacy.guard import find_candidates, load_model_space, run_guard
 from monai_synth.privacy.spaces import space_distance
 
 SIZE = 32
