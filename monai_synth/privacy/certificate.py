@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -29,7 +29,21 @@ from monai_synth.atomic import atomic_file
 from monai_synth.privacy.safeguard import PrivacySafeguard
 from monai_synth.privacy.sampling import SampleRecord
 
-__all__ = ["certificate_rows", "write_certificate", "write_private_audit", "load_certificate"]
+if TYPE_CHECKING:
+    from monai_synth.data.export import ReleaseWriter
+
+__all__ = ["JudgedRecords", "certificate_rows", "write_certificate", "write_private_audit", "load_certificate"]
+
+
+class JudgedRecords(Protocol):
+    """What a certificate is written from: every judged candidate's record, in order, and their summary
+    (:class:`~monai_synth.privacy.sampling.GuardedSamplingResult`, :class:`~monai_synth.privacy.release.GuardedRelease`,
+    the safeguard handler)."""
+
+    records: Sequence[SampleRecord]
+
+    def summary(self) -> dict: ...
+
 
 CERTIFICATE_JSON = "certificate.json"
 CERTIFICATE_CSV = "certificate.csv"
@@ -94,8 +108,8 @@ def _strings(obj: Any) -> set[str]:
 
 
 def write_certificate(
-    writer: Any,
-    result: Any,
+    writer: ReleaseWriter,
+    result: JudgedRecords,
     fingerprints: Mapping[str, Any] | None = None,
     safeguard: PrivacySafeguard | None = None,
     extra: Mapping[str, Any] | None = None,

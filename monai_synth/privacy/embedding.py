@@ -65,7 +65,7 @@ from monai_synth.atomic import atomic_file
 from monai_synth.data.samplers import PatientBatchSampler
 from monai_synth.losses.contrastive import SupervisedContrastiveLoss
 from monai_synth.networks.embedding import PatientEmbeddingNet
-from monai_synth.privacy.spaces import as_image_batch, check_finite
+from monai_synth.privacy.spaces import _affine_variants, as_image_batch, check_finite
 from monai_synth.transforms.presets import BACKGROUND
 
 __all__ = [
@@ -585,19 +585,11 @@ class EmbeddingSpace:
         return list(itertools.product(*[(0, n // 2) for n in self.spatial_size]))
 
     def _zoomed(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every image scaled about its centre by every zoom but the identity.
-
-        ``z < 1`` shrinks the content (the output point ``p`` samples the input at ``p / z``); the freed margin
-        replicates the border, which for model-space images is mostly background.
-        """
-        nd = self.spatial_dims
-        out = []
-        for z in self.zooms[1:]:
-            theta = torch.zeros(x.shape[0], nd, nd + 1)
-            theta[:, :, :nd] = torch.eye(nd) / z
-            coords = F.affine_grid(theta, list(x.shape), align_corners=False)
-            out.append(F.grid_sample(x, coords, mode="bilinear", padding_mode="border", align_corners=False))
-        return out
+        """Every image scaled about its centre by every zoom but the identity (the pixel space's affine variants)."""
+        if len(self.zooms) == 1:
+            return []
+        v = _affine_variants(x, self.zooms, (0.0,)).reshape(x.shape[0], len(self.zooms), *x.shape[1:])
+        return [v[:, k] for k in range(1, len(self.zooms))]
 
     def _variants(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, V - 1, C, *spatial)``: every variant but the plain query of every (resampled) image, in a fixed order:
