@@ -234,14 +234,24 @@ def datalist_fingerprint(records: Iterable[Mapping[str, Any]]) -> str:
     Returns:
         Hex digest.
     """
+    return _records_digest(
+        records,
+        lambda rec, extras: [
+            str(rec["image"]),
+            str(rec["patient_id"]),
+            str(rec["label"]),
+            extras,
+            _file_stamp(rec["image"]),
+        ],
+    )
+
+
+def _records_digest(records: Iterable[Mapping[str, Any]], key: Any) -> str:
+    """sha256 over one JSON line per record, ``key(record, its extra conditions)``, sorted so order does not matter."""
     entries = []
     for rec in records:
         extras = sorted((str(k), repr(float(v))) for k, v in rec.items() if k not in REQUIRED_KEYS)
-        entries.append(
-            json.dumps(
-                [str(rec["image"]), str(rec["patient_id"]), str(rec["label"]), extras, _file_stamp(rec["image"])]
-            )
-        )
+        entries.append(json.dumps(key(rec, extras)))
     digest = hashlib.sha256()
     for entry in sorted(entries):
         digest.update(entry.encode("utf-8"))
@@ -262,15 +272,9 @@ def content_fingerprint(records: Iterable[Mapping[str, Any]]) -> str:
     Returns:
         Hex digest.
     """
-    entries = []
-    for rec in records:
-        extras = sorted((str(k), repr(float(v))) for k, v in rec.items() if k not in REQUIRED_KEYS)
-        entries.append(json.dumps([str(rec["patient_id"]), str(rec["label"]), extras, _content_hash(rec["image"])]))
-    digest = hashlib.sha256()
-    for entry in sorted(entries):
-        digest.update(entry.encode("utf-8"))
-        digest.update(b"\n")
-    return digest.hexdigest()
+    return _records_digest(
+        records, lambda rec, extras: [str(rec["patient_id"]), str(rec["label"]), extras, _content_hash(rec["image"])]
+    )
 
 
 def _content_hash(image: str) -> str:
