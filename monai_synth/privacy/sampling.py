@@ -18,15 +18,17 @@ little fidelity for diversity (strong guidance is associated with memorisation),
 
 from __future__ import annotations
 
-import inspect
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from monai_synth.privacy.safeguard import PrivacySafeguard, SafeguardResult
+
+if TYPE_CHECKING:
+    from monai_synth.engines.sampler import Generator
 
 __all__ = ["SampleRecord", "GuardedSamplingResult", "guarded_sample", "summarise_records"]
 
@@ -121,14 +123,6 @@ class GuardedSamplingResult:
         return summarise_records(self.records, self.requested)
 
 
-def _accepts_guidance(generate: Callable) -> bool:
-    try:
-        params = inspect.signature(generate).parameters
-    except (TypeError, ValueError):
-        return False
-    return "guidance_scale" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
 def _judge(safeguard: PrivacySafeguard, batch: Any, encoder: Any | None) -> tuple[list, list[SafeguardResult]]:
     """The images to keep and their verdicts; with an encoder, the stored arrays (an image that cannot be stored
     fails closed with the reason)."""
@@ -151,7 +145,7 @@ def _judge(safeguard: PrivacySafeguard, batch: Any, encoder: Any | None) -> tupl
 
 
 def guarded_sample(
-    generate: Callable[..., torch.Tensor],
+    generate: Generator,
     safeguard: PrivacySafeguard,
     requests: Sequence[tuple[Any, int]],
     max_retries: int = 4,
@@ -169,7 +163,8 @@ def guarded_sample(
     reproducible and each record says how to regenerate its image.
 
     Args:
-        generate: ``generate(n, seed, condition[, guidance_scale=g]) -> (n, C, *spatial)`` model-space images.
+        generate: a :class:`~monai_synth.engines.sampler.Generator`, ``generate(n, seed, condition, **guidance)`` ->
+            ``(n, C, *spatial)`` model-space images; ``guidance_scale=`` is passed when given.
         safeguard: the :class:`PrivacySafeguard`.
         requests: ``(condition, count)`` pairs.
         max_retries: resampling rounds after the first attempt.
@@ -195,10 +190,6 @@ def guarded_sample(
             raise ValueError("guidance_decay needs the starting guidance_scale=; give both or neither")
         if not 0.0 < guidance_decay <= 1.0:
             raise ValueError(f"guidance_decay must be in (0, 1], got {guidance_decay}")
-    if guidance_scale is not None and not _accepts_guidance(generate):
-        raise ValueError(
-            "guidance_scale was given but generate() has no 'guidance_scale' keyword argument; add one or drop it"
-        )
     if max_batch is not None and max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     requests = [(cond, int(count)) for cond, count in requests]
@@ -219,7 +210,15 @@ def guarded_sample(
                 n = while_needed if max_batch is None else min(max_batch, while_needed)
                 kwargs = {} if g is None else {"guidance_scale": g}
                 with torch.no_grad():
-                    batch = generate(n, call_seed, condition, **kwargs)
+                    try:
+                        batch = generate(n, call_seed, condition, **kwargs)
+                    except TypeError as err:
+                        if kwargs and "guidance_scale" in str(err):
+                            raise ValueError(
+                                "guidance_scale was given but generate() has no 'guidance_scale' keyword argument (the "
+                                "Generator protocol passes guidance overrides as keywords); add one or drop it"
+                            ) from err
+                        raise
                 if not hasattr(batch, "shape") or batch.shape[0] != n:
                     raise ValueError(
                         f"generate({n}, ...) returned {getattr(batch, 'shape', type(batch))}, not {n} images"
