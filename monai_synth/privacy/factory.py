@@ -30,7 +30,7 @@ collapsed in training is refused at calibration, never certified."""
 _PIXEL_DEFAULTS = {
     2: {"invariances": ("flip", "transpose", "shift", "zoom", "rotate", "invert"), "max_shift": 2,
         "zooms": (0.7, 0.8, 0.9, 1.1, 1.25, 1.4), "rotations": (-20.0, -10.0, 10.0, 20.0)},
-    3: {"invariances": ("flip", "transpose", "shift", "zoom", "invert"), "max_shift": 1, "zooms": (0.8, 1.25),
+    3: {"invariances": ("flip", "transpose", "shift", "zoom", "invert"), "max_shift": 2, "zooms": (0.8, 1.25),
         "rotations": ()},
 }  # fmt: skip
 
@@ -45,8 +45,8 @@ def make_space(
     """A privacy space from its command-line name.
 
     ``pixel`` = :class:`PixelSpace` on a 16-cell grid, invariant (2D) to mirror flips, transposes / rot90, shifts
-    of up to 2 cells (12%), zooms 0.7-1.4, rotations up to 20 degrees and intensity inversion (3D: flips, 1-cell
-    shifts, zooms 0.8-1.25, inversion, and the 90-degree rotations / axis swaps on their own); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
+    of up to 2 cells (12%), zooms 0.7-1.4, rotations up to 20 degrees and intensity inversion (3D: shifts of up to
+    2 cells, zooms 0.8-1.25 and inversion, and the flips, 90-degree rotations and axis swaps on their own); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
     ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre),
     ``crops`` = the same class comparing crops of training images with the whole candidate,
     ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every scale).

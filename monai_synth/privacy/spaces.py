@@ -197,7 +197,7 @@ class PixelSpace:
     index itself does not grow.
     """
 
-    _VERSION = 4
+    _VERSION = 5
     _DEFAULT_ZOOMS = (0.8, 0.9, 1.0, 1.1, 1.25)
     _DEFAULT_ROTATIONS = (-20.0, -10.0, 0.0, 10.0, 20.0)
 
@@ -237,15 +237,15 @@ class PixelSpace:
             self.rotations = (0.0,) + tuple(sorted({round(float(r), 4) for r in rotations} - {0.0}))
         self.signs = (1, -1) if "invert" in invariances else (1,)
         flip, transpose = "flip" in invariances, "transpose" in invariances
-        # 2D: every symmetry combines with every shift, zoom and angle (8 symmetries). 3D: 48 symmetries would multiply
-        # the variants (and memory) by 6, so the axis permutations are compared alone (with flips and inversion),
-        # which catches a volume rotated by 90 degrees or with its axes swapped, not one also shifted.
-        self._symmetries = _symmetries(self.spatial_dims, flip, transpose and self.spatial_dims == 2)
-        self._permuted = (
-            [sym for sym in _symmetries(3, flip, True) if sym[0] != (0, 1, 2)]
-            if transpose and spatial_dims == 3
-            else []
-        )
+        # 2D: every symmetry combines with every shift, zoom and angle (8 symmetries). 3D: the 8 flips and 48 axis
+        # permutations would multiply the shifted variants (and memory) by up to 48, so they are compared alone (with
+        # inversion), which catches a mirrored, 90-degree-rotated or axis-swapped volume, not one also shifted; the
+        # memory this saves buys larger 3D shifts.
+        if self.spatial_dims == 2:
+            self._symmetries, self._permuted = _symmetries(2, flip, transpose), []
+        else:
+            self._symmetries = _symmetries(3, False, False)
+            self._permuted = _symmetries(3, flip, transpose)[1:]
         shifts = [(0,) * self.spatial_dims]
         if "shift" in invariances:
             rng = range(-self.max_shift, self.max_shift + 1)
