@@ -924,7 +924,7 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
 
     from monai_synth.data.datalist import datalist_fingerprint, load_datalist
     from monai_synth.data.modalities import get_modality
-    from monai_synth.privacy.factory import make_space
+    from monai_synth.privacy.factory import build_spaces
     from monai_synth.privacy.release import ReleaseEncoder
     from monai_synth.privacy.safeguard import build_safeguard
     from monai_synth.privacy.sampling import guarded_sample
@@ -938,17 +938,17 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
     train = _model_space([r["image"] for r in train_records], cohort)
     holdout = _model_space([r["image"] for r in holdout_records], cohort)
     unseen = _model_space(cohort.unseen_paths, cohort)
-    spaces = []
-    for spec in specs:
-        weights = args.embedding_weights
-        if _space_name(spec) == "embedding" and not weights:
-            from monai_synth.privacy.guard import train_embedding_from_datalist
-
-            kw = {} if args.embedding_epochs is None else {"epochs": args.embedding_epochs}
-            weights = train_embedding_from_datalist(
-                str(cohort.train_csv), cohort.modality, list(cohort.size), out=str(work / "embedding.pt"), **kw
-            )
-        spaces.append(make_space(spec, cohort.spatial_dims, cohort.size, weights, data_fingerprint=dl_fp))
+    spaces = build_spaces(
+        specs,
+        cohort.spatial_dims,
+        cohort.size,
+        train,
+        [r["patient_id"] for r in train_records],
+        dl_fp,
+        args.embedding_weights,
+        args.embedding_epochs,
+        embedding_out=work / "embedding.pt",
+    )
     kw = {} if args.batch_size is None else {"batch_size": args.batch_size}
     # judged as the bundle's release judges: the array the file will hold, through every intensity view
     encoder = ReleaseEncoder(cohort.fmt, cohort.modality)

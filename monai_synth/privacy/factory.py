@@ -7,12 +7,19 @@ the same spaces.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
 
 from monai_synth.privacy.partial import PartSpace, TileSpace
 from monai_synth.privacy.spaces import PixelSpace, PrivacySpace
 
-__all__ = ["DEFAULT_SPACES", "make_space", "space_name"]
+__all__ = ["DEFAULT_SPACES", "build_spaces", "make_space", "space_name"]
+
+logger = logging.getLogger(__name__)
 
 
 def space_name(spec: str) -> str:
@@ -89,3 +96,46 @@ def make_space(
     raise ValueError(
         f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], parts, crops, tiles and/or embedding"
     )
+
+
+def build_spaces(
+    specs: Sequence[str],
+    spatial_dims: int,
+    spatial_size: Sequence[int],
+    train_images: torch.Tensor | Iterable[torch.Tensor],
+    train_patient_ids: Sequence[str],
+    data_fingerprint: str,
+    embedding_weights: str | None = None,
+    embedding_epochs: int | None = None,
+    seed: int = 0,
+    embedding_out: str | os.PathLike | None = None,
+) -> list[PrivacySpace]:
+    """The spaces ``specs`` name, as :func:`make_space` builds them; an ``embedding`` without weights is trained here.
+
+    Trained on exactly these training images (model space, one batch or batches), so it knows every training patient,
+    and saved to ``embedding_out`` if given. The one way ``monai-synth guard``, the bundle's release and the attack
+    benchmark get their spaces.
+    """
+    built: list[PrivacySpace] = []
+    for spec in specs:
+        if space_name(spec) != "embedding" or embedding_weights:
+            built.append(make_space(spec, spatial_dims, spatial_size, embedding_weights, data_fingerprint))
+            continue
+        from monai_synth.privacy.embedding import train_embedding
+
+        images = train_images if torch.is_tensor(train_images) else torch.cat(list(train_images))
+        logger.info(f"training the re-identification embedding on {len(train_patient_ids)} training images")
+        kwargs = {} if embedding_epochs is None else {"epochs": int(embedding_epochs)}
+        space = train_embedding(
+            images,
+            list(train_patient_ids),
+            spatial_dims=spatial_dims,
+            seed=int(seed),
+            data_fingerprint=data_fingerprint,
+            **kwargs,
+        )
+        if embedding_out:
+            Path(embedding_out).parent.mkdir(parents=True, exist_ok=True)
+            space.save(embedding_out)
+        built.append(space)
+    return built

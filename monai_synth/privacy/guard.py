@@ -25,10 +25,9 @@ import torch
 
 from monai_synth.data.loading import is_dicom
 from monai_synth.data.modalities import get_modality
-from monai_synth.privacy.factory import DEFAULT_SPACES, make_space, space_name
+from monai_synth.privacy.factory import DEFAULT_SPACES, build_spaces
 from monai_synth.privacy.safeguard import build_safeguard
 from monai_synth.privacy.sampling import SampleRecord
-from monai_synth.privacy.spaces import PrivacySpace
 
 logger = logging.getLogger(__name__)
 
@@ -224,16 +223,12 @@ def run_guard(
     train_images = load_model_space([r["image"] for r in train_records], modality, size, spatial_dims)
     holdout_images = load_model_space([r["image"] for r in holdout_records], modality, size, spatial_dims)
     dl_fp = datalist_fingerprint(train_records)
-    built = []
-    for spec in specs:
-        if space_name(spec) == "embedding" and not embedding_weights:
-            built.append(_train_embedding(train_images, train_records, spatial_dims, dl_fp, embedding_epochs))
-        else:
-            built.append(make_space(spec, spatial_dims, size, embedding_weights, data_fingerprint=dl_fp))
+    train_ids = [r["patient_id"] for r in train_records]
+    built = build_spaces(specs, spatial_dims, size, train_images, train_ids, dl_fp, embedding_weights, embedding_epochs)
     safeguard = build_safeguard(
         built,
         train_images,
-        [r["patient_id"] for r in train_records],
+        train_ids,
         holdout_images,
         [r["patient_id"] for r in holdout_records],
         dl_fp,
@@ -301,23 +296,6 @@ def _refused(safeguard: Any, nan: dict, path: Path, root: Path, reason: str) -> 
         thresholds=dict(safeguard.thresholds),
         reason=reason,
         source=_rel(path, root),
-    )
-
-
-def _train_embedding(
-    images: torch.Tensor, records: Sequence[dict], spatial_dims: int, data_fingerprint: str, epochs: int | None
-) -> PrivacySpace:
-    """The re-identification embedding trained on exactly these training images, so it knows every training patient."""
-    from monai_synth.privacy.embedding import train_embedding
-
-    logger.info(f"training the re-identification embedding on {len(records)} training images")
-    kwargs = {} if epochs is None else {"epochs": int(epochs)}
-    return train_embedding(
-        images,
-        [r["patient_id"] for r in records],
-        spatial_dims=spatial_dims,
-        data_fingerprint=data_fingerprint,
-        **kwargs,
     )
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,8 +20,7 @@ from monai_synth.data.datalist import datalist_fingerprint
 from monai_synth.engines.checkpoint import checkpoint_fingerprint
 from monai_synth.engines.sampler import Generator
 from monai_synth.handlers.sample_grid import make_sample_grid, save_grid_png
-from monai_synth.privacy.embedding import train_embedding
-from monai_synth.privacy.factory import make_space, space_name
+from monai_synth.privacy.factory import DEFAULT_SPACES, build_spaces
 from monai_synth.privacy.release import GuardedRelease, ReleaseEncoder
 from monai_synth.privacy.safeguard import PrivacySafeguard, build_safeguard
 from monai_synth.privacy.sampling import guarded_sample
@@ -51,37 +49,12 @@ class _ImageBatches:
             )
 
 
-def _train_split_embedding(
-    train: _ImageBatches,
-    train_records: Sequence[Mapping[str, Any]],
-    spatial_dims: int,
-    data_fingerprint: str,
-    epochs: int,
-    seed: int,
-    out: str | os.PathLike | None,
-) -> Any:
-    """Train the re-identification embedding on the bundle's own train split, so it has seen every training patient."""
-    logger.info(f"training the re-identification embedding on {len(train_records)} training images ({epochs} epochs)")
-    space = train_embedding(
-        torch.cat(list(train)),
-        [r["patient_id"] for r in train_records],
-        spatial_dims=spatial_dims,
-        epochs=int(epochs),
-        seed=int(seed),
-        data_fingerprint=data_fingerprint,
-    )
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        space.save(out)
-    return space
-
-
 def calibrated_safeguard(
     train_images: Sequence[Mapping[str, Any]],
     holdout_images: Sequence[Mapping[str, Any]],
     train_records: Sequence[Mapping[str, Any]],
     holdout_records: Sequence[Mapping[str, Any]],
-    spaces: Sequence[str] = ("pixel", "parts", "crops", "tiles"),
+    spaces: Sequence[str] = DEFAULT_SPACES,
     embedding_weights: str | None = None,
     embedding_out: str | os.PathLike | None = None,
     embedding_epochs: int = 20,
@@ -119,18 +92,19 @@ def calibrated_safeguard(
     holdout = _ImageBatches(holdout_images)
     spatial_size = tuple(torch.as_tensor(train_images[0]["image"]).shape[1:])
     data_fp = datalist_fingerprint(train_records)
-    trained = None
-    if not embedding_weights and any(space_name(spec) == "embedding" for spec in spaces):
-        trained = _train_split_embedding(
-            train, train_records, len(spatial_size), data_fp, embedding_epochs, seed, embedding_out
-        )
-    built = [
-        trained
-        if trained is not None and space_name(spec) == "embedding"
-        else make_space(spec, len(spatial_size), spatial_size, embedding_weights, data_fingerprint=data_fp)
-        for spec in spaces
-    ]
     train_ids, holdout_ids = ([r["patient_id"] for r in records] for records in (train_records, holdout_records))
+    built = build_spaces(
+        spaces,
+        len(spatial_size),
+        spatial_size,
+        train,
+        train_ids,
+        data_fp,
+        embedding_weights,
+        embedding_epochs,
+        seed,
+        embedding_out,
+    )
     views = None if encoder is None else encoder.model_views
     safeguard = build_safeguard(
         built,
