@@ -30,6 +30,7 @@ def prepare_datalist(
     phantom_images_per_patient: int = 2,
     phantom_size: int | Sequence[int] = 64,
     seed: int = 0,
+    spatial_dims: int = 2,
 ) -> str:
     """Path of the datalist to train on; writes a phantom cohort first when no dataset is given.
 
@@ -47,6 +48,7 @@ def prepare_datalist(
         phantom_images_per_patient: repeat studies per phantom patient.
         phantom_size: phantom image size.
         seed: phantom seed.
+        spatial_dims: 2 (images) or 3 (volumes) for the phantom cohort.
 
     Raises:
         FileNotFoundError: ``dataset_dir`` is given but holds no datalist.
@@ -79,7 +81,7 @@ def prepare_datalist(
             modality=modality,
             n_patients=int(phantom_patients),
             images_per_patient=int(phantom_images_per_patient),
-            spatial_dims=2,
+            spatial_dims=int(spatial_dims),
             spatial_size=phantom_size,
             seed=int(seed),
         )

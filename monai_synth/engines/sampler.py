@@ -8,6 +8,7 @@ pieces once and is the :class:`Generator` that the sample grids and
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -61,6 +62,8 @@ def sample_latent_images(
     context: torch.Tensor | None = None,
     context_as_sequence: bool = True,
     verbose: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    decode_roi_size: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Sample one batch of images in model space.
 
@@ -82,6 +85,11 @@ def sample_latent_images(
         context: optional (B, K) extra continuous conditions.
         context_as_sequence: condition shape (B, 1, D) instead of (B, D); must match training.
         verbose: show MONAI's tqdm bar over the sampling steps.
+        autocast_dtype: e.g. ``torch.bfloat16`` to run the networks under CUDA autocast (ignored off a GPU);
+            ``None`` runs in float32.
+        decode_roi_size: latent window of sliding-window decoding
+            (:class:`~monai_synth.inferers.SlidingWindowDecoder`) for latents larger than the autoencoder decodes at
+            once; ``None`` decodes the whole latent in one pass.
 
     Returns:
         (B, C_image, *spatial) float tensor on ``device``.
@@ -98,17 +106,29 @@ def sample_latent_images(
         condition = make_condition(labels, num_classes, context, as_sequence=context_as_sequence).to(device)
     cfg = None if guidance_scale is None or condition is None or float(guidance_scale) == 1.0 else float(guidance_scale)
     diffusion_model, autoencoder = unwrap_model(diffusion_model), unwrap_model(autoencoder)
+    if decode_roi_size is None:
+        decoder = autoencoder
+    else:
+        from monai_synth.inferers import SlidingWindowDecoder  # monai_synth.inferers imports from this package
+
+        decoder = SlidingWindowDecoder(autoencoder, decode_roi_size)
+    on_gpu = torch.device(device).type == "cuda"
+    autocast = (
+        torch.autocast("cuda", dtype=autocast_dtype)
+        if autocast_dtype is not None and on_gpu
+        else contextlib.nullcontext()
+    )
     inferer = LatentDiffusionInferer(scheduler=scheduler, scale_factor=scale_factor_value(scale_factor))
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     noise = torch.randn((batch, *latent_shape), generator=generator).to(device)
-    fork_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
-    with eval_mode(diffusion_model, autoencoder):
+    fork_devices = [torch.device(device)] if on_gpu else []
+    with eval_mode(diffusion_model, autoencoder), autocast:
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(int(seed))
             _set_timesteps(scheduler, int(num_inference_steps), latent_shape, device)
             images = inferer.sample(
                 input_noise=noise,
-                autoencoder_model=autoencoder,
+                autoencoder_model=decoder,
                 diffusion_model=diffusion_model,
                 scheduler=scheduler,
                 conditioning=condition,
@@ -116,7 +136,7 @@ def sample_latent_images(
                 verbose=verbose,
                 cfg=cfg,
             )
-    return images
+    return images.float()
 
 
 class LatentSampler(Generator):
@@ -137,6 +157,8 @@ class LatentSampler(Generator):
         context_as_sequence: condition shape (B, 1, D) instead of (B, D); must match training.
         clip: optional (low, high) clamp of the decoded images (model space is about [-1, 1]).
         verbose: show MONAI's tqdm bar during sampling.
+        autocast_dtype: CUDA autocast dtype of sampling (e.g. ``torch.bfloat16``); ``None``: float32.
+        decode_roi_size: latent window of sliding-window decoding; ``None`` decodes in one pass.
     """
 
     def __init__(
@@ -155,6 +177,8 @@ class LatentSampler(Generator):
         context_as_sequence: bool = True,
         clip: Sequence[float] | None = None,
         verbose: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+        decode_roi_size: Sequence[int] | None = None,
     ) -> None:
         if not labels:
             raise ValueError("LatentSampler needs the model's ordered class names (labels)")
@@ -176,6 +200,8 @@ class LatentSampler(Generator):
         self.context_as_sequence = context_as_sequence
         self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
         self.verbose = verbose
+        self.autocast_dtype = autocast_dtype
+        self.decode_roi_size = None if decode_roi_size is None else tuple(int(r) for r in decode_roi_size)
 
     def _parse_condition(self, condition: Any) -> tuple[int, list[float] | None]:
         extras = None
@@ -230,6 +256,8 @@ class LatentSampler(Generator):
                 context=context,
                 context_as_sequence=self.context_as_sequence,
                 verbose=self.verbose,
+                autocast_dtype=self.autocast_dtype,
+                decode_roi_size=self.decode_roi_size,
             )
             out.append(images.float().cpu())
         images = torch.cat(out)

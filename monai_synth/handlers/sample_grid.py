@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -200,11 +200,17 @@ def write_release_side_by_side(
     path: str | os.PathLike,
     n_per_class: int = 8,
     zoom: int = 3,
+    to_model: Callable[[Any], Any] | None = None,
 ) -> Path:
-    """Write :func:`make_side_by_side` for a release: training images of the datalist next to released PNG images.
+    """Write :func:`make_side_by_side` for a release: training images of the datalist next to released images.
 
     Real images are read with MONAI's ``LoadImage`` and resized to the released size; released ones are listed by
-    the release's ``certificate.csv`` (``file``, ``condition``). Both are shown as stored (8-bit grey levels).
+    the release's ``certificate.csv`` (``file``, ``condition``). Both are shown through the same display mapping:
+    ``to_model`` (the bundle's intensity transform, physical units -> [-1, 1]) then 0..255, so CT in Hounsfield units
+    and PET in SUV are shown as the model sees them; volumes show their middle slice of the last axis.
+
+    Args:
+        to_model: physical units -> model space; ``None`` shows stored values as 8-bit grey levels (ultrasound PNG).
 
     Raises:
         FileNotFoundError: the release has no ``certificate.csv``.
@@ -219,23 +225,36 @@ def write_release_side_by_side(
     if not certificate.is_file():
         raise FileNotFoundError(f"{certificate} does not exist; run the sample stage (it writes the release) first")
     load = LoadImage(image_only=True, ensure_channel_first=True)
+
+    def display(image: Any) -> np.ndarray:
+        # MONAI readers return (x, y[, z]); the picture shows rows as the file does, hence the transpose
+        if to_model is None:
+            grey = np.asarray(image, dtype=np.float64)
+        else:
+            grey = (np.asarray(to_model(image), dtype=np.float64) + 1.0) * 127.5
+        grey = grey[0] if grey.ndim == 3 else grey[0][..., grey.shape[-1] // 2]
+        return np.clip(np.round(grey), 0, 255).astype(np.uint8).T
+
     released: dict[str, list[np.ndarray]] = {str(lb): [] for lb in labels}
+    shape = None
     with open(certificate, newline="") as f:
         for row in csv.DictReader(f):
             cond = str(row["condition"])
             if cond in released and len(released[cond]) < n_per_class:
-                # MONAI readers return (x, y); the picture shows rows as the file does, hence the transpose
-                released[cond].append(np.asarray(load(str(Path(release_dir) / row["file"])))[0].T)
-    size = next((v[0].shape[::-1] for v in released.values() if v), None)  # (x, y) for Resize
-    if size is None:
+                image = load(str(Path(release_dir) / row["file"]))
+                shape = tuple(image.shape[1:]) if shape is None else shape
+                released[cond].append(display(image))
+    if shape is None:
         raise ValueError(f"the release in {release_dir} holds no image of the classes {list(labels)}")
-    resize = Resize(size, mode="area")
+    resize = Resize(shape, mode="area")
     real: dict[str, list[np.ndarray]] = {str(lb): [] for lb in labels}
     for record in load_datalist(datalist_file):
         cond = str(record["label"])
         if cond in real and len(real[cond]) < n_per_class:
-            image = np.asarray(resize(load(record["image"])))[0]
-            real[cond].append(np.clip(np.round(image), 0, 255).astype(np.uint8).T)
+            image = load(record["image"])
+            if tuple(image.shape[1:]) != shape:
+                image = resize(image)
+            real[cond].append(display(image))
     shown = [str(lb) for lb in labels if real[str(lb)] and released[str(lb)]]
     grid = make_side_by_side([real[lb] for lb in shown], [released[lb] for lb in shown], shown, zoom=zoom)
     save_grid_png(grid, path)

@@ -34,6 +34,7 @@ from monai_synth.transforms.dictionary import IntensityScaled
 __all__ = [
     "intensity_transform",
     "intensity_transformd",
+    "intensity_reference",
     "modality_transforms",
     "batch_load",
     "load_with",
@@ -92,6 +93,32 @@ def intensity_transform(modality: str, **kwargs: Any) -> IntensityScale:
         The transform; ``transform.inverse(model_images)`` gives physical units back.
     """
     return instantiate(get_modality(modality).intensity, "default", **kwargs)
+
+
+def intensity_reference(
+    records: Sequence[Mapping[str, Any]], modality: str, **kwargs: Any
+) -> tuple[float, float] | None:
+    """Dataset-level physical range that inverts generated images of a modality scaled per image (MRI percentiles).
+
+    A generated MRI volume has no percentiles of its own, so the release needs the training images' typical ones
+    (the median over ``records``, :meth:`~monai_synth.transforms.array.MRIPercentileScale.reference_from`) to bring it
+    back to the data's units. Modalities with a fixed physical range (CT, PET, ultrasound) need none.
+
+    Args:
+        records: datalist records of the training images (``"image"`` paths).
+        modality: modality key.
+        kwargs: arguments of the modality's intensity transform (e.g. ``lower`` / ``upper`` percentiles).
+
+    Returns:
+        ``(lower_value, upper_value)``, or ``None`` for a modality whose transform has a fixed range.
+    """
+    transform = intensity_transform(modality, **kwargs)
+    if not hasattr(transform, "reference_from"):
+        return None
+    from monai.transforms import LoadImage
+
+    loader = LoadImage(reader=FileTypeReader(), image_only=True)
+    return transform.reference_from([loader(rec["image"]) for rec in records])
 
 
 def intensity_transformd(modality: str, keys: Sequence[str] = ("image",), **kwargs: Any) -> IntensityScaled:

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 from monai.bundle import ConfigWorkflow
-from monai.utils import look_up_option
 
+from monai_synth.configs import MULTI_GPU_OVERLAY, config_files
 from monai_synth.tracking import tracking_uri
 
 __all__ = [
@@ -30,20 +30,18 @@ __all__ = [
     "quickstart_outputs",
 ]
 
-#: Stages of a monai_synth bundle and the config files each one merges, in order (MONAI merges them left to right):
-#: every stage stands on ``common.yaml`` alone, so a stage's settings (e.g. ``val_interval``) are its own.
-STAGES: dict[str, tuple[str, ...]] = {
-    "autoencoder": ("common.yaml", "train_autoencoder.yaml"),
-    "diffusion": ("common.yaml", "train_diffusion.yaml"),
-    "sample": ("common.yaml", "sample.yaml"),
-}
+#: Stages a bundle run goes through, in order; each merges the shared and the bundle's config files
+#: (:func:`monai_synth.configs.config_files`), so a stage's settings (e.g. ``val_interval``) are its own.
+STAGES: tuple[str, ...] = ("autoencoder", "diffusion", "sample")
 
 #: MONAI workflow type of each stage: the training stages must have MONAI's training properties (``train#trainer``,
 #: ...), which ``--tracking mlflow`` and other MONAI tools drive; the release has only metadata properties.
-STAGE_WORKFLOW_TYPES: dict[str, str | None] = {"autoencoder": "train", "diffusion": "train", "sample": None}
-
-#: The overlay layered last on a training stage for DistributedDataParallel (``torchrun``).
-MULTI_GPU_OVERLAY = "multi_gpu.yaml"
+STAGE_WORKFLOW_TYPES: dict[str, str | None] = {
+    "autoencoder": "train",
+    "diffusion": "train",
+    "sample": None,
+    "evaluate": None,
+}
 
 
 def as_bool(value: Any, name: str) -> bool:
@@ -68,17 +66,8 @@ def as_bool(value: Any, name: str) -> bool:
 
 
 def stage_config_files(bundle_root: str | os.PathLike, stage: str, multi_gpu: bool = False) -> list[str]:
-    """Config files of one stage, in merge order (optionally with the multi-GPU overlay of the training stages).
-
-    Raises:
-        ValueError: an unknown stage, or ``multi_gpu`` for the release (it runs on one device).
-    """
-    names = list(look_up_option(stage, STAGES))
-    if multi_gpu:
-        if stage == "sample":
-            raise ValueError("the release stage runs on one device; multi_gpu applies to the training stages")
-        names.append(MULTI_GPU_OVERLAY)
-    return [str(Path(bundle_root) / "configs" / n) for n in names]
+    """Config files of one stage, in merge order (see :func:`monai_synth.configs.config_files`)."""
+    return config_files(bundle_root, stage, multi_gpu=multi_gpu)
 
 
 def run_stage(
@@ -93,7 +82,7 @@ def run_stage(
 
     Args:
         bundle_root: the bundle folder.
-        stage: ``"autoencoder"``, ``"diffusion"`` or ``"sample"``.
+        stage: ``"autoencoder"``, ``"diffusion"``, ``"sample"`` or ``"evaluate"``.
         overrides: config id -> value pairs, as on the ``monai.bundle run`` command line.
 
     Raises:
@@ -166,7 +155,10 @@ def run_quickstart(
     datalist_file = workflow.parser.get_parsed_content("datalist_file")
     from monai_synth.handlers.sample_grid import write_release_side_by_side
 
-    write_release_side_by_side(datalist_file, outputs["synthetic release"], labels, outputs["side by side"])
+    to_model = workflow.parser.get_parsed_content("intensity_transform")
+    write_release_side_by_side(
+        datalist_file, outputs["synthetic release"], labels, outputs["side by side"], to_model=to_model
+    )
     times["side-by-side picture"] = time.time() - t0
     print(
         f"\n[quickstart] finished in {time.time() - start:.0f} s (CPU {time.process_time() - cpu0:.0f} s): "

@@ -205,8 +205,9 @@ def test_diffusion_stage_has_every_required_bundle_property(chain):
 def test_quickstart_config_overrides_only_ids_the_stages_define():
     parser = ConfigParser.load_config_file(str(BUNDLE / "configs" / "quickstart.yaml"))
     stage_ids = set()
-    for name in {name for files in workflows.STAGES.values() for name in files}:
-        stage_ids |= set(ConfigParser.load_config_file(str(BUNDLE / "configs" / name)))
+    for stage in workflows.STAGES:
+        for path in workflows.stage_config_files(BUNDLE, stage):
+            stage_ids |= set(ConfigParser.load_config_file(path))
     unknown = sorted(set(parser["overrides"]) - stage_ids)
     assert not unknown, f"quickstart overrides ids no stage config defines: {unknown}"
     assert all(not str(v).startswith(("$", "@", "%")) for v in parser["overrides"].values())
@@ -367,7 +368,7 @@ def test_evaluate_config_reports_the_bundles_release_and_logs_it_to_mlflow(chain
     overrides = {**chain["overrides"], "output_dir": str(out), "dataset_dir": None, "utility_steps": 5,
                  "reid_steps": 5, "bootstrap": 5, "permutations": 5}  # fmt: skip
     workflow = ConfigWorkflow(
-        config_file=[str(BUNDLE / "configs" / "common.yaml"), str(BUNDLE / "configs" / "evaluate.yaml")],
+        config_file=workflows.stage_config_files(BUNDLE, "evaluate"),
         meta_file=str(BUNDLE / "configs" / "metadata.json"),
         logging_file=False,
         workflow_type=None,
@@ -471,13 +472,24 @@ def test_dataset_dir_none_on_the_monai_command_line_trains_on_a_phantom_cohort(t
         "device": "cpu",
     }
     args = [f"--{k}={v}" for k, v in small.items()]
+    # the package under test, also when another copy is installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BUNDLE.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    # the documented `--config_file "$(python -m monai_synth.configs . autoencoder)"`
+    listed = subprocess.run(
+        [sys.executable, "-m", "monai_synth.configs", ".", "autoencoder"],
+        cwd=BUNDLE,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     command = [
         sys.executable,
         "-m",
         "monai.bundle",
         "run",
         "--config_file",
-        "['configs/common.yaml','configs/train_autoencoder.yaml']",
+        listed,
         "--bundle_root",
         ".",
         "--output_dir",
@@ -486,8 +498,6 @@ def test_dataset_dir_none_on_the_monai_command_line_trains_on_a_phantom_cohort(t
         "None",
         *args,
     ]
-    # the package under test, also when another copy is installed
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BUNDLE.parents[1]), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "phantom_cohort" / "datalist.csv").is_file()

@@ -14,6 +14,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from monai_synth.configs import config_files
+
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
 
@@ -30,7 +32,7 @@ NARROW = {
 
 def _parser(bundle: Path, **overrides) -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "common.yaml"))
+    parser.read_config(config_files(bundle, "sample"))
     parser["bundle_root"] = str(bundle)
     for key, value in overrides.items():
         parser[key] = value
@@ -59,7 +61,10 @@ def test_metadata_describes_the_configured_networks(bundle):
 
     image = meta["autoencoder_data_format"]["inputs"]["image"]
     assert image["num_channels"] == parser["autoencoder_def"]["in_channels"]
+    assert image["modality"] == meta["modality"]
     assert image["spatial_shape"] == list(get("spatial_size"))
+    assert len(image["spatial_shape"]) == get("spatial_dims")
+    assert meta.get("spatial_dims", 2) == get("spatial_dims")
     assert meta["autoencoder_data_format"]["outputs"]["pred"]["spatial_shape"] == image["spatial_shape"]
 
     net = meta["network_data_format"]
@@ -77,7 +82,7 @@ def test_metadata_describes_the_configured_networks(bundle):
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
 def test_networks_accept_the_inputs_their_metadata_describes(bundle):
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
-    levels = len(_parser(bundle)["autoencoder_channels"])
+    levels = len(_parser(bundle).get_parsed_content("autoencoder_channels"))
     parser = _parser(bundle, autoencoder_channels=[4] * levels, **NARROW)
 
     net = meta["network_data_format"]
@@ -90,3 +95,24 @@ def test_networks_accept_the_inputs_their_metadata_describes(bundle):
     with torch.no_grad():
         recon = parser.get_parsed_content("autoencoder_def").reconstruct(_example(ae["inputs"]["image"], batch=1))
     assert recon.shape == (1, ae["outputs"]["pred"]["num_channels"], *ae["outputs"]["pred"]["spatial_shape"])
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_metadata_units_and_value_range_are_the_intensity_transforms(bundle):
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    parser = _parser(bundle)
+    get = parser.get_parsed_content
+    units = meta.get("physical_units")
+    if units is None:  # a bundle without the block must say its unit in the image description
+        assert get("modality_info").physical_unit.split()[0] in meta["image_classes"]
+        return
+    assert units["unit"] == get("modality_info").physical_unit
+    kwargs = {k: v for k, v in parser["intensity_kwargs"].items() if not str(v).startswith("$")}
+    from monai_synth.transforms.presets import intensity_transform
+
+    transform = intensity_transform(get("modality"), **kwargs)
+    if units["value_range"]:  # a fixed physical range: model space [-1, 1] is exactly it
+        ends = transform.inverse(torch.tensor([[-1.0, 1.0]]))
+        assert ends.flatten().tolist() == pytest.approx(units["value_range"])
+    else:  # scaled per image (MRI): generated images are inverted with a reference from the training images
+        assert any(str(v).startswith("$") for v in parser["intensity_kwargs"].values())

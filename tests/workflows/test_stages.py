@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from monai_synth.privacy.release import GuardedRelease
-from monai_synth.workflows import as_bool
+from monai_synth.workflows import as_bool, stage_config_files
 
 
 @pytest.mark.parametrize(
@@ -36,6 +36,6 @@ def test_mlflow_false_on_the_command_line_switches_tracking_off():
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(Path(__file__).parents[2] / "bundles/breast_us_ldit/configs/common.yaml"))
+    parser.read_config(stage_config_files(Path(__file__).parents[2] / "bundles/breast_us_ldit", "sample"))
     parser["mlflow"] = "false"  # what `python -m monai.bundle run --mlflow false` sets
     assert parser.get_parsed_content("use_mlflow") is False
