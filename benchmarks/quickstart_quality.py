@@ -1,4 +1,4 @@
-"""Does the quickstart's release look like breast ultrasound of its class? Two independent measures, printed side by side.
+"""Does a quickstart's release look like its modality and class? Two independent measures, printed side by side.
 
 - class: a small CNN trained on real phantoms of new patients classifies real held-out phantoms (other new patients)
   and the released images; the release passes at >= 0.8 x the real accuracy.
@@ -6,10 +6,13 @@
   set (as many real as synthetic images, per class); 0.5 is indistinguishable, the release passes at <= 0.9. The same
   test between two real cohorts is the floor.
 
-    python benchmarks/quickstart_quality.py --release quickstart_output/release
+    python benchmarks/quickstart_quality.py --release quickstart_output/release            # breast ultrasound
+    python benchmarks/quickstart_quality.py --modality ct --release ct_output/release     # CT, MRI (mri), PET (pet)
 
-"Real" here always means phantoms the generator never saw (other patient indices and seeds than the quickstart's
-cohort), quantised to 8-bit grey levels like the cohort's PNGs. The functions are also imported by
+"Real" here always means 2D phantoms of the modality that the generator never saw (other patient indices and seeds
+than the quickstart's cohort), stored as the release stores them (ultrasound: 8-bit grey levels like the cohort's
+PNGs; CT / MRI / PET: float physical units like the NIfTI release). Real and released images are both brought to
+model space [-1, 1] by the modality's intensity transform, as the bundle's loading chain does. The functions are also imported by
 ``benchmarks/diffusion_recipe.py``, which scores unguarded samples the same way.
 """
 
@@ -27,35 +30,56 @@ import torch.nn.functional as F
 
 from monai_synth.data.modalities import get_modality
 from monai_synth.data.phantoms import generate_cohort
+from monai_synth.transforms.presets import intensity_transform
 
-LABELS = list(get_modality("us").labels)
+#: the modality measured (``--modality``; :func:`set_modality`) and its class names, in class-id order
+MODALITY = "us"
+LABELS = list(get_modality(MODALITY).labels)
+
+
+def set_modality(modality: str) -> None:
+    """Measure releases of ``modality``: its phantoms, labels and intensity transform (``LABELS`` changes in place)."""
+    global MODALITY
+    MODALITY = get_modality(modality).name
+    LABELS[:] = list(get_modality(MODALITY).labels)
+
+
+def to_model(image: np.ndarray) -> np.ndarray:
+    """A physical image as the bundle's loading chain maps it to model space (ultrasound: 8-bit storage first)."""
+    if MODALITY == "us":
+        image = np.clip(np.round(image), 0, 255)
+    return np.asarray(intensity_transform(MODALITY)(np.asarray(image, dtype=np.float32)), dtype=np.float32)
+
+
 #: patient index ranges of the real cohorts: far from the quickstart's patients 0..N so none is a training patient
 FIRST_PATIENT = {"classifier_train": 100_000, "classifier_test": 200_000, "realism": 300_000, "realism_b": 400_000}
 
 
 def real_cohort(n_per_class: int, size: int, role: str, images_per_patient: int = 1, seed: int = 7):
-    """``(images in [-1, 1], class ids)`` of phantoms of new patients, 8-bit quantised like the cohort's PNG files."""
+    """``(images in [-1, 1], class ids)`` of 2D phantoms of new patients, stored as the release stores them."""
     n_patients = int(np.ceil(n_per_class * len(LABELS) / images_per_patient))
-    recs = generate_cohort("us", n_patients, images_per_patient, 2, size, seed=seed, first_patient=FIRST_PATIENT[role])
-    x = np.stack([np.clip(np.round(r["image"]), 0, 255) for r in recs]).astype(np.float32) / 127.5 - 1.0
+    recs = generate_cohort(
+        MODALITY, n_patients, images_per_patient, 2, size, seed=seed, first_patient=FIRST_PATIENT[role]
+    )
+    x = np.stack([to_model(r["image"]) for r in recs]).astype(np.float32)
     y = np.asarray([LABELS.index(r["label"]) for r in recs])
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def load_release(release_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Released images (in [-1, 1], the model's grey-level mapping) and their class ids, read back from the PNGs."""
+    """Released images (in [-1, 1], the model's intensity mapping) and their class ids, read back from their files."""
     from monai.transforms import LoadImage
 
     release_dir = Path(release_dir)
-    load = LoadImage(image_only=True, ensure_channel_first=True, reader="PILReader")
+    load = LoadImage(image_only=True, ensure_channel_first=True, reader="PILReader" if MODALITY == "us" else None)
     images, labels = [], []
     with open(release_dir / "certificate.csv", newline="") as f:
         for row in csv.DictReader(f):
-            images.append(np.asarray(load(str(release_dir / row["file"])), dtype=np.float32)[:1])
+            images.append(to_model(np.asarray(load(str(release_dir / row["file"])), dtype=np.float32)[:1]))
             labels.append(LABELS.index(str(row["condition"])))
     if not images:
         raise ValueError(f"{release_dir} released no image")
-    return torch.from_numpy(np.stack(images) / 127.5 - 1.0).float(), torch.as_tensor(labels)
+    return torch.from_numpy(np.stack(images)).float(), torch.as_tensor(labels)
 
 
 class SmallCNN(torch.nn.Sequential):
@@ -121,7 +145,7 @@ def real_classifiers(
     ``per_class`` training images of each class (two studies per patient), half as many test images of other
     patients. Trained once per setting and process, so that several sample sets are scored by the same classifiers.
     """
-    key = (size, seeds, per_class, epochs)
+    key = (MODALITY, size, seeds, per_class, epochs)
     if key not in _CLASSIFIERS:
         x_tr, y_tr = real_cohort(per_class, size, "classifier_train", images_per_patient=2)
         x_te, y_te = real_cohort(max(1, per_class // 2), size, "classifier_test")
@@ -177,6 +201,7 @@ def realism_scores(samples: torch.Tensor, labels: torch.Tensor, size: int, epoch
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--release", required=True, help="a release folder (certificate.csv + images)")
+    parser.add_argument("--modality", default="us", help="modality of the release: us (default), ct, mri or pet")
     parser.add_argument("--seeds", type=int, default=3, help="classifier seeds averaged for the class measure")
     parser.add_argument("--train-per-class", type=int, default=80, help="real training images per class")
     parser.add_argument("--epochs", type=int, default=20, help="classifier training epochs")
@@ -184,11 +209,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    set_modality(args.modality)
     t0 = time.time()
     x, y = load_release(args.release)
     size = x.shape[-1]
     counts = np.bincount(y.numpy(), minlength=len(LABELS))
-    print(f"release: {len(x)} images of {size} x {x.shape[-2]} px, per class {dict(zip(LABELS, counts.tolist()))}")
+    print(
+        f"{MODALITY} release: {len(x)} images of {size} x {x.shape[-2]} px, per class {dict(zip(LABELS, counts.tolist()))}"
+    )
     scores = {
         "n_released": len(x),
         "per_class": dict(zip(LABELS, counts.tolist())),

@@ -37,9 +37,32 @@ def test_scores_a_release_and_writes_json(tmp_path):
     cmd += ["--train-per-class", "4", "--epochs", "1", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "release: 10 images of 16 x 16 px" in proc.stdout
+    assert "us release: 10 images of 16 x 16 px" in proc.stdout
     scores = json.loads(out.read_text())
     assert scores["n_released"] == 10 and scores["per_class"] == {k: 2 for k in ("3", "4a", "4b", "4c", "5")}
     for key in ("real_accuracy", "synthetic_accuracy", "realism_accuracy", "real_vs_real_accuracy"):
         assert 0.0 <= scores[key] <= 1.0, (key, scores[key])
     assert "real-vs-synthetic accuracy" in proc.stdout
+
+
+def test_scores_a_ct_release_in_hounsfield_units(tmp_path):
+    import nibabel as nib
+
+    release = tmp_path / "release"
+    (release / "images").mkdir(parents=True)
+    records = generate_cohort("ct", 6, 1, 2, 16, seed=3, first_patient=900_000)
+    with open(release / "certificate.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "condition"])
+        for i, r in enumerate(records):
+            name = f"images/ct_{i:05d}.nii.gz"
+            nib.save(nib.Nifti1Image(r["image"][0].astype(np.float32), np.eye(4)), release / name)
+            writer.writerow([name, r["label"]])
+    out = tmp_path / "scores.json"
+    cmd = [sys.executable, str(SCRIPT), "--modality", "ct", "--release", str(release), "--seeds", "1"]
+    cmd += ["--train-per-class", "4", "--epochs", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ct release: 6 images of 16 x 16 px" in proc.stdout
+    scores = json.loads(out.read_text())
+    assert set(scores["per_class"]) == {"normal", "nodule"} and sum(scores["per_class"].values()) == 6
