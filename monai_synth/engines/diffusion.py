@@ -100,6 +100,8 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         latent_key: batch key of the latents.
         context_name: batch key of extra continuous conditions ((B, K) floats) or ``None``.
         context_as_sequence: shape the condition (B, 1, D) instead of (B, D).
+        context_transform: applied to the extra conditions first, e.g. the training split's
+            :class:`~monai_synth.engines.conditions.ConditionScaler`.
     """
 
     PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -116,6 +118,7 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         latent_key: str = "latent",
         context_name: str | None = None,
         context_as_sequence: bool = True,
+        context_transform: Any = None,
     ) -> None:
         super().__init__(num_train_timesteps=int(num_train_timesteps), condition_name=condition_name)
         if prediction_type not in self.PREDICTION_TYPES:
@@ -145,6 +148,7 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         self.latent_key = latent_key
         self.context_name = context_name
         self.context_as_sequence = context_as_sequence
+        self.context_transform = context_transform
 
     def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "v_prediction":
@@ -162,6 +166,8 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
             if self.context_name not in batchdata:
                 raise KeyError(f"batch has no {self.context_name!r} key (context_name); it has {sorted(batchdata)}")
             context = torch.as_tensor(batchdata[self.context_name], dtype=torch.float32)
+            if self.context_transform is not None:
+                context = self.context_transform(context)
         labels = torch.as_tensor(batchdata[self.condition_name])
         cond = make_condition(labels, self.num_classes, context, as_sequence=self.context_as_sequence)
         return drop_condition(cond, self.cond_drop_prob).to(device)
@@ -196,8 +202,8 @@ class RectifiedFlowPrepareBatch(LatentDiffusionPrepareBatch):
 
     Args:
         scheduler: the ``RFlowScheduler`` shared with the inferer and the sampler.
-        num_classes, condition_name, cond_drop_prob, scale_factor, latent_key, context_name, context_as_sequence:
-            as in :class:`LatentDiffusionPrepareBatch`.
+        num_classes, condition_name, cond_drop_prob, scale_factor, latent_key, context_name, context_as_sequence,
+            context_transform: as in :class:`LatentDiffusionPrepareBatch`.
     """
 
     def __init__(
@@ -210,6 +216,7 @@ class RectifiedFlowPrepareBatch(LatentDiffusionPrepareBatch):
         latent_key: str = "latent",
         context_name: str | None = None,
         context_as_sequence: bool = True,
+        context_transform: Any = None,
     ) -> None:
         if not isinstance(scheduler, RFlowScheduler):
             raise TypeError(f"RectifiedFlowPrepareBatch needs a monai RFlowScheduler, got {type(scheduler).__name__}")
@@ -224,6 +231,7 @@ class RectifiedFlowPrepareBatch(LatentDiffusionPrepareBatch):
             latent_key=latent_key,
             context_name=context_name,
             context_as_sequence=context_as_sequence,
+            context_transform=context_transform,
         )
 
     def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:

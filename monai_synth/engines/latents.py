@@ -286,6 +286,7 @@ def ensure_latent_cache(
     scale_factor: float | ScaleFactor,
     device: str | torch.device = "cpu",
     batch_size: int = 32,
+    context_keys: Sequence[str] = (),
 ) -> str:
     """Encode ``dataset`` into a latent cache at ``path`` unless a cache of the same autoencoder checkpoint is there.
 
@@ -293,6 +294,9 @@ def ensure_latent_cache(
     autoencoder is re-encoded rather than silently reused, and an up-to-date one is kept so re-running stage 2
     (e.g. to resume it) does not pay for encoding again. In a ``torch.distributed`` run, rank 0 writes the cache
     and the other ranks wait for it at a barrier.
+
+    ``context_keys`` (numeric datalist columns, e.g. ``lesion_size_mm``) are stored raw with each latent; a cache
+    with other keys is encoded again.
 
     Returns:
         The cache path.
@@ -302,7 +306,7 @@ def ensure_latent_cache(
         torch.distributed.barrier()  # rank 0 is writing the cache
         return str(path)
     try:
-        if _cache_is_current(path, autoencoder_checkpoint, labels):
+        if _cache_is_current(path, autoencoder_checkpoint, labels, context_keys):
             logger.info(f"latent cache {path} is up to date with {autoencoder_checkpoint}; reusing it")
             return str(path)
         loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=0)
@@ -317,6 +321,7 @@ def ensure_latent_cache(
             autoencoder_checkpoint=autoencoder_checkpoint,
             labels=list(labels),
             scale_factor=scale_factor,
+            context_keys=list(context_keys),
         )
         logger.info(f"encoded {len(dataset)} images into the latent cache {path}")
         return str(path)
@@ -326,7 +331,10 @@ def ensure_latent_cache(
 
 
 def _cache_is_current(
-    path: str | os.PathLike, autoencoder_checkpoint: str | os.PathLike, labels: Sequence[str]
+    path: str | os.PathLike,
+    autoencoder_checkpoint: str | os.PathLike,
+    labels: Sequence[str],
+    context_keys: Sequence[str] = (),
 ) -> bool:
     """Whether ``path`` holds a readable cache of this autoencoder checkpoint and label list (a damaged one is not)."""
     path = Path(path)
@@ -337,8 +345,11 @@ def _cache_is_current(
     except Exception:  # a damaged cache is rebuilt
         return False
     current = cached.get("autoencoder_fingerprint") == checkpoint_fingerprint(autoencoder_checkpoint)
-    if not (current and list(cached.get("label_names", [])) == list(labels)):
-        logger.info(f"latent cache {path} was made with another autoencoder checkpoint or labels; encoding again")
+    same_keys = list(cached.get("context_keys") or []) == list(context_keys)
+    if not (current and list(cached.get("label_names", [])) == list(labels) and same_keys):
+        logger.info(
+            f"latent cache {path} was made with another autoencoder checkpoint, labels or conditions; encoding again"
+        )
         return False
     return True
 

@@ -159,6 +159,10 @@ class LatentSampler(Generator):
         verbose: show MONAI's tqdm bar during sampling.
         autocast_dtype: CUDA autocast dtype of sampling (e.g. ``torch.bfloat16``); ``None``: float32.
         decode_roi_size: latent window of sliding-window decoding; ``None`` decodes in one pass.
+        context_transform: applied to the requested values of ``context_keys`` first, e.g. the training split's
+            :class:`~monai_synth.engines.conditions.ConditionScaler` the model was trained with.
+        context_defaults: values of ``context_keys`` for a condition that does not give them (e.g. a label alone,
+            as the training sample grids ask), such as the training split's means; ``None`` requires them.
     """
 
     def __init__(
@@ -179,6 +183,8 @@ class LatentSampler(Generator):
         verbose: bool = False,
         autocast_dtype: torch.dtype | None = None,
         decode_roi_size: Sequence[int] | None = None,
+        context_transform: Any = None,
+        context_defaults: Mapping[str, float] | None = None,
     ) -> None:
         if not labels:
             raise ValueError("LatentSampler needs the model's ordered class names (labels)")
@@ -201,6 +207,8 @@ class LatentSampler(Generator):
         self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
         self.verbose = verbose
         self.autocast_dtype = autocast_dtype
+        self.context_transform = context_transform
+        self.context_defaults = None if context_defaults is None else {k: float(v) for k, v in context_defaults.items()}
         self.decode_roi_size = None if decode_roi_size is None else tuple(int(r) for r in decode_roi_size)
 
     def _parse_condition(self, condition: Any) -> tuple[int, list[float] | None]:
@@ -208,11 +216,14 @@ class LatentSampler(Generator):
         if isinstance(condition, Mapping):
             if "label" not in condition:
                 raise ValueError(f"condition mapping needs a 'label' key, got {sorted(condition)}")
-            missing = [k for k in self.context_keys if k not in condition]
+            missing = [k for k in self.context_keys if k not in condition and k not in (self.context_defaults or {})]
             if missing:
                 raise ValueError(f"condition is missing the continuous conditions {missing}")
-            extras = [float(condition[k]) for k in self.context_keys] if self.context_keys else None
+            given = {**(self.context_defaults or {}), **condition}
+            extras = [float(given[k]) for k in self.context_keys] if self.context_keys else None
             condition = condition["label"]
+        elif self.context_keys and self.context_defaults is not None:
+            extras = [self.context_defaults[k] for k in self.context_keys]
         elif self.context_keys:
             raise ValueError(f"this model also needs {self.context_keys}; pass condition as a dict with those keys")
         return int(encode_labels([condition], self.labels)[0]), extras
@@ -240,6 +251,8 @@ class LatentSampler(Generator):
         for start in range(0, n, self.batch_size):
             size = min(self.batch_size, n - start)
             context = None if extras is None else torch.tensor([extras] * size, dtype=torch.float32)
+            if context is not None and self.context_transform is not None:
+                context = self.context_transform(context)
             images = sample_latent_images(
                 diffusion_model=self.diffusion_model,
                 autoencoder=self.autoencoder,

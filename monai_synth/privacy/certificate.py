@@ -85,6 +85,9 @@ def certificate_rows(records: Sequence[SampleRecord], calibrations: Mapping[str,
             "attempt": r.attempt,
             "guidance_scale": r.guidance,
         }
+        if isinstance(r.condition, Mapping):  # a class with numeric conditions: one column each
+            row["condition"] = _plain(r.condition.get("label"))
+            row.update({f"condition_{k}": _plain(v) for k, v in r.condition.items() if k != "label"})
         # no source file name: candidates' names can hold patient ids; the private audit keeps them
         for space, dist in r.distances.items():
             row[f"distance_{space}"] = round(float(dist), 6)

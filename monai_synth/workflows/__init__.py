@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from monai_synth.workflows.release import calibrated_safeguard, guarded_release, release_grid
+from monai_synth.workflows.release import calibrated_safeguard, guarded_release, release_grid, release_requests
 from monai_synth.workflows.stages import (
     STAGES,
     as_bool,
@@ -19,6 +19,7 @@ __all__ = [
     "guarded_release",
     "quickstart_outputs",
     "release_grid",
+    "release_requests",
     "run_quickstart",
     "run_stage",
     "stage_config_files",

@@ -26,7 +26,7 @@ from monai_synth.privacy.safeguard import PrivacySafeguard, build_safeguard
 from monai_synth.privacy.sampling import guarded_sample
 from monai_synth.tracking import log_release
 
-__all__ = ["calibrated_safeguard", "guarded_release", "release_grid"]
+__all__ = ["calibrated_safeguard", "guarded_release", "release_grid", "release_requests"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,68 @@ def calibrated_safeguard(
     return safeguard
 
 
+def _label_of(condition: Any) -> Any:
+    return condition.get("label") if isinstance(condition, Mapping) else condition
+
+
+def release_requests(
+    labels: Sequence[str],
+    num_per_class: int,
+    condition_keys: Sequence[str] = (),
+    defaults: Mapping[str, float] | None = None,
+    conditions_csv: str | os.PathLike | None = None,
+) -> list[tuple[Any, int]]:
+    """What a release asks the generator for: ``(condition, count)`` pairs.
+
+    Without ``conditions_csv``: ``num_per_class`` images of every label, with the numeric conditions (if the model
+    has any) at ``defaults`` (the training split's means). With it: one request per CSV row, columns ``label``, one
+    per condition key and optionally ``count`` (images of that row, default 1), so each image's values are asked
+    for explicitly and recorded in the certificate.
+
+    Raises:
+        ValueError: an unknown label, a missing condition column or a value that is not a finite number (naming the
+            row), or a model without numeric conditions given a CSV with extra columns it cannot use.
+    """
+    keys = [str(k) for k in condition_keys]
+    if not conditions_csv:
+        if int(num_per_class) < 1:
+            raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
+        if not keys:
+            return [(label, int(num_per_class)) for label in labels]
+        fill = {k: float((defaults or {})[k]) for k in keys}
+        return [({"label": label, **fill}, int(num_per_class)) for label in labels]
+    import csv
+
+    with open(conditions_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{conditions_csv} lists no conditions; write one row per request (label, {', '.join(keys)})")
+    unused = sorted(set(rows[0]) - {"label", "count", *keys})
+    if unused:
+        raise ValueError(
+            f"{conditions_csv} has columns {unused} the model is not conditioned on (condition_keys {keys})"
+        )
+    requests: list[tuple[Any, int]] = []
+    for i, row in enumerate(rows, start=2):  # line numbers as a spreadsheet shows them
+        label = str(row.get("label", "")).strip()
+        if label not in [str(v) for v in labels]:
+            raise ValueError(f"{conditions_csv} line {i}: label {label!r} is not one of {list(labels)}")
+        condition: dict[str, Any] = {"label": label}
+        for key in keys:
+            try:
+                value = float(row[key])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{conditions_csv} line {i}: {key} must be a number, got {row.get(key)!r}") from None
+            if not np.isfinite(value):
+                raise ValueError(f"{conditions_csv} line {i}: {key} = {value} is not finite")
+            condition[key] = value
+        count = int(row.get("count") or 1)
+        if count < 1:
+            raise ValueError(f"{conditions_csv} line {i}: count must be >= 1, got {count}")
+        requests.append((condition if keys else label, count))
+    return requests
+
+
 def release_grid(
     images: Sequence[torch.Tensor], conditions: Sequence[Any], labels: Sequence[str], per_class: int
 ) -> np.ndarray | None:
@@ -132,7 +194,7 @@ def release_grid(
     """
     rows = []
     for label in labels:
-        picked = [img for img, cond in zip(images, conditions) if str(cond) == str(label)]
+        picked = [img for img, cond in zip(images, conditions) if str(_label_of(cond)) == str(label)]
         if picked:
             rows.append(torch.stack([torch.as_tensor(i) for i in picked[: int(per_class)]]))
     if not rows:
@@ -158,6 +220,8 @@ def guarded_release(
     grid_per_class: int = 8,
     mlflow: Mapping[str, Any] | None = None,
     spacing: Sequence[float] | None = None,
+    requests: Sequence[tuple[Any, int]] | None = None,
+    conditions: Mapping[str, Any] | None = None,
 ) -> dict:
     """Sample every class through the privacy safeguard and write the release, its certificate and a sample grid.
 
@@ -188,6 +252,9 @@ def guarded_release(
             or ``None``.
         spacing: voxel size in mm of the released NIfTI / DICOM images, the training images' model-space spacing
             (:func:`monai_synth.data.geometry.model_spacing`); ``None`` writes 1 mm.
+        requests: ``(condition, count)`` pairs (:func:`release_requests`) in place of ``num_per_class`` of every
+            label, e.g. per-image numeric conditions; each released image's values are in its certificate row.
+        conditions: how the numeric conditions were used (keys, training mean / std), recorded in the certificate.
 
     Returns:
         The certificate summary plus ``release_dir``, ``thresholds``, ``sample_grid`` and ``private_audit``.
@@ -195,8 +262,10 @@ def guarded_release(
     Raises:
         ValueError: ``num_per_class`` below 1.
     """
-    if int(num_per_class) < 1:
-        raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
+    if requests is None:
+        if int(num_per_class) < 1:
+            raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
+        requests = [(label, int(num_per_class)) for label in labels]
     modality = release.modality.name
     if (encoder.fmt, encoder.modality.name) != (release.fmt, modality):
         raise ValueError(
@@ -206,7 +275,7 @@ def guarded_release(
     result = guarded_sample(
         sampler,
         safeguard,
-        [(label, int(num_per_class)) for label in labels],
+        list(requests),
         max_retries=int(max_retries),
         seed=int(seed),
         guidance_scale=guidance_scale,
@@ -222,7 +291,12 @@ def guarded_release(
         release.finish(
             safeguard,
             fingerprints=fingerprints,
-            extra={"modality": modality, "format": release.fmt, "guidance_scale": guidance_scale},
+            extra={
+                "modality": modality,
+                "format": release.fmt,
+                "guidance_scale": guidance_scale,
+                **({"conditions": dict(conditions)} if conditions else {}),
+            },
         )
     grid_path = None
     if sample_grid:
