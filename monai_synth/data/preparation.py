@@ -73,7 +73,9 @@ def prepare_datalist(
         # rank 0 writes the cohort (the other ranks of a distributed run write nothing) and the others wait for it
         path = None
         if torch.distributed.get_rank() == 0:
-            path = _phantom_cohort(cohort_dir, modality, phantom_patients, phantom_images_per_patient, phantom_size, seed)
+            path = _phantom_cohort(
+                cohort_dir, modality, phantom_patients, phantom_images_per_patient, phantom_size, seed
+            )
         torch.distributed.barrier()
         return path or str(existing.resolve())
     return _phantom_cohort(cohort_dir, modality, phantom_patients, phantom_images_per_patient, phantom_size, seed)

@@ -54,7 +54,9 @@ def shard_requests(
     1)`` seeds: rank ``r`` starts ``r`` such ranges after ``seed`` and no seed is drawn by two ranks. With one process
     this is ``(requests, seed)`` unchanged.
     """
-    share = [(cond, int(count) // world_size + (1 if rank < int(count) % world_size else 0)) for cond, count in requests]
+    share = [
+        (cond, int(count) // world_size + (1 if rank < int(count) % world_size else 0)) for cond, count in requests
+    ]
     return share, int(seed) + rank * len(requests) * (int(max_retries) + 1)
 
 
@@ -279,7 +281,9 @@ def guarded_release(
             f"{modality}; build both from the same release_format and modality"
         )
     rank, world = _world()
-    share, first_seed = shard_requests([(label, int(num_per_class)) for label in labels], rank, world, seed, max_retries)
+    share, first_seed = shard_requests(
+        [(label, int(num_per_class)) for label in labels], rank, world, seed, max_retries
+    )
     result = guarded_sample(
         sampler,
         safeguard,
