@@ -62,6 +62,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 fixed = getattr(checkpoint.save_handler, "filename", None)
                 checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, filename=fixed)
         self._in_iteration = False
+        self._started_at: int | None = None  # iteration at STARTED, once the resumed state is loaded
 
     def attach(self, engine: Engine) -> None:
         from monai_synth.engines.resume import remove_leftovers
@@ -70,6 +71,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         super().attach(engine)
         engine.add_event_handler(Events.ITERATION_STARTED, self._set_in_iteration, True)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._set_in_iteration, False)
+        engine.add_event_handler(Events.STARTED, self._note_start)
         if self._final_checkpoint is not None:
             self._handle_exceptions_first(engine)
 
@@ -86,6 +88,22 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def _set_in_iteration(self, engine: Engine, value: bool) -> None:
         self._in_iteration = value
+
+    def _note_start(self, engine: Engine) -> None:
+        self._started_at = int(engine.state.iteration)
+
+    def completed(self, engine: Engine) -> None:
+        """Save the final checkpoint, unless this run trained nothing and the final file is already there.
+
+        Re-running a stage that had finished resumes at its last epoch and completes at once; writing the final file
+        again would change its bytes (and the fingerprint later stages and releases were tied to) for nothing.
+        """
+        final = Path(self.save_dir) / self._final_filename if self._final_filename else None
+        trained = self._started_at is None or int(engine.state.iteration) != self._started_at
+        if not trained and final is not None and final.is_file():
+            engine.logger.info(f"nothing trained in this run; kept the final checkpoint {final}")
+            return
+        super().completed(engine)
 
     def interval_completed(self, engine: Engine) -> None:
         super().interval_completed(engine)

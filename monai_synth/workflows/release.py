@@ -331,7 +331,7 @@ def guarded_release(
         f"({summary.get('rejected')} rejected as too close to a training image) into {release.out_dir}"
     )
     if mlflow:
-        log_release(mlflow, summary, release.out_dir, grid_path)
+        log_release(mlflow, summary, release.out_dir, grid_path, fingerprints=fingerprints)
     if world > 1:
         torch.distributed.broadcast_object_list([summary], src=0)
     return summary
