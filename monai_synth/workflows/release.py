@@ -235,6 +235,7 @@ def guarded_release(
     grid_per_class: int = 8,
     mlflow: Mapping[str, Any] | None = None,
     spacing: Sequence[float] | None = None,
+    direction: Sequence[Sequence[float]] | None = None,
 ) -> dict:
     """Sample every class through the privacy safeguard and write the release, its certificate and a sample grid.
 
@@ -265,6 +266,8 @@ def guarded_release(
             or ``None``.
         spacing: voxel size in mm of the released NIfTI / DICOM images, the training images' model-space spacing
             (:func:`monai_synth.data.geometry.model_spacing`); ``None`` writes 1 mm.
+        direction: direction cosines of the released images' axes, the training images' model-space orientation
+            (:func:`monai_synth.data.geometry.model_direction`); ``None`` writes axes along R, A, S.
 
     Returns:
         The certificate summary plus ``release_dir``, ``thresholds``, ``sample_grid`` and ``private_audit``.
@@ -304,7 +307,7 @@ def guarded_release(
     released = iter(result.images)
     with release:
         for rec in result.records:
-            release.add(rec, next(released) if rec.passed else None, spacing)
+            release.add(rec, next(released) if rec.passed else None, spacing, direction)
         release.requested = result.requested
         release.finish(
             safeguard,
