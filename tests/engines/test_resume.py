@@ -9,28 +9,38 @@ import pytest
 import torch
 from engine_helpers import make_autoencoder, make_images
 from ignite.engine import Events
-from monai.handlers import CheckpointLoader
+from monai.handlers import CheckpointLoader, LrScheduleHandler
 from torch.utils.data import DataLoader
 
 from monai_synth.engines import AutoencoderKLTrainer
 from monai_synth.engines.checkpoint import latest_checkpoint
+from monai_synth.engines.diffusion import WarmupCosine
 from monai_synth.engines.resume import ResumeMismatchError, TrainingParams, remove_leftovers
 from monai_synth.handlers import AtomicCheckpointSaver, IterationSeedHandler
 
+#: warm-up over 2 iterations, cosine to 0.1 at iteration 8 (the bundle's LambdaLR schedule)
+SCHEDULE = WarmupCosine(2, 8, 0.1)
 
-def _run(tmp_path, max_epochs, lr=1e-3, batch_size=2, apply="refuse", resume=False):
+
+def _run(tmp_path, max_epochs, lr=1e-3, batch_size=2, apply="refuse", resume=False, schedule=False):
     ae = make_autoencoder(0)
     opt = torch.optim.Adam(ae.parameters(), lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(2, 8, 0.1)) if schedule else None
     trainer = AutoencoderKLTrainer(
         "cpu",
         max_epochs,
         DataLoader(make_images(4), batch_size=batch_size),
         ae,
         opt,
-        train_handlers=[IterationSeedHandler(0)],
+        train_handlers=[IterationSeedHandler(0)]
+        + ([LrScheduleHandler(scheduler, print_lr=False, epoch_level=False)] if schedule else []),
     )
-    params = TrainingParams({"lr": lr, "batch_size": batch_size}, learning_rates={"lr": opt}, apply_changes=apply)
+    params = TrainingParams(
+        {"lr": lr, "batch_size": batch_size}, learning_rates={"lr": opt}, apply_changes=apply, lr_schedulers=[scheduler]
+    )
     save_dict = {"autoencoder": ae, "optimizer": opt, "training_params": params, "trainer": trainer}
+    if schedule:
+        save_dict["lr_scheduler"] = scheduler
     if resume:
         CheckpointLoader(latest_checkpoint(tmp_path, "checkpoint"), save_dict).attach(trainer)
         params.attach(trainer)
@@ -53,6 +63,17 @@ def test_a_changed_learning_rate_is_applied_when_asked(tmp_path):
     trainer, seen = _run(tmp_path, 3, lr=2e-3, apply="apply", resume=True)
     trainer.run()
     assert seen == [2e-3, 2e-3]  # without the check the restored optimiser would train on at 1e-3
+
+
+def test_an_applied_learning_rate_is_used_along_the_restored_schedule(tmp_path):
+    first, seen_first = _run(tmp_path, 2, schedule=True)
+    first.run()
+    assert seen_first == pytest.approx([1e-3 * SCHEDULE(i) for i in range(4)])
+    trainer, seen = _run(tmp_path, 4, lr=2e-3, apply="apply", resume=True, schedule=True)
+    trainer.run()
+    # iterations 5..8 at the new peak rate along the same warm-up/cosine; the restored LambdaLR's base rate (1e-3)
+    # must not bring the old rate back at its next step
+    assert seen == pytest.approx([2e-3 * SCHEDULE(i) for i in range(4, 8)])
 
 
 def test_a_changed_batch_size_is_refused_even_when_applying(tmp_path):
