@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-__all__ = ["ResumeMismatchError", "TrainingParams", "remove_leftovers"]
+__all__ = ["ResumeMismatchError", "TrainingParams", "remove_leftovers", "resume_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,3 +169,42 @@ def remove_leftovers(directory: str | os.PathLike) -> list[str]:
     if removed:
         logger.info(f"removed {len(removed)} leftover file(s) of an interrupted run from {directory}: {removed}")
     return removed
+
+
+def resume_state(path: str | os.PathLike, state: Mapping[str, Any], metadata: Any = None) -> dict[str, Any]:
+    """What a stage restores from the checkpoint it resumes (the ``load_dict`` of its ``CheckpointLoader``).
+
+    Checked before the trainer starts: the checkpoint's metadata against ``metadata`` (a
+    :class:`~monai_synth.engines.checkpoint.CheckpointMetadata`), and that it holds every entry of ``state``. A
+    checkpoint written by an earlier version lacks some (``training_params``, ``mlflow_run``, a ``training_split`` in
+    its metadata): it is refused saying how to go on, or, when ``metadata`` accepts legacy checkpoints, the entries it
+    has are restored and the rest start fresh, with a warning.
+
+    Args:
+        path: the checkpoint to resume ("" when starting fresh: ``state`` is returned as it is).
+        state: the stage's ``save_dict``.
+        metadata: the stage's expected metadata (its ``legacy`` setting decides about missing entries).
+
+    Raises:
+        LegacyCheckpointError: missing entries, and legacy checkpoints are refused.
+        CheckpointMismatchError: metadata that disagrees with this run's.
+    """
+    from monai_synth.engines.checkpoint import LEGACY_HINT, CheckpointMismatchError, LegacyCheckpointError
+
+    if not path:
+        return dict(state)
+    stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if "metadata" in state and "metadata" not in stored:
+        raise CheckpointMismatchError(f"{str(path)!r} carries no 'metadata' entry; it was not written by this bundle")
+    if metadata is not None and "metadata" in stored:
+        metadata.check(stored["metadata"], source=repr(str(path)))
+    missing = [k for k in state if k not in stored]
+    if not missing:
+        return dict(state)
+    if not getattr(metadata, "accept_legacy", False):
+        raise LegacyCheckpointError(
+            f"{str(path)!r} was written by an earlier version of monai_synth: it has no {missing}, so this run cannot "
+            f"check that it continues the same training. {LEGACY_HINT}"
+        )
+    logger.warning(f"resuming {path} without its {missing} (--legacy_checkpoints accept): they start afresh")
+    return {k: v for k, v in state.items() if k in stored}
