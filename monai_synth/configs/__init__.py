@@ -21,7 +21,7 @@ from pathlib import Path
 
 from monai.utils import look_up_option
 
-__all__ = ["CONFIG_DIR", "STAGE_FILES", "MULTI_GPU_OVERLAY", "config_files"]
+__all__ = ["CONFIG_DIR", "STAGE_FILES", "MULTI_GPU_OVERLAY", "MULTI_GPU_SAMPLE_OVERLAY", "config_files"]
 
 #: this folder: the shared YAML files
 CONFIG_DIR = Path(__file__).resolve().parent
@@ -36,6 +36,9 @@ STAGE_FILES: dict[str, str] = {
 
 #: the overlay layered last on a training stage for DistributedDataParallel (``torchrun``)
 MULTI_GPU_OVERLAY = "multi_gpu.yaml"
+#: the overlay layered last on the release for a sharded guarded release (``torchrun``); a bundle needs no file of
+#: its own for it (it has nothing to choose there)
+MULTI_GPU_SAMPLE_OVERLAY = "multi_gpu_sample.yaml"
 
 
 def config_files(bundle_root: str | os.PathLike, stage: str, multi_gpu: bool = False) -> list[str]:
@@ -44,21 +47,25 @@ def config_files(bundle_root: str | os.PathLike, stage: str, multi_gpu: bool = F
     Args:
         bundle_root: the bundle folder (holding ``configs/common.yaml``).
         stage: ``"autoencoder"``, ``"diffusion"``, ``"sample"`` or ``"evaluate"``.
-        multi_gpu: add the multi-GPU overlay (training stages only).
+        multi_gpu: add the multi-GPU overlay: DistributedDataParallel for the training stages, a sharded guarded
+            release for ``sample``.
 
     Raises:
-        ValueError: an unknown stage, or ``multi_gpu`` for a stage that runs on one device.
+        ValueError: an unknown stage, or ``multi_gpu`` for the evaluation (it runs on one device).
         FileNotFoundError: the bundle lacks one of its config files.
     """
     stage_file = look_up_option(stage, STAGE_FILES)
     layers = ["common.yaml", stage_file]
     if multi_gpu:
-        if stage not in ("autoencoder", "diffusion"):
-            raise ValueError(f"the {stage} stage runs on one device; multi_gpu applies to the training stages")
-        layers.append(MULTI_GPU_OVERLAY)
+        if stage == "evaluate":
+            raise ValueError("the evaluate stage runs on one device; multi_gpu applies to training and the release")
+        layers.append(MULTI_GPU_SAMPLE_OVERLAY if stage == "sample" else MULTI_GPU_OVERLAY)
     own = Path(bundle_root) / "configs"
     files = []
     for name in layers:
+        if name == MULTI_GPU_SAMPLE_OVERLAY:
+            files += [str(CONFIG_DIR / name)] + ([str(own / name)] if (own / name).is_file() else [])
+            continue
         if not (own / name).is_file():
             raise FileNotFoundError(
                 f"{own / name} does not exist; every bundle has its own {name} (copy one from bundles/ct_ldit/configs)"

@@ -16,12 +16,13 @@ from typing import Any
 import torch
 from monai.bundle import ConfigWorkflow
 
-from monai_synth.configs import MULTI_GPU_OVERLAY, config_files
+from monai_synth.configs import MULTI_GPU_OVERLAY, MULTI_GPU_SAMPLE_OVERLAY, config_files
 from monai_synth.tracking import tracking_uri
 
 __all__ = [
     "STAGES",
     "MULTI_GPU_OVERLAY",
+    "MULTI_GPU_SAMPLE_OVERLAY",
     "STAGE_WORKFLOW_TYPES",
     "as_bool",
     "stage_config_files",

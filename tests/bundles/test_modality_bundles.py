@@ -85,8 +85,9 @@ def test_config_files_put_the_bundles_common_first_and_its_stage_file_last(bundl
     assert files.index(str(bundle / "configs" / "train_autoencoder.yaml")) > files.index(
         str(CONFIG_DIR / "train_autoencoder.yaml")
     )
-    with pytest.raises(ValueError, match="training stages"):
-        config_files(bundle, "sample", multi_gpu=True)
+    assert config_files(bundle, "sample", multi_gpu=True)[-1] == str(CONFIG_DIR / "multi_gpu_sample.yaml")
+    with pytest.raises(ValueError, match="one device"):
+        config_files(bundle, "evaluate", multi_gpu=True)
 
 
 @pytest.mark.parametrize("bundle", [b for b in BUNDLES if b.name != "breast_us_ldit"], ids=lambda p: p.name)
