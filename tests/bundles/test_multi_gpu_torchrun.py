@@ -58,7 +58,9 @@ def _torchrun(stage: str, out: Path, writes: Path) -> None:
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun is not installed next to this Python")
-    files = repr(config_files(BUNDLE, stage, multi_gpu=True))  # as `python -m monai_synth.configs . <stage> --multi_gpu`
+    files = repr(
+        config_files(BUNDLE, stage, multi_gpu=True)
+    )  # as `python -m monai_synth.configs . <stage> --multi_gpu`
     command = [
         torchrun, "--standalone", "--nnodes=1", "--nproc_per_node=2", str(LAUNCH), "run",
         "--config_file", files, "--bundle_root", ".", "--output_dir", str(out), "--dataset_dir", "None",
