@@ -1,2 +1,3 @@
 from .dit import DiffusionTransformer as DiffusionTransformer
 from .embedding import PatientEmbeddingNet as PatientEmbeddingNet
+from .autoencoder import LaplaceAutoencoderKL as LaplaceAutoencoderKL
