@@ -195,8 +195,12 @@ def main(argv=None):
     p.add_argument("--ae-lr", type=float, default=2e-3)
     p.add_argument("--ae-batch", type=int, default=8)
     p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--likelihood", choices=["none", "laplace"], default="none",
-                   help="laplace: the decoder predicts a per-pixel scale (NLL loss) and samples draw the noise")
+    p.add_argument(
+        "--likelihood",
+        choices=["none", "laplace"],
+        default="none",
+        help="laplace: the decoder predicts a per-pixel scale (NLL loss) and samples draw the noise",
+    )
     p.add_argument("--scale", choices=["std", "none"], default="std", help="latent scale factor 1/std or 1")
     p.add_argument("--objective", choices=["rflow", "epsilon", "v_prediction"], default="epsilon")
     p.add_argument("--timesteps", choices=["uniform", "logit-normal"], default="uniform", help="rflow only")
