@@ -141,10 +141,10 @@ def _crop_centre(a: np.ndarray, frac: float, axes: Sequence[int]) -> np.ndarray:
     return a[tuple(sl)]
 
 
-def _rotate(a: np.ndarray, degrees: float) -> np.ndarray:
+def _rotate(a: np.ndarray, degrees: float, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
     from scipy import ndimage
 
-    return ndimage.rotate(a, degrees, axes=(0, 1), reshape=False, order=1, mode="constant", cval=float(a.min()))
+    return ndimage.rotate(a, degrees, axes=axes, reshape=False, order=1, mode="constant", cval=float(a.min()))
 
 
 def _shift(a: np.ndarray, px: int, axis: int = 0) -> np.ndarray:
@@ -293,6 +293,12 @@ ATTACKS: list[Attack] = [
     Attack("half", "half joined to half of an unseen image", lambda t, u, c: _half_join(t[0], u[0]), n_unseen=1),
     Attack("rot10", "rotation 10 deg", lambda t, u, c: _rotate(t[0], 10.0)),
     Attack("rot20", "rotation 20 deg", lambda t, u, c: _rotate(t[0], 20.0)),
+    Attack("rot25", "rotation -25 deg", lambda t, u, c: _rotate(t[0], -25.0)),
+    # volumes: the same rotations in the two other planes (about axis 1, about axis 0)
+    Attack("rot10_02", "rotation 10 deg in plane 0-2", lambda t, u, c: _rotate(t[0], 10.0, (0, 2)), dims=(3,)),
+    Attack("rot20_02", "rotation -20 deg in plane 0-2", lambda t, u, c: _rotate(t[0], -20.0, (0, 2)), dims=(3,)),
+    Attack("rot15_12", "rotation 15 deg in plane 1-2", lambda t, u, c: _rotate(t[0], 15.0, (1, 2)), dims=(3,)),
+    Attack("rot25_12", "rotation 25 deg in plane 1-2", lambda t, u, c: _rotate(t[0], 25.0, (1, 2)), dims=(3,)),
     Attack("shift8", "shift {px8} px", lambda t, u, c: _shift(t[0], c.px(8))),
     Attack("shift4", "shift {px4} px", lambda t, u, c: _shift(t[0], c.px(4))),
     Attack(
