@@ -141,10 +141,10 @@ def _crop_centre(a: np.ndarray, frac: float, axes: Sequence[int]) -> np.ndarray:
     return a[tuple(sl)]
 
 
-def _rotate(a: np.ndarray, degrees: float) -> np.ndarray:
+def _rotate(a: np.ndarray, degrees: float, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
     from scipy import ndimage
 
-    return ndimage.rotate(a, degrees, axes=(0, 1), reshape=False, order=1, mode="constant", cval=float(a.min()))
+    return ndimage.rotate(a, degrees, axes=axes, reshape=False, order=1, mode="constant", cval=float(a.min()))
 
 
 def _shift(a: np.ndarray, px: int, axis: int = 0) -> np.ndarray:
@@ -293,6 +293,12 @@ ATTACKS: list[Attack] = [
     Attack("half", "half joined to half of an unseen image", lambda t, u, c: _half_join(t[0], u[0]), n_unseen=1),
     Attack("rot10", "rotation 10 deg", lambda t, u, c: _rotate(t[0], 10.0)),
     Attack("rot20", "rotation 20 deg", lambda t, u, c: _rotate(t[0], 20.0)),
+    Attack("rot25", "rotation -25 deg", lambda t, u, c: _rotate(t[0], -25.0)),
+    # volumes: the same rotations in the two other planes (about axis 1, about axis 0)
+    Attack("rot10_02", "rotation 10 deg in plane 0-2", lambda t, u, c: _rotate(t[0], 10.0, (0, 2)), dims=(3,)),
+    Attack("rot20_02", "rotation -20 deg in plane 0-2", lambda t, u, c: _rotate(t[0], -20.0, (0, 2)), dims=(3,)),
+    Attack("rot15_12", "rotation 15 deg in plane 1-2", lambda t, u, c: _rotate(t[0], 15.0, (1, 2)), dims=(3,)),
+    Attack("rot25_12", "rotation 25 deg in plane 1-2", lambda t, u, c: _rotate(t[0], 25.0, (1, 2)), dims=(3,)),
     Attack("shift8", "shift {px8} px", lambda t, u, c: _shift(t[0], c.px(8))),
     Attack("shift4", "shift {px4} px", lambda t, u, c: _shift(t[0], c.px(4))),
     Attack(
@@ -1085,6 +1091,82 @@ def run_modality(key: str, work: Path, args) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------- 3D cost
+def _volume_cost_child(size: int, n_train: int, n_holdout: int, n_judge: int, epochs: int, queue) -> None:
+    """In a fresh process (so its peak memory is its own): build the default 3D safeguard on CT phantom volumes of
+    ``size``^3 and judge ``n_judge`` volumes through the release's views; report times and the peak resident size."""
+    import torch
+
+    from monai_synth.data.phantoms import generate_cohort
+    from monai_synth.privacy.factory import DEFAULT_SPACES, build_spaces
+    from monai_synth.privacy.release import ReleaseEncoder
+    from monai_synth.privacy.safeguard import build_safeguard
+    from monai_synth.transforms.presets import intensity_transform
+
+    warnings.filterwarnings("ignore")
+    to_model = intensity_transform("ct")
+
+    def volumes(n: int, first: int) -> tuple[torch.Tensor, list[str]]:
+        recs = generate_cohort("ct", max(1, -(-n // 3)), 3, spatial_dims=3, spatial_size=size, first_patient=first)[:n]
+        x = torch.stack([torch.as_tensor(np.asarray(to_model(r["image"]))).float() for r in recs])
+        return x, [r["patient_id"] for r in recs]
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    train, train_ids = volumes(n_train, 0)
+    holdout, holdout_ids = volumes(n_holdout, 10_000)
+    data_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    spaces = build_spaces(DEFAULT_SPACES, 3, (size,) * 3, train, train_ids, "cost", embedding_epochs=epochs)
+    t1 = time.perf_counter()
+    encoder = ReleaseEncoder("nifti", "ct")
+    safeguard = build_safeguard(
+        spaces, train, train_ids, holdout, holdout_ids, "cost", views=encoder.model_views, batch_size=16
+    )
+    t2 = time.perf_counter()
+    judged = torch.cat([train[:n_judge], holdout[:n_judge]])[:n_judge]
+    stored = [encoder.store_generated(v) for v in judged]
+    t3 = time.perf_counter()
+    encoder.judge(safeguard, stored)
+    t4 = time.perf_counter()
+    queue.put(
+        {
+            "size": size,
+            "train": n_train,
+            "holdout": n_holdout,
+            "embedding_s": t1 - t0,
+            "calibration_s": t2 - t1,
+            "judge_s_per_volume": (t4 - t3) / len(stored),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "data_rss_gb": (data_rss - base) / 2**20,
+        }
+    )
+
+
+def volume_cost(sizes: Sequence[int], n_train: int, n_holdout: int, n_judge: int, epochs: int) -> list[dict]:
+    """Time and peak memory of the default 3D safeguard per volume size (each size in its own process)."""
+    import multiprocessing as mp
+
+    ctx, rows = mp.get_context("spawn"), []
+    for size in sizes:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_volume_cost_child, args=(int(size), n_train, n_holdout, n_judge, epochs, queue))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            print(f"{size}^3: the measurement crashed (exit code {proc.exitcode})", flush=True)
+            continue
+        row = queue.get()
+        rows.append(row)
+        print(
+            f"{size}^3: train {row['train']}, holdout {row['holdout']} volumes: embedding training "
+            f"{row['embedding_s']:.0f} s, index + calibration {row['calibration_s']:.0f} s, "
+            f"{row['judge_s_per_volume']:.2f} s per judged volume; peak resident {row['peak_rss_gb']:.2f} GiB "
+            f"(volumes in memory {row['data_rss_gb']:.2f} GiB)",
+            flush=True,
+        )
+    return rows
+
+
 def _limit_memory(gb: float) -> None:
     """Cap this process's address space: on a shared machine a runaway allocation then fails here, in this process,
     instead of waking the kernel's OOM killer."""
@@ -1128,6 +1210,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one run_guard per transform into its own release folder (no content matching; much slower)",
     )
+    p.add_argument(
+        "--volume-cost",
+        type=lambda s: [int(v) for v in _csv_list(s)],
+        default=None,
+        help="instead of attacking: time and peak memory of the default 3D safeguard at these volume sizes (e.g. 32,64)",
+    )
+    p.add_argument(
+        "--volume-cost-counts",
+        type=lambda s: [int(v) for v in _csv_list(s)],
+        default=[36, 102, 8, 20],
+        help="training, holdout and judged volumes and embedding epochs of --volume-cost",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="save the results here")
     p.add_argument("--workdir", default=None, help="keep cohorts, candidates and releases here (default: a temp dir)")
@@ -1147,6 +1241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.spaces = [s for spec in args.spaces for s in _csv_list(spec)]
     args.attempts_for = lambda c: args.attempts if c.spatial_dims == 2 else args.attempts_3d
     _limit_memory(args.max_memory_gb)
+    if args.volume_cost:
+        rows = volume_cost(args.volume_cost, *args.volume_cost_counts)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"volume_cost": rows}, indent=1))
+        return 0 if len(rows) == len(args.volume_cost) else 1
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     import torch

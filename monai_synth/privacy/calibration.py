@@ -58,7 +58,7 @@ import copy
 import dataclasses
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -407,20 +407,49 @@ def _screen_duplicates(
     return flagged, record
 
 
+def _view_vectors(
+    space, holdout: torch.Tensor | np.ndarray | Iterable, views: Callable[[torch.Tensor], Sequence], batch_size: int
+) -> Iterator[np.ndarray]:
+    """``(B, W * V, d)`` query vectors per batch: every variant of every view of each image, embedded once.
+
+    About ``batch_size`` views are embedded at once; an image with fewer views than the others repeats its first
+    (the least over the variants is unchanged).
+    """
+    for batch in _iter_batches(holdout, batch_size):
+        batch = torch.as_tensor(np.asarray(batch) if not torch.is_tensor(batch) else batch)
+        per_image = [[torch.as_tensor(v).detach().cpu().float() for v in views(image)] for image in batch]
+        most = max(len(v) for v in per_image)
+        step = max(1, batch_size // most)
+        for start in range(0, len(per_image), step):
+            chunk = per_image[start : start + step]
+            vec = embed_variants(space, torch.stack([v for image in chunk for v in image]))
+            out, k = [], 0
+            for image in chunk:
+                own, k = vec[k : k + len(image)], k + len(image)
+                own = np.concatenate([own, np.repeat(own[:1], most - len(image), axis=0)])
+                out.append(own.reshape(-1, own.shape[-1]))
+            yield np.stack(out)
+
+
 def _holdout_neighbours(
     index: TrainingIndex,
     holdout: torch.Tensor | np.ndarray | Iterable | None,
     holdout_vectors: np.ndarray | None,
     batch_size: int,
     other_patient: bool,
+    views: Callable[[torch.Tensor], Sequence] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Nearest training distance and row of each holdout image, and (if asked) its nearest other-patient distance.
 
-    The other-patient distance needs the nearest rows of more than one patient: a few rows are searched first and,
+    With ``views``, an image's distance to a row is the least over its views, as a candidate's is judged. The
+    other-patient distance needs the nearest rows of more than one patient: a few rows are searched first and,
     for the images whose few nearest rows all belong to one patient, as many rows as that patient has plus one.
     """
     if holdout_vectors is not None:
         batches: Iterable = _iter_batches(np.asarray(holdout_vectors), batch_size)
+    elif views is not None:
+        index.check_space()
+        batches = _view_vectors(index.space, holdout, views, batch_size)
     else:
         index.check_space()
         batches = (embed_variants(index.space, b) for b in _iter_batches(holdout, batch_size))
@@ -457,6 +486,7 @@ def calibrate_threshold(
     *,
     holdout_patient_ids: Sequence[str] | None = None,
     holdout_vectors: np.ndarray | None = None,
+    views: Callable[[torch.Tensor], Sequence] | None = None,
     batch_size: int = 64,
     duplicate_check: bool = True,
     duplicate_z: float = DUPLICATE_Z,
@@ -468,6 +498,8 @@ def calibrate_threshold(
     Args:
         index: training index (with its space attached when ``holdout`` images are given).
         holdout: model-space holdout images ``(N, C, *spatial)`` or an iterable of batches.
+        views: ``image (C, *spatial) -> the images the safeguard judges for it`` (a release's intensity views); each
+            holdout image's distance is then the least over its views, as a candidate's is. None: the image itself.
         quantile: fraction of unseen-patient images that would be rejected; in (0, 0.5].
         floor: absolute minimum threshold (>= 0).
         holdout_patient_ids: patient id of each holdout image; checked to share no patient with the index.
@@ -489,8 +521,43 @@ def calibrate_threshold(
         ValueError: holdout patients that are also training patients (named), too few holdout images for the
             quantile (says how many are needed), bad quantile/floor/ci_level/screen settings.
     """
+    return _calibrate(
+        index,
+        holdout,
+        quantile,
+        floor,
+        holdout_patient_ids=holdout_patient_ids,
+        holdout_vectors=holdout_vectors,
+        views=views,
+        batch_size=batch_size,
+        duplicate_check=duplicate_check,
+        duplicate_z=duplicate_z,
+        duplicate_alpha=duplicate_alpha,
+        ci_level=ci_level,
+    )[0]
+
+
+def _calibrate(
+    index: TrainingIndex,
+    holdout: torch.Tensor | np.ndarray | Iterable | None,
+    quantile: float,
+    floor: float,
+    *,
+    holdout_patient_ids: Sequence[str] | None,
+    holdout_vectors: np.ndarray | None,
+    views: Callable[[torch.Tensor], Sequence] | None,
+    batch_size: int,
+    duplicate_check: bool,
+    duplicate_z: float,
+    duplicate_alpha: float,
+    ci_level: float,
+) -> tuple[Calibration, np.ndarray]:
+    """:func:`calibrate_threshold`, and each holdout image's nearest-training distance in holdout order (what joint
+    calibration needs, so the holdout is embedded once per space)."""
     if not 0.0 < quantile <= 0.5:
         raise ValueError(f"quantile must be in (0, 0.5], got {quantile}")
+    if views is not None and holdout is None:
+        raise ValueError("views need holdout images, not holdout_vectors")
     if not (math.isfinite(floor) and floor >= 0.0):
         raise ValueError(f"floor must be a finite number >= 0, got {floor}")
     if not 0.0 < ci_level < 1.0:
@@ -511,9 +578,9 @@ def calibrate_threshold(
     else:
         warnings.warn(
             "calibrate_threshold without holdout_patient_ids cannot check that holdout patients are unseen",
-            stacklevel=2,
+            stacklevel=3,
         )
-    d, rows, d_other = _holdout_neighbours(index, holdout, holdout_vectors, batch_size, bool(duplicate_check))
+    d, rows, d_other = _holdout_neighbours(index, holdout, holdout_vectors, batch_size, bool(duplicate_check), views)
     n = len(d)
     if holdout_patient_ids is not None and len(holdout_patient_ids) != n:
         raise ValueError(f"{len(holdout_patient_ids)} holdout patient ids for {n} holdout images")
@@ -555,7 +622,7 @@ def calibrate_threshold(
         ci_level=float(ci_level),
         duplicate_screen=screen,
         holdout_distances=d_sorted,
-    )
+    ), d
 
 
 def _refuse_duplicates(

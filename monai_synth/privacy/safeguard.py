@@ -18,8 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from monai_synth.privacy.calibration import Calibration, calibrate_threshold, joint_space_quantile
-from monai_synth.privacy.index import StaleIndexError, TrainingIndex, _iter_batches
+from monai_synth.privacy.calibration import (
+    DUPLICATE_ALPHA,
+    DUPLICATE_Z,
+    Calibration,
+    _calibrate,
+    joint_space_quantile,
+)
+from monai_synth.privacy.index import StaleIndexError, TrainingIndex
 from monai_synth.privacy.spaces import PrivacySpace, embed_variants
 
 __all__ = ["PrivacySafeguard", "SafeguardResult", "build_safeguard"]
@@ -291,7 +297,8 @@ def build_safeguard(
             :func:`~monai_synth.privacy.calibration.calibrate_threshold`); switch off only knowingly.
         views: ``model image (C, *spatial) -> the model-space images the safeguard will judge for it`` (a release's
             intensity views, :meth:`~monai_synth.privacy.release.ReleaseEncoder.model_views`), so the holdout is
-            judged as a candidate will be. None: the image itself.
+            judged as a candidate will be (each space embeds every view of every holdout image once, for its
+            threshold, its duplicate screen and the joint calibration). None: the image itself.
         joint: calibrate the spaces together so that, judged as candidates are (every space, every view), at most
             ``quantile`` of the holdout images are rejected (see
             :func:`~monai_synth.privacy.calibration.joint_space_quantile`); each space's threshold is then a lower
@@ -302,23 +309,29 @@ def build_safeguard(
         ValueError: a space in which unseen patients' images are all as close to training as copies are (a collapsed
             space: its threshold would guard nothing), or a holdout that fails calibration's checks.
     """
-    checks = []
+    checks, judged = [], {}
     for space in spaces:
         index = TrainingIndex.build(space, train_images, train_patient_ids, datalist_fingerprint, batch_size)
-        calibration = calibrate_threshold(
+        # the holdout embedded once per space, judged as a candidate is (every view), for the threshold, its duplicate
+        # screen and the joint calibration alike
+        calibration, judged[index.space_name] = _calibrate(
             index,
             holdout_images,
-            quantile=quantile,
-            floor=floor,
+            quantile,
+            floor,
             holdout_patient_ids=holdout_patient_ids,
+            holdout_vectors=None,
+            views=views,
             batch_size=batch_size,
             duplicate_check=duplicate_check,
+            duplicate_z=DUPLICATE_Z,
+            duplicate_alpha=DUPLICATE_ALPHA,
+            ci_level=0.95,
         )
         checks.append((index, calibration))
     safeguard = PrivacySafeguard(checks, batch_size=batch_size)
     if not joint or (len(checks) == 1 and views is None):
         return safeguard
-    judged = _holdout_as_judged(safeguard, holdout_images, views, batch_size)
     space_quantile = joint_space_quantile(judged, quantile, margin=safeguard.margin)
     n = len(next(iter(judged.values())))
     if n * space_quantile < 1.0:
@@ -334,28 +347,3 @@ def build_safeguard(
         warnings.warn(message, stacklevel=2)
     checks = [(index, cal.at_space_quantile(judged[index.space_name], space_quantile)) for index, cal in checks]
     return PrivacySafeguard(checks, batch_size=batch_size)
-
-
-def _holdout_as_judged(
-    safeguard: PrivacySafeguard,
-    holdout_images: torch.Tensor | np.ndarray | Iterable,
-    views: Callable[[torch.Tensor], Sequence[torch.Tensor]] | None,
-    batch_size: int,
-) -> dict[str, np.ndarray]:
-    """Space -> each holdout image's nearest-training distance as a candidate's is measured (the least over views)."""
-    out: dict[str, list[float]] = {name: [] for name in safeguard.spaces}
-    for batch in _iter_batches(holdout_images, batch_size):
-        batch = torch.as_tensor(np.asarray(batch) if not torch.is_tensor(batch) else batch)
-        for image in batch:
-            image_views = list(views(image)) if views is not None else [image]
-            results = safeguard.check(image_views)
-            for name in out:
-                d = [r.distances[name] for r in results]
-                if not all(math.isfinite(v) for v in d):
-                    reasons = "; ".join(r.reason for r in results if r.reason)
-                    raise ValueError(
-                        f"holdout image {len(out[name])} cannot be judged in space {name!r} ({reasons}): every "
-                        "holdout image must be a valid image of the training modality"
-                    )
-                out[name].append(min(d))
-    return {name: np.asarray(d) for name, d in out.items()}

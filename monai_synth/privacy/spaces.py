@@ -152,6 +152,38 @@ def _affine_variants(g: torch.Tensor, zooms: Sequence[float], rotations: Sequenc
     return out
 
 
+def _linear_variants(g: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(B * L, C, *grid)``: every image resampled through every ``(nd, nd)`` linear map about the centre.
+
+    Output point ``p`` samples the input at ``A p``; edges replicated. Used for the 3D rotations about each axis and
+    the zooms within one plane, which are compared on their own (not combined with every shift).
+    """
+    n, nd = g.shape[0], g.ndim - 2
+    theta = torch.zeros(len(maps), nd, nd + 1)
+    for k, a in enumerate(maps):
+        theta[k, :, :nd] = a
+    theta = theta.repeat(n, 1, 1)
+    src = g.repeat_interleave(len(maps), dim=0)
+    coords = F.affine_grid(theta, list(src.shape), align_corners=False)
+    return F.grid_sample(src, coords, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _plane_rotation(nd: int, axis: int, degrees: float) -> torch.Tensor:
+    """``(nd, nd)`` rotation by ``degrees`` about ``axis`` (3D: in the plane of the two other axes)."""
+    rot = torch.eye(nd)
+    i, j = [a for a in range(nd) if a != axis][:2]
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    rot[i, i], rot[i, j], rot[j, i], rot[j, j] = c, -s, s, c
+    return rot
+
+
+def _plane_zoom(nd: int, axis: int, zoom: float) -> torch.Tensor:
+    """``(nd, nd)`` magnification by ``zoom`` of every axis but ``axis`` (3D: a zoom within one plane)."""
+    scale = torch.full((nd,), 1.0 / zoom)
+    scale[axis] = 1.0
+    return torch.diag(scale)
+
+
 def _symmetries(spatial_dims: int, flip: bool, transpose: bool) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """(axis permutation, flipped axes) pairs: the identity first, then flips and/or axis permutations (rot90)."""
     perms = list(itertools.permutations(range(spatial_dims))) if transpose else [tuple(range(spatial_dims))]
@@ -177,10 +209,13 @@ class PixelSpace:
     such variant of the *query* and keeping the smallest distance:
 
     * ``"flip"``: every combination of axis flips; ``"transpose"``: every axis permutation (with flips: rot90);
-    * ``"shift"``: every integer shift of up to ``max_shift`` grid cells per axis, edges replicated;
+    * ``"shift"``: every integer shift of up to ``max_shift`` grid cells per axis, the vacated cells filled from the
+      edge and, for the unzoomed, unrotated query, also wrapped around (a copy moved on a background canvas);
     * ``"zoom"``: the query magnified by each factor in ``zooms`` about the centre (a copy cropped by a fraction
-      ``f`` of each side and resized back is undone by ``1 - 2 f``);
-    * ``"rotate"``: the query rotated by each angle in ``rotations`` (degrees, in the plane of the first two axes);
+      ``f`` of each side and resized back is undone by ``1 - 2 f``); 3D also within each plane alone (a border
+      added in-plane and resized back);
+    * ``"rotate"``: the query rotated by each angle in ``rotations`` (degrees; 2D in the image plane, combined with
+      every shift and zoom; 3D about each of the three axes, compared alone);
     * ``"invert"``: the negated query as well, so an intensity-inverted copy (Pearson r = -1) is as close as the copy.
 
     Args:
@@ -193,11 +228,11 @@ class PixelSpace:
         rotations: angles tried when ``"rotate"`` is requested (0 is always included).
 
     Cost: each query image is compared ``len(variant_ops)`` times (the product of the sizes of the requested
-    groups, e.g. 2D 8 symmetries x 25 shifts x 5 zooms x 5 angles x 2 signs = 20,000 for the guard's default); the
-    index itself does not grow.
+    groups plus the wrapped shifts, e.g. 2D 8 symmetries x 25 shifts x 7 zooms x 5 angles x 2 signs + 384 = 14,384 for
+    the guard's default); the index itself does not grow.
     """
 
-    _VERSION = 5
+    _VERSION = 6
     _DEFAULT_ZOOMS = (0.8, 0.9, 1.0, 1.1, 1.25)
     _DEFAULT_ROTATIONS = (-20.0, -10.0, 0.0, 10.0, 20.0)
 
@@ -240,26 +275,56 @@ class PixelSpace:
         # 2D: every symmetry combines with every shift, zoom and angle (8 symmetries). 3D: the 8 flips and 48 axis
         # permutations would multiply the shifted variants (and memory) by up to 48, so they are compared alone (with
         # inversion), which catches a mirrored, 90-degree-rotated or axis-swapped volume, not one also shifted; the
-        # memory this saves buys larger 3D shifts.
+        # memory this saves buys larger 3D shifts. The same holds for 3D rotations (about each of the three axes) and
+        # zooms within one plane (a volume with a border added in-plane and resized back): compared alone.
         if self.spatial_dims == 2:
             self._symmetries, self._permuted = _symmetries(2, flip, transpose), []
+            self._main_rotations = self.rotations
         else:
             self._symmetries = _symmetries(3, False, False)
             self._permuted = _symmetries(3, flip, transpose)[1:]
+            self._main_rotations = (0.0,)
         shifts = [(0,) * self.spatial_dims]
         if "shift" in invariances:
             rng = range(-self.max_shift, self.max_shift + 1)
             shifts = sorted(itertools.product(rng, repeat=self.spatial_dims), key=lambda s: (sum(map(abs, s)), s))
         self._shifts = shifts
-        # (sign, zoom, angle, symmetry, shift) of every variant; identity first: variant 0 is what `embed` returns.
+        # shifted with the vacated cells wrapped around as well as replicated from the edge: a copy moved on a
+        # background canvas has background where its far side was cut off, which the wrap restores and the replicated
+        # edge (anatomy, when the image has anatomy near that edge) does not
+        self._wrap_shifts = shifts[1:]
+        self._alone: list[tuple[tuple, tuple, torch.Tensor]] = []  # (zoom, rotation) descriptions and the map
+        if self.spatial_dims == 3:
+            nd = self.spatial_dims
+            # affine_grid orders its coordinates (x, y, z) = the spatial axes reversed
+            self._alone += [
+                ((1.0,), (axis, r), _plane_rotation(nd, nd - 1 - axis, r))
+                for axis in range(nd)
+                for r in self.rotations[1:]
+            ]
+            self._alone += [
+                ((axis, z), (0.0,), _plane_zoom(nd, nd - 1 - axis, z)) for axis in range(nd) for z in self.zooms[1:]
+            ]
+        # (sign, zoom, angle, symmetry, shift, padding) of every variant; identity first: variant 0 is what `embed`
+        # returns. 3D rotations are (axis, angle) and zooms within a plane (axis normal to it, zoom).
         self.variant_ops: list[tuple] = [
-            (sign, z, r, sym, s)
+            (sign, z, r, sym, s, "edge")
             for sign in self.signs
             for z in self.zooms
-            for r in self.rotations
+            for r in self._main_rotations
             for sym in self._symmetries
             for s in shifts
-        ] + [(sign, 1.0, 0.0, sym, shifts[0]) for sign in self.signs for sym in self._permuted]
+        ]
+        self.variant_ops += [(sign, 1.0, 0.0, sym, shifts[0], "edge") for sign in self.signs for sym in self._permuted]
+        self.variant_ops += [
+            (sign, 1.0, 0.0, sym, s, "wrap")
+            for sign in self.signs
+            for sym in self._symmetries
+            for s in self._wrap_shifts
+        ]
+        self.variant_ops += [
+            (sign, z, r, self._symmetries[0], shifts[0], "edge") for sign in self.signs for z, r, _ in self._alone
+        ]
 
     @property
     def dim(self) -> int:
@@ -298,32 +363,45 @@ class PixelSpace:
         return _standardise(g.reshape(g.shape[0], -1)).numpy().astype(np.float32, copy=False)
 
     def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
-        """``(B, V, d)`` vectors of every variant of every image (variant 0 = :meth:`embed`).
+        """``(B, V, d)`` vectors of every variant of every image (variant 0 = :meth:`embed`), in the order of
+        :attr:`variant_ops`.
 
-        All shifted windows are views of one replicate-padded grid (``unfold``), so the variants cost one copy and
-        one standardisation of a ``(B, V, d)`` array.
+        All shifted windows are views of one padded grid (``unfold``), so the variants cost one copy and one
+        standardisation of a ``(B, V, d)`` array.
         """
         g = self._grid(images)
         n = g.shape[0]
-        g = _affine_variants(g, self.zooms, self.rotations)
-        m, c, s, nd = g.shape[0], g.shape[1], self.max_shift, self.spatial_dims
-        if s:
-            w = F.pad(g, (s,) * (2 * nd), mode="replicate")
-            for axis in range(nd):
-                w = w.unfold(2 + axis, self.grid, 1)  # offsets replace the axis, the window goes last
-            w = w.movedim(1, 1 + nd)  # channels after the offsets: (M, *offsets, C, *grid)
-            w = w.reshape(m, (2 * s + 1) ** nd, c, *([self.grid] * nd))
-            # offsets come in row-major order; reorder them like self._shifts (identity first)
-            w = w[:, torch.as_tensor([self._offset_index(shift) for shift in self._shifts])]
-        else:
-            w = g[:, None]
+        g = _affine_variants(g, self.zooms, self._main_rotations)
+        g0 = g[:: len(self.zooms) * len(self._main_rotations)]  # (n, C, *grid): unshifted, unzoomed, unrotated
+        w = self._windows(g, self._shifts, "replicate")
         sym = [_apply_symmetry(w, perm, flips, 3) for perm, flips in self._symmetries]
-        v = self._signed(torch.cat(sym, dim=1), n)
+        groups = [self._signed(torch.cat(sym, dim=1), n)]
         if self._permuted:
-            g0 = g[:: len(self.zooms) * len(self.rotations), None]  # (n, 1, C, *grid): unshifted, unzoomed, unrotated
-            permuted = torch.cat([_apply_symmetry(g0, perm, flips, 3) for perm, flips in self._permuted], dim=1)
-            v = torch.cat([v, self._signed(permuted, n)], dim=1)
-        return v.numpy().astype(np.float32, copy=False)
+            permuted = torch.cat(
+                [_apply_symmetry(g0[:, None], perm, flips, 3) for perm, flips in self._permuted], dim=1
+            )
+            groups.append(self._signed(permuted, n))
+        if self._wrap_shifts:
+            w = self._windows(g0, self._wrap_shifts, "circular")
+            groups.append(self._signed(torch.cat([_apply_symmetry(w, p, f, 3) for p, f in self._symmetries], dim=1), n))
+        if self._alone:
+            alone = _linear_variants(g0, [m for _, _, m in self._alone])
+            groups.append(self._signed(alone.reshape(n, len(self._alone), *g0.shape[1:]), n))
+        return torch.cat(groups, dim=1).numpy().astype(np.float32, copy=False)
+
+    def _windows(self, g: torch.Tensor, shifts: Sequence[tuple[int, ...]], mode: str) -> torch.Tensor:
+        """``(M, C, *grid)`` -> ``(M, S, C, *grid)``: each grid moved by each of ``shifts`` (cells), the vacated cells
+        filled by ``mode`` (``"replicate"``: the edge; ``"circular"``: what left on the other side)."""
+        m, c, s, nd = g.shape[0], g.shape[1], self.max_shift, self.spatial_dims
+        if not s:
+            return g[:, None]
+        w = F.pad(g, (s,) * (2 * nd), mode=mode)
+        for axis in range(nd):
+            w = w.unfold(2 + axis, self.grid, 1)  # offsets replace the axis, the window goes last
+        w = w.movedim(1, 1 + nd)  # channels after the offsets: (M, *offsets, C, *grid)
+        w = w.reshape(m, (2 * s + 1) ** nd, c, *([self.grid] * nd))
+        # offsets come in row-major order; reorder them like `shifts`
+        return w[:, torch.as_tensor([self._offset_index(shift) for shift in shifts])]
 
     def _signed(self, w: torch.Tensor, n: int) -> torch.Tensor:
         """``(n * A, V, C, *grid)`` variants (A affine variants per image) -> ``(n, A * V * signs, d)`` standardised

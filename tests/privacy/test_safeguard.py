@@ -251,3 +251,41 @@ def test_an_image_must_pass_every_space(small):
     assert not any(r.passed for r in results)
     assert all("mutable space" in r.reason and "pixel" not in r.reason for r in results)
     assert all(r.distances["pixel"] > 0.05 for r in results)
+
+
+class _CountingSpace:
+    """A pixel space that counts the images it embeds, to see how often the holdout is embedded."""
+
+    def __init__(self, name: str, **kwargs) -> None:
+        self._space = PixelSpace(**kwargs)
+        self.name, self.embedded = name, 0
+
+    def fingerprint(self) -> str:
+        return self._space.fingerprint() + self.name
+
+    def embed(self, images):
+        self.embedded += len(images)
+        return self._space.embed(images)
+
+    def embed_variants(self, images):
+        self.embedded += len(images)
+        return self._space.embed_variants(images)
+
+
+def test_joint_calibration_embeds_each_view_of_each_holdout_image_once(cohort):
+    from monai_synth.privacy.safeguard import build_safeguard
+
+    spaces = [_CountingSpace("pixel", grid=16), _CountingSpace("flipped", grid=16, invariances=("flip",))]
+    views = lambda image: [image, image.clamp(-0.5, 0.5)]  # noqa: E731  two views, as a release's
+    train, holdout = cohort["train"], cohort["holdout"]
+    safeguard = build_safeguard(
+        spaces, train, cohort["train_ids"], holdout, cohort["holdout_ids"], "dl", quantile=0.05, views=views
+    )
+    for space in spaces:  # the training images for the index, then both views of every holdout image: once
+        assert space.embedded == len(train) + 2 * len(holdout)
+    # the thresholds sit on the holdout images' distances as the safeguard judges a candidate: least over its views
+    for space in spaces:
+        judged = [min(r.distances[space.name] for r in safeguard.check(views(image))) for image in holdout]
+        cal = safeguard.calibrations[space.name]
+        np.testing.assert_allclose(cal.holdout_distances, np.sort(judged), atol=1e-6)
+        assert cal.threshold == pytest.approx(np.quantile(judged, cal.space_quantile), abs=1e-6)

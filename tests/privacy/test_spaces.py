@@ -90,7 +90,7 @@ def test_flip_variants_contain_the_unflipped_image():
 def test_shift_variants_undo_a_small_shift():
     x, moved = _blob(centre=(7, 8))[None], _blob(centre=(9, 7))[None]
     plain, inv = PixelSpace(grid=16), PixelSpace(grid=16, invariances=("shift",), max_shift=2)
-    assert inv.embed_variants(x).shape == (1, 25, 256)
+    assert inv.embed_variants(x).shape == (1, 25 + 24, 256)  # edges replicated, then wrapped around
     d_plain = space_distance(plain.embed(moved), plain.embed(x))[0, 0]
     d_inv = space_distance(inv.embed_variants(moved)[0], inv.embed(x)).min()
     assert d_plain > 0.2 and d_inv < 0.01
@@ -159,3 +159,55 @@ def test_tiles_catch_one_side_of_a_pair_squeezed_side_by_side():
     space = TileSpace(grid=16)
     d = 1.0 - (space.embed_variants(pair)[0] @ space.embed(train).T).max(axis=0)
     assert d[0] < 0.02 < d[1]
+
+
+def _body_volume(side: int = 32, seed: int = 0) -> torch.Tensor:
+    """Bright blobs at random places inside a ball on a zero background: rotating it loses nothing at the corners."""
+    g = torch.Generator().manual_seed(seed)
+    grids = torch.meshgrid(*[torch.arange(side, dtype=torch.float32) - (side - 1) / 2] * 3, indexing="ij")
+    x = (sum(c**2 for c in grids) < (0.42 * side) ** 2).float()
+    for _ in range(6):
+        centre = (torch.rand(3, generator=g) - 0.5) * 0.5 * side
+        x = x + 2.0 * torch.exp(-sum((c - m) ** 2 for c, m in zip(grids, centre)) / (2 * (0.1 * side) ** 2))
+    return x[None, None]
+
+
+def test_3d_shift_on_a_background_canvas_is_undone_by_the_wrapped_shift():
+    # anatomy up to two cells from the far edge: shifted two cells on a background canvas, the replicated edge puts
+    # anatomy where the original had background; wrapping the vacated cells around restores the background exactly
+    g = torch.Generator().manual_seed(3)
+    x = torch.zeros(1, 1, 16, 16, 16)
+    x[:, :, :14] = 1.0 + torch.rand(1, 1, 14, 16, 16, generator=g)
+    moved = torch.zeros_like(x)
+    moved[:, :, 2:] = x[:, :, :14]
+    space = PixelSpace(grid=16, spatial_dims=3, invariances=("shift",), max_shift=2)
+    d = 1.0 - space.embed_variants(moved)[0] @ space.embed(x)[0]
+    edge_only = d[[k for k, op in enumerate(space.variant_ops) if op[5] == "edge"]]
+    assert d.min() < 1e-5 < 0.01 < edge_only.min()
+    assert len(space.variant_ops) == space.embed_variants(moved).shape[1] == 125 + 124
+
+
+@pytest.mark.parametrize("plane", [(2, 3), (2, 4), (3, 4)])
+def test_3d_rotations_about_every_axis_are_compared(plane):
+    from scipy import ndimage
+
+    x = _body_volume()
+    turned = torch.as_tensor(ndimage.rotate(x[0, 0].numpy(), 20.0, axes=(plane[0] - 2, plane[1] - 2), reshape=False))
+    turned = turned[None, None].float()
+    plain = PixelSpace(grid=16, spatial_dims=3)
+    space = PixelSpace(grid=16, spatial_dims=3, invariances=("rotate",), rotations=(-20.0, 20.0))
+    assert len(space.variant_ops) == 1 + 3 * 2 == space.embed_variants(x).shape[1]
+    missed = 1.0 - float(plain.embed(turned)[0] @ plain.embed(x)[0])
+    caught = 1.0 - float((space.embed_variants(turned)[0] @ space.embed(x)[0]).max())
+    assert caught < 0.2 * missed and caught < 0.01
+
+
+def test_3d_zoom_within_one_plane_undoes_an_in_plane_border():
+    x = _body_volume(seed=1)
+    framed = torch.nn.functional.pad(x, (0, 0, 4, 4, 4, 4))  # 4-voxel border in the first two axes only
+    framed = torch.nn.functional.interpolate(framed, size=(32, 32, 32), mode="trilinear", align_corners=False)
+    iso = PixelSpace(grid=16, spatial_dims=3, invariances=("zoom",), zooms=(1.25,))
+    assert len(iso.variant_ops) == 2 + 3
+    d = 1.0 - iso.embed_variants(framed)[0] @ iso.embed(x)[0]
+    isotropic, planar = d[1], d[2:].min()
+    assert planar < 0.3 * isotropic and planar < 0.01
