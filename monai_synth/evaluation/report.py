@@ -56,8 +56,16 @@ GATE_KEYS = (
 )
 """Keys of ``report.json`` (section.name) a pipeline can gate on; a section not run reports them as null."""
 
-NOT_DONE = (
-    "membership inference against the diffusion checkpoints (multi-timestep loss, PIA, SecMI) is not implemented",
+OPTIONAL_KEYS = (
+    "privacy.mia_auc",
+    "privacy.mia_auc_loss",
+    "privacy.mia_auc_pia",
+    "privacy.mia_auc_secmi",
+    "privacy.mia_auc_control",
+)
+"""Gate keys present only when their part ran (membership inference needs the model's checkpoints)."""
+
+NOT_DONE: tuple[str, ...] = (
     "restoration utility (denoising / super-resolution trained on synthetic vs real, TOST) is not implemented",
 )
 
@@ -156,9 +164,10 @@ def _strip(obj: Any, drop: tuple[str, ...]) -> Any:
 
 
 def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
-    """``{"fidelity.fid": ..., ...}``: every :data:`GATE_KEYS` entry that has a number (for MLflow and gates)."""
+    """``{"fidelity.fid": ..., ...}``: every :data:`GATE_KEYS` (and :data:`OPTIONAL_KEYS`) entry that has a number
+    (for MLflow and gates)."""
     out = {}
-    for key in GATE_KEYS:
+    for key in GATE_KEYS + OPTIONAL_KEYS:
         section, name = key.split(".")
         value = (report.get(section) or {}).get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -184,6 +193,9 @@ def run_evaluation(
     show_real: bool = True,
     private_report: str | os.PathLike | None = None,
     overwrite: bool = False,
+    membership: Any = None,
+    mia_attacks: Sequence[str] = ("loss", "pia", "secmi"),
+    mia_max_patients: int | None = 250,
 ) -> dict[str, Any]:
     """Evaluate a synthetic dataset against the training and holdout data it came from, and write the reports.
 
@@ -206,6 +218,12 @@ def run_evaluation(
         show_real: show holdout images next to the synthetic ones in the public report.
         private_report: path of the PRIVATE report (default ``<out>.private_report.html``); refused inside ``out``.
         overwrite: replace reports in a non-empty ``out``.
+        membership: the generator's model for the white-box membership attacks: a
+            :class:`~monai_synth.evaluation.membership.DiffusionTarget`, or keyword arguments of
+            :func:`~monai_synth.evaluation.membership.target_from_bundle` (bundle folder, both checkpoints, the
+            overrides it was trained with); ``None`` skips them (``privacy.mia_auc`` is then absent).
+        mia_attacks: which of ``loss``, ``pia``, ``secmi`` to run.
+        mia_max_patients: attack at most this many training and as many holdout patients (``None``: all).
 
     Returns:
         the report dict written to ``report.json``.
@@ -303,13 +321,41 @@ def run_evaluation(
             for name, pairs in private["closest_pairs"].items()
         }
         timing["privacy"] = time.perf_counter() - t
+    if membership is not None:
+        t = time.perf_counter()
+        mia = _membership(membership, mod.name, size, dims, train_records, holdout_records, y_tr, y_ho, p_tr, p_ho,
+                          x_tr, x_ho, mia_attacks, mia_max_patients, n_boot, seed)  # fmt: skip
+        report["privacy"] = dict(report["privacy"] or {}) | {k: v for k, v in mia.items() if k.startswith("mia_")}
+        report["privacy"]["membership_inference"] = mia
+        timing["membership"] = time.perf_counter() - t
     timing["total"] = time.perf_counter() - start
     report["timing_seconds"] = {k: round(v, 2) for k, v in timing.items()}
-    report = _strip(report, ("synthetic_d1", "holdout_d1", "roc"))
+    if report["privacy"] and isinstance(report["privacy"].get("membership_inference"), Mapping):
+        figures["mia"] = {k: v["scores"] for k, v in report["privacy"]["membership_inference"]["attacks"].items()}
+    report = _strip(report, ("synthetic_d1", "holdout_d1", "roc", "scores"))
     report["gate"] = flat_metrics(report)
     write_reports(report, figures, out, private_path, private, train_patients=set(p_tr))
     report["files"] = {"json": str(out / "report.json"), "html": str(out / "report.html"), "private": str(private_path)}
     return report
+
+
+def _membership(target, modality, size, dims, train_records, holdout_records, y_tr, y_ho, p_tr, p_ho, x_tr, x_ho,
+                attacks, max_patients, n_boot, seed) -> dict[str, Any]:  # fmt: skip
+    """Membership inference on the model's checkpoints, the images loaded at the size the model was trained at."""
+    from monai_synth.evaluation import membership
+    from monai_synth.privacy.guard import load_model_space
+
+    if isinstance(target, Mapping):
+        target = membership.target_from_bundle(**dict(target))
+    model_size = tuple(int(s) for s in (target.spatial_size or size))
+    if model_size != tuple(size):
+        logger.info(f"loading the real images again at the model's size {list(model_size)} for membership inference")
+        x_tr = load_model_space([r["image"] for r in train_records], modality, model_size, dims)
+        x_ho = load_model_space([r["image"] for r in holdout_records], modality, model_size, dims)
+    return membership.membership_inference(
+        target, x_tr, y_tr, p_tr, x_ho, y_ho, p_ho, attacks=attacks, max_patients=max_patients, n_boot=n_boot,
+        seed=seed,
+    )  # fmt: skip
 
 
 def _is_2d(path: Any) -> bool:
@@ -490,7 +536,62 @@ def _privacy_html(priv: Mapping[str, Any]) -> str:
         f"{_fmt(priv['reid_match_threshold'])} (holdout 1% quantile).</p>"
         + _table(reid, ["", "value", "chance"])
         + f"<h3>Definitions</h3><pre>{html.escape(priv['definitions'])}</pre>"
-        + f"<p>{html.escape(priv['membership_inference'])}</p>"
+    )
+
+
+def _mia_figure(scores: Mapping[str, Mapping[str, list]] | None) -> str | None:
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    if not scores:
+        return None
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    for name, s in scores.items():
+        y = np.r_[np.ones(len(s["members"])), np.zeros(len(s["nonmembers"]))]
+        fpr, tpr, _ = roc_curve(y, np.r_[s["members"], s["nonmembers"]])
+        ax.plot(fpr, tpr, label=name)
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel("false positive rate (holdout patients)")
+    ax.set_ylabel("true positive rate (training patients)")
+    ax.set_title("membership inference, patient level", fontsize=9)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _membership_html(mia: Any, scores: Any) -> str:
+    if not isinstance(mia, Mapping):
+        return f"<h3>Membership inference</h3><p>{html.escape(str(mia))}</p>"
+    rows = []
+    for name, r in mia["attacks"].items():
+        c = r["control"]
+        rows.append([name, r["auc"], r["auc_ci"], r["tpr_at_fpr_0.01"]["tpr"], r["tpr_at_fpr_0.01"]["ci"],
+                     r["tpr_at_fpr_0.05"]["tpr"], r["tpr_at_fpr_0.05"]["ci"], r["mann_whitney_p_value"],
+                     c.get("auc"), c.get("auc_ci")])  # fmt: skip
+    first = next(iter(mia["attacks"].values()))
+    fig = _mia_figure(scores)
+    return (
+        f"<h3>Membership inference (white-box, latent space, {html.escape(mia['objective'])})</h3>"
+        f"<p>Largest AUC over attacks: <b>{_fmt(mia['mia_auc'])}</b> ({html.escape(mia['mia_attack'])}); "
+        f"{first['member_patients']} training vs {first['nonmember_patients']} holdout patients. Model: "
+        f"{html.escape(json.dumps(mia.get('target', {})))}.</p>"
+        + _table(
+            rows,
+            [
+                "attack",
+                "AUC",
+                "95% patient bootstrap",
+                "TPR @ 1% FPR",
+                "exact 95%",
+                "TPR @ 5% FPR",
+                "exact 95%",
+                "Mann-Whitney p",
+                "control AUC",
+                "control 95%",
+            ],
+        )  # fmt: skip
+        + (_img_tag(fig, "membership ROC") if fig else "")
+        + f"<pre>{html.escape(mia['definitions'])}</pre>"
     )
 
 
@@ -534,9 +635,13 @@ def write_reports(
         roc = _roc_figure(figures.get("roc"), report["utility"])
         parts.append("<h2>Utility</h2>" + _utility_html(report["utility"]) + (_img_tag(roc, "roc") if roc else ""))
     if report.get("privacy"):
+        priv = report["privacy"]
         dist = _distance_figure(figures.get("distances") or {})
         parts.append(
-            "<h2>Privacy audit</h2>" + (_img_tag(dist, "distances") if dist else "") + _privacy_html(report["privacy"])
+            "<h2>Privacy audit</h2>"
+            + (_img_tag(dist, "distances") if dist else "")
+            + (_privacy_html(priv) if "spaces" in priv else "")
+            + _membership_html(priv.get("membership_inference"), figures.get("mia"))
         )
     parts.append(
         "<h2>Time per section (s)</h2>" + _table(list(report["timing_seconds"].items()), ["section", "seconds"])

@@ -360,7 +360,7 @@ def test_embedding_weights_trained_on_other_data_are_refused(chain, tmp_path):
 @pytest.mark.slow
 def test_evaluate_config_reports_the_bundles_release_and_logs_it_to_mlflow(chain, tmp_path):
     """configs/evaluate.yaml on the quickstart's release: report.json with the gate keys, the same metrics in MLflow."""
-    from monai_synth.evaluation.report import GATE_KEYS
+    from monai_synth.evaluation.report import GATE_KEYS, OPTIONAL_KEYS
 
     out = tmp_path / "run"
     shutil.copytree(chain["snapshot"], out)
@@ -379,13 +379,16 @@ def test_evaluate_config_reports_the_bundles_release_and_logs_it_to_mlflow(chain
     workflow.run()
     workflow.finalize()
     report = json.loads((out / "evaluation" / "report.json").read_text())
-    assert set(report["gate"]) == set(GATE_KEYS)
+    assert set(report["gate"]) == set(GATE_KEYS) | set(OPTIONAL_KEYS)  # the bundle's own checkpoints are attacked
+    mia = report["privacy"]["membership_inference"]
+    assert mia["objective"] == "rectified flow" and mia["target"]["weights"] == "EMA"
     assert report["counts"]["synthetic"] == 2 * len(LABELS)
     assert (out / "evaluation.private_report.html").is_file()
     client, runs = _mlflow_runs(os.environ["MLFLOW_TRACKING_URI"])
     metrics = runs[-1].data.metrics
     assert metrics["fidelity.fid"] == pytest.approx(report["fidelity"]["fid"])
     assert "privacy.reid_match_rate" in metrics
+    assert metrics["privacy.mia_auc"] == pytest.approx(report["privacy"]["mia_auc"])
 
 
 def _rewrite_datalist(cohort: str, dest: Path, replace: dict[str, str]) -> Path:
