@@ -242,6 +242,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace the reports in an existing --out")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument(
+        "--restoration",
+        nargs="*",
+        default=[],
+        choices=["denoise", "superres"],
+        help="restoration utility: denoising and/or x2 super-resolution networks trained on synthetic vs real images, "
+        "PSNR/SSIM on the degraded holdout, equivalence test (TOST)",
+    )
+    p.add_argument("--restoration-steps", type=int, default=200, help="training steps of each restoration network")
     mia = p.add_argument_group(
         "membership inference", "white-box attacks on the generator's checkpoints (a bundle's networks and scheduler)"
     )
@@ -315,6 +324,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         membership=_membership_target(args),
         mia_attacks=args.mia_attacks,
         mia_max_patients=args.mia_max_patients,
+        restoration=args.restoration,
+        restoration_steps=args.restoration_steps,
     )
     for key, value in report["gate"].items():
         print(f"{key} = {value:.4g}")

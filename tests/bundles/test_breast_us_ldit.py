@@ -365,7 +365,7 @@ def test_evaluate_config_reports_the_bundles_release_and_logs_it_to_mlflow(chain
     out = tmp_path / "run"
     shutil.copytree(chain["snapshot"], out)
     overrides = {**chain["overrides"], "output_dir": str(out), "dataset_dir": None, "utility_steps": 5,
-                 "reid_steps": 5, "bootstrap": 5, "permutations": 5}  # fmt: skip
+                 "reid_steps": 5, "bootstrap": 5, "permutations": 5, "restoration_steps": 5}  # fmt: skip
     workflow = ConfigWorkflow(
         config_file=[str(BUNDLE / "configs" / "common.yaml"), str(BUNDLE / "configs" / "evaluate.yaml")],
         meta_file=str(BUNDLE / "configs" / "metadata.json"),
@@ -379,7 +379,8 @@ def test_evaluate_config_reports_the_bundles_release_and_logs_it_to_mlflow(chain
     workflow.run()
     workflow.finalize()
     report = json.loads((out / "evaluation" / "report.json").read_text())
-    assert set(report["gate"]) == set(GATE_KEYS) | set(OPTIONAL_KEYS)  # the bundle's own checkpoints are attacked
+    # the bundle's own checkpoints are attacked, and its default restoration task (denoise) is run
+    assert set(report["gate"]) == set(GATE_KEYS) | {k for k in OPTIONAL_KEYS if "superres" not in k}
     mia = report["privacy"]["membership_inference"]
     assert mia["objective"] == "rectified flow" and mia["target"]["weights"] == "EMA"
     assert report["counts"]["synthetic"] == 2 * len(LABELS)
