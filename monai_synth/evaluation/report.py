@@ -310,8 +310,9 @@ def run_evaluation(
         else:
             raise ValueError(f"unknown feature space {feature_space!r}; use random, trained or weights")
         report["fidelity"] = fidelity.evaluate_fidelity(
-            space, x_tr, y_tr, x_ho, y_ho, x_sy, y_sy, labels, n_boot=n_boot, permutations=permutations, seed=seed
-        )
+            space, x_tr, y_tr, x_ho, y_ho, x_sy, y_sy, labels, n_boot=n_boot, permutations=permutations, seed=seed,
+            train_patients=p_tr, holdout_patients=p_ho,
+        )  # fmt: skip
         timing["fidelity"] = time.perf_counter() - t
     if "utility" in sections:
         t = time.perf_counter()
@@ -524,7 +525,8 @@ def _fidelity_html(fid: Mapping[str, Any]) -> str:
     return (
         f"<p>Feature space: <b>{html.escape(space['name'])}</b>, weights SHA-256 <code>{space['weights_sha256']}</code>. "
         "Numbers from different spaces are not comparable. Both comparisons use as many images (the larger set is "
-        "subsampled); intervals: 95% bias-shifted image bootstrap.</p>"
+        "subsampled); intervals: 95% bias-shifted bootstrap, resampling "
+        f"{html.escape(str(fid['overall']['synthetic'].get('fid_ci_resamples', 'images')))}.</p>"
         + _table(rows, ["scope", "comparison", *_FID_COLS])
         + "<h3>MS-SSIM within each class (lower = more diverse)</h3>"
         + _table(ssim, ["class", "synthetic", "real (holdout)"])

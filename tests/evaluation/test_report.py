@@ -35,6 +35,7 @@ def test_evaluate_writes_every_gate_metric_and_keeps_patients_out_of_the_public_
         section, name = key.split(".")
         assert isinstance(report[section][name], float), key
     assert set(report["gate"]) == set(GATE_KEYS)
+    assert report["fidelity"]["overall"]["real_floor"]["fid_ci_resamples"].startswith("patients")
     assert report["fidelity"]["space"]["weights_sha256"] and set(report["timing_seconds"]) >= {"fidelity", "total"}
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 3
