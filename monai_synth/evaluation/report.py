@@ -597,8 +597,7 @@ def _mia_figure(scores: Mapping[str, Mapping[str, list]] | None) -> str | None:
         y = np.r_[np.ones(len(s["members"])), np.zeros(len(s["nonmembers"]))]
         fpr, tpr, _ = roc_curve(y, np.r_[s["members"], s["nonmembers"]])
         ax.plot(fpr, tpr, label=name)
-    ax.plot([0, 1], [0, 1], "k:", lw=1)
-    ax.set_xscale("symlog", linthresh=0.01)
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="chance")
     ax.set_xlabel("false positive rate (holdout patients)")
     ax.set_ylabel("true positive rate (training patients)")
     ax.set_title("membership inference, patient level", fontsize=9)
