@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--reid-steps", type=int, default=300)
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--permutations", type=int, default=200)
+    parser.add_argument(
+        "--sections", nargs="*", default=["fidelity", "utility", "privacy"], choices=["fidelity", "utility", "privacy"]
+    )
     parser.add_argument("--restoration", nargs="*", default=[], choices=["denoise", "superres"])
     parser.add_argument("--restoration-steps", type=int, default=200)
     parser.add_argument("--membership", action="store_true", help="time the membership attacks (untrained networks)")
@@ -67,6 +70,7 @@ def main() -> None:
             "us",
             root / "report",
             spatial_size=args.size,
+            sections=args.sections,
             utility_steps=args.utility_steps,
             reid_steps=args.reid_steps,
             n_boot=args.bootstrap,
