@@ -34,8 +34,9 @@ from monai_synth.engines.autoencoder import kl_divergence
 from monai_synth.engines.diffusion import LatentDiffusionPrepareBatch, RectifiedFlowPrepareBatch
 from monai_synth.engines.latents import compute_scale_factor
 from monai_synth.engines.sampler import LatentSampler
-from monai_synth.handlers.ema import EMAHandler
-from monai_synth.networks import DiffusionTransformer
+from monai_synth.handlers.ema import EMAWeightsHandler
+from monai_synth.networks import DiffusionTransformer, LaplaceAutoencoderKL
+from monai_synth.networks.autoencoder import laplace_nll
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quickstart_quality as quality  # noqa: E402
@@ -53,7 +54,8 @@ def cohort(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def build_autoencoder(args) -> AutoencoderKL:
-    return AutoencoderKL(
+    cls = LaplaceAutoencoderKL if args.likelihood == "laplace" else AutoencoderKL
+    return cls(
         spatial_dims=2,
         in_channels=1,
         out_channels=1,
@@ -69,7 +71,7 @@ def build_autoencoder(args) -> AutoencoderKL:
 
 def train_autoencoder(args, x: torch.Tensor, held: torch.Tensor) -> tuple[AutoencoderKL, dict]:
     key = json.dumps([args.size, args.patients, args.images_per_patient, args.ae_channels, args.latent_channels,
-                      args.ae_epochs, args.ae_lr, args.kl_weight, args.ae_batch])  # fmt: skip
+                      args.ae_epochs, args.ae_lr, args.kl_weight, args.ae_batch, args.likelihood])  # fmt: skip
     path = Path(args.cache) / f"ae_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
     ae = build_autoencoder(args)
     if path.is_file():
@@ -86,8 +88,13 @@ def train_autoencoder(args, x: torch.Tensor, held: torch.Tensor) -> tuple[Autoen
         order = torch.randperm(len(x))
         for i in range(0, len(x), args.ae_batch):
             xb = x[order[i : i + args.ae_batch]]
-            recon, z_mu, z_sigma = ae(xb)
-            loss = (recon - xb).abs().mean() + args.kl_weight * kl_divergence(z_mu, z_sigma)
+            if args.likelihood == "laplace":
+                recon, z_mu, z_sigma, log_scale = ae(xb, return_log_scale=True)
+                recon_loss = laplace_nll(recon, log_scale, xb)
+            else:
+                recon, z_mu, z_sigma = ae(xb)
+                recon_loss = (recon - xb).abs().mean()
+            loss = recon_loss + args.kl_weight * kl_divergence(z_mu, z_sigma)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -135,7 +142,7 @@ def train_dit(args, latents: torch.Tensor, y: torch.Tensor):
         context_dim=len(LABELS),
     )
     ema_net = copy.deepcopy(net)
-    ema = EMAHandler(net, ema_net, decay=args.ema_decay, warmup=True)
+    ema = EMAWeightsHandler(net, ema_net, decay=args.ema_decay, warmup=True)
     train_sched, prep, sampling = schedulers(args)
     inferer = DiffusionInferer(train_sched)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
@@ -188,6 +195,12 @@ def main(argv=None):
     p.add_argument("--ae-lr", type=float, default=2e-3)
     p.add_argument("--ae-batch", type=int, default=8)
     p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument(
+        "--likelihood",
+        choices=["none", "laplace"],
+        default="none",
+        help="laplace: the decoder predicts a per-pixel scale (NLL loss) and samples draw the noise",
+    )
     p.add_argument("--scale", choices=["std", "none"], default="std", help="latent scale factor 1/std or 1")
     p.add_argument("--objective", choices=["rflow", "epsilon", "v_prediction"], default="epsilon")
     p.add_argument("--timesteps", choices=["uniform", "logit-normal"], default="uniform", help="rflow only")

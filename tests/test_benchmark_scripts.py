@@ -36,3 +36,11 @@ def test_evaluation_speed_runs_every_section_at_toy_size():
     for section in ("loading", "fidelity", "utility", "privacy", "restoration", "membership", "total"):
         assert re.search(rf"^{section}\s+\d+\.\d$", out, re.M), section
     assert "20 synthetic vs 20 training + 20 holdout images" in out
+
+
+def test_diffusion_recipe_trains_a_laplace_autoencoder_at_toy_size(tmp_path):
+    cmd = [sys.executable, str(BENCHMARKS / "diffusion_recipe.py"), "--size", "16", "--patients", "10"]
+    cmd += ["--ae-epochs", "1", "--likelihood", "laplace", "--ae-only", "--cache", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True, env=env).stdout
+    assert re.search(r'"psnr": \d', out) and list(tmp_path.glob("ae_*.pt"))

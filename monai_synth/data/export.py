@@ -170,7 +170,13 @@ class ReleaseWriter:
         return Path(relpath).as_posix()
 
     # ------------------------------------------------------------------ images
-    def write_image(self, array_physical: Any, stem: str, spacing: Sequence[float] | None = None) -> str:
+    def write_image(
+        self,
+        array_physical: Any,
+        stem: str,
+        spacing: Sequence[float] | None = None,
+        direction: Sequence[Sequence[float]] | None = None,
+    ) -> str:
         """Write one image in physical units (HU, SUV, grey levels, ...).
 
         Args:
@@ -178,6 +184,10 @@ class ReleaseWriter:
                 (x, y[, z]), i.e. what :func:`monai_synth.data.loading.load_image` returns.
             stem: file name without extension (may contain sub-folders, e.g. ``"images/us_0001"``).
             spacing: voxel size in mm per spatial axis (default 1 mm).
+            direction: 3 x 3 direction cosines, columns the world (RAS) directions of the array axes ``x, y, z`` (for
+                a 2D image the third column is the plane's normal), e.g.
+                :func:`monai_synth.data.geometry.model_direction`; default: the identity (axes along R, A, S).
+                Written as the NIfTI affine and the DICOM ImageOrientationPatient / ImagePositionPatient.
 
         Returns:
             Path of the written image relative to the release folder (a folder for a 3D DICOM series).
@@ -194,10 +204,11 @@ class ReleaseWriter:
         spacing = tuple(float(s) for s in (spacing if spacing is not None else (1.0,) * spatial_dims))
         if len(spacing) != spatial_dims or min(spacing) <= 0:
             raise ValueError(f"spacing must have {spatial_dims} positive values, got {spacing}")
+        direction = _direction(direction)
         stem = str(stem)
         if self.fmt == "nifti":
             rel = f"{stem}.nii.gz"
-            self._write_nifti(self._target(rel), array[0], spacing)
+            self._write_nifti(self._target(rel), array[0], spacing, direction)
         elif self.fmt == "png":
             if spatial_dims != 2:
                 raise ValueError("PNG export is 2D only; use fmt='nifti' or 'dicom' for volumes")
@@ -205,15 +216,16 @@ class ReleaseWriter:
             self._write_png(self._target(rel), array[0])
         else:
             rel = f"{stem}.dcm" if spatial_dims == 2 else stem
-            self._write_dicom(self._target(rel), array[0], spacing)
+            self._write_dicom(self._target(rel), array[0], spacing, direction)
         self._n_images += 1
         return Path(rel).as_posix()
 
     @staticmethod
-    def _write_nifti(target: Path, image: np.ndarray, spacing: tuple[float, ...]) -> None:
+    def _write_nifti(target: Path, image: np.ndarray, spacing: tuple[float, ...], direction: np.ndarray) -> None:
         import nibabel as nib
 
-        affine = np.diag([*spacing, *([1.0] * (3 - len(spacing))), 1.0])
+        affine = np.eye(4)
+        affine[:3, :3] = direction @ np.diag([*spacing, *([1.0] * (3 - len(spacing)))])
         nii = nib.Nifti1Image(image.astype(np.float32), affine)
         nii.header.set_xyzt_units("mm")
         nib.save(nii, str(target))
@@ -225,7 +237,7 @@ class ReleaseWriter:
         grey = np.clip(np.rint(image), 0, 255).astype(np.uint8)
         Image.fromarray(np.ascontiguousarray(grey.T), mode="L").save(target)  # (x, y) -> rows are y
 
-    def _write_dicom(self, target: Path, image: np.ndarray, spacing: tuple[float, ...]) -> None:
+    def _write_dicom(self, target: Path, image: np.ndarray, spacing: tuple[float, ...], direction: np.ndarray) -> None:
         from pydicom.uid import generate_uid
 
         code = self.modality.dicom_code
@@ -248,6 +260,7 @@ class ReleaseWriter:
                 code=code,
                 spacing=spacing3,
                 index=k,
+                orientation=_RAS_TO_LPS @ direction,
                 slope=slope,
                 intercept=intercept,
                 bits=bits,
@@ -256,6 +269,31 @@ class ReleaseWriter:
                 patient_id=patient_id,
                 series_description=f"synthetic {self.modality.name}",
             )
+
+
+#: DICOM's patient axes are LPS, MONAI's and NIfTI's world axes RAS.
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _direction(direction: Sequence[Sequence[float]] | None) -> np.ndarray:
+    """3 x 3 direction cosines (identity by default), checked to be a rotation or reflection.
+
+    Raises:
+        ValueError: not 3 x 3, or columns that are not orthonormal.
+    """
+    if direction is None:
+        return np.eye(3)
+    matrix = np.asarray(direction, dtype=np.float64)
+    if matrix.shape != (3, 3) or not np.all(np.isfinite(matrix)):
+        raise ValueError(
+            f"direction must be 3 x 3 direction cosines (columns: world directions of x, y, z), got {matrix}"
+        )
+    if not np.allclose(matrix.T @ matrix, np.eye(3), atol=1e-4):
+        raise ValueError(
+            f"direction {matrix.round(4).tolist()} has columns that are not orthonormal; pass the direction cosines "
+            "(the affine without its voxel sizes), e.g. monai_synth.data.geometry.model_direction"
+        )
+    return matrix
 
 
 def _dicom_storage(code: str, volume: np.ndarray) -> tuple[np.ndarray, float, float, int, bool]:
@@ -278,6 +316,7 @@ def _write_dicom_slice(
     code: str,
     spacing: tuple[float, float, float],
     index: int,
+    orientation: np.ndarray,
     slope: float,
     intercept: float,
     bits: int,
@@ -325,13 +364,13 @@ def _write_dicom_slice(
     ds.ImageComments = _SYNTHETIC_NOTE
     ds.BurnedInAnnotation = "NO"
     ds.PatientIdentityRemoved = "YES"
-    # Image plane: axis-aligned, slices stacked along z, as MONAI's PydicomReader expects for a series. The array
-    # axes are declared RAS (DICOM's patient axes are LPS, hence the -1s), the orientation MONAI's presets put
-    # images in and the one the NIfTI writer declares, so one array means the same anatomy in every format.
+    # Image plane: the array axes x (along a row), y (down a column) and z (slice to slice) point along the columns of
+    # `orientation` (LPS, DICOM's patient axes), the same directions the NIfTI writer declares in RAS, so one array
+    # means the same anatomy in every format; slices are stacked along z, as MONAI's PydicomReader expects.
     ds.PixelSpacing = [f"{spacing[1]:g}", f"{spacing[0]:g}"]  # row spacing (y), column spacing (x)
     ds.SliceThickness = f"{spacing[2]:g}"
-    ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
-    ds.ImagePositionPatient = [0.0, 0.0, float(index * spacing[2])]
+    ds.ImageOrientationPatient = [_ds(v) for v in (*orientation[:, 0], *orientation[:, 1])]
+    ds.ImagePositionPatient = [_ds(v) for v in orientation[:, 2] * index * spacing[2]]
     ds.SliceLocation = float(index * spacing[2])
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -346,6 +385,11 @@ def _write_dicom_slice(
         ds.RescaleType = "HU" if code == "CT" else "US"  # "US" = unspecified
     ds.PixelData = pixel_rows.tobytes()
     ds.save_as(str(path), enforce_file_format=True)
+
+
+def _ds(value: float) -> float:
+    """A float that fits a DICOM decimal string (16 characters), without a negative zero."""
+    return float(f"{float(value):.10g}") + 0.0
 
 
 def _to_numpy(array: Any) -> np.ndarray:

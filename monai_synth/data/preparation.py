@@ -12,6 +12,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from monai_synth.data.datalist import load_datalist
 from monai_synth.data.phantoms import write_cohort
 from monai_synth.data.splits import check_disjoint, split_by_patient
@@ -67,6 +69,28 @@ def prepare_datalist(
         )
     cohort_dir = Path(output_dir) / "phantom_cohort"
     existing = cohort_dir / "datalist.csv"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # rank 0 writes the cohort (the other ranks of a distributed run write nothing) and the others wait for it
+        path = None
+        if torch.distributed.get_rank() == 0:
+            path = _phantom_cohort(
+                cohort_dir, modality, phantom_patients, phantom_images_per_patient, phantom_size, seed
+            )
+        torch.distributed.barrier()
+        return path or str(existing.resolve())
+    return _phantom_cohort(cohort_dir, modality, phantom_patients, phantom_images_per_patient, phantom_size, seed)
+
+
+def _phantom_cohort(
+    cohort_dir: Path,
+    modality: str,
+    phantom_patients: int,
+    phantom_images_per_patient: int,
+    phantom_size: int | Sequence[int],
+    seed: int,
+) -> str:
+    """The datalist of the phantom cohort in ``cohort_dir``, written first if it is not there."""
+    existing = cohort_dir / "datalist.csv"
     if existing.is_file():
         return str(existing.resolve())
     logger.warning(
@@ -84,7 +108,8 @@ def prepare_datalist(
             seed=int(seed),
         )
     except OSError:
-        # the processes of a distributed run all write the same (seeded) cohort; the first one to finish wins
+        # processes that share no process group (several runs on one output_dir) may write the same (seeded) cohort
+        # at once; the first one to finish wins
         if existing.is_file():
             return str(existing.resolve())
         raise

@@ -8,7 +8,9 @@ MONAI's ``AdversarialTrainer`` cannot add the KL term of a variational autoencod
           + perceptual_weight * P(x, x_hat) + adv_weight * L_adv(D(x_hat))        (adversarial after warm-up)
 
 and the patch discriminator ``D`` (MONAI ``PatchDiscriminator``, best with ``norm="INSTANCE"``) is trained with its
-own optimiser on the least-squares GAN loss. Perceptual loss is never downloaded: pass a module, or a TorchScript
+own optimiser on the least-squares GAN loss. With ``recon_loss="laplace_nll"`` and a
+:class:`~monai_synth.networks.LaplaceAutoencoderKL`, the L1 term becomes the Laplace negative log-likelihood with the
+decoder's per-pixel scale (the L1 loss is its special case with a fixed scale). Perceptual loss is never downloaded: pass a module, or a TorchScript
 feature extractor file via :class:`~monai_synth.losses.LocalPerceptualLoss`.
 """
 
@@ -32,6 +34,7 @@ from torch.optim import Optimizer
 
 from monai_synth.engines.utils import unwrap_model
 from monai_synth.losses import kl_divergence
+from monai_synth.networks.autoencoder import LaplaceAutoencoderKL, laplace_nll
 from monai_synth.networks.utils import check_spatial_size
 
 __all__ = [
@@ -84,7 +87,8 @@ class AutoencoderKLTrainer(Trainer):
         optimizer: optimiser of the autoencoder.
         kl_weight: weight of the KL term (small, e.g. 1e-6, keeps the latent near-deterministic but regular).
         recon_weight: weight of the reconstruction term.
-        recon_loss: ``"l1"`` (default, sharper) or ``"l2"``.
+        recon_loss: ``"l1"`` (default, sharper), ``"l2"``, or ``"laplace_nll"`` (with a
+            :class:`~monai_synth.networks.LaplaceAutoencoderKL`: L1 with the decoder's learned per-pixel scale).
         discriminator: optional MONAI ``PatchDiscriminator``; its last output is the patch logits.
         disc_optimizer: the discriminator's own optimiser (required with ``discriminator``).
         adv_weight: weight of the generator's adversarial term.
@@ -140,9 +144,14 @@ class AutoencoderKLTrainer(Trainer):
         amp_kwargs: dict | None = None,
     ) -> None:
         try:
-            recon_loss = look_up_option(recon_loss, ("l1", "l2"))
+            recon_loss = look_up_option(recon_loss, ("l1", "l2", "laplace_nll"))
         except ValueError as e:
             raise ValueError(f"recon_loss: {e}") from None
+        if (recon_loss == "laplace_nll") != isinstance(unwrap_model(autoencoder), LaplaceAutoencoderKL):
+            raise ValueError(
+                "recon_loss 'laplace_nll' and a LaplaceAutoencoderKL go together (the loss needs the decoder's "
+                f"per-pixel scale); got recon_loss {recon_loss!r} with {type(unwrap_model(autoencoder)).__name__}"
+            )
         for name, value in (("kl_weight", kl_weight), ("recon_weight", recon_weight), ("adv_weight", adv_weight)):
             if float(value) < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -218,9 +227,14 @@ class AutoencoderKLTrainer(Trainer):
         engine.autoencoder.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with _autocast():
-            recon, z_mu, z_sigma = engine.autoencoder(images)
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            recon_loss = engine._reconstruction_loss(recon, images)
+            if engine.recon_loss == "laplace_nll":
+                recon, z_mu, z_sigma, log_scale = engine.autoencoder(images, return_log_scale=True)
+                engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+                recon_loss = laplace_nll(recon.float(), log_scale.float(), images.float())
+            else:
+                recon, z_mu, z_sigma = engine.autoencoder(images)
+                engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+                recon_loss = engine._reconstruction_loss(recon, images)
             kl_loss = kl_divergence(z_mu.float(), z_sigma.float())
             loss = engine.recon_weight * recon_loss + engine.kl_weight * kl_loss
             perc_loss = zero

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -21,9 +22,13 @@ import torch
 
 from monai_synth.atomic import atomic_file
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "CheckpointMetadata",
     "CheckpointMismatchError",
+    "LegacyCheckpointError",
+    "legacy_flag",
     "checkpoint_fingerprint",
     "latest_checkpoint",
     "load_checkpoint",
@@ -33,6 +38,34 @@ __all__ = [
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint exists but was trained for something else (bundle, modality, labels, image size, stage)."""
+
+
+class LegacyCheckpointError(CheckpointMismatchError):
+    """A checkpoint written by an earlier monai_synth lacks what this run checks (e.g. its training split)."""
+
+
+#: How to go on with a checkpoint written before this version recorded what the run checks.
+LEGACY_HINT = (
+    "Either retrain this stage (move the checkpoint folder away), or, if you are sure the checkpoint was trained on "
+    "this datalist with these settings, pass `--legacy_checkpoints accept`: it is then used with a warning, unchecked "
+    "on what it lacks, and the checkpoints this run writes record it."
+)
+
+
+def legacy_flag(value: Any) -> bool:
+    """``accept`` -> True, ``refuse`` -> False (also booleans and their command-line spellings).
+
+    Raises:
+        ValueError: any other value.
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("accept", "true", "yes", "1"):
+        return True
+    if text in ("refuse", "false", "no", "0"):
+        return False
+    raise ValueError(f"--legacy_checkpoints must be 'refuse' or 'accept', got {value!r}")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -87,7 +120,10 @@ class CheckpointMetadata:
         labels: ordered class names the network was conditioned on (order defines the class ids).
         spatial_size: image spatial size in model space.
         stage: ``"autoencoder"`` or ``"diffusion"``; compared only when both sides set it.
-        extra: further JSON-like values to store and compare (e.g. ``{"latent_channels": 3}``).
+        extra: further JSON-like values to store and compare (e.g. ``{"latent_channels": 3}``). A checkpoint that
+            lacks one of them was written by an earlier version that did not record it (e.g. ``training_split``):
+            it is refused with :class:`LegacyCheckpointError`, saying how to go on, unless ``legacy`` accepts it.
+        legacy: ``"refuse"`` (default) or ``"accept"``: use such a checkpoint with a warning.
     """
 
     FIELDS = ("bundle", "modality", "labels", "spatial_size", "stage")
@@ -100,7 +136,10 @@ class CheckpointMetadata:
         spatial_size: int | Sequence[int] | None = None,
         stage: str | None = None,
         extra: Mapping[str, Any] | None = None,
+        legacy: bool | str = "refuse",
     ) -> None:
+        self.accept_legacy = legacy_flag(legacy)
+        self.extra_fields = [str(k) for k in (extra or {})]
         if isinstance(spatial_size, int):
             spatial_size = [spatial_size]
         self.values: dict[str, Any] = {
@@ -136,6 +175,15 @@ class CheckpointMetadata:
                 found, expected = found * (n // len(found)), expected * (n // len(expected))
             if found != expected:
                 problems.append(f"{key}: checkpoint has {found!r}, this run expects {expected!r}")
+        missing = [k for k in self.extra_fields if k not in ignore and self.values.get(k) is not None]
+        missing = [k for k in missing if stored.get(k) is None]
+        if missing and not problems:
+            if not self.accept_legacy:
+                raise LegacyCheckpointError(
+                    f"{source} was written by an earlier version of monai_synth that did not record {missing}, so "
+                    f"this run cannot check it against them. {LEGACY_HINT}"
+                )
+            logger.warning(f"{source} records no {missing}: used unchecked on them (--legacy_checkpoints accept)")
         if problems:
             data = ""
             if any(p.startswith("training_split:") for p in problems):

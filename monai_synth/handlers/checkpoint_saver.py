@@ -62,6 +62,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 fixed = getattr(checkpoint.save_handler, "filename", None)
                 checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, filename=fixed)
         self._in_iteration = False
+        self._started_at: int | None = None  # iteration at STARTED, once the resumed state is loaded
+        self._completed = 0  # iterations completed since STARTED
 
     def attach(self, engine: Engine) -> None:
         from monai_synth.engines.resume import remove_leftovers
@@ -70,6 +72,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         super().attach(engine)
         engine.add_event_handler(Events.ITERATION_STARTED, self._set_in_iteration, True)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._set_in_iteration, False)
+        engine.add_event_handler(Events.STARTED, self._note_start)
         if self._final_checkpoint is not None:
             self._handle_exceptions_first(engine)
 
@@ -86,6 +89,23 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def _set_in_iteration(self, engine: Engine, value: bool) -> None:
         self._in_iteration = value
+        self._completed += not value
+
+    def _note_start(self, engine: Engine) -> None:
+        self._started_at, self._completed = int(engine.state.iteration), 0
+
+    def completed(self, engine: Engine) -> None:
+        """Save the final checkpoint, unless this run trained nothing and the final file is already there.
+
+        Re-running a stage that had finished resumes at its last epoch and completes at once; writing the final file
+        again would change its bytes (and the fingerprint later stages and releases were tied to) for nothing.
+        """
+        final = Path(self.save_dir) / self._final_filename if self._final_filename else None
+        trained = self._started_at is None or int(engine.state.iteration) != self._started_at
+        if not trained and final is not None and final.is_file():
+            engine.logger.info(f"nothing trained in this run; kept the final checkpoint {final}")
+            return
+        super().completed(engine)
 
     def interval_completed(self, engine: Engine) -> None:
         super().interval_completed(engine)
@@ -116,10 +136,19 @@ class AtomicCheckpointSaver(CheckpointSaver):
         finished stage, which the next stage takes it for. Without interval checkpoints the final file is written,
         as MONAI does.
 
+        Nothing is written when no iteration completed in this run: an exception while starting (a refused resume)
+        must not replace the checkpoint it refused with the untrained state.
+
         Ignite has already counted an iteration that was interrupted part-way, so a checkpoint saved as MONAI does
         would make the resumed run skip it. The interrupted iteration is not counted in the checkpoint instead: at
         worst (interrupted after the optimiser step) it is repeated on resume, it is never lost.
         """
+        if self._started_at is None or self._completed == 0:
+            # raised while starting (a refused resume, a checkpoint that cannot be loaded) or before one iteration
+            # finished: nothing was trained, and the engine may hold a half-restored state that must not replace the
+            # checkpoint on disk
+            engine.logger.info(f"{type(e).__name__} raised before any iteration completed; no checkpoint written")
+            raise e
         in_iteration = self._in_iteration
         if in_iteration:
             engine.state.iteration -= 1

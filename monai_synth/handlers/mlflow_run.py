@@ -4,7 +4,8 @@ MONAI's ``MLFlowHandler`` starts a new run per process and closes it only on com
 an error stayed RUNNING forever, and its resume became a second, unlinked run. :class:`MLflowRunLink` travels in the
 stage's checkpoints with the id of the run that wrote them; a resume continues that run (status RUNNING again,
 parameters that changed recorded as ``resumed.<name>`` tags, since MLflow parameters cannot change), and an
-exception ends it as KILLED (Ctrl-C) or FAILED before the checkpoint saver re-raises.
+exception ends it as KILLED (Ctrl-C) or FAILED before the checkpoint saver re-raises. Re-running a stage that had
+already finished (a quickstart run again) logs into its run and uploads no artifact (checkpoint) a second time.
 """
 
 from __future__ import annotations
@@ -110,8 +111,13 @@ class MLflowRunLink:
             return
         client.update_run(run.info.run_id, status="RUNNING")
         logged = dict(run.data.params)
+        # a re-run of a stage that had already finished trains nothing: its artifacts are in the run already
+        finished = engine is not None and engine.state.max_epochs is not None
+        finished = finished and engine.state.epoch >= engine.state.max_epochs
         for handler in handlers:
             handler.cur_run = run
+            if finished:
+                handler.artifacts = ()
             params = dict(handler.experiment_param or {})
             changed = {k: str(v) for k, v in params.items() if k in logged and logged[k] != str(v)}
             for key, value in changed.items():

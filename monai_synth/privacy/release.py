@@ -257,12 +257,20 @@ class GuardedRelease:
     def __exit__(self, exc_type, exc, tb) -> bool:
         return self.writer.__exit__(exc_type, exc, tb)
 
-    def add(self, record: SampleRecord, stored: np.ndarray | None, spacing: Sequence[float] | None = None) -> None:
-        """Record a judged candidate and, if it passed, write exactly ``stored`` (the array that was judged)."""
+    def add(
+        self,
+        record: SampleRecord,
+        stored: np.ndarray | None,
+        spacing: Sequence[float] | None = None,
+        direction: Sequence[Sequence[float]] | None = None,
+    ) -> None:
+        """Record a judged candidate and, if it passed, write exactly ``stored`` (the array that was judged) with the
+        voxel ``spacing`` and axis ``direction`` of the training data (see ``ReleaseWriter.write_image``)."""
         if record.passed:
             if stored is None:
                 raise ValueError("a released record needs its stored array")
-            record.file = self.writer.write_image(stored, self.stem.format(index=self._released), spacing)
+            stem = self.stem.format(index=self._released)
+            record.file = self.writer.write_image(stored, stem, spacing, direction)
             self._released += 1
         self.records.append(record)
 

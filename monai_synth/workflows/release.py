@@ -4,6 +4,11 @@ The judge-write-certify path itself lives in :mod:`monai_synth.privacy` (the saf
 atomic release writer, also used by ``monai-synth guard``); this module is the bundle-side orchestration around it:
 the bundle's datasets and records in, an optional re-identification embedding trained on the bundle's own train
 split, a sample grid of what was released, and the MLflow record of the release.
+
+Under ``torch.distributed`` (``torchrun`` with the ``multi_gpu_sample.yaml`` overlay) the release is sharded: every
+rank builds the same safeguard (an embedding is trained once, on rank 0, and read by the others; thresholds and index
+fingerprints are compared across ranks), samples its share of every class from seeds no other rank uses, and rank 0
+alone writes the one release, its certificate and MLflow record from the gathered candidates.
 """
 
 from __future__ import annotations
@@ -20,15 +25,39 @@ from monai_synth.data.datalist import datalist_fingerprint
 from monai_synth.engines.checkpoint import checkpoint_fingerprint
 from monai_synth.engines.sampler import Generator
 from monai_synth.handlers.sample_grid import make_sample_grid, save_grid_png
-from monai_synth.privacy.factory import DEFAULT_SPACES, build_spaces
+from monai_synth.privacy.factory import DEFAULT_SPACES, build_spaces, space_name
 from monai_synth.privacy.release import GuardedRelease, ReleaseEncoder
 from monai_synth.privacy.safeguard import PrivacySafeguard, build_safeguard
-from monai_synth.privacy.sampling import guarded_sample
+from monai_synth.privacy.sampling import GuardedSamplingResult, guarded_sample
 from monai_synth.tracking import log_release
 
-__all__ = ["calibrated_safeguard", "guarded_release", "release_grid"]
+__all__ = ["calibrated_safeguard", "guarded_release", "release_grid", "shard_requests"]
 
 logger = logging.getLogger(__name__)
+
+
+def _world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the running ``torch.distributed`` group, ``(0, 1)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def shard_requests(
+    requests: Sequence[tuple[Any, int]], rank: int, world_size: int, seed: int, max_retries: int
+) -> tuple[list[tuple[Any, int]], int]:
+    """One rank's share of a release: its count of every class, and the first seed of its own range.
+
+    Every class is split as evenly as the counts allow (the first ranks take one more), so all ranks work while any
+    class is left. :func:`~monai_synth.privacy.sampling.guarded_sample` without ``max_batch`` calls the generator at
+    most once per request and attempt, one seed per call, so a rank uses fewer than ``len(requests) * (max_retries +
+    1)`` seeds: rank ``r`` starts ``r`` such ranges after ``seed`` and no seed is drawn by two ranks. With one process
+    this is ``(requests, seed)`` unchanged.
+    """
+    share = [
+        (cond, int(count) // world_size + (1 if rank < int(count) % world_size else 0)) for cond, count in requests
+    ]
+    return share, int(seed) + rank * len(requests) * (int(max_retries) + 1)
 
 
 class _ImageBatches:
@@ -93,6 +122,14 @@ def calibrated_safeguard(
     spatial_size = tuple(torch.as_tensor(train_images[0]["image"]).shape[1:])
     data_fp = datalist_fingerprint(train_records)
     train_ids, holdout_ids = ([r["patient_id"] for r in records] for records in (train_records, holdout_records))
+    rank, world = _world()
+    trains_embedding = not embedding_weights and any(space_name(s) == "embedding" for s in spaces)
+    if world > 1 and trains_embedding and not embedding_out:
+        raise ValueError("a sharded release trains its embedding once, on rank 0: give embedding_out to share it")
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()  # rank 0 trains the embedding (if any) and saves it for the others
+        if trains_embedding:
+            embedding_weights, embedding_out = str(embedding_out), None
     built = build_spaces(
         spaces,
         len(spatial_size),
@@ -105,6 +142,8 @@ def calibrated_safeguard(
         seed,
         embedding_out,
     )
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
     views = None if encoder is None else encoder.model_views
     safeguard = build_safeguard(
         built,
@@ -118,8 +157,46 @@ def calibrated_safeguard(
         batch_size=16,
         views=views,
     )
+    if world > 1:
+        _check_same_safeguard(safeguard, world)
     logger.info(f"privacy thresholds calibrated on {len(holdout_images)} holdout images: {safeguard.thresholds}")
     return safeguard
+
+
+def _check_same_safeguard(safeguard: PrivacySafeguard, world: int) -> None:
+    """Refuse a sharded release whose ranks would judge against different indexes or thresholds.
+
+    Raises:
+        RuntimeError: naming the ranks that differ from rank 0.
+    """
+    mine = {"thresholds": dict(safeguard.thresholds), "fingerprints": dict(safeguard.fingerprints)}
+    every: list[Any] = [None] * world
+    torch.distributed.all_gather_object(every, mine)
+    differ = [r for r, theirs in enumerate(every) if theirs != every[0]]
+    if differ:
+        raise RuntimeError(
+            f"ranks {differ} built another privacy safeguard than rank 0 ({every[differ[0]]} vs {every[0]}); a sharded "
+            "release must judge every candidate against the same index and thresholds. Run the release in one process"
+        )
+
+
+def _gather_shards(result: GuardedSamplingResult, labels: Sequence[str], rank: int, world: int):
+    """The ranks' guarded-sampling results merged on rank 0 (class by class, rank by rank); ``None`` elsewhere."""
+    released = iter(result.images)
+    pairs = [(rec, next(released) if rec.passed else None) for rec in result.records]
+    shards: list[Any] = [None] * world if rank == 0 else None
+    torch.distributed.gather_object((pairs, result.requested), shards, dst=0)
+    if rank != 0:
+        return None
+    merged = [pair for label in labels for shard, _ in shards for pair in shard if str(pair[0].condition) == str(label)]
+    lost = sum(len(shard) for shard, _ in shards) - len(merged)
+    if lost:
+        raise RuntimeError(f"{lost} gathered candidates have a condition outside the released classes {list(labels)}")
+    return GuardedSamplingResult(
+        images=[img for rec, img in merged if rec.passed],
+        records=[rec for rec, _ in merged],
+        requested=sum(requested for _, requested in shards),
+    )
 
 
 def release_grid(
@@ -158,6 +235,7 @@ def guarded_release(
     grid_per_class: int = 8,
     mlflow: Mapping[str, Any] | None = None,
     spacing: Sequence[float] | None = None,
+    direction: Sequence[Sequence[float]] | None = None,
 ) -> dict:
     """Sample every class through the privacy safeguard and write the release, its certificate and a sample grid.
 
@@ -188,6 +266,8 @@ def guarded_release(
             or ``None``.
         spacing: voxel size in mm of the released NIfTI / DICOM images, the training images' model-space spacing
             (:func:`monai_synth.data.geometry.model_spacing`); ``None`` writes 1 mm.
+        direction: direction cosines of the released images' axes, the training images' model-space orientation
+            (:func:`monai_synth.data.geometry.model_direction`); ``None`` writes axes along R, A, S.
 
     Returns:
         The certificate summary plus ``release_dir``, ``thresholds``, ``sample_grid`` and ``private_audit``.
@@ -203,21 +283,31 @@ def guarded_release(
             f"the encoder is for {encoder.fmt} {encoder.modality.name} images but the release writes {release.fmt} "
             f"{modality}; build both from the same release_format and modality"
         )
+    rank, world = _world()
+    share, first_seed = shard_requests(
+        [(label, int(num_per_class)) for label in labels], rank, world, seed, max_retries
+    )
     result = guarded_sample(
         sampler,
         safeguard,
-        [(label, int(num_per_class)) for label in labels],
+        share,
         max_retries=int(max_retries),
-        seed=int(seed),
+        seed=first_seed,
         guidance_scale=guidance_scale,
         encoder=encoder,
     )
+    if world > 1:
+        result = _gather_shards(result, labels, rank, world)
+        if rank != 0:  # rank 0 writes the one release; the others learn its summary
+            summary = [None]
+            torch.distributed.broadcast_object_list(summary, src=0)
+            return summary[0]
     fingerprints = {name: checkpoint_fingerprint(path) for name, path in (checkpoints or {}).items()}
     fingerprints["datalist"] = data_fingerprint
     released = iter(result.images)
     with release:
         for rec in result.records:
-            release.add(rec, next(released) if rec.passed else None, spacing)
+            release.add(rec, next(released) if rec.passed else None, spacing, direction)
         release.requested = result.requested
         release.finish(
             safeguard,
@@ -244,5 +334,7 @@ def guarded_release(
         f"({summary.get('rejected')} rejected as too close to a training image) into {release.out_dir}"
     )
     if mlflow:
-        log_release(mlflow, summary, release.out_dir, grid_path)
+        log_release(mlflow, summary, release.out_dir, grid_path, fingerprints=fingerprints)
+    if world > 1:
+        torch.distributed.broadcast_object_list([summary], src=0)
     return summary

@@ -22,6 +22,7 @@ from monai_synth.tracking import tracking_uri
 __all__ = [
     "STAGES",
     "MULTI_GPU_OVERLAY",
+    "MULTI_GPU_SAMPLE_OVERLAY",
     "STAGE_WORKFLOW_TYPES",
     "as_bool",
     "stage_config_files",
@@ -44,6 +45,8 @@ STAGE_WORKFLOW_TYPES: dict[str, str | None] = {"autoencoder": "train", "diffusio
 
 #: The overlay layered last on a training stage for DistributedDataParallel (``torchrun``).
 MULTI_GPU_OVERLAY = "multi_gpu.yaml"
+#: The overlay layered last on the release for a sharded guarded release (``torchrun``).
+MULTI_GPU_SAMPLE_OVERLAY = "multi_gpu_sample.yaml"
 
 
 def as_bool(value: Any, name: str) -> bool:
@@ -68,16 +71,15 @@ def as_bool(value: Any, name: str) -> bool:
 
 
 def stage_config_files(bundle_root: str | os.PathLike, stage: str, multi_gpu: bool = False) -> list[str]:
-    """Config files of one stage, in merge order (optionally with the multi-GPU overlay of the training stages).
+    """Config files of one stage, in merge order (optionally with its multi-GPU overlay: DistributedDataParallel for
+    the training stages, a sharded guarded release for ``sample``).
 
     Raises:
-        ValueError: an unknown stage, or ``multi_gpu`` for the release (it runs on one device).
+        ValueError: an unknown stage.
     """
     names = list(look_up_option(stage, STAGES))
     if multi_gpu:
-        if stage == "sample":
-            raise ValueError("the release stage runs on one device; multi_gpu applies to the training stages")
-        names.append(MULTI_GPU_OVERLAY)
+        names.append(MULTI_GPU_SAMPLE_OVERLAY if stage == "sample" else MULTI_GPU_OVERLAY)
     return [str(Path(bundle_root) / "configs" / n) for n in names]
 
 

@@ -193,6 +193,40 @@ def test_mlflow_records_each_stage_with_params_metrics_and_artifacts(chain):
     assert "certificate/certificate.json" in certificate_files
 
 
+def _files(folder: Path) -> dict[str, float]:
+    return {str(f.relative_to(folder)): f.stat().st_mtime for f in folder.rglob("*") if f.is_file()}
+
+
+@pytest.mark.slow
+def test_rerun_of_a_copied_quickstart_logs_into_the_copy_and_adds_no_runs(chain, tmp_path, monkeypatch):
+    import hashlib
+
+    run = tmp_path / "copy"
+    shutil.copytree(chain["snapshot"], run)  # its MLflow store was made in chain["out"]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the default store, <output_dir>/mlflow.db
+    original = _files(chain["out"] / "mlruns")
+    _, before = _mlflow_runs(f"sqlite:///{run / 'mlflow.db'}")
+    checkpoints = [run / "models" / s / f"{s}.pt" for s in ("autoencoder", "diffusion")]
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in checkpoints]
+    uploaded = {k: v for k, v in _files(run / "mlruns").items() if k.endswith(".pt")}
+
+    workflows.run_quickstart(BUNDLE, run, overrides=chain["overrides"], threads=1)
+    _, first = _mlflow_runs(f"sqlite:///{run / 'mlflow.db'}")
+    workflows.run_quickstart(BUNDLE, run, overrides=chain["overrides"], threads=1)
+
+    client, after = _mlflow_runs(f"sqlite:///{run / 'mlflow.db'}")
+    # the finished training stages continue their runs; the copy's release is made from the copy's datalist (another
+    # path), so it is a release of its own the first time, and the same release the second time
+    new = {r.info.run_id: r.info.run_name for r in first}.keys() - {r.info.run_id for r in before}
+    assert [{r.info.run_id: r.info.run_name for r in first}[k].split("-")[0] for k in new] == ["sample"]
+    assert sorted(r.info.run_id for r in after) == sorted(r.info.run_id for r in first)
+    assert all(r.info.status == "FINISHED" for r in after)
+    assert _files(chain["out"] / "mlruns") == original  # nothing logged into the folder it was copied from
+    assert client.get_experiment_by_name("breast_us_ldit").artifact_location.endswith(f"{run.name}/mlruns")
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in checkpoints] == digests
+    assert {k: v for k, v in _files(run / "mlruns").items() if k.endswith(".pt")} == uploaded  # not uploaded again
+
+
 @pytest.mark.slow
 def test_diffusion_stage_has_every_required_bundle_property(chain):
     # (the autoencoder stage is checked with --tracking mlflow below; run_stage checks both before running)

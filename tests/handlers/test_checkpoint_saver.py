@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from monai_synth.engines import CheckpointMetadata, checkpoint_fingerprint
 from monai_synth.handlers import AtomicCheckpointSaver
@@ -60,3 +60,41 @@ def _engine_at(iteration, epoch=1):
     engine.state.iteration = iteration
     engine.state.epoch = epoch
     return engine
+
+
+def test_a_rerun_of_a_finished_stage_keeps_its_final_checkpoint(tmp_path):
+    def run(resumed_at_the_end: bool) -> int:
+        engine = Engine(lambda e, b: None)
+        if resumed_at_the_end:  # what CheckpointLoader does at STARTED with a finished stage's checkpoint
+            engine.add_event_handler(Events.STARTED, lambda e: e.state.__dict__.update(epoch=2, iteration=4))
+        AtomicCheckpointSaver(str(tmp_path), {"obj": _Breakable()}, save_final=True, final_filename="final.pt").attach(
+            engine
+        )
+        engine.run([0, 1], max_epochs=2)
+        return (tmp_path / "final.pt").stat().st_mtime_ns
+
+    written = run(resumed_at_the_end=False)
+    assert run(resumed_at_the_end=True) == written  # nothing trained: the file (and its fingerprint) stays
+    assert run(resumed_at_the_end=False) != written  # a run that trains writes it again
+
+
+#: the bundle's saver: interval checkpoints, a final file, and a checkpoint on exceptions (e.g. Ctrl-C)
+FINAL = {"epoch_level": True, "save_final": True, "final_filename": "final.pt"}
+
+
+def test_a_resume_refused_while_starting_leaves_the_checkpoint_it_refused(tmp_path):
+    def refuse(engine):
+        raise ValueError("resume refused")
+
+    engine = Engine(lambda e, b: None)
+    AtomicCheckpointSaver(str(tmp_path), {"obj": _Breakable()}, save_interval=1, n_saved=1, **FINAL).attach(engine)
+    engine.run([0, 1], max_epochs=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt", "obj_epoch=2.pt"]
+    kept = checkpoint_fingerprint(tmp_path / "obj_epoch=2.pt")
+    resumed = Engine(lambda e, b: None)
+    resumed.add_event_handler(Events.STARTED, refuse)  # CheckpointLoader raising (a refused or unreadable resume)
+    AtomicCheckpointSaver(str(tmp_path), {"obj": _Breakable()}, save_interval=1, n_saved=1, **FINAL).attach(resumed)
+    with pytest.raises(ValueError, match="resume refused"):
+        resumed.run([0, 1], max_epochs=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt", "obj_epoch=2.pt"]
+    assert checkpoint_fingerprint(tmp_path / "obj_epoch=2.pt") == kept
