@@ -4,6 +4,10 @@ Writes three breast-ultrasound phantom cohorts as PNG files with their datalists
 training cohort, a holdout cohort of other patients, and a "synthetic" cohort of yet other patients (a generator of
 unseen patients; its datalist CSV gives the labels). Then runs the whole evaluation (fidelity, utility, privacy
 audit, reports) with the defaults of ``monai-synth evaluate`` and prints the time of each section, wall and CPU.
+With ``--restoration`` the restoration utility runs too, and with ``--membership`` the membership attacks run against
+checkpoints of the breast-ultrasound bundle's quickstart networks (AutoencoderKL [16, 32], 4-block DiT) at the
+benchmark's image size. Their weights are *untrained* (seeded random init): this measures the attacks' time, and the
+AUCs it prints mean nothing.
 
 Run: ``python benchmarks/evaluation_speed.py`` (1,000 synthetic vs 1,000 real 64x64 images: 500 training and 500
 holdout images; the target is under 10 minutes on 2 CPU cores). Results are recorded in ``docs/benchmarks.md``
@@ -32,6 +36,12 @@ def main() -> None:
     parser.add_argument("--reid-steps", type=int, default=300)
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--permutations", type=int, default=200)
+    parser.add_argument(
+        "--sections", nargs="*", default=["fidelity", "utility", "privacy"], choices=["fidelity", "utility", "privacy"]
+    )
+    parser.add_argument("--restoration", nargs="*", default=[], choices=["denoise", "superres"])
+    parser.add_argument("--restoration-steps", type=int, default=200)
+    parser.add_argument("--membership", action="store_true", help="time the membership attacks (untrained networks)")
     parser.add_argument("--workdir", default=None, help="folder for cohorts and report (default: a temporary one)")
     args = parser.parse_args()
 
@@ -51,6 +61,7 @@ def main() -> None:
         holdout = write_cohort(root / "holdout", n_patients=n_hold, first_patient=n_train, **kw)
         synthetic = write_cohort(root / "synthetic", n_patients=n_syn, first_patient=10 * (n_train + n_hold), **kw)
         print(f"cohorts written in {time.perf_counter() - t:.0f} s (not part of the evaluation time)")
+        membership = _untrained_bundle_checkpoints(root / "models", args.size) if args.membership else None
         wall, cpu = time.perf_counter(), time.process_time()
         report = run_evaluation(
             train,
@@ -59,11 +70,15 @@ def main() -> None:
             "us",
             root / "report",
             spatial_size=args.size,
+            sections=args.sections,
             utility_steps=args.utility_steps,
             reid_steps=args.reid_steps,
             n_boot=args.bootstrap,
             permutations=args.permutations,
             private_report=root / "private_report.html",
+            restoration=args.restoration,
+            restoration_steps=args.restoration_steps,
+            membership=membership,
         )
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     counts = report["counts"]
@@ -74,6 +89,26 @@ def main() -> None:
         print(f"{section:<10} {seconds:>8.1f}")
     print(f"wall {wall:.0f} s ({wall / 60:.1f} min), process CPU {cpu:.0f} s")
     print(json.dumps(report["gate"], indent=1))
+
+
+def _untrained_bundle_checkpoints(folder: Path, size: int) -> dict:
+    """Checkpoints of the quickstart's networks at ``size`` with seeded random weights, as the bundle writes them."""
+    from monai.bundle import ConfigParser
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "breast_us_ldit"
+    overrides = dict(ConfigParser.load_config_file(str(bundle / "configs" / "quickstart.yaml"))["overrides"])
+    overrides["spatial_size"] = [size, size]
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "common.yaml"))
+    for key, value in overrides.items():
+        parser[key] = value
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    ae, dit = parser.get_parsed_content("autoencoder_def"), parser.get_parsed_content("network_def")
+    torch.save({"autoencoder": ae.state_dict(), "scale_factor": {"scale_factor": torch.tensor(1.0)}}, folder / "ae.pt")
+    torch.save({"ema_network": dit.state_dict()}, folder / "dit.pt")
+    return {"bundle_root": bundle, "autoencoder_ckpt": folder / "ae.pt", "diffusion_ckpt": folder / "dit.pt",
+            "overrides": overrides}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -242,7 +242,58 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace the reports in an existing --out")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument(
+        "--restoration",
+        nargs="*",
+        default=[],
+        choices=["denoise", "superres"],
+        help="restoration utility: denoising and/or x2 super-resolution networks trained on synthetic vs real images, "
+        "PSNR/SSIM on the degraded holdout, equivalence test (TOST)",
+    )
+    p.add_argument("--restoration-steps", type=int, default=200, help="training steps of each restoration network")
+    mia = p.add_argument_group(
+        "membership inference", "white-box attacks on the generator's checkpoints (a bundle's networks and scheduler)"
+    )
+    mia.add_argument("--bundle", default=None, help="bundle folder whose configs/common.yaml defines the networks")
+    mia.add_argument(
+        "--bundle-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config value the checkpoints were trained with (YAML value), e.g. spatial_size=[32,32]; repeatable",
+    )
+    mia.add_argument("--autoencoder-ckpt", default=None, help="the bundle's stage-1 checkpoint (autoencoder.pt)")
+    mia.add_argument(
+        "--diffusion-ckpt", default=None, help="the bundle's stage-2 checkpoint (diffusion.pt, EMA weights)"
+    )
+    mia.add_argument("--mia-attacks", nargs="+", default=["loss", "pia", "secmi"], choices=["loss", "pia", "secmi"])
+    mia.add_argument(
+        "--mia-max-patients", type=int, default=250, help="attack at most this many training and holdout patients"
+    )
     p.set_defaults(func=_run_evaluate)
+
+
+def _membership_target(args: argparse.Namespace) -> dict | None:
+    """Keyword arguments of ``target_from_bundle`` from the command line, or ``None`` without checkpoints."""
+    import yaml
+
+    given = [args.autoencoder_ckpt, args.diffusion_ckpt]
+    if not any(given) and not args.bundle:
+        return None
+    if not all(given) or not args.bundle:
+        raise ValueError("membership inference needs --bundle, --autoencoder-ckpt and --diffusion-ckpt together")
+    overrides = {}
+    for item in args.bundle_override:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--bundle-override {item!r} is not KEY=VALUE")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return {
+        "bundle_root": args.bundle,
+        "autoencoder_ckpt": args.autoencoder_ckpt,
+        "diffusion_ckpt": args.diffusion_ckpt,
+        "overrides": overrides,
+    }
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -270,6 +321,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         show_real=args.show_real,
         private_report=args.private_report,
         overwrite=args.overwrite,
+        membership=_membership_target(args),
+        mia_attacks=args.mia_attacks,
+        mia_max_patients=args.mia_max_patients,
+        restoration=args.restoration,
+        restoration_steps=args.restoration_steps,
     )
     for key, value in report["gate"].items():
         print(f"{key} = {value:.4g}")

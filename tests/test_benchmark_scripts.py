@@ -30,9 +30,10 @@ def test_dit_throughput_runs_and_splits_the_step():
 def test_evaluation_speed_runs_every_section_at_toy_size():
     cmd = [sys.executable, str(BENCHMARKS / "evaluation_speed.py"), "--real", "40", "--synthetic", "20", "--size", "32"]
     cmd += ["--threads", "1", "--utility-steps", "3", "--reid-steps", "3", "--bootstrap", "3", "--permutations", "3"]
+    cmd += ["--restoration", "denoise", "--restoration-steps", "3", "--membership"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True, env=env).stdout
-    for section in ("loading", "fidelity", "utility", "privacy", "total"):
+    for section in ("loading", "fidelity", "utility", "privacy", "restoration", "membership", "total"):
         assert re.search(rf"^{section}\s+\d+\.\d$", out, re.M), section
     assert "20 synthetic vs 20 training + 20 holdout images" in out
 

@@ -13,7 +13,9 @@ same number of images: the larger of the synthetic and training sets is subsampl
 * MS-SSIM diversity: mean MS-SSIM of random pairs of images of one class (lower is more diverse), synthetic next to
   real, as in Odena et al., ICML 2017.
 
-Intervals are bias-shifted percentile bootstrap intervals over images (see :func:`bootstrap_interval`).
+Intervals are bias-shifted percentile bootstrap intervals (see :func:`bootstrap_interval`). Images of one patient are
+not independent, so where the real sets have patient ids the real side is resampled by patient (all of a patient's
+images together) and the synthetic side by image (a synthetic image belongs to no patient).
 """
 
 from __future__ import annotations
@@ -206,18 +208,23 @@ def bootstrap_interval(
     n_boot: int = 200,
     seed: int = 0,
     alpha: float = 0.05,
+    groups_a: Sequence[str] | None = None,
+    groups_b: Sequence[str] | None = None,
 ) -> tuple[float, float]:
     """Bootstrap interval of ``fn(a, b)``, resampling each set's rows with replacement.
+
+    With ``groups_a`` / ``groups_b`` (e.g. patient ids, one per row) that set is resampled by group: as many groups
+    as it has, drawn with replacement, each bringing all its rows.
 
     Resampling with replacement duplicates rows, which shrinks covariances and inflates FID-like statistics, so a plain
     percentile interval can miss the estimate itself. The percentile interval is therefore shifted by the bootstrap
     bias (mean of the resamples minus the estimate): it keeps the spread of the resamples, centred on ``fn(a, b)``.
     """
     gen = torch.Generator().manual_seed(int(seed))
+    draw_a, draw_b = _resampler(a.shape[0], groups_a, gen), _resampler(b.shape[0], groups_b, gen)
     values = []
     for _ in range(int(n_boot)):
-        ia = torch.randint(0, a.shape[0], (a.shape[0],), generator=gen)
-        ib = torch.randint(0, b.shape[0], (b.shape[0],), generator=gen)
+        ia, ib = draw_a(), draw_b()
         try:
             values.append(fn(a[ia], b[ib]))
         except ValueError:  # a degenerate resample (e.g. one distinct vector): skip it
@@ -229,18 +236,47 @@ def bootstrap_interval(
     return float(lo), float(hi)
 
 
-def _subsample(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    return x if x.shape[0] <= n else x[torch.randperm(x.shape[0], generator=gen)[:n]]
+def _resampler(n: int, groups: Sequence[str] | None, gen: torch.Generator) -> Callable[[], torch.Tensor]:
+    """A function drawing one bootstrap resample of ``n`` rows: rows with replacement, or whole groups."""
+    if groups is None:
+        return lambda: torch.randint(0, n, (n,), generator=gen)
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} group ids for {n} rows")
+    ids = sorted({str(g) for g in groups})
+    keys = [str(g) for g in groups]
+    rows = [torch.as_tensor([i for i, k in enumerate(keys) if k == g]) for g in ids]
+
+    def draw() -> torch.Tensor:
+        pick = torch.randint(0, len(rows), (len(rows),), generator=gen)
+        return torch.cat([rows[int(i)] for i in pick])
+
+    return draw
 
 
-def _compare(ref: torch.Tensor, other: torch.Tensor, n_boot: int, permutations: int, seed: int) -> dict[str, Any]:
+def _subsample(n_rows: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Row indices: all rows, or ``n`` of them at random."""
+    return torch.arange(n_rows) if n_rows <= n else torch.randperm(n_rows, generator=gen)[:n]
+
+
+def _compare(
+    ref: torch.Tensor,
+    other: torch.Tensor,
+    n_boot: int,
+    permutations: int,
+    seed: int,
+    ref_groups: Sequence[str] | None = None,
+    other_groups: Sequence[str] | None = None,
+) -> dict[str, Any]:
     out: dict[str, Any] = {"n_reference": int(ref.shape[0]), "n": int(other.shape[0])}
     if ref.shape[0] < 2 or other.shape[0] < 2:
         return out | {"fid": float("nan"), "note": "fewer than 2 images in a set"}
     out["fid"] = fid(other, ref)
     if min(ref.shape[0], other.shape[0]) <= ref.shape[1]:
         out["note"] = f"fewer images than feature dimensions ({ref.shape[1]}): FID is biased; compare with the floor"
-    out["fid_ci"] = list(bootstrap_interval(fid, other, ref, n_boot=n_boot, seed=seed))
+    out["fid_ci"] = list(
+        bootstrap_interval(fid, other, ref, n_boot=n_boot, seed=seed, groups_a=other_groups, groups_b=ref_groups)
+    )
+    out["fid_ci_resamples"] = "patients (real) / images (synthetic)" if ref_groups is not None else "images"
     out["kid"], out["kid_std"] = kid(other, ref, seed=seed)
     if min(ref.shape[0], other.shape[0]) >= 3:
         out.update(prdc_metrics(ref, other))
@@ -262,6 +298,8 @@ def evaluate_fidelity(
     permutations: int = 200,
     ssim_pairs: int = 200,
     seed: int = 0,
+    train_patients: Sequence[str] | None = None,
+    holdout_patients: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Synthetic-vs-holdout metrics next to the train-vs-holdout floor, overall and per class.
 
@@ -273,6 +311,8 @@ def evaluate_fidelity(
         n_boot: bootstrap resamples for the FID intervals.
         permutations: permutations of the MMD test.
         ssim_pairs: random pairs per class for MS-SSIM diversity.
+        train_patients, holdout_patients: patient id of every real image; given both, the FID intervals resample
+            real images by patient.
 
     Returns:
         ``{"space": ..., "fid": ..., "fid_real_floor": ..., "overall": {"synthetic": {...}, "real_floor": {...}},
@@ -286,14 +326,21 @@ def evaluate_fidelity(
     f_sy = space(synthetic_images, desc="features: synthetic images")
     gen = torch.Generator().manual_seed(int(seed))
 
+    by_patient = train_patients is not None and holdout_patients is not None
+    p_tr = np.asarray([str(p) for p in train_patients]) if by_patient else None
+    p_ho = np.asarray([str(p) for p in holdout_patients]) if by_patient else None
+
     def pair(mask_tr, mask_sy, mask_ho, key_seed):
         n = int(min(mask_tr.sum(), mask_sy.sum()))
-        tr = _subsample(f_tr[mask_tr], n, gen)
-        sy = _subsample(f_sy[mask_sy], n, gen)
-        ho = f_ho[mask_ho]
+        rows_tr = torch.nonzero(mask_tr).flatten()[_subsample(int(mask_tr.sum()), n, gen)]
+        sy = f_sy[mask_sy][_subsample(int(mask_sy.sum()), n, gen)]
+        rows_ho = torch.nonzero(mask_ho).flatten()
+        tr, ho = f_tr[rows_tr], f_ho[rows_ho]
+        g_tr = p_tr[rows_tr.numpy()].tolist() if by_patient else None
+        g_ho = p_ho[rows_ho.numpy()].tolist() if by_patient else None
         return {
-            "synthetic": _compare(ho, sy, n_boot, permutations, key_seed),
-            "real_floor": _compare(ho, tr, n_boot, permutations, key_seed),
+            "synthetic": _compare(ho, sy, n_boot, permutations, key_seed, ref_groups=g_ho),
+            "real_floor": _compare(ho, tr, n_boot, permutations, key_seed, ref_groups=g_ho, other_groups=g_tr),
         }
 
     result: dict[str, Any] = {"space": space.describe(), "per_class": {}, "ms_ssim": {}}

@@ -318,7 +318,8 @@ def audit_privacy(
             "reid_match_rate_holdout": rates["match_rate_holdout"],
             "reid_match_threshold": rates["match_threshold"],
             "reid_network": f"monai DenseNet embedding (dim 32), multi-similarity loss, seed={int(seed)}, steps={int(steps)}",
-            "membership_inference": "not run: white-box attacks on the diffusion checkpoints are not implemented yet",
+            "membership_inference": "not run: give the generator's checkpoints (monai-synth evaluate --bundle "
+            "--autoencoder-ckpt --diffusion-ckpt, or the bundle's evaluate.yaml) for the white-box attacks",
         }
     )
     return public, private

@@ -56,10 +56,21 @@ GATE_KEYS = (
 )
 """Keys of ``report.json`` (section.name) a pipeline can gate on; a section not run reports them as null."""
 
-NOT_DONE = (
-    "membership inference against the diffusion checkpoints (multi-timestep loss, PIA, SecMI) is not implemented",
-    "restoration utility (denoising / super-resolution trained on synthetic vs real, TOST) is not implemented",
+OPTIONAL_KEYS = (
+    "privacy.mia_auc",
+    "privacy.mia_auc_loss",
+    "privacy.mia_auc_pia",
+    "privacy.mia_auc_secmi",
+    "privacy.mia_auc_control",
+) + tuple(
+    f"restoration.{task}_{key}"
+    for task in ("denoise", "superres")
+    for key in ("psnr_synthetic", "psnr_real", "ssim_synthetic", "ssim_real", "tost_p_psnr", "tost_p_ssim")
 )
+"""Gate keys present only when their part ran (membership inference needs the model's checkpoints; restoration is
+asked for by task)."""
+
+NOT_DONE: tuple[str, ...] = ()
 
 
 def _class_index(value: Any, labels: Sequence[str], where: str) -> int:
@@ -156,9 +167,10 @@ def _strip(obj: Any, drop: tuple[str, ...]) -> Any:
 
 
 def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
-    """``{"fidelity.fid": ..., ...}``: every :data:`GATE_KEYS` entry that has a number (for MLflow and gates)."""
+    """``{"fidelity.fid": ..., ...}``: every :data:`GATE_KEYS` (and :data:`OPTIONAL_KEYS`) entry that has a number
+    (for MLflow and gates)."""
     out = {}
-    for key in GATE_KEYS:
+    for key in GATE_KEYS + OPTIONAL_KEYS:
         section, name = key.split(".")
         value = (report.get(section) or {}).get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -184,6 +196,11 @@ def run_evaluation(
     show_real: bool = True,
     private_report: str | os.PathLike | None = None,
     overwrite: bool = False,
+    membership: Any = None,
+    mia_attacks: Sequence[str] = ("loss", "pia", "secmi"),
+    mia_max_patients: int | None = 250,
+    restoration: Sequence[str] = (),
+    restoration_steps: int = 200,
 ) -> dict[str, Any]:
     """Evaluate a synthetic dataset against the training and holdout data it came from, and write the reports.
 
@@ -206,6 +223,15 @@ def run_evaluation(
         show_real: show holdout images next to the synthetic ones in the public report.
         private_report: path of the PRIVATE report (default ``<out>.private_report.html``); refused inside ``out``.
         overwrite: replace reports in a non-empty ``out``.
+        membership: the generator's model for the white-box membership attacks: a
+            :class:`~monai_synth.evaluation.membership.DiffusionTarget`, or keyword arguments of
+            :func:`~monai_synth.evaluation.membership.target_from_bundle` (bundle folder, both checkpoints, the
+            overrides it was trained with); ``None`` skips them (``privacy.mia_auc`` is then absent).
+        mia_attacks: which of ``loss``, ``pia``, ``secmi`` to run.
+        mia_max_patients: attack at most this many training and as many holdout patients (``None``: all).
+        restoration: restoration tasks to run (``denoise``, ``superres``): networks trained on synthetic vs real
+            images, tested on the degraded holdout, compared with a paired equivalence test (TOST).
+        restoration_steps: optimisation steps of each restoration network (same for both arms).
 
     Returns:
         the report dict written to ``report.json``.
@@ -217,6 +243,9 @@ def run_evaluation(
     unknown = sorted(set(sections) - {"fidelity", "utility", "privacy"})
     if unknown:
         raise ValueError(f"unknown report section(s) {unknown}; choose from fidelity, utility, privacy")
+    unknown = sorted(set(restoration) - {"denoise", "superres"})
+    if unknown:
+        raise ValueError(f"unknown restoration task(s) {unknown}; choose from denoise, superres")
     out = Path(out).absolute()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"report folder {out} is not empty; choose a new --out or pass --overwrite")
@@ -263,6 +292,7 @@ def run_evaluation(
         "fidelity": None,
         "utility": None,
         "privacy": None,
+        "restoration": None,
     }
     figures: dict[str, Any] = {"images": _class_samples(x_sy, y_sy, x_ho, y_ho, labels, show_real, seed)}
     private: dict[str, Any] = {}
@@ -280,8 +310,9 @@ def run_evaluation(
         else:
             raise ValueError(f"unknown feature space {feature_space!r}; use random, trained or weights")
         report["fidelity"] = fidelity.evaluate_fidelity(
-            space, x_tr, y_tr, x_ho, y_ho, x_sy, y_sy, labels, n_boot=n_boot, permutations=permutations, seed=seed
-        )
+            space, x_tr, y_tr, x_ho, y_ho, x_sy, y_sy, labels, n_boot=n_boot, permutations=permutations, seed=seed,
+            train_patients=p_tr, holdout_patients=p_ho,
+        )  # fmt: skip
         timing["fidelity"] = time.perf_counter() - t
     if "utility" in sections:
         t = time.perf_counter()
@@ -303,13 +334,54 @@ def run_evaluation(
             for name, pairs in private["closest_pairs"].items()
         }
         timing["privacy"] = time.perf_counter() - t
+    if restoration:
+        from monai_synth.evaluation.restoration import evaluate_restoration
+
+        t = time.perf_counter()
+        report["restoration"] = {}
+        for task in restoration:
+            res = evaluate_restoration(task, mod.name, x_tr, x_ho, p_ho, x_sy, steps=restoration_steps, seed=seed)
+            report["restoration"][task] = res
+            report["restoration"].update({f"{task}_{k}": res[k] for k in ("psnr_synthetic", "psnr_real",
+                                          "ssim_synthetic", "ssim_real")})  # fmt: skip
+            for metric in ("psnr", "ssim"):
+                report["restoration"][f"{task}_tost_p_{metric}"] = res["tost"][metric]["p_value"]
+        timing["restoration"] = time.perf_counter() - t
+    if membership is not None:
+        t = time.perf_counter()
+        mia = _membership(membership, mod.name, size, dims, train_records, holdout_records, y_tr, y_ho, p_tr, p_ho,
+                          x_tr, x_ho, mia_attacks, mia_max_patients, n_boot, seed)  # fmt: skip
+        report["privacy"] = dict(report["privacy"] or {}) | {k: v for k, v in mia.items() if k.startswith("mia_")}
+        report["privacy"]["membership_inference"] = mia
+        timing["membership"] = time.perf_counter() - t
     timing["total"] = time.perf_counter() - start
     report["timing_seconds"] = {k: round(v, 2) for k, v in timing.items()}
-    report = _strip(report, ("synthetic_d1", "holdout_d1", "roc"))
+    if report["privacy"] and isinstance(report["privacy"].get("membership_inference"), Mapping):
+        figures["mia"] = {k: v["scores"] for k, v in report["privacy"]["membership_inference"]["attacks"].items()}
+    report = _strip(report, ("synthetic_d1", "holdout_d1", "roc", "scores"))
     report["gate"] = flat_metrics(report)
     write_reports(report, figures, out, private_path, private, train_patients=set(p_tr))
     report["files"] = {"json": str(out / "report.json"), "html": str(out / "report.html"), "private": str(private_path)}
     return report
+
+
+def _membership(target, modality, size, dims, train_records, holdout_records, y_tr, y_ho, p_tr, p_ho, x_tr, x_ho,
+                attacks, max_patients, n_boot, seed) -> dict[str, Any]:  # fmt: skip
+    """Membership inference on the model's checkpoints, the images loaded at the size the model was trained at."""
+    from monai_synth.evaluation import membership
+    from monai_synth.privacy.guard import load_model_space
+
+    if isinstance(target, Mapping):
+        target = membership.target_from_bundle(**dict(target))
+    model_size = tuple(int(s) for s in (target.spatial_size or size))
+    if model_size != tuple(size):
+        logger.info(f"loading the real images again at the model's size {list(model_size)} for membership inference")
+        x_tr = load_model_space([r["image"] for r in train_records], modality, model_size, dims)
+        x_ho = load_model_space([r["image"] for r in holdout_records], modality, model_size, dims)
+    return membership.membership_inference(
+        target, x_tr, y_tr, p_tr, x_ho, y_ho, p_ho, attacks=attacks, max_patients=max_patients, n_boot=n_boot,
+        seed=seed,
+    )  # fmt: skip
 
 
 def _is_2d(path: Any) -> bool:
@@ -453,7 +525,8 @@ def _fidelity_html(fid: Mapping[str, Any]) -> str:
     return (
         f"<p>Feature space: <b>{html.escape(space['name'])}</b>, weights SHA-256 <code>{space['weights_sha256']}</code>. "
         "Numbers from different spaces are not comparable. Both comparisons use as many images (the larger set is "
-        "subsampled); intervals: 95% bias-shifted image bootstrap.</p>"
+        "subsampled); intervals: 95% bias-shifted bootstrap, resampling "
+        f"{html.escape(str(fid['overall']['synthetic'].get('fid_ci_resamples', 'images')))}.</p>"
         + _table(rows, ["scope", "comparison", *_FID_COLS])
         + "<h3>MS-SSIM within each class (lower = more diverse)</h3>"
         + _table(ssim, ["class", "synthetic", "real (holdout)"])
@@ -490,7 +563,81 @@ def _privacy_html(priv: Mapping[str, Any]) -> str:
         f"{_fmt(priv['reid_match_threshold'])} (holdout 1% quantile).</p>"
         + _table(reid, ["", "value", "chance"])
         + f"<h3>Definitions</h3><pre>{html.escape(priv['definitions'])}</pre>"
-        + f"<p>{html.escape(priv['membership_inference'])}</p>"
+    )
+
+
+def _restoration_html(rest: Mapping[str, Any]) -> str:
+    parts = []
+    for task, r in rest.items():
+        if not isinstance(r, Mapping):
+            continue
+        rows = [[arm, r[f"psnr_{arm}"], r[f"ssim_{arm}"]] for arm in ("degraded", "synthetic", "real")]
+        tost = [[m, t["difference"], f"+/- {t['margin']:g}", t["p_value"], "yes" if t["equivalent"] else "not shown"]
+                for m, t in r["tost"].items()]  # fmt: skip
+        parts.append(
+            f"<h3>{html.escape(task)}</h3><p>{html.escape(r['degradation'])}; {html.escape(r['network'])}; budget "
+            f"{html.escape(json.dumps(r['budget']))}; {r['holdout_images']} holdout images of {r['patients']} "
+            "patients (patient means).</p>"
+            + _table(rows, ["trained on", "PSNR (dB)", "SSIM"])
+            + "<p>Equivalence of synthetic- and real-trained networks (paired TOST over holdout patients, "
+            "synthetic - real; equivalent when p &lt; 0.05):</p>"
+            + _table(tost, ["metric", "mean difference", "margin", "TOST p", "equivalent"])
+        )
+    return "".join(parts)
+
+
+def _mia_figure(scores: Mapping[str, Mapping[str, list]] | None) -> str | None:
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    if not scores:
+        return None
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    for name, s in scores.items():
+        y = np.r_[np.ones(len(s["members"])), np.zeros(len(s["nonmembers"]))]
+        fpr, tpr, _ = roc_curve(y, np.r_[s["members"], s["nonmembers"]])
+        ax.plot(fpr, tpr, label=name)
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="chance")
+    ax.set_xlabel("false positive rate (holdout patients)")
+    ax.set_ylabel("true positive rate (training patients)")
+    ax.set_title("membership inference, patient level", fontsize=9)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _membership_html(mia: Any, scores: Any) -> str:
+    if not isinstance(mia, Mapping):
+        return f"<h3>Membership inference</h3><p>{html.escape(str(mia))}</p>"
+    rows = []
+    for name, r in mia["attacks"].items():
+        c = r["control"]
+        rows.append([name, r["auc"], r["auc_ci"], r["tpr_at_fpr_0.01"]["tpr"], r["tpr_at_fpr_0.01"]["ci"],
+                     r["tpr_at_fpr_0.05"]["tpr"], r["tpr_at_fpr_0.05"]["ci"], r["mann_whitney_p_value"],
+                     c.get("auc"), c.get("auc_ci")])  # fmt: skip
+    first = next(iter(mia["attacks"].values()))
+    fig = _mia_figure(scores)
+    return (
+        f"<h3>Membership inference (white-box, latent space, {html.escape(mia['objective'])})</h3>"
+        f"<p>Largest AUC over attacks: <b>{_fmt(mia['mia_auc'])}</b> ({html.escape(mia['mia_attack'])}); "
+        f"{first['member_patients']} training vs {first['nonmember_patients']} holdout patients. Model: "
+        f"{html.escape(json.dumps(mia.get('target', {})))}.</p>"
+        + _table(
+            rows,
+            [
+                "attack",
+                "AUC",
+                "95% patient bootstrap",
+                "TPR @ 1% FPR",
+                "exact 95%",
+                "TPR @ 5% FPR",
+                "exact 95%",
+                "Mann-Whitney p",
+                "control AUC",
+                "control 95%",
+            ],
+        )  # fmt: skip
+        + (_img_tag(fig, "membership ROC") if fig else "")
+        + f"<pre>{html.escape(mia['definitions'])}</pre>"
     )
 
 
@@ -533,10 +680,16 @@ def write_reports(
     if report.get("utility"):
         roc = _roc_figure(figures.get("roc"), report["utility"])
         parts.append("<h2>Utility</h2>" + _utility_html(report["utility"]) + (_img_tag(roc, "roc") if roc else ""))
+    if report.get("restoration"):
+        parts.append("<h2>Restoration utility</h2>" + _restoration_html(report["restoration"]))
     if report.get("privacy"):
+        priv = report["privacy"]
         dist = _distance_figure(figures.get("distances") or {})
         parts.append(
-            "<h2>Privacy audit</h2>" + (_img_tag(dist, "distances") if dist else "") + _privacy_html(report["privacy"])
+            "<h2>Privacy audit</h2>"
+            + (_img_tag(dist, "distances") if dist else "")
+            + (_privacy_html(priv) if "spaces" in priv else "")
+            + _membership_html(priv.get("membership_inference"), figures.get("mia"))
         )
     parts.append(
         "<h2>Time per section (s)</h2>" + _table(list(report["timing_seconds"].items()), ["section", "seconds"])

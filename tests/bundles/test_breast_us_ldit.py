@@ -395,12 +395,12 @@ def test_embedding_weights_trained_on_other_data_are_refused(chain, tmp_path):
 @pytest.mark.slow
 def test_evaluate_config_reports_the_bundles_release_and_logs_it_to_mlflow(chain, tmp_path):
     """configs/evaluate.yaml on the quickstart's release: report.json with the gate keys, the same metrics in MLflow."""
-    from monai_synth.evaluation.report import GATE_KEYS
+    from monai_synth.evaluation.report import GATE_KEYS, OPTIONAL_KEYS
 
     out = tmp_path / "run"
     shutil.copytree(chain["snapshot"], out)
     overrides = {**chain["overrides"], "output_dir": str(out), "dataset_dir": None, "utility_steps": 5,
-                 "reid_steps": 5, "bootstrap": 5, "permutations": 5}  # fmt: skip
+                 "reid_steps": 5, "bootstrap": 5, "permutations": 5, "restoration_steps": 5}  # fmt: skip
     workflow = ConfigWorkflow(
         config_file=workflows.stage_config_files(BUNDLE, "evaluate"),
         meta_file=str(BUNDLE / "configs" / "metadata.json"),
@@ -414,13 +414,17 @@ def test_evaluate_config_reports_the_bundles_release_and_logs_it_to_mlflow(chain
     workflow.run()
     workflow.finalize()
     report = json.loads((out / "evaluation" / "report.json").read_text())
-    assert set(report["gate"]) == set(GATE_KEYS)
+    # the bundle's own checkpoints are attacked, and its default restoration task (denoise) is run
+    assert set(report["gate"]) == set(GATE_KEYS) | {k for k in OPTIONAL_KEYS if "superres" not in k}
+    mia = report["privacy"]["membership_inference"]
+    assert mia["objective"] == "rectified flow" and mia["target"]["weights"] == "EMA"
     assert report["counts"]["synthetic"] == 2 * len(LABELS)
     assert (out / "evaluation.private_report.html").is_file()
     client, runs = _mlflow_runs(os.environ["MLFLOW_TRACKING_URI"])
     metrics = runs[-1].data.metrics
     assert metrics["fidelity.fid"] == pytest.approx(report["fidelity"]["fid"])
     assert "privacy.reid_match_rate" in metrics
+    assert metrics["privacy.mia_auc"] == pytest.approx(report["privacy"]["mia_auc"])
 
 
 def _rewrite_datalist(cohort: str, dest: Path, replace: dict[str, str]) -> Path:

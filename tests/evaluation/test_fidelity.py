@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,3 +101,20 @@ def test_mmd_statistic_is_the_unbiased_estimate():
     kaa, kbb = k(a, a), k(b, b)
     expected = (kaa.sum() - kaa.trace()) / 42 + (kbb.sum() - kbb.trace()) / 20 - 2 * k(a, b).mean()
     assert res["mmd2"] == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_patient_bootstrap_resamples_whole_patients_and_widens_the_interval_for_clustered_images():
+    gen = torch.Generator().manual_seed(0)
+    patients = [f"P{i // 10}" for i in range(100)]  # 10 patients, 10 near-identical images each
+    real = torch.randn(10, 1, generator=gen).repeat_interleave(10, 0) + 0.01 * torch.randn(100, 1, generator=gen)
+    other = torch.randn(100, 1, generator=gen) * 0.01
+    diff = lambda a, b: float(a.mean() - b.mean())  # noqa: E731
+    lo_i, hi_i = bootstrap_interval(diff, real, other, n_boot=300)
+    lo_p, hi_p = bootstrap_interval(diff, real, other, n_boot=300, groups_a=patients)
+    assert (hi_p - lo_p) > 2 * (hi_i - lo_i)  # 10 independent units, not 100
+    draws = []
+    fn = lambda a, b: draws.append(a[:, 0].tolist()) or 0.0  # noqa: E731
+    bootstrap_interval(fn, torch.arange(100.0)[:, None], other, n_boot=5, groups_a=patients)
+    for rows in draws[:-1]:  # the last call is the estimate itself
+        counts = np.bincount(np.asarray(rows, dtype=int) // 10, minlength=10)
+        assert len(rows) == 100 and all(c % 10 == 0 for c in counts) and sum(counts) == 100

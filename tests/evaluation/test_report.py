@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,7 @@ def test_evaluate_writes_every_gate_metric_and_keeps_patients_out_of_the_public_
         section, name = key.split(".")
         assert isinstance(report[section][name], float), key
     assert set(report["gate"]) == set(GATE_KEYS)
+    assert report["fidelity"]["overall"]["real_floor"]["fid_ci_resamples"].startswith("patients")
     assert report["fidelity"]["space"]["weights_sha256"] and set(report["timing_seconds"]) >= {"fidelity", "total"}
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 3
@@ -83,3 +85,74 @@ def test_user_feature_weights_are_named_with_their_hash(cohorts, tmp_path):
     assert report["fidelity"]["space"]["name"] == "weights(my_features.pt)"
     assert report["fidelity"]["space"]["weights_sha256"] == random_feature_space(2, seed=7).weights_hash
     assert report["utility"] is None and set(report["gate"]) == {"fidelity.fid", "fidelity.fid_real_floor"}
+
+
+TINY_BUNDLE = {"spatial_size": [32, 32], "autoencoder_channels": [8, 8], "autoencoder_norm_groups": 4,
+               "autoencoder_res_blocks": 1, "latent_channels": 3, "patch_size": 4, "dit_hidden_size": 32,
+               "dit_depth": 1, "dit_num_heads": 2}  # fmt: skip
+
+
+def _bundle_checkpoints(tmp_path):
+    """Checkpoints of the breast-ultrasound bundle's networks at tiny sizes, as its stages write them."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    bundle = Path(__file__).resolve().parents[2] / "bundles" / "breast_us_ldit"
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "common.yaml"))
+    for k, v in TINY_BUNDLE.items():
+        parser[k] = v
+    torch.manual_seed(0)
+    ae, dit = parser.get_parsed_content("autoencoder_def"), parser.get_parsed_content("network_def")
+    torch.save(
+        {"autoencoder": ae.state_dict(), "scale_factor": {"scale_factor": torch.tensor(2.0)}}, tmp_path / "ae.pt"
+    )
+    torch.save({"ema_network": dit.state_dict()}, tmp_path / "dit.pt")
+    return bundle, tmp_path / "ae.pt", tmp_path / "dit.pt"
+
+
+def test_checkpoints_add_membership_inference_to_the_report_and_its_gate(cohorts, tmp_path):
+    from monai_synth.evaluation.report import OPTIONAL_KEYS, flat_metrics
+
+    bundle, ae, dit = _bundle_checkpoints(tmp_path)
+    out = tmp_path / "report"
+    overrides = [f"{k}={json.dumps(v)}" for k, v in TINY_BUNDLE.items()]
+    argv = ["evaluate", "--train", str(cohorts["train"]), "--holdout", str(cohorts["holdout"]), "--synthetic",
+            str(cohorts["synthetic"]), "--modality", "us", "--out", str(out), "--spatial-size", "16",
+            "--sections", "privacy", "--reid-steps", "5", "--bootstrap", "20", "--bundle", str(bundle),
+            "--autoencoder-ckpt", str(ae), "--diffusion-ckpt", str(dit)]  # fmt: skip
+    argv += [a for o in overrides for a in ("--bundle-override", o)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    mia = report["privacy"]["membership_inference"]
+    assert set(mia["attacks"]) == {"loss", "pia", "secmi"} and mia["latent_shape"] == [3, 16, 16]
+    assert report["privacy"]["mia_auc"] == max(a["auc"] for a in mia["attacks"].values())
+    assert mia["attacks"]["pia"]["member_patients"] == 10 and mia["attacks"]["pia"]["nonmember_patients"] == 6
+    assert (
+        set(report["gate"]) >= {k for k in OPTIONAL_KEYS if k.startswith("privacy.")}
+        and flat_metrics(report)["privacy.mia_auc"] == mia["mia_auc"]
+    )
+    assert mia["target"]["diffusion_sha256"] and "Membership inference" in (out / "report.html").read_text()
+
+
+def test_membership_inference_needs_both_checkpoints_and_the_bundle(cohorts, tmp_path, capsys):
+    argv = ["evaluate", "--train", str(cohorts["train"]), "--holdout", str(cohorts["holdout"]), "--synthetic",
+            str(cohorts["synthetic"]), "--modality", "us", "--out", str(tmp_path / "r"), "--diffusion-ckpt", "x.pt"]  # fmt: skip
+    assert main(argv) == 2
+    assert "--autoencoder-ckpt" in capsys.readouterr().err
+
+
+def test_restoration_tasks_add_their_psnr_ssim_and_equivalence_test(cohorts, tmp_path):
+    out = tmp_path / "report"
+    argv = ["evaluate", "--train", str(cohorts["train"]), "--holdout", str(cohorts["holdout"]), "--synthetic",
+            str(cohorts["synthetic"]), "--modality", "us", "--out", str(out), "--spatial-size", "32",
+            "--sections", "privacy", "--reid-steps", "5", "--bootstrap", "5", "--restoration", "denoise", "superres",
+            "--restoration-steps", "5"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    for task in ("denoise", "superres"):
+        res = report["restoration"][task]
+        assert res["tost"]["psnr"]["margin"] == 0.5 and res["patients"] == 6
+        assert report["gate"][f"restoration.{task}_psnr_synthetic"] == res["psnr_synthetic"]
+    assert "gamma speckle" in report["restoration"]["denoise"]["degradation"]
+    assert "Restoration utility" in (out / "report.html").read_text()
