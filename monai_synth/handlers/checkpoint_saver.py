@@ -95,7 +95,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self._started_at, self._completed = int(engine.state.iteration), 0
 
     def completed(self, engine: Engine) -> None:
-        """Save the final checkpoint, unless this run trained nothing and the final file is already there.
+        """Save the final checkpoint (and a resumable one of the end), unless this run trained nothing and the final
+        file is already there.
 
         Re-running a stage that had finished resumes at its last epoch and completes at once; writing the final file
         again would change its bytes (and the fingerprint later stages and releases were tied to) for nothing.
@@ -105,6 +106,12 @@ class AtomicCheckpointSaver(CheckpointSaver):
         if not trained and final is not None and final.is_file():
             engine.logger.info(f"nothing trained in this run; kept the final checkpoint {final}")
             return
+        if trained and self._interval_checkpoint is not None:
+            step = engine.state.epoch if self.epoch_level else engine.state.iteration
+            if step % self.save_interval:
+                # the last interval fell before the end: without a resumable checkpoint of the end, a re-run of the
+                # finished stage would train it again from the start (and stages after it would refuse the new one)
+                self.interval_completed(engine)
         super().completed(engine)
 
     def interval_completed(self, engine: Engine) -> None:

@@ -78,6 +78,22 @@ def test_a_rerun_of_a_finished_stage_keeps_its_final_checkpoint(tmp_path):
     assert run(resumed_at_the_end=False) != written  # a run that trains writes it again
 
 
+def test_a_finished_stage_leaves_a_resumable_checkpoint_of_its_end_when_the_interval_does_not_divide_it(tmp_path):
+    def run() -> Engine:
+        engine = Engine(lambda e, b: None)
+        saver = AtomicCheckpointSaver(
+            str(tmp_path), {"obj": _Breakable()}, save_final=True, final_filename="final.pt", save_interval=2,
+            epoch_level=True, n_saved=1,
+        )  # fmt: skip
+        saver.attach(engine)
+        engine.run([0, 1], max_epochs=3)
+        return engine
+
+    run()
+    # epochs 3 of 3 with an interval of 2: the end is saved too, and the epoch-2 checkpoint is no longer kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt", "obj_epoch=3.pt"]
+
+
 #: the bundle's saver: interval checkpoints, a final file, and a checkpoint on exceptions (e.g. Ctrl-C)
 FINAL = {"epoch_level": True, "save_final": True, "final_filename": "final.pt"}
 
