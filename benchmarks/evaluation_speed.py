@@ -95,11 +95,13 @@ def _untrained_bundle_checkpoints(folder: Path, size: int) -> dict:
     """Checkpoints of the quickstart's networks at ``size`` with seeded random weights, as the bundle writes them."""
     from monai.bundle import ConfigParser
 
+    from monai_synth.configs import common_files
+
     bundle = Path(__file__).resolve().parents[1] / "bundles" / "breast_us_ldit"
     overrides = dict(ConfigParser.load_config_file(str(bundle / "configs" / "quickstart.yaml"))["overrides"])
     overrides["spatial_size"] = [size, size]
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "common.yaml"))
+    parser.read_config(common_files(bundle))
     for key, value in overrides.items():
         parser[key] = value
     torch.manual_seed(0)

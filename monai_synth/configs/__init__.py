@@ -41,6 +41,11 @@ MULTI_GPU_OVERLAY = "multi_gpu.yaml"
 MULTI_GPU_SAMPLE_OVERLAY = "multi_gpu_sample.yaml"
 
 
+def common_files(bundle_root: str | os.PathLike) -> list[str]:
+    """The bundle's ``common.yaml`` and the shared one: what defines the networks, the data and the paths."""
+    return config_files(bundle_root, "evaluate")[:2]
+
+
 def config_files(bundle_root: str | os.PathLike, stage: str, multi_gpu: bool = False) -> list[str]:
     """The files of one stage of a bundle, in MONAI's merge order: shared, then the bundle's, for each layer.
 

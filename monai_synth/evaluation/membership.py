@@ -480,7 +480,7 @@ def target_from_bundle(
     config_files: Sequence[str | os.PathLike] | None = None,
     device: str = "cpu",
 ) -> DiffusionTarget:
-    """The model of a bundle's checkpoints: networks and scheduler from the bundle's ``configs/common.yaml`` (with the
+    """The model of a bundle's checkpoints: networks and scheduler from the bundle's common configs (with the
     ``overrides`` its training used), weights from the two checkpoints (the diffusion model's EMA weights).
 
     Raises:
@@ -492,7 +492,11 @@ def target_from_bundle(
     from monai_synth.engines.latents import ScaleFactor
 
     root = Path(bundle_root)
-    files = [Path(f) for f in (config_files or [root / "configs" / "common.yaml"])]
+    if config_files is None:
+        from monai_synth.configs import common_files
+
+        config_files = common_files(root)
+    files = [Path(f) for f in config_files]
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(

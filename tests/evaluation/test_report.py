@@ -97,9 +97,11 @@ def _bundle_checkpoints(tmp_path):
     import torch
     from monai.bundle import ConfigParser
 
+    from monai_synth.configs import common_files
+
     bundle = Path(__file__).resolve().parents[2] / "bundles" / "breast_us_ldit"
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "common.yaml"))
+    parser.read_config(common_files(bundle))
     for k, v in TINY_BUNDLE.items():
         parser[k] = v
     torch.manual_seed(0)
