@@ -51,9 +51,7 @@ class LaplaceAutoencoderKL(AutoencoderKL):
     def decode_stage_2_outputs(self, z: torch.Tensor) -> torch.Tensor:
         """A draw from p(x | z): location plus Laplace noise of the predicted scale (global torch RNG)."""
         loc, log_scale = self.decode_distribution(z)
-        u = torch.rand(loc.shape, device=loc.device, dtype=loc.dtype).clamp(1e-6, 1 - 1e-6) - 0.5
-        noise = -torch.sign(u) * torch.log1p(-2 * u.abs())  # inverse CDF of the standard Laplace distribution
-        return loc + log_scale.exp() * noise
+        return torch.distributions.Laplace(loc, log_scale.exp()).sample()
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, return_log_scale: bool = False
