@@ -212,8 +212,9 @@ class PixelSpace:
     * ``"shift"``: every integer shift of up to ``max_shift`` grid cells per axis, the vacated cells filled from the
       edge and, for the unzoomed, unrotated query, also wrapped around (a copy moved on a background canvas);
     * ``"zoom"``: the query magnified by each factor in ``zooms`` about the centre (a copy cropped by a fraction
-      ``f`` of each side and resized back is undone by ``1 - 2 f``); 3D also within each plane alone (a border
-      added in-plane and resized back);
+      ``f`` of each side and resized back is undone by ``1 - 2 f``); 3D also by each factor in ``plane_zooms``
+      within each plane and over the whole volume, compared alone (a border added in-plane or all round and
+      resized back);
     * ``"rotate"``: the query rotated by each angle in ``rotations`` (degrees; 2D in the image plane, combined with
       every shift and zoom; 3D about each of the three axes, compared alone);
     * ``"invert"``: the negated query as well, so an intensity-inverted copy (Pearson r = -1) is as close as the copy.
@@ -226,13 +227,20 @@ class PixelSpace:
         max_shift: largest shift in grid cells when ``"shift"`` is requested.
         zooms: magnifications tried when ``"zoom"`` is requested (1.0 is always included).
         rotations: angles tried when ``"rotate"`` is requested (0 is always included).
+        plane_zooms: 3D only: magnifications tried alone within each plane and over the whole volume when ``"zoom"``
+            is requested (default: ``zooms``). They are cheap (one variant each, not one per shift), so a finer set
+            than ``zooms`` costs little.
+
+    3D rotations and the zooms of ``plane_zooms`` resample the volume at twice the grid (``2 * grid`` per axis, or
+    the volume's own size when smaller) and only then reduce it to the grid: resampled on the coarse grid itself,
+    interpolation blurs a copy about as far from its source as two different patients' volumes are from each other.
 
     Cost: each query image is compared ``len(variant_ops)`` times (the product of the sizes of the requested
     groups plus the wrapped shifts, e.g. 2D 8 symmetries x 25 shifts x 7 zooms x 5 angles x 2 signs + 384 = 14,384 for
     the guard's default); the index itself does not grow.
     """
 
-    _VERSION = 6
+    _VERSION = 7
     _DEFAULT_ZOOMS = (0.8, 0.9, 1.0, 1.1, 1.25)
     _DEFAULT_ROTATIONS = (-20.0, -10.0, 0.0, 10.0, 20.0)
 
@@ -244,6 +252,7 @@ class PixelSpace:
         max_shift: int = 2,
         zooms: Sequence[float] = _DEFAULT_ZOOMS,
         rotations: Sequence[float] = _DEFAULT_ROTATIONS,
+        plane_zooms: Sequence[float] | None = None,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -257,6 +266,8 @@ class PixelSpace:
             raise ValueError(f"max_shift must be in [1, grid/2), got {max_shift} for grid {grid}")
         if "zoom" in invariances and not all(0.25 <= float(z) <= 4.0 for z in zooms):
             raise ValueError(f"zooms must lie in [0.25, 4], got {list(zooms)}")
+        if "zoom" in invariances and plane_zooms is not None and not all(0.25 <= float(z) <= 4.0 for z in plane_zooms):
+            raise ValueError(f"plane_zooms must lie in [0.25, 4], got {list(plane_zooms)}")
         if "rotate" in invariances and not all(-180.0 <= float(r) <= 180.0 for r in rotations):
             raise ValueError(f"rotations must be angles in degrees within [-180, 180], got {list(rotations)}")
         self.name = "pixel"
@@ -267,6 +278,10 @@ class PixelSpace:
         self.zooms: tuple[float, ...] = (1.0,)
         if "zoom" in invariances:
             self.zooms = (1.0,) + tuple(sorted({round(float(z), 4) for z in zooms} - {1.0}))
+        self.plane_zooms: tuple[float, ...] = ()
+        if "zoom" in invariances and self.spatial_dims == 3:
+            chosen = zooms if plane_zooms is None else plane_zooms
+            self.plane_zooms = tuple(sorted({round(float(z), 4) for z in chosen} - {1.0}))
         self.rotations: tuple[float, ...] = (0.0,)
         if "rotate" in invariances:
             self.rotations = (0.0,) + tuple(sorted({round(float(r), 4) for r in rotations} - {0.0}))
@@ -303,8 +318,9 @@ class PixelSpace:
                 for r in self.rotations[1:]
             ]
             self._alone += [
-                ((axis, z), (0.0,), _plane_zoom(nd, nd - 1 - axis, z)) for axis in range(nd) for z in self.zooms[1:]
+                ((axis, z), (0.0,), _plane_zoom(nd, nd - 1 - axis, z)) for axis in range(nd) for z in self.plane_zooms
             ]
+            self._alone += [(("all", z), (0.0,), torch.eye(nd) / z) for z in self.plane_zooms]
         # (sign, zoom, angle, symmetry, shift, padding) of every variant; identity first: variant 0 is what `embed`
         # returns. 3D rotations are (axis, angle) and zooms within a plane (axis normal to it, zoom).
         self.variant_ops: list[tuple] = [
@@ -342,15 +358,21 @@ class PixelSpace:
             "max_shift": self.max_shift,
             "zooms": list(self.zooms),
             "rotations": list(self.rotations),
+            "plane_zooms": list(self.plane_zooms),
         }
         return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
-    def _grid(self, images: torch.Tensor | np.ndarray | Sequence) -> torch.Tensor:
+    def _grid(self, images: torch.Tensor | np.ndarray | Sequence, fine: bool = False):
+        """Images on the grid; with ``fine``, also on the fine grid the 3D rotations and plane zooms resample."""
         x = as_image_batch(images, self.spatial_dims)
         check_finite(x)
         # scale first: area interpolation of values near the float32 limit would overflow to Inf
         x = _scaled(x.reshape(x.shape[0], -1)).reshape(x.shape)
-        return F.interpolate(x, size=(self.grid,) * self.spatial_dims, mode="area")
+        g = F.interpolate(x, size=(self.grid,) * self.spatial_dims, mode="area")
+        if not fine:
+            return g
+        size = tuple(min(2 * self.grid, n) for n in x.shape[2:])
+        return g, F.interpolate(x, size=size, mode="area") if tuple(x.shape[2:]) != size else x
 
     def embed(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """``(B, C, *spatial)`` model-space images -> ``(B, C * grid**spatial_dims)`` unit vectors.
@@ -369,7 +391,7 @@ class PixelSpace:
         All shifted windows are views of one padded grid (``unfold``), so the variants cost one copy and one
         standardisation of a ``(B, V, d)`` array.
         """
-        g = self._grid(images)
+        g, fine = self._grid(images, fine=True) if self._alone else (self._grid(images), None)
         n = g.shape[0]
         g = _affine_variants(g, self.zooms, self._main_rotations)
         g0 = g[:: len(self.zooms) * len(self._main_rotations)]  # (n, C, *grid): unshifted, unzoomed, unrotated
@@ -385,8 +407,12 @@ class PixelSpace:
             w = self._windows(g0, self._wrap_shifts, "circular")
             groups.append(self._signed(torch.cat([_apply_symmetry(w, p, f, 3) for p, f in self._symmetries], dim=1), n))
         if self._alone:
-            alone = _linear_variants(g0, [m for _, _, m in self._alone])
-            groups.append(self._signed(alone.reshape(n, len(self._alone), *g0.shape[1:]), n))
+            # resampled on the fine grid, then reduced to the grid, one map at a time (memory: one fine copy per image)
+            size = (self.grid,) * self.spatial_dims
+            alone = torch.stack(
+                [F.interpolate(_linear_variants(fine, [m]), size=size, mode="area") for _, _, m in self._alone], dim=1
+            )
+            groups.append(self._signed(alone, n))
         return torch.cat(groups, dim=1).numpy().astype(np.float32, copy=False)
 
     def _windows(self, g: torch.Tensor, shifts: Sequence[tuple[int, ...]], mode: str) -> torch.Tensor:
@@ -420,7 +446,7 @@ class PixelSpace:
     def __repr__(self) -> str:
         return (
             f"PixelSpace(grid={self.grid}, spatial_dims={self.spatial_dims}, invariances={self.invariances}, "
-            f"max_shift={self.max_shift}, zooms={self.zooms}, rotations={self.rotations})"
+            f"max_shift={self.max_shift}, zooms={self.zooms}, rotations={self.rotations}, plane_zooms={self.plane_zooms})"
         )
 
 
