@@ -367,6 +367,19 @@ ATTACKS: list[Attack] = [
         "mirror + Gaussian noise sd 5%",
         lambda t, u, c: _on_unit(t[0][::-1], lambda x: x + 0.05 * c.rng.standard_normal(x.shape)),
     ),
+    Attack(
+        "combo",
+        "rotation 10 deg + crop to 85% and resize + speckle sd 0.3",
+        lambda t, u, c: _on_unit(
+            _resize(_crop_centre(_rotate(t[0], 10.0), 0.85, range(t[0].ndim)), t[0].shape),
+            lambda x: x * (1.0 + 0.3 * c.rng.standard_normal(x.shape)),
+        ),
+    ),
+    Attack(
+        "mirror_gamma_shift",
+        "mirror + gamma 0.7 + shift {px4} px",
+        lambda t, u, c: _shift(_on_unit(t[0][::-1], lambda x: x**0.7), c.px(4), axis=1),
+    ),
 ]
 ATTACK_KEYS = [a.key for a in ATTACKS]
 

@@ -16,6 +16,7 @@ import torch
 
 from monai_synth.privacy.partial import PartSpace, TileSpace
 from monai_synth.privacy.spaces import PixelSpace, PrivacySpace
+from monai_synth.privacy.texture import TextureSpace
 
 __all__ = ["DEFAULT_SPACES", "build_spaces", "make_space", "space_name"]
 
@@ -27,10 +28,10 @@ def space_name(spec: str) -> str:
     return spec.partition(":")[0].strip().lower()
 
 
-DEFAULT_SPACES = ("pixel", "parts", "crops", "tiles", "embedding")
+DEFAULT_SPACES = ("pixel", "parts", "crops", "tiles", "texture", "embedding")
 """What a candidate must pass by default: whole-image pixel correlation under the geometric and intensity changes a
-person would still call the same image, aligned parts, crops of training images, windows at every scale, and the
-learned copy-detection / re-identification ``embedding``, trained on the training images themselves when no weights
+person would still call the same image, aligned parts, crops of training images, windows at every scale, the fine
+texture of the image (a copy under strong noise such as speckle), and the learned copy-detection / re-identification ``embedding``, trained on the training images themselves when no weights
 are given (minutes on a CPU for a few hundred images; pass ``--embedding-weights`` to reuse them). A space that
 collapsed in training is refused at calibration, never certified."""
 
@@ -61,6 +62,8 @@ def make_space(
     ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre),
     ``crops`` = the same class comparing crops of training images with the whole candidate,
     ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every scale).
+    ``texture`` = :class:`~monai_synth.privacy.texture.TextureSpace` (the image minus its local mean on a 64-cell
+    grid, 32 in 3D, mirrored / transposed / inverted).
     ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights; with
     ``data_fingerprint``, weights trained on another training set are refused).
 
@@ -88,6 +91,9 @@ def make_space(
     if name == "tiles":
         scales = (0.9, 0.8, 0.5, 1.0 / 3.0) if spatial_dims == 2 else (0.8, 0.5)
         return TileSpace(grid=grid, spatial_dims=spatial_dims, scales=scales, invariances=symmetry)
+    if name == "texture":
+        fine = min(64 if spatial_dims == 2 else 32, *spatial_size)
+        return TextureSpace(grid=fine, spatial_dims=spatial_dims, invariances=symmetry)
     if name == "embedding":
         if not embedding_weights:
             raise ValueError(
@@ -98,7 +104,8 @@ def make_space(
 
         return EmbeddingSpace.from_weights(embedding_weights, expected_data_fingerprint=data_fingerprint)
     raise ValueError(
-        f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], parts, crops, tiles and/or embedding"
+        f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], parts, crops, tiles, texture and/or "
+        "embedding"
     )
 
 

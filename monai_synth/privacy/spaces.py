@@ -231,7 +231,7 @@ class PixelSpace:
             is requested (default: ``zooms``). They are cheap (one variant each, not one per shift), so a finer set
             than ``zooms`` costs little.
 
-    3D rotations and the zooms of ``plane_zooms`` resample the volume at twice the grid (``2 * grid`` per axis, or
+    Zooms and rotations (and 3D's ``plane_zooms``) resample the image at twice the grid (``2 * grid`` per axis, or
     the volume's own size when smaller) and only then reduce it to the grid: resampled on the coarse grid itself,
     interpolation blurs a copy about as far from its source as two different patients' volumes are from each other.
 
@@ -391,10 +391,13 @@ class PixelSpace:
         All shifted windows are views of one padded grid (``unfold``), so the variants cost one copy and one
         standardisation of a ``(B, V, d)`` array.
         """
-        g, fine = self._grid(images, fine=True) if self._alone else (self._grid(images), None)
-        n = g.shape[0]
-        g = _affine_variants(g, self.zooms, self._main_rotations)
-        g0 = g[:: len(self.zooms) * len(self._main_rotations)]  # (n, C, *grid): unshifted, unzoomed, unrotated
+        affine = len(self.zooms) * len(self._main_rotations)
+        g, fine = self._grid(images, fine=True) if self._alone or affine > 1 else (self._grid(images), None)
+        n, g0 = g.shape[0], g  # g0 (n, C, *grid): unshifted, unzoomed, unrotated
+        if affine > 1:
+            # zoomed and rotated on the fine grid, then reduced to the grid; the identity stays the grid itself
+            g = F.interpolate(_affine_variants(fine, self.zooms, self._main_rotations), size=g0.shape[2:], mode="area")
+            g[::affine] = g0
         w = self._windows(g, self._shifts, "replicate")
         sym = [_apply_symmetry(w, perm, flips, 3) for perm, flips in self._symmetries]
         groups = [self._signed(torch.cat(sym, dim=1), n)]
