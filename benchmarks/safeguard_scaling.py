@@ -10,6 +10,12 @@ Part 2 - share of sampling time. A tiny DiT sampled with MONAI's ``DiffusionInfe
 checking the same batch against a 100k-image training index, for the pixel space (plain, and with the flip/shift
 and flip/shift/zoom invariances) and a 128-d embedding-sized space.
 
+Part 3 (``--default-spaces``, run alone) - the safeguard as released. Seconds per candidate of every default privacy
+space (judged through a PNG release's intensity views) against indexes of 1e3 and 1e4 training rows, fitted as
+``a + b N`` and extrapolated to 1e5 (or measured there with ``--default-sizes ... 100000``), next to the seconds per
+image of the breast-ultrasound bundle's default sampler (its networks, steps and guidance, decoding included), and
+their ratio.
+
 Run: ``python benchmarks/safeguard_scaling.py`` (about 3 minutes on 2 idle CPU cores). Results are recorded in
 ``docs/benchmarks.md`` (section "Safeguard scaling").
 """
@@ -200,6 +206,105 @@ def sampling_share(
     return rows
 
 
+def bundle_sampling_time(bundle: str, n_images: int, steps: int | None = None) -> dict:
+    """Seconds per image of the bundle's default sampler (its own networks, scheduler, steps and guidance; seeded
+    random weights: the cost does not depend on them), decoding included, on this machine's CPU."""
+    from monai.bundle import ConfigParser
+
+    from monai_synth.configs import common_files
+    from monai_synth.engines.sampler import sample_latent_images
+
+    parser = ConfigParser()
+    parser.read_config(common_files(bundle))
+    parser["device"] = "cpu"
+    torch.manual_seed(0)
+    ae, dit = parser.get_parsed_content("autoencoder_def").eval(), parser.get_parsed_content("network_def").eval()
+    scheduler, labels = parser.get_parsed_content("sampling_scheduler"), parser.get_parsed_content("labels")
+    latent_shape = [int(v) for v in parser.get_parsed_content("latent_shape")]
+    steps = int(steps or parser.get_parsed_content("num_inference_steps"))
+    guidance = parser.get_parsed_content("guidance_scale")
+    kw = dict(num_classes=len(labels), guidance_scale=guidance, num_inference_steps=steps, device="cpu")
+    with torch.no_grad():
+        t, c = time.perf_counter(), time.process_time()
+        images = sample_latent_images(
+            dit, ae, scheduler, 1.0, torch.zeros(n_images, dtype=torch.long), latent_shape, **kw
+        )
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+    return {
+        "bundle": os.path.basename(os.path.normpath(bundle)),
+        "spatial_size": list(parser.get_parsed_content("spatial_size")),
+        "steps": steps,
+        "guidance": guidance,
+        "s_per_image": wall / n_images,
+        "cpu_s_per_image": cpu / n_images,
+        "images": images,
+        "modality": parser.get_parsed_content("modality"),
+    }
+
+
+def default_spaces_cost(images: torch.Tensor, modality: str, sizes, candidates: int, seed: int = 0) -> list[dict]:
+    """Seconds per candidate of each default privacy space against indexes of ``sizes`` training rows (random unit
+    vectors of the space's size: exact search costs the same for any content), judged as a PNG release judges it
+    (every intensity view); the embedding is trained for one epoch on a few images (its cost, not its quality)."""
+    from monai_synth.privacy.embedding import train_embedding
+    from monai_synth.privacy.factory import DEFAULT_SPACES, make_space
+    from monai_synth.privacy.index import TrainingIndex
+    from monai_synth.privacy.release import ReleaseEncoder
+    from monai_synth.privacy.safeguard import PrivacySafeguard
+    from monai_synth.privacy.spaces import embed_variants
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(images.shape[2:])
+    encoder = ReleaseEncoder("png", modality)
+    judged = images[:candidates].clamp(-1.0, 1.0)
+    while len(judged) < candidates:
+        judged = torch.cat([judged, judged])[:candidates]
+    stored = [encoder.store_generated(v) for v in judged]
+    rows = []
+    for spec in DEFAULT_SPACES:
+        if spec == "embedding":
+            few = images[:1].repeat(8, 1, *([1] * len(shape))) + 0.1 * torch.randn(8, 1, *shape)
+            space = train_embedding(few, [f"P{i // 2}" for i in range(8)], spatial_dims=len(shape), epochs=1)
+        else:
+            space = make_space(spec, len(shape), shape)
+        dim = int(space.embed(judged[:1]).shape[1])
+        for n in sizes:
+            vectors = _unit(rng, int(n), dim)
+            index = TrainingIndex(
+                [_flat(vectors)], np.zeros(int(n), dtype=np.int32), ["P0"], space.name, space.fingerprint(), "bench",
+                space=space,
+            )  # fmt: skip
+            safeguard = PrivacySafeguard([(index, 0.05)], batch_size=candidates)
+            t, c = time.perf_counter(), time.process_time()
+            encoder.judge(safeguard, stored)
+            wall, cpu = time.perf_counter() - t, time.process_time() - c
+            variants = int(embed_variants(space, judged[:1]).shape[1])
+            rows.append({"space": spec, "dim": dim, "variants": variants, "N": int(n),
+                         "s_per_candidate": wall / candidates, "cpu_s_per_candidate": cpu / candidates})  # fmt: skip
+            print(
+                f"  {spec:<10} d={dim:<6} variants={variants:<6} N={int(n):>7}: {wall / candidates:.3f} s per "
+                f"candidate ({cpu / candidates:.3f} CPU-s), load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
+    return rows
+
+
+def extrapolate(rows: list[dict], target: int, key: str = "s_per_candidate") -> dict[str, float]:
+    """Per space, ``a + b N`` fitted to the measured sizes (least squares), evaluated at ``target`` (or the
+    measurement itself when ``target`` was measured)."""
+    out = {}
+    for spec in dict.fromkeys(r["space"] for r in rows):
+        pts = [(r["N"], r[key]) for r in rows if r["space"] == spec]
+        exact = [t for n, t in pts if n == target]
+        if exact:
+            out[spec] = exact[0]
+            continue
+        n, t = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
+        b, a = np.polyfit(n, t, 1) if len(pts) > 1 else (0.0, t[0])
+        out[spec] = float(a + max(b, 0.0) * target)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
@@ -211,11 +316,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--size", type=int, default=32, help="image side (pixels)")
     parser.add_argument("--with-zoom", action="store_true", help="also time the flip/shift/zoom pixel space")
+    parser.add_argument(
+        "--default-spaces",
+        action="store_true",
+        help="instead of parts 1-2: the default spaces' time per candidate at --default-sizes training images, "
+        "extrapolated to --target, next to the sampling time per image of --bundle's default config",
+    )
+    parser.add_argument("--default-sizes", type=int, nargs="+", default=[1_000, 10_000])
+    parser.add_argument("--target", type=int, default=100_000, help="training images the ratio is stated for")
+    parser.add_argument("--bundle", default=os.path.join(os.path.dirname(__file__), "..", "bundles", "breast_us_ldit"))
+    parser.add_argument("--sample-images", type=int, default=2, help="images sampled to time the bundle's sampler")
+    parser.add_argument("--candidates", type=int, default=8, help="candidates judged per index size")
     args = parser.parse_args()
     print(
         f"threads: faiss {faiss.omp_get_max_threads()}, torch {torch.get_num_threads()}, cpus {os.cpu_count()}, "
         f"load average {os.getloadavg()[0]:.1f} (CPU-time columns discount other processes on a shared machine)"
     )
+    if args.default_spaces:
+        _default_spaces_report(args)
+        return
 
     print(f"\nNearest-neighbour search, {args.dim}-d unit vectors, {args.queries} queries, IVF nprobe={args.nprobe}")
     head = (
@@ -249,6 +368,32 @@ def main() -> None:
             f"{r['sample_cpu_s']:>12.2f} {r['check_cpu_s']:>11.3f} {r['share_cpu']:>7.1%}",
             flush=True,
         )
+
+
+def _default_spaces_report(args) -> None:
+    """Part 3: the default safeguard's share of the bundle's sampling time at ``args.target`` training images."""
+    samp = bundle_sampling_time(args.bundle, args.sample_images)
+    print(
+        f"\nSampling, {samp['bundle']} default config ({samp['spatial_size']}, {samp['steps']} steps, guidance "
+        f"{samp['guidance']}, decode included): {samp['s_per_image']:.1f} s per image ({samp['cpu_s_per_image']:.1f} "
+        f"CPU-s), load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    print("\nDefault spaces, time per candidate (PNG release: every intensity view) vs training images:")
+    rows = default_spaces_cost(samp["images"], samp["modality"], args.default_sizes, args.candidates)
+    wall, cpu = extrapolate(rows, args.target), extrapolate(rows, args.target, "cpu_s_per_candidate")
+    measured = args.target in args.default_sizes
+    how = "measured" if measured else f"extrapolated linearly from N = {', '.join(map(str, args.default_sizes))}"
+    print(f"\nAt N = {args.target} training images ({how}):")
+    for spec in wall:
+        print(f"  {spec:<10} {wall[spec]:8.2f} s per candidate ({cpu[spec]:.2f} CPU-s)")
+    total, total_cpu = sum(wall.values()), sum(cpu.values())
+    print(
+        f"  {'all':<10} {total:8.2f} s per candidate ({total_cpu:.2f} CPU-s) vs sampling {samp['s_per_image']:.1f} s "
+        f"per image ({samp['cpu_s_per_image']:.1f} CPU-s): safeguard / sampling = {total / samp['s_per_image']:.1%} "
+        f"(CPU time: {total_cpu / samp['cpu_s_per_image']:.1%}); goal <= 10%",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
