@@ -1120,8 +1120,13 @@ def _volume_cost_child(size: int, n_train: int, n_holdout: int, n_judge: int, ep
     to_model = intensity_transform("ct")
 
     def volumes(n: int, first: int) -> tuple[torch.Tensor, list[str]]:
-        recs = generate_cohort("ct", max(1, -(-n // 3)), 3, spatial_dims=3, spatial_size=size, first_patient=first)[:n]
+        # phantoms above 64^3 take seconds each to draw; they are drawn at 64^3 and resized (the cost of judging a
+        # volume depends on its size, not on its content)
+        gen = min(size, 64)
+        recs = generate_cohort("ct", max(1, -(-n // 3)), 3, spatial_dims=3, spatial_size=gen, first_patient=first)[:n]
         x = torch.stack([torch.as_tensor(np.asarray(to_model(r["image"]))).float() for r in recs])
+        if gen != size:
+            x = torch.nn.functional.interpolate(x, size=(size,) * 3, mode="trilinear", align_corners=False)
         return x, [r["patient_id"] for r in recs]
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -1132,9 +1137,7 @@ def _volume_cost_child(size: int, n_train: int, n_holdout: int, n_judge: int, ep
     spaces = build_spaces(DEFAULT_SPACES, 3, (size,) * 3, train, train_ids, "cost", embedding_epochs=epochs)
     t1 = time.perf_counter()
     encoder = ReleaseEncoder("nifti", "ct")
-    safeguard = build_safeguard(
-        spaces, train, train_ids, holdout, holdout_ids, "cost", views=encoder.model_views, batch_size=16
-    )
+    safeguard = build_safeguard(spaces, train, train_ids, holdout, holdout_ids, "cost", views=encoder.model_views)
     t2 = time.perf_counter()
     judged = torch.cat([train[:n_judge], holdout[:n_judge]])[:n_judge]
     stored = [encoder.store_generated(v) for v in judged]
