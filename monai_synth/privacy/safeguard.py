@@ -26,7 +26,7 @@ from monai_synth.privacy.calibration import (
     joint_space_quantile,
 )
 from monai_synth.privacy.index import StaleIndexError, TrainingIndex
-from monai_synth.privacy.spaces import PrivacySpace, embed_variants
+from monai_synth.privacy.spaces import PrivacySpace, embed_variants, images_per_batch
 
 __all__ = ["PrivacySafeguard", "SafeguardResult", "build_safeguard"]
 
@@ -99,7 +99,8 @@ class PrivacySafeguard:
         expected_fingerprints: optional space -> index fingerprint the caller expects (e.g. from the current
             datalist); a mismatch raises at construction.
         margin: see above.
-        batch_size: images embedded at once.
+        batch_size: images embedded at once, fewer where their query vectors would exceed
+            :data:`~monai_synth.privacy.spaces.QUERY_FLOATS` (large 3D variant sets).
 
     Raises:
         ValueError: no checks, a missing index or space, a duplicate space, a bad threshold.
@@ -187,8 +188,9 @@ class PrivacySafeguard:
         """Nearest (distance, patient, row) per image in one space; an exception object where it failed."""
         index = self.indexes[name]
         out: list = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
+        step = images_per_batch(index.space, images[0], self.batch_size) if images else 1
+        for start in range(0, len(images), step):
+            chunk = images[start : start + step]
             try:
                 d, r, p = index.search(embed_variants(index.space, torch.stack(chunk)), k=1)
                 out.extend((float(d[i, 0]), str(p[i, 0]), int(r[i, 0])) for i in range(len(chunk)))
@@ -292,7 +294,8 @@ def build_safeguard(
         datalist_fingerprint: fingerprint of the training datalist, recorded in each index.
         quantile: holdout quantile that sets each threshold (see :func:`calibrate_threshold`).
         floor: absolute minimum threshold.
-        batch_size: images embedded at once.
+        batch_size: images embedded at once, fewer where their query vectors would exceed
+            :data:`~monai_synth.privacy.spaces.QUERY_FLOATS` (large 3D variant sets).
         duplicate_check: refuse a holdout holding near-duplicates of training images (see
             :func:`~monai_synth.privacy.calibration.calibrate_threshold`); switch off only knowingly.
         views: ``model image (C, *spatial) -> the model-space images the safeguard will judge for it`` (a release's

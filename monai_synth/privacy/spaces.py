@@ -37,6 +37,7 @@ __all__ = [
     "as_image_batch",
     "check_finite",
     "embed_variants",
+    "images_per_batch",
     "space_distance",
 ]
 
@@ -465,6 +466,33 @@ def embed_variants(space: PrivacySpace, images: torch.Tensor | np.ndarray | Sequ
     if not np.isfinite(vec).all():
         raise NonFiniteImageError(f"space {space.name!r} produced NaN/Inf vectors")
     return vec
+
+
+QUERY_FLOATS = 2**25
+"""Query vectors (float32 values) one space embeds and searches at once: 128 MiB. A 3D pixel-space query holds 5
+million (1,224 variants of 4,096 values), a 2D one 3.7 million, so a batch of 64 would hold 1.3 GB per space (and the
+embedding's intermediates several times that); batches are cut to this budget instead."""
+
+_PER_IMAGE: dict[tuple, int] = {}
+
+
+def images_per_batch(
+    space: PrivacySpace, image: torch.Tensor | np.ndarray, batch_size: int, budget: int | None = None
+) -> int:
+    """How many images like ``image`` (``(C, *spatial)``) to embed and search at once: at most ``batch_size``, and no
+    more than fit ``budget`` query floats (default :data:`QUERY_FLOATS`; at least one).
+
+    The size of one image's query vectors is measured once per space and image shape.
+    """
+    x = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image)
+    key = (space.name, space.fingerprint(), tuple(x.shape))
+    if key not in _PER_IMAGE:
+        try:
+            _PER_IMAGE[key] = int(np.prod(embed_variants(space, x[None]).shape[1:]))
+        except Exception:  # this image cannot be embedded: the caller judges (and refuses) it; no batch estimate
+            return max(1, int(batch_size))
+    budget = QUERY_FLOATS if budget is None else int(budget)
+    return max(1, min(int(batch_size), budget // max(_PER_IMAGE[key], 1)))
 
 
 def space_distance(u: np.ndarray, v: np.ndarray) -> np.ndarray:

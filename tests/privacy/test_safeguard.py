@@ -289,3 +289,28 @@ def test_joint_calibration_embeds_each_view_of_each_holdout_image_once(cohort):
         cal = safeguard.calibrations[space.name]
         np.testing.assert_allclose(cal.holdout_distances, np.sort(judged), atol=1e-6)
         assert cal.threshold == pytest.approx(np.quantile(judged, cal.space_quantile), abs=1e-6)
+
+
+def test_batches_are_cut_to_the_query_budget(monkeypatch):
+    # a 3D pixel space holds thousands of variants per volume: a batch of 64 volumes held 1.3 GB of query vectors per
+    # space; the safeguard judges as many at once as fit the budget, with the same distances
+    from monai_synth.privacy.spaces import QUERY_FLOATS, images_per_batch
+
+    space = PixelSpace(grid=8, spatial_dims=3, invariances=("flip", "shift", "rotate"), max_shift=1)
+    vols = torch.rand(6, 1, 12, 12, 12)
+    per_image = space.embed_variants(vols[:1]).shape[1] * space.dim
+    assert images_per_batch(space, vols[0], 64) == min(64, QUERY_FLOATS // per_image)
+    assert images_per_batch(space, vols[0], 64, budget=2 * per_image) == 2
+    assert images_per_batch(space, vols[0], 64, budget=1) == 1
+    seen = []
+    original = space.embed_variants
+
+    def recording(images):
+        seen.append(len(images))
+        return original(images)
+
+    index = TrainingIndex.build(space, torch.rand(4, 1, 12, 12, 12), ["a", "b", "c", "d"], "fp")
+    space.embed_variants = recording
+    monkeypatch.setattr("monai_synth.privacy.spaces.QUERY_FLOATS", 2 * per_image)
+    results = PrivacySafeguard([(index, 0.1)], batch_size=64).check(vols)
+    assert len(results) == 6 and max(seen) <= 2
