@@ -66,7 +66,7 @@ import torch
 from scipy.stats import binom
 
 from monai_synth.privacy.index import TrainingIndex, _iter_batches
-from monai_synth.privacy.spaces import embed_variants, images_per_batch
+from monai_synth.privacy.spaces import embed_variants, images_per_batch, note_query_size
 
 __all__ = [
     "COLLAPSED_SPACE",
@@ -418,11 +418,12 @@ def _view_vectors(
     for batch in _iter_batches(holdout, batch_size):
         batch = torch.as_tensor(np.asarray(batch) if not torch.is_tensor(batch) else batch)
         per_image = [[torch.as_tensor(v).detach().cpu().float() for v in views(image)] for image in batch]
-        most = max(len(v) for v in per_image)
-        step = max(1, images_per_batch(space, per_image[0][0], batch_size) // most)
-        for start in range(0, len(per_image), step):
-            chunk = per_image[start : start + step]
+        most, start = max(len(v) for v in per_image), 0
+        while start < len(per_image):
+            step = max(1, images_per_batch(space, per_image[start][0], batch_size) // most)
+            chunk, start = per_image[start : start + step], start + step
             vec = embed_variants(space, torch.stack([v for image in chunk for v in image]))
+            note_query_size(space, chunk[0][0], vec)
             out, k = [], 0
             for image in chunk:
                 own, k = vec[k : k + len(image)], k + len(image)

@@ -26,7 +26,7 @@ from monai_synth.privacy.calibration import (
     joint_space_quantile,
 )
 from monai_synth.privacy.index import StaleIndexError, TrainingIndex
-from monai_synth.privacy.spaces import PrivacySpace, embed_variants, images_per_batch
+from monai_synth.privacy.spaces import PrivacySpace, embed_variants, images_per_batch, note_query_size
 
 __all__ = ["PrivacySafeguard", "SafeguardResult", "build_safeguard"]
 
@@ -188,11 +188,14 @@ class PrivacySafeguard:
         """Nearest (distance, patient, row) per image in one space; an exception object where it failed."""
         index = self.indexes[name]
         out: list = []
-        step = images_per_batch(index.space, images[0], self.batch_size) if images else 1
-        for start in range(0, len(images), step):
-            chunk = images[start : start + step]
+        start = 0
+        while start < len(images):
+            step = images_per_batch(index.space, images[start], self.batch_size)
+            chunk, start = images[start : start + step], start + step
             try:
-                d, r, p = index.search(embed_variants(index.space, torch.stack(chunk)), k=1)
+                vec = embed_variants(index.space, torch.stack(chunk))
+                note_query_size(index.space, chunk[0], vec)
+                d, r, p = index.search(vec, k=1)
                 out.extend((float(d[i, 0]), str(p[i, 0]), int(r[i, 0])) for i in range(len(chunk)))
             except Exception:  # isolate the image(s) that fail, the others are still judged
                 for img in chunk:

@@ -38,6 +38,7 @@ __all__ = [
     "check_finite",
     "embed_variants",
     "images_per_batch",
+    "note_query_size",
     "space_distance",
 ]
 
@@ -482,17 +483,24 @@ def images_per_batch(
     """How many images like ``image`` (``(C, *spatial)``) to embed and search at once: at most ``batch_size``, and no
     more than fit ``budget`` query floats (default :data:`QUERY_FLOATS`; at least one).
 
-    The size of one image's query vectors is measured once per space and image shape.
+    One, until :func:`note_query_size` has recorded the size of such an image's query vectors in this space (the
+    caller embeds a first image alone and records what it got, so nothing is embedded twice).
     """
-    x = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image)
-    key = (space.name, space.fingerprint(), tuple(x.shape))
-    if key not in _PER_IMAGE:
-        try:
-            _PER_IMAGE[key] = int(np.prod(embed_variants(space, x[None]).shape[1:]))
-        except Exception:  # this image cannot be embedded: the caller judges (and refuses) it; no batch estimate
-            return max(1, int(batch_size))
+    per_image = _PER_IMAGE.get(_query_key(space, image))
+    if per_image is None:
+        return 1
     budget = QUERY_FLOATS if budget is None else int(budget)
-    return max(1, min(int(batch_size), budget // max(_PER_IMAGE[key], 1)))
+    return max(1, min(int(batch_size), budget // max(per_image, 1)))
+
+
+def note_query_size(space: PrivacySpace, image: torch.Tensor | np.ndarray, vectors: np.ndarray) -> None:
+    """Record the query size of images like ``image`` from their ``(B, V, d)`` ``vectors`` (see
+    :func:`images_per_batch`)."""
+    _PER_IMAGE[_query_key(space, image)] = int(np.prod(np.asarray(vectors).shape[1:]))
+
+
+def _query_key(space: PrivacySpace, image: torch.Tensor | np.ndarray) -> tuple:
+    return (space.name, space.fingerprint(), tuple(np.shape(image)))
 
 
 def space_distance(u: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -294,10 +294,12 @@ def test_joint_calibration_embeds_each_view_of_each_holdout_image_once(cohort):
 def test_batches_are_cut_to_the_query_budget(monkeypatch):
     # a 3D pixel space holds thousands of variants per volume: a batch of 64 volumes held 1.3 GB of query vectors per
     # space; the safeguard judges as many at once as fit the budget, with the same distances
-    from monai_synth.privacy.spaces import QUERY_FLOATS, images_per_batch
+    from monai_synth.privacy.spaces import QUERY_FLOATS, images_per_batch, note_query_size
 
     space = PixelSpace(grid=8, spatial_dims=3, invariances=("flip", "shift", "rotate"), max_shift=1)
     vols = torch.rand(6, 1, 12, 12, 12)
+    assert images_per_batch(space, vols[0], 64) == 1  # unknown yet: one image first
+    note_query_size(space, vols[0], space.embed_variants(vols[:1]))
     per_image = space.embed_variants(vols[:1]).shape[1] * space.dim
     assert images_per_batch(space, vols[0], 64) == min(64, QUERY_FLOATS // per_image)
     assert images_per_batch(space, vols[0], 64, budget=2 * per_image) == 2
