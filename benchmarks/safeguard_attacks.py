@@ -1131,13 +1131,19 @@ def _volume_cost_child(size: int, n_train: int, n_holdout: int, n_judge: int, ep
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     train, train_ids = volumes(n_train, 0)
-    holdout, holdout_ids = volumes(n_holdout, 10_000)
+    holdout, holdout_ids = volumes(n_holdout, 10_000) if n_holdout else (train[:0], [])
     data_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     spaces = build_spaces(DEFAULT_SPACES, 3, (size,) * 3, train, train_ids, "cost", embedding_epochs=epochs)
     t1 = time.perf_counter()
     encoder = ReleaseEncoder("nifti", "ct")
-    safeguard = build_safeguard(spaces, train, train_ids, holdout, holdout_ids, "cost", views=encoder.model_views)
+    if n_holdout:
+        safeguard = build_safeguard(spaces, train, train_ids, holdout, holdout_ids, "cost", views=encoder.model_views)
+    else:  # judging alone: every space at a fixed threshold, no calibration
+        from monai_synth.privacy.index import TrainingIndex
+        from monai_synth.privacy.safeguard import PrivacySafeguard
+
+        safeguard = PrivacySafeguard([(TrainingIndex.build(s, train, train_ids, "cost"), 0.05) for s in spaces])
     t2 = time.perf_counter()
     judged = torch.cat([train[:n_judge], holdout[:n_judge]])[:n_judge]
     stored = [encoder.store_generated(v) for v in judged]
@@ -1236,7 +1242,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--volume-cost-counts",
         type=lambda s: [int(v) for v in _csv_list(s)],
         default=[36, 102, 8, 20],
-        help="training, holdout and judged volumes and embedding epochs of --volume-cost",
+        help="training, holdout and judged volumes and embedding epochs of --volume-cost (holdout 0: judging alone, at a "
+        "fixed threshold, no calibration)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="save the results here")
