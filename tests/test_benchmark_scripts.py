@@ -44,3 +44,4 @@ def test_diffusion_recipe_trains_a_laplace_autoencoder_at_toy_size(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True, env=env).stdout
     assert re.search(r'"psnr": \d', out) and list(tmp_path.glob("ae_*.pt"))
+    assert re.search(r'"recon_drawn_realism": [01]', out)  # the drawn noise's worth, scored as a release is

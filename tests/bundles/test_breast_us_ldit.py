@@ -36,6 +36,8 @@ def _quickstart_overrides(**extra) -> dict:
     overrides.update(
         phantom_patients=25,
         ae_max_epochs=2,
+        ae_warmup_steps=2,  # a warm-up and a decay, so that the saved schedule is not a constant rate
+        ae_lr_final=0.5,
         dit_max_epochs=2,
         val_interval=1,
         ckpt_interval=1,
@@ -155,6 +157,20 @@ def test_stage1_checkpoint_holds_scale_factor_and_metadata(chain):
     # 32 x 32 images, two autoencoder levels (one halving): latent_channels x 16 x 16
     assert cache["latents"].shape[1:] == (chain["overrides"]["latent_channels"], 16, 16)
     assert cache["label_names"] == LABELS
+
+
+@pytest.mark.slow
+def test_stage1_learning_rate_follows_its_schedule_and_is_saved(chain):
+    from monai_synth.engines.diffusion import WarmupCosine
+
+    ckpt = torch.load(chain["snapshot"] / "models" / "autoencoder" / "autoencoder.pt", weights_only=True)
+    o = chain["overrides"]
+    iterations = ckpt["trainer"]["iteration"]
+    schedule = WarmupCosine(o["ae_warmup_steps"], iterations, o["ae_lr_final"])
+    # stepped once per iteration (not per epoch) and saved, so a resume continues the same schedule
+    assert ckpt["lr_scheduler"]["last_epoch"] == iterations
+    lr = ckpt["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(o["ae_lr"] * schedule(iterations)) and lr != pytest.approx(o["ae_lr"])
 
 
 @pytest.mark.slow
