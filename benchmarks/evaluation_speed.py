@@ -9,8 +9,10 @@ checkpoints of the breast-ultrasound bundle's quickstart networks (AutoencoderKL
 benchmark's image size. Their weights are *untrained* (seeded random init): this measures the attacks' time, and the
 AUCs it prints mean nothing.
 
-Run: ``python benchmarks/evaluation_speed.py`` (1,000 synthetic vs 1,000 real 64x64 images: 500 training and 500
-holdout images; the target is under 10 minutes on 2 CPU cores). Results are recorded in ``docs/benchmarks.md``
+Run: ``python benchmarks/evaluation_speed.py --all`` (every section; 1,000 synthetic vs 1,000 real 64x64 images:
+500 training and 500 holdout images; the target is under 10 minutes on 2 idle CPU cores). It prints wall and process
+CPU seconds (user + sys) per section and the load average before and after: on a machine shared with other jobs the
+CPU seconds of a one-thread run are what it takes on an idle core. Results are recorded in ``docs/benchmarks.md``
 (section "Evaluation speed").
 """
 
