@@ -5,24 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from monai.networks.nets import AutoencoderKL
+from tiny_networks import tiny_autoencoder
 
 from monai_synth.inferers import SlidingWindowDecoder
 
 
 def _autoencoder() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=1,
-        channels=(4, 8),
-        latent_channels=2,
-        num_res_blocks=1,
-        norm_num_groups=4,
-        attention_levels=(False, False),
-        with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
-    ).eval()
+    return tiny_autoencoder(spatial_dims=3, channels=(4, 8), latent_channels=2).eval()
 
 
 def test_a_latent_within_the_window_is_decoded_in_one_pass():

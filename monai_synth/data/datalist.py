@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from monai_synth.data.loading import is_dicom
+
 __all__ = [
     "DatalistError",
     "REQUIRED_KEYS",
@@ -364,7 +366,7 @@ def _check_image_path(path: Path) -> str | None:
         files = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
         if not files:
             return "image folder is empty (a DICOM series folder must hold its slice files)"
-        if not any(_looks_like_dicom(p) for p in files[:64]):
+        if not any(is_dicom(p) for p in files[:64]):
             return "image folder holds no DICOM files (only a DICOM series may be given as a folder)"
         return None
     if not os.access(path, os.R_OK):
@@ -397,17 +399,6 @@ def _check_header(path: Path) -> str | None:
         ok = head[128:132] == b"DICM"
         return None if ok else "image file is not a DICOM Part 10 file (no 'DICM' preamble); re-save it as DICOM"
     return None
-
-
-def _looks_like_dicom(path: Path) -> bool:
-    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
-        return True
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def _file_stamp(image: str) -> list:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
+from tiny_networks import tiny_autoencoder
 
 from monai_synth.networks import DiffusionTransformer
 
@@ -11,19 +12,7 @@ LABELS = ("3", "4a", "4b")
 
 
 def make_autoencoder(seed: int = 0) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        spatial_dims=2,
-        in_channels=1,
-        out_channels=1,
-        channels=(8, 8),
-        latent_channels=3,
-        num_res_blocks=1,
-        norm_num_groups=4,
-        attention_levels=(False, False),
-        with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
-    )
+    return tiny_autoencoder(seed=seed)
 
 
 def make_discriminator(seed: int = 0) -> PatchDiscriminator:

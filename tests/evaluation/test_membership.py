@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from monai.networks.nets import AutoencoderKL
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
+from tiny_networks import tiny_autoencoder
 
 from monai_synth.data.phantoms import generate_cohort
 from monai_synth.engines.diffusion import make_condition
@@ -38,12 +38,7 @@ def _cohort(n_patients, first):
 
 
 def _autoencoder():
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 8), latent_channels=3, num_res_blocks=1,
-        norm_num_groups=4, attention_levels=(False, False), with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
-    ).eval()  # fmt: skip
+    return tiny_autoencoder().eval()
 
 
 def _overfit(target: DiffusionTarget, images, labels, steps=400, seed=0) -> DiffusionTarget:

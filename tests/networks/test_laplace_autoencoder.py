@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_networks import tiny_autoencoder
 from torch.utils.data import DataLoader
 
 from monai_synth.engines import AutoencoderKLTrainer
@@ -13,19 +14,7 @@ from monai_synth.networks.autoencoder import laplace_nll
 
 
 def _ae(seed: int = 0) -> LaplaceAutoencoderKL:
-    torch.manual_seed(seed)
-    return LaplaceAutoencoderKL(
-        spatial_dims=2,
-        in_channels=1,
-        out_channels=1,
-        channels=(8, 8),
-        latent_channels=2,
-        num_res_blocks=1,
-        norm_num_groups=4,
-        attention_levels=(False, False),
-        with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
-    )
+    return tiny_autoencoder(latent_channels=2, network=LaplaceAutoencoderKL, seed=seed)
 
 
 def test_decode_is_the_location_and_stage_2_decoding_draws_the_predicted_noise():
