@@ -7,6 +7,7 @@ sizes, each as a separate ``ConfigWorkflow`` over the same files a user would pa
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -203,30 +204,27 @@ def _print_autoencoder_quality(workflow: Any) -> None:
 
 
 def _print_report_summary(report_json: str, settings: Mapping[str, Any], output_dir: str) -> None:
-    """The report's headline numbers, what its quick settings left out, and how to run the full evaluation."""
-    import json
+    """The report's headline numbers, what its quick settings left out (read from the report itself), and how to run
+    the full evaluation."""
+    from monai_synth.evaluation.membership import ATTACKS
+    from monai_synth.evaluation.restoration import TASKS
 
     report = json.loads(Path(report_json).read_text())
-    gate = report.get("gate", {})
-    shown = ", ".join(f"{k} {v:.3g}" for k, v in gate.items())
+    shown = ", ".join(f"{k} {v:.3g}" for k, v in report.get("gate", {}).items())
     print(f"[quickstart] evaluation of the release against held-out real phantoms: {shown}")
-    left_out = []
-    if not settings.get("restoration", True):
-        left_out.append("restoration utility (denoise / superres)")
-    if not as_bool(settings.get("membership_inference", True), "membership_inference"):
+    left_out = [f"restoration ({task})" for task in TASKS if task not in (report.get("restoration") or {})]
+    mia = (report.get("privacy") or {}).get("membership_inference")
+    if isinstance(mia, Mapping):
+        left_out += [f"the {name} membership attack" for name in ATTACKS if name not in mia.get("attacks", {})]
+    else:
         left_out.append("membership inference")
-    elif "mia_attacks" in settings:
-        rest = sorted({"loss", "pia", "secmi"} - set(settings["mia_attacks"]))
-        if rest:
-            left_out.append(f"the {' and '.join(rest)} membership attack(s)")
     budget = ", ".join(f"{k} {settings[k]}" for k in ("utility_steps", "reid_steps", "bootstrap") if k in settings)
     if left_out or budget:
         print(
             "[quickstart] quick settings"
             + (f" ({budget})" if budget else "")
-            + (f"; left out: {'; '.join(left_out)}" if left_out else "")
-            + ". The full evaluation of this release: python benchmarks/quickstart_evaluation.py --output-dir "
-            + output_dir
+            + (f"; left out: {', '.join(left_out)}" if left_out else "")
+            + f". The full evaluation of this release: python benchmarks/quickstart_evaluation.py --output-dir {output_dir}"
         )
 
 
