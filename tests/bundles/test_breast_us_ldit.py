@@ -7,7 +7,9 @@ any training and check that the error names the problem.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import shutil
@@ -51,6 +53,13 @@ def _quickstart_overrides(**extra) -> dict:
     return overrides
 
 
+def _quickstart_report_settings() -> dict:
+    """The quickstart's report settings (its ``report`` key), with budgets cut to a few steps."""
+    settings = dict(ConfigParser.load_config_file(str(BUNDLE / "configs" / "quickstart.yaml"))["report"])
+    settings.update(utility_steps=3, reid_steps=3, bootstrap=3, permutations=3)
+    return settings
+
+
 def _causes(err: BaseException) -> list[BaseException]:
     """The exception and everything it was raised from (MONAI wraps config errors in RuntimeError)."""
     chain = []
@@ -79,7 +88,11 @@ def chain(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         overrides = _quickstart_overrides()
-        outputs = workflows.run_quickstart(BUNDLE, out, overrides=overrides, threads=1)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            outputs = workflows.run_quickstart(
+                BUNDLE, out, overrides=overrides, threads=1, evaluation=_quickstart_report_settings()
+            )
         # a copy of the finished quickstart, for re-running the release stage: the resume below and the tests that
         # re-initialise stages on `out` replace its autoencoder and latent cache
         snapshot = tmp_path_factory.mktemp("quickstart_snapshot")
@@ -97,6 +110,7 @@ def chain(tmp_path_factory):
         "overrides": overrides,
         "resumed": resumed,
         "snapshot": snapshot,
+        "printed": printed.getvalue(),
     }
 
 
@@ -128,6 +142,32 @@ def test_quickstart_writes_the_documented_layout(chain):
     assert (out / "private_audit.csv").is_file()
     # the private audit names training patients, so it must never be inside the release
     assert not any("audit" in p.name for p in (out / "release").rglob("*"))
+
+
+@pytest.mark.slow
+def test_quickstart_ends_with_its_evaluation_report_and_names_it(chain):
+    from monai_synth.evaluation.report import GATE_KEYS
+
+    report_html = chain["out"] / "evaluation" / "report.html"
+    assert chain["outputs"]["evaluation report"] == str(report_html) and report_html.is_file()
+    report = json.loads((chain["out"] / "evaluation" / "report.json").read_text())
+    # against the quickstart's own held-out patients, with its quick settings: PIA only, no restoration
+    assert set(GATE_KEYS) <= set(report["gate"]) and report["restoration"] is None
+    assert sorted(report["privacy"]["membership_inference"]["attacks"]) == ["pia"]
+    assert report["counts"]["synthetic"] == 2 * len(LABELS)
+    lines = chain["printed"].strip().splitlines()
+    assert "stage evaluation report done in" in chain["printed"]
+    assert "left out: restoration" in chain["printed"] and "quickstart_evaluation.py" in chain["printed"]
+    assert lines[-1].startswith(f"[quickstart] evaluation report: {report_html}")
+
+
+def test_quickstart_report_settings_are_ids_of_the_evaluate_stage():
+    settings = ConfigParser.load_config_file(str(BUNDLE / "configs" / "quickstart.yaml"))["report"]
+    stage_ids = set()
+    for path in workflows.stage_config_files(BUNDLE, "evaluate"):
+        stage_ids |= set(ConfigParser.load_config_file(path))
+    assert settings and not sorted(set(settings) - stage_ids)
+    assert all(not str(v).startswith(("$", "@", "%")) for v in settings.values())
 
 
 @pytest.mark.slow
@@ -441,6 +481,27 @@ def test_evaluate_config_reports_the_bundles_release_and_logs_it_to_mlflow(chain
     assert metrics["fidelity.fid"] == pytest.approx(report["fidelity"]["fid"])
     assert "privacy.reid_match_rate" in metrics
     assert metrics["privacy.mia_auc"] == pytest.approx(report["privacy"]["mia_auc"])
+
+
+@pytest.mark.slow
+def test_quickstart_evaluation_benchmark_reports_every_section_at_toy_size(chain, tmp_path):
+    """benchmarks/quickstart_evaluation.py on a finished (tiny) quickstart: the full evaluation, every attack."""
+    out = tmp_path / "run"
+    shutil.copytree(chain["snapshot"], out)
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "quickstart_evaluation.py"
+    cmd = [sys.executable, str(script), "--output-dir", str(out), "--utility-steps", "2", "--reid-steps", "2"]
+    cmd += ["--bootstrap", "2", "--permutations", "2", "--restoration-steps", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join([str(BUNDLE.parents[1]), os.environ.get("PYTHONPATH", "")])  # this checkout
+    printed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True, env=env).stdout
+    assert f"report: {out / 'evaluation' / 'report.json'}" in printed
+    for task in ("denoise", "superres"):
+        assert f"restoration {task} TOST:" in printed
+    for attack in ("loss", "pia", "secmi"):
+        assert f"membership {attack}: AUC" in printed
+    report = json.loads((out / "evaluation" / "report.json").read_text())
+    assert report["utility"]["budget"]["steps"] == 2 and report["restoration"]["denoise"]["budget"]["steps"] == 2
+    assert set(report["cpu_seconds"]) == set(report["timing_seconds"])
 
 
 def _rewrite_datalist(cohort: str, dest: Path, replace: dict[str, str]) -> Path:
