@@ -264,7 +264,8 @@ def test_numeric_conditions_train_normalised_and_are_requested_per_image(tmp_pat
     bundle = CT
     parser = ConfigParser.load_config_file(str(bundle / "configs" / "quickstart.yaml"))
     small = {k: v for k, v in TINY_3D.items() if k not in ("spatial_dims", "spatial_size")}
-    overrides = {**parser["overrides"], **small, "spatial_size": [16, 16], "condition_keys": ["lesion_size_mm"]}
+    overrides = {**parser["overrides"], **small, "spatial_size": [16, 16], "phantom_size": [16, 16]}
+    overrides["condition_keys"] = ["lesion_size_mm"]
     requests = tmp_path / "requests.csv"
     requests.write_text("label,lesion_size_mm,count\nnormal,0,1\nnodule,14.5,2\n")
     workflows.run_quickstart(bundle, tmp_path / "run", overrides={**overrides, "conditions_csv": str(requests)})
