@@ -70,8 +70,9 @@ def build_autoencoder(args) -> AutoencoderKL:
 
 
 def train_autoencoder(args, x: torch.Tensor, held: torch.Tensor) -> tuple[AutoencoderKL, dict]:
-    key = json.dumps([args.size, args.patients, args.images_per_patient, args.ae_channels, args.latent_channels,
-                      args.ae_epochs, args.ae_lr, args.kl_weight, args.ae_batch, args.likelihood])  # fmt: skip
+    key = [args.size, args.patients, args.images_per_patient, args.ae_channels, args.latent_channels,
+           args.ae_epochs, args.ae_lr, args.kl_weight, args.ae_batch, args.likelihood]  # fmt: skip
+    key = json.dumps(key + ([args.ae_schedule] if args.ae_schedule != "onecycle" else []))
     path = Path(args.cache) / f"ae_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
     ae = build_autoencoder(args)
     if path.is_file():
@@ -82,7 +83,10 @@ def train_autoencoder(args, x: torch.Tensor, held: torch.Tensor) -> tuple[Autoen
     torch.manual_seed(0)
     opt = torch.optim.Adam(ae.parameters(), lr=args.ae_lr)
     steps = args.ae_epochs * math.ceil(len(x) / args.ae_batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.ae_lr, total_steps=steps, pct_start=0.1)
+    if args.ae_schedule == "onecycle":  # 10% warm-up, then a cosine to ~0
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.ae_lr, total_steps=steps, pct_start=0.1)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     ae.train()
     for _ in range(args.ae_epochs):
         order = torch.randperm(len(x))
@@ -105,6 +109,14 @@ def train_autoencoder(args, x: torch.Tensor, held: torch.Tensor) -> tuple[Autoen
     psnr = float(PSNRMetric(max_val=2.0)(recon, held).mean())
     ssim = float(SSIMMetric(spatial_dims=2, data_range=2.0, win_size=7)(recon, held).mean())
     stats = {"ae_seconds": time.time() - t0, "psnr": psnr, "ssim": ssim}
+    if args.likelihood == "laplace":  # what the decoder's drawn noise alone is worth: drawn reconstructions vs real
+        x_new, y_new = quality.real_cohort(args.n_per_class, args.size, "classifier_test")
+        torch.manual_seed(0)
+        with torch.no_grad():
+            drawn = ae.decode_stage_2_outputs(ae.encode(x_new)[0]).clamp(-1, 1)
+        drawn = torch.round((drawn + 1) * 127.5).clamp(0, 255) / 127.5 - 1
+        real = quality.real_cohort(args.n_per_class, args.size, "realism")
+        stats["recon_drawn_realism"] = quality.realism_accuracy(drawn, y_new, *real)
     Path(args.cache).mkdir(parents=True, exist_ok=True)
     torch.save({"weights": ae.state_dict(), "stats": stats}, path)
     return ae, stats
@@ -195,6 +207,12 @@ def main(argv=None):
     p.add_argument("--ae-lr", type=float, default=2e-3)
     p.add_argument("--ae-batch", type=int, default=8)
     p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument(
+        "--ae-schedule",
+        choices=["onecycle", "constant"],
+        default="onecycle",
+        help="stage-1 LR: 10%% warm-up then a cosine to ~0 (onecycle), or constant (as the quickstart had)",
+    )
     p.add_argument(
         "--likelihood",
         choices=["none", "laplace"],

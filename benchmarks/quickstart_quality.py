@@ -35,6 +35,9 @@ from monai_synth.transforms.presets import intensity_transform
 #: the modality measured (``--modality``; :func:`set_modality`) and its class names, in class-id order
 MODALITY = "us"
 LABELS = list(get_modality(MODALITY).labels)
+#: size the real phantoms are rendered at before a centre crop to the release's size (``--phantom-size``; ``None``:
+#: rendered at the release's size), for a quickstart that crops its phantoms (``resize_mode: pad_crop``)
+PHANTOM_SIZE: int | None = None
 
 
 def set_modality(modality: str) -> None:
@@ -58,10 +61,14 @@ FIRST_PATIENT = {"classifier_train": 100_000, "classifier_test": 200_000, "reali
 def real_cohort(n_per_class: int, size: int, role: str, images_per_patient: int = 1, seed: int = 7):
     """``(images in [-1, 1], class ids)`` of 2D phantoms of new patients, stored as the release stores them."""
     n_patients = int(np.ceil(n_per_class * len(LABELS) / images_per_patient))
+    rendered = PHANTOM_SIZE or size
+    if rendered < size:
+        raise ValueError(f"--phantom-size {rendered} is smaller than the release's {size} px; it must be at least that")
     recs = generate_cohort(
-        MODALITY, n_patients, images_per_patient, 2, size, seed=seed, first_patient=FIRST_PATIENT[role]
+        MODALITY, n_patients, images_per_patient, 2, rendered, seed=seed, first_patient=FIRST_PATIENT[role]
     )
-    x = np.stack([to_model(r["image"]) for r in recs]).astype(np.float32)
+    lo = (rendered - size) // 2  # the centre crop of MONAI's pad_crop resize mode
+    x = np.stack([to_model(r["image"][..., lo : lo + size, lo : lo + size]) for r in recs]).astype(np.float32)
     y = np.asarray([LABELS.index(r["label"]) for r in recs])
     return torch.from_numpy(x), torch.from_numpy(y)
 
@@ -145,7 +152,7 @@ def real_classifiers(
     ``per_class`` training images of each class (two studies per patient), half as many test images of other
     patients. Trained once per setting and process, so that several sample sets are scored by the same classifiers.
     """
-    key = (MODALITY, size, seeds, per_class, epochs)
+    key = (MODALITY, size, PHANTOM_SIZE, seeds, per_class, epochs)
     if key not in _CLASSIFIERS:
         x_tr, y_tr = real_cohort(per_class, size, "classifier_train", images_per_patient=2)
         x_te, y_te = real_cohort(max(1, per_class // 2), size, "classifier_test")
@@ -205,11 +212,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seeds", type=int, default=3, help="classifier seeds averaged for the class measure")
     parser.add_argument("--train-per-class", type=int, default=80, help="real training images per class")
     parser.add_argument("--epochs", type=int, default=20, help="classifier training epochs")
+    parser.add_argument(
+        "--phantom-size",
+        type=int,
+        default=None,
+        help="render the real phantoms at this size and centre-crop them to the release's (a pad_crop quickstart)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     set_modality(args.modality)
+    global PHANTOM_SIZE
+    PHANTOM_SIZE = args.phantom_size
     t0 = time.time()
     x, y = load_release(args.release)
     size = x.shape[-1]

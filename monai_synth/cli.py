@@ -241,7 +241,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "with the training data",
     )
     p.add_argument("--overwrite", action="store_true", help="replace the reports in an existing --out")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (default 1: the evaluation's networks are small, and on a busy CPU more threads "
+        "mostly wait; 0 leaves torch's choice)",
+    )
     p.add_argument(
         "--restoration",
         nargs="*",

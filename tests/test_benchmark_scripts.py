@@ -34,8 +34,9 @@ def test_evaluation_speed_runs_every_section_at_toy_size():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True, env=env).stdout
     for section in ("loading", "fidelity", "utility", "privacy", "restoration", "membership", "total"):
-        assert re.search(rf"^{section}\s+\d+\.\d$", out, re.M), section
+        assert re.search(rf"^{section}\s+\d+\.\d\s+\d+\.\d$", out, re.M), section  # wall and CPU seconds
     assert "20 synthetic vs 20 training + 20 holdout images" in out
+    assert re.search(r"process CPU \(user \+ sys\) \d+ s", out) and "load average (1, 5, 15 min) before" in out
 
 
 def test_diffusion_recipe_trains_a_laplace_autoencoder_at_toy_size(tmp_path):
@@ -44,3 +45,4 @@ def test_diffusion_recipe_trains_a_laplace_autoencoder_at_toy_size(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True, env=env).stdout
     assert re.search(r'"psnr": \d', out) and list(tmp_path.glob("ae_*.pt"))
+    assert re.search(r'"recon_drawn_realism": [01]', out)  # the drawn noise's worth, scored as a release is

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from monai_synth.data.phantoms import generate_cohort
@@ -66,3 +67,20 @@ def test_scores_a_ct_release_in_hounsfield_units(tmp_path):
     assert "ct release: 6 images of 16 x 16 px" in proc.stdout
     scores = json.loads(out.read_text())
     assert set(scores["per_class"]) == {"normal", "nodule"} and sum(scores["per_class"].values()) == 6
+
+
+def test_real_phantoms_of_a_cropping_quickstart_are_the_centre_of_the_larger_render(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart_quality", SCRIPT)
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    quality.set_modality("ct")
+    monkeypatch.setattr(quality, "PHANTOM_SIZE", 32)
+    x, y = quality.real_cohort(1, 16, "realism")
+    full = generate_cohort("ct", 2, 1, 2, 32, seed=7, first_patient=quality.FIRST_PATIENT["realism"])
+    assert x.shape == (2, 1, 16, 16)
+    np.testing.assert_allclose(x[0].numpy(), quality.to_model(full[0]["image"][..., 8:24, 8:24]), atol=1e-6)
+    monkeypatch.setattr(quality, "PHANTOM_SIZE", 8)
+    with pytest.raises(ValueError, match="smaller than the release"):
+        quality.real_cohort(1, 16, "realism")

@@ -283,10 +283,9 @@ def patient_scores(scores: Sequence[float], patients: Sequence[str]) -> dict[str
 
 
 def _auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
+    from monai_synth.evaluation.utility import binary_auc
 
-    y = np.r_[np.ones(len(members)), np.zeros(len(nonmembers))]
-    return float(roc_auc_score(y, np.r_[members, nonmembers]))
+    return binary_auc(np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)], np.r_[members, nonmembers])
 
 
 def _tpr_at_fpr(members: np.ndarray, nonmembers: np.ndarray, fpr: float, alpha: float) -> dict[str, Any]:

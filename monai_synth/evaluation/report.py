@@ -255,7 +255,8 @@ def run_evaluation(
     mod = get_modality(modality)
     labels = list(mod.labels)
     timing: dict[str, float] = {}
-    start = time.perf_counter()
+    cpu: dict[str, float] = {}  # process CPU seconds (user + sys): on a shared machine, what an idle one would take
+    start, cpu_start = time.perf_counter(), time.process_time()
     train_records = _records(train, labels)
     holdout_records = _records(holdout, labels)
     shared = sorted({r["patient_id"] for r in train_records} & {r["patient_id"] for r in holdout_records})
@@ -274,7 +275,7 @@ def run_evaluation(
     y_sy = [r["label"] for r in syn_records]
     p_tr = [r["patient_id"] for r in train_records]
     p_ho = [r["patient_id"] for r in holdout_records]
-    timing["loading"] = time.perf_counter() - start
+    timing["loading"], cpu["loading"] = time.perf_counter() - start, time.process_time() - cpu_start
 
     report: dict[str, Any] = {
         "modality": mod.name,
@@ -297,7 +298,7 @@ def run_evaluation(
     figures: dict[str, Any] = {"images": _class_samples(x_sy, y_sy, x_ho, y_ho, labels, show_real, seed)}
     private: dict[str, Any] = {}
     if "fidelity" in sections:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         if feature_space == "random":
             space = features.random_feature_space(dims, seed=seed)
         elif feature_space == "trained":
@@ -313,16 +314,16 @@ def run_evaluation(
             space, x_tr, y_tr, x_ho, y_ho, x_sy, y_sy, labels, n_boot=n_boot, permutations=permutations, seed=seed,
             train_patients=p_tr, holdout_patients=p_ho,
         )  # fmt: skip
-        timing["fidelity"] = time.perf_counter() - t
+        timing["fidelity"], cpu["fidelity"] = time.perf_counter() - t, time.process_time() - c
     if "utility" in sections:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         report["utility"] = utility.evaluate_utility(
             x_tr, y_tr, p_tr, x_ho, y_ho, p_ho, x_sy, y_sy, len(labels), steps=utility_steps, n_boot=n_boot, seed=seed
         )
         figures["roc"] = report["utility"].get("roc")
-        timing["utility"] = time.perf_counter() - t
+        timing["utility"], cpu["utility"] = time.perf_counter() - t, time.process_time() - c
     if "privacy" in sections:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         public, private = privacy.audit_privacy(x_tr, p_tr, x_ho, p_ho, x_sy, steps=reid_steps)
         report["privacy"] = public
         figures["distances"] = {
@@ -333,11 +334,11 @@ def run_evaluation(
             name: [(x_sy[p["synthetic"]], x_tr[p["train"]], p_tr[p["train"]], p["distance"]) for p in pairs]
             for name, pairs in private["closest_pairs"].items()
         }
-        timing["privacy"] = time.perf_counter() - t
+        timing["privacy"], cpu["privacy"] = time.perf_counter() - t, time.process_time() - c
     if restoration:
         from monai_synth.evaluation.restoration import evaluate_restoration
 
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         report["restoration"] = {}
         for task in restoration:
             res = evaluate_restoration(task, mod.name, x_tr, x_ho, p_ho, x_sy, steps=restoration_steps, seed=seed)
@@ -346,16 +347,18 @@ def run_evaluation(
                                           "ssim_synthetic", "ssim_real")})  # fmt: skip
             for metric in ("psnr", "ssim"):
                 report["restoration"][f"{task}_tost_p_{metric}"] = res["tost"][metric]["p_value"]
-        timing["restoration"] = time.perf_counter() - t
+        timing["restoration"], cpu["restoration"] = time.perf_counter() - t, time.process_time() - c
     if membership is not None:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         mia = _membership(membership, mod.name, size, dims, train_records, holdout_records, y_tr, y_ho, p_tr, p_ho,
                           x_tr, x_ho, mia_attacks, mia_max_patients, n_boot, seed)  # fmt: skip
         report["privacy"] = dict(report["privacy"] or {}) | {k: v for k, v in mia.items() if k.startswith("mia_")}
         report["privacy"]["membership_inference"] = mia
-        timing["membership"] = time.perf_counter() - t
-    timing["total"] = time.perf_counter() - start
+        timing["membership"], cpu["membership"] = time.perf_counter() - t, time.process_time() - c
+    timing["total"], cpu["total"] = time.perf_counter() - start, time.process_time() - cpu_start
     report["timing_seconds"] = {k: round(v, 2) for k, v in timing.items()}
+    report["cpu_seconds"] = {k: round(v, 2) for k, v in cpu.items()}
+    report["torch_threads"] = torch.get_num_threads()
     if report["privacy"] and isinstance(report["privacy"].get("membership_inference"), Mapping):
         figures["mia"] = {k: v["scores"] for k, v in report["privacy"]["membership_inference"]["attacks"].items()}
     report = _strip(report, ("synthetic_d1", "holdout_d1", "roc", "scores"))
@@ -692,7 +695,11 @@ def write_reports(
             + _membership_html(priv.get("membership_inference"), figures.get("mia"))
         )
     parts.append(
-        "<h2>Time per section (s)</h2>" + _table(list(report["timing_seconds"].items()), ["section", "seconds"])
+        f"<h2>Time per section (s, {report.get('torch_threads')} torch threads)</h2>"
+        + _table(
+            [[k, v, report.get("cpu_seconds", {}).get(k)] for k, v in report["timing_seconds"].items()],
+            ["section", "wall seconds", "process CPU seconds"],
+        )
     )
     parts.append("<h2>Not done</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report["not_done"]) + "</ul>")
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>evaluation</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>"

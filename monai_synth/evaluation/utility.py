@@ -29,6 +29,7 @@ __all__ = [
     "classifier",
     "train_classifier",
     "predict",
+    "binary_auc",
     "roc_auc",
     "patient_bootstrap",
     "evaluate_utility",
@@ -93,21 +94,38 @@ def predict(net: nn.Module, images: torch.Tensor, batch_size: int = 128) -> np.n
     return torch.cat(out).numpy().astype(np.float64)
 
 
-def roc_auc(y: Sequence[int], probs: np.ndarray, num_classes: int) -> float:
-    """ROC-AUC: binary on the positive class's probability, else one-vs-rest macro average; ``nan`` when a class
-    present in ``labels`` is missing from ``y`` (AUC undefined)."""
-    from sklearn.metrics import roc_auc_score
+def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """ROC-AUC of ``scores`` for the boolean ``positive``, as the Mann-Whitney statistic over average ranks.
 
+    The same number as scikit-learn's ``roc_auc_score`` (ties count one half), without its input checks: bootstrap
+    intervals call it thousands of times, where those checks cost more than the AUC itself. ``nan`` when one side
+    is empty.
+    """
+    from scipy.stats import rankdata
+
+    positive = np.asarray(positive, dtype=bool)
+    n1 = int(positive.sum())
+    n0 = positive.size - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = rankdata(np.asarray(scores, dtype=np.float64))
+    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+
+
+def roc_auc(y: Sequence[int], probs: np.ndarray, num_classes: int) -> float:
+    """ROC-AUC: binary on the positive class's probability, else one-vs-rest macro average (scikit-learn's
+    ``multi_class="ovr", average="macro"``: the unweighted mean of each class's AUC against the rest, on that class's
+    probability); ``nan`` when ``y`` has a single class (AUC undefined)."""
     y = np.asarray(y)
     if len(np.unique(y)) < 2:
         return float("nan")
     if num_classes == 2:
-        return float(roc_auc_score(y, probs[:, 1]))
+        return binary_auc(y == 1, probs[:, 1])
     present = np.unique(y)
+    p = probs[:, present]
     if len(present) < num_classes:  # score only the classes present, renormalised
-        p = probs[:, present] / np.clip(probs[:, present].sum(1, keepdims=True), 1e-12, None)
-        return float(roc_auc_score(np.searchsorted(present, y), p, multi_class="ovr", average="macro"))
-    return float(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+        p = p / np.clip(p.sum(1, keepdims=True), 1e-12, None)
+    return float(np.mean([binary_auc(y == c, p[:, j]) for j, c in enumerate(present)]))
 
 
 def patient_bootstrap(

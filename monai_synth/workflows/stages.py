@@ -7,6 +7,7 @@ sizes, each as a separate ``ConfigWorkflow`` over the same files a user would pa
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -113,8 +114,9 @@ def run_quickstart(
     dataset_dir: str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | None = None,
     threads: int | None = None,
+    evaluation: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Train the small autoencoder and DiT and release a guarded synthetic set, one bundle stage after the other.
+    """Train the small autoencoder and DiT, release a guarded synthetic set and evaluate it, one stage after the other.
 
     Each stage is a separate ``ConfigWorkflow`` over the same files a user would pass to ``monai.bundle run``, with
     the quickstart's small-model overrides, so the quickstart exercises exactly the configs a GPU run uses.
@@ -125,6 +127,8 @@ def run_quickstart(
         dataset_dir: a folder with the user's datalist; ``None`` makes a phantom cohort.
         overrides: config id -> plain value pairs applied to every stage (the quickstart's small sizes).
         threads: torch CPU threads (``None`` leaves torch's default); networks this small run fastest on one.
+        evaluation: config id -> value pairs of the bundle's ``evaluate`` stage, layered on ``overrides``: the
+            report's settings, sized to the quickstart's time budget. ``None`` skips the report.
 
     Returns:
         Where each output went.
@@ -161,6 +165,19 @@ def run_quickstart(
         datalist_file, outputs["synthetic release"], labels, outputs["side by side"], to_model=to_model
     )
     times["side-by-side picture"] = time.time() - t0
+    if evaluation is not None:
+        t0, c0 = time.time(), time.process_time()
+        print("[quickstart] stage evaluation report ...", flush=True)
+        workflow = run_stage(bundle_root, "evaluate", overrides={**common, **dict(evaluation)})
+        times["evaluation report"] = time.time() - t0
+        print(
+            f"[quickstart] stage evaluation report done in {times['evaluation report']:.0f} s "
+            f"(CPU {time.process_time() - c0:.0f} s)",
+            flush=True,
+        )
+        report_dir = Path(workflow.parser.get_parsed_content("evaluation_dir"))
+        outputs["evaluation report"] = str(report_dir / "report.html")
+        outputs["evaluation json"] = str(report_dir / "report.json")
     print(
         f"\n[quickstart] finished in {time.time() - start:.0f} s (CPU {time.process_time() - cpu0:.0f} s): "
         + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
@@ -169,6 +186,9 @@ def run_quickstart(
     for what, where in outputs.items():
         print(f"[quickstart]   {what:<22} {where}")
     print(f"[quickstart] browse the run: mlflow ui --backend-store-uri {tracking_uri(output_dir)}")
+    if "evaluation report" in outputs:
+        _print_report_summary(outputs["evaluation json"], evaluation or {}, output_dir)
+        print(f"[quickstart] evaluation report: {outputs['evaluation report']} (numbers: {outputs['evaluation json']})")
     return outputs
 
 
@@ -181,6 +201,31 @@ def _print_autoencoder_quality(workflow: Any) -> None:
     shown = ", ".join(f"{k} {float(v):.3f}" for k, v in sorted(metrics.items()) if k.startswith("val_"))
     if shown:
         print(f"[quickstart] autoencoder on held-out patients: {shown}", flush=True)
+
+
+def _print_report_summary(report_json: str, settings: Mapping[str, Any], output_dir: str) -> None:
+    """The report's headline numbers, what its quick settings left out (read from the report itself), and how to run
+    the full evaluation."""
+    from monai_synth.evaluation.membership import ATTACKS
+    from monai_synth.evaluation.restoration import TASKS
+
+    report = json.loads(Path(report_json).read_text())
+    shown = ", ".join(f"{k} {v:.3g}" for k, v in report.get("gate", {}).items())
+    print(f"[quickstart] evaluation of the release against held-out real phantoms: {shown}")
+    left_out = [f"restoration ({task})" for task in TASKS if task not in (report.get("restoration") or {})]
+    mia = (report.get("privacy") or {}).get("membership_inference")
+    if isinstance(mia, Mapping):
+        left_out += [f"the {name} membership attack" for name in ATTACKS if name not in mia.get("attacks", {})]
+    else:
+        left_out.append("membership inference")
+    budget = ", ".join(f"{k} {settings[k]}" for k in ("utility_steps", "reid_steps", "bootstrap") if k in settings)
+    if left_out or budget:
+        print(
+            "[quickstart] quick settings"
+            + (f" ({budget})" if budget else "")
+            + (f"; left out: {', '.join(left_out)}" if left_out else "")
+            + f". The full evaluation of this release: python benchmarks/quickstart_evaluation.py --output-dir {output_dir}"
+        )
 
 
 def quickstart_outputs(output_dir: str | os.PathLike) -> dict[str, str]:

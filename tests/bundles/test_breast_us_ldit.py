@@ -7,7 +7,9 @@ any training and check that the error names the problem.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import shutil
@@ -36,6 +38,8 @@ def _quickstart_overrides(**extra) -> dict:
     overrides.update(
         phantom_patients=25,
         ae_max_epochs=2,
+        ae_warmup_steps=2,  # a warm-up and a decay, so that the saved schedule is not a constant rate
+        ae_lr_final=0.5,
         dit_max_epochs=2,
         val_interval=1,
         ckpt_interval=1,
@@ -47,6 +51,13 @@ def _quickstart_overrides(**extra) -> dict:
     )
     overrides.update(extra)
     return overrides
+
+
+def _quickstart_report_settings() -> dict:
+    """The quickstart's report settings (its ``report`` key), with budgets cut to a few steps."""
+    settings = dict(ConfigParser.load_config_file(str(BUNDLE / "configs" / "quickstart.yaml"))["report"])
+    settings.update(utility_steps=3, reid_steps=3, bootstrap=3, permutations=3)
+    return settings
 
 
 def _causes(err: BaseException) -> list[BaseException]:
@@ -77,7 +88,11 @@ def chain(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         overrides = _quickstart_overrides()
-        outputs = workflows.run_quickstart(BUNDLE, out, overrides=overrides, threads=1)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            outputs = workflows.run_quickstart(
+                BUNDLE, out, overrides=overrides, threads=1, evaluation=_quickstart_report_settings()
+            )
         # a copy of the finished quickstart, for re-running the release stage: the resume below and the tests that
         # re-initialise stages on `out` replace its autoencoder and latent cache
         snapshot = tmp_path_factory.mktemp("quickstart_snapshot")
@@ -95,6 +110,7 @@ def chain(tmp_path_factory):
         "overrides": overrides,
         "resumed": resumed,
         "snapshot": snapshot,
+        "printed": printed.getvalue(),
     }
 
 
@@ -129,6 +145,32 @@ def test_quickstart_writes_the_documented_layout(chain):
 
 
 @pytest.mark.slow
+def test_quickstart_ends_with_its_evaluation_report_and_names_it(chain):
+    from monai_synth.evaluation.report import GATE_KEYS
+
+    report_html = chain["out"] / "evaluation" / "report.html"
+    assert chain["outputs"]["evaluation report"] == str(report_html) and report_html.is_file()
+    report = json.loads((chain["out"] / "evaluation" / "report.json").read_text())
+    # against the quickstart's own held-out patients, with its quick settings: PIA only, no restoration
+    assert set(GATE_KEYS) <= set(report["gate"]) and report["restoration"] is None
+    assert sorted(report["privacy"]["membership_inference"]["attacks"]) == ["pia"]
+    assert report["counts"]["synthetic"] == 2 * len(LABELS)
+    lines = chain["printed"].strip().splitlines()
+    assert "stage evaluation report done in" in chain["printed"]
+    assert "left out: restoration" in chain["printed"] and "quickstart_evaluation.py" in chain["printed"]
+    assert lines[-1].startswith(f"[quickstart] evaluation report: {report_html}")
+
+
+def test_quickstart_report_settings_are_ids_of_the_evaluate_stage():
+    settings = ConfigParser.load_config_file(str(BUNDLE / "configs" / "quickstart.yaml"))["report"]
+    stage_ids = set()
+    for path in workflows.stage_config_files(BUNDLE, "evaluate"):
+        stage_ids |= set(ConfigParser.load_config_file(path))
+    assert settings and not sorted(set(settings) - stage_ids)
+    assert all(not str(v).startswith(("$", "@", "%")) for v in settings.values())
+
+
+@pytest.mark.slow
 def test_release_has_every_birads_class_and_a_certificate(chain):
     release = chain["out"] / "release"
     certificate = json.loads((release / "certificate.json").read_text())
@@ -155,6 +197,20 @@ def test_stage1_checkpoint_holds_scale_factor_and_metadata(chain):
     # 32 x 32 images, two autoencoder levels (one halving): latent_channels x 16 x 16
     assert cache["latents"].shape[1:] == (chain["overrides"]["latent_channels"], 16, 16)
     assert cache["label_names"] == LABELS
+
+
+@pytest.mark.slow
+def test_stage1_learning_rate_follows_its_schedule_and_is_saved(chain):
+    from monai_synth.engines.diffusion import WarmupCosine
+
+    ckpt = torch.load(chain["snapshot"] / "models" / "autoencoder" / "autoencoder.pt", weights_only=True)
+    o = chain["overrides"]
+    iterations = ckpt["trainer"]["iteration"]
+    schedule = WarmupCosine(o["ae_warmup_steps"], iterations, o["ae_lr_final"])
+    # stepped once per iteration (not per epoch) and saved, so a resume continues the same schedule
+    assert ckpt["lr_scheduler"]["last_epoch"] == iterations
+    lr = ckpt["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(o["ae_lr"] * schedule(iterations)) and lr != pytest.approx(o["ae_lr"])
 
 
 @pytest.mark.slow
@@ -425,6 +481,27 @@ def test_evaluate_config_reports_the_bundles_release_and_logs_it_to_mlflow(chain
     assert metrics["fidelity.fid"] == pytest.approx(report["fidelity"]["fid"])
     assert "privacy.reid_match_rate" in metrics
     assert metrics["privacy.mia_auc"] == pytest.approx(report["privacy"]["mia_auc"])
+
+
+@pytest.mark.slow
+def test_quickstart_evaluation_benchmark_reports_every_section_at_toy_size(chain, tmp_path):
+    """benchmarks/quickstart_evaluation.py on a finished (tiny) quickstart: the full evaluation, every attack."""
+    out = tmp_path / "run"
+    shutil.copytree(chain["snapshot"], out)
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "quickstart_evaluation.py"
+    cmd = [sys.executable, str(script), "--output-dir", str(out), "--utility-steps", "2", "--reid-steps", "2"]
+    cmd += ["--bootstrap", "2", "--permutations", "2", "--restoration-steps", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join([str(BUNDLE.parents[1]), os.environ.get("PYTHONPATH", "")])  # this checkout
+    printed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True, env=env).stdout
+    assert f"report: {out / 'evaluation' / 'report.json'}" in printed
+    for task in ("denoise", "superres"):
+        assert f"restoration {task} TOST:" in printed
+    for attack in ("loss", "pia", "secmi"):
+        assert f"membership {attack}: AUC" in printed
+    report = json.loads((out / "evaluation" / "report.json").read_text())
+    assert report["utility"]["budget"]["steps"] == 2 and report["restoration"]["denoise"]["budget"]["steps"] == 2
+    assert set(report["cpu_seconds"]) == set(report["timing_seconds"])
 
 
 def _rewrite_datalist(cohort: str, dest: Path, replace: dict[str, str]) -> Path:

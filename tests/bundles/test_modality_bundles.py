@@ -115,6 +115,8 @@ def test_spatial_dims_switches_every_network_and_the_loading_chain(bundle, spati
 TINY_3D = {
     "spatial_dims": 3,
     "spatial_size": [16, 16, 16],
+    "phantom_size": [16, 16, 16],  # the 2D quickstart renders larger phantoms and crops them; the whole volume here
+    "resize_mode": "resize",
     "phantom_patients": 16,
     "phantom_images_per_patient": 2,
     "autoencoder_channels": [4, 8],
@@ -218,7 +220,7 @@ def test_2d_quickstart_releases_images_in_physical_units(name, low, high, tmp_pa
     bundle = ROOT / "bundles" / name
     parser = ConfigParser.load_config_file(str(bundle / "configs" / "quickstart.yaml"))
     small = {k: v for k, v in TINY_3D.items() if k not in ("spatial_dims", "spatial_size", "release_format")}
-    overrides = {**parser["overrides"], **small, "spatial_size": [16, 16]}
+    overrides = {**parser["overrides"], **small, "spatial_size": [16, 16], "phantom_size": [16, 16]}
     workflows.run_quickstart(bundle, tmp_path, overrides=overrides, threads=1)
     rows = _released(tmp_path / "release")
     assert sorted(r["condition"] for r in rows) == ["lesion", "normal"]
@@ -236,6 +238,24 @@ def test_2d_quickstart_releases_images_in_physical_units(name, low, high, tmp_pa
             assert min(t.min() for t in train) - 1e-3 <= values.min() and values.max() <= max(t.max() for t in train)
 
 
+@pytest.mark.slow
+def test_2d_ct_quickstart_crops_its_phantoms_keeping_the_pixel_size(tmp_path):
+    # the CT quickstart renders phantoms at twice its size and models their centre (the lungs) at the rendered pixels
+    parser = ConfigParser.load_config_file(str(CT / "configs" / "quickstart.yaml"))
+    assert parser["overrides"]["resize_mode"] == "pad_crop"
+    small = {
+        k: v for k, v in TINY_3D.items() if k not in ("spatial_dims", "spatial_size", "phantom_size", "resize_mode")
+    }
+    overrides = {**parser["overrides"], **small, "spatial_size": [16, 16], "phantom_size": [32, 32]}
+    workflows.run_quickstart(CT, tmp_path, overrides=overrides, threads=1)
+    rows = _released(tmp_path / "release")
+    assert sorted(r["condition"] for r in rows) == ["nodule", "normal"]
+    for row in rows:
+        image = nib.load(tmp_path / "release" / row["file"])
+        # 16 x 16 pixels of the 400 mm field of view rendered at 32 x 32: 12.5 mm each (a resize would give 25 mm)
+        assert image.shape == (16, 16) and np.allclose(nib.affines.voxel_sizes(image.affine)[:2], 12.5)
+
+
 # ---------------------------------------------------------------- conditions beyond the class
 
 
@@ -244,7 +264,8 @@ def test_numeric_conditions_train_normalised_and_are_requested_per_image(tmp_pat
     bundle = CT
     parser = ConfigParser.load_config_file(str(bundle / "configs" / "quickstart.yaml"))
     small = {k: v for k, v in TINY_3D.items() if k not in ("spatial_dims", "spatial_size")}
-    overrides = {**parser["overrides"], **small, "spatial_size": [16, 16], "condition_keys": ["lesion_size_mm"]}
+    overrides = {**parser["overrides"], **small, "spatial_size": [16, 16], "phantom_size": [16, 16]}
+    overrides["condition_keys"] = ["lesion_size_mm"]
     requests = tmp_path / "requests.csv"
     requests.write_text("label,lesion_size_mm,count\nnormal,0,1\nnodule,14.5,2\n")
     workflows.run_quickstart(bundle, tmp_path / "run", overrides={**overrides, "conditions_csv": str(requests)})

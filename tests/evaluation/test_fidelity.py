@@ -118,3 +118,26 @@ def test_patient_bootstrap_resamples_whole_patients_and_widens_the_interval_for_
     for rows in draws[:-1]:  # the last call is the estimate itself
         counts = np.bincount(np.asarray(rows, dtype=int) // 10, minlength=10)
         assert len(rows) == 100 and all(c % 10 == 0 for c in counts) and sum(counts) == 100
+
+
+def test_fid_and_its_bootstrap_run_on_one_thread_and_restore_the_callers_threads(monkeypatch):
+    from monai_synth.evaluation import fidelity
+
+    seen = []
+
+    def recording_fid(a, b):
+        seen.append(torch.get_num_threads())
+        return fid(a, b)
+
+    monkeypatch.setattr(fidelity, "fid", recording_fid)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(40, 4, generator=g), torch.randn(40, 4, generator=g)
+        out = fidelity._compare(a, b, n_boot=5, permutations=5, seed=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 7 and set(seen) == {1}  # the estimate, 5 resamples and the interval's bias
+    assert out["fid"] == pytest.approx(fid(b, a))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from monai_synth.evaluation.utility import _half_replacement, evaluate_utility, patient_bootstrap, roc_auc
@@ -23,6 +24,24 @@ def test_roc_auc_binary_and_one_vs_rest():
     assert roc_auc(y, np.eye(3)[y], 3) == 1.0
     assert roc_auc(y[:4] % 2, np.eye(2)[1 - y[:4] % 2], 2) == 0.0
     assert np.isnan(roc_auc(np.zeros(4, int), np.full((4, 2), 0.5), 2))
+
+
+@pytest.mark.parametrize("num_classes, present", [(2, [0, 1]), (5, [0, 1, 2, 3, 4]), (5, [0, 2, 3])])
+def test_roc_auc_equals_scikit_learn_with_ties(num_classes, present):
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(num_classes + len(present))
+    y = rng.choice(present, 300)
+    counts = rng.integers(1, 4, (300, num_classes))
+    probs = counts / counts.sum(1, keepdims=True)  # few distinct values: many ties
+    if num_classes == 2:
+        expected = roc_auc_score(y, probs[:, 1])
+    elif len(present) == num_classes:
+        expected = roc_auc_score(y, probs, multi_class="ovr", average="macro")
+    else:
+        p = probs[:, present] / probs[:, present].sum(1, keepdims=True)
+        expected = roc_auc_score(np.searchsorted(present, y), p, multi_class="ovr", average="macro")
+    assert roc_auc(y, probs, num_classes) == pytest.approx(expected, abs=1e-12)
 
 
 def test_paired_bootstrap_separates_a_perfect_from_a_random_arm_only():
