@@ -13,6 +13,7 @@ training exactly the null condition it is given at sampling.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -270,12 +271,26 @@ def diffusion_prepare_batch(
     )
 
 
-class WarmupCosine:
+def _warmup_cosine(warmup_steps: int, total_steps: int, final: float, step: int) -> float:
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupCosine(functools.partial):
     """Learning-rate multiplier for ``torch.optim.lr_scheduler.LambdaLR``: linear warm-up, then cosine decay.
 
     Transformers trained with Adam are unstable in their first steps at full learning rate, and a decay to
     ``final`` lets the last weights (and their EMA) settle; both matter most for short runs, where a constant rate
-    ends the run on a noisy iterate. A callable object (not a lambda) so the scheduler's state can be checkpointed.
+    ends the run on a noisy iterate.
+
+    The shape comes from this run's config, never from a checkpoint: ``LambdaLR`` saves and restores the attributes
+    of a callable object, so a schedule holding ``total_steps`` as an attribute came back with the old total when a
+    run was extended (more epochs) and trained its extra epochs at ``final`` (with ``final=0``: not at all). Its
+    values live in the ``functools.partial`` arguments instead, so a resumed scheduler keeps its step count and
+    follows the new total.
 
     Args:
         warmup_steps: steps of linear warm-up from ``1 / warmup_steps`` to 1 (0: none).
@@ -283,16 +298,24 @@ class WarmupCosine:
         final: multiplier at the end of the decay.
     """
 
-    def __init__(self, warmup_steps: int, total_steps: int, final: float = 0.0) -> None:
+    def __new__(cls, warmup_steps: int, total_steps: int, final: float = 0.0) -> WarmupCosine:
         if int(warmup_steps) < 0 or int(total_steps) < 1:
             raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps}, {total_steps}")
         if not 0.0 <= float(final) <= 1.0:
             raise ValueError(f"final must be in [0, 1], got {final}")
-        self.warmup_steps, self.total_steps, self.final = int(warmup_steps), int(total_steps), float(final)
+        return super().__new__(cls, _warmup_cosine, int(warmup_steps), int(total_steps), float(final))
 
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    def __reduce__(self):
+        return type(self), self.args
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.args[0]
+
+    @property
+    def total_steps(self) -> int:
+        return self.args[1]
+
+    @property
+    def final(self) -> float:
+        return self.args[2]

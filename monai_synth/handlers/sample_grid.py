@@ -201,16 +201,20 @@ def write_release_side_by_side(
     n_per_class: int = 8,
     zoom: int = 3,
     to_model: Callable[[Any], Any] | None = None,
+    preprocessing: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Path:
     """Write :func:`make_side_by_side` for a release: training images of the datalist next to released images.
 
-    Real images are read with MONAI's ``LoadImage`` and resized to the released size; released ones are listed by
+    Real images go through ``preprocessing`` when given (the bundle's loading chain, so they are cropped, padded or
+    resized exactly as the model saw them); otherwise they are read with MONAI's ``LoadImage`` and resized to the
+    released size. Released ones are listed by
     the release's ``certificate.csv`` (``file``, ``condition``). Both are shown through the same display mapping:
     ``to_model`` (the bundle's intensity transform, physical units -> [-1, 1]) then 0..255, so CT in Hounsfield units
     and PET in SUV are shown as the model sees them; volumes show their middle slice of the last axis.
 
     Args:
         to_model: physical units -> model space; ``None`` shows stored values as 8-bit grey levels (ultrasound PNG).
+        preprocessing: datalist record -> record whose ``image`` is in model space [-1, 1] at the model's size.
 
     Raises:
         FileNotFoundError: the release has no ``certificate.csv``.
@@ -226,9 +230,11 @@ def write_release_side_by_side(
         raise FileNotFoundError(f"{certificate} does not exist; run the sample stage (it writes the release) first")
     load = LoadImage(image_only=True, ensure_channel_first=True)
 
-    def display(image: Any) -> np.ndarray:
+    def display(image: Any, in_model_space: bool = False) -> np.ndarray:
         # MONAI readers return (x, y[, z]); the picture shows rows as the file does, hence the transpose
-        if to_model is None:
+        if in_model_space:
+            grey = (np.asarray(image, dtype=np.float64) + 1.0) * 127.5
+        elif to_model is None:
             grey = np.asarray(image, dtype=np.float64)
         else:
             grey = (np.asarray(to_model(image), dtype=np.float64) + 1.0) * 127.5
@@ -251,6 +257,9 @@ def write_release_side_by_side(
     for record in load_datalist(datalist_file):
         cond = str(record["label"])
         if cond in real and len(real[cond]) < n_per_class:
+            if preprocessing is not None:
+                real[cond].append(display(preprocessing(dict(record))["image"], in_model_space=True))
+                continue
             image = load(record["image"])
             if tuple(image.shape[1:]) != shape:
                 image = resize(image)

@@ -162,7 +162,12 @@ def run_quickstart(
 
     to_model = workflow.parser.get_parsed_content("intensity_transform")
     write_release_side_by_side(
-        datalist_file, outputs["synthetic release"], labels, outputs["side by side"], to_model=to_model
+        datalist_file,
+        outputs["synthetic release"],
+        labels,
+        outputs["side by side"],
+        to_model=to_model,
+        preprocessing=workflow.parser.get_parsed_content("preprocessing"),
     )
     times["side-by-side picture"] = time.time() - t0
     if evaluation is not None:

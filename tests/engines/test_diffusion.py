@@ -186,3 +186,27 @@ def test_warmup_cosine_rises_linearly_then_decays_to_final():
     assert restored.last_epoch == 1 and opt.param_groups[0]["lr"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="final"):
         WarmupCosine(1, 10, final=2.0)
+
+
+def test_an_extended_run_follows_the_new_schedule_not_the_checkpoints():
+    """Resuming with more epochs (a larger total) must decay over the new total, not stay at ``final`` after the old one."""
+    import pickle
+
+    from monai_synth.engines import WarmupCosine
+
+    def scheduler(total):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(0, total, final=0.0))
+
+    opt, first = scheduler(10)
+    for _ in range(10):
+        opt.step()
+        first.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)  # the first run ended its decay
+    opt, extended = scheduler(20)
+    extended.load_state_dict(first.state_dict())
+    assert extended.last_epoch == 10 and extended.lr_lambdas[0].total_steps == 20
+    opt.step()
+    extended.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(WarmupCosine(0, 20)(11)) and opt.param_groups[0]["lr"] > 0.4
+    assert pickle.loads(pickle.dumps(WarmupCosine(2, 8, 0.1)))(3) == WarmupCosine(2, 8, 0.1)(3)

@@ -94,3 +94,32 @@ def test_side_by_side_puts_real_left_and_released_right_per_class(tmp_path):
         make_side_by_side([[], real[1]], released, ["3", "5"])
     with pytest.raises(FileNotFoundError, match="certificate.csv"):
         write_release_side_by_side(tmp_path / "datalist.csv", tmp_path / "release", ["3"], tmp_path / "x.png")
+
+
+def test_side_by_side_shows_real_images_through_the_bundles_loading_chain(tmp_path):
+    """A bundle that centre-crops (pad_crop) must show the crop the model saw, not the whole field squeezed."""
+    from PIL import Image
+
+    from monai_synth.handlers.sample_grid import write_release_side_by_side
+    from monai_synth.transforms.presets import modality_transforms
+
+    real = np.zeros((16, 16), np.uint8)
+    real[4:12, 4:12] = 255  # the centre 8 x 8 is white, the surround black
+    Image.fromarray(real).save(tmp_path / "real.png")
+    (tmp_path / "datalist.csv").write_text(f"image,label,patient_id\n{tmp_path / 'real.png'},3,P1\n")
+    (tmp_path / "release").mkdir()
+    Image.fromarray(np.full((8, 8), 128, np.uint8)).save(tmp_path / "release" / "s0.png")
+    (tmp_path / "release" / "certificate.csv").write_text("file,condition\ns0.png,3\n")
+    chain = modality_transforms("us", 8, resize="pad_crop")
+
+    def real_side(**kwargs):
+        out = write_release_side_by_side(
+            tmp_path / "datalist.csv", tmp_path / "release", ["3"], tmp_path / "x.png", zoom=1, **kwargs
+        )
+        picture = np.asarray(Image.open(out))
+        released_cols = np.where((picture == 128).any(axis=0))[0]
+        return picture[14:22, released_cols[0] - 4 - 8 : released_cols[0] - 4]
+
+    assert (real_side(preprocessing=chain) == 255).all()  # the crop: all white
+    resized = real_side()
+    assert (resized < 255).any() and (resized > 0).any()  # the whole field resized: white centre, black surround
