@@ -24,9 +24,7 @@ Both keep the index one row per training image (what lets the index scale, see :
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
 from collections.abc import Sequence
 
@@ -38,6 +36,8 @@ from monai_synth.privacy.spaces import (
     DegenerateImageError,
     _affine_variants,
     _apply_symmetry,
+    _checked_invariances,
+    _fingerprint,
     _scaled,
     _standardise,
     _symmetries,
@@ -46,10 +46,6 @@ from monai_synth.privacy.spaces import (
 )
 
 __all__ = ["PartSpace", "TileSpace"]
-
-
-def _fingerprint(cfg: dict) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _on_grid(images: torch.Tensor | np.ndarray, spatial_dims: int, grid: int) -> torch.Tensor:
@@ -102,16 +98,14 @@ class PartSpace:
             raise ValueError(f"centre must be a fraction of the side in [0.25, 1), got {centre}")
         if not all(0.25 <= float(c) < 1.0 for c in crops):
             raise ValueError(f"crops must be fractions of the side in [0.25, 1), got {list(crops)}")
-        unknown = set(invariances) - {"flip", "transpose", "invert"}
-        if unknown:
-            raise ValueError(f"unknown invariances {sorted(unknown)}; choose from 'flip', 'transpose', 'invert'")
+        invariances = _checked_invariances(invariances)
         if kind not in ("regions", "crops"):
             raise ValueError(f"kind must be 'regions' or 'crops', got {kind!r}")
         self.kind = kind
         self.name = "parts" if kind == "regions" else "crops"
         self.crops = tuple(sorted({round(float(c), 4) for c in crops})) if kind == "crops" else ()
         self.grid, self.spatial_dims, self.centre = int(grid), int(spatial_dims), float(centre)
-        self.invariances = tuple(sorted(set(invariances)))
+        self.invariances = invariances
         self.rotations = (0.0,) + tuple(sorted({round(float(r), 4) for r in rotations} - {0.0}))
         half = self.grid // 2
         margin = int(round(self.grid * (1.0 - self.centre) / 2))
@@ -265,14 +259,12 @@ class TileSpace:
             raise ValueError(f"scales must be fractions of the shortest side in [0.1, 1), got {list(scales)}")
         if not 0.05 <= float(stride) <= 1.0:
             raise ValueError(f"stride must be a fraction of the window side in [0.05, 1], got {stride}")
-        unknown = set(invariances) - {"flip", "transpose", "invert"}
-        if unknown:
-            raise ValueError(f"unknown invariances {sorted(unknown)}; choose from 'flip', 'transpose', 'invert'")
+        invariances = _checked_invariances(invariances)
         self.name = "tiles"
         self.grid, self.spatial_dims = int(grid), int(spatial_dims)
         self.scales = tuple(sorted({round(float(s), 4) for s in scales}, reverse=True))
         self.stride = float(stride)
-        self.invariances = tuple(sorted(set(invariances)))
+        self.invariances = invariances
         self._symmetries = _symmetries(self.spatial_dims, "flip" in self.invariances, "transpose" in self.invariances)
         self.signs = (1, -1) if "invert" in self.invariances else (1,)
 

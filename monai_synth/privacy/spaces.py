@@ -186,6 +186,19 @@ def _plane_zoom(nd: int, axis: int, zoom: float) -> torch.Tensor:
     return torch.diag(scale)
 
 
+def _fingerprint(cfg: dict) -> str:
+    """Short hash of a space's settings: what a saved index is checked against."""
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _checked_invariances(invariances: Sequence[str]) -> tuple[str, ...]:
+    """The sorted invariances of a region, crop, tile or texture space; refuses names it does not know."""
+    unknown = set(invariances) - {"flip", "transpose", "invert"}
+    if unknown:
+        raise ValueError(f"unknown invariances {sorted(unknown)}; choose from 'flip', 'transpose', 'invert'")
+    return tuple(sorted(set(invariances)))
+
+
 def _symmetries(spatial_dims: int, flip: bool, transpose: bool) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """(axis permutation, flipped axes) pairs: the identity first, then flips and/or axis permutations (rot90)."""
     perms = list(itertools.permutations(range(spatial_dims))) if transpose else [tuple(range(spatial_dims))]

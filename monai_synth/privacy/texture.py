@@ -15,8 +15,6 @@ rotated copies lose the texture and are the other spaces' job; this one never lo
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +23,8 @@ import torch.nn.functional as F
 
 from monai_synth.privacy.spaces import (
     _apply_symmetry,
+    _checked_invariances,
+    _fingerprint,
     _scaled,
     _standardise,
     _symmetries,
@@ -65,12 +65,10 @@ class TextureSpace:
         kernel = int(kernel) if kernel is not None else max(3, int(round(grid / 7)) | 1)
         if kernel % 2 == 0 or not 3 <= kernel < int(grid):
             raise ValueError(f"kernel must be an odd number of cells in [3, grid), got {kernel} for grid {grid}")
-        unknown = set(invariances) - {"flip", "transpose", "invert"}
-        if unknown:
-            raise ValueError(f"unknown invariances {sorted(unknown)}; choose from 'flip', 'transpose', 'invert'")
+        invariances = _checked_invariances(invariances)
         self.name = "texture"
         self.grid, self.spatial_dims, self.kernel = int(grid), int(spatial_dims), kernel
-        self.invariances = tuple(sorted(set(invariances)))
+        self.invariances = invariances
         self._symmetries = _symmetries(self.spatial_dims, "flip" in self.invariances, "transpose" in self.invariances)
         self.signs = (1, -1) if "invert" in self.invariances else (1,)
 
@@ -89,7 +87,7 @@ class TextureSpace:
             "kernel": self.kernel,
             "invariances": list(self.invariances),
         }
-        return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+        return _fingerprint(cfg)
 
     def _texture(self, images: torch.Tensor | np.ndarray | Sequence) -> torch.Tensor:
         """``(B, C, *grid)``: the images on the grid minus their local mean."""
