@@ -947,6 +947,7 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
     from monai_synth.privacy.release import ReleaseEncoder
     from monai_synth.privacy.safeguard import build_safeguard
     from monai_synth.privacy.sampling import guarded_sample
+    from monai_synth.transforms.presets import intensity_reference, intensity_transform
 
     mod = get_modality(cohort.modality)
     train_records = load_datalist(str(cohort.train_csv), labels=mod.labels)
@@ -970,7 +971,11 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
     )
     kw = {} if args.batch_size is None else {"batch_size": args.batch_size}
     # judged as the bundle's release judges: the array the file will hold, through every intensity view
-    encoder = ReleaseEncoder(cohort.fmt, cohort.modality)
+    # MRI is scaled per image: generated volumes go back to the data's units with the training images' median
+    # percentiles, as the bundle's release does (without them every candidate is refused before it is judged)
+    reference = intensity_reference(train_records, cohort.modality)
+    to_model = None if reference is None else intensity_transform(cohort.modality, reference=reference)
+    encoder = ReleaseEncoder(cohort.fmt, cohort.modality, to_model=to_model)
     safeguard = build_safeguard(
         spaces,
         train,

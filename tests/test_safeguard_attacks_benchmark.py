@@ -56,3 +56,15 @@ def test_gate_with_its_default_pixel_space_releases_no_exact_copy():
     assert len(tables) == 1
     rows = {label: (released, attempted) for label, released, attempted in tables[0]}
     assert rows["exact copy"] == (0, 3)
+
+
+def test_mri_volumes_are_judged_with_the_training_percentiles_not_refused_unjudged():
+    """MRI is scaled per image: without the training images' reference every candidate was refused before judging."""
+    text = _run(
+        ["--modalities", "mri3d", "--paths", "sampler", "--transforms", "exact", "--spaces", "pixel:none"]
+        + ["--size-3d", "16", "--cohort-3d", "8,34,4", "--attempts-3d", "2"]
+    )
+    rows = {label: (released, attempted) for label, released, attempted in _parse_tables(text)[0]}
+    assert rows["exact copy"] == (0, 2)
+    released, attempted = rows["unseen patient images (control)"]
+    assert attempted == 12 and released >= 10, text
