@@ -38,9 +38,9 @@ from monai_synth.privacy.spaces import (
     _apply_symmetry,
     _checked_invariances,
     _fingerprint,
+    _query_symmetries,
     _scaled,
     _standardise,
-    _symmetries,
     as_image_batch,
     check_finite,
 )
@@ -120,8 +120,7 @@ class PartSpace:
         self._anchors = ("centre", "low-low", "low-high", "high-low", "high-high") if spatial_dims == 2 else ("centre",)
         self._sizes += [self.crop_grid**spatial_dims] * (len(self.crops) * len(self._anchors))
         self._offsets = np.cumsum([0, *self._sizes])
-        self._symmetries = _symmetries(self.spatial_dims, "flip" in self.invariances, "transpose" in self.invariances)
-        self.signs = (1, -1) if "invert" in self.invariances else (1,)
+        self._symmetries, self.signs = _query_symmetries(self.spatial_dims, self.invariances)
 
     @property
     def dim(self) -> int:
@@ -265,8 +264,7 @@ class TileSpace:
         self.scales = tuple(sorted({round(float(s), 4) for s in scales}, reverse=True))
         self.stride = float(stride)
         self.invariances = invariances
-        self._symmetries = _symmetries(self.spatial_dims, "flip" in self.invariances, "transpose" in self.invariances)
-        self.signs = (1, -1) if "invert" in self.invariances else (1,)
+        self._symmetries, self.signs = _query_symmetries(self.spatial_dims, self.invariances)
 
     @property
     def dim(self) -> int:

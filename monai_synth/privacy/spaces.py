@@ -199,6 +199,12 @@ def _checked_invariances(invariances: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted(set(invariances)))
 
 
+def _query_symmetries(spatial_dims: int, invariances: Sequence[str]) -> tuple[list, tuple[int, ...]]:
+    """The symmetries (see :func:`_symmetries`) and intensity signs a query is tried under, from its invariances."""
+    symmetries = _symmetries(spatial_dims, "flip" in invariances, "transpose" in invariances)
+    return symmetries, ((1, -1) if "invert" in invariances else (1,))
+
+
 def _symmetries(spatial_dims: int, flip: bool, transpose: bool) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """(axis permutation, flipped axes) pairs: the identity first, then flips and/or axis permutations (rot90)."""
     perms = list(itertools.permutations(range(spatial_dims))) if transpose else [tuple(range(spatial_dims))]

@@ -25,9 +25,9 @@ from monai_synth.privacy.spaces import (
     _apply_symmetry,
     _checked_invariances,
     _fingerprint,
+    _query_symmetries,
     _scaled,
     _standardise,
-    _symmetries,
     as_image_batch,
     check_finite,
 )
@@ -69,8 +69,7 @@ class TextureSpace:
         self.name = "texture"
         self.grid, self.spatial_dims, self.kernel = int(grid), int(spatial_dims), kernel
         self.invariances = invariances
-        self._symmetries = _symmetries(self.spatial_dims, "flip" in self.invariances, "transpose" in self.invariances)
-        self.signs = (1, -1) if "invert" in self.invariances else (1,)
+        self._symmetries, self.signs = _query_symmetries(self.spatial_dims, self.invariances)
 
     @property
     def dim(self) -> int:
