@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from monai_synth.threads import one_torch_thread
+
 __all__ = [
     "fid",
     "kid",
@@ -253,19 +255,6 @@ def _resampler(n: int, groups: Sequence[str] | None, gen: torch.Generator) -> Ca
     return draw
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Run small dense linear algebra on one torch thread: the FID of 128 features is two 128 x 128
-    eigendecompositions, where LAPACK's threads cost more than they save (30x slower on two threads of a busy
-    machine), and the bootstrap intervals compute hundreds of them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _subsample(n_rows: int, n: int, gen: torch.Generator) -> torch.Tensor:
     """Row indices: all rows, or ``n`` of them at random."""
     return torch.arange(n_rows) if n_rows <= n else torch.randperm(n_rows, generator=gen)[:n]
@@ -283,7 +272,8 @@ def _compare(
     out: dict[str, Any] = {"n_reference": int(ref.shape[0]), "n": int(other.shape[0])}
     if ref.shape[0] < 2 or other.shape[0] < 2:
         return out | {"fid": float("nan"), "note": "fewer than 2 images in a set"}
-    with _one_thread():
+    # the FID of 128 features is two 128 x 128 eigendecompositions, hundreds of them in the bootstrap: one thread
+    with one_torch_thread():
         out["fid"] = fid(other, ref)
         out["fid_ci"] = list(
             bootstrap_interval(fid, other, ref, n_boot=n_boot, seed=seed, groups_a=other_groups, groups_b=ref_groups)

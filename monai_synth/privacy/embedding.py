@@ -66,6 +66,7 @@ from monai_synth.data.samplers import PatientBatchSampler
 from monai_synth.losses.contrastive import SupervisedContrastiveLoss
 from monai_synth.networks.embedding import PatientEmbeddingNet
 from monai_synth.privacy.spaces import _affine_variants, as_image_batch, check_finite
+from monai_synth.threads import one_torch_thread
 from monai_synth.transforms.presets import BACKGROUND
 
 __all__ = [
@@ -363,21 +364,20 @@ def _augment_batch(augment: Compose, images: torch.Tensor, indices: Sequence[int
     MetaTensor bookkeeping costs more than the transforms themselves on small images, and thread hand-offs for
     such tiny operations are slower than one core, several times so when the cores are shared.
     """
-    previous, threads = get_track_meta(), torch.get_num_threads()
+    previous = get_track_meta()
     set_track_meta(False)
-    torch.set_num_threads(1)
     try:
-        n, c = len(indices), images.shape[1]
-        n_groups = math.ceil(n / max(1, int(group)))
-        out = torch.empty((n, *images.shape[1:]), dtype=images.dtype)
-        for g in range(n_groups):
-            members = list(range(g, n, n_groups))
-            stacked = images[[indices[m] for m in members]].reshape(len(members) * c, *images.shape[2:])
-            out[members] = torch.as_tensor(augment(stacked)).reshape(len(members), c, *images.shape[2:])
-        return out
+        with one_torch_thread():
+            n, c = len(indices), images.shape[1]
+            n_groups = math.ceil(n / max(1, int(group)))
+            out = torch.empty((n, *images.shape[1:]), dtype=images.dtype)
+            for g in range(n_groups):
+                members = list(range(g, n, n_groups))
+                stacked = images[[indices[m] for m in members]].reshape(len(members) * c, *images.shape[2:])
+                out[members] = torch.as_tensor(augment(stacked)).reshape(len(members), c, *images.shape[2:])
+            return out
     finally:
         set_track_meta(previous)
-        torch.set_num_threads(threads)
 
 
 def _hash_tensor_data(images: torch.Tensor, patient_ids: Sequence[str]) -> str:
