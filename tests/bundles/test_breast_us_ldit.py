@@ -200,6 +200,18 @@ def test_stage1_checkpoint_holds_scale_factor_and_metadata(chain):
 
 
 @pytest.mark.slow
+def test_stage1_checkpoint_carries_the_decoder_noise_fitted_on_the_training_set(chain):
+    assert chain["overrides"]["decoder_noise"] == "fitted"  # the quickstart's setting
+    ckpt = torch.load(chain["snapshot"] / "models" / "autoencoder" / "autoencoder.pt", weights_only=True)
+    weights = ckpt["autoencoder"]
+    assert bool(weights["noise_fitted"])
+    kernel = weights["noise_kernel"][0, 0]
+    assert float(kernel.norm()) == pytest.approx(1.0, abs=1e-4)  # unit energy: the filtered noise keeps unit variance
+    assert float(kernel.abs().max()) < 0.999  # fitted, not the white-noise delta it starts as
+    assert bool((weights["noise_quantiles"].diff(dim=1) >= 0).all())  # a quantile table is non-decreasing
+
+
+@pytest.mark.slow
 def test_stage1_learning_rate_follows_its_schedule_and_is_saved(chain):
     from monai_synth.engines.diffusion import WarmupCosine
 
