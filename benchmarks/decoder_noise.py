@@ -20,9 +20,8 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 import quickstart_quality as quality
+import torch
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "breast_us_ldit"
 

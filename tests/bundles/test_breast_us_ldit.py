@@ -516,6 +516,20 @@ def test_quickstart_evaluation_benchmark_reports_every_section_at_toy_size(chain
     assert set(report["cpu_seconds"]) == set(report["timing_seconds"])
 
 
+@pytest.mark.slow
+def test_decoder_noise_benchmark_scores_white_and_fitted_noise_at_toy_size(chain):
+    """benchmarks/decoder_noise.py on a finished (tiny) quickstart: both noise models on the same weights."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "decoder_noise.py"
+    cmd = [sys.executable, str(script), "--output-dir", str(chain["snapshot"]), "--per-class", "1"]
+    cmd += ["--kernel-sizes", "7", "3"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BUNDLE.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    printed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True, env=env).stdout
+    scores = json.loads(printed.strip().splitlines()[-1])
+    # kernel 7 is read from the checkpoint (stage 1 fitted it), kernel 3 is fitted by the benchmark
+    assert set(scores) == {"white", "fitted, kernel 7", "fitted, kernel 3 (fitted here)"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
 def _rewrite_datalist(cohort: str, dest: Path, replace: dict[str, str]) -> Path:
     """A copy of the cohort's datalist with absolute image paths, some images replaced by other files."""
     rows = list(csv.DictReader(open(cohort, newline="")))
