@@ -9,7 +9,7 @@ so it ranks decoder noise models without training a DiT. Each noise model is mea
 - ``fitted``: the training residuals' correlation and marginal (``decoder_noise: fitted``), fitted here on the
   quickstart's training split (or read from the checkpoint when stage 1 fitted it; ``--refit`` fits again).
 
-    python benchmarks/decoder_noise.py --output-dir quickstart_output [--kernel-sizes 3 7 15]
+    python benchmarks/decoder_noise.py --output-dir quickstart_output [--kernel-sizes 3 7 15] [--quickstart-seed 1]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--kernel-sizes", type=int, nargs="*", default=[7], help="colouring kernels to measure")
     parser.add_argument("--refit", action="store_true", help="fit the noise model again even if the checkpoint has one")
     parser.add_argument("--seed", type=int, default=0, help="seed of the drawn noise")
+    parser.add_argument("--quickstart-seed", type=int, default=None, help="the quickstart's --overrides#seed, if set")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     overrides = dict(ConfigParser.load_config_file(str(BUNDLE / "configs" / "quickstart.yaml"))["overrides"])
     overrides.update(output_dir=str(Path(args.output_dir).absolute()), dataset_dir=None)
+    if args.quickstart_seed is not None:  # the split depends on it: the checkpoint is checked against it
+        overrides["seed"] = args.quickstart_seed
     config = ConfigParser()
     config.read_config(config_files(BUNDLE, "sample"))
     config.update({"bundle_root": str(BUNDLE), **overrides})
