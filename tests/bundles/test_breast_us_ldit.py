@@ -280,7 +280,10 @@ def test_rerun_of_a_copied_quickstart_logs_into_the_copy_and_adds_no_runs(chain,
 
     workflows.run_quickstart(BUNDLE, run, overrides=chain["overrides"], threads=1)
     _, first = _mlflow_runs(f"sqlite:///{run / 'mlflow.db'}")
-    workflows.run_quickstart(BUNDLE, run, overrides=chain["overrides"], threads=1)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # `--report False`, as a command line can say it, skips the report
+        workflows.run_quickstart(BUNDLE, run, overrides=chain["overrides"], threads=1, evaluation=False)
+    assert "stage sample done" in printed.getvalue() and "evaluation report" not in printed.getvalue()
 
     client, after = _mlflow_runs(f"sqlite:///{run / 'mlflow.db'}")
     # the finished training stages continue their runs; the copy's release is made from the copy's datalist (another
