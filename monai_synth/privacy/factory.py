@@ -61,7 +61,8 @@ def make_space(
     invariances.
     ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre),
     ``crops`` = the same class comparing crops of training images with the whole candidate,
-    ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every scale).
+    ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every scale; in 3D of the
+    training volumes' shape, and spanning some axes whole and a half or a third of the others).
     ``texture`` = :class:`~monai_synth.privacy.texture.TextureSpace` (the image minus its local mean on a 64-cell
     grid, 32 in 3D, mirrored / transposed / inverted).
     ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights; with
@@ -89,8 +90,19 @@ def make_space(
             grid=grid - grid % 2, spatial_dims=spatial_dims, kind=kind, invariances=symmetry, rotations=rotations
         )
     if name == "tiles":
-        scales = (0.9, 0.8, 0.5, 1.0 / 3.0) if spatial_dims == 2 else (0.8, 0.5)
-        return TileSpace(grid=grid, spatial_dims=spatial_dims, scales=scales, invariances=symmetry)
+        if spatial_dims == 2:
+            return TileSpace(grid=grid, spatial_dims=2, scales=(0.9, 0.8, 0.5, 1.0 / 3.0), invariances=symmetry)
+        # 3D: windows of the training volumes' shape (a candidate larger than them, e.g. a canvas of whole volumes),
+        # and windows spanning some axes whole and a half or third of the others (such a canvas squeezed to the model
+        # size, or a mosaic)
+        return TileSpace(
+            grid=grid,
+            spatial_dims=3,
+            scales=(0.8, 0.5),
+            invariances=symmetry,
+            reference=tuple(spatial_size),
+            fractions=(0.5, 1.0 / 3.0),
+        )
     if name == "texture":
         fine = min(64 if spatial_dims == 2 else 32, *spatial_size)
         return TextureSpace(grid=fine, spatial_dims=spatial_dims, invariances=symmetry)

@@ -172,6 +172,45 @@ def _body_volume(side: int = 32, seed: int = 0) -> torch.Tensor:
     return x[None, None]
 
 
+def _canvas(volumes: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """Three volumes in corners of a canvas three times their size in-plane, the fourth in its centre."""
+    n0, n1, n2 = volumes.shape[2:]
+    out = torch.zeros(1, 1, 3 * n0, 3 * n1, n2)
+    for v, (i, j) in zip(volumes, [(0, 0), (2, 0), (0, 2), (1, 1)]):
+        out[0, :, i * n0 : (i + 1) * n0, j * n1 : (j + 1) * n1] = v
+    return out if size == tuple(out.shape[2:]) else torch.nn.functional.interpolate(out, size=size, mode="area")
+
+
+def test_3d_tiles_catch_a_canvas_of_training_volumes_squeezed_to_the_model_size():
+    # laid out in-plane and squeezed back to 32^3, each training volume fills a third of two axes and all of the
+    # third: no cube window holds it (0.35-0.37 from its source, other volumes 0.14-0.29)
+    from monai_synth.privacy.factory import make_space
+
+    vols = torch.cat([_body_volume(seed=s) for s in range(8)])
+    canvas = _canvas(vols[:4], (32, 32, 32))
+    space = make_space("tiles", 3, (32, 32, 32))
+    train = space.embed(vols[:3])
+    copies = 1.0 - (space.embed_variants(canvas)[0] @ train.T).max(axis=0)
+    others = 1.0 - (space.embed_variants(vols[4:]) @ train.T).max(axis=1)
+    assert copies.max() < 0.2 * others.min()
+
+
+def test_3d_tiles_judge_a_larger_candidate_with_windows_of_the_training_volumes_shape():
+    # training volumes of 32 x 32 x 16 on the index; a canvas holding two of them bit-exact. Cubes of the shortest
+    # side (16) never hold a whole volume: 0.25-0.28 from the sources, other volumes 0.17-0.35
+    from monai_synth.privacy.factory import make_space
+
+    vols = torch.nn.functional.interpolate(
+        torch.cat([_body_volume(seed=s) for s in range(6)]), (32, 32, 16), mode="area"
+    )
+    canvas = _canvas(vols[[0, 1, 4, 5]], (96, 96, 16))
+    space = make_space("tiles", 3, (32, 32, 16))
+    train = space.embed(vols[:2])
+    copies = 1.0 - (space.embed_variants(canvas)[0] @ train.T).max(axis=0)
+    others = 1.0 - (space.embed_variants(vols[2:4]) @ train.T).max(axis=1)
+    assert copies.max() < 1e-5 and others.min() > 0.1
+
+
 def test_3d_shift_on_a_background_canvas_is_undone_by_the_wrapped_shift():
     # anatomy up to two cells from the far edge: shifted two cells on a background canvas, the replicated edge puts
     # anatomy where the original had background; wrapping the vacated cells around restores the background exactly
