@@ -337,6 +337,7 @@ class TileSpace:
         """Windows spanning one or more axes whole and a fraction (``fractions``) of the others, slid over every axis
         (those already in ``exclude`` left out): where a canvas laid out along some axes and squeezed to the
         candidate's shape holds each training volume."""
+
         def key(w: tuple[slice, ...]) -> tuple:
             return tuple((s.start, s.stop) for s in w)
 
