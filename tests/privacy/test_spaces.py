@@ -269,6 +269,25 @@ def test_3d_default_space_catches_an_in_plane_border_on_ct_phantoms():
     assert copies.max() < 0.8 * others.min()
 
 
+def test_3d_default_space_catches_a_mirrored_copy_moved_a_little():
+    # mirror + gamma 0.7 + a 2-voxel shift: the 3D flips were compared unshifted only, which left such copies of CT
+    # phantoms at 0.03-0.11 from their sources, as far as the nearest other patient (0.032)
+    from monai_synth.data.phantoms import generate_cohort
+    from monai_synth.privacy.factory import make_space
+
+    cohort = generate_cohort("ct", n_patients=8, images_per_patient=1, spatial_dims=3, spatial_size=32, seed=0)
+    vols = torch.stack([torch.as_tensor(r["image"]).clamp(-1000.0, 1000.0) for r in cohort]).float()
+    unit = (vols + 1000.0) / 2000.0
+    mirrored = (-1000.0 + 2000.0 * unit**0.7).flip(2)
+    moved = torch.full_like(mirrored, -1000.0)
+    moved[..., 2:, :] = mirrored[..., :-2, :]
+    space = make_space("pixel", 3, (32, 32, 32))
+    train = space.embed(vols[:4])
+    others = 1.0 - (space.embed_variants(vols[4:]) @ train.T).max(axis=1)
+    copies = 1.0 - np.stack([(space.embed_variants(moved[i : i + 1])[0] @ train[i]).max() for i in range(4)])
+    assert copies.max() < 0.3 * others.min()
+
+
 def test_2d_rotations_are_resampled_on_the_fine_grid():
     # rotated on the 16-cell grid itself, bilinear blur left a 20-degree copy of an ultrasound phantom at 0.10-0.23,
     # close to the nearest other patient (0.25); rotated at twice the grid, then reduced, it is at 0.05-0.14
