@@ -86,6 +86,8 @@ def make_space(
     if name in ("parts", "crops"):
         kind = "regions" if name == "parts" else "crops"
         rotations = (-20.0, -10.0, 10.0, 20.0) if spatial_dims == 2 and kind == "regions" else ()
+        if spatial_dims == 3 and kind == "crops":  # a copy rotated, then cropped and resized back (about every axis)
+            rotations = (-20.0, -10.0, 10.0, 20.0)
         return PartSpace(
             grid=grid - grid % 2, spatial_dims=spatial_dims, kind=kind, invariances=symmetry, rotations=rotations
         )

@@ -38,6 +38,8 @@ from monai_synth.privacy.spaces import (
     _apply_symmetry,
     _checked_invariances,
     _fingerprint,
+    _linear_variants,
+    _plane_rotation,
     _query_symmetries,
     _scaled,
     _standardise,
@@ -74,7 +76,8 @@ class PartSpace:
             crop and, in 2D, the four corner crops of each size), for ``kind="crops"``.
         invariances: ``"flip"``, ``"transpose"`` (with flips: rot90) and/or ``"invert"``, applied to the whole
             candidate before it is cut, so a mirrored half is caught as well.
-        rotations: angles (degrees, first two axes) the candidate is also rotated back by before it is cut: a
+        rotations: angles (degrees; 2D in the image plane, 3D about each of the three axes) the candidate is also
+            rotated back by before it is cut: a
             rotated copy has background corners, which the aligned centre region mostly leaves out.
     """
 
@@ -139,9 +142,15 @@ class PartSpace:
                 "crops": list(self.crops),
                 "rotations": list(self.rotations),
                 "anchors": list(self._anchors),
+                **({"rotation_axes": 3} if self.spatial_dims == 3 and len(self.rotations) > 1 else {}),
                 "invariances": list(self.invariances),
             }
         )
+
+    def _rotation_maps(self) -> list[torch.Tensor]:
+        """3D: the identity, then every angle about each axis (``affine_grid`` orders coordinates by reversed axes)."""
+        maps = [torch.eye(3)]
+        return maps + [_plane_rotation(3, 2 - axis, r) for axis in range(3) for r in self.rotations[1:]]
 
     def _regions(self, g: torch.Tensor, full: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per slot: ``(B, size)`` standardised vectors (zero rows where constant) and the ``(B,)`` valid mask.
@@ -198,8 +207,12 @@ class PartSpace:
         """
         g = _on_grid(images, self.spatial_dims, self.grid)
         n, rows = g.shape[0], []
-        turned = _affine_variants(g, (1.0,), self.rotations).reshape(n, len(self.rotations), *g.shape[1:])
-        for (perm, flips), k in itertools.product(self._symmetries, range(len(self.rotations))):
+        if self.spatial_dims == 3:  # about each axis; the identity stays bit-exact
+            turned = _linear_variants(g, self._rotation_maps()).reshape(n, -1, *g.shape[1:])
+            turned[:, 0] = g
+        else:
+            turned = _affine_variants(g, (1.0,), self.rotations).reshape(n, len(self.rotations), *g.shape[1:])
+        for (perm, flips), k in itertools.product(self._symmetries, range(turned.shape[1])):
             parts = self._regions(_apply_symmetry(turned[:, k], perm, flips, 2))
             valid = torch.stack([v for _, v in parts], dim=1)  # (B, R)
             if not bool(valid.any(dim=1).all()):

@@ -288,6 +288,31 @@ def test_3d_default_space_catches_a_mirrored_copy_moved_a_little():
     assert copies.max() < 0.3 * others.min()
 
 
+def test_3d_crops_space_catches_a_copy_rotated_cropped_and_speckled():
+    # rotation 10 deg, crop to 85% and resize, speckle sd 0.3: the crops space matched the crop but not the rotation,
+    # which left such CT phantom copies at 0.679-0.688, the nearest other patient at 0.684 (1 - r / 3: r 0.94-0.96)
+    import torch.nn.functional as F
+    from scipy import ndimage
+
+    from monai_synth.data.phantoms import generate_cohort
+    from monai_synth.privacy.factory import make_space
+
+    cohort = generate_cohort("ct", n_patients=8, images_per_patient=1, spatial_dims=3, spatial_size=32, seed=0)
+    vols = torch.stack([torch.as_tensor(r["image"]).clamp(-1000.0, 1000.0) for r in cohort]).float()
+    g = torch.Generator().manual_seed(0)
+    copies = []
+    for v in vols[:4]:
+        turned = ndimage.rotate(v[0].numpy(), 10.0, axes=(0, 1), reshape=False, order=1, mode="constant", cval=-1000.0)
+        c = F.interpolate(torch.as_tensor(turned)[2:30, 2:30, 2:30][None, None], size=(32, 32, 32), mode="trilinear")
+        copies.append(-1000.0 + (c[0] + 1000.0) * (1.0 + 0.3 * torch.randn(c[0].shape, generator=g)).clamp_min(0))
+    copies = torch.stack(copies)
+    space = make_space("crops", 3, (32, 32, 32))
+    train = space.embed(vols[:4])
+    others = 1.0 - (space.embed_variants(vols[4:]) @ train.T).max(axis=1)
+    caught = 1.0 - np.stack([(space.embed_variants(copies[i : i + 1])[0] @ train[i]).max() for i in range(4)])
+    assert caught.max() < others.min()
+
+
 def test_2d_rotations_are_resampled_on_the_fine_grid():
     # rotated on the 16-cell grid itself, bilinear blur left a 20-degree copy of an ultrasound phantom at 0.10-0.23,
     # close to the nearest other patient (0.25); rotated at twice the grid, then reduced, it is at 0.05-0.14
