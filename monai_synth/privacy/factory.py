@@ -55,8 +55,8 @@ def make_space(
 
     ``pixel`` = :class:`PixelSpace` on a 16-cell grid, invariant (2D) to mirror flips, transposes / rot90, shifts
     of up to 2 cells (12%), zooms 0.7-1.4, rotations up to 20 degrees and intensity inversion (3D: shifts of up to
-    2 cells, zooms 0.8-1.25 and inversion, and on their own the flips, 90-degree rotations, axis swaps, rotations of
-    5-25 degrees about each axis and zooms of 0.8-1.25 in steps of 0.05 within each plane and of the whole volume);
+    2 cells, zooms 0.8-1.25 and inversion, the mirror flips with shifts of up to 1 cell, and on their own the
+    90-degree rotations, axis swaps, rotations of 5-25 degrees about each axis and zooms of 0.8-1.25 in steps of 0.05 within each plane and of the whole volume);
     ``pixel:none``, ``pixel:flip,shift`` etc. choose the
     invariances.
     ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre),
@@ -68,7 +68,7 @@ def make_space(
     ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights; with
     ``data_fingerprint``, weights trained on another training set are refused).
 
-    The default pixel space compares every 2D query in 14,384 variants (3D: 1,224): fine for a gate over thousands of training
+    The default pixel space compares every 2D query in 14,384 variants (3D: 1,588): fine for a gate over thousands of training
     images; see ``docs/benchmarks.md`` for its cost at larger indexes, where ``pixel:flip,shift`` plus ``embedding``
     is the cheaper pair.
     """

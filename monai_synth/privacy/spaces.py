@@ -310,8 +310,8 @@ class PixelSpace:
         flip, transpose = "flip" in invariances, "transpose" in invariances
         # 2D: every symmetry combines with every shift, zoom and angle (8 symmetries). 3D: the 8 flips and 48 axis
         # permutations would multiply the shifted variants (and memory) by up to 48, so they are compared alone (with
-        # inversion), which catches a mirrored, 90-degree-rotated or axis-swapped volume, not one also shifted; the
-        # memory this saves buys larger 3D shifts. The same holds for 3D rotations (about each of the three axes) and
+        # inversion), which catches a mirrored, 90-degree-rotated or axis-swapped volume, not one also shifted (the
+        # flips alone are also tried with the one-cell shifts); the memory this saves buys larger 3D shifts. The same holds for 3D rotations (about each of the three axes) and
         # zooms within one plane (a volume with a border added in-plane and resized back): compared alone.
         if self.spatial_dims == 2:
             self._symmetries, self._permuted = _symmetries(2, flip, transpose), []
@@ -503,7 +503,7 @@ def embed_variants(space: PrivacySpace, images: torch.Tensor | np.ndarray | Sequ
 
 QUERY_FLOATS = 2**25
 """Query vectors (float32 values) one space embeds and searches at once: 128 MiB. A 3D pixel-space query holds 5
-million (1,224 variants of 4,096 values), a 2D one 3.7 million, so a batch of 64 would hold 1.3 GB per space (and the
+million (1,588 variants of 4,096 values), a 2D one 3.7 million, so a batch of 64 would hold 1.6 GB per space (and the
 embedding's intermediates several times that); batches are cut to this budget instead."""
 
 _PER_IMAGE: dict[tuple, int] = {}
