@@ -17,8 +17,8 @@ Scale (about 1e6 training images):
       Approximate indexes (IVF, HNSW) are faster but miss some true nearest neighbours (IVF missed 14-21% of
       near-copies at 1e5-1e6 rows), which would let a near-copy through, so the safeguard stays exact.
     * The safeguard asks only for the nearest row over all of a query's variants (:meth:`TrainingIndex.nearest`):
-      :mod:`monai_synth.privacy.search` answers that exactly with fewer products (signs folded, slots split, rows
-      pruned by a bound from a basis of the rows' principal directions fitted at build and saved with the index).
+      :mod:`monai_synth.privacy.search` answers that exactly with fewer products (a variant and its negation from one
+      product, a slot variant multiplied with its own columns only).
 
 The index is private: it holds vectors of training images and their patient ids. It never goes into a
 release; only its fingerprint does.
@@ -54,20 +54,15 @@ import faiss
 import numpy as np
 import torch
 
-from monai_synth.privacy.search import RowBlock, check_projection, fit_projection, nearest_rows
+from monai_synth.privacy.search import nearest_rows
 from monai_synth.privacy.spaces import PrivacySpace, embed_variants
 
 __all__ = ["TrainingIndex", "StaleIndexError", "DegenerateVectorError", "index_fingerprint"]
 
-# 2: meta.json records the sha256 of every file and of the patient ids, verified on load (and, when the index has one,
-# of the projection basis of its fast search, an optional file that does not change the format).
+# 2: meta.json records the sha256 of every file and of the patient ids, verified on load.
 _FORMAT_VERSION = 2
 _META = "meta.json"
 _PATIENTS = "patient_codes.npy"
-_PROJECTION = "projection.npy"
-# rows sampled to fit the projection basis, and the smallest vector size worth one
-_PROJECTION_SAMPLE = 20_000
-_PROJECTION_MIN_DIM = 64
 _HASH_CHUNK = 1 << 22
 # A vector with no entry of at least the smallest normal float32 holds only subnormal values (or zeros): its
 # direction has lost most of its precision (underflow), so it is as meaningless as a zero vector.
@@ -153,12 +148,10 @@ class TrainingIndex:
         space_fingerprint: fingerprint of that space at build time.
         datalist_fingerprint: fingerprint of the training datalist.
         space: the space object, needed to query with images (not needed for :meth:`search`).
-        projection: optional ``(d, k)`` orthonormal basis for the bounds of :meth:`nearest`'s fast search
-            (:meth:`fit_projection`); it sets the speed, never the result.
 
     Attributes:
         fast_search: :meth:`nearest` uses :mod:`monai_synth.privacy.search`'s shortcuts (default); False compares
-            every query variant with every row (same result, for tests and audits).
+            every query variant with every row (the same answer, for tests and audits).
     """
 
     def __init__(
@@ -170,7 +163,6 @@ class TrainingIndex:
         space_fingerprint: str,
         datalist_fingerprint: str,
         space: PrivacySpace | None = None,
-        projection: np.ndarray | None = None,
     ) -> None:
         if not shards:
             raise ValueError("an index needs at least one shard")
@@ -187,9 +179,7 @@ class TrainingIndex:
         self.space_fingerprint = str(space_fingerprint)
         self.datalist_fingerprint = str(datalist_fingerprint)
         self.space = space
-        self.projection = None if projection is None else check_projection(projection, self.dim)
         self.fast_search = True
-        self._blocks: list[RowBlock] | None = None
         if space is not None:
             self.check_space(space)
 
@@ -293,7 +283,7 @@ class TrainingIndex:
         if n != len(patient_ids):
             raise ValueError(f"{n} training images but {len(patient_ids)} patient ids; give one id per image")
         patients, codes = np.unique(np.asarray(patient_ids, dtype=object).astype(str), return_inverse=True)
-        index = cls(
+        return cls(
             shards,
             codes.astype(np.int32),
             list(patients),
@@ -302,36 +292,6 @@ class TrainingIndex:
             datalist_fingerprint,
             space=space,
         )
-        index.fit_projection()
-        return index
-
-    def fit_projection(self, k: int | None = None, sample: int = _PROJECTION_SAMPLE, seed: int = 0) -> None:
-        """Fit the basis of :meth:`nearest`'s bounds: the ``k`` principal directions of up to ``sample`` rows.
-
-        Default ``k``: ``min(32, d // 4)``, none for vectors shorter than 64 (the dense product is cheap there).
-        """
-        k = min(32, self.dim // 4) if k is None else int(k)
-        if k < 1 or self.dim < _PROJECTION_MIN_DIM:
-            self.projection, self._blocks = None, None
-            return
-        n = self.ntotal
-        take = np.sort(np.random.default_rng(seed).choice(n, size=min(n, sample), replace=False))
-        self.projection = check_projection(fit_projection(self._rows(take), k), self.dim)
-        self._blocks = None
-
-    def _shard_rows(self, i: int) -> np.ndarray:
-        """``(n, d)`` float32 view of the rows of shard ``i`` (no copy; memory-mapped shards stay mapped)."""
-        shard = self.shards[i]
-        return faiss.rev_swig_ptr(shard.get_xb(), shard.ntotal * shard.d).reshape(shard.ntotal, shard.d)
-
-    def _rows(self, rows: np.ndarray) -> np.ndarray:
-        """Copies of global ``rows``."""
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        which = np.searchsorted(self.offsets, rows, side="right") - 1
-        for i in np.unique(which):
-            m = which == i
-            out[m] = self._shard_rows(int(i))[rows[m] - self.offsets[i]]
-        return out
 
     # ------------------------------------------------------------------ search
     def search(self, vectors: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -395,14 +355,15 @@ class TrainingIndex:
         return dist, row.astype(np.int64), pids
 
     def nearest(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The nearest training row of each query over all its variants: :meth:`search` with ``k=1``, exactly, faster.
+        """The nearest training row of each query over all its variants: what :meth:`search` with ``k=1`` finds, with
+        fewer products (:mod:`monai_synth.privacy.search`).
 
-        The similarity of the nearest pair is recomputed in float64 (see :mod:`monai_synth.privacy.search`), so the
-        fast and the dense path (:attr:`fast_search` False) return the same rows and distances, bit for bit; they
-        differ from :meth:`search`'s float32 distances by float32 rounding (about 1e-7).
+        The similarity of the nearest pair is recomputed in float64, so the fast and the dense path
+        (:attr:`fast_search` False) return the same rows and distances, bit for bit; they differ from :meth:`search`'s
+        float32 distances by float32 rounding (about 1e-7).
 
         Returns:
-            ``distances (Q, 1)``, ``rows (Q, 1)``, ``patient_ids (Q, 1)`` as :meth:`search` with ``k=1``.
+            ``distances (Q, 1)``, ``rows (Q, 1)``, ``patient_ids (Q, 1)``, as :meth:`search` with ``k=1``.
 
         Raises:
             DegenerateVectorError: as :meth:`search`.
@@ -422,20 +383,16 @@ class TrainingIndex:
                 "undefined; the privacy space under- or overflowed on those images: they must not be released",
                 bad_rows.tolist(),
             )
-        sim, row = nearest_rows(flat.reshape(q, v, d), self._row_blocks(), fast=self.fast_search)
+        shards = [self._shard_rows(i) for i in range(len(self.shards))]
+        sim, row = nearest_rows(flat.reshape(q, v, d), shards, self.offsets[:-1].tolist(), fast=self.fast_search)
         dist = np.clip(1.0 - sim, 0.0, 2.0)[:, None]
         pids = np.asarray(self.patients, dtype=object)[np.asarray(self.patient_codes)[row]]
         return dist, row[:, None], pids[:, None]
 
-    def _row_blocks(self) -> list[RowBlock]:
-        """The shards as :class:`~monai_synth.privacy.search.RowBlock` (with bound coordinates when there is a basis),
-        made on first use."""
-        if self._blocks is None:
-            self._blocks = [
-                RowBlock.of(self._shard_rows(i), int(offset), self.projection)
-                for i, offset in enumerate(self.offsets[:-1])
-            ]
-        return self._blocks
+    def _shard_rows(self, i: int) -> np.ndarray:
+        """``(n, d)`` float32 view of the rows of shard ``i`` (no copy: memory-mapped shards stay mapped)."""
+        shard = self.shards[i]
+        return faiss.rev_swig_ptr(shard.get_xb(), shard.ntotal * shard.d).reshape(shard.ntotal, shard.d)
 
     def query(
         self, images: torch.Tensor | np.ndarray | Sequence, k: int = 1, batch_size: int = 64
@@ -469,11 +426,7 @@ class TrainingIndex:
                 files.append(f"shard_{i:03d}.faiss")
                 faiss.write_index(shard, str(tmp / files[-1]))
             np.save(tmp / _PATIENTS, np.asarray(self.patient_codes, dtype=np.int32))
-            extra = []
-            if self.projection is not None:
-                np.save(tmp / _PROJECTION, self.projection)
-                extra.append(_PROJECTION)
-            sha256 = {name: _sha256_file(tmp / name) for name in [*files, _PATIENTS, *extra]}
+            sha256 = {name: _sha256_file(tmp / name) for name in [*files, _PATIENTS]}
             meta = {
                 "format_version": _FORMAT_VERSION,
                 "fingerprint": self.fingerprint,
@@ -488,7 +441,6 @@ class TrainingIndex:
                 "patients": self.patients,
                 "sha256": sha256,
                 "patients_sha256": _sha256_patients(self.patients),
-                "projection": extra[0] if extra else None,
             }
             (tmp / _META).write_text(json.dumps(meta, indent=1))
             old = None
@@ -566,12 +518,6 @@ class TrainingIndex:
         codes = np.load(directory / _PATIENTS, mmap_mode="r" if mmap else None)
         if len(codes) and not 0 <= int(codes.min()) <= int(codes.max()) < len(meta["patients"]):
             raise StaleIndexError(f"patient table in {directory} points outside its patient list; rebuild it")
-        projection = None
-        if meta.get("projection"):
-            try:
-                projection = check_projection(np.load(directory / _PROJECTION), int(meta["dim"]))
-            except ValueError as err:
-                raise StaleIndexError(f"projection basis in {directory}: {err}; rebuild the index") from err
         return cls(
             shards,
             codes,
@@ -580,18 +526,13 @@ class TrainingIndex:
             meta["space_fingerprint"],
             meta["datalist_fingerprint"],
             space=space,
-            projection=projection,
         )
 
     @staticmethod
     def _verify_contents(directory: Path, meta: dict) -> None:
         """Raise :class:`StaleIndexError` unless every file and the patient list hash to what :meth:`save` recorded."""
         recorded = meta.get("sha256")
-        names = [*meta["shards"], _PATIENTS, *([_PROJECTION] if meta.get("projection") else [])]
-        if meta.get("projection") not in (None, _PROJECTION):
-            raise StaleIndexError(
-                f"index in {directory} names an unknown projection file {meta['projection']!r}; rebuild it"
-            )
+        names = [*meta["shards"], _PATIENTS]
         if not isinstance(recorded, dict) or set(recorded) != set(names) or "patients_sha256" not in meta:
             raise StaleIndexError(
                 f"index in {directory} does not record a sha256 for each of {names} and the patient list; rebuild it"

@@ -135,13 +135,7 @@ def _saved(tmp_path, data, shard_size=25):
 def test_meta_records_a_sha256_of_every_file(tmp_path, data):
     directory, _, _ = _saved(tmp_path, data)
     meta = json.loads((directory / "meta.json").read_text())
-    assert sorted(meta["sha256"]) == [
-        "patient_codes.npy",
-        "projection.npy",
-        "shard_000.faiss",
-        "shard_001.faiss",
-        "shard_002.faiss",
-    ]
+    assert sorted(meta["sha256"]) == ["patient_codes.npy", "shard_000.faiss", "shard_001.faiss", "shard_002.faiss"]
     for name, digest in meta["sha256"].items():
         assert hashlib.sha256((directory / name).read_bytes()).hexdigest() == digest
 
