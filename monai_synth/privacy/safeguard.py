@@ -340,9 +340,10 @@ def build_safeguard(
         return safeguard
     space_quantile = joint_space_quantile(judged, quantile, margin=safeguard.margin)
     n = len(next(iter(judged.values())))
-    if n * space_quantile < 1.0:
+    if n * space_quantile < 1.0 and len(checks) / (n + 1) > quantile:
         # below one holdout image per space the thresholds are the holdout's smallest distances, and each space alone
-        # refuses about 1 / (n + 1) of new patients' images: k spaces together up to k / (n + 1)
+        # refuses about 1 / (n + 1) of new patients' images: k spaces together up to k / (n + 1), which matters only
+        # where that exceeds the asked rate
         message = (
             f"{n} holdout images are too few to calibrate {len(checks)} privacy spaces together at quantile {quantile:g}: "
             f"each space's threshold is about its smallest holdout distance, so up to {len(checks) / (n + 1):.1%} of "

@@ -316,3 +316,32 @@ def test_batches_are_cut_to_the_query_budget(monkeypatch):
     monkeypatch.setattr("monai_synth.privacy.spaces.QUERY_FLOATS", 2 * per_image)
     results = PrivacySafeguard([(index, 0.1)], batch_size=64).check(vols)
     assert len(results) == 6 and max(seen) <= 2
+
+
+@pytest.mark.parametrize("quantile, warned", [(0.01, True), (0.05, False)])
+def test_few_holdout_images_warn_only_when_the_asked_rate_cannot_be_kept(cohort, monkeypatch, quantile, warned):
+    # with fewer holdout images than spaces / quantile each space's threshold is its smallest holdout distance and k
+    # spaces refuse up to k / (n + 1) of new patients' images: a warning where that exceeds the asked rate, none where
+    # it does not (it used to say "2.0% ... may be refused instead of 2.0%")
+    import warnings
+
+    from monai_synth.privacy import safeguard as safeguard_module
+
+    monkeypatch.setattr(safeguard_module, "joint_space_quantile", lambda *args, **kwargs: 1e-4)
+    spaces = [_CountingSpace("pixel", grid=8), _CountingSpace("flipped", grid=8, invariances=("flip",))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        safeguard_module.build_safeguard(
+            spaces,
+            cohort["train"],
+            cohort["train_ids"],
+            cohort["holdout"],
+            cohort["holdout_ids"],
+            "dl",
+            quantile=quantile,
+            views=lambda image: [image],
+        )
+    messages = [str(w.message) for w in caught if "too few to calibrate" in str(w.message)]
+    assert bool(messages) is warned
+    if warned:  # 2 spaces over 102 holdout images: up to 1.9% instead of the asked 1.0%
+        assert "1.9%" in messages[0] and "1.0%" in messages[0]
