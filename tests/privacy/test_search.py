@@ -11,7 +11,7 @@ from monai_synth.data.phantoms import generate_cohort
 from monai_synth.privacy.index import DegenerateVectorError, TrainingIndex
 from monai_synth.privacy.partial import PartSpace, TileSpace
 from monai_synth.privacy.safeguard import PrivacySafeguard
-from monai_synth.privacy.search import nearest_rows
+from monai_synth.privacy.search import SCREEN, nearest_rows
 from monai_synth.privacy.spaces import PixelSpace, embed_variants
 
 SPACES = {
@@ -102,3 +102,16 @@ def test_a_degenerate_query_is_refused(phantoms):
     with pytest.raises(DegenerateVectorError) as err:
         index.nearest(vec)
     assert err.value.rows == [1]
+
+
+@pytest.mark.parametrize("d", [16, 256, 4096])
+def test_the_bfloat16_screen_stays_within_its_stated_bound(d):
+    rng = np.random.default_rng(d)
+    q = rng.standard_normal((64, d)).astype(np.float32)
+    x = rng.standard_normal((256, d)).astype(np.float32)
+    x[:32] = q[:32] + 0.01 * rng.standard_normal((32, d)).astype(np.float32)  # near-copies: similarities near 1
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    approx = (torch.from_numpy(q).bfloat16() @ torch.from_numpy(x).bfloat16().T).double().numpy()
+    exact = q.astype(np.float64) @ x.T.astype(np.float64)
+    assert np.abs(approx - exact).max() <= SCREEN / 1.5
