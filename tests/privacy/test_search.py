@@ -114,4 +114,4 @@ def test_the_bfloat16_screen_stays_within_its_stated_bound(d):
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     approx = (torch.from_numpy(q).bfloat16() @ torch.from_numpy(x).bfloat16().T).double().numpy()
     exact = q.astype(np.float64) @ x.T.astype(np.float64)
-    assert np.abs(approx - exact).max() <= SCREEN / 1.5
+    assert np.abs(approx - exact).max() <= 0.0122 < SCREEN  # the bound derived in SCREEN's docstring
