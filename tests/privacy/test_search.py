@@ -115,3 +115,13 @@ def test_the_bfloat16_screen_stays_within_its_stated_bound(d):
     approx = (torch.from_numpy(q).bfloat16() @ torch.from_numpy(x).bfloat16().T).double().numpy()
     exact = q.astype(np.float64) @ x.T.astype(np.float64)
     assert np.abs(approx - exact).max() <= 0.0122 < SCREEN  # the bound derived in SCREEN's docstring
+
+
+def test_a_saved_memory_mapped_index_answers_as_the_built_one(phantoms, tmp_path):
+    train, patients, unseen = phantoms
+    built = TrainingIndex.build(SPACES["crops"](), train, patients, "dl", shard_size=7)
+    built.save(tmp_path / "idx")
+    loaded = TrainingIndex.load(tmp_path / "idx", space=built.space, expected_fingerprint=built.fingerprint, mmap=True)
+    vec = embed_variants(built.space, unseen)
+    for a, b in zip(built.nearest(vec), loaded.nearest(vec)):
+        np.testing.assert_array_equal(a, b)
