@@ -11,7 +11,8 @@ shortcuts cut it without changing the answer:
 * **Slots.** A variant that is zero outside some columns (the ``parts`` and ``crops`` spaces hold one region in its
   slot, zeros elsewhere) is multiplied with those columns only: adding exact zeros changes no sum.
 * **A bfloat16 screen with a proven error bound.** Dense variants (pixel, tiles, texture, embedding) are first
-  multiplied in bfloat16 (about 3x faster than float32 on a CPU with AVX-512 BF16). For unit vectors the screened
+  multiplied in bfloat16 (about 3x faster than float32 on a CPU with AVX-512 BF16; skipped on CPUs without native
+  bfloat16, :data:`BF16_SCREEN`). For unit vectors the screened
   value is within :data:`SCREEN` of the true similarity (see there), so a (variant, row) pair whose screened
   ``|similarity|`` plus :data:`SCREEN` is below the best exact similarity found so far cannot be the nearest pair;
   every other pair is computed in float32 (few: the pairs within a few hundredths of the best).
@@ -45,6 +46,17 @@ SCREEN = 0.02
 0.0079`` (Cauchy-Schwarz: ``sum |q_i x_i| <= |q| |x| = 1``); the products of two bfloat16 values are exact in the
 float32 accumulator, whose rounding adds at most ``d * 2**-24`` (2.4e-4 for d = 4096); rounding the result to
 bfloat16 adds at most ``u * 1.01 <= 0.004``. Total <= 0.0122."""
+
+
+def _bf16_is_fast() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX); without it the screen would be slower
+    than the float32 product it replaces, so it is skipped (the answers are the same either way)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+BF16_SCREEN = _bf16_is_fast()
+"""Screen dense variants in bfloat16 first (set at import from the CPU's instruction set; tests switch it)."""
 
 _BLOCK_FLOATS = 1 << 24  # similarities held at once: 64 MiB of float32
 _DENSE_PAIRS = 0.25  # when more of a block's pairs survive the screen than this, its survivors are multiplied densely
@@ -253,7 +265,7 @@ def nearest_rows(
     best = _Best(nq)
     for g, cols in _batched(_groups(flat, owner, fast)):
         step = max(1, _BLOCK_FLOATS // max(len(g.full), 1))
-        q16 = g.q.to(torch.bfloat16) if fast and cols is None else None
+        q16 = g.q.to(torch.bfloat16) if fast and cols is None and BF16_SCREEN else None
         for x, offset in zip(xs, offsets):
             for s in range(0, x.shape[0], step):
                 if q16 is not None:

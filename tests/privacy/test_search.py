@@ -33,8 +33,10 @@ def phantoms():
     return _model(train), [r["patient_id"] for r in train], _model(unseen)
 
 
+@pytest.mark.parametrize("bf16_screen", [True, False])  # the screen runs only on CPUs with native bfloat16
 @pytest.mark.parametrize("name", list(SPACES))
-def test_fast_and_dense_search_give_the_same_rows_and_distances(phantoms, name):
+def test_fast_and_dense_search_give_the_same_rows_and_distances(phantoms, name, bf16_screen, monkeypatch):
+    monkeypatch.setattr("monai_synth.privacy.search.BF16_SCREEN", bf16_screen)
     train, patients, unseen = phantoms
     index = TrainingIndex.build(SPACES[name](), train, patients, "dl", shard_size=10)
     queries = torch.cat([unseen, train[:2].flip(-1), -train[2:3]])
