@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .checkpoint_saver import AtomicCheckpointSaver
+from .decoder_noise import DecoderNoiseHandler
 from .ema import EMAWeightsHandler
 from .privacy import PrivacySafeguardHandler
 from .sample_grid import SampleGridHandler, make_sample_grid, save_grid_png
@@ -11,6 +12,7 @@ from .seed import IterationSeedHandler
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "DecoderNoiseHandler",
     "EMAWeightsHandler",
     "IterationSeedHandler",
     "PrivacySafeguardHandler",

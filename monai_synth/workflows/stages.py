@@ -128,7 +128,8 @@ def run_quickstart(
         overrides: config id -> plain value pairs applied to every stage (the quickstart's small sizes).
         threads: torch CPU threads (``None`` leaves torch's default); networks this small run fastest on one.
         evaluation: config id -> value pairs of the bundle's ``evaluate`` stage, layered on ``overrides``: the
-            report's settings, sized to the quickstart's time budget. ``None`` skips the report.
+            report's settings, sized to the quickstart's time budget. ``None`` or ``False`` skips the report (``False``
+            is what a command line can pass: ``monai.bundle run`` drops overrides that are ``None``).
 
     Returns:
         Where each output went.
@@ -170,7 +171,7 @@ def run_quickstart(
         preprocessing=workflow.parser.get_parsed_content("preprocessing"),
     )
     times["side-by-side picture"] = time.time() - t0
-    if evaluation is not None:
+    if evaluation is not None and evaluation is not False:
         t0, c0 = time.time(), time.process_time()
         print("[quickstart] stage evaluation report ...", flush=True)
         workflow = run_stage(bundle_root, "evaluate", overrides={**common, **dict(evaluation)})

@@ -200,6 +200,18 @@ def test_stage1_checkpoint_holds_scale_factor_and_metadata(chain):
 
 
 @pytest.mark.slow
+def test_stage1_checkpoint_carries_the_decoder_noise_fitted_on_the_training_set(chain):
+    assert chain["overrides"]["decoder_noise"] == "fitted"  # the quickstart's setting
+    ckpt = torch.load(chain["snapshot"] / "models" / "autoencoder" / "autoencoder.pt", weights_only=True)
+    weights = ckpt["autoencoder"]
+    assert bool(weights["noise_fitted"])
+    kernel = weights["noise_kernel"][0, 0]
+    assert float(kernel.norm()) == pytest.approx(1.0, abs=1e-4)  # unit energy: the filtered noise keeps unit variance
+    assert float(kernel.abs().max()) < 0.999  # fitted, not the white-noise delta it starts as
+    assert bool((weights["noise_quantiles"].diff(dim=1) >= 0).all())  # a quantile table is non-decreasing
+
+
+@pytest.mark.slow
 def test_stage1_learning_rate_follows_its_schedule_and_is_saved(chain):
     from monai_synth.engines.diffusion import WarmupCosine
 
@@ -268,7 +280,10 @@ def test_rerun_of_a_copied_quickstart_logs_into_the_copy_and_adds_no_runs(chain,
 
     workflows.run_quickstart(BUNDLE, run, overrides=chain["overrides"], threads=1)
     _, first = _mlflow_runs(f"sqlite:///{run / 'mlflow.db'}")
-    workflows.run_quickstart(BUNDLE, run, overrides=chain["overrides"], threads=1)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # `--report False`, as a command line can say it, skips the report
+        workflows.run_quickstart(BUNDLE, run, overrides=chain["overrides"], threads=1, evaluation=False)
+    assert "stage sample done" in printed.getvalue() and "evaluation report" not in printed.getvalue()
 
     client, after = _mlflow_runs(f"sqlite:///{run / 'mlflow.db'}")
     # the finished training stages continue their runs; the copy's release is made from the copy's datalist (another
@@ -502,6 +517,20 @@ def test_quickstart_evaluation_benchmark_reports_every_section_at_toy_size(chain
     report = json.loads((out / "evaluation" / "report.json").read_text())
     assert report["utility"]["budget"]["steps"] == 2 and report["restoration"]["denoise"]["budget"]["steps"] == 2
     assert set(report["cpu_seconds"]) == set(report["timing_seconds"])
+
+
+@pytest.mark.slow
+def test_decoder_noise_benchmark_scores_white_and_fitted_noise_at_toy_size(chain):
+    """benchmarks/decoder_noise.py on a finished (tiny) quickstart: both noise models on the same weights."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "decoder_noise.py"
+    cmd = [sys.executable, str(script), "--output-dir", str(chain["snapshot"]), "--per-class", "1"]
+    cmd += ["--kernel-sizes", "7", "3"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BUNDLE.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    printed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True, env=env).stdout
+    scores = json.loads(printed.strip().splitlines()[-1])
+    # kernel 7 is read from the checkpoint (stage 1 fitted it), kernel 3 is fitted by the benchmark
+    assert set(scores) == {"white", "fitted, kernel 7", "fitted, kernel 3 (fitted here)"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
 
 
 def _rewrite_datalist(cohort: str, dest: Path, replace: dict[str, str]) -> Path:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from ignite.engine import Events
 from tiny_networks import tiny_autoencoder
 from torch.utils.data import DataLoader
 
@@ -88,3 +91,109 @@ def test_the_latent_sampler_releases_noisy_draws_reproducibly_from_their_seed():
     assert torch.equal(a, b) and not torch.equal(a, c)
     # the draw is not the (smooth) location: pixel-to-pixel differences carry the predicted noise
     assert float(a.diff(dim=-1).abs().mean()) > 0
+
+
+def _correlated_images(n: int = 64, seed: int = 0) -> torch.Tensor:
+    """A smooth ramp plus noise correlated along the first axis (lag-1 2/3) with a light-tailed (bounded) marginal."""
+    g = torch.Generator().manual_seed(seed)
+    e = torch.rand(n, 1, 18, 16, generator=g) * 2.0 - 1.0
+    noise = (e[:, :, :-2] + e[:, :, 1:-1] + e[:, :, 2:]) / 3.0
+    ramp = torch.linspace(-0.5, 0.5, 16).reshape(1, 1, 1, 16)
+    return ramp + 0.3 * noise
+
+
+def _lag1(r: torch.Tensor, axis: int) -> float:
+    r = r - r.mean(dim=(-2, -1), keepdim=True)
+    a, b = r.narrow(axis, 1, r.shape[axis] - 1), r.narrow(axis, 0, r.shape[axis] - 1)
+    return float((a * b).mean() / (r * r).mean())
+
+
+def _residuals(ae: LaplaceAutoencoderKL, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        loc, log_scale = ae.decode_distribution(ae.encode(x)[0])
+    return (x - loc) / log_scale.exp()
+
+
+def test_fitted_noise_has_the_training_residuals_correlation_and_marginal():
+    x = _correlated_images()
+    ae = tiny_autoencoder(latent_channels=2, network=functools.partial(LaplaceAutoencoderKL, noise="fitted")).eval()
+    ae.fit_noise(x.split(16))
+    r = _residuals(ae, x)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        drawn = ae.draw_noise((256, 1, 16, 16))
+    for axis in (-2, -1):  # the residuals are correlated along the first image axis, nearly white along the second
+        assert _lag1(drawn, axis) == pytest.approx(_lag1(r, axis), abs=0.05), axis
+    assert _lag1(r, -2) > 0.4
+    probs = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
+    assert torch.allclose(torch.quantile(drawn.flatten(), probs), torch.quantile(r.flatten(), probs), atol=0.1)
+    # the white Laplace noise of the same network has neither
+    white = tiny_autoencoder(latent_channels=2, network=LaplaceAutoencoderKL).eval()
+    assert abs(_lag1(white.draw_noise((256, 1, 16, 16)), -2)) < 0.03
+
+
+def test_fitted_noise_draws_are_reproducible_from_the_seed_and_decoded_around_the_location():
+    ae = tiny_autoencoder(latent_channels=2, network=functools.partial(LaplaceAutoencoderKL, noise="fitted")).eval()
+    ae.fit_noise(_correlated_images().split(16))
+    z = torch.randn(3, 2, 8, 8)
+    with torch.no_grad():
+        torch.manual_seed(4)
+        a = ae.decode_stage_2_outputs(z)
+        torch.manual_seed(4)
+        b = ae.decode_stage_2_outputs(z)
+        c = ae.decode_stage_2_outputs(z)
+        loc = ae.decode(z)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == loc.shape and not torch.equal(a, loc)
+
+
+def test_the_fitted_noise_model_is_saved_and_loaded_with_the_weights():
+    make = functools.partial(LaplaceAutoencoderKL, noise="fitted")
+    ae = tiny_autoencoder(latent_channels=2, network=make).eval()
+    ae.fit_noise(_correlated_images().split(16))
+    state = ae.state_dict()
+    assert {"noise_kernel", "noise_quantiles", "noise_fitted"} <= set(state)
+    loaded = tiny_autoencoder(latent_channels=2, network=make, seed=1).eval()
+    loaded.load_state_dict(state)
+    torch.manual_seed(2)
+    a = ae.draw_noise((2, 1, 16, 16))
+    torch.manual_seed(2)
+    assert torch.equal(loaded.draw_noise((2, 1, 16, 16)), a)
+
+
+def test_a_checkpoint_without_a_noise_model_loads_and_fitted_sampling_says_what_to_do():
+    old = {k: v for k, v in _ae().state_dict().items() if not k.startswith("noise_")}  # written before it existed
+    white = _ae()
+    white.load_state_dict(old)
+    assert white.draw_noise((1, 1, 4, 4)).shape == (1, 1, 4, 4)
+    fitted = tiny_autoencoder(latent_channels=2, network=functools.partial(LaplaceAutoencoderKL, noise="fitted"))
+    fitted.load_state_dict(old)
+    with pytest.raises(RuntimeError, match="never fitted"):
+        fitted.decode_stage_2_outputs(torch.randn(1, 2, 8, 8))
+
+
+def test_noise_settings_are_checked():
+    with pytest.raises(ValueError, match="noise"):
+        tiny_autoencoder(network=functools.partial(LaplaceAutoencoderKL, noise="pink"))
+    with pytest.raises(ValueError, match="odd"):
+        tiny_autoencoder(network=functools.partial(LaplaceAutoencoderKL, noise_kernel_size=4))
+    ae = tiny_autoencoder(latent_channels=2, network=functools.partial(LaplaceAutoencoderKL, noise_kernel_size=31))
+    with pytest.raises(ValueError, match="smaller than noise_kernel_size"):
+        ae.fit_noise([torch.zeros(2, 1, 16, 16)])
+
+
+def test_the_handler_fits_the_noise_at_the_end_of_stage_1():
+    from monai_synth.handlers import DecoderNoiseHandler
+
+    x = _correlated_images(32)
+    ae = tiny_autoencoder(latent_channels=2, network=functools.partial(LaplaceAutoencoderKL, noise="fitted"))
+    loader = DataLoader([{"image": img} for img in x], batch_size=8)
+    trainer = AutoencoderKLTrainer(
+        "cpu", 2, loader, ae, torch.optim.Adam(ae.parameters(), 1e-3), recon_loss="laplace_nll"
+    )
+    fitted_at = []
+    DecoderNoiseHandler(ae, loader).attach(trainer)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: fitted_at.append(bool(ae.noise_fitted)))
+    trainer.run()
+    assert fitted_at == [False, True]  # once, after the last iteration: on the trained weights
+    assert _lag1(ae.eval().draw_noise((64, 1, 16, 16)), -2) > 0.3
