@@ -267,7 +267,7 @@ def _px_label(label: str, ctx_scale: float) -> str:
     def px(n: float) -> int:
         return max(1, int(round(n * ctx_scale)))
 
-    return label.format(px4=px(4), px8=px(8))
+    return label.format(px4=px(4), px6=px(6), px8=px(8))
 
 
 ATTACKS: list[Attack] = [
@@ -379,6 +379,16 @@ ATTACKS: list[Attack] = [
         "mirror_gamma_shift",
         "mirror + gamma 0.7 + shift {px4} px",
         lambda t, u, c: _shift(_on_unit(t[0][::-1], lambda x: x**0.7), c.px(4), axis=1),
+    ),
+    Attack(
+        "rot_shift_gamma",
+        "rotation 15 deg + shift {px6} px + gamma 0.8",
+        lambda t, u, c: _shift(_on_unit(_rotate(t[0], 15.0), lambda x: x**0.8), c.px(6), axis=1),
+    ),
+    Attack(
+        "crop_blur",
+        "crop to 60% and resize + blur sd 1 px",
+        lambda t, u, c: _blur(_resize(_crop_centre(t[0], 0.6, range(t[0].ndim)), t[0].shape), 1.0 * c.scale),
     ),
 ]
 ATTACK_KEYS = [a.key for a in ATTACKS]

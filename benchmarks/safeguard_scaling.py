@@ -14,7 +14,12 @@ Part 3 (``--default-spaces``, run alone) - the safeguard as released. Seconds pe
 space (judged through a PNG release's intensity views) against indexes of 1e3 and 1e4 training rows, fitted as
 ``a + b N`` and extrapolated to 1e5 (or measured there with ``--default-sizes ... 100000``), next to the seconds per
 image of the breast-ultrasound bundle's default sampler (its networks, steps and guidance, decoding included), and
-their ratio.
+their ratio. Each space is timed with the index's fast exact search (:mod:`monai_synth.privacy.search`) and with the
+dense product (every variant with every row; ``--no-dense`` skips it), whose answers must agree, for two kinds of
+training rows (``--rows``): ``phantom`` (ultrasound phantom images of many patients, each drawn once and replicated
+with shifts, gamma, speckle and noise, embedded by the space: structure like real images, which is what the fast
+search's bounds use) and ``random`` (random unit vectors: no structure, the worst case for the bounds). Candidates
+are ultrasound phantoms of unseen patients at the bundle's size, stored as PNG.
 
 Run: ``python benchmarks/safeguard_scaling.py`` (about 3 minutes on 2 idle CPU cores). Results are recorded in
 ``docs/benchmarks.md`` (section "Safeguard scaling").
@@ -242,10 +247,44 @@ def bundle_sampling_time(bundle: str, n_images: int, steps: int | None = None) -
     }
 
 
-def default_spaces_cost(images: torch.Tensor, modality: str, sizes, candidates: int, seed: int = 0) -> list[dict]:
-    """Seconds per candidate of each default privacy space against indexes of ``sizes`` training rows (random unit
-    vectors of the space's size: exact search costs the same for any content), judged as a PNG release judges it
-    (every intensity view); the embedding is trained for one epoch on a few images (its cost, not its quality)."""
+def phantom_bases(n_patients: int, size: int, first_patient: int = 0, seed: int = 0) -> torch.Tensor:
+    """``(n, 1, size, size)`` ultrasound phantom images (grey 0-255), one per patient."""
+    from monai_synth.data.phantoms import generate_cohort
+
+    cohort = generate_cohort("us", n_patients, 1, spatial_size=size, seed=seed, first_patient=first_patient)
+    return torch.stack([torch.as_tensor(r["image"], dtype=torch.float32) for r in cohort])
+
+
+def phantom_rows(space, bases: torch.Tensor, n: int, to_model, seed: int = 0, batch: int = 256) -> np.ndarray:
+    """``(n, d)`` unit rows of ``space`` for ``n`` training images: phantom ``bases`` (grey levels) drawn in turn, each
+    copy shifted (up to 6% of the side), gamma-changed (0.7-1.4), speckled (sd 0.1-0.3) and noised (sd 2 grey levels),
+    in model space: many similar images per patient, as a real training set has."""
+    from monai_synth.privacy.index import _unit_rows
+
+    gen = torch.Generator().manual_seed(seed)
+    out, side = [], bases.shape[-1]
+    for start in range(0, n, batch):
+        m = min(batch, n - start)
+        x = bases[torch.arange(start, start + m) % len(bases)].clone() / 255.0
+        gamma = 0.7 + 0.7 * torch.rand(m, 1, 1, 1, generator=gen)
+        x = x.clamp_min(0) ** gamma
+        x = x * (1 + (0.1 + 0.2 * torch.rand(m, 1, 1, 1, generator=gen)) * torch.randn(x.shape, generator=gen))
+        x = (255.0 * x + 2.0 * torch.randn(x.shape, generator=gen)).clamp(0, 255)
+        shift = torch.randint(-(side // 16), side // 16 + 1, (m, 2), generator=gen)
+        x = torch.stack([torch.roll(x[i], tuple(shift[i].tolist()), dims=(1, 2)) for i in range(m)])
+        model = torch.as_tensor(to_model(x)).as_subclass(torch.Tensor).float()
+        out.append(_unit_rows(np.asarray(space.embed(model)))[0])
+    return np.concatenate(out)
+
+
+def default_spaces_cost(
+    images: torch.Tensor, modality: str, sizes, candidates: int, rows_kind: str = "phantom", dense: bool = True,
+    bases: int = 400, seed: int = 0,
+) -> list[dict]:  # fmt: skip
+    """Seconds per candidate of each default privacy space against indexes of ``sizes`` training rows, judged as a PNG
+    release judges it (every intensity view), with the fast exact search and (``dense``) the dense product; the
+    embedding is trained for one epoch on a few images (its cost, not its quality). ``images`` (the sampler's output)
+    set the size; the candidates are phantoms of unseen patients."""
     from monai_synth.privacy.embedding import train_embedding
     from monai_synth.privacy.factory import DEFAULT_SPACES, make_space
     from monai_synth.privacy.index import TrainingIndex
@@ -256,37 +295,57 @@ def default_spaces_cost(images: torch.Tensor, modality: str, sizes, candidates: 
     rng = np.random.default_rng(seed)
     shape = tuple(images.shape[2:])
     encoder = ReleaseEncoder("png", modality)
-    judged = images[:candidates].clamp(-1.0, 1.0)
-    while len(judged) < candidates:
-        judged = torch.cat([judged, judged])[:candidates]
-    stored = [encoder.store_generated(v) for v in judged]
-    rows = []
+    unseen = phantom_bases(candidates, shape[0], first_patient=100_000, seed=seed)
+    stored = [np.round(u.numpy()) for u in unseen]
+    judged = torch.stack([encoder.views(s)[0] for s in stored])
+    # training rows are drawn at half the bundle's size (cheaper to draw; every space resamples to a grid of 64 or less)
+    base = phantom_bases(bases, max(64, shape[0] // 2), seed=seed) if rows_kind == "phantom" else None
+    out = []
     for spec in DEFAULT_SPACES:
         if spec == "embedding":
-            few = images[:1].repeat(8, 1, *([1] * len(shape))) + 0.1 * torch.randn(8, 1, *shape)
+            few = judged[:1].repeat(8, 1, *([1] * len(shape))) + 0.1 * torch.randn(8, 1, *shape)
             space = train_embedding(few, [f"P{i // 2}" for i in range(8)], spatial_dims=len(shape), epochs=1)
         else:
             space = make_space(spec, len(shape), shape)
         dim = int(space.embed(judged[:1]).shape[1])
+        variants = int(embed_variants(space, judged[:1]).shape[1])
         for n in sizes:
-            vectors = _unit(rng, int(n), dim)
+            if rows_kind == "phantom":
+                vectors = phantom_rows(space, base, int(n), encoder.to_model, seed=seed)
+            else:
+                vectors = _unit(rng, int(n), dim)
             index = TrainingIndex(
-                [_flat(vectors)], np.zeros(int(n), dtype=np.int32), ["P0"], space.name, space.fingerprint(), "bench",
-                space=space,
+                [_flat(vectors)], np.arange(int(n), dtype=np.int32) % 1000, [f"P{i:03d}" for i in range(1000)],
+                space.name, space.fingerprint(), "bench", space=space,
             )  # fmt: skip
             safeguard = PrivacySafeguard([(index, 0.05)], batch_size=candidates)
-            t, c = time.perf_counter(), time.process_time()
-            encoder.judge(safeguard, stored)
-            wall, cpu = time.perf_counter() - t, time.process_time() - c
-            variants = int(embed_variants(space, judged[:1]).shape[1])
-            rows.append({"space": spec, "dim": dim, "variants": variants, "N": int(n),
-                         "s_per_candidate": wall / candidates, "cpu_s_per_candidate": cpu / candidates})  # fmt: skip
+            row = {"space": spec, "dim": dim, "variants": variants, "N": int(n)}
+            answers = {}
+            encoder.judge(safeguard, stored[:1])  # untimed: the first judgement also learns the batch size
+            for mode in ("fast", "dense") if dense else ("fast",):
+                index.fast_search = mode == "fast"
+                t, c = time.perf_counter(), time.process_time()
+                answers[mode] = encoder.judge(safeguard, stored)
+                row[f"{mode}_s"] = (time.perf_counter() - t) / candidates
+                row[f"{mode}_cpu_s"] = (time.process_time() - c) / candidates
+            if dense:
+                same = [a.distances == b.distances and a.nearest_rows == b.nearest_rows and a.passed == b.passed
+                        for a, b in zip(answers["fast"], answers["dense"])]  # fmt: skip
+                row["agree"] = all(same)
+            out.append(row)
             print(
-                f"  {spec:<10} d={dim:<6} variants={variants:<6} N={int(n):>7}: {wall / candidates:.3f} s per "
-                f"candidate ({cpu / candidates:.3f} CPU-s), load {os.getloadavg()[0]:.1f}",
+                f"  {spec:<10} d={dim:<5} variants={variants:<6} N={int(n):>7} {rows_kind} rows: fast "
+                f"{row['fast_s']:.3f} s per candidate ({row['fast_cpu_s']:.3f} CPU-s)"
+                + (
+                    f", dense {row['dense_s']:.3f} s ({row['dense_cpu_s']:.3f} CPU-s), same answers: {row['agree']}"
+                    if dense
+                    else ""
+                )
+                + f"; nearest distance {min(r.distances[spec] for r in answers['fast']):.3f}, "
+                f"load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
-    return rows
+    return out
 
 
 def extrapolate(rows: list[dict], target: int, key: str = "s_per_candidate") -> dict[str, float]:
@@ -327,6 +386,10 @@ def main() -> None:
     parser.add_argument("--bundle", default=os.path.join(os.path.dirname(__file__), "..", "bundles", "breast_us_ldit"))
     parser.add_argument("--sample-images", type=int, default=2, help="images sampled to time the bundle's sampler")
     parser.add_argument("--candidates", type=int, default=8, help="candidates judged per index size")
+    parser.add_argument("--rows", nargs="+", default=["phantom", "random"], choices=["phantom", "random"],
+                        help="kinds of training rows the default spaces are timed against")  # fmt: skip
+    parser.add_argument("--bases", type=int, default=400, help="phantom patients the phantom rows are drawn from")
+    parser.add_argument("--no-dense", action="store_true", help="time only the fast search, not the dense product")
     args = parser.parse_args()
     print(
         f"threads: faiss {faiss.omp_get_max_threads()}, torch {torch.get_num_threads()}, cpus {os.cpu_count()}, "
@@ -379,21 +442,41 @@ def _default_spaces_report(args) -> None:
         f"CPU-s), load {os.getloadavg()[0]:.1f}",
         flush=True,
     )
-    print("\nDefault spaces, time per candidate (PNG release: every intensity view) vs training images:")
-    rows = default_spaces_cost(samp["images"], samp["modality"], args.default_sizes, args.candidates)
-    wall, cpu = extrapolate(rows, args.target), extrapolate(rows, args.target, "cpu_s_per_candidate")
     measured = args.target in args.default_sizes
     how = "measured" if measured else f"extrapolated linearly from N = {', '.join(map(str, args.default_sizes))}"
-    print(f"\nAt N = {args.target} training images ({how}):")
-    for spec in wall:
-        print(f"  {spec:<10} {wall[spec]:8.2f} s per candidate ({cpu[spec]:.2f} CPU-s)")
-    total, total_cpu = sum(wall.values()), sum(cpu.values())
-    print(
-        f"  {'all':<10} {total:8.2f} s per candidate ({total_cpu:.2f} CPU-s) vs sampling {samp['s_per_image']:.1f} s "
-        f"per image ({samp['cpu_s_per_image']:.1f} CPU-s): safeguard / sampling = {total / samp['s_per_image']:.1%} "
-        f"(CPU time: {total_cpu / samp['cpu_s_per_image']:.1%}); goal <= 10%",
-        flush=True,
-    )
+    for kind in args.rows:
+        print(f"\nDefault spaces, time per candidate (PNG release: every intensity view), {kind} training rows:")
+        rows = default_spaces_cost(
+            samp["images"], samp["modality"], args.default_sizes, args.candidates, kind, not args.no_dense, args.bases
+        )
+        modes = ("fast", "dense") if not args.no_dense else ("fast",)
+        at = {m: extrapolate(rows, args.target, f"{m}_s") for m in modes}
+        at_cpu = {m: extrapolate(rows, args.target, f"{m}_cpu_s") for m in modes}
+        print(
+            f"\nAt N = {args.target} training images, {kind} rows ({how}); sampling {samp['s_per_image']:.1f} s per image:"
+        )
+        print(f"  {'space':<10} " + " ".join(f"{m + ' s':>9} {'CPU-s':>7} {'/ sampling':>10}" for m in modes))
+        for spec in at["fast"]:
+            print(
+                f"  {spec:<10} "
+                + " ".join(
+                    f"{at[m][spec]:9.2f} {at_cpu[m][spec]:7.2f} {at[m][spec] / samp['s_per_image']:10.1%}"
+                    for m in modes
+                ),
+                flush=True,
+            )
+        totals = {m: (sum(at[m].values()), sum(at_cpu[m].values())) for m in modes}
+        print(
+            f"  {'all':<10} "
+            + " ".join(f"{w:9.2f} {c:7.2f} {w / samp['s_per_image']:10.1%}" for w, c in totals.values())
+        )
+        w, c = totals["fast"]
+        print(
+            f"  safeguard / sampling = {w / samp['s_per_image']:.1%} (CPU time: {c / samp['cpu_s_per_image']:.1%}); "
+            f"goal <= 10%; answers of fast and dense search identical: "
+            f"{all(r.get('agree', True) for r in rows)}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -145,7 +145,8 @@ def _add_guard(sub: argparse._SubParsersAction) -> None:
         default=list(DEFAULT_SPACES),
         help="privacy spaces a candidate must all pass (default: %(default)s): pixel (whole image under flips, rot90, "
         "shifts, zooms, rotations, inversion; pixel:none for plain correlation), parts (aligned regions), tiles "
-        "(windows at every scale), texture (fine texture: copies under strong noise), embedding (copy-detection network, trained on --train unless --embedding-weights)",
+        "(windows at every scale), texture (fine texture: copies under strong noise), disc (2D: central disc under fine "
+        "rotations and zooms), embedding (copy-detection network, trained on --train unless --embedding-weights)",
     )
     p.add_argument(
         "--embedding-weights",

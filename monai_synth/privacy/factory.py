@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
+from monai_synth.privacy.disc import DiscSpace
 from monai_synth.privacy.partial import PartSpace, TileSpace
 from monai_synth.privacy.spaces import PixelSpace, PrivacySpace
 from monai_synth.privacy.texture import TextureSpace
 
-__all__ = ["DEFAULT_SPACES", "build_spaces", "make_space", "space_name"]
+__all__ = ["DEFAULT_SPACES", "TWO_D_ONLY", "build_spaces", "make_space", "space_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,12 +29,18 @@ def space_name(spec: str) -> str:
     return spec.partition(":")[0].strip().lower()
 
 
-DEFAULT_SPACES = ("pixel", "parts", "crops", "tiles", "texture", "embedding")
+DEFAULT_SPACES = ("pixel", "parts", "crops", "tiles", "texture", "disc", "embedding")
 """What a candidate must pass by default: whole-image pixel correlation under the geometric and intensity changes a
 person would still call the same image, aligned parts, crops of training images, windows at every scale, the fine
-texture of the image (a copy under strong noise such as speckle), and the learned copy-detection / re-identification ``embedding``, trained on the training images themselves when no weights
+texture of the image (a copy under strong noise such as speckle), the central disc of a 2D image under fine rotations and
+zooms (a copy rotated by up to 30 degrees, also cropped and noised; left out for volumes, see :data:`TWO_D_ONLY`), and the learned copy-detection / re-identification ``embedding``, trained on the training images themselves when no weights
 are given (minutes on a CPU for a few hundred images; pass ``--embedding-weights`` to reuse them). A space that
 collapsed in training is refused at calibration, never certified."""
+
+TWO_D_ONLY = frozenset({"disc"})
+"""Spaces that judge 2D images only. :func:`build_spaces` leaves them out for volumes (and says so), so one list of
+spaces serves a bundle in 2D and 3D; the 3D pixel space rotates volumes about each axis instead. Asked for by
+:func:`make_space` with ``spatial_dims=3``, they raise."""
 
 _PIXEL_DEFAULTS = {
     2: {"invariances": ("flip", "transpose", "shift", "zoom", "rotate", "invert"), "max_shift": 2,
@@ -55,19 +62,23 @@ def make_space(
 
     ``pixel`` = :class:`PixelSpace` on a 16-cell grid, invariant (2D) to mirror flips, transposes / rot90, shifts
     of up to 2 cells (12%), zooms 0.7-1.4, rotations up to 20 degrees and intensity inversion (3D: shifts of up to
-    2 cells, zooms 0.8-1.25 and inversion, and on their own the flips, 90-degree rotations, axis swaps, rotations of
-    5-25 degrees about each axis and zooms of 0.8-1.25 in steps of 0.05 within each plane and of the whole volume);
+    2 cells, zooms 0.8-1.25 and inversion, the mirror flips with shifts of up to 1 cell, and on their own the
+    90-degree rotations, axis swaps, rotations of 5-25 degrees about each axis and zooms of 0.8-1.25 in steps of 0.05 within each plane and of the whole volume);
     ``pixel:none``, ``pixel:flip,shift`` etc. choose the
     invariances.
     ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre),
     ``crops`` = the same class comparing crops of training images with the whole candidate,
-    ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every scale).
+    ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every scale; in 3D of the
+    training volumes' shape, and spanning some axes whole and a half or a third of the others).
     ``texture`` = :class:`~monai_synth.privacy.texture.TextureSpace` (the image minus its local mean on a 64-cell
     grid, 32 in 3D, mirrored / transposed / inverted).
+    ``disc`` = :class:`~monai_synth.privacy.disc.DiscSpace` (2D only: the central disc, radius 0.4 of the side, on a
+    16-cell grid, the query rotated every 5 degrees to +-30, zoomed 0.8-1.25 in steps of 0.05, moved by up to one cell,
+    mirrored / transposed / inverted).
     ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights; with
     ``data_fingerprint``, weights trained on another training set are refused).
 
-    The default pixel space compares every 2D query in 14,384 variants (3D: 1,224): fine for a gate over thousands of training
+    The default pixel space compares every 2D query in 14,384 variants (3D: 1,588): fine for a gate over thousands of training
     images; see ``docs/benchmarks.md`` for its cost at larger indexes, where ``pixel:flip,shift`` plus ``embedding``
     is the cheaper pair.
     """
@@ -85,15 +96,35 @@ def make_space(
     if name in ("parts", "crops"):
         kind = "regions" if name == "parts" else "crops"
         rotations = (-20.0, -10.0, 10.0, 20.0) if spatial_dims == 2 and kind == "regions" else ()
+        if spatial_dims == 3 and kind == "crops":  # a copy rotated, then cropped and resized back (about every axis)
+            rotations = (-20.0, -10.0, 10.0, 20.0)
         return PartSpace(
             grid=grid - grid % 2, spatial_dims=spatial_dims, kind=kind, invariances=symmetry, rotations=rotations
         )
     if name == "tiles":
-        scales = (0.9, 0.8, 0.5, 1.0 / 3.0) if spatial_dims == 2 else (0.8, 0.5)
-        return TileSpace(grid=grid, spatial_dims=spatial_dims, scales=scales, invariances=symmetry)
+        if spatial_dims == 2:
+            return TileSpace(grid=grid, spatial_dims=2, scales=(0.9, 0.8, 0.5, 1.0 / 3.0), invariances=symmetry)
+        # 3D: windows of the training volumes' shape (a candidate larger than them, e.g. a canvas of whole volumes),
+        # and windows spanning some axes whole and a half or third of the others (such a canvas squeezed to the model
+        # size, or a mosaic)
+        return TileSpace(
+            grid=grid,
+            spatial_dims=3,
+            scales=(0.8, 0.5),
+            invariances=symmetry,
+            reference=tuple(spatial_size),
+            fractions=(0.5, 1.0 / 3.0),
+        )
     if name == "texture":
         fine = min(64 if spatial_dims == 2 else 32, *spatial_size)
         return TextureSpace(grid=fine, spatial_dims=spatial_dims, invariances=symmetry)
+    if name == "disc":
+        if spatial_dims != 2:
+            raise ValueError(
+                f"the disc space judges 2D images, not volumes (spatial_dims={spatial_dims}); leave it out for volumes "
+                "(build_spaces does), the 3D pixel space rotates them about each axis"
+            )
+        return DiscSpace(grid=grid)
     if name == "embedding":
         if not embedding_weights:
             raise ValueError(
@@ -104,8 +135,8 @@ def make_space(
 
         return EmbeddingSpace.from_weights(embedding_weights, expected_data_fingerprint=data_fingerprint)
     raise ValueError(
-        f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], parts, crops, tiles, texture and/or "
-        "embedding"
+        f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], parts, crops, tiles, texture, disc "
+        "and/or embedding"
     )
 
 
@@ -125,10 +156,13 @@ def build_spaces(
 
     Trained on exactly these training images (model space, one batch or batches), so it knows every training patient,
     and saved to ``embedding_out`` if given. The one way ``monai-synth guard``, the bundle's release and the attack
-    benchmark get their spaces.
+    benchmark get their spaces. Spaces in :data:`TWO_D_ONLY` are left out for volumes.
     """
     built: list[PrivacySpace] = []
     for spec in specs:
+        if spatial_dims != 2 and space_name(spec) in TWO_D_ONLY:
+            logger.info(f"privacy space {spec!r} judges 2D images only: left out for these volumes")
+            continue
         if space_name(spec) != "embedding" or embedding_weights:
             built.append(make_space(spec, spatial_dims, spatial_size, embedding_weights, data_fingerprint))
             continue

@@ -16,6 +16,9 @@ Scale (about 1e6 training images):
       (``docs/benchmarks.md``, from ``benchmarks/safeguard_scaling.py``), small next to sampling the image.
       Approximate indexes (IVF, HNSW) are faster but miss some true nearest neighbours (IVF missed 14-21% of
       near-copies at 1e5-1e6 rows), which would let a near-copy through, so the safeguard stays exact.
+    * The safeguard asks only for the nearest row over all of a query's variants (:meth:`TrainingIndex.nearest`):
+      :mod:`monai_synth.privacy.search` answers that exactly with fewer products (a variant and its negation from one
+      product, a slot variant multiplied with its own columns only).
 
 The index is private: it holds vectors of training images and their patient ids. It never goes into a
 release; only its fingerprint does.
@@ -51,6 +54,7 @@ import faiss
 import numpy as np
 import torch
 
+from monai_synth.privacy.search import nearest_rows
 from monai_synth.privacy.spaces import PrivacySpace, embed_variants
 
 __all__ = ["TrainingIndex", "StaleIndexError", "DegenerateVectorError", "index_fingerprint"]
@@ -144,6 +148,10 @@ class TrainingIndex:
         space_fingerprint: fingerprint of that space at build time.
         datalist_fingerprint: fingerprint of the training datalist.
         space: the space object, needed to query with images (not needed for :meth:`search`).
+
+    Attributes:
+        fast_search: :meth:`nearest` uses :mod:`monai_synth.privacy.search`'s shortcuts (default); False compares
+            every query variant with every row (the same answer, for tests and audits).
     """
 
     def __init__(
@@ -171,6 +179,7 @@ class TrainingIndex:
         self.space_fingerprint = str(space_fingerprint)
         self.datalist_fingerprint = str(datalist_fingerprint)
         self.space = space
+        self.fast_search = True
         if space is not None:
             self.check_space(space)
 
@@ -344,6 +353,46 @@ class TrainingIndex:
         codes = np.asarray(self.patient_codes)[row]
         pids = np.asarray(self.patients, dtype=object)[codes]
         return dist, row.astype(np.int64), pids
+
+    def nearest(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The nearest training row of each query over all its variants: what :meth:`search` with ``k=1`` finds, with
+        fewer products (:mod:`monai_synth.privacy.search`).
+
+        The similarity of the nearest pair is recomputed in float64, so the fast and the dense path
+        (:attr:`fast_search` False) return the same rows and distances, bit for bit; they differ from :meth:`search`'s
+        float32 distances by float32 rounding (about 1e-7).
+
+        Returns:
+            ``distances (Q, 1)``, ``rows (Q, 1)``, ``patient_ids (Q, 1)``, as :meth:`search` with ``k=1``.
+
+        Raises:
+            DegenerateVectorError: as :meth:`search`.
+        """
+        vectors = np.asarray(vectors)
+        if vectors.ndim == 2:
+            vectors = vectors[:, None, :]
+        if vectors.ndim != 3 or vectors.shape[2] != self.dim:
+            raise ValueError(f"query vectors must be (Q, d) or (Q, V, d) with d={self.dim}, got {vectors.shape}")
+        q, v, d = vectors.shape
+        flat, bad = _unit_rows(vectors.reshape(q * v, d))
+        bad_rows = np.flatnonzero(bad.reshape(q, v).any(axis=1))
+        if len(bad_rows):
+            raise DegenerateVectorError(
+                f"query rows {bad_rows[:20].tolist()}{' ...' if len(bad_rows) > 20 else ''} have a vector with no "
+                "direction (zero, subnormal-only or non-finite), so their distance to the training images is "
+                "undefined; the privacy space under- or overflowed on those images: they must not be released",
+                bad_rows.tolist(),
+            )
+        shards = [self._shard_rows(i) for i in range(len(self.shards))]
+        sim, row = nearest_rows(flat.reshape(q, v, d), shards, self.offsets[:-1].tolist(), fast=self.fast_search)
+        dist = np.clip(1.0 - sim, 0.0, 2.0)[:, None]
+        pids = np.asarray(self.patients, dtype=object)[np.asarray(self.patient_codes)[row]]
+        return dist, row[:, None], pids[:, None]
+
+    def _shard_rows(self, i: int) -> np.ndarray:
+        """``(n, d)`` float32 view of the rows of shard ``i`` (no copy: memory-mapped shards stay mapped)."""
+        shard = self.shards[i]
+        return faiss.rev_swig_ptr(shard.get_xb(), shard.ntotal * shard.d).reshape(shard.ntotal, shard.d)
 
     def query(
         self, images: torch.Tensor | np.ndarray | Sequence, k: int = 1, batch_size: int = 64

@@ -38,6 +38,8 @@ from monai_synth.privacy.spaces import (
     _apply_symmetry,
     _checked_invariances,
     _fingerprint,
+    _linear_variants,
+    _plane_rotation,
     _query_symmetries,
     _scaled,
     _standardise,
@@ -74,7 +76,8 @@ class PartSpace:
             crop and, in 2D, the four corner crops of each size), for ``kind="crops"``.
         invariances: ``"flip"``, ``"transpose"`` (with flips: rot90) and/or ``"invert"``, applied to the whole
             candidate before it is cut, so a mirrored half is caught as well.
-        rotations: angles (degrees, first two axes) the candidate is also rotated back by before it is cut: a
+        rotations: angles (degrees; 2D in the image plane, 3D about each of the three axes) the candidate is also
+            rotated back by before it is cut: a
             rotated copy has background corners, which the aligned centre region mostly leaves out.
     """
 
@@ -139,9 +142,15 @@ class PartSpace:
                 "crops": list(self.crops),
                 "rotations": list(self.rotations),
                 "anchors": list(self._anchors),
+                **({"rotation_axes": 3} if self.spatial_dims == 3 and len(self.rotations) > 1 else {}),
                 "invariances": list(self.invariances),
             }
         )
+
+    def _rotation_maps(self) -> list[torch.Tensor]:
+        """3D: the identity, then every angle about each axis (``affine_grid`` orders coordinates by reversed axes)."""
+        maps = [torch.eye(3)]
+        return maps + [_plane_rotation(3, 2 - axis, r) for axis in range(3) for r in self.rotations[1:]]
 
     def _regions(self, g: torch.Tensor, full: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per slot: ``(B, size)`` standardised vectors (zero rows where constant) and the ``(B,)`` valid mask.
@@ -198,8 +207,12 @@ class PartSpace:
         """
         g = _on_grid(images, self.spatial_dims, self.grid)
         n, rows = g.shape[0], []
-        turned = _affine_variants(g, (1.0,), self.rotations).reshape(n, len(self.rotations), *g.shape[1:])
-        for (perm, flips), k in itertools.product(self._symmetries, range(len(self.rotations))):
+        if self.spatial_dims == 3:  # about each axis; the identity stays bit-exact
+            turned = _linear_variants(g, self._rotation_maps()).reshape(n, -1, *g.shape[1:])
+            turned[:, 0] = g
+        else:
+            turned = _affine_variants(g, (1.0,), self.rotations).reshape(n, len(self.rotations), *g.shape[1:])
+        for (perm, flips), k in itertools.product(self._symmetries, range(turned.shape[1])):
             parts = self._regions(_apply_symmetry(turned[:, k], perm, flips, 2))
             valid = torch.stack([v for _, v in parts], dim=1)  # (B, R)
             if not bool(valid.any(dim=1).all()):
@@ -238,6 +251,13 @@ class TileSpace:
             candidate) is the ``pixel`` space's job; a non-square candidate is also tried with scale-1 windows.
         stride: window step as a fraction of the window side.
         invariances: ``"flip"``, ``"transpose"``, ``"invert"``.
+        reference: the training images' shape on the index (``spatial_size``): windows take its proportions instead of
+            a square's, so a candidate larger than that geometry (a canvas of whole training volumes) is judged with
+            windows of a training volume's shape slid over every axis, at every scale. None: squares (cubes).
+        fractions: per-axis fractions of the candidate's own extent (3D): windows that span one or two axes whole and
+            a fraction of the others, slid over every axis, each compared as is and inverted (not under the other
+            symmetries: they would multiply the variants by 8). A canvas of training volumes laid out along some axes
+            and squeezed to the candidate's shape holds each volume in such a window, which no cube matches.
     """
 
     _VERSION = 2
@@ -249,11 +269,19 @@ class TileSpace:
         scales: Sequence[float] = (0.9, 0.8, 0.5, 1.0 / 3.0),
         stride: float = 0.25,
         invariances: Sequence[str] = ("flip", "transpose", "invert"),
+        reference: Sequence[int] | None = None,
+        fractions: Sequence[float] = (),
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if int(grid) < 4:
             raise ValueError(f"grid must be at least 4 cells per axis, got {grid}")
+        if reference is not None and (len(reference) != spatial_dims or min(int(r) for r in reference) < 1):
+            raise ValueError(
+                f"reference must be {spatial_dims} positive sizes (the index's spatial_size), got {reference}"
+            )
+        if not all(0.1 <= float(f) < 1.0 for f in fractions):
+            raise ValueError(f"fractions must be fractions of an axis in [0.1, 1), got {list(fractions)}")
         if not scales or not all(0.1 <= float(s) < 1.0 for s in scales):
             raise ValueError(f"scales must be fractions of the shortest side in [0.1, 1), got {list(scales)}")
         if not 0.05 <= float(stride) <= 1.0:
@@ -264,6 +292,8 @@ class TileSpace:
         self.scales = tuple(sorted({round(float(s), 4) for s in scales}, reverse=True))
         self.stride = float(stride)
         self.invariances = invariances
+        self.reference = None if reference is None else tuple(int(r) for r in reference)
+        self.fractions = tuple(sorted({round(float(f), 4) for f in fractions}, reverse=True))
         self._symmetries, self.signs = _query_symmetries(self.spatial_dims, self.invariances)
 
     @property
@@ -273,17 +303,18 @@ class TileSpace:
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the vectors."""
-        return _fingerprint(
-            {
-                "space": "tiles",
-                "version": self._VERSION,
-                "grid": self.grid,
-                "spatial_dims": self.spatial_dims,
-                "scales": list(self.scales),
-                "stride": self.stride,
-                "invariances": list(self.invariances),
-            }
-        )
+        cfg = {
+            "space": "tiles",
+            "version": self._VERSION,
+            "grid": self.grid,
+            "spatial_dims": self.spatial_dims,
+            "scales": list(self.scales),
+            "stride": self.stride,
+            "invariances": list(self.invariances),
+        }
+        if self.reference is not None or self.fractions:  # settings of the 3D windows (2D fingerprints unchanged)
+            cfg.update({"reference": list(self.reference or ()), "fractions": list(self.fractions)})
+        return _fingerprint(cfg)
 
     def embed(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """Training side: the whole image on the grid, standardised (as the ``pixel`` space's plain vector)."""
@@ -291,19 +322,22 @@ class TileSpace:
         return _standardise(g.reshape(g.shape[0], -1)).numpy().astype(np.float32, copy=False)
 
     def windows(self, shape: Sequence[int]) -> list[tuple[slice, ...]]:
-        """The windows judged in an image of spatial ``shape``: every scale, every position, the far edges included."""
+        """The windows judged in an image of spatial ``shape``: every scale, every position, the far edges included;
+        the fraction windows (see :meth:`fraction_windows`) last."""
+        main = self._main_windows(shape)
+        return main + self.fraction_windows(shape, exclude=main)
+
+    def _main_windows(self, shape: Sequence[int]) -> list[tuple[slice, ...]]:
+        """The windows compared under every symmetry: every scale and position, and the halves of each axis."""
         shape = [int(s) for s in shape]
-        scales = self.scales if len(set(shape)) == 1 else (1.0, *self.scales)
+        aspect = self.reference or (1,) * len(shape)
+        fit = min(n / a for n, a in zip(shape, aspect))  # the largest window of the reference's proportions
+        sized = [max(1, int(round(a * fit))) for a in aspect]
+        scales = self.scales if sized == shape else (1.0, *self.scales)
         out: list[tuple[slice, ...]] = []
         for scale in scales:
-            side = max(2, int(round(min(shape) * scale)))
-            step = max(1, int(round(side * self.stride)))
-            starts = []
-            for n in shape:
-                pos = list(range(0, max(n - side, 0) + 1, step))
-                pos += [max(n - side, 0), max(n - side, 0) // 2]  # the far edge and the centre, always
-                starts.append(sorted(set(pos)))
-            out.extend(tuple(slice(o, o + side) for o in corner) for corner in itertools.product(*starts))
+            sides = [max(2, int(round(a * fit * scale))) for a in aspect]
+            out.extend(self._slid(shape, sides))
         # halves: the whole extent of the other axes and half of one, at its start, middle and end: one side of a
         # pair squeezed side by side into the candidate's shape (resampled to the grid, it is that image again)
         for axis, n in enumerate(shape):
@@ -312,8 +346,37 @@ class TileSpace:
                 out.append(tuple(slice(start, start + half) if a == axis else slice(0, m) for a, m in enumerate(shape)))
         return out
 
+    def fraction_windows(self, shape: Sequence[int], exclude: Sequence[tuple[slice, ...]] = ()) -> list[tuple]:
+        """Windows spanning one or more axes whole and a fraction (``fractions``) of the others, slid over every axis
+        (those already in ``exclude`` left out): where a canvas laid out along some axes and squeezed to the
+        candidate's shape holds each training volume."""
+
+        def key(w: tuple[slice, ...]) -> tuple:
+            return tuple((s.start, s.stop) for s in w)
+
+        shape, out, seen = [int(s) for s in shape], [], {key(w) for w in exclude}
+        for fr in itertools.product((1.0, *self.fractions), repeat=len(shape)):
+            if all(f == 1.0 for f in fr) or 1.0 not in fr:
+                continue
+            for w in self._slid(shape, [max(2, int(round(n * f))) for n, f in zip(shape, fr)]):
+                if key(w) not in seen:
+                    seen.add(key(w))
+                    out.append(w)
+        return out
+
+    def _slid(self, shape: Sequence[int], sides: Sequence[int]) -> list[tuple[slice, ...]]:
+        """Windows of ``sides`` at every step of ``stride`` times their side per axis, the far edge and centre too."""
+        starts = []
+        for n, side in zip(shape, sides):
+            step = max(1, int(round(side * self.stride)))
+            pos = list(range(0, max(n - side, 0) + 1, step))
+            pos += [max(n - side, 0), max(n - side, 0) // 2]  # the far edge and the centre, always
+            starts.append(sorted(set(pos)))
+        return [tuple(slice(o, o + s) for o, s in zip(corner, sides)) for corner in itertools.product(*starts)]
+
     def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
-        """Query side ``(B, V, d)``: every window x symmetry x sign, resampled to the grid and standardised.
+        """Query side ``(B, V, d)``: every window x symmetry x sign (fraction windows x sign), resampled to the grid and
+        standardised.
 
         A constant window (e.g. plain background) cannot be compared; it repeats the image's first comparable window
         instead, and an image with no comparable window is refused.
@@ -322,14 +385,18 @@ class TileSpace:
         check_finite(x)
         x = _scaled(x.reshape(x.shape[0], -1)).reshape(x.shape)
         n, size = x.shape[0], (self.grid,) * self.spatial_dims
-        tiles = torch.stack(
-            [
-                F.interpolate(x[(slice(None), slice(None), *w)], size=size, mode="area")
-                for w in self.windows(x.shape[2:])
-            ],
-            dim=1,
-        )  # (B, W, C, *grid)
+        main = self._main_windows(x.shape[2:])
+
+        def resampled(windows: list[tuple[slice, ...]]) -> torch.Tensor:  # (B, W, C, *grid)
+            return torch.stack(
+                [F.interpolate(x[(slice(None), slice(None), *w)], size=size, mode="area") for w in windows], dim=1
+            )
+
+        tiles = resampled(main)
         sym = torch.cat([_apply_symmetry(tiles, p, f, 3) for p, f in self._symmetries], dim=1)
+        extra = self.fraction_windows(x.shape[2:], exclude=main)
+        if extra:  # as they are: under every symmetry they would be 8 times as many
+            sym = torch.cat([sym, resampled(extra)], dim=1)
         flat = sym.reshape(n, sym.shape[1], -1)
         centred = flat - flat.mean(dim=2, keepdim=True)
         norm = centred.norm(dim=2, keepdim=True)

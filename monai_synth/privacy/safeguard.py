@@ -195,12 +195,12 @@ class PrivacySafeguard:
             try:
                 vec = embed_variants(index.space, torch.stack(chunk))
                 note_query_size(index.space, chunk[0], vec)
-                d, r, p = index.search(vec, k=1)
+                d, r, p = index.nearest(vec)
                 out.extend((float(d[i, 0]), str(p[i, 0]), int(r[i, 0])) for i in range(len(chunk)))
             except Exception:  # isolate the image(s) that fail, the others are still judged
                 for img in chunk:
                     try:
-                        d, r, p = index.search(embed_variants(index.space, img[None]), k=1)
+                        d, r, p = index.nearest(embed_variants(index.space, img[None]))
                         out.append((float(d[0, 0]), str(p[0, 0]), int(r[0, 0])))
                     except Exception as err:
                         out.append(err)

@@ -261,7 +261,7 @@ class PixelSpace:
     the guard's default); the index itself does not grow.
     """
 
-    _VERSION = 7
+    _VERSION = 8
     _DEFAULT_ZOOMS = (0.8, 0.9, 1.0, 1.1, 1.25)
     _DEFAULT_ROTATIONS = (-20.0, -10.0, 0.0, 10.0, 20.0)
 
@@ -310,8 +310,8 @@ class PixelSpace:
         flip, transpose = "flip" in invariances, "transpose" in invariances
         # 2D: every symmetry combines with every shift, zoom and angle (8 symmetries). 3D: the 8 flips and 48 axis
         # permutations would multiply the shifted variants (and memory) by up to 48, so they are compared alone (with
-        # inversion), which catches a mirrored, 90-degree-rotated or axis-swapped volume, not one also shifted; the
-        # memory this saves buys larger 3D shifts. The same holds for 3D rotations (about each of the three axes) and
+        # inversion), which catches a mirrored, 90-degree-rotated or axis-swapped volume, not one also shifted (the
+        # flips alone are also tried with the one-cell shifts); the memory this saves buys larger 3D shifts. The same holds for 3D rotations (about each of the three axes) and
         # zooms within one plane (a volume with a border added in-plane and resized back): compared alone.
         if self.spatial_dims == 2:
             self._symmetries, self._permuted = _symmetries(2, flip, transpose), []
@@ -329,6 +329,13 @@ class PixelSpace:
         # background canvas has background where its far side was cut off, which the wrap restores and the replicated
         # edge (anatomy, when the image has anatomy near that edge) does not
         self._wrap_shifts = shifts[1:]
+        # 3D: the mirror flips also with every shift of one cell per axis (a mirrored copy moved a little; the larger
+        # shifts stay with the unflipped query)
+        self._flip_shifts: list[tuple[int, ...]] = []
+        self._flips: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+        if self.spatial_dims == 3 and flip and "shift" in invariances:
+            self._flips = _symmetries(3, True, False)[1:]
+            self._flip_shifts = [s for s in shifts[1:] if max(map(abs, s)) <= 1]
         self._alone: list[tuple[tuple, tuple, torch.Tensor]] = []  # (zoom, rotation) descriptions and the map
         if self.spatial_dims == 3:
             nd = self.spatial_dims
@@ -353,6 +360,9 @@ class PixelSpace:
             for s in shifts
         ]
         self.variant_ops += [(sign, 1.0, 0.0, sym, shifts[0], "edge") for sign in self.signs for sym in self._permuted]
+        self.variant_ops += [
+            (sign, 1.0, 0.0, sym, s, "edge") for sign in self.signs for sym in self._flips for s in self._flip_shifts
+        ]
         self.variant_ops += [
             (sign, 1.0, 0.0, sym, s, "wrap")
             for sign in self.signs
@@ -427,6 +437,9 @@ class PixelSpace:
                 [_apply_symmetry(g0[:, None], perm, flips, 3) for perm, flips in self._permuted], dim=1
             )
             groups.append(self._signed(permuted, n))
+        if self._flip_shifts:
+            w = self._windows(g0, self._flip_shifts, "replicate")
+            groups.append(self._signed(torch.cat([_apply_symmetry(w, p, f, 3) for p, f in self._flips], dim=1), n))
         if self._wrap_shifts:
             w = self._windows(g0, self._wrap_shifts, "circular")
             groups.append(self._signed(torch.cat([_apply_symmetry(w, p, f, 3) for p, f in self._symmetries], dim=1), n))
@@ -490,7 +503,7 @@ def embed_variants(space: PrivacySpace, images: torch.Tensor | np.ndarray | Sequ
 
 QUERY_FLOATS = 2**25
 """Query vectors (float32 values) one space embeds and searches at once: 128 MiB. A 3D pixel-space query holds 5
-million (1,224 variants of 4,096 values), a 2D one 3.7 million, so a batch of 64 would hold 1.3 GB per space (and the
+million (1,588 variants of 4,096 values), a 2D one 3.7 million, so a batch of 64 would hold 1.6 GB per space (and the
 embedding's intermediates several times that); batches are cut to this budget instead."""
 
 _PER_IMAGE: dict[tuple, int] = {}

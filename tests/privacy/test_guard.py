@@ -63,7 +63,7 @@ def test_copies_are_held_back_and_new_patients_released(files, guarded):
     assert summary["released"] == len(list((out / "images").glob("*.png")))
     cert = load_certificate(out)
     assert cert["summary"]["released"] == summary["released"] and cert["fingerprints"]["datalist"]
-    assert set(cert["spaces"]) == {"pixel", "parts", "crops", "tiles", "texture", "embedding"}  # the defaults
+    assert set(cert["spaces"]) == {"pixel", "parts", "crops", "tiles", "texture", "disc", "embedding"}  # the defaults
     released = {s for s in audit if audit[s]["passed"] == "True"}
     assert released and all(s.startswith("new_") for s in released)
     assert not (out / "private_audit.csv").exists() and out.parent.joinpath("release.private_audit.csv").is_file()

@@ -172,6 +172,45 @@ def _body_volume(side: int = 32, seed: int = 0) -> torch.Tensor:
     return x[None, None]
 
 
+def _canvas(volumes: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """Three volumes in corners of a canvas three times their size in-plane, the fourth in its centre."""
+    n0, n1, n2 = volumes.shape[2:]
+    out = torch.zeros(1, 1, 3 * n0, 3 * n1, n2)
+    for v, (i, j) in zip(volumes, [(0, 0), (2, 0), (0, 2), (1, 1)]):
+        out[0, :, i * n0 : (i + 1) * n0, j * n1 : (j + 1) * n1] = v
+    return out if size == tuple(out.shape[2:]) else torch.nn.functional.interpolate(out, size=size, mode="area")
+
+
+def test_3d_tiles_catch_a_canvas_of_training_volumes_squeezed_to_the_model_size():
+    # laid out in-plane and squeezed back to 32^3, each training volume fills a third of two axes and all of the
+    # third: no cube window holds it (0.35-0.37 from its source, other volumes 0.14-0.29)
+    from monai_synth.privacy.factory import make_space
+
+    vols = torch.cat([_body_volume(seed=s) for s in range(8)])
+    canvas = _canvas(vols[:4], (32, 32, 32))
+    space = make_space("tiles", 3, (32, 32, 32))
+    train = space.embed(vols[:3])
+    copies = 1.0 - (space.embed_variants(canvas)[0] @ train.T).max(axis=0)
+    others = 1.0 - (space.embed_variants(vols[4:]) @ train.T).max(axis=1)
+    assert copies.max() < 0.2 * others.min()
+
+
+def test_3d_tiles_judge_a_larger_candidate_with_windows_of_the_training_volumes_shape():
+    # training volumes of 32 x 32 x 16 on the index; a canvas holding two of them bit-exact. Cubes of the shortest
+    # side (16) never hold a whole volume: 0.25-0.28 from the sources, other volumes 0.17-0.35
+    from monai_synth.privacy.factory import make_space
+
+    vols = torch.nn.functional.interpolate(
+        torch.cat([_body_volume(seed=s) for s in range(6)]), (32, 32, 16), mode="area"
+    )
+    canvas = _canvas(vols[[0, 1, 4, 5]], (96, 96, 16))
+    space = make_space("tiles", 3, (32, 32, 16))
+    train = space.embed(vols[:2])
+    copies = 1.0 - (space.embed_variants(canvas)[0] @ train.T).max(axis=0)
+    others = 1.0 - (space.embed_variants(vols[2:4]) @ train.T).max(axis=1)
+    assert copies.max() < 1e-5 and others.min() > 0.1
+
+
 def test_3d_shift_on_a_background_canvas_is_undone_by_the_wrapped_shift():
     # anatomy up to two cells from the far edge: shifted two cells on a background canvas, the replicated edge puts
     # anatomy where the original had background; wrapping the vacated cells around restores the background exactly
@@ -228,6 +267,50 @@ def test_3d_default_space_catches_an_in_plane_border_on_ct_phantoms():
     others = 1.0 - (space.embed_variants(vols[2:]) @ train[:2].T).max(axis=1)  # other patients vs the two sources
     copies = 1.0 - np.stack([space.embed_variants(framed)[i] @ train[i] for i in range(2)]).max(axis=1)
     assert copies.max() < 0.8 * others.min()
+
+
+def test_3d_default_space_catches_a_mirrored_copy_moved_a_little():
+    # mirror + gamma 0.7 + a 2-voxel shift: the 3D flips were compared unshifted only, which left such copies of CT
+    # phantoms at 0.03-0.11 from their sources, as far as the nearest other patient (0.032)
+    from monai_synth.data.phantoms import generate_cohort
+    from monai_synth.privacy.factory import make_space
+
+    cohort = generate_cohort("ct", n_patients=8, images_per_patient=1, spatial_dims=3, spatial_size=32, seed=0)
+    vols = torch.stack([torch.as_tensor(r["image"]).clamp(-1000.0, 1000.0) for r in cohort]).float()
+    unit = (vols + 1000.0) / 2000.0
+    mirrored = (-1000.0 + 2000.0 * unit**0.7).flip(2)
+    moved = torch.full_like(mirrored, -1000.0)
+    moved[..., 2:, :] = mirrored[..., :-2, :]
+    space = make_space("pixel", 3, (32, 32, 32))
+    train = space.embed(vols[:4])
+    others = 1.0 - (space.embed_variants(vols[4:]) @ train.T).max(axis=1)
+    copies = 1.0 - np.stack([(space.embed_variants(moved[i : i + 1])[0] @ train[i]).max() for i in range(4)])
+    assert copies.max() < 0.3 * others.min()
+
+
+def test_3d_crops_space_catches_a_copy_rotated_cropped_and_speckled():
+    # rotation 10 deg, crop to 85% and resize, speckle sd 0.3: the crops space matched the crop but not the rotation,
+    # which left such CT phantom copies at 0.679-0.688, the nearest other patient at 0.684 (1 - r / 3: r 0.94-0.96)
+    import torch.nn.functional as F
+    from scipy import ndimage
+
+    from monai_synth.data.phantoms import generate_cohort
+    from monai_synth.privacy.factory import make_space
+
+    cohort = generate_cohort("ct", n_patients=8, images_per_patient=1, spatial_dims=3, spatial_size=32, seed=0)
+    vols = torch.stack([torch.as_tensor(r["image"]).clamp(-1000.0, 1000.0) for r in cohort]).float()
+    g = torch.Generator().manual_seed(0)
+    copies = []
+    for v in vols[:4]:
+        turned = ndimage.rotate(v[0].numpy(), 10.0, axes=(0, 1), reshape=False, order=1, mode="constant", cval=-1000.0)
+        c = F.interpolate(torch.as_tensor(turned)[2:30, 2:30, 2:30][None, None], size=(32, 32, 32), mode="trilinear")
+        copies.append(-1000.0 + (c[0] + 1000.0) * (1.0 + 0.3 * torch.randn(c[0].shape, generator=g)).clamp_min(0))
+    copies = torch.stack(copies)
+    space = make_space("crops", 3, (32, 32, 32))
+    train = space.embed(vols[:4])
+    others = 1.0 - (space.embed_variants(vols[4:]) @ train.T).max(axis=1)
+    caught = 1.0 - np.stack([(space.embed_variants(copies[i : i + 1])[0] @ train[i]).max() for i in range(4)])
+    assert caught.max() < others.min()
 
 
 def test_2d_rotations_are_resampled_on_the_fine_grid():

@@ -1,0 +1,293 @@
+"""Exact nearest training row of each query over all its variants, with fewer products than every variant x every row.
+
+The safeguard asks one question per candidate and space: the largest inner product between any query variant
+(flips, shifts, zooms, rotations, signs, windows, slots) and any training row. Computed as a dense product, that is
+``V x N`` similarities of ``d`` multiply-adds each (the 2D pixel space: 14,384 variants of 256 values). Two exact
+shortcuts cut it without changing the answer:
+
+* **Signs and duplicates.** A space invariant to intensity inversion queries ``v`` and ``-v``; their inner products
+  with a row are exact negatives (IEEE rounding is symmetric), so one product gives both: ``|<v, x>|``, taken from
+  one min/max pass. Identical variants (a constant window repeated) are computed once.
+* **Slots.** A variant that is zero outside some columns (the ``parts`` and ``crops`` spaces hold one region in its
+  slot, zeros elsewhere) is multiplied with those columns only: adding exact zeros changes no sum.
+* **A bfloat16 screen with a proven error bound.** Dense variants (pixel, tiles, texture, embedding) are first
+  multiplied in bfloat16 (about 3x faster than float32 on a CPU with AVX-512 BF16; skipped on CPUs without native
+  bfloat16, :data:`BF16_SCREEN`). For unit vectors the screened
+  value is within :data:`SCREEN` of the true similarity (see there), so a (variant, row) pair whose screened
+  ``|similarity|`` plus :data:`SCREEN` is below the best exact similarity found so far cannot be the nearest pair;
+  every other pair is computed in float32 (few: the pairs within a few hundredths of the best).
+
+Not used, measured in ``docs/benchmarks.md``: a two-stage search that bounds each similarity through a projection on
+the rows' principal directions (Cauchy-Schwarz on the residuals) is exact too, but the per-pair bound test costs
+about as much on a CPU as the 256-term product it would save, and on phantom rows it rules out too few whole rows.
+
+Exact ties and float32 rounding: every pair within :data:`REFINE` of the best float32 similarity is recomputed in
+float64, and the largest (then the lowest row) is returned, so the dense and the fast path return the same row and
+the same distance, bit for bit, whatever the order their float32 sums were taken in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["REFINE", "SCREEN", "nearest_rows"]
+
+REFINE = 1e-3
+"""Pairs whose float32 similarity is within this of the best are recomputed in float64. It covers the float32 error
+of a ``d``-term dot product of unit vectors, at most about ``d * 2**-24`` (2.4e-4 for d = 4096)."""
+
+SCREEN = 0.02
+"""Bound on ``|bf16 screen - true similarity|`` for unit vectors, with room to spare. Rounding each input to bfloat16
+(8 significant bits, unit roundoff ``u = 2**-8``) changes ``sum q_i x_i`` by at most ``(2u + u**2) sum |q_i x_i| <=
+0.0079`` (Cauchy-Schwarz: ``sum |q_i x_i| <= |q| |x| = 1``); the products of two bfloat16 values are exact in the
+float32 accumulator, whose rounding adds at most ``d * 2**-24`` (2.4e-4 for d = 4096); rounding the result to
+bfloat16 adds at most ``u * 1.01 <= 0.004``. Total <= 0.0122."""
+
+
+def _bf16_is_fast() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX); without it the screen would be slower
+    than the float32 product it replaces, so it is skipped (the answers are the same either way)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+BF16_SCREEN = _bf16_is_fast()
+"""Screen dense variants in bfloat16 first (set at import from the CPU's instruction set; tests switch it)."""
+
+_BLOCK_FLOATS = 1 << 24  # similarities held at once: 64 MiB of float32
+_DENSE_PAIRS = 0.25  # when more of a block's pairs survive the screen than this, its survivors are multiplied densely
+
+
+@dataclass
+class _Group:
+    """Distinct query vectors that share their non-zero columns ``cols`` (None: all): ``q`` ``(m, c)`` on those
+    columns, the query each belongs to, whether its negation is asked as well (then ``|<q, x>|`` counts), and the full
+    ``(m, d)`` vectors for the float64 recomputation."""
+
+    cols: np.ndarray | None
+    q: torch.Tensor
+    owner: np.ndarray
+    both: np.ndarray
+    full: np.ndarray
+
+
+def _groups(flat: np.ndarray, owner: np.ndarray, fast: bool) -> list[_Group]:
+    """Query vectors ``(M, d)`` -> groups to multiply; ``fast``: signs folded, duplicates dropped, slots split out."""
+    d = flat.shape[1]
+    if not fast:
+        return [_Group(None, torch.from_numpy(flat), owner, np.zeros(len(flat), bool), flat)]
+    first = (flat != 0).argmax(axis=1)
+    sign = np.where(flat[np.arange(len(flat)), first] < 0, -1.0, 1.0).astype(np.float32)
+    canon = flat * sign[:, None] + np.float32(0.0)  # + 0 turns -0.0 into 0.0, so equal vectors have equal bytes
+    first_of, inverse = _distinct(canon, owner)
+    pos, neg = np.zeros(len(first_of), bool), np.zeros(len(first_of), bool)
+    pos[inverse[sign > 0]] = True
+    neg[inverse[sign < 0]] = True
+    vec = canon[first_of] * np.where(neg & ~pos, -1.0, 1.0).astype(np.float32)[:, None]
+    own, both = owner[first_of], pos & neg
+    support = vec != 0
+    sparse = support.sum(axis=1) <= d // 2
+    groups = []
+    if (~sparse).any():
+        dense = np.flatnonzero(~sparse)
+        q = torch.from_numpy(np.ascontiguousarray(vec[dense]))
+        groups.append(_Group(None, q, own[dense], both[dense], vec[dense]))
+    if sparse.any():
+        idx = np.flatnonzero(sparse)
+        packed = np.ascontiguousarray(np.packbits(support[idx], axis=1))
+        _, group_of = np.unique(packed.view(np.dtype((np.void, packed.shape[1]))).ravel(), return_inverse=True)
+        group_of = group_of.ravel()
+        for g in range(int(group_of.max()) + 1):
+            members = idx[group_of == g]
+            cols = np.flatnonzero(support[members[0]])
+            q = torch.from_numpy(np.ascontiguousarray(vec[members][:, cols]))
+            groups.append(_Group(cols, q, own[members], both[members], vec[members]))
+    return groups
+
+
+def _distinct(rows: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows per owner: the index of each one's first occurrence and, per row, which one it is.
+
+    Sorted by a hash (a fixed random projection) instead of by their bytes, which is many times faster for long rows;
+    rows with equal hashes are compared in full, and any collision between different rows falls back to the bytes.
+    """
+    h = rows.astype(np.float64) @ np.random.default_rng(0).standard_normal(rows.shape[1])
+    order = np.lexsort((np.arange(len(rows)), h, owner))
+    same = (owner[order][1:] == owner[order][:-1]) & (h[order][1:] == h[order][:-1])
+    if same.any() and not (rows[order][1:][same] == rows[order][:-1][same]).all():
+        keyed = np.ascontiguousarray(np.concatenate([owner.astype(np.float32)[:, None], rows], axis=1))
+        _, first_of, inverse = np.unique(
+            keyed.view(np.dtype((np.void, keyed.shape[1] * 4))).ravel(), return_index=True, return_inverse=True
+        )
+        return first_of, inverse.ravel()
+    starts = np.concatenate([[True], ~same])
+    label = np.cumsum(starts) - 1
+    inverse = np.empty(len(rows), dtype=np.int64)
+    inverse[order] = label
+    return order[starts], inverse
+
+
+class _Best:
+    """Per query: the best float32 similarity so far and the (vector, row) pairs within :data:`REFINE` of it."""
+
+    def __init__(self, n: int) -> None:
+        self.value = np.full(n, -np.inf)
+        self.pairs: list[list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(n)]
+
+    def add(self, sims: torch.Tensor, g: _Group, rows: np.ndarray) -> None:
+        """Record the float32 similarities ``sims`` ``(m, len(rows))`` of group ``g``'s vectors with global ``rows``
+        (vectors of owner -1 are padding and ignored).
+
+        One min/max pass gives every vector's best (``|.|`` for the vectors asked with both signs); only the few
+        vectors that reach their query's best are looked at again, for their pairs within :data:`REFINE` of it.
+        """
+        low, high = torch.aminmax(sims, dim=1)
+        both = torch.from_numpy(g.both)
+        value = torch.where(both, torch.maximum(high, -low), high).numpy().astype(np.float64)
+        real = g.owner >= 0
+        np.maximum.at(self.value, g.owner[real], value[real])
+        near = np.flatnonzero(real & (value >= self.value[np.maximum(g.owner, 0)] - REFINE))
+        sub = sims[torch.from_numpy(near)]
+        sub = torch.where(both[torch.from_numpy(near)][:, None], sub.abs(), sub)
+        floor = torch.from_numpy(self.value[g.owner[near]] - REFINE)
+        vi, ri = torch.nonzero(sub >= floor[:, None], as_tuple=True)
+        vi, ri = near[vi.numpy()], ri.numpy()
+        for o in np.unique(g.owner[vi]):
+            m = g.owner[vi] == o
+            self.pairs[o].append((vi[m], rows[ri[m]], g.full, g.both))
+
+    def add_pairs(self, o: int, sims: torch.Tensor, vi: np.ndarray, rows: np.ndarray, g: _Group) -> None:
+        """Record float32 similarities ``sims`` of single pairs (``g.full[vi]``, global ``rows``) of query ``o``
+        (``|.|`` already taken for the vectors asked with both signs)."""
+        if not len(vi):
+            return
+        self.value[o] = max(self.value[o], float(sims.max()))
+        keep = (sims >= self.value[o] - REFINE).numpy()
+        self.pairs[o].append((vi[keep], rows[keep], g.full, g.both))
+
+    def result(self, o: int, rows_of) -> tuple[float, int]:
+        """float64 best similarity of query ``o`` and its row (the lowest row among exact float64 ties)."""
+        best_s, best_r = -np.inf, -1
+        for vi, rows, full, both in self.pairs[o]:
+            if not len(vi):
+                continue
+            s = np.einsum("ij,ij->i", full[vi].astype(np.float64), rows_of(rows).astype(np.float64))
+            s = np.where(both[vi], np.abs(s), s)
+            for value, row in zip(s, rows):
+                if value > best_s or (value == best_s and row < best_r):
+                    best_s, best_r = float(value), int(row)
+        return best_s, best_r
+
+
+def _batched(groups: list[_Group]) -> list[tuple[_Group, torch.Tensor | None]]:
+    """Slot groups with the same number of columns merged into one batched product (padded with vectors of owner -1):
+    the ``crops`` space has 45 slots of 64 columns, one small product each would cost more in overhead than in work.
+
+    Returns:
+        ``(group, None)`` for a dense group (``q`` ``(m, d)``), ``(group, cols)`` for a batch (``q`` ``(G, m, c)``,
+        ``cols`` the ``G * c`` columns, slot after slot).
+    """
+    out: list[tuple[_Group, torch.Tensor | None]] = [(g, None) for g in groups if g.cols is None]
+    by_size: dict[int, list[_Group]] = {}
+    for g in groups:
+        if g.cols is not None:
+            by_size.setdefault(len(g.cols), []).append(g)
+    for c, gs in by_size.items():
+        m = max(len(g.owner) for g in gs)
+        q = torch.zeros(len(gs), m, c)
+        d = gs[0].full.shape[1]
+        owner, both, full = (
+            np.full(len(gs) * m, -1),
+            np.zeros(len(gs) * m, bool),
+            np.zeros((len(gs) * m, d), np.float32),
+        )
+        for i, g in enumerate(gs):
+            n = len(g.owner)
+            q[i, :n] = g.q
+            owner[i * m : i * m + n], both[i * m : i * m + n], full[i * m : i * m + n] = g.owner, g.both, g.full
+        cols = torch.from_numpy(np.concatenate([g.cols for g in gs]))
+        out.append((_Group(None, q, owner, both, full), cols))
+    return out
+
+
+def _screened(g: _Group, q16: torch.Tensor, x: torch.Tensor, best: _Best, rows: np.ndarray) -> None:
+    """One block of rows for a dense group: bfloat16 screen, then float32 for the pairs it cannot rule out."""
+    both = torch.from_numpy(g.both)
+    approx = (q16 @ x.to(torch.bfloat16).T).abs_()  # |.| bounds the similarity of either sign
+    top = approx.amax(dim=1).float().numpy().astype(np.float64)
+    owners = np.unique(g.owner)
+    for o in owners:  # seed each query's best with the exact similarities of its most promising vector
+        members = np.flatnonzero(g.owner == o)
+        v = int(members[np.argmax(top[members])])
+        sims = x @ g.q[v]
+        best.add_pairs(int(o), sims.abs() if g.both[v] else sims, np.full(len(rows), v), rows, g)
+    floor = best.value[g.owner] - REFINE - SCREEN
+    keep = np.flatnonzero(top >= floor)
+    if not len(keep):
+        return
+    sub = approx[torch.from_numpy(keep)].float()
+    if sub.numel() and (sub >= torch.from_numpy(floor[keep]).float()[:, None]).float().mean() > _DENSE_PAIRS:
+        part = _Group(None, g.q[torch.from_numpy(keep)], g.owner[keep], g.both[keep], g.full[keep])
+        best.add(part.q @ x.T, part, rows)
+        return
+    vi, ri = torch.nonzero(sub >= torch.from_numpy(floor[keep]).float()[:, None], as_tuple=True)
+    vi = torch.from_numpy(keep)[vi]
+    sims = torch.einsum("ij,ij->i", g.q[vi], x[ri])
+    sims = torch.where(both[vi], sims.abs(), sims)
+    vi, ri = vi.numpy(), ri.numpy()
+    for o in np.unique(g.owner[vi]):
+        m = g.owner[vi] == o
+        best.add_pairs(int(o), sims[torch.from_numpy(m)], vi[m], rows[ri[m]], g)
+
+
+def nearest_rows(
+    queries: np.ndarray, shards: Sequence[np.ndarray], offsets: Sequence[int], fast: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Largest inner product of each query (over its variants) with any row, and that row.
+
+    Args:
+        queries: ``(Q, V, d)`` unit float32 query vectors (V variants per query).
+        shards: ``(n_i, d)`` float32 training rows (e.g. views of FAISS shards), numbered from ``offsets[i]``.
+        offsets: global number of the first row of each shard.
+        fast: fold signs and duplicates and split slots; False: every variant with every row.
+
+    Returns:
+        ``(Q,)`` float64 similarities and ``(Q,)`` int64 global row numbers, identical for ``fast`` True and False.
+    """
+    nq, nv, d = queries.shape
+    flat = np.ascontiguousarray(queries.reshape(nq * nv, d), dtype=np.float32)
+    owner = np.repeat(np.arange(nq), nv)
+    xs = [torch.from_numpy(np.asarray(x, dtype=np.float32)) for x in shards]
+    best = _Best(nq)
+    for g, cols in _batched(_groups(flat, owner, fast)):
+        step = max(1, _BLOCK_FLOATS // max(len(g.full), 1))
+        q16 = g.q.to(torch.bfloat16) if fast and cols is None and BF16_SCREEN else None
+        for x, offset in zip(xs, offsets):
+            for s in range(0, x.shape[0], step):
+                if q16 is not None:
+                    _screened(g, q16, x[s : s + step], best, np.arange(offset + s, offset + s + len(x[s : s + step])))
+                    continue
+                if cols is None:
+                    sims = g.q @ x[s : s + step].T
+                else:  # slots of one size side by side: (slots, vectors, c) @ (slots, c, rows)
+                    xb = x[s : s + step][:, cols].reshape(-1, *g.q.shape[::2]).permute(1, 2, 0)
+                    sims = torch.bmm(g.q, xb).reshape(len(g.full), -1)
+                best.add(sims, g, np.arange(offset + s, offset + s + sims.shape[1]))
+    starts = np.asarray(offsets)
+
+    def rows_of(rows: np.ndarray) -> np.ndarray:
+        which = np.searchsorted(starts, rows, side="right") - 1
+        out = np.empty((len(rows), d), dtype=np.float32)
+        for j in np.unique(which):
+            m = which == j
+            out[m] = np.asarray(shards[j])[rows[m] - starts[j]]
+        return out
+
+    sims, rows = np.empty(nq), np.empty(nq, dtype=np.int64)
+    for o in range(nq):
+        sims[o], rows[o] = best.result(o, rows_of)
+    return sims, rows

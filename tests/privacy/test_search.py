@@ -1,0 +1,129 @@
+"""The safeguard's nearest-row search: the fast path (signs folded, slots split) gives exactly the dense path's answer,
+and a near-copy is still refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from monai_synth.data.phantoms import generate_cohort
+from monai_synth.privacy.index import DegenerateVectorError, TrainingIndex
+from monai_synth.privacy.partial import PartSpace, TileSpace
+from monai_synth.privacy.safeguard import PrivacySafeguard
+from monai_synth.privacy.search import SCREEN, nearest_rows
+from monai_synth.privacy.spaces import PixelSpace, embed_variants
+
+SPACES = {
+    "pixel": lambda: PixelSpace(grid=8, invariances=("flip", "transpose", "shift", "invert"), max_shift=1),
+    "parts": lambda: PartSpace(grid=8, kind="regions"),
+    "crops": lambda: PartSpace(grid=8, kind="crops"),
+    "tiles": lambda: TileSpace(grid=8, scales=(0.5,)),
+}
+
+
+def _model(records):
+    return torch.stack([torch.as_tensor(r["image"]) for r in records]) / 127.5 - 1.0
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    train = generate_cohort("us", 12, 2, spatial_size=32, seed=3)
+    unseen = generate_cohort("us", 3, 1, spatial_size=32, seed=3, first_patient=50)
+    return _model(train), [r["patient_id"] for r in train], _model(unseen)
+
+
+@pytest.mark.parametrize("bf16_screen", [True, False])  # the screen runs only on CPUs with native bfloat16
+@pytest.mark.parametrize("name", list(SPACES))
+def test_fast_and_dense_search_give_the_same_rows_and_distances(phantoms, name, bf16_screen, monkeypatch):
+    monkeypatch.setattr("monai_synth.privacy.search.BF16_SCREEN", bf16_screen)
+    train, patients, unseen = phantoms
+    index = TrainingIndex.build(SPACES[name](), train, patients, "dl", shard_size=10)
+    queries = torch.cat([unseen, train[:2].flip(-1), -train[2:3]])
+    vec = embed_variants(index.space, queries)
+    index.fast_search = False
+    dense = index.nearest(vec)
+    index.fast_search = True
+    fast = index.nearest(vec)
+    for a, b in zip(fast, dense):
+        np.testing.assert_array_equal(a, b)
+    # and they are the exact nearest rows: the smallest distance over every variant and row, as FAISS finds it
+    ref_d, ref_r, _ = index.search(vec, k=1)
+    np.testing.assert_allclose(fast[0], ref_d, atol=1e-6)
+    np.testing.assert_array_equal(fast[1], ref_r)
+
+
+def test_a_variant_and_its_negation_count_as_one_product_with_the_larger_similarity():
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((50, 16)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    q = -rows[7] + 0.01 * rng.standard_normal(16).astype(np.float32)
+    q /= np.linalg.norm(q)
+    both = np.stack([q, -q])[None]
+    only_plus = q[None, None]
+    sims, found = nearest_rows(both, [rows[:20], rows[20:]], [0, 20])
+    assert found[0] == 7 and sims[0] == pytest.approx(float(-(q.astype(np.float64) @ rows[7])), abs=1e-12)
+    # without the negated variant, row 7 is far: the fold must not invent the other sign
+    sims_plus, found_plus = nearest_rows(only_plus, [rows], [0])
+    assert found_plus[0] != 7 and sims_plus[0] < 0.9
+    dense = nearest_rows(only_plus, [rows], [0], fast=False)
+    assert (sims_plus[0], found_plus[0]) == (dense[0][0], dense[1][0])
+
+
+def test_safeguard_decisions_are_the_same_on_both_paths_and_a_near_copy_is_refused(phantoms):
+    train, patients, unseen = phantoms
+    checks = [(TrainingIndex.build(SPACES[n](), train, patients, "dl"), 0.05) for n in ("pixel", "crops")]
+    safeguard = PrivacySafeguard(checks)
+    # an inverted, mirrored training image with a little noise, and a centre crop of one blown up to full size
+    copy = -train[5].flip(-1) + 0.02 * torch.randn_like(train[5])
+    crop = torch.nn.functional.interpolate(train[9][None, :, 4:28, 4:28], size=(32, 32), mode="bilinear")[0]
+    candidates = [copy, crop, *unseen]
+    answers = {}
+    for fast in (True, False):
+        for index, _ in checks:
+            index.fast_search = fast
+        answers[fast] = safeguard.check(candidates)
+    for a, b in zip(answers[True], answers[False]):
+        assert (a.passed, a.distances, a.nearest_rows, a.nearest_patients) == (
+            b.passed,
+            b.distances,
+            b.nearest_rows,
+            b.nearest_patients,
+        )
+    assert not answers[True][0].passed and answers[True][0].nearest_rows["pixel"] == 5
+    # the crop is nearer its source in the crops space than any unseen patient's image is to the training set
+    assert answers[True][1].nearest_rows["crops"] == 9
+    assert answers[True][1].distances["crops"] < min(r.distances["crops"] for r in answers[True][2:])
+
+
+def test_a_degenerate_query_is_refused(phantoms):
+    train, patients, _ = phantoms
+    index = TrainingIndex.build(SPACES["pixel"](), train, patients, "dl")
+    vec = embed_variants(index.space, train[:2])
+    vec[1, 3] = 0.0
+    with pytest.raises(DegenerateVectorError) as err:
+        index.nearest(vec)
+    assert err.value.rows == [1]
+
+
+@pytest.mark.parametrize("d", [16, 256, 4096])
+def test_the_bfloat16_screen_stays_within_its_stated_bound(d):
+    rng = np.random.default_rng(d)
+    q = rng.standard_normal((64, d)).astype(np.float32)
+    x = rng.standard_normal((256, d)).astype(np.float32)
+    x[:32] = q[:32] + 0.01 * rng.standard_normal((32, d)).astype(np.float32)  # near-copies: similarities near 1
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    approx = (torch.from_numpy(q).bfloat16() @ torch.from_numpy(x).bfloat16().T).double().numpy()
+    exact = q.astype(np.float64) @ x.T.astype(np.float64)
+    assert np.abs(approx - exact).max() <= 0.0122 < SCREEN  # the bound derived in SCREEN's docstring
+
+
+def test_a_saved_memory_mapped_index_answers_as_the_built_one(phantoms, tmp_path):
+    train, patients, unseen = phantoms
+    built = TrainingIndex.build(SPACES["crops"](), train, patients, "dl", shard_size=7)
+    built.save(tmp_path / "idx")
+    loaded = TrainingIndex.load(tmp_path / "idx", space=built.space, expected_fingerprint=built.fingerprint, mmap=True)
+    vec = embed_variants(built.space, unseen)
+    for a, b in zip(built.nearest(vec), loaded.nearest(vec)):
+        np.testing.assert_array_equal(a, b)
