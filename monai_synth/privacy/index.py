@@ -311,23 +311,9 @@ class TrainingIndex:
                 such a vector has no direction, and a distance for it would be meaningless (normalising a zero
                 vector would put an exact copy at distance 1 from everything).
         """
-        vectors = np.asarray(vectors)
-        if vectors.ndim == 2:
-            vectors = vectors[:, None, :]
-        if vectors.ndim != 3 or vectors.shape[2] != self.dim:
-            raise ValueError(f"query vectors must be (Q, d) or (Q, V, d) with d={self.dim}, got {vectors.shape}")
         if not 1 <= k <= self.ntotal:
             raise ValueError(f"k must be in [1, {self.ntotal}], got {k}")
-        q, v, d = vectors.shape
-        flat, bad = _unit_rows(vectors.reshape(q * v, d))
-        bad_rows = np.flatnonzero(bad.reshape(q, v).any(axis=1))
-        if len(bad_rows):
-            raise DegenerateVectorError(
-                f"query rows {bad_rows[:20].tolist()}{' ...' if len(bad_rows) > 20 else ''} have a vector with no "
-                "direction (zero, subnormal-only or non-finite), so their distance to the training images is "
-                "undefined; the privacy space under- or overflowed on those images: they must not be released",
-                bad_rows.tolist(),
-            )
+        flat, (q, v, d) = self._unit_queries(vectors)
         kk = min(k, self.ntotal)
         sims, rows = [], []
         for shard, offset in zip(self.shards, self.offsets[:-1]):
@@ -368,6 +354,16 @@ class TrainingIndex:
         Raises:
             DegenerateVectorError: as :meth:`search`.
         """
+        flat, (q, v, d) = self._unit_queries(vectors)
+        shards = [self._shard_rows(i) for i in range(len(self.shards))]
+        sim, row = nearest_rows(flat.reshape(q, v, d), shards, self.offsets[:-1].tolist(), fast=self.fast_search)
+        dist = np.clip(1.0 - sim, 0.0, 2.0)[:, None]
+        pids = np.asarray(self.patients, dtype=object)[np.asarray(self.patient_codes)[row]]
+        return dist, row[:, None], pids[:, None]
+
+    def _unit_queries(self, vectors: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """``(Q, d)`` or ``(Q, V, d)`` query vectors -> ``(Q * V, d)`` unit rows and ``(Q, V, d)``; a query with a
+        variant of no direction is refused (:class:`DegenerateVectorError`), never given a distance."""
         vectors = np.asarray(vectors)
         if vectors.ndim == 2:
             vectors = vectors[:, None, :]
@@ -383,11 +379,7 @@ class TrainingIndex:
                 "undefined; the privacy space under- or overflowed on those images: they must not be released",
                 bad_rows.tolist(),
             )
-        shards = [self._shard_rows(i) for i in range(len(self.shards))]
-        sim, row = nearest_rows(flat.reshape(q, v, d), shards, self.offsets[:-1].tolist(), fast=self.fast_search)
-        dist = np.clip(1.0 - sim, 0.0, 2.0)[:, None]
-        pids = np.asarray(self.patients, dtype=object)[np.asarray(self.patient_codes)[row]]
-        return dist, row[:, None], pids[:, None]
+        return flat, (q, v, d)
 
     def _shard_rows(self, i: int) -> np.ndarray:
         """``(n, d)`` float32 view of the rows of shard ``i`` (no copy: memory-mapped shards stay mapped)."""
