@@ -95,9 +95,9 @@ def make_space(
     symmetry = ("flip", "transpose", "invert") if spatial_dims == 2 else ("flip", "invert")
     if name in ("parts", "crops"):
         kind = "regions" if name == "parts" else "crops"
-        rotations = (-20.0, -10.0, 10.0, 20.0) if spatial_dims == 2 and kind == "regions" else ()
-        if spatial_dims == 3 and kind == "crops":  # a copy rotated, then cropped and resized back (about every axis)
-            rotations = (-20.0, -10.0, 10.0, 20.0)
+        # 2D parts: a rotated copy's quadrants; 3D crops: a copy rotated, then cropped and resized back (every axis)
+        rotated = (spatial_dims, kind) in ((2, "regions"), (3, "crops"))
+        rotations = (-20.0, -10.0, 10.0, 20.0) if rotated else ()
         return PartSpace(
             grid=grid - grid % 2, spatial_dims=spatial_dims, kind=kind, invariances=symmetry, rotations=rotations
         )
