@@ -146,7 +146,7 @@ def _add_guard(sub: argparse._SubParsersAction) -> None:
         help="privacy spaces a candidate must all pass (default: %(default)s): pixel (whole image under flips, rot90, "
         "shifts, zooms, rotations, inversion; pixel:none for plain correlation), parts (aligned regions), tiles "
         "(windows at every scale), texture (fine texture: copies under strong noise), disc (2D: central disc under fine "
-        "rotations and zooms), embedding (copy-detection network, trained on --train unless --embedding-weights)",
+        "rotations and zooms), ball (3D: central ball under fine rotations about each axis), embedding (copy-detection network, trained on --train unless --embedding-weights)",
     )
     p.add_argument(
         "--embedding-weights",

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
+from monai_synth.privacy.ball import BallSpace
 from monai_synth.privacy.disc import DiscSpace
 from monai_synth.privacy.partial import PartSpace, TileSpace
 from monai_synth.privacy.spaces import PixelSpace, PrivacySpace
 from monai_synth.privacy.texture import TextureSpace
 
-__all__ = ["DEFAULT_SPACES", "TWO_D_ONLY", "build_spaces", "make_space", "space_name"]
+__all__ = ["DEFAULT_SPACES", "THREE_D_ONLY", "TWO_D_ONLY", "build_spaces", "make_space", "space_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +30,13 @@ def space_name(spec: str) -> str:
     return spec.partition(":")[0].strip().lower()
 
 
-DEFAULT_SPACES = ("pixel", "parts", "crops", "tiles", "texture", "disc", "embedding")
+DEFAULT_SPACES = ("pixel", "parts", "crops", "tiles", "texture", "disc", "ball", "embedding")
 """What a candidate must pass by default: whole-image pixel correlation under the geometric and intensity changes a
 person would still call the same image, aligned parts, crops of training images, windows at every scale, the fine
 texture of the image (a copy under strong noise such as speckle), the central disc of a 2D image under fine rotations and
-zooms (a copy rotated by up to 30 degrees, also cropped and noised; left out for volumes, see :data:`TWO_D_ONLY`), and the learned copy-detection / re-identification ``embedding``, trained on the training images themselves when no weights
+zooms (a copy rotated by up to 30 degrees, also cropped and noised; left out for volumes, see :data:`TWO_D_ONLY`), its 3D
+counterpart the inscribed ``ball`` of a volume under fine rotations about each axis (left out for 2D images, see
+:data:`THREE_D_ONLY`), and the learned copy-detection / re-identification ``embedding``, trained on the training images themselves when no weights
 are given (minutes on a CPU for a few hundred images; pass ``--embedding-weights`` to reuse them). A space that
 collapsed in training is refused at calibration, never certified."""
 
@@ -41,6 +44,10 @@ TWO_D_ONLY = frozenset({"disc"})
 """Spaces that judge 2D images only. :func:`build_spaces` leaves them out for volumes (and says so), so one list of
 spaces serves a bundle in 2D and 3D; the 3D pixel space rotates volumes about each axis instead. Asked for by
 :func:`make_space` with ``spatial_dims=3``, they raise."""
+
+THREE_D_ONLY = frozenset({"ball"})
+"""Spaces that judge volumes only. :func:`build_spaces` leaves them out for 2D images (and says so); asked for by
+:func:`make_space` with ``spatial_dims=2``, they raise."""
 
 _PIXEL_DEFAULTS = {
     2: {"invariances": ("flip", "transpose", "shift", "zoom", "rotate", "invert"), "max_shift": 2,
@@ -75,6 +82,9 @@ def make_space(
     ``disc`` = :class:`~monai_synth.privacy.disc.DiscSpace` (2D only: the central disc, radius 0.4 of the side, on a
     16-cell grid, the query rotated every 5 degrees to +-30, zoomed 0.8-1.25 in steps of 0.05, moved by up to one cell,
     mirrored / transposed / inverted).
+    ``ball`` = :class:`~monai_synth.privacy.ball.BallSpace` (3D only: the central ball, radius 0.4 of the side, on a
+    16-cell grid, the query rotated about each axis every 5 degrees to +-30, each angle also zoomed by 0.9, 1.1 and 1.2,
+    mirrored / inverted).
     ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights; with
     ``data_fingerprint``, weights trained on another training set are refused).
 
@@ -125,6 +135,13 @@ def make_space(
                 "(build_spaces does), the 3D pixel space rotates them about each axis"
             )
         return DiscSpace(grid=grid)
+    if name == "ball":
+        if spatial_dims != 3:
+            raise ValueError(
+                f"the ball space judges volumes, not 2D images (spatial_dims={spatial_dims}); leave it out for 2D images "
+                "(build_spaces does), the disc space rotates them"
+            )
+        return BallSpace(grid=grid)
     if name == "embedding":
         if not embedding_weights:
             raise ValueError(
@@ -135,7 +152,7 @@ def make_space(
 
         return EmbeddingSpace.from_weights(embedding_weights, expected_data_fingerprint=data_fingerprint)
     raise ValueError(
-        f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], parts, crops, tiles, texture, disc "
+        f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], parts, crops, tiles, texture, disc, ball "
         "and/or embedding"
     )
 
@@ -156,12 +173,16 @@ def build_spaces(
 
     Trained on exactly these training images (model space, one batch or batches), so it knows every training patient,
     and saved to ``embedding_out`` if given. The one way ``monai-synth guard``, the bundle's release and the attack
-    benchmark get their spaces. Spaces in :data:`TWO_D_ONLY` are left out for volumes.
+    benchmark get their spaces. Spaces in :data:`TWO_D_ONLY` are left out for volumes, those in :data:`THREE_D_ONLY` for
+    2D images.
     """
     built: list[PrivacySpace] = []
     for spec in specs:
         if spatial_dims != 2 and space_name(spec) in TWO_D_ONLY:
             logger.info(f"privacy space {spec!r} judges 2D images only: left out for these volumes")
+            continue
+        if spatial_dims != 3 and space_name(spec) in THREE_D_ONLY:
+            logger.info(f"privacy space {spec!r} judges volumes only: left out for these 2D images")
             continue
         if space_name(spec) != "embedding" or embedding_weights:
             built.append(make_space(spec, spatial_dims, spatial_size, embedding_weights, data_fingerprint))

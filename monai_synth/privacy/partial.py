@@ -293,7 +293,7 @@ class TileSpace:
         self.stride = float(stride)
         self.invariances = invariances
         self.reference = None if reference is None else tuple(int(r) for r in reference)
-        self.fractions = tuple(sorted({round(float(f), 4) for f in fractions}, reverse=True))
+        self.fractions = tuple(sorted({round(float(f), 6) for f in fractions}, reverse=True))
         self._symmetries, self.signs = _query_symmetries(self.spatial_dims, self.invariances)
 
     @property
@@ -314,6 +314,9 @@ class TileSpace:
         }
         if self.reference is not None or self.fractions:  # settings of the 3D windows (2D fingerprints unchanged)
             cfg.update({"reference": list(self.reference or ()), "fractions": list(self.fractions)})
+        if self.fractions:  # fraction windows cut at unrounded positions, sampled on the grid
+            cfg["fraction_windows"] = "unrounded"
+
         return _fingerprint(cfg)
 
     def embed(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
@@ -349,20 +352,56 @@ class TileSpace:
     def fraction_windows(self, shape: Sequence[int], exclude: Sequence[tuple[slice, ...]] = ()) -> list[tuple]:
         """Windows spanning one or more axes whole and a fraction (``fractions``) of the others, slid over every axis
         (those already in ``exclude`` left out): where a canvas laid out along some axes and squeezed to the
-        candidate's shape holds each training volume."""
+        candidate's shape holds each training volume.
 
-        def key(w: tuple[slice, ...]) -> tuple:
-            return tuple((s.start, s.stop) for s in w)
+        Each window is ``((start, side), ...)`` per axis in voxels, not rounded to whole voxels: a volume squeezed to
+        a third of a 32-voxel axis spans 10.67 voxels, and a window cut at 10 or 11 voxels misregisters it by a
+        twentieth of its side, which on CT phantoms costs as much as the distance between two patients.
+        """
 
-        shape, out, seen = [int(s) for s in shape], [], {key(w) for w in exclude}
+        def key(w: Sequence[tuple[float, float]]) -> tuple:
+            return tuple((round(a, 4), round(b, 4)) for a, b in w)
+
+        shape = [int(s) for s in shape]
+        seen = {key([(s.start, s.stop - s.start) for s in w]) for w in exclude}
+        out: list[tuple] = []
         for fr in itertools.product((1.0, *self.fractions), repeat=len(shape)):
             if all(f == 1.0 for f in fr) or 1.0 not in fr:
                 continue
-            for w in self._slid(shape, [max(2, int(round(n * f))) for n, f in zip(shape, fr)]):
+            for w in itertools.product(*[self._slid_exact(n, f) for n, f in zip(shape, fr)]):
                 if key(w) not in seen:
                     seen.add(key(w))
                     out.append(w)
         return out
+
+    def _slid_exact(self, n: int, fraction: float) -> list[tuple[float, float]]:
+        """``(start, side)`` of a window of ``fraction`` of an axis of ``n`` voxels at every step of ``stride`` times
+        its side, the far edge and the centre too; unrounded."""
+        side = n * fraction
+        if fraction >= 1.0:
+            return [(0.0, float(n))]
+        step, room = side * self.stride, n - side
+        pos = [k * step for k in range(int(room / step + 1e-6) + 1)] + [room, room / 2]
+        return [(p, side) for p in sorted({round(p, 6) for p in pos})]
+
+    def _resampled_exact(self, x: torch.Tensor, windows: Sequence[tuple]) -> torch.Tensor:
+        """``(B, W, C, *grid)``: every unrounded window of ``x`` sampled on the grid (trilinear, from ``x`` reduced to
+        at most twice the grid, so a whole axis is sampled as area interpolation would and a large volume is not
+        aliased)."""
+        nd, grid = self.spatial_dims, self.grid
+        work = tuple(min(n, 2 * grid) for n in x.shape[2:])
+        src = F.interpolate(x, size=work, mode="area") if work != tuple(x.shape[2:]) else x
+        scale = torch.tensor([[side / n for (_, side), n in zip(w, x.shape[2:])] for w in windows])
+        centre = torch.tensor([[(2 * a + side) / n - 1.0 for (a, side), n in zip(w, x.shape[2:])] for w in windows])
+        # normalised coordinates of the sample points of every window (align_corners=False), stacked on the first
+        # output axis so the volume is sampled once, never repeated per window
+        unit = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid * 2.0 - 1.0
+        axes = [unit[None, :] * scale[:, a : a + 1] + centre[:, a : a + 1] for a in range(nd)]  # per axis (W, grid)
+        mesh = torch.meshgrid(*[torch.arange(grid)] * nd, indexing="ij")
+        coords = torch.stack([axes[a][:, mesh[a]] for a in reversed(range(nd))], dim=-1)  # (W, *grid, nd): x, y, z
+        coords = coords.reshape(1, len(windows) * grid, *coords.shape[2:]).expand(x.shape[0], *([-1] * (nd + 1)))
+        out = F.grid_sample(src, coords, mode="bilinear", padding_mode="border", align_corners=False)
+        return out.reshape(x.shape[0], x.shape[1], len(windows), *[grid] * nd).movedim(2, 1)
 
     def _slid(self, shape: Sequence[int], sides: Sequence[int]) -> list[tuple[slice, ...]]:
         """Windows of ``sides`` at every step of ``stride`` times their side per axis, the far edge and centre too."""
@@ -396,7 +435,7 @@ class TileSpace:
         sym = torch.cat([_apply_symmetry(tiles, p, f, 3) for p, f in self._symmetries], dim=1)
         extra = self.fraction_windows(x.shape[2:], exclude=main)
         if extra:  # as they are: under every symmetry they would be 8 times as many
-            sym = torch.cat([sym, resampled(extra)], dim=1)
+            sym = torch.cat([sym, self._resampled_exact(x, extra)], dim=1)
         flat = sym.reshape(n, sym.shape[1], -1)
         centred = flat - flat.mean(dim=2, keepdim=True)
         norm = centred.norm(dim=2, keepdim=True)
