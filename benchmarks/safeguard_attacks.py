@@ -53,6 +53,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# run as a script, this checkout's package is measured, not whichever copy the environment has installed
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 
 #: modality key -> (modality, spatial dims)
