@@ -286,7 +286,7 @@ def default_spaces_cost(
     embedding is trained for one epoch on a few images (its cost, not its quality). ``images`` (the sampler's output)
     set the size; the candidates are phantoms of unseen patients."""
     from monai_synth.privacy.embedding import train_embedding
-    from monai_synth.privacy.factory import DEFAULT_SPACES, make_space
+    from monai_synth.privacy.factory import DEFAULT_SPACES, THREE_D_ONLY, TWO_D_ONLY, make_space
     from monai_synth.privacy.index import TrainingIndex
     from monai_synth.privacy.release import ReleaseEncoder
     from monai_synth.privacy.safeguard import PrivacySafeguard
@@ -302,6 +302,8 @@ def default_spaces_cost(
     base = phantom_bases(bases, max(64, shape[0] // 2), seed=seed) if rows_kind == "phantom" else None
     out = []
     for spec in DEFAULT_SPACES:
+        if spec in (THREE_D_ONLY if len(shape) == 2 else TWO_D_ONLY):  # what build_spaces leaves out
+            continue
         if spec == "embedding":
             few = judged[:1].repeat(8, 1, *([1] * len(shape))) + 0.1 * torch.randn(8, 1, *shape)
             space = train_embedding(few, [f"P{i // 2}" for i in range(8)], spatial_dims=len(shape), epochs=1)
