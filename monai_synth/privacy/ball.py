@@ -7,9 +7,10 @@ where the closest volume of another patient is 0.017-0.03 away.
 
 :class:`BallSpace` (``"ball"``) compares only the ball inscribed in the volume (radius a fraction of the side), which
 a rotation about the centre maps onto itself and a crop or zoom of up to ``1 / (2 * radius)`` keeps inside the field
-of view. The query is rotated about each axis in fine steps (default every 5 degrees to +-30), each angle also zoomed
-(0.85-1.2: a rotated copy cropped and resized back), resampled at twice the grid and only then reduced to it; the
-mirror flips and inversion are tried as well. The index holds each training volume's ball once. Its own calibrated
+of view. The query is rotated about each axis in fine steps (default every 5 degrees to +-30), resampled at twice the
+grid and only then reduced to it; the mirror flips and inversion are tried as well. Zooms of every angle are
+optional and off by default: on MRI phantoms (zooms 0.9, 1.1, 1.2) they brought 4 of 18 unseen volumes below the
+smallest holdout distance, while the rotated copies are caught without them. The index holds each training volume's ball once. Its own calibrated
 threshold, so it never loosens the other spaces. The 3D counterpart of :class:`~monai_synth.privacy.disc.DiscSpace`.
 """
 
@@ -39,14 +40,15 @@ __all__ = ["BallSpace"]
 
 class BallSpace:
     """Distance = 1 - Pearson correlation of the central balls of two volumes on a coarse grid, the query rotated
-    about each axis and zoomed in fine steps (3D).
+    about each axis in fine steps (3D).
 
     Args:
         grid: side of the grid the volume is reduced to (area interpolation of the whole field of view).
         radius: radius of the compared ball as a fraction of the side (at most 0.5: the inscribed ball). A copy
             zoomed in by ``z`` (cropped and resized) keeps the ball when ``radius <= 0.5 / z``.
         rotations: angles in degrees the query is rotated by about each of the three axes (0 is always included).
-        zooms: magnifications of the query, each combined with every rotation (1.0 is always included).
+        zooms: magnifications of the query, each combined with every rotation (1.0 is always included; none other
+            by default: zooming lets another patient's volume match too).
         invariances: ``"flip"`` (the mirror flips of the unrotated query) and/or ``"invert"``.
 
     Raises:
@@ -62,7 +64,7 @@ class BallSpace:
         spatial_dims: int = 3,
         radius: float = 0.4,
         rotations: Sequence[float] = tuple(range(-30, 31, 5)),
-        zooms: Sequence[float] = (0.9, 1.1, 1.2),
+        zooms: Sequence[float] = (),
         invariances: Sequence[str] = ("flip", "invert"),
     ) -> None:
         if spatial_dims != 3:

@@ -83,8 +83,7 @@ def make_space(
     16-cell grid, the query rotated every 5 degrees to +-30, zoomed 0.8-1.25 in steps of 0.05, moved by up to one cell,
     mirrored / transposed / inverted).
     ``ball`` = :class:`~monai_synth.privacy.ball.BallSpace` (3D only: the central ball, radius 0.4 of the side, on a
-    16-cell grid, the query rotated about each axis every 5 degrees to +-30, each angle also zoomed by 0.9, 1.1 and 1.2,
-    mirrored / inverted).
+    16-cell grid, the query rotated about each axis every 5 degrees to +-30, mirrored / inverted).
     ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights; with
     ``data_fingerprint``, weights trained on another training set are refused).
 
