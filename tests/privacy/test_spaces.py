@@ -354,3 +354,29 @@ def test_default_2d_pixel_space_undoes_a_gamma_curve():
     assert own.max() < 0.1 * others.min()
     plain = PixelSpace(grid=16, invariances=space.invariances, zooms=space.zooms[1:])
     assert plain.fingerprint() != space.fingerprint()
+
+
+def test_default_2d_tiles_put_a_canvas_of_ct_slices_far_below_other_patients():
+    # three CT slices in corners of a 3x canvas, squeezed to the model size: each sits in a window of a third of the
+    # side, 0.02-0.03 from its source; windows of 0.8-0.9 of another patient's body outline came as close (0.023) and
+    # set the threshold, so 3 of 5 such canvases passed. Those windows are the pixel space's zooms and shifts.
+    from monai_synth.data.phantoms import generate_cohort
+    from monai_synth.privacy.factory import make_space
+
+    cohort = generate_cohort("ct", n_patients=12, images_per_patient=1, spatial_dims=2, spatial_size=64, seed=0)
+    from monai_synth.transforms.presets import intensity_transform
+
+    x = torch.stack([torch.as_tensor(intensity_transform("ct")(r["image"])) for r in cohort]).float()  # model space
+    train, others = x[:6], x[6:]
+    canvas = torch.full((2, 1, 192, 192), float(x.min()))
+    for k in range(2):
+        canvas[k, :, :64, :64], canvas[k, :, 128:, :64], canvas[k, :, :64, 128:] = train[3 * k : 3 * k + 3]
+        canvas[k, :, 64:128, 64:128] = others[k]
+    squeezed = torch.nn.functional.interpolate(canvas, size=(64, 64), mode="area")
+    space = make_space("tiles", 2, (64, 64))
+    rows = space.embed(train)
+    copies = 1.0 - (space.embed_variants(squeezed) @ rows.T).max(axis=(1, 2))
+    other = 1.0 - (space.embed_variants(others) @ rows.T).max(axis=(1, 2))
+    # a wide margin: six other patients here, 160 holdout images against 32 training images in the benchmark (with
+    # windows of 0.8-0.9 the nearest other patient is 0.09 away here, and the copies 0.02-0.03)
+    assert copies.max() < 0.25 * other.min()
