@@ -69,8 +69,8 @@ def make_space(
     invariances.
     ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre),
     ``crops`` = the same class comparing crops of training images with the whole candidate,
-    ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every scale; in 3D of the
-    training volumes' shape, and spanning some axes whole and a half or a third of the others).
+    ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every position, 2D of a half
+    and a third of its side and the halves of each axis; in 3D of 0.8 and 0.5 of the training volumes' shape, and spanning some axes whole and a half or a third of the others).
     ``texture`` = :class:`~monai_synth.privacy.texture.TextureSpace` (the image minus its local mean on a 64-cell
     grid, 32 in 3D, mirrored / transposed / inverted).
     ``disc`` = :class:`~monai_synth.privacy.disc.DiscSpace` (2D only: the central disc, radius 0.4 of the side, on a
@@ -104,7 +104,9 @@ def make_space(
         )
     if name == "tiles":
         if spatial_dims == 2:
-            return TileSpace(grid=grid, spatial_dims=2, scales=(0.9, 0.8, 0.5, 1.0 / 3.0), invariances=symmetry)
+            # halves and thirds of the side: windows of 0.8-0.9 are the pixel space's zooms with shifts, and another
+            # patient's body outline in them came as close as a canvas's thirds, which set the threshold below them
+            return TileSpace(grid=grid, spatial_dims=2, scales=(0.5, 1.0 / 3.0), invariances=symmetry)
         # 3D: windows of the training volumes' shape (a candidate larger than them, e.g. a canvas of whole volumes),
         # and windows spanning some axes whole and a half or third of the others (such a canvas squeezed to the model
         # size, or a mosaic)
