@@ -17,8 +17,14 @@ LOG_SCALE_RANGE = (-7.0, 1.0)
 #: and marginal, fitted by :meth:`LaplaceAutoencoderKL.fit_noise`)
 NOISE_MODES = ("white", "fitted")
 #: the state-dict entries of the fitted noise model; absent from checkpoints written before it existed
-_NOISE_BUFFERS = ("noise_kernel", "noise_quantiles", "noise_fitted")
+_NOISE_BUFFERS = ("noise_kernel", "noise_quantiles", "noise_fitted", "noise_score_range")
 _MAX_QUANTILE_VALUES = 2**24
+#: the quantile table's entries sit at evenly spaced Gaussian scores in [-r, r], r at most this (a tail probability
+#: of 3e-5) and at least ...
+_MAX_SCORE = 4.0
+#: ... such that every tail beyond the table holds this many of the fitted values (an extreme quantile of a few
+#: values is noise): where the table ends, draws are clamped to its end values
+_TAIL_VALUES = 20
 
 
 class LaplaceAutoencoderKL(AutoencoderKL):
@@ -40,7 +46,10 @@ class LaplaceAutoencoderKL(AutoencoderKL):
     wrong texture whenever the location keeps part of the noise (a blurred copy of the speckle: the residual left to
     draw is then anti-correlated between neighbours, not white). With ``noise="fitted"``, :meth:`fit_noise` measures
     once, after training, the standardised residuals ``(x - location) / scale`` of the training images: their mean
-    power spectrum, kept as a small zero-phase colouring kernel, and their marginal, kept as a quantile table. A draw
+    power spectrum, kept as a small zero-phase colouring kernel, and their marginal, kept as a quantile table at
+    evenly spaced Gaussian scores (so the tails, where the marginal is heavy, get as many entries as its body: a table
+    at evenly spaced probabilities spreads its last 1/256 of draws evenly up to the sample's extreme value, and drawn
+    images got a few black and white pixels each that real ones do not have). A draw
     is then Gaussian noise filtered by the kernel and mapped through the quantiles, so ``location + scale * noise``
     has the training images' second-order statistics and grey-level distribution. Both are cohort-level statistics
     (a kernel and a quantile table, no image's pixels); they are buffers, saved and loaded with the weights.
@@ -81,6 +90,7 @@ class LaplaceAutoencoderKL(AutoencoderKL):
         self.register_buffer("noise_kernel", delta)
         self.register_buffer("noise_quantiles", torch.zeros(self.image_channels, int(noise_quantiles)))
         self.register_buffer("noise_fitted", torch.tensor(False))
+        self.register_buffer("noise_score_range", torch.tensor(_MAX_SCORE))
 
     def decode_distribution(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(location, log_scale)`` of p(x | z), each with the image's channels."""
@@ -119,8 +129,11 @@ class LaplaceAutoencoderKL(AutoencoderKL):
         g = torch.randn(tuple(shape[:2]) + tuple(s + 2 * pad for s in shape[2:]), device=device)
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.spatial_dims - 1]
         g = conv(g, kernel, groups=self.image_channels)
-        u = 0.5 * (1.0 + torch.erf(g / 2**0.5))  # uniform marginal, the correlation kept (a Gaussian copula)
-        return _interpolate_quantiles(u, self.noise_quantiles.to(device=device, dtype=torch.float32)).to(dtype)
+        # the filtered Gaussian's scores through the quantile table: the training marginal, the correlation kept (a
+        # Gaussian copula)
+        r = float(self.noise_score_range)
+        table = self.noise_quantiles.to(device=device, dtype=torch.float32)
+        return _interpolate_table((g + r) / (2 * r), table).to(dtype)
 
     @torch.no_grad()
     def fit_noise(self, images: Iterable[torch.Tensor], max_values_per_batch: int = 8192, seed: int = 0) -> None:
@@ -130,7 +143,8 @@ class LaplaceAutoencoderKL(AutoencoderKL):
         back to the location to give the real image. Its mean power spectrum (each image's mean removed) becomes the
         zero-phase colouring kernel (the inverse Fourier transform of its square root, centred, cropped to
         ``noise_kernel_size`` and normalised to unit energy, so the filtered Gaussian keeps unit variance); a seeded
-        subsample of its values (``max_values_per_batch`` per batch and channel) gives the quantile table.
+        subsample of its values (``max_values_per_batch`` per batch and channel) gives the quantile table, at evenly
+        spaced Gaussian scores up to +-4 (fewer where the subsample is too small to estimate the extreme quantiles).
 
         Raises:
             ValueError: no image, images of different sizes, or images smaller than the kernel.
@@ -165,10 +179,14 @@ class LaplaceAutoencoderKL(AutoencoderKL):
         values = torch.cat(values, dim=1)
         if values.shape[1] > _MAX_QUANTILE_VALUES:  # torch.quantile's input limit
             values = values[:, torch.randperm(values.shape[1], generator=gen)[:_MAX_QUANTILE_VALUES]]
-        probs = torch.linspace(0.0, 1.0, self.noise_quantiles.shape[1])
+        normal = torch.distributions.Normal(0.0, 1.0)
+        tail = min(0.25, _TAIL_VALUES / values.shape[1])
+        score_range = min(_MAX_SCORE, float(-normal.icdf(torch.tensor(tail))))
+        probs = normal.cdf(torch.linspace(-score_range, score_range, self.noise_quantiles.shape[1]))
         quantiles = torch.stack([torch.quantile(v, probs) for v in values])
         self.noise_kernel.copy_(kernel.unsqueeze(1))
         self.noise_quantiles.copy_(quantiles)
+        self.noise_score_range.fill_(score_range)
         self.noise_fitted.fill_(True)
         self.train(was_training)
 
@@ -181,7 +199,18 @@ class LaplaceAutoencoderKL(AutoencoderKL):
         return (loc, z_mu, z_sigma, log_scale) if return_log_scale else (loc, z_mu, z_sigma)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs):
-        """Checkpoints written before the noise model existed load as unfitted (white noise draws as they did)."""
+        """Checkpoints written before the noise model existed load as unfitted (white noise draws as they did).
+
+        A fitted table of an earlier version (at evenly spaced probabilities, no ``noise_score_range``) is resampled
+        at this version's Gaussian scores on loading.
+        """
+        table, score_range = prefix + "noise_quantiles", prefix + "noise_score_range"
+        if table in state_dict and score_range not in state_dict:
+            old = state_dict[table].float()
+            scores = torch.linspace(-_MAX_SCORE, _MAX_SCORE, old.shape[1])
+            probs = torch.distributions.Normal(0.0, 1.0).cdf(scores)
+            state_dict[table] = _interpolate_table(probs.expand(1, old.shape[0], -1), old)[0]
+            state_dict[score_range] = torch.tensor(_MAX_SCORE)
         absent = [name for name in _NOISE_BUFFERS if prefix + name not in state_dict]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
         if len(absent) == len(_NOISE_BUFFERS):
@@ -219,8 +248,9 @@ def _colouring_kernel(power: torch.Tensor, size: tuple[int, ...], count: int, k:
     return kernel / kernel.flatten(1).norm(dim=1).clamp_min(1e-12).reshape((-1,) + (1,) * len(size))
 
 
-def _interpolate_quantiles(u: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
-    """Map ``u`` in [0, 1] (batch, channels, ...) through each channel's quantile table by linear interpolation."""
+def _interpolate_table(u: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
+    """Map ``u`` (batch, channels, ...) through each channel's table of evenly spaced knots on [0, 1], by linear
+    interpolation; ``u`` outside [0, 1] takes the end values."""
     n = quantiles.shape[1]
     pos = u.clamp(0.0, 1.0) * (n - 1)
     lo = pos.floor().clamp(max=n - 2).long()

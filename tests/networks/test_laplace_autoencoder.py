@@ -132,6 +132,37 @@ def test_fitted_noise_has_the_training_residuals_correlation_and_marginal():
     assert abs(_lag1(white.draw_noise((256, 1, 16, 16)), -2)) < 0.03
 
 
+def test_fitted_noise_draws_no_more_extreme_values_than_the_training_residuals_have():
+    # a quantile table at evenly spaced probabilities spread its last 1/256 of draws evenly up to the sample's most
+    # extreme residual: three times too many draws beyond the residuals' 0.1% quantiles (black and white pixels)
+    x = _correlated_images(256)
+    ae = tiny_autoencoder(latent_channels=2, network=functools.partial(LaplaceAutoencoderKL, noise="fitted")).eval()
+    ae.fit_noise(x.split(16))
+    r = _residuals(ae, x).flatten()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        drawn = ae.draw_noise((1024, 1, 16, 16)).flatten()
+    lo, hi = torch.quantile(r[:: max(1, r.numel() // 2**24)], torch.tensor([0.001, 0.999]))
+    assert float((drawn < lo).float().mean()) < 0.002
+    assert float((drawn > hi).float().mean()) < 0.002
+    assert float(drawn.min()) >= float(r.min()) and float(drawn.max()) <= float(r.max())
+    assert 2.5 <= float(ae.noise_score_range) <= 4.0  # the table's ends are quantiles of >= 20 values
+
+
+def test_a_fitted_table_of_the_earlier_version_is_resampled_on_loading():
+    make = functools.partial(LaplaceAutoencoderKL, noise="fitted")
+    ae = tiny_autoencoder(latent_channels=2, network=make).eval()
+    state = {k: v for k, v in ae.state_dict().items() if k != "noise_score_range"}
+    state["noise_quantiles"] = torch.linspace(-5.0, 5.0, 257).unsqueeze(0)  # evenly spaced probabilities
+    state["noise_fitted"] = torch.tensor(True)
+    ae.load_state_dict(state)
+    assert float(ae.noise_score_range) == 4.0
+    median, end = ae.noise_quantiles[0, 128], ae.noise_quantiles[0, -1]
+    assert float(median) == pytest.approx(0.0, abs=1e-5) and float(end) == pytest.approx(
+        5.0 * (1 - 2 * 3.17e-5), abs=1e-3
+    )
+
+
 def test_fitted_noise_draws_are_reproducible_from_the_seed_and_decoded_around_the_location():
     ae = tiny_autoencoder(latent_channels=2, network=functools.partial(LaplaceAutoencoderKL, noise="fitted")).eval()
     ae.fit_noise(_correlated_images().split(16))
@@ -152,7 +183,7 @@ def test_the_fitted_noise_model_is_saved_and_loaded_with_the_weights():
     ae = tiny_autoencoder(latent_channels=2, network=make).eval()
     ae.fit_noise(_correlated_images().split(16))
     state = ae.state_dict()
-    assert {"noise_kernel", "noise_quantiles", "noise_fitted"} <= set(state)
+    assert {"noise_kernel", "noise_quantiles", "noise_fitted", "noise_score_range"} <= set(state)
     loaded = tiny_autoencoder(latent_channels=2, network=make, seed=1).eval()
     loaded.load_state_dict(state)
     torch.manual_seed(2)
