@@ -10,7 +10,7 @@ every copy some configuration releases it prints each space's distance against i
 Spaces are the factory's names (``pixel``, ``disc``, ...) or these variants of the 2D spaces, for comparisons:
 ``pixel_rot`` (the pixel space with rotations of +-10 and +-20 degrees), ``pixel_zoom2`` (no rotations, zooms 0.7
 and 1.4 only), ``disc_coarse`` (the disc space moved by whole cells only), ``tiles_small`` (2D windows of half and a
-third of the side only), ``tiles_no9`` (no windows of 0.9). The embedding space is left out (its
+third of the side only), ``tiles_no9`` (no windows of 0.9), ``tiles_large`` (windows of 0.9, 0.8, 0.5 and a third). The embedding space is left out (its
 training is most of a build; the attack benchmark measures the whole gate).
 
 Run: ``python benchmarks/safeguard_space_ablation.py --modality ct2d --configs
@@ -48,13 +48,15 @@ def make_named_space(name: str, spatial_size: Sequence[int]):
     if name == "pixel_rot":
         space = PixelSpace(grid=grid, zooms=(0.7, 0.8, 0.9, 1.1, 1.25, 1.4), rotations=(-20, -10, 10, 20), **pixel)
     elif name == "pixel_zoom2":
-        space = PixelSpace(grid=grid, zooms=(0.7, 1.4), rotations=(), **pixel)
+        space = PixelSpace(grid=grid, zooms=(0.7, 1.4), rotations=(), gammas=(0.5, 2.0), **pixel)
     elif name == "disc_coarse":
         space = DiscSpace(grid=grid, max_shift=1.0, shift_step=1.0)
     elif name == "tiles_small":
         space = TileSpace(grid=grid, spatial_dims=2, scales=(0.5, 1.0 / 3.0))
     elif name == "tiles_no9":
         space = TileSpace(grid=grid, spatial_dims=2, scales=(0.8, 0.5, 1.0 / 3.0))
+    elif name == "tiles_large":
+        space = TileSpace(grid=grid, spatial_dims=2, scales=(0.9, 0.8, 0.5, 1.0 / 3.0))
     else:
         space = make_space(name, 2, spatial_size)
     space.name = name
@@ -174,12 +176,15 @@ def run(args) -> None:
     for g, (key, imgs) in enumerate(groups):
         counts = [released(c, t, g) for c, t in zip(configs, thresholds)]
         print(f"| {key} | " + " | ".join(f"{int(c.sum())}/{len(imgs)}" for c in counts) + " |")
-        if key != sa.CONTROL:
-            for i in np.flatnonzero(np.any(counts, axis=0)):
-                cells = ", ".join(f"{n} {cand_d[n][g][i]:.4f}" for n in names)
-                details.append(f"  {key} #{i} released by {[k for k, c in enumerate(counts) if c[i]]}: {cells}")
+        # copies some configuration releases; unseen patients' images some configuration refuses
+        shown = np.any(counts, axis=0) if key != sa.CONTROL else ~np.all(counts, axis=0)
+        verb = "released" if key != sa.CONTROL else "refused"
+        for i in np.flatnonzero(shown):
+            cells = ", ".join(f"{n} {cand_d[n][g][i]:.4f}" for n in names)
+            which = [k for k, c in enumerate(counts) if bool(c[i]) == (key != sa.CONTROL)]
+            details.append(f"  {key} #{i} {verb} by {which}: {cells}")
     if details:
-        print("\nreleased copies, each space's distance (thresholds above):")
+        print("\ncopies released and unseen images refused, each space's distance (thresholds above):")
         print("\n".join(details))
 
 
