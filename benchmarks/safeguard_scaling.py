@@ -31,6 +31,7 @@ import argparse
 import math
 import os
 import time
+from collections.abc import Sequence
 
 import faiss
 import numpy as np
@@ -279,12 +280,13 @@ def phantom_rows(space, bases: torch.Tensor, n: int, to_model, seed: int = 0, ba
 
 def default_spaces_cost(
     images: torch.Tensor, modality: str, sizes, candidates: int, rows_kind: str = "phantom", dense: bool = True,
-    bases: int = 400, seed: int = 0,
+    bases: int = 400, seed: int = 0, specs: Sequence[str] | None = None,
 ) -> list[dict]:  # fmt: skip
     """Seconds per candidate of each default privacy space against indexes of ``sizes`` training rows, judged as a PNG
     release judges it (every intensity view), with the fast exact search and (``dense``) the dense product; the
     embedding is trained for one epoch on a few images (its cost, not its quality). ``images`` (the sampler's output)
-    set the size; the candidates are phantoms of unseen patients."""
+    set the size; the candidates are phantoms of unseen patients. ``specs``: a subset of the default spaces (or other
+    factory names) to time instead of all."""
     from monai_synth.privacy.embedding import train_embedding
     from monai_synth.privacy.factory import DEFAULT_SPACES, THREE_D_ONLY, TWO_D_ONLY, make_space
     from monai_synth.privacy.index import TrainingIndex
@@ -301,7 +303,7 @@ def default_spaces_cost(
     # training rows are drawn at half the bundle's size (cheaper to draw; every space resamples to a grid of 64 or less)
     base = phantom_bases(bases, max(64, shape[0] // 2), seed=seed) if rows_kind == "phantom" else None
     out = []
-    for spec in DEFAULT_SPACES:
+    for spec in specs or DEFAULT_SPACES:
         if spec in (THREE_D_ONLY if len(shape) == 2 else TWO_D_ONLY):  # what build_spaces leaves out
             continue
         if spec == "embedding":
@@ -392,6 +394,7 @@ def main() -> None:
                         help="kinds of training rows the default spaces are timed against")  # fmt: skip
     parser.add_argument("--bases", type=int, default=400, help="phantom patients the phantom rows are drawn from")
     parser.add_argument("--no-dense", action="store_true", help="time only the fast search, not the dense product")
+    parser.add_argument("--spaces", nargs="+", default=None, help="time only these spaces (default: every default one)")
     args = parser.parse_args()
     print(
         f"threads: faiss {faiss.omp_get_max_threads()}, torch {torch.get_num_threads()}, cpus {os.cpu_count()}, "
@@ -449,7 +452,14 @@ def _default_spaces_report(args) -> None:
     for kind in args.rows:
         print(f"\nDefault spaces, time per candidate (PNG release: every intensity view), {kind} training rows:")
         rows = default_spaces_cost(
-            samp["images"], samp["modality"], args.default_sizes, args.candidates, kind, not args.no_dense, args.bases
+            samp["images"],
+            samp["modality"],
+            args.default_sizes,
+            args.candidates,
+            kind,
+            not args.no_dense,
+            args.bases,
+            specs=args.spaces,
         )
         modes = ("fast", "dense") if not args.no_dense else ("fast",)
         at = {m: extrapolate(rows, args.target, f"{m}_s") for m in modes}

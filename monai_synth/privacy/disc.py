@@ -8,7 +8,8 @@ is about 0.12 away. Speckle adds to that: a copy rotated, cropped and re-noised 
 :class:`DiscSpace` (``"disc"``) compares only the disc inscribed in the image (radius a fraction of the side), which a
 rotation about the centre keeps whole and a crop or zoom of up to ``1 - 2 * radius`` keeps inside the field of view,
 on a coarse grid where each cell averages many pixels, so multiplicative speckle is averaged out. The query is rotated
-in fine steps (default every 5 degrees to +-30), zoomed in fine steps (0.8-1.25) and moved by up to a cell, resampled at twice the grid and
+in fine steps (default every 5 degrees to +-30), zoomed in fine steps (0.8-1.25) and moved by up to 1.5 cells in half-cell
+steps at every angle, resampled at twice the grid and
 only then reduced to it, mirrored / transposed and inverted; the index holds each training image's disc once. Its own
 calibrated threshold, so it never loosens the other spaces.
 """
@@ -49,9 +50,10 @@ class DiscSpace:
             side and resized back is undone by zoom ``f``.
         max_shift: the query is also moved by every multiple of ``shift_step`` grid cells up to this, per axis,
             under every angle (unzoomed): a copy rotated and moved.
-        shift_step: step of those moves in grid cells. Half a cell catches a copy rotated by 15 degrees and moved by
-            1.5 cells (6 px at 64 px), which whole cells miss, at three times the variants (``max_shift=1.5``:
-            12,064 instead of 3,744).
+        shift_step: step of those moves in grid cells. Half a cell (the default) catches a copy rotated by 15 degrees
+            and moved by 1.5 cells (6 px at 64 px), which whole cells miss, at three times the variants (12,064
+            instead of 3,744 with ``max_shift=1, shift_step=1``); the 2D pixel space's rotations, which it replaces,
+            cost more.
         invariances: ``"flip"``, ``"transpose"`` (with flips: rot90) and/or ``"invert"`` of the query.
 
     Raises:
@@ -68,8 +70,8 @@ class DiscSpace:
         radius: float = 0.4,
         rotations: Sequence[float] = tuple(range(-30, 31, 5)),
         zooms: Sequence[float] = (0.8, 0.85, 0.9, 0.95, 1.05, 1.1, 1.15, 1.2, 1.25),
-        max_shift: float = 1.0,
-        shift_step: float = 1.0,
+        max_shift: float = 1.5,
+        shift_step: float = 0.5,
         invariances: Sequence[str] = ("flip", "transpose", "invert"),
     ) -> None:
         if spatial_dims != 2:

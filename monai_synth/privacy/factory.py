@@ -50,8 +50,8 @@ THREE_D_ONLY = frozenset({"ball"})
 :func:`make_space` with ``spatial_dims=2``, they raise."""
 
 _PIXEL_DEFAULTS = {
-    2: {"invariances": ("flip", "transpose", "shift", "zoom", "rotate", "invert"), "max_shift": 2,
-        "zooms": (0.7, 0.8, 0.9, 1.1, 1.25, 1.4), "rotations": (-20.0, -10.0, 10.0, 20.0)},
+    2: {"invariances": ("flip", "transpose", "shift", "zoom", "invert"), "max_shift": 2,
+        "zooms": (0.7, 0.8, 0.9, 1.1, 1.25, 1.4), "gammas": (0.5, 2.0)},
     3: {"invariances": ("flip", "transpose", "shift", "zoom", "rotate", "invert"), "max_shift": 2,
         "zooms": (0.8, 1.25), "rotations": (-25.0, -20.0, -15.0, -10.0, -5.0, 5.0, 10.0, 15.0, 20.0, 25.0),
         "plane_zooms": (0.8, 0.85, 0.9, 0.95, 1.05, 1.1, 1.15, 1.2, 1.25)},
@@ -68,27 +68,28 @@ def make_space(
     """A privacy space from its command-line name.
 
     ``pixel`` = :class:`PixelSpace` on a 16-cell grid, invariant (2D) to mirror flips, transposes / rot90, shifts
-    of up to 2 cells (12%), zooms 0.7-1.4, rotations up to 20 degrees and intensity inversion (3D: shifts of up to
+    of up to 2 cells (12%), zooms 0.7-1.4, intensity inversion and gamma 0.5 / 2 with every shift, no rotations: the
+    ``disc`` space rotates 2D copies, with fewer corners lost, at finer angles and for fewer query floats (3D: shifts of up to
     2 cells, zooms 0.8-1.25 and inversion, the mirror flips with shifts of up to 1 cell, and on their own the
     90-degree rotations, axis swaps, rotations of 5-25 degrees about each axis and zooms of 0.8-1.25 in steps of 0.05 within each plane and of the whole volume);
     ``pixel:none``, ``pixel:flip,shift`` etc. choose the
     invariances.
     ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre),
     ``crops`` = the same class comparing crops of training images with the whole candidate,
-    ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every scale; in 3D of the
-    training volumes' shape, and spanning some axes whole and a half or a third of the others).
+    ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every position, 2D of a half
+    and a third of its side and the halves of each axis; in 3D of 0.8 and 0.5 of the training volumes' shape, and spanning some axes whole and a half or a third of the others).
     ``texture`` = :class:`~monai_synth.privacy.texture.TextureSpace` (the image minus its local mean on a 64-cell
     grid, 32 in 3D, mirrored / transposed / inverted).
     ``disc`` = :class:`~monai_synth.privacy.disc.DiscSpace` (2D only: the central disc, radius 0.4 of the side, on a
-    16-cell grid, the query rotated every 5 degrees to +-30, zoomed 0.8-1.25 in steps of 0.05, moved by up to one cell,
-    mirrored / transposed / inverted).
+    16-cell grid, the query rotated every 5 degrees to +-30, zoomed 0.8-1.25 in steps of 0.05, moved by up to 1.5 cells
+    in half-cell steps at every angle, mirrored / transposed / inverted).
     ``ball`` = :class:`~monai_synth.privacy.ball.BallSpace` (3D only: the central ball, radius 0.4 of the side, on a
     16-cell grid, the query rotated about each axis every 5 degrees to +-30, mirrored / inverted).
     ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights; with
     ``data_fingerprint``, weights trained on another training set are refused).
 
-    The default pixel space compares every 2D query in 14,384 variants (3D: 1,588): fine for a gate over thousands of training
-    images; see ``docs/benchmarks.md`` for its cost at larger indexes, where ``pixel:flip,shift`` plus ``embedding``
+    The default pixel space compares every 2D query in 3,984 variants of 256 values, the disc space in 12,064 of 124
+    (3D pixel: 1,588 variants): fine for a gate over thousands of training images; see ``docs/benchmarks.md`` for its cost at larger indexes, where ``pixel:flip,shift`` plus ``embedding``
     is the cheaper pair.
     """
     name, opts = space_name(spec), spec.partition(":")[2]
@@ -112,7 +113,9 @@ def make_space(
         )
     if name == "tiles":
         if spatial_dims == 2:
-            return TileSpace(grid=grid, spatial_dims=2, scales=(0.9, 0.8, 0.5, 1.0 / 3.0), invariances=symmetry)
+            # halves and thirds of the side: windows of 0.8-0.9 are the pixel space's zooms with shifts, and another
+            # patient's body outline in them came as close as a canvas's thirds, which set the threshold below them
+            return TileSpace(grid=grid, spatial_dims=2, scales=(0.5, 1.0 / 3.0), invariances=symmetry)
         # 3D: windows of the training volumes' shape (a candidate larger than them, e.g. a canvas of whole volumes),
         # and windows spanning some axes whole and a half or third of the others (such a canvas squeezed to the model
         # size, or a mosaic)

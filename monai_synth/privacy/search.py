@@ -2,7 +2,7 @@
 
 The safeguard asks one question per candidate and space: the largest inner product between any query variant
 (flips, shifts, zooms, rotations, signs, windows, slots) and any training row. Computed as a dense product, that is
-``V x N`` similarities of ``d`` multiply-adds each (the 2D pixel space: 14,384 variants of 256 values). Two exact
+``V x N`` similarities of ``d`` multiply-adds each (the 2D crops space: 720 variants of 2,880 values). Two exact
 shortcuts cut it without changing the answer:
 
 * **Signs and duplicates.** A space invariant to intensity inversion queries ``v`` and ``-v``; their inner products

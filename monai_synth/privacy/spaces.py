@@ -240,6 +240,11 @@ class PixelSpace:
       every shift and zoom; 3D about each of the three axes, compared alone);
     * ``"invert"``: the negated query as well, so an intensity-inverted copy (Pearson r = -1) is as close as the copy.
 
+    ``gammas`` (any invariances): the query on its own [0, 1] range raised to each power, at full resolution before
+    the grid, under every symmetry and shift: Pearson correlation ignores gain and offset, not a gamma curve, and a
+    PET copy with gamma 0.5 (the faint body lifted against the hot spots) sat 0.08 from its source on the grid, three
+    times the nearest other patient; the power 2 undoes it exactly.
+
     Args:
         grid: side of the grid images are resampled to (area interpolation), so images of any size compare
             (the whole field of view, never a crop) and the vector has ``grid ** spatial_dims`` entries per channel.
@@ -251,14 +256,16 @@ class PixelSpace:
         plane_zooms: 3D only: magnifications tried alone within each plane and over the whole volume when ``"zoom"``
             is requested (default: ``zooms``). They are cheap (one variant each, not one per shift), so a finer set
             than ``zooms`` costs little.
+        gammas: powers the query's [0, 1] intensities are raised to (a copy with gamma ``g`` is undone by ``1 / g``),
+            each under every symmetry and shift (unzoomed, unrotated); none by default.
 
     Zooms and rotations (and 3D's ``plane_zooms``) resample the image at twice the grid (``2 * grid`` per axis, or
     the volume's own size when smaller) and only then reduce it to the grid: resampled on the coarse grid itself,
     interpolation blurs a copy about as far from its source as two different patients' volumes are from each other.
 
     Cost: each query image is compared ``len(variant_ops)`` times (the product of the sizes of the requested
-    groups plus the wrapped shifts, e.g. 2D 8 symmetries x 25 shifts x 7 zooms x 5 angles x 2 signs + 384 = 14,384 for
-    the guard's default); the index itself does not grow.
+    groups plus the wrapped shifts, e.g. 2D 8 symmetries x 25 shifts x (7 zooms + 2 gammas) x 2 signs + 384 = 3,984 for
+    the guard's default, which leaves 2D rotations to the disc space); the index itself does not grow.
     """
 
     _VERSION = 8
@@ -274,6 +281,7 @@ class PixelSpace:
         zooms: Sequence[float] = _DEFAULT_ZOOMS,
         rotations: Sequence[float] = _DEFAULT_ROTATIONS,
         plane_zooms: Sequence[float] | None = None,
+        gammas: Sequence[float] = (),
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -291,6 +299,8 @@ class PixelSpace:
             raise ValueError(f"plane_zooms must lie in [0.25, 4], got {list(plane_zooms)}")
         if "rotate" in invariances and not all(-180.0 <= float(r) <= 180.0 for r in rotations):
             raise ValueError(f"rotations must be angles in degrees within [-180, 180], got {list(rotations)}")
+        if not all(0.1 <= float(g) <= 10.0 for g in gammas):
+            raise ValueError(f"gammas must be powers in [0.1, 10], got {list(gammas)}")
         self.name = "pixel"
         self.grid = int(grid)
         self.spatial_dims = int(spatial_dims)
@@ -307,6 +317,7 @@ class PixelSpace:
         if "rotate" in invariances:
             self.rotations = (0.0,) + tuple(sorted({round(float(r), 4) for r in rotations} - {0.0}))
         self.signs = (1, -1) if "invert" in invariances else (1,)
+        self.gammas = tuple(sorted({round(float(g), 4) for g in gammas} - {1.0}))
         flip, transpose = "flip" in invariances, "transpose" in invariances
         # 2D: every symmetry combines with every shift, zoom and angle (8 symmetries). 3D: the 8 flips and 48 axis
         # permutations would multiply the shifted variants (and memory) by up to 48, so they are compared alone (with
@@ -372,6 +383,13 @@ class PixelSpace:
         self.variant_ops += [
             (sign, z, r, self._symmetries[0], shifts[0], "edge") for sign in self.signs for z, r, _ in self._alone
         ]
+        self.variant_ops += [
+            (sign, 1.0, 0.0, sym, s, "edge", ("gamma", gm))
+            for gm in self.gammas
+            for sign in self.signs
+            for sym in self._symmetries
+            for s in shifts
+        ]
 
     @property
     def dim(self) -> int:
@@ -391,6 +409,8 @@ class PixelSpace:
             "rotations": list(self.rotations),
             "plane_zooms": list(self.plane_zooms),
         }
+        if self.gammas:  # spaces without them keep their fingerprints
+            cfg["gammas"] = list(self.gammas)
         return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
     def _grid(self, images: torch.Tensor | np.ndarray | Sequence, fine: bool = False):
@@ -450,7 +470,18 @@ class PixelSpace:
                 [F.interpolate(_linear_variants(fine, [m]), size=size, mode="area") for _, _, m in self._alone], dim=1
             )
             groups.append(self._signed(alone, n))
+        for gm in self.gammas:
+            w = self._windows(self._gamma_grid(images, gm), self._shifts, "replicate")
+            groups.append(self._signed(torch.cat([_apply_symmetry(w, p, f, 3) for p, f in self._symmetries], dim=1), n))
         return torch.cat(groups, dim=1).numpy().astype(np.float32, copy=False)
+
+    def _gamma_grid(self, images: torch.Tensor | np.ndarray | Sequence, gamma: float) -> torch.Tensor:
+        """The images on their own [0, 1] range (per image) raised to ``gamma`` at full resolution, then on the grid."""
+        x = as_image_batch(images, self.spatial_dims)
+        flat = _scaled(x.reshape(x.shape[0], -1))
+        lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
+        u = ((flat - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))).clamp(0.0, 1.0) ** gamma
+        return F.interpolate(u.reshape(x.shape), size=(self.grid,) * self.spatial_dims, mode="area")
 
     def _windows(self, g: torch.Tensor, shifts: Sequence[tuple[int, ...]], mode: str) -> torch.Tensor:
         """``(M, C, *grid)`` -> ``(M, S, C, *grid)``: each grid moved by each of ``shifts`` (cells), the vacated cells
@@ -483,7 +514,8 @@ class PixelSpace:
     def __repr__(self) -> str:
         return (
             f"PixelSpace(grid={self.grid}, spatial_dims={self.spatial_dims}, invariances={self.invariances}, "
-            f"max_shift={self.max_shift}, zooms={self.zooms}, rotations={self.rotations}, plane_zooms={self.plane_zooms})"
+            f"max_shift={self.max_shift}, zooms={self.zooms}, rotations={self.rotations}, plane_zooms={self.plane_zooms}, "
+            f"gammas={self.gammas})"
         )
 
 
