@@ -24,15 +24,14 @@ import torch.nn.functional as F
 
 from monai_synth.privacy.spaces import (
     _apply_symmetry,
+    _check_inscribed_settings,
     _checked_invariances,
+    _fine_grid,
     _fingerprint,
     _linear_variants,
+    _masked_vectors,
     _plane_rotation,
     _query_symmetries,
-    _scaled,
-    _standardise,
-    as_image_batch,
-    check_finite,
 )
 
 __all__ = ["BallSpace"]
@@ -72,14 +71,7 @@ class BallSpace:
                 f"the ball space compares volumes, got spatial_dims={spatial_dims}; 2D images are rotated by the disc "
                 "space"
             )
-        if int(grid) < 8:
-            raise ValueError(f"grid must be at least 8 cells per axis, got {grid}")
-        if not 0.2 < float(radius) <= 0.5:
-            raise ValueError(f"radius must be a fraction of the side in (0.2, 0.5], got {radius}")
-        if not all(-180.0 <= float(r) <= 180.0 for r in rotations):
-            raise ValueError(f"rotations must be angles in degrees within [-180, 180], got {list(rotations)}")
-        if not all(0.25 <= float(z) <= 4.0 for z in zooms):
-            raise ValueError(f"zooms must lie in [0.25, 4], got {list(zooms)}")
+        _check_inscribed_settings(grid, radius, rotations, zooms)
         if "transpose" in invariances:
             raise ValueError(
                 "the ball space does not compare axis permutations (48 per volume); leave 'transpose' out (the 3D "
@@ -122,18 +114,9 @@ class BallSpace:
         }
         return _fingerprint(cfg)
 
-    def _fine(self, images: torch.Tensor | np.ndarray | Sequence) -> torch.Tensor:
-        """The volumes at twice the grid (or their own size when smaller), where rotations and zooms resample."""
-        x = as_image_batch(images, 3)
-        check_finite(x)
-        x = _scaled(x.reshape(x.shape[0], -1)).reshape(x.shape)  # no overflow in the resampling
-        size = tuple(min(2 * self.grid, n) for n in x.shape[2:])
-        return F.interpolate(x, size=size, mode="area") if tuple(x.shape[2:]) != size else x
-
     def _ball(self, g: torch.Tensor) -> torch.Tensor:
         """``(M, C, grid, grid, grid)`` -> ``(M, C * cells in the ball)``, standardised."""
-        v = g.reshape(g.shape[0], g.shape[1], -1)[:, :, self._mask]
-        return _standardise(v.reshape(v.shape[0], -1))
+        return _masked_vectors(g, self._mask)
 
     def embed(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """``(B, C, D, H, W)`` -> ``(B, d)`` unit vectors of the central ball.
@@ -142,12 +125,12 @@ class BallSpace:
             NonFiniteImageError: for NaN/Inf volumes.
             DegenerateImageError: for volumes constant within the ball.
         """
-        g = F.interpolate(self._fine(images), size=(self.grid,) * 3, mode="area")
+        g = F.interpolate(_fine_grid(images, 3, self.grid), size=(self.grid,) * 3, mode="area")
         return self._ball(g).numpy().astype(np.float32, copy=False)
 
     def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """Query side ``(B, V, d)`` in the order of :attr:`variant_ops` (variant 0 = :meth:`embed`)."""
-        fine = self._fine(images)
+        fine = _fine_grid(images, 3, self.grid)
         n, size = fine.shape[0], (self.grid,) * 3
         g0 = F.interpolate(fine, size=size, mode="area")
         maps = []

@@ -25,13 +25,12 @@ import torch.nn.functional as F
 
 from monai_synth.privacy.spaces import (
     _apply_symmetry,
+    _check_inscribed_settings,
     _checked_invariances,
+    _fine_grid,
     _fingerprint,
+    _masked_vectors,
     _query_symmetries,
-    _scaled,
-    _standardise,
-    as_image_batch,
-    check_finite,
 )
 
 __all__ = ["DiscSpace"]
@@ -77,16 +76,9 @@ class DiscSpace:
         if spatial_dims != 2:
             raise ValueError(
                 f"the disc space compares 2D images, got spatial_dims={spatial_dims}; volumes are rotated about each "
-                "axis by the 3D pixel space"
+                "axis by the ball space"
             )
-        if int(grid) < 8:
-            raise ValueError(f"grid must be at least 8 cells per axis, got {grid}")
-        if not 0.2 < float(radius) <= 0.5:
-            raise ValueError(f"radius must be a fraction of the side in (0.2, 0.5], got {radius}")
-        if not all(-180.0 <= float(r) <= 180.0 for r in rotations):
-            raise ValueError(f"rotations must be angles in degrees within [-180, 180], got {list(rotations)}")
-        if not all(0.25 <= float(z) <= 4.0 for z in zooms):
-            raise ValueError(f"zooms must lie in [0.25, 4], got {list(zooms)}")
+        _check_inscribed_settings(grid, radius, rotations, zooms)
         self.name = "disc"
         self.grid, self.spatial_dims, self.radius = int(grid), 2, float(radius)
         self.rotations = (0.0,) + tuple(sorted({round(float(r), 4) for r in rotations} - {0.0}))
@@ -135,18 +127,9 @@ class DiscSpace:
         }
         return _fingerprint(cfg)
 
-    def _fine(self, images: torch.Tensor | np.ndarray | Sequence) -> torch.Tensor:
-        """The images at twice the grid (or their own size when smaller), where rotations and zooms resample."""
-        x = as_image_batch(images, 2)
-        check_finite(x)
-        x = _scaled(x.reshape(x.shape[0], -1)).reshape(x.shape)  # no overflow in the resampling
-        size = tuple(min(2 * self.grid, n) for n in x.shape[2:])
-        return F.interpolate(x, size=size, mode="area") if tuple(x.shape[2:]) != size else x
-
     def _disc(self, g: torch.Tensor) -> torch.Tensor:
         """``(M, C, grid, grid)`` -> ``(M, C * cells in the disc)``, standardised."""
-        v = g.reshape(g.shape[0], g.shape[1], -1)[:, :, self._mask]
-        return _standardise(v.reshape(v.shape[0], -1))
+        return _masked_vectors(g, self._mask)
 
     def embed(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """``(B, C, H, W)`` -> ``(B, d)`` unit vectors of the central disc.
@@ -155,12 +138,12 @@ class DiscSpace:
             NonFiniteImageError: for NaN/Inf images.
             DegenerateImageError: for images constant within the disc.
         """
-        g = F.interpolate(self._fine(images), size=(self.grid, self.grid), mode="area")
+        g = F.interpolate(_fine_grid(images, 2, self.grid), size=(self.grid, self.grid), mode="area")
         return self._disc(g).numpy().astype(np.float32, copy=False)
 
     def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """Query side ``(B, V, d)`` in the order of :attr:`variant_ops` (variant 0 = :meth:`embed`)."""
-        fine = self._fine(images)
+        fine = _fine_grid(images, 2, self.grid)
         n, affine = fine.shape[0], len(self._maps)
         g0 = F.interpolate(fine, size=(self.grid, self.grid), mode="area")
         g = F.interpolate(self._resampled(fine), size=g0.shape[2:], mode="area")

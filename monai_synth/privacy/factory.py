@@ -134,7 +134,7 @@ def make_space(
         if spatial_dims != 2:
             raise ValueError(
                 f"the disc space judges 2D images, not volumes (spatial_dims={spatial_dims}); leave it out for volumes "
-                "(build_spaces does), the 3D pixel space rotates them about each axis"
+                "(build_spaces does), the ball space rotates them about each axis"
             )
         return DiscSpace(grid=grid)
     if name == "ball":

@@ -131,6 +131,38 @@ def _standardise(x: torch.Tensor) -> torch.Tensor:
 _INVARIANCES = ("flip", "transpose", "shift", "zoom", "rotate", "invert")
 
 
+def _fine_grid(images: torch.Tensor | np.ndarray | Sequence, spatial_dims: int, grid: int) -> torch.Tensor:
+    """Images at twice ``grid`` per axis (or their own size when smaller), where rotations and zooms resample:
+    resampled on the coarse grid itself, interpolation blurs a copy as far from its source as another patient is.
+
+    Raises:
+        NonFiniteImageError: for NaN/Inf images.
+    """
+    x = as_image_batch(images, spatial_dims)
+    check_finite(x)
+    x = _scaled(x.reshape(x.shape[0], -1)).reshape(x.shape)  # no overflow in the resampling
+    size = tuple(min(2 * grid, n) for n in x.shape[2:])
+    return F.interpolate(x, size=size, mode="area") if tuple(x.shape[2:]) != size else x
+
+
+def _check_inscribed_settings(grid: int, radius: float, rotations: Sequence[float], zooms: Sequence[float]) -> None:
+    """The settings the disc and ball spaces share, each with what is allowed."""
+    if int(grid) < 8:
+        raise ValueError(f"grid must be at least 8 cells per axis, got {grid}")
+    if not 0.2 < float(radius) <= 0.5:
+        raise ValueError(f"radius must be a fraction of the side in (0.2, 0.5], got {radius}")
+    if not all(-180.0 <= float(r) <= 180.0 for r in rotations):
+        raise ValueError(f"rotations must be angles in degrees within [-180, 180], got {list(rotations)}")
+    if not all(0.25 <= float(z) <= 4.0 for z in zooms):
+        raise ValueError(f"zooms must lie in [0.25, 4], got {list(zooms)}")
+
+
+def _masked_vectors(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(M, C, *grid)`` -> ``(M, C * cells in mask)``, standardised: the cells of an inscribed disc or ball."""
+    v = g.reshape(g.shape[0], g.shape[1], -1)[:, :, mask]
+    return _standardise(v.reshape(v.shape[0], -1))
+
+
 def _affine_variants(g: torch.Tensor, zooms: Sequence[float], rotations: Sequence[float]) -> torch.Tensor:
     """``(B * Z * R, C, *grid)``: every image magnified by every zoom and rotated (in the first two axes) by every angle.
 
