@@ -144,9 +144,11 @@ def _add_guard(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         default=list(DEFAULT_SPACES),
         help="privacy spaces a candidate must all pass (default: %(default)s): pixel (whole image under flips, rot90, "
-        "shifts, zooms, rotations, inversion; pixel:none for plain correlation), parts (aligned regions), tiles "
-        "(windows at every scale), texture (fine texture: copies under strong noise), disc (2D: central disc under fine "
-        "rotations and zooms), ball (3D: central ball under fine rotations about each axis), embedding (copy-detection network, trained on --train unless --embedding-weights)",
+        "shifts, zooms, inversion, 2D gamma, 3D rotations; pixel:none for plain correlation), parts (aligned regions), "
+        "crops (crops of training images), tiles (windows at every position), texture (fine texture: copies under "
+        "strong noise), disc (2D: central disc under fine rotations, zooms and moves), ball (3D: central ball under "
+        "fine rotations about each axis), embedding (copy-detection network, trained on --train unless "
+        "--embedding-weights); a space of the other dimensionality is left out",
     )
     p.add_argument(
         "--embedding-weights",
