@@ -32,6 +32,7 @@ from monai_synth.privacy.spaces import (
     _masked_vectors,
     _plane_rotation,
     _query_symmetries,
+    _shift_steps,
 )
 
 __all__ = ["BallSpace"]
@@ -48,6 +49,11 @@ class BallSpace:
         rotations: angles in degrees the query is rotated by about each of the three axes (0 is always included).
         zooms: magnifications of the query, each combined with every rotation (1.0 is always included; none other
             by default: zooming lets another patient's volume match too).
+        max_shift: the query is also moved by every multiple of ``shift_step`` grid cells up to this along the two
+            axes of each rotation's plane, under every angle about that axis (unzoomed): a copy rotated and moved
+            within one plane. Moves along all three axes at once are not tried (7x the variants).
+        shift_step: step of those moves in grid cells. Half a cell (the default) catches a CT copy rotated by 15
+            degrees and moved by 1.5 cells (3 voxels at 32^3), which the unmoved rotations miss.
         invariances: ``"flip"`` (the mirror flips of the unrotated query) and/or ``"invert"``.
 
     Raises:
@@ -55,7 +61,7 @@ class BallSpace:
             invariances.
     """
 
-    _VERSION = 1
+    _VERSION = 2
 
     def __init__(
         self,
@@ -64,6 +70,8 @@ class BallSpace:
         radius: float = 0.4,
         rotations: Sequence[float] = tuple(range(-30, 31, 5)),
         zooms: Sequence[float] = (),
+        max_shift: float = 1.5,
+        shift_step: float = 0.5,
         invariances: Sequence[str] = ("flip", "invert"),
     ) -> None:
         if spatial_dims != 3:
@@ -81,20 +89,41 @@ class BallSpace:
         self.grid, self.spatial_dims, self.radius = int(grid), 3, float(radius)
         self.rotations = (0.0,) + tuple(sorted({round(float(r), 4) for r in rotations} - {0.0}))
         self.zooms = (1.0,) + tuple(sorted({round(float(z), 4) for z in zooms} - {1.0}))
+        steps = _shift_steps(self.grid, self.radius, max_shift, shift_step)
+        if abs(2 * float(shift_step) - round(2 * float(shift_step))) > 1e-6:
+            raise ValueError(
+                f"the ball moves its query by whole voxels of its fine grid (half cells): shift_step must be a "
+                f"multiple of 0.5 grid cells, got {shift_step}"
+            )
+        self.max_shift, self.shift_step = float(max_shift), float(shift_step)
         self.invariances = _checked_invariances(invariances)
         symmetries, self.signs = _query_symmetries(3, self.invariances)
         self._flips = symmetries[1:]
-        # (zoom, axis, angle) of every resampling: the identity first, then every zoom with no rotation and with
+        # (zoom, axis, angle, move in cells per axis) of every resampling: the identity first, then every zoom with no rotation and with
         # every angle about each axis. affine_grid orders its coordinates by the spatial axes reversed.
         turns = [(None, 0.0)] + [(axis, r) for axis in range(3) for r in self.rotations[1:]]
-        self._maps = [(z, axis, r) for z in self.zooms for axis, r in turns]
+        still = (0.0, 0.0, 0.0)
+        self._maps = [(z, axis, r, still) for z in self.zooms for axis, r in turns]
+        # then (unzoomed) every move within the plane of each axis's rotations, under every angle about that axis;
+        # the unrotated moves once (the three planes share the moves along one axis)
+        moved = {}
+        for axis in range(3):
+            for r in self.rotations:
+                for a in steps:
+                    for b in steps:
+                        shift = [a, b]
+                        shift.insert(axis, 0.0)
+                        if shift != list(still):
+                            key = (None if r == 0.0 else axis, r, tuple(shift))
+                            moved[key] = (1.0, *key)
+        self._maps += list(moved.values())
         centre = (torch.arange(self.grid, dtype=torch.float32) + 0.5 - self.grid / 2) / self.grid
         zz, yy, xx = torch.meshgrid(centre, centre, centre, indexing="ij")
         self._mask = (zz**2 + yy**2 + xx**2 <= self.radius**2).flatten()
-        # (sign, zoom, axis, angle, symmetry) of every variant; identity first: variant 0 is what `embed` returns
+        # (sign, zoom, axis, angle, move, symmetry) of every variant; identity first: variant 0 is what `embed` returns
         ident = symmetries[0]
-        self.variant_ops: list[tuple] = [(s, z, a, r, ident) for s in self.signs for z, a, r in self._maps]
-        self.variant_ops += [(s, 1.0, None, 0.0, f) for s in self.signs for f in self._flips]
+        self.variant_ops: list[tuple] = [(s, z, a, r, t, ident) for s in self.signs for z, a, r, t in self._maps]
+        self.variant_ops += [(s, 1.0, None, 0.0, still, f) for s in self.signs for f in self._flips]
 
     @property
     def dim(self) -> int:
@@ -110,6 +139,8 @@ class BallSpace:
             "radius": self.radius,
             "rotations": list(self.rotations),
             "zooms": list(self.zooms),
+            "max_shift": self.max_shift,
+            "shift_step": self.shift_step,
             "invariances": list(self.invariances),
         }
         return _fingerprint(cfg)
@@ -131,16 +162,39 @@ class BallSpace:
     def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """Query side ``(B, V, d)`` in the order of :attr:`variant_ops` (variant 0 = :meth:`embed`)."""
         fine = _fine_grid(images, 3, self.grid)
-        n, size = fine.shape[0], (self.grid,) * 3
+        n, size, side = fine.shape[0], (self.grid,) * 3, (2 * self.grid,) * 3
         g0 = F.interpolate(fine, size=size, mode="area")
-        maps = []
-        for z, axis, deg in self._maps:
+        grids: list[torch.Tensor | None] = [g0] + [None] * (len(self._maps) - 1)
+        moves: dict[tuple, list[tuple[int, tuple]]] = {}  # (axis, angle) -> (position, move) of the moved maps
+        for k, (_, axis, deg, shift) in enumerate(self._maps):
+            if any(shift):
+                moves.setdefault((axis, deg), []).append((k, shift))
+        for k, (z, axis, deg, shift) in enumerate(self._maps):
+            if any(shift) or (k > 0 and z == 1.0 and (axis, deg) in moves):
+                continue  # resampled below, with the moves
+            if k > 0:  # output point p samples the input at R p / z: content magnified by z
+                rot = torch.eye(3) if axis is None else _plane_rotation(3, 2 - axis, deg)
+                grids[k] = F.interpolate(_linear_variants(fine, [rot / z]), size=size, mode="area")
+        pad = int(round(2 * self.max_shift))
+        for (axis, deg), moved in moves.items():
             rot = torch.eye(3) if axis is None else _plane_rotation(3, 2 - axis, deg)
-            maps.append(rot / z)  # output point p samples the input at R p / z: content magnified by z
-        # one map at a time: memory of one fine copy per volume; the identity stays bit-exact
-        grids = [g0] + [F.interpolate(_linear_variants(fine, [m]), size=size, mode="area") for m in maps[1:]]
-        grids += [_apply_symmetry(g0, p, f, 2) for p, f in self._flips]
-        grids = torch.stack(grids, dim=1)  # (B, M + flips, C, *grid)
+            turned = fine if axis is None else _linear_variants(fine, [rot])
+            unmoved = self._maps.index((1.0, axis, deg, (0.0, 0.0, 0.0)))
+            if unmoved > 0:
+                grids[unmoved] = F.interpolate(turned, size=size, mode="area")
+            # a move by half a cell is one voxel of the fine grid (twice the grid): moved by slicing, edges replicated
+            if tuple(turned.shape[2:]) != side:
+                turned = F.interpolate(turned, size=side, mode="trilinear", align_corners=False)
+            padded = F.pad(turned, (pad,) * 6, mode="replicate")
+            windows = []
+            for _, shift in moved:
+                o = [pad - int(round(2 * d)) for d in shift]
+                windows.append(padded[:, :, o[0] : o[0] + side[0], o[1] : o[1] + side[1], o[2] : o[2] + side[2]])
+            g = F.interpolate(torch.cat(windows), size=size, mode="area").reshape(len(moved), *g0.shape)
+            for (k, _), gk in zip(moved, g):
+                grids[k] = gk
+        grids = [g[:, None] for g in grids] + [_apply_symmetry(g0, p, f, 2)[:, None] for p, f in self._flips]
+        grids = torch.cat(grids, dim=1)  # (B, M + flips, C, *grid)
         v = self._ball(grids.reshape(-1, *g0.shape[1:])).reshape(n, grids.shape[1], -1)
         # order of variant_ops: per sign, the maps then the flips
         if len(self.signs) == 2:
@@ -150,5 +204,5 @@ class BallSpace:
     def __repr__(self) -> str:
         return (
             f"BallSpace(grid={self.grid}, radius={self.radius}, rotations={self.rotations}, zooms={self.zooms}, "
-            f"invariances={self.invariances})"
+            f"max_shift={self.max_shift}, shift_step={self.shift_step}, invariances={self.invariances})"
         )

@@ -31,6 +31,7 @@ from monai_synth.privacy.spaces import (
     _fingerprint,
     _masked_vectors,
     _query_symmetries,
+    _shift_steps,
 )
 
 __all__ = ["DiscSpace"]
@@ -83,15 +84,8 @@ class DiscSpace:
         self.grid, self.spatial_dims, self.radius = int(grid), 2, float(radius)
         self.rotations = (0.0,) + tuple(sorted({round(float(r), 4) for r in rotations} - {0.0}))
         self.zooms = (1.0,) + tuple(sorted({round(float(z), 4) for z in zooms} - {1.0}))
-        if not 0.0 <= float(max_shift) < self.grid * (0.5 - self.radius) + 2:
-            raise ValueError(
-                f"max_shift must be in [0, {self.grid * (0.5 - self.radius) + 2:g}) grid cells, got {max_shift}"
-            )
-        if not 0.1 <= float(shift_step) <= 4.0:
-            raise ValueError(f"shift_step must be in [0.1, 4] grid cells, got {shift_step}")
+        steps = _shift_steps(self.grid, self.radius, max_shift, shift_step)
         self.max_shift, self.shift_step = float(max_shift), float(shift_step)
-        k = int(self.max_shift / self.shift_step + 1e-6)
-        steps = [round(i * self.shift_step, 4) for i in range(-k, k + 1)]
         shifts = sorted(((dy, dx) for dy in steps for dx in steps), key=lambda s: (abs(s[0]) + abs(s[1]), s))
         # (zoom, angle, shift in grid cells): every zoom with every angle unshifted, and every angle with every shift
         # unzoomed (a copy rotated and moved); the identity first

@@ -157,6 +157,23 @@ def _check_inscribed_settings(grid: int, radius: float, rotations: Sequence[floa
         raise ValueError(f"zooms must lie in [0.25, 4], got {list(zooms)}")
 
 
+def _shift_steps(grid: int, radius: float, max_shift: float, shift_step: float) -> list[float]:
+    """The moves (grid cells) per axis the disc and ball spaces try: every multiple of ``shift_step`` up to
+    ``max_shift``, each way, 0 included.
+
+    Raises:
+        ValueError: for a move that would carry the inscribed disc or ball well out of the field of view, or a step
+            outside [0.1, 4] cells.
+    """
+    limit = grid * (0.5 - radius) + 2
+    if not 0.0 <= float(max_shift) < limit:
+        raise ValueError(f"max_shift must be in [0, {limit:g}) grid cells, got {max_shift}")
+    if not 0.1 <= float(shift_step) <= 4.0:
+        raise ValueError(f"shift_step must be in [0.1, 4] grid cells, got {shift_step}")
+    k = int(float(max_shift) / float(shift_step) + 1e-6)
+    return [round(i * float(shift_step), 4) for i in range(-k, k + 1)]
+
+
 def _masked_vectors(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``(M, C, *grid)`` -> ``(M, C * cells in mask)``, standardised: the cells of an inscribed disc or ball."""
     v = g.reshape(g.shape[0], g.shape[1], -1)[:, :, mask]
@@ -187,15 +204,16 @@ def _affine_variants(g: torch.Tensor, zooms: Sequence[float], rotations: Sequenc
 
 
 def _linear_variants(g: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``(B * L, C, *grid)``: every image resampled through every ``(nd, nd)`` linear map about the centre.
+    """``(B * L, C, *grid)``: every image resampled through every ``(nd, nd)`` linear map about the centre (or
+    ``(nd, nd + 1)`` affine map).
 
-    Output point ``p`` samples the input at ``A p``; edges replicated. Used for the 3D rotations about each axis and
-    the zooms within one plane, which are compared on their own (not combined with every shift).
+    Output point ``p`` samples the input at ``A p`` (``A p + t``); edges replicated. Used for the 3D rotations about
+    each axis (with the ball's moves within the rotation's plane) and the zooms within one plane.
     """
     n, nd = g.shape[0], g.ndim - 2
     theta = torch.zeros(len(maps), nd, nd + 1)
     for k, a in enumerate(maps):
-        theta[k, :, :nd] = a
+        theta[k, :, : a.shape[1]] = a  # (nd, nd + 1): a translation (normalised coordinates) in the last column
     theta = theta.repeat(n, 1, 1)
     src = g.repeat_interleave(len(maps), dim=0)
     coords = F.affine_grid(theta, list(src.shape), align_corners=False)
