@@ -147,7 +147,7 @@ def _add_guard(sub: argparse._SubParsersAction) -> None:
         "shifts, zooms, inversion, 2D gamma, 3D rotations; pixel:none for plain correlation), parts (aligned regions), "
         "crops (crops of training images), tiles (windows at every position), texture (fine texture: copies under "
         "strong noise), disc (2D: central disc under fine rotations, zooms and moves), ball (3D: central ball under "
-        "fine rotations about each axis), embedding (copy-detection network, trained on --train unless "
+        "fine rotations and moves about each axis), embedding (copy-detection network, trained on --train unless "
         "--embedding-weights); a space of the other dimensionality is left out",
     )
     p.add_argument(

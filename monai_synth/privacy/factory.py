@@ -35,7 +35,7 @@ DEFAULT_SPACES = ("pixel", "parts", "crops", "tiles", "texture", "disc", "ball",
 person would still call the same image, aligned parts, crops of training images, windows at every scale, the fine
 texture of the image (a copy under strong noise such as speckle), the central disc of a 2D image under fine rotations and
 zooms (a copy rotated by up to 30 degrees, also cropped and noised; left out for volumes, see :data:`TWO_D_ONLY`), its 3D
-counterpart the inscribed ``ball`` of a volume under fine rotations about each axis (left out for 2D images, see
+counterpart the inscribed ``ball`` of a volume under fine rotations and moves about each axis (left out for 2D images, see
 :data:`THREE_D_ONLY`), and the learned copy-detection / re-identification ``embedding``, trained on the training images themselves when no weights
 are given (minutes on a CPU for a few hundred images; pass ``--embedding-weights`` to reuse them). A space that
 collapsed in training is refused at calibration, never certified."""
@@ -84,7 +84,8 @@ def make_space(
     16-cell grid, the query rotated every 5 degrees to +-30, zoomed 0.8-1.25 in steps of 0.05, moved by up to 1.5 cells
     in half-cell steps at every angle, mirrored / transposed / inverted).
     ``ball`` = :class:`~monai_synth.privacy.ball.BallSpace` (3D only: the central ball, radius 0.4 of the side, on a
-    16-cell grid, the query rotated about each axis every 5 degrees to +-30, mirrored / inverted).
+    16-cell grid, the query rotated about each axis every 5 degrees to +-30 and moved by up to 1.5 cells in
+    half-cell steps within each rotation's plane, mirrored / inverted).
     ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights; with
     ``data_fingerprint``, weights trained on another training set are refused).
 
