@@ -24,14 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from monai_synth.privacy.inscribed import InscribedSpace
 from monai_synth.privacy.spaces import (
     _apply_symmetry,
     _check_inscribed_settings,
     _checked_invariances,
     _fine_grid,
-    _fingerprint,
     _linear_variants,
-    _masked_vectors,
     _plane_rotation,
     _query_symmetries,
     _shift_steps,
@@ -40,7 +39,7 @@ from monai_synth.privacy.spaces import (
 __all__ = ["BallSpace"]
 
 
-class BallSpace:
+class BallSpace(InscribedSpace):
     """Distance = 1 - Pearson correlation of the central balls of two volumes on a coarse grid, the query rotated
     about each axis in fine steps (3D).
 
@@ -119,47 +118,11 @@ class BallSpace:
                             key = (None if r == 0.0 else axis, r, tuple(shift))
                             moved[key] = (1.0, *key)
         self._maps += list(moved.values())
-        centre = (torch.arange(self.grid, dtype=torch.float32) + 0.5 - self.grid / 2) / self.grid
-        zz, yy, xx = torch.meshgrid(centre, centre, centre, indexing="ij")
-        self._mask = (zz**2 + yy**2 + xx**2 <= self.radius**2).flatten()
+        self._set_mask()
         # (sign, zoom, axis, angle, move, symmetry) of every variant; identity first: variant 0 is what `embed` returns
         ident = symmetries[0]
         self.variant_ops: list[tuple] = [(s, z, a, r, t, ident) for s in self.signs for z, a, r, t in self._maps]
         self.variant_ops += [(s, 1.0, None, 0.0, still, f) for s in self.signs for f in self._flips]
-
-    @property
-    def dim(self) -> int:
-        """Length of the vectors of single-channel volumes: the grid cells inside the ball."""
-        return int(self._mask.sum())
-
-    def fingerprint(self) -> str:
-        """Hash of everything that changes the vectors."""
-        cfg = {
-            "space": "ball",
-            "version": self._VERSION,
-            "grid": self.grid,
-            "radius": self.radius,
-            "rotations": list(self.rotations),
-            "zooms": list(self.zooms),
-            "max_shift": self.max_shift,
-            "shift_step": self.shift_step,
-            "invariances": list(self.invariances),
-        }
-        return _fingerprint(cfg)
-
-    def _ball(self, g: torch.Tensor) -> torch.Tensor:
-        """``(M, C, grid, grid, grid)`` -> ``(M, C * cells in the ball)``, standardised."""
-        return _masked_vectors(g, self._mask)
-
-    def embed(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
-        """``(B, C, D, H, W)`` -> ``(B, d)`` unit vectors of the central ball.
-
-        Raises:
-            NonFiniteImageError: for NaN/Inf volumes.
-            DegenerateImageError: for volumes constant within the ball.
-        """
-        g = F.interpolate(_fine_grid(images, 3, self.grid), size=(self.grid,) * 3, mode="area")
-        return self._ball(g).numpy().astype(np.float32, copy=False)
 
     def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """Query side ``(B, V, d)`` in the order of :attr:`variant_ops` (variant 0 = :meth:`embed`)."""
@@ -197,7 +160,7 @@ class BallSpace:
                 grids[k] = gk
         grids = [g[:, None] for g in grids] + [_apply_symmetry(g0, p, f, 2)[:, None] for p, f in self._flips]
         grids = torch.cat(grids, dim=1)  # (B, M + flips, C, *grid)
-        v = self._ball(grids.reshape(-1, *g0.shape[1:])).reshape(n, grids.shape[1], -1)
+        v = self._vectors(grids.reshape(-1, *g0.shape[1:])).reshape(n, grids.shape[1], -1)
         # order of variant_ops: per sign, the maps then the flips
         if len(self.signs) == 2:
             v = torch.cat([v, -v], dim=1)

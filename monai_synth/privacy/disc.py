@@ -23,13 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from monai_synth.privacy.inscribed import InscribedSpace
 from monai_synth.privacy.spaces import (
     _apply_symmetry,
     _check_inscribed_settings,
     _checked_invariances,
     _fine_grid,
-    _fingerprint,
-    _masked_vectors,
     _query_symmetries,
     _shift_steps,
 )
@@ -37,7 +36,7 @@ from monai_synth.privacy.spaces import (
 __all__ = ["DiscSpace"]
 
 
-class DiscSpace:
+class DiscSpace(InscribedSpace):
     """Distance = 1 - Pearson correlation of the central discs of two images on a coarse grid, the query rotated and
     zoomed in fine steps (2D).
 
@@ -93,47 +92,11 @@ class DiscSpace:
         self._maps += [(1.0, r, s) for s in shifts[1:] for r in self.rotations]
         self.invariances = _checked_invariances(invariances)
         self._symmetries, self.signs = _query_symmetries(2, self.invariances)
-        centre = (torch.arange(self.grid, dtype=torch.float32) + 0.5 - self.grid / 2) / self.grid
-        yy, xx = torch.meshgrid(centre, centre, indexing="ij")
-        self._mask = (yy**2 + xx**2 <= self.radius**2).flatten()
+        self._set_mask()
         # (sign, zoom, angle, symmetry) of every variant; identity first: variant 0 is what `embed` returns
         self.variant_ops: list[tuple] = [
             (sign, z, r, t, sym) for sign in self.signs for z, r, t in self._maps for sym in self._symmetries
         ]
-
-    @property
-    def dim(self) -> int:
-        """Length of the vectors of single-channel images: the grid cells inside the disc."""
-        return int(self._mask.sum())
-
-    def fingerprint(self) -> str:
-        """Hash of everything that changes the vectors."""
-        cfg = {
-            "space": "disc",
-            "version": self._VERSION,
-            "grid": self.grid,
-            "radius": self.radius,
-            "rotations": list(self.rotations),
-            "zooms": list(self.zooms),
-            "max_shift": self.max_shift,
-            "shift_step": self.shift_step,
-            "invariances": list(self.invariances),
-        }
-        return _fingerprint(cfg)
-
-    def _disc(self, g: torch.Tensor) -> torch.Tensor:
-        """``(M, C, grid, grid)`` -> ``(M, C * cells in the disc)``, standardised."""
-        return _masked_vectors(g, self._mask)
-
-    def embed(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
-        """``(B, C, H, W)`` -> ``(B, d)`` unit vectors of the central disc.
-
-        Raises:
-            NonFiniteImageError: for NaN/Inf images.
-            DegenerateImageError: for images constant within the disc.
-        """
-        g = F.interpolate(_fine_grid(images, 2, self.grid), size=(self.grid, self.grid), mode="area")
-        return self._disc(g).numpy().astype(np.float32, copy=False)
 
     def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """Query side ``(B, V, d)`` in the order of :attr:`variant_ops` (variant 0 = :meth:`embed`)."""
@@ -143,7 +106,7 @@ class DiscSpace:
         g = F.interpolate(self._resampled(fine), size=g0.shape[2:], mode="area")
         g[::affine] = g0  # the identity stays bit-exact
         sym = torch.stack([_apply_symmetry(g, p, f, 2) for p, f in self._symmetries], dim=1)  # (n * A, S, C, H, W)
-        v = self._disc(sym.reshape(-1, *g.shape[1:])).reshape(n, affine * len(self._symmetries), -1)
+        v = self._vectors(sym.reshape(-1, *g.shape[1:])).reshape(n, affine * len(self._symmetries), -1)
         if len(self.signs) == 2:
             v = torch.cat([v, -v], dim=1)
         return v.numpy().astype(np.float32, copy=False)
