@@ -42,7 +42,7 @@ collapsed in training is refused at calibration, never certified."""
 
 TWO_D_ONLY = frozenset({"disc"})
 """Spaces that judge 2D images only. :func:`build_spaces` leaves them out for volumes (and says so), so one list of
-spaces serves a bundle in 2D and 3D; the 3D pixel space rotates volumes about each axis instead. Asked for by
+spaces serves a bundle in 2D and 3D; the ``ball`` space rotates volumes about each axis instead. Asked for by
 :func:`make_space` with ``spatial_dims=3``, they raise."""
 
 THREE_D_ONLY = frozenset({"ball"})
@@ -94,6 +94,7 @@ def make_space(
     is the cheaper pair.
     """
     name, opts = space_name(spec), spec.partition(":")[2]
+    _check_dimensionality(name, spatial_dims)
     grid = min(16, *spatial_size)
     if name == "pixel":
         kwargs = dict(_PIXEL_DEFAULTS[spatial_dims])
@@ -132,18 +133,8 @@ def make_space(
         fine = min(64 if spatial_dims == 2 else 32, *spatial_size)
         return TextureSpace(grid=fine, spatial_dims=spatial_dims, invariances=symmetry)
     if name == "disc":
-        if spatial_dims != 2:
-            raise ValueError(
-                f"the disc space judges 2D images, not volumes (spatial_dims={spatial_dims}); leave it out for volumes "
-                "(build_spaces does), the ball space rotates them about each axis"
-            )
         return DiscSpace(grid=grid)
     if name == "ball":
-        if spatial_dims != 3:
-            raise ValueError(
-                f"the ball space judges volumes, not 2D images (spatial_dims={spatial_dims}); leave it out for 2D images "
-                "(build_spaces does), the disc space rotates them"
-            )
         return BallSpace(grid=grid)
     if name == "embedding":
         if not embedding_weights:
@@ -157,6 +148,19 @@ def make_space(
     raise ValueError(
         f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], parts, crops, tiles, texture, disc, ball "
         "and/or embedding"
+    )
+
+
+def _check_dimensionality(name: str, spatial_dims: int) -> None:
+    """Refuse a space of :data:`TWO_D_ONLY` / :data:`THREE_D_ONLY` asked for images of the other dimensionality."""
+    only = 2 if name in TWO_D_ONLY else 3 if name in THREE_D_ONLY else None
+    if only is None or spatial_dims == only:
+        return
+    kind, other = ("2D images", "volumes") if only == 2 else ("volumes", "2D images")
+    counterpart = "the ball space rotates them about each axis" if only == 2 else "the disc space rotates them"
+    raise ValueError(
+        f"the {name} space judges {kind}, not {other} (spatial_dims={spatial_dims}); leave it out for {other} "
+        f"(build_spaces does), {counterpart}"
     )
 
 
