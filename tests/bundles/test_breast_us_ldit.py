@@ -48,6 +48,7 @@ def _quickstart_overrides(**extra) -> dict:
         num_inference_steps=2,
         num_per_class=2,
         calibration_quantile=0.2,
+        decoder_noise="fitted",  # not the quickstart's white noise: the chain also covers fitting the noise model
     )
     overrides.update(extra)
     return overrides
@@ -201,7 +202,7 @@ def test_stage1_checkpoint_holds_scale_factor_and_metadata(chain):
 
 @pytest.mark.slow
 def test_stage1_checkpoint_carries_the_decoder_noise_fitted_on_the_training_set(chain):
-    assert chain["overrides"]["decoder_noise"] == "fitted"  # the quickstart's setting
+    assert chain["overrides"]["decoder_noise"] == "fitted"  # set by _quickstart_overrides
     ckpt = torch.load(chain["snapshot"] / "models" / "autoencoder" / "autoencoder.pt", weights_only=True)
     weights = ckpt["autoencoder"]
     assert bool(weights["noise_fitted"])
@@ -531,6 +532,22 @@ def test_decoder_noise_benchmark_scores_white_and_fitted_noise_at_toy_size(chain
     # kernel 7 is read from the checkpoint (stage 1 fitted it), kernel 3 is fitted by the benchmark
     assert set(scores) == {"white", "fitted, kernel 7", "fitted, kernel 3 (fitted here)"}
     assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+@pytest.mark.slow
+def test_checkpoint_realism_benchmark_scores_several_sets_at_toy_size(chain):
+    """benchmarks/quickstart_checkpoints.py on a finished (tiny) quickstart: one realism score per set of samples."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "quickstart_checkpoints.py"
+    cmd = [sys.executable, str(script), "--output-dir", str(chain["snapshot"]), "--sets", "2", "--per-set", "2"]
+    cmd += ["--classifier-per-class", "4"]
+    for key, value in chain["overrides"].items():  # the tiny run's settings, so its checkpoints are accepted
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BUNDLE.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    printed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True, env=env).stdout
+    result = json.loads(printed.strip().splitlines()[-1])
+    assert len(result["realism_sets"]) == 2 and all(0.0 <= v <= 1.0 for v in result["realism_sets"])
+    assert result["realism_accuracy"] == pytest.approx(sum(result["realism_sets"]) / 2)
+    assert result["class_ratio"] >= 0.0
 
 
 def _rewrite_datalist(cohort: str, dest: Path, replace: dict[str, str]) -> Path:

@@ -42,7 +42,8 @@ def randomize(net: DiffusionTransformer, seed: int = 1) -> DiffusionTransformer:
     with torch.no_grad():
         for module in [*[b.adaLN_modulation for b in net.blocks], net.final_layer.adaLN_modulation]:
             module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.1)
-        net.final_layer.linear.weight.copy_(torch.randn(net.final_layer.linear.weight.shape, generator=gen) * 0.1)
+        head = net.final_layer.linear if net.final_layer.overlap is None else net.final_layer.overlap
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.1)
     return net
 
 
@@ -375,3 +376,47 @@ def test_the_embedders_validate_their_own_inputs():
     assert context(torch.eye(3).unsqueeze(1).long(), None, 3).shape == (3, 8)  # (B, 1, K) integer one-hot
     with pytest.raises(ValueError, match="context must have shape"):
         context(torch.zeros(2, 4), None, 2)
+
+
+@pytest.mark.parametrize("spatial_dims,patch", [(2, 1), (2, 2), (2, 4), (3, 2), (3, 4)])
+def test_overlap_head_writes_across_the_patch_border(spatial_dims, patch):
+    # The DiT head writes each token into its own patch only (seams along the patch grid); the overlap head writes
+    # half a patch into the neighbours. Same output shape, still exactly zero at init, and checkpoints of the default
+    # head keep their keys.
+    size = 2 * patch
+    kwargs = {"in_channels": 1, "out_channels": 2, "input_size": size, "patch_size": patch}
+    plain, overlap = tiny(spatial_dims, **kwargs), tiny(spatial_dims, overlap_head=True, **kwargs)
+    x = torch.randn(2, 1, *(size,) * spatial_dims)
+    assert torch.count_nonzero(overlap(x, torch.tensor([10]))) == 0
+    assert randomize(overlap)(x, torch.tensor([10])).shape == (2, 2, *(size,) * spatial_dims)
+    assert "final_layer.linear.weight" in plain.state_dict() and "final_layer.overlap.weight" in overlap.state_dict()
+    with pytest.raises(RuntimeError, match="final_layer"):  # a checkpoint of the other head is refused, not half-loaded
+        overlap.load_state_dict(plain.state_dict())
+
+    def first_token_only(net):  # the output when only token 0 of the modulated tokens is non-zero
+        tokens = torch.zeros(1, 2**spatial_dims, net.hidden_size)
+        tokens[0, 0] = 1.0
+        if net.final_layer.overlap is None:
+            return net.unpatchify(net.final_layer.linear(tokens))
+        return net.final_layer.overlap(tokens.transpose(1, 2).reshape(1, net.hidden_size, *(2,) * spatial_dims))
+
+    for net, crosses in ((plain, False), (overlap, True)):
+        out = first_token_only(randomize(net)).detach().abs()
+        inside = out[(slice(None), slice(None), *[slice(0, patch)] * spatial_dims)].sum()
+        assert inside > 0 and bool(out.sum() > inside) is crosses
+
+
+def test_overlap_head_learns_the_condition():
+    torch.manual_seed(0)
+    net = tiny(2, in_channels=1, out_channels=1, input_size=8, patch_size=4, num_classes=2, overlap_head=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    labels = torch.tensor([0, 1] * 4)
+    target = (1 - 2 * labels.float()).view(-1, 1, 1, 1).expand(-1, 1, 8, 8)
+    for _ in range(40):
+        loss = (net(torch.randn(8, 1, 8, 8), torch.randint(0, 1000, (8,)), class_labels=labels) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        out = net.eval()(torch.randn(2, 1, 8, 8), torch.tensor([500, 500]), class_labels=torch.tensor([0, 1]))
+    assert out[0].mean() > 0.5 and out[1].mean() < -0.5
