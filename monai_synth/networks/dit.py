@@ -266,15 +266,15 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.grid_size = grid_size
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.adaLN_modulation = nn.Linear(hidden_size, 2 * hidden_size)
         self.linear, self.overlap = None, None
         if overlap:
             pad = tuple((p + 1) // 2 for p in patch_size)
             kernel = tuple(p + 2 * q for p, q in zip(patch_size, pad))
             tconv = nn.ConvTranspose2d if len(patch_size) == 2 else nn.ConvTranspose3d
             self.overlap = tconv(hidden_size, out_channels, kernel, stride=patch_size, padding=pad)
-        else:
+        else:  # registered before adaLN_modulation, as it always was: optimizer states saved by index still match
             self.linear = nn.Linear(hidden_size, math.prod(patch_size) * out_channels)
+        self.adaLN_modulation = nn.Linear(hidden_size, 2 * hidden_size)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """``(B, T, D)`` tokens -> ``(B, T, prod(patch) * C)`` patches (linear head) or the ``(B, C, *size)`` image."""
