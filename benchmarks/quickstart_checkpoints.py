@@ -43,7 +43,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     from monai.bundle import ConfigParser, ConfigWorkflow
 
-    from monai_synth.engines.sampler import sample_latent_images
     from monai_synth.workflows.stages import stage_config_files
 
     overrides = dict(ConfigParser.load_config_file(str(BUNDLE / "configs" / "quickstart.yaml"))["overrides"])
@@ -62,34 +61,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         bundle_root=str(BUNDLE),
         **overrides,
     )
-    workflow.initialize()
-    config = workflow.parser
-    for _ in config.get_parsed_content("setup"):  # loads both checkpoints (checked against this run's split)
-        pass
-    autoencoder = config.get_parsed_content("autoencoder").eval()
-    network = config.get_parsed_content("ema_network")
-    scale_factor = torch.load(Path(args.output_dir) / "latents" / "train_latents.pt", weights_only=False)[
-        "scale_factor"
-    ]
+    workflow.initialize()  # runs the stage's setup: both checkpoints loaded, checked against this run's split
+    sampler = workflow.parser.get_parsed_content("sampler")  # the release's own sampler and settings, unguarded
     per_set = args.per_set
     n = per_set * args.sets
-    images = torch.cat(
-        [
-            sample_latent_images(
-                network,
-                autoencoder,
-                config.get_parsed_content("sampling_scheduler"),
-                scale_factor,
-                [c] * n,
-                config.get_parsed_content("latent_shape"),
-                num_classes=len(quality.LABELS),
-                guidance_scale=float(overrides["guidance_scale"]),
-                num_inference_steps=int(overrides["num_inference_steps"]),
-                seed=1000 + c,
-            )
-            for c in range(len(quality.LABELS))
-        ]
-    )
+    images = torch.cat([sampler(n, seed=1000 + c, condition=c) for c in range(len(quality.LABELS))])
     images = torch.round((images.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1  # stored as 8-bit grey levels, as released
     labels = torch.arange(len(quality.LABELS)).repeat_interleave(n)
     size = images.shape[-1]

@@ -20,6 +20,7 @@ Run: ``python benchmarks/safeguard_space_ablation.py --modality ct2d --configs
 from __future__ import annotations
 
 import argparse
+import inspect
 import shutil
 import sys
 import time
@@ -33,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import safeguard_attacks as sa  # noqa: E402
 
-MARGIN = 1e-5  # PrivacySafeguard's default margin
+from monai_synth.privacy.safeguard import PrivacySafeguard  # noqa: E402
+
+MARGIN = inspect.signature(PrivacySafeguard).parameters["margin"].default  # what the gate adds to every threshold
 
 
 def make_named_space(name: str, spatial_size: Sequence[int]):

@@ -10,10 +10,11 @@ a rotation about the centre maps onto itself and a crop or zoom of up to ``1 / (
 of view. The query is rotated about each axis in fine steps (default every 5 degrees to +-30), resampled at twice the
 grid and only then reduced to it, and at every angle moved by up to 1.5 cells in half-cell steps within the
 rotation's plane (a copy rotated and moved; a half cell is one voxel of the fine grid, so the moves are slices, not
-resamplings); the mirror flips and inversion are tried as well. Zooms of every angle are
-optional and off by default: on MRI phantoms (zooms 0.9, 1.1, 1.2) they brought 4 of 18 unseen volumes below the
-smallest holdout distance, while the rotated copies are caught without them. The index holds each training volume's ball once. Its own calibrated
-threshold, so it never loosens the other spaces. The 3D counterpart of :class:`~monai_synth.privacy.disc.DiscSpace`.
+resamplings); the mirror flips and inversion are tried as well. Zooms of every angle are optional and off by
+default: on MRI phantoms (zooms 0.9, 1.1, 1.2) they brought 4 of 18 unseen volumes below the smallest holdout
+distance, while the rotated copies are caught without them. The index holds each training volume's ball once. Its own
+calibrated threshold, so it never loosens the other spaces. The 3D counterpart of
+:class:`~monai_synth.privacy.disc.DiscSpace`.
 """
 
 from __future__ import annotations
@@ -100,8 +101,9 @@ class BallSpace(InscribedSpace):
         self.invariances = _checked_invariances(invariances)
         symmetries, self.signs = _query_symmetries(3, self.invariances)
         self._flips = symmetries[1:]
-        # (zoom, axis, angle, move in cells per axis) of every resampling: the identity first, then every zoom with no rotation and with
-        # every angle about each axis. affine_grid orders its coordinates by the spatial axes reversed.
+        # (zoom, axis, angle, move in cells per axis) of every resampling: the identity first, then every zoom with no
+        # rotation and with every angle about each axis. affine_grid orders its coordinates by the spatial axes
+        # reversed.
         turns = [(None, 0.0)] + [(axis, r) for axis in range(3) for r in self.rotations[1:]]
         still = (0.0, 0.0, 0.0)
         self._maps = [(z, axis, r, still) for z in self.zooms for axis, r in turns]

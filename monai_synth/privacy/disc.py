@@ -8,10 +8,10 @@ is about 0.12 away. Speckle adds to that: a copy rotated, cropped and re-noised 
 :class:`DiscSpace` (``"disc"``) compares only the disc inscribed in the image (radius a fraction of the side), which a
 rotation about the centre keeps whole and a crop or zoom of up to ``1 - 2 * radius`` keeps inside the field of view,
 on a coarse grid where each cell averages many pixels, so multiplicative speckle is averaged out. The query is rotated
-in fine steps (default every 5 degrees to +-30), zoomed in fine steps (0.8-1.25) and moved by up to 1.5 cells in half-cell
-steps at every angle, resampled at twice the grid and
-only then reduced to it, mirrored / transposed and inverted; the index holds each training image's disc once. Its own
-calibrated threshold, so it never loosens the other spaces.
+in fine steps (default every 5 degrees to +-30), zoomed in fine steps (0.8-1.25) and moved by up to 1.5 cells in
+half-cell steps at every angle, resampled at twice the grid and only then reduced to it, mirrored / transposed and
+inverted; the index holds each training image's disc once. Its own calibrated threshold, so it never loosens the
+other spaces.
 """
 
 from __future__ import annotations

@@ -33,12 +33,12 @@ def space_name(spec: str) -> str:
 DEFAULT_SPACES = ("pixel", "parts", "crops", "tiles", "texture", "disc", "ball", "embedding")
 """What a candidate must pass by default: whole-image pixel correlation under the geometric and intensity changes a
 person would still call the same image, aligned parts, crops of training images, windows at every scale, the fine
-texture of the image (a copy under strong noise such as speckle), the central disc of a 2D image under fine rotations and
-zooms (a copy rotated by up to 30 degrees, also cropped and noised; left out for volumes, see :data:`TWO_D_ONLY`), its 3D
-counterpart the inscribed ``ball`` of a volume under fine rotations and moves about each axis (left out for 2D images, see
-:data:`THREE_D_ONLY`), and the learned copy-detection / re-identification ``embedding``, trained on the training images themselves when no weights
-are given (minutes on a CPU for a few hundred images; pass ``--embedding-weights`` to reuse them). A space that
-collapsed in training is refused at calibration, never certified."""
+texture of the image (a copy under strong noise such as speckle), the central disc of a 2D image under fine rotations
+and zooms (a copy rotated by up to 30 degrees, also cropped and noised; left out for volumes, see :data:`TWO_D_ONLY`),
+its 3D counterpart the inscribed ``ball`` of a volume under fine rotations and moves about each axis (left out for 2D
+images, see :data:`THREE_D_ONLY`), and the learned copy-detection / re-identification ``embedding``, trained on the
+training images themselves when no weights are given (minutes on a CPU for a few hundred images; pass
+``--embedding-weights`` to reuse them). A space that collapsed in training is refused at calibration, never certified."""
 
 TWO_D_ONLY = frozenset({"disc"})
 """Spaces that judge 2D images only. :func:`build_spaces` leaves them out for volumes (and says so), so one list of
@@ -69,15 +69,15 @@ def make_space(
 
     ``pixel`` = :class:`PixelSpace` on a 16-cell grid, invariant (2D) to mirror flips, transposes / rot90, shifts
     of up to 2 cells (12%), zooms 0.7-1.4, intensity inversion and gamma 0.5 / 2 with every shift, no rotations: the
-    ``disc`` space rotates 2D copies, with fewer corners lost, at finer angles and for fewer query floats (3D: shifts of up to
-    2 cells, zooms 0.8-1.25 and inversion, the mirror flips with shifts of up to 1 cell, and on their own the
-    90-degree rotations, axis swaps, rotations of 5-25 degrees about each axis and zooms of 0.8-1.25 in steps of 0.05 within each plane and of the whole volume);
-    ``pixel:none``, ``pixel:flip,shift`` etc. choose the
-    invariances.
+    ``disc`` space rotates 2D copies, with fewer corners lost, at finer angles and for fewer query floats (3D: shifts
+    of up to 2 cells, zooms 0.8-1.25 and inversion, the mirror flips with shifts of up to 1 cell, and on their own the
+    90-degree rotations, axis swaps, rotations of 5-25 degrees about each axis and zooms of 0.8-1.25 in steps of 0.05
+    within each plane and of the whole volume); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
     ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre),
     ``crops`` = the same class comparing crops of training images with the whole candidate,
     ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every position, 2D of a half
-    and a third of its side and the halves of each axis; in 3D of 0.8 and 0.5 of the training volumes' shape, and spanning some axes whole and a half or a third of the others).
+    and a third of its side and the halves of each axis; in 3D of 0.8 and 0.5 of the training volumes' shape, and
+    spanning some axes whole and a half or a third of the others).
     ``texture`` = :class:`~monai_synth.privacy.texture.TextureSpace` (the image minus its local mean on a 64-cell
     grid, 32 in 3D, mirrored / transposed / inverted).
     ``disc`` = :class:`~monai_synth.privacy.disc.DiscSpace` (2D only: the central disc, radius 0.4 of the side, on a
@@ -90,8 +90,8 @@ def make_space(
     ``data_fingerprint``, weights trained on another training set are refused).
 
     The default pixel space compares every 2D query in 3,984 variants of 256 values, the disc space in 12,064 of 124
-    (3D pixel: 1,588 variants): fine for a gate over thousands of training images; see ``docs/benchmarks.md`` for its cost at larger indexes, where ``pixel:flip,shift`` plus ``embedding``
-    is the cheaper pair.
+    (3D pixel: 1,588 variants): fine for a gate over thousands of training images; see ``docs/benchmarks.md`` for its
+    cost at larger indexes, where ``pixel:flip,shift`` plus ``embedding`` is the cheaper pair.
     """
     name, opts = space_name(spec), spec.partition(":")[2]
     _check_dimensionality(name, spatial_dims)

@@ -520,18 +520,19 @@ class PixelSpace:
                 [F.interpolate(_linear_variants(fine, [m]), size=size, mode="area") for _, _, m in self._alone], dim=1
             )
             groups.append(self._signed(alone, n))
-        for gm in self.gammas:
-            w = self._windows(self._gamma_grid(images, gm), self._shifts, "replicate")
+        unit = self._unit_range(images) if self.gammas else None
+        for gm in self.gammas:  # each power at full resolution, then on the grid
+            g_gamma = F.interpolate(unit**gm, size=(self.grid,) * self.spatial_dims, mode="area")
+            w = self._windows(g_gamma, self._shifts, "replicate")
             groups.append(self._signed(torch.cat([_apply_symmetry(w, p, f, 3) for p, f in self._symmetries], dim=1), n))
         return torch.cat(groups, dim=1).numpy().astype(np.float32, copy=False)
 
-    def _gamma_grid(self, images: torch.Tensor | np.ndarray | Sequence, gamma: float) -> torch.Tensor:
-        """The images on their own [0, 1] range (per image) raised to ``gamma`` at full resolution, then on the grid."""
+    def _unit_range(self, images: torch.Tensor | np.ndarray | Sequence) -> torch.Tensor:
+        """The images at full resolution on their own [0, 1] range (per image), where the gammas apply."""
         x = as_image_batch(images, self.spatial_dims)
         flat = _scaled(x.reshape(x.shape[0], -1))
         lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
-        u = ((flat - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))).clamp(0.0, 1.0) ** gamma
-        return F.interpolate(u.reshape(x.shape), size=(self.grid,) * self.spatial_dims, mode="area")
+        return ((flat - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))).clamp(0.0, 1.0).reshape(x.shape)
 
     def _windows(self, g: torch.Tensor, shifts: Sequence[tuple[int, ...]], mode: str) -> torch.Tensor:
         """``(M, C, *grid)`` -> ``(M, S, C, *grid)``: each grid moved by each of ``shifts`` (cells), the vacated cells
