@@ -7,6 +7,16 @@ a (near-)copy and rejected: ``threshold = max(floor, quantile-th holdout->train 
 With ``quantile=0.01`` about 1% of genuinely new images are rejected as well; that is the price of the
 guarantee and shows up as extra sampling cost in the certificate.
 
+More samples than the holdout (leave one patient out). A candidate must pass every space, so each space's threshold
+is set at a lower quantile (about ``quantile / k`` for k spaces, :func:`joint_space_quantile`), which a holdout of a
+few hundred images cannot resolve: the threshold is then about its smallest distance, and a new patient's image falls
+below it about once in ``n + 1`` per space, k times that for the union (with 7 spaces and 36 holdout patients, 7% of
+new patients' images were refused, not 1%). Training images measured against the *other* training patients are
+samples of the same thing, how close a person the index holds no image of comes to it, so they join the holdout's
+distances (:func:`calibrate_threshold`'s ``training_images``; :func:`~monai_synth.privacy.safeguard.build_safeguard`
+adds as many as ``k / quantile`` samples need). Screened for duplicates like the holdout (flagged ones are left out),
+they cannot lower a threshold below what new patients show.
+
 The threshold is only as good as the holdout, and a low quantile is decided by a handful of images, so a
 calibration can be lowered quietly: one training patient in the holdout under another id put copies of training
 images into it, the 1% quantile fell from 0.221 to 0.046, and blurred, rotated and noised copies then passed.
@@ -70,6 +80,8 @@ from monai_synth.privacy.spaces import embed_variants, images_per_batch, note_qu
 
 __all__ = [
     "COLLAPSED_SPACE",
+    "CrossPatient",
+    "cross_patient_rows",
     "CollapsedSpaceError",
     "Calibration",
     "HoldoutDuplicateError",
@@ -229,9 +241,14 @@ class Calibration:
         space_quantile: the quantile of this space's holdout distances that sets the threshold when several spaces
             (and intensity views) were calibrated jointly so that together they reject ``quantile`` of the holdout
             images (see :func:`joint_space_quantile`); None when the threshold is this space's own ``quantile``.
-        holdout_distances: the sorted holdout->train nearest distances: all of them, or, for a calibration read back
-            with :meth:`from_dict` from a holdout of more than 1001 images, 1001 order statistics at evenly spaced
-            ranks (first and last included); used by :meth:`holdout_percentile`. Not compared by ``==``.
+        holdout_distances: the sorted calibration distances (the holdout's to the training set, then the
+            cross-patient samples'): all of them, or, for a calibration read back with :meth:`from_dict` from more
+            than 1001 samples, 1001 order statistics at evenly spaced ranks (first and last included); used by
+            :meth:`holdout_percentile`. Not compared by ``==``.
+        n_cross_patient: training images whose distance to the nearest image of *another* training patient joined
+            the holdout's distances (leave one patient out; see :func:`calibrate_threshold`); 0: the holdout alone.
+        cross_patient_dropped: cross-patient samples left out because the duplicate screen flagged them (an image
+            of the same person under another id).
     """
 
     space: str
@@ -248,16 +265,23 @@ class Calibration:
     duplicate_screen: dict | None = None
     space_quantile: float | None = None
     holdout_distances: np.ndarray | None = field(default=None, repr=False, compare=False)
+    n_cross_patient: int = 0
+    cross_patient_dropped: int = 0
+
+    @property
+    def n_calibration(self) -> int:
+        """Calibration samples: the holdout images and the training images measured against the other patients."""
+        return self.n_holdout + self.n_cross_patient
 
     def __post_init__(self) -> None:
         if self.threshold_ci is not None:
             self.threshold_ci = (float(self.threshold_ci[0]), float(self.threshold_ci[1]))
         if self.holdout_distances is not None:
             d = np.sort(np.asarray(self.holdout_distances, dtype=np.float64).ravel())
-            if not 1 <= len(d) <= self.n_holdout or not np.isfinite(d).all():
+            if not 1 <= len(d) <= self.n_calibration or not np.isfinite(d).all():
                 raise ValueError(
-                    f"holdout_distances must hold 1 to n_holdout={self.n_holdout} finite values, got {len(d)} "
-                    "values: recalibrate, or leave them out"
+                    f"holdout_distances must hold 1 to n_holdout + n_cross_patient={self.n_calibration} finite values, "
+                    f"got {len(d)} values: recalibrate, or leave them out"
                 )
             self.holdout_distances = d
 
@@ -282,7 +306,7 @@ class Calibration:
         t = float(distance)
         if not math.isfinite(t):
             raise ValueError(f"distance must be a finite number, got {distance}")
-        d, n = self.holdout_distances, self.n_holdout
+        d, n = self.holdout_distances, self.n_calibration
         j = int(np.searchsorted(d, t, side="left"))  # stored values below t
         if len(d) == n:
             return j / n
@@ -295,17 +319,24 @@ class Calibration:
         frac = (t - d[j - 1]) / gap if gap > 0 else 0.0
         return float(below_at_least + frac * (below_at_most - below_at_least)) / n
 
-    def at_space_quantile(self, distances: np.ndarray, space_quantile: float) -> Calibration:
-        """This calibration re-set at ``space_quantile`` of ``distances`` (the same holdout images, as judged).
+    def at_space_quantile(
+        self, distances: np.ndarray, space_quantile: float, cross_patient_dropped: int | None = None
+    ) -> Calibration:
+        """This calibration re-set at ``space_quantile`` of ``distances`` (the same calibration images, as judged).
 
         Used by joint calibration: ``distances`` are the holdout images' distances as the safeguard will measure a
-        candidate's (nearest over every intensity view), and the threshold becomes their ``space_quantile``, with
-        its interval, summary and holdout distances from them; the duplicate screen and ``quantile`` are kept.
+        candidate's (nearest over every intensity view), then the cross-patient ones, and the threshold becomes their
+        ``space_quantile``, with its interval, summary and calibration distances from them; the duplicate screen and
+        ``quantile`` are kept. ``cross_patient_dropped``: the cross-patient samples left out of ``distances`` (the
+        spaces share one set: a sample one space's screen flags is left out of all of them); None: as before.
         """
         d = np.sort(np.asarray(distances, dtype=np.float64).ravel())
-        if len(d) != self.n_holdout or not np.isfinite(d).all():
+        dropped = self.cross_patient_dropped if cross_patient_dropped is None else int(cross_patient_dropped)
+        n_cross = self.n_cross_patient + self.cross_patient_dropped - dropped
+        if n_cross < 0 or len(d) != self.n_holdout + n_cross or not np.isfinite(d).all():
             raise ValueError(
-                f"expected {self.n_holdout} finite holdout distances for space {self.space!r}, got {len(d)}"
+                f"expected {self.n_holdout + n_cross} finite calibration distances for space {self.space!r}, got "
+                f"{len(d)}"
             )
         if not 0.0 < space_quantile <= self.quantile:
             raise ValueError(f"space_quantile must be in (0, {self.quantile}], got {space_quantile}")
@@ -320,6 +351,8 @@ class Calibration:
             ci_level=self.ci_level or 0.95,
             space_quantile=float(space_quantile),
             holdout_distances=d,
+            n_cross_patient=n_cross,
+            cross_patient_dropped=dropped,
         )
 
     def to_dict(self) -> dict:
@@ -432,51 +465,157 @@ def _view_vectors(
             yield np.stack(out)
 
 
-def _holdout_neighbours(
-    index: TrainingIndex,
-    holdout: torch.Tensor | np.ndarray | Iterable | None,
-    holdout_vectors: np.ndarray | None,
-    batch_size: int,
-    other_patient: bool,
-    views: Callable[[torch.Tensor], Sequence] | None = None,
+def _neighbours(
+    index: TrainingIndex, batches: Iterable[np.ndarray], other_patient: bool, own: Sequence[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Nearest training distance and row of each holdout image, and (if asked) its nearest other-patient distance.
+    """Each query's nearest training distance and row, and (if asked) its nearest distance to another patient.
 
-    With ``views``, an image's distance to a row is the least over its views, as a candidate's is judged. The
-    other-patient distance needs the nearest rows of more than one patient: a few rows are searched first and,
-    for the images whose few nearest rows all belong to one patient, as many rows as that patient has plus one.
+    ``own``: per query, a training patient whose rows are skipped (a training image measured against the other
+    training patients); None: every row counts. The other-patient distance needs the nearest rows of more than one
+    patient: a few rows are searched first and, for the queries whose few nearest rows do not hold them, as many rows
+    as the skipped patient and the most imaged patient have, plus one.
     """
-    if holdout_vectors is not None:
-        batches: Iterable = _iter_batches(np.asarray(holdout_vectors), batch_size)
-    elif views is not None:
-        index.check_space()
-        batches = _view_vectors(index.space, holdout, views, batch_size)
-    else:
-        index.check_space()
-        batches = (embed_variants(index.space, b) for b in _iter_batches(holdout, batch_size))
-    n_patients = len(index.patients)
-    most_rows = int(np.bincount(np.asarray(index.patient_codes)).max()) if other_patient and n_patients > 1 else 1
-    first_k = min(index.ntotal, 8) if other_patient and n_patients > 1 else 1
-    d1, r1, d2 = [], [], []
+    patients = np.asarray(index.patients, dtype=object)
+    counts = np.bincount(np.asarray(index.patient_codes), minlength=len(patients))
+    own_rows = dict(zip(patients.tolist(), counts.tolist()))
+    most_rows = int(counts.max())
+    second = other_patient and len(patients) > 1
+    d1, r1, d2, start = [], [], [], 0
     for vec in batches:
-        dist, rows, pids = index.search(vec, k=first_k)
-        other = np.full(len(dist), np.nan)
-        if first_k > 1:
-            found = pids != pids[:, :1]
-            has = found.any(axis=1)
-            other[has] = dist[has, found[has].argmax(axis=1)]
-            redo = np.flatnonzero(~has)
-            if len(redo):
-                k = min(index.ntotal, most_rows + 1)
-                dd, _, pp = index.search(np.asarray(vec)[redo], k=k)
-                found = pp != pp[:, :1]
-                other[redo] = dd[np.arange(len(redo)), found.argmax(axis=1)]
-        d1.append(dist[:, 0])
-        r1.append(rows[:, 0])
+        q, start = len(vec), start + len(vec)
+        skip = None if own is None else np.asarray(own[start - q : start], dtype=object)
+        skipped = 0 if skip is None else max(own_rows.get(p, 0) for p in skip)
+        k = min(index.ntotal, (8 if second else 1) + skipped)
+        dist, rows, pids = index.search(vec, k=k)
+        near, row, other = _first_two_patients(dist, rows, pids, skip, second)
+        redo = np.flatnonzero(np.isnan(near) | (np.isnan(other) if second else False))
+        if len(redo) and k < index.ntotal:
+            k = min(index.ntotal, skipped + most_rows + 1)
+            dist, rows, pids = index.search(np.asarray(vec)[redo], k=k)
+            near[redo], row[redo], other[redo] = _first_two_patients(
+                dist, rows, pids, None if skip is None else skip[redo], second
+            )
+        d1.append(near)
+        r1.append(row)
         d2.append(other)
     if not d1:
-        raise ValueError("no holdout images to calibrate on")
+        raise ValueError("no images to calibrate on")
     return np.concatenate(d1), np.concatenate(r1), np.concatenate(d2)
+
+
+def _first_two_patients(
+    dist: np.ndarray, rows: np.ndarray, pids: np.ndarray, skip: np.ndarray | None, second: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query, the distance and row of its nearest eligible row, and the distance of the nearest eligible row of
+    another patient (NaN where the searched rows hold none)."""
+    eligible = np.ones(dist.shape, dtype=bool) if skip is None else pids != skip[:, None]
+    has = eligible.any(axis=1)
+    first = eligible.argmax(axis=1)
+    q = np.arange(len(dist))
+    near = np.where(has, dist[q, first], np.nan)
+    row = np.where(has, rows[q, first], -1)
+    other = np.full(len(dist), np.nan)
+    if second:
+        found = eligible & (pids != pids[q, first][:, None])
+        has2 = has & found.any(axis=1)
+        other[has2] = dist[has2, found[has2].argmax(axis=1)]
+    return near, row, other
+
+
+def _query_batches(
+    index: TrainingIndex,
+    images: torch.Tensor | np.ndarray | Iterable,
+    views: Callable[[torch.Tensor], Sequence] | None,
+    batch_size: int,
+) -> Iterator[np.ndarray]:
+    """Query vectors of images judged as a candidate is: every view (if given), every variant of the space."""
+    index.check_space()
+    if views is not None:
+        return _view_vectors(index.space, images, views, batch_size)
+    return (embed_variants(index.space, b) for b in _iter_batches(images, batch_size))
+
+
+def cross_patient_rows(patient_codes: Sequence[int], count: int) -> np.ndarray:
+    """The training rows whose distances to the other training patients join the calibration, ascending.
+
+    Patients, not images, are the independent samples (one person's images resemble each other), so the rows are
+    taken one patient at a time: every patient's first image, then every patient's second, and so on; a round that is
+    only partly needed takes patients evenly spaced over the index.
+    """
+    codes = np.asarray(patient_codes, dtype=np.int64)
+    count = max(0, min(int(count), len(codes)))
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    seen: dict[int, int] = {}
+    turn = np.empty(len(codes), dtype=np.int64)  # 0 for a patient's first row, 1 for its second, ...
+    for row, code in enumerate(codes.tolist()):
+        turn[row] = seen.get(code, 0)
+        seen[code] = turn[row] + 1
+    order = np.lexsort((np.arange(len(codes)), turn))
+    whole = int(np.searchsorted(turn[order], turn[order][count - 1], side="left"))  # rows of the rounds taken whole
+    last = order[whole : int(np.searchsorted(turn[order], turn[order][count - 1], side="right"))]
+    keep = np.concatenate([order[:whole], last[_thinned_ranks(len(last), count - whole)] if count > whole else []])
+    return np.sort(keep.astype(np.int64))
+
+
+def _select_rows(images: torch.Tensor | np.ndarray | Iterable, rows: np.ndarray, batch_size: int) -> Iterator:
+    """The images at ``rows`` (ascending) of a batch or an iterable of batches, in batches, read once."""
+    start, wanted = 0, np.asarray(rows, dtype=np.int64)
+    for batch in _iter_batches(images, batch_size):
+        n = len(batch)
+        local = wanted[(wanted >= start) & (wanted < start + n)] - start
+        start += n
+        if len(local):
+            yield batch[torch.as_tensor(local)] if torch.is_tensor(batch) else np.asarray(batch)[local]
+    if start <= (int(wanted[-1]) if len(wanted) else -1):
+        raise ValueError(f"the training images hold {start} rows, fewer than the index's row {int(wanted[-1])}")
+
+
+@dataclass
+class CrossPatient:
+    """Training images measured against the *other* training patients (leave one patient out), for calibration.
+
+    Attributes:
+        rows: the training rows measured (see :func:`cross_patient_rows`).
+        distances: each one's distance to the nearest image of another training patient, judged as a candidate is.
+        flagged: the ones the duplicate screen flags as near-duplicates of another training patient's image (the
+            same person under two ids, a duplicated series); they are left out of the calibration.
+    """
+
+    rows: np.ndarray
+    distances: np.ndarray
+    flagged: np.ndarray
+
+    @property
+    def kept(self) -> np.ndarray:
+        return self.distances[~self.flagged]
+
+
+def _cross_patient(
+    index: TrainingIndex,
+    training_images: torch.Tensor | np.ndarray | Iterable,
+    count: int,
+    views: Callable[[torch.Tensor], Sequence] | None,
+    batch_size: int,
+    holdout: tuple[np.ndarray, np.ndarray],
+    z_min: float,
+    alpha: float,
+) -> CrossPatient:
+    """Leave-one-patient-out distances of ``count`` training images, screened for duplicates with the holdout's."""
+    rows = cross_patient_rows(index.patient_codes, count)
+    if len(rows) == 0 or len(index.patients) < 2:
+        empty = np.zeros(0)
+        return CrossPatient(np.zeros(0, dtype=np.int64), empty, np.zeros(0, dtype=bool))
+    own = np.asarray(index.patients, dtype=object)[np.asarray(index.patient_codes)[rows]]
+    batches = _query_batches(index, _select_rows(training_images, rows, batch_size), views, batch_size)
+    near, _, other = _neighbours(index, batches, True, own)
+    if len(near) != len(rows):
+        raise ValueError(f"measured {len(near)} training images against the other patients, expected {len(rows)}")
+    # screened against the bulk of all the calibration's distances, the holdout's included
+    flagged, _ = _screen_duplicates(
+        np.concatenate([holdout[0], near]), np.concatenate([holdout[1], other]), z_min, alpha
+    )
+    return CrossPatient(rows, near, flagged[len(holdout[0]) :])
 
 
 def calibrate_threshold(
@@ -493,8 +632,19 @@ def calibrate_threshold(
     duplicate_z: float = DUPLICATE_Z,
     duplicate_alpha: float = DUPLICATE_ALPHA,
     ci_level: float = 0.95,
+    training_images: torch.Tensor | np.ndarray | Iterable | None = None,
+    cross_patient_images: int = 0,
 ) -> Calibration:
     """Threshold from the holdout->train nearest-neighbour distance distribution.
+
+    With ``training_images``, up to ``cross_patient_images`` of them join the holdout as calibration samples, each
+    measured against the *other* training patients (leave one patient out): how close a person the index holds no
+    image of comes to it, as a holdout image measures. Their reference set lacks one patient, so they come out a
+    little farther than holdout images (the threshold errs on the side of refusing). A low quantile of a few hundred
+    holdout images is about their smallest distance, which a new patient's image undercuts about once in ``n + 1``
+    per space; these samples let it resolve the quantile asked for. The ones the duplicate screen flags (another
+    training patient's near-duplicate: the same person under two ids) are left out and counted in
+    ``cross_patient_dropped``.
 
     Args:
         index: training index (with its space attached when ``holdout`` images are given).
@@ -515,6 +665,10 @@ def calibrate_threshold(
         duplicate_alpha: Bonferroni-adjusted chance below which an image's nearest/second-nearest training patient
             distance ratio counts as a match to one patient.
         ci_level: confidence level of :attr:`Calibration.threshold_ci`.
+        training_images: the index's training images in row order (same forms as ``holdout``), for cross-patient
+            samples.
+        cross_patient_images: how many training images to measure against the other training patients, taken one
+            patient at a time (:func:`cross_patient_rows`); 0: the holdout alone.
 
     Raises:
         HoldoutDuplicateError: (a ValueError) holdout images that are near-duplicates of training images, named by
@@ -535,6 +689,8 @@ def calibrate_threshold(
         duplicate_z=duplicate_z,
         duplicate_alpha=duplicate_alpha,
         ci_level=ci_level,
+        training_images=training_images,
+        cross_patient_images=cross_patient_images,
     )[0]
 
 
@@ -552,9 +708,11 @@ def _calibrate(
     duplicate_z: float,
     duplicate_alpha: float,
     ci_level: float,
-) -> tuple[Calibration, np.ndarray]:
-    """:func:`calibrate_threshold`, and each holdout image's nearest-training distance in holdout order (what joint
-    calibration needs, so the holdout is embedded once per space)."""
+    training_images: torch.Tensor | np.ndarray | Iterable | None = None,
+    cross_patient_images: int = 0,
+) -> tuple[Calibration, np.ndarray, CrossPatient]:
+    """:func:`calibrate_threshold`, each holdout image's nearest-training distance in holdout order and the training
+    images' cross-patient distances (what joint calibration needs, so every image is embedded once per space)."""
     if not 0.0 < quantile <= 0.5:
         raise ValueError(f"quantile must be in (0, 0.5], got {quantile}")
     if views is not None and holdout is None:
@@ -581,7 +739,14 @@ def _calibrate(
             "calibrate_threshold without holdout_patient_ids cannot check that holdout patients are unseen",
             stacklevel=3,
         )
-    d, rows, d_other = _holdout_neighbours(index, holdout, holdout_vectors, batch_size, bool(duplicate_check), views)
+    if holdout_vectors is not None:
+        batches: Iterable[np.ndarray] = _iter_batches(np.asarray(holdout_vectors), batch_size)
+    else:
+        batches = _query_batches(index, holdout, views, batch_size)
+    cross_count = int(cross_patient_images) if training_images is not None else 0
+    if cross_count < 0:
+        raise ValueError(f"cross_patient_images must be >= 0, got {cross_patient_images}")
+    d, rows, d_other = _neighbours(index, batches, bool(duplicate_check) or cross_count > 0)
     n = len(d)
     if holdout_patient_ids is not None and len(holdout_patient_ids) != n:
         raise ValueError(f"{len(holdout_patient_ids)} holdout patient ids for {n} holdout images")
@@ -605,11 +770,15 @@ def _calibrate(
         if flagged.any():
             _refuse_duplicates(flagged, d, rows, holdout_patient_ids, quantile, screen)
         screen["flagged"] = 0
-    q_value = float(np.quantile(d, quantile))
-    d_sorted = np.sort(d)
+    cross = _cross_patient(
+        index, training_images, cross_count, views, batch_size, (d, d_other), duplicate_z, duplicate_alpha
+    )
+    pooled = np.concatenate([d, cross.kept])
+    q_value = float(np.quantile(pooled, quantile))
+    d_sorted = np.sort(pooled)
     lo, hi, coverage = quantile_confidence_interval(d_sorted, quantile, ci_level)
-    summary = _summary(d, coverage)
-    return Calibration(
+    summary = _summary(pooled, coverage)
+    calibration = Calibration(
         space=index.space_name,
         threshold=max(float(floor), q_value),
         quantile=float(quantile),
@@ -623,7 +792,10 @@ def _calibrate(
         ci_level=float(ci_level),
         duplicate_screen=screen,
         holdout_distances=d_sorted,
-    ), d
+        n_cross_patient=len(cross.kept),
+        cross_patient_dropped=int(cross.flagged.sum()),
+    )
+    return calibration, d, cross
 
 
 def _refuse_duplicates(

@@ -283,6 +283,7 @@ def build_safeguard(
     duplicate_check: bool = True,
     views: Callable[[torch.Tensor], Sequence[torch.Tensor]] | None = None,
     joint: bool = True,
+    cross_patient_images: int | None = None,
 ) -> PrivacySafeguard:
     """One exact training index per space, each with its threshold calibrated on the holdout patients.
 
@@ -310,17 +311,23 @@ def build_safeguard(
             :func:`~monai_synth.privacy.calibration.joint_space_quantile`); each space's threshold is then a lower
             quantile of its holdout distances, recorded as ``space_quantile``. False: each space at ``quantile``,
             so k spaces reject up to k times ``quantile`` of unseen patients' images.
+        cross_patient_images: training images measured against the other training patients that join the holdout as
+            calibration samples (see :func:`~monai_synth.privacy.calibration.calibrate_threshold`), the same ones in
+            every space. None: enough for ``len(spaces) / quantile`` samples in all (what k spaces together need
+            for the asked rate), at most every training image; 0: the holdout alone.
 
     Raises:
         ValueError: a space in which unseen patients' images are all as close to training as copies are (a collapsed
             space: its threshold would guard nothing), or a holdout that fails calibration's checks.
     """
-    checks, judged = [], {}
+    if cross_patient_images is None:
+        cross_patient_images = max(0, math.ceil(len(spaces) / quantile - 1e-9) - len(holdout_patient_ids))
+    checks, holdout_d, cross = [], {}, {}
     for space in spaces:
         index = TrainingIndex.build(space, train_images, train_patient_ids, datalist_fingerprint, batch_size)
-        # the holdout embedded once per space, judged as a candidate is (every view), for the threshold, its duplicate
-        # screen and the joint calibration alike
-        calibration, judged[index.space_name] = _calibrate(
+        # the holdout (and the cross-patient training images) embedded once per space, judged as a candidate is
+        # (every view), for the threshold, its duplicate screen and the joint calibration alike
+        calibration, holdout_d[index.space_name], cross[index.space_name] = _calibrate(
             index,
             holdout_images,
             quantile,
@@ -333,24 +340,55 @@ def build_safeguard(
             duplicate_z=DUPLICATE_Z,
             duplicate_alpha=DUPLICATE_ALPHA,
             ci_level=0.95,
+            training_images=train_images,
+            cross_patient_images=cross_patient_images,
         )
         checks.append((index, calibration))
+    # jointly, one set of cross-patient samples for every space: a sample any space's screen flags is left out of all
+    first = next(iter(cross.values()))
+    flagged = np.any([c.flagged for c in cross.values()], axis=0) if len(first.rows) else first.flagged
+    if flagged.any():
+        _warn_training_duplicates(first.rows[flagged], train_patient_ids)
     safeguard = PrivacySafeguard(checks, batch_size=batch_size)
     if not joint or (len(checks) == 1 and views is None):
         return safeguard
+    judged = {name: _pooled(holdout_d, cross, name, flagged) for name in holdout_d}
     space_quantile = joint_space_quantile(judged, quantile, margin=safeguard.margin)
     n = len(next(iter(judged.values())))
     if n * space_quantile < 1.0 and len(checks) / (n + 1) > quantile:
-        # below one holdout image per space the thresholds are the holdout's smallest distances, and each space alone
-        # refuses about 1 / (n + 1) of new patients' images: k spaces together up to k / (n + 1), which matters only
-        # where that exceeds the asked rate
+        # below one calibration image per space the thresholds are the smallest calibration distances, and each space
+        # alone refuses about 1 / (n + 1) of new patients' images: k spaces together up to k / (n + 1), which matters
+        # only where that exceeds the asked rate
+        n_holdout = len(next(iter(holdout_d.values())))
+        parts = "all holdout" if n == n_holdout else f"{n_holdout} holdout, {n - n_holdout} training images measured "
+        parts += "" if n == n_holdout else "against the other training patients"
         message = (
-            f"{n} holdout images are too few to calibrate {len(checks)} privacy spaces together at quantile {quantile:g}: "
-            f"each space's threshold is about its smallest holdout distance, so up to {len(checks) / (n + 1):.1%} of "
-            f"unseen patients' images may be refused instead of {quantile:.1%}; give at least "
-            f"{math.ceil(len(checks) / quantile)} holdout images (more holdout patients) for the asked rate"
+            f"{n} calibration images ({parts}) are too few to calibrate {len(checks)} privacy spaces together at "
+            f"quantile {quantile:g}: each space's threshold is about its smallest calibration distance, so up to "
+            f"{len(checks) / (n + 1):.1%} of unseen patients' images may be refused instead of {quantile:.1%}; give at "
+            f"least {math.ceil(len(checks) / quantile)} (more holdout or training patients) for the asked rate"
         )
         logger.warning(message)
         warnings.warn(message, stacklevel=2)
-    checks = [(index, cal.at_space_quantile(judged[index.space_name], space_quantile)) for index, cal in checks]
+    checks = [
+        (index, cal.at_space_quantile(judged[index.space_name], space_quantile, int(flagged.sum())))
+        for index, cal in checks
+    ]
     return PrivacySafeguard(checks, batch_size=batch_size)
+
+
+def _pooled(holdout_d: dict, cross: dict, name: str, flagged: np.ndarray) -> np.ndarray:
+    """One space's calibration distances: the holdout's, then the cross-patient samples no space flagged."""
+    return np.concatenate([holdout_d[name], cross[name].distances[~flagged]])
+
+
+def _warn_training_duplicates(rows: np.ndarray, train_patient_ids: Sequence[str]) -> None:
+    named = ", ".join(f"{int(r)} ({train_patient_ids[int(r)]})" for r in rows[:10])
+    more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+    message = (
+        f"{len(rows)} training images look like near-duplicates of another training patient's image (rows {named}"
+        f"{more}): left out of the calibration. If they are one person under two ids, merge the ids in the datalist: "
+        "the model has seen that person twice, and the gate treats them as two people"
+    )
+    logger.warning(message)
+    warnings.warn(message, stacklevel=3)

@@ -320,7 +320,7 @@ def test_batches_are_cut_to_the_query_budget(monkeypatch):
 
 @pytest.mark.parametrize("quantile, warned", [(0.01, True), (0.05, False)])
 def test_few_holdout_images_warn_only_when_the_asked_rate_cannot_be_kept(cohort, monkeypatch, quantile, warned):
-    # with fewer holdout images than spaces / quantile each space's threshold is its smallest holdout distance and k
+    # holdout alone: with fewer holdout images than spaces / quantile each space's threshold is its smallest holdout distance and k
     # spaces refuse up to k / (n + 1) of new patients' images: a warning where that exceeds the asked rate, none where
     # it does not (it used to say "2.0% ... may be refused instead of 2.0%")
     import warnings
@@ -340,6 +340,7 @@ def test_few_holdout_images_warn_only_when_the_asked_rate_cannot_be_kept(cohort,
             "dl",
             quantile=quantile,
             views=lambda image: [image],
+            cross_patient_images=0,
         )
     messages = [str(w.message) for w in caught if "too few to calibrate" in str(w.message)]
     assert bool(messages) is warned

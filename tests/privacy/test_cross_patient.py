@@ -1,0 +1,139 @@
+"""Cross-patient calibration samples: training images measured against the other training patients join the holdout.
+
+A holdout of a few hundred images cannot resolve the low per-space quantile that several spaces together need, so
+each threshold sits at its smallest holdout distance and k spaces refuse about k / (n + 1) of new patients' images.
+Leave-one-patient-out distances of training images are more samples of the same thing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from monai_synth.privacy.calibration import Calibration, _calibrate, calibrate_threshold, cross_patient_rows
+from monai_synth.privacy.index import TrainingIndex
+from monai_synth.privacy.partial import PartSpace
+from monai_synth.privacy.safeguard import build_safeguard
+from monai_synth.privacy.spaces import PixelSpace
+
+
+def _calibrate_with(index, holdout, holdout_ids, train, count, **kwargs):
+    return _calibrate(
+        index,
+        holdout,
+        0.01,
+        0.0,
+        holdout_patient_ids=holdout_ids,
+        holdout_vectors=None,
+        views=None,
+        batch_size=16,
+        duplicate_check=True,
+        duplicate_z=5.0,
+        duplicate_alpha=0.01,
+        ci_level=0.95,
+        training_images=train,
+        cross_patient_images=count,
+        **kwargs,
+    )
+
+
+def test_rows_are_taken_one_patient_at_a_time():
+    codes = [0, 0, 0, 1, 1, 2, 3, 3]  # patients 0..3 hold 3, 2, 1, 2 images
+    assert cross_patient_rows(codes, 4).tolist() == [0, 3, 5, 6]  # every patient's first image
+    assert cross_patient_rows(codes, 2).tolist() == [0, 6]  # a partial round: patients spread over the index
+    assert cross_patient_rows(codes, 6).tolist() == [0, 1, 3, 5, 6, 7]  # then second images, spread: patients 0, 3
+    assert cross_patient_rows(codes, 6).tolist() != cross_patient_rows(codes, 7).tolist()
+    assert cross_patient_rows(codes, 100).tolist() == list(range(8))
+    assert cross_patient_rows(codes, 0).tolist() == []
+
+
+def test_a_training_image_is_measured_against_the_other_patients_only():
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(30, 1, 8, 8, generator=g)
+    ids = [f"P{i // 3}" for i in range(30)]  # 10 patients, 3 images each
+    space = PixelSpace(grid=8)
+    index = TrainingIndex.build(space, train, ids, "dl")
+    holdout = torch.rand(100, 1, 8, 8, generator=g)
+    cal, holdout_d, cross = _calibrate_with(index, holdout, [f"H{i}" for i in range(100)], train, 30)
+
+    vec = space.embed(train).astype(np.float64)
+    vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+    dist = 1.0 - vec @ vec.T
+    same = np.equal.outer(np.array(ids), np.array(ids))
+    expected = np.where(same, np.inf, dist).min(axis=1)  # nearest image of another patient, never its own patient's
+    assert cross.rows.tolist() == list(range(30))
+    np.testing.assert_allclose(cross.distances, expected, atol=1e-5)
+    assert not cross.flagged.any()
+    pooled = np.sort(np.concatenate([holdout_d, expected]))
+    assert cal.n_holdout == 100 and cal.n_cross_patient == 30 and cal.n_calibration == 130
+    np.testing.assert_allclose(cal.holdout_distances, pooled, atol=1e-5)
+    assert cal.quantile_value == pytest.approx(np.quantile(pooled, 0.01), abs=1e-5)
+    # where a distance sits counts every calibration sample, and the record survives a certificate
+    assert cal.holdout_percentile(float(pooled[13]) + 1e-9) == pytest.approx(14 / 130)
+    back = Calibration.from_dict(cal.to_dict())
+    assert back.n_cross_patient == 30 and back.holdout_percentile(float(pooled[13]) + 1e-9) == pytest.approx(14 / 130)
+
+
+def test_the_holdout_alone_when_no_training_images_are_given():
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(30, 1, 8, 8, generator=g)
+    index = TrainingIndex.build(PixelSpace(grid=8), train, [f"P{i // 3}" for i in range(30)], "dl")
+    holdout = torch.rand(100, 1, 8, 8, generator=g)
+    ids = [f"H{i}" for i in range(100)]
+    alone = calibrate_threshold(index, holdout, holdout_patient_ids=ids)
+    assert alone.n_cross_patient == 0 and alone.n_calibration == 100
+    assert calibrate_threshold(index, holdout, holdout_patient_ids=ids, training_images=train).n_cross_patient == 0
+
+
+def test_a_training_patient_duplicated_under_another_id_is_left_out_and_named():
+    # the same person under two ids: their images are each other's nearest "other patient" at copy distance; taken as
+    # samples of new patients they would pull the threshold down to copy distance and let near-copies through
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(60, 1, 8, 8, generator=g)
+    twin = base[:3] + 0.002 * torch.randn(3, 1, 8, 8, generator=g)
+    train = torch.cat([base, twin])
+    ids = [f"P{i // 3}" for i in range(60)] + ["TWIN"] * 3
+    space = PixelSpace(grid=8)
+    index = TrainingIndex.build(space, train, ids, "dl")
+    holdout = torch.rand(100, 1, 8, 8, generator=g)
+    holdout_ids = [f"H{i}" for i in range(100)]
+    cal, holdout_d, cross = _calibrate_with(index, holdout, holdout_ids, train, 63)
+    flagged_rows = cross.rows[cross.flagged].tolist()
+    assert flagged_rows == [0, 1, 2, 60, 61, 62]
+    assert cal.cross_patient_dropped == 6 and cal.n_cross_patient == 57
+    assert cal.threshold > 50 * float(cross.distances[cross.flagged].max())  # the twins did not set the threshold
+    with pytest.warns(UserWarning, match=r"6 training images look like near-duplicates .*rows 0 \(P0\).*60 \(TWIN\)"):
+        safeguard = build_safeguard(
+            [space, PartSpace(grid=8, kind="crops")], train, ids, holdout, holdout_ids, "dl", batch_size=16
+        )
+    for c in safeguard.calibrations.values():
+        assert c.cross_patient_dropped == 6 and c.n_cross_patient == 57 and c.n_calibration == 157
+
+
+def test_cross_patient_samples_refuse_fewer_new_patients_than_the_holdout_alone():
+    # three spaces, 102 holdout images: alone, each threshold is its space's smallest holdout distance and 10% of new
+    # patients' images were refused; with 198 training images of 80 more patients the per-space quantile is resolved
+    from monai_synth.data.phantoms import generate_cohort
+    from monai_synth.transforms.presets import intensity_transform
+
+    def load(records):
+        scale = intensity_transform("us")
+        return torch.stack([torch.as_tensor(np.asarray(scale(r["image"]))) for r in records]).float()
+
+    train_rec = generate_cohort("us", 80, 3, spatial_size=(16, 16), seed=4)
+    holdout_rec = generate_cohort("us", 34, 3, spatial_size=(16, 16), seed=4, first_patient=1000)
+    new_rec = generate_cohort("us", 100, 2, spatial_size=(16, 16), seed=4, first_patient=5000)
+    train, holdout, new = load(train_rec), load(holdout_rec), load(new_rec)
+    spaces = [PixelSpace(grid=16), PartSpace(grid=16, kind="crops"), PartSpace(grid=16, kind="regions")]
+    args = (spaces, train, [r["patient_id"] for r in train_rec], holdout, [r["patient_id"] for r in holdout_rec], "dl")
+    with pytest.warns(UserWarning, match=r"102 calibration images \(all holdout\)"):
+        alone = build_safeguard(*args, cross_patient_images=0, batch_size=32)
+    pooled = build_safeguard(*args, batch_size=32)  # 3 / 0.01 - 102 = 198 training images, one patient at a time
+    for cal in pooled.calibrations.values():
+        assert cal.n_holdout == 102 and cal.n_cross_patient == 198 and cal.cross_patient_dropped == 0
+        assert cal.threshold <= alone.thresholds[cal.space]
+    refused_alone = np.mean([not r.passed for r in alone.check(new)])
+    refused_pooled = np.mean([not r.passed for r in pooled.check(new)])
+    assert refused_pooled <= 0.05 < refused_alone
+    assert not any(r.passed for r in pooled.check(train[::6]))  # the training images themselves stay refused
