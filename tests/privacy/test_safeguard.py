@@ -320,7 +320,7 @@ def test_batches_are_cut_to_the_query_budget(monkeypatch):
 
 @pytest.mark.parametrize("quantile, warned", [(0.01, True), (0.05, False)])
 def test_few_holdout_images_warn_only_when_the_asked_rate_cannot_be_kept(cohort, monkeypatch, quantile, warned):
-    # holdout alone: with fewer holdout images than spaces / quantile each space's threshold is its smallest holdout distance and k
+    # the holdout alone: below spaces / quantile images each space's threshold is its smallest holdout distance and k
     # spaces refuse up to k / (n + 1) of new patients' images: a warning where that exceeds the asked rate, none where
     # it does not (it used to say "2.0% ... may be refused instead of 2.0%")
     import warnings
