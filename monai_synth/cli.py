@@ -166,6 +166,13 @@ def _add_guard(sub: argparse._SubParsersAction) -> None:
         "thresholds; use only for a holdout known to hold new patients)",
     )
     p.add_argument("--quantile", type=float, default=0.01, help="holdout quantile that sets the threshold")
+    p.add_argument(
+        "--cross-patient-images",
+        type=int,
+        default=None,
+        help="training images measured against the other training patients that join the holdout as calibration "
+        "samples (default: enough for spaces / quantile samples in all; 0: the holdout alone)",
+    )
     p.add_argument("--floor", type=float, default=0.0, help="absolute minimum threshold")
     p.add_argument("--format", dest="fmt", default=None, help="release format (default: the modality's native one)")
     p.add_argument(
@@ -198,6 +205,7 @@ def _run_guard(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         embedding_epochs=args.embedding_epochs,
         duplicate_check=args.duplicate_check,
+        cross_patient_images=args.cross_patient_images,
     )
     print(
         f"released {summary['released']} of {summary['generated']} candidates "

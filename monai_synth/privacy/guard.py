@@ -174,6 +174,7 @@ def run_guard(
     overwrite: bool = False,
     embedding_epochs: int | None = None,
     duplicate_check: bool = True,
+    cross_patient_images: int | None = None,
 ) -> dict:
     """Release the candidate images that are not near-copies of any training image.
 
@@ -200,6 +201,9 @@ def run_guard(
         embedding_epochs: epochs of an embedding trained here (default: its training default).
         duplicate_check: refuse a holdout that holds near-duplicates of training images (they would lower the
             thresholds); switch off only for a holdout known to be new patients.
+        cross_patient_images: training images measured against the other training patients that join the holdout
+            as calibration samples (see :func:`~monai_synth.privacy.safeguard.build_safeguard`; None: as many as
+            the spaces need, 0: the holdout alone).
 
     Returns:
         the certificate summary (generated, rejected, released, rejection_rate, ...) plus ``out`` and ``audit``.
@@ -237,6 +241,7 @@ def run_guard(
         batch_size=batch_size,
         duplicate_check=duplicate_check,
         views=encoder.model_views,
+        cross_patient_images=cross_patient_images,
     )
     del train_images, holdout_images
     logger.info(f"thresholds calibrated on {len(holdout_records)} holdout images: {safeguard.thresholds}")
