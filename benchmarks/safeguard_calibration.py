@@ -1,0 +1,202 @@
+"""How many new patients' images the jointly calibrated gate refuses, and how many near-copies it releases, for a
+holdout alone and for a holdout joined by cross-patient training samples, over many holdout draws.
+
+One attack benchmark run measures the unseen share on 20 patients, which moves by 5% per refused image. This script
+measures each space once (``--spaces``; the embedding is left out, its training is most of a build): the distances of
+a pool of new patients' images (``--cohort``: training patients, pool patients), of every training image to the other
+training patients (leave one patient out) and of the attack benchmark's near-copies, each judged through the release's
+intensity views as a candidate is. It then draws ``--holdout-patients`` of the pool as the holdout ``--draws`` times,
+calibrates the spaces jointly as :func:`~monai_synth.privacy.safeguard.build_safeguard` does, once on the holdout alone
+and once with the cross-patient samples (as many as ``spaces / quantile`` wants), and counts, for each rule, the share
+of the rest of the pool refused (mean and 90th percentile over draws) and the copies released per transform.
+
+Run: ``python benchmarks/safeguard_calibration.py --modality us2d --workdir /tmp/cal``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import safeguard_attacks as sa  # noqa: E402
+
+from monai_synth.privacy.safeguard import PrivacySafeguard  # noqa: E402
+
+MARGIN = inspect.signature(PrivacySafeguard).parameters["margin"].default
+
+
+def measure(args) -> dict:
+    """Per space: the pool's and the training images' cross-patient distances, and every copy's distance."""
+    import torch
+
+    from monai_synth.data.datalist import datalist_fingerprint, load_datalist
+    from monai_synth.data.modalities import get_modality
+    from monai_synth.privacy.calibration import DUPLICATE_ALPHA, DUPLICATE_Z, _calibrate
+    from monai_synth.privacy.factory import make_space
+    from monai_synth.privacy.index import TrainingIndex
+    from monai_synth.privacy.release import ReleaseEncoder
+    from monai_synth.privacy.spaces import embed_variants
+    from monai_synth.transforms.presets import intensity_reference, intensity_transform
+
+    work = Path(args.workdir)
+    shutil.rmtree(work / "cohort", ignore_errors=True)
+    size = args.size or (64 if sa.CONFIGS[args.modality][1] == 2 else 32)
+    n_train, n_pool = args.cohort
+    cohort = sa.make_cohort(args.modality, work, size, [n_train, n_pool, 1], args.images_per_patient, args.seed)
+    mod = get_modality(cohort.modality)
+    train_records = load_datalist(str(cohort.train_csv), labels=mod.labels)
+    pool_records = load_datalist(str(cohort.holdout_csv), labels=mod.labels)
+    train = sa._model_space([r["image"] for r in train_records], cohort)
+    pool = sa._model_space([r["image"] for r in pool_records], cohort)
+    unseen = sa._model_space(cohort.unseen_paths, cohort)
+    reference = intensity_reference(train_records, cohort.modality)
+    to_model = None if reference is None else intensity_transform(cohort.modality, reference=reference)
+    encoder = ReleaseEncoder(cohort.fmt, cohort.modality, to_model=to_model)
+    fp = datalist_fingerprint(train_records)
+    train_ids = [r["patient_id"] for r in train_records]
+    pool_ids = [r["patient_id"] for r in pool_records]
+    dims = cohort.spatial_dims
+    attacks = [a for a in sa.ATTACKS if a.applies("sampler", dims, cohort.fmt)]
+    plants = sa.plant(
+        attacks,
+        [t[0].numpy() for t in train],
+        [u[0].numpy() for u in unseen],
+        [(1.0,) * dims] * len(train),
+        args.attempts,
+        dims,
+        cohort.size[0] / 64.0,  # as the attack benchmark scales its transforms
+        model=True,
+        seed=args.seed,
+    )
+    copies = [(p.attack.key, img) for p in plants for img in p.images]
+    print(
+        f"{args.modality}: train {len(train_ids)} images of {n_train} patients, pool {len(pool_ids)} images of {n_pool} "
+        f"patients, {len(copies)} copies",
+        flush=True,
+    )
+    out = {
+        "pool_ids": np.asarray(pool_ids),
+        "train_ids": np.asarray(train_ids),
+        "copy_keys": np.asarray([k for k, _ in copies]),
+    }
+    for name in args.spaces:
+        t0 = time.process_time()
+        space = make_space(name, dims, cohort.size)
+        index = TrainingIndex.build(space, train, train_ids, fp, 64)
+        _, pool_d, cross = _calibrate(
+            index,
+            pool,
+            args.quantile,
+            0.0,
+            holdout_patient_ids=pool_ids,
+            holdout_vectors=None,
+            views=encoder.model_views,
+            batch_size=64,
+            duplicate_check=False,
+            duplicate_z=DUPLICATE_Z,
+            duplicate_alpha=DUPLICATE_ALPHA,
+            ci_level=0.95,
+            training_images=train,
+            cross_patient_images=len(train_ids),
+        )
+        copy_d = []
+        for _, img in copies:
+            views = encoder.model_views(torch.as_tensor(img, dtype=torch.float32)[None])
+            d, _, _ = index.nearest(embed_variants(space, torch.stack(list(views))))
+            copy_d.append(float(d[:, 0].min()))
+        out[f"{name}/pool"], out[f"{name}/copies"] = pool_d, np.asarray(copy_d)
+        out[f"{name}/cross"], out[f"{name}/flagged"] = cross.distances, cross.flagged  # every training row, in order
+        print(
+            f"  {name}: pool min {pool_d.min():.4f}, cross-patient min {cross.kept.min():.4f} "
+            f"({int(cross.flagged.sum())} flagged), {time.process_time() - t0:.0f} CPU-s",
+            flush=True,
+        )
+    return out
+
+
+def compare(measured: dict, spaces: Sequence[str], holdout_patients: int, draws: int, quantile: float, seed: int):
+    """Refused share of the rest of the pool and copies released, per rule, over ``draws`` holdout draws."""
+    from monai_synth.privacy.calibration import cross_patient_rows, joint_space_quantile
+
+    pool = np.stack([measured[f"{s}/pool"] for s in spaces])
+    cross = np.stack([measured[f"{s}/cross"] for s in spaces])  # every training image, in row order
+    flagged = np.any([measured[f"{s}/flagged"] for s in spaces], axis=0)
+    first_seen = {p: i for i, p in reversed(list(enumerate(measured["train_ids"].tolist())))}
+    codes = np.unique([first_seen[p] for p in measured["train_ids"].tolist()], return_inverse=True)[1]
+    copies = np.stack([measured[f"{s}/copies"] for s in spaces])
+    ids, keys = measured["pool_ids"], measured["copy_keys"]
+    patients = np.unique(ids)
+    rng = np.random.default_rng(seed)
+    results: dict[str, dict] = {}
+    for _ in range(draws):
+        held = np.isin(ids, rng.choice(patients, holdout_patients, replace=False))
+        holdout = pool[:, held]
+        wanted = max(0, math.ceil(len(spaces) / quantile - 1e-9) - holdout.shape[1])
+        rows = cross_patient_rows(codes, wanted)  # the rows build_safeguard takes, less the screen's
+        rules = {
+            "holdout alone": holdout,
+            "holdout + cross-patient": np.concatenate([holdout, cross[:, rows[~flagged[rows]]]], 1),
+        }
+        for rule, d in rules.items():
+            q = joint_space_quantile(dict(zip(spaces, d)), quantile, margin=MARGIN)
+            thresholds = np.quantile(d, q, axis=1)[:, None] + MARGIN
+            r = results.setdefault(rule, {"refused": [], "released": [], "n": d.shape[1]})
+            r["refused"].append(float((pool[:, ~held] < thresholds).any(axis=0).mean()))
+            r["released"].append((copies >= thresholds).all(axis=0))
+    print(
+        f"\n{draws} holdouts of {holdout_patients} patients ({int(held.sum())} images), quantile {quantile:g}, "
+        f"spaces {', '.join(spaces)}; new patients' images refused (the rest of the pool), copies released:"
+    )
+    print("| rule | calibration images | new images refused, mean | 90th percentile | copies released |")
+    print("|---|---:|---:|---:|---|")
+    for rule, r in results.items():
+        refused, released = np.asarray(r["refused"]), np.asarray(r["released"])
+        per = {k: float(released[:, keys == k].mean()) for k in dict.fromkeys(keys.tolist())}
+        leaks = ", ".join(f"{k} {v:.2f}" for k, v in per.items() if v > 0) or "none"
+        print(
+            f"| {rule} | {r['n']} | {refused.mean():.3f} | {np.quantile(refused, 0.9):.3f} | "
+            f"{released.mean():.4f} of {released.shape[1]} ({leaks}) |"
+        )
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--modality", default="us2d", choices=list(sa.CONFIGS))
+    p.add_argument("--spaces", type=sa._csv_list, default=None, help="default: the 2D or 3D defaults, no embedding")
+    p.add_argument("--cohort", type=lambda s: [int(v) for v in sa._csv_list(s)], default=[80, 150])
+    p.add_argument("--images-per-patient", type=int, default=3)
+    p.add_argument("--holdout-patients", type=int, default=36, help="as the attack benchmark's default 2D cohort")
+    p.add_argument("--draws", type=int, default=200)
+    p.add_argument("--attempts", type=int, default=5, help="copies per transform")
+    p.add_argument("--size", type=int, default=None, help="default: 64 (2D), 32 (3D)")
+    p.add_argument("--quantile", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workdir", required=True, help="where the cohort is written")
+    args = p.parse_args(argv)
+    import torch
+
+    from monai_synth.privacy.factory import DEFAULT_SPACES, THREE_D_ONLY, TWO_D_ONLY
+
+    torch.set_num_threads(args.threads)
+    dims = sa.CONFIGS[args.modality][1]
+    left_out = {"embedding"} | (THREE_D_ONLY if dims == 2 else TWO_D_ONLY)
+    args.spaces = args.spaces or [s for s in DEFAULT_SPACES if s not in left_out]
+    measured = measure(args)
+    compare(measured, args.spaces, args.holdout_patients, args.draws, args.quantile, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
