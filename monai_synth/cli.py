@@ -168,10 +168,11 @@ def _add_guard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantile", type=float, default=0.01, help="holdout quantile that sets the threshold")
     p.add_argument(
         "--cross-patient-images",
-        type=int,
-        default=None,
+        type=lambda v: None if v == "auto" else int(v),
+        default=0,
         help="training images measured against the other training patients that join the holdout as calibration "
-        "samples (default: enough for spaces / quantile samples in all; 0: the holdout alone)",
+        "samples, or 'auto': enough for spaces / quantile samples in all (default 0: the holdout alone; more samples "
+        "refuse fewer new patients but pass more copies that are as far from their source as new patients are)",
     )
     p.add_argument("--floor", type=float, default=0.0, help="absolute minimum threshold")
     p.add_argument("--format", dest="fmt", default=None, help="release format (default: the modality's native one)")

@@ -283,7 +283,7 @@ def build_safeguard(
     duplicate_check: bool = True,
     views: Callable[[torch.Tensor], Sequence[torch.Tensor]] | None = None,
     joint: bool = True,
-    cross_patient_images: int | None = None,
+    cross_patient_images: int | None = 0,
 ) -> PrivacySafeguard:
     """One exact training index per space, each with its threshold calibrated on the holdout patients.
 
@@ -313,8 +313,12 @@ def build_safeguard(
             so k spaces reject up to k times ``quantile`` of unseen patients' images.
         cross_patient_images: training images measured against the other training patients that join the holdout as
             calibration samples (see :func:`~monai_synth.privacy.calibration.calibrate_threshold`), the same ones in
-            every space. None: enough for ``len(spaces) / quantile`` samples in all (what k spaces together need
-            for the asked rate), at most every training image; 0: the holdout alone.
+            every space. 0 (default): the holdout alone. None: enough for ``len(spaces) / quantile`` samples in all
+            (what k spaces together need for the asked rate), at most every training image. Opt-in because it lowers
+            the thresholds to where the asked share of new patients is refused, and copies as far from their source
+            as new patients are from the training set then pass: on the attack benchmark's MRI 2D cohort it released
+            2 of 5 copies cropped to 60% and blurred that the holdout alone refuses, while on ultrasound it took the
+            new patients' images released from 52 / 60 to 60 / 60 with no copy released.
 
     Raises:
         ValueError: a space in which unseen patients' images are all as close to training as copies are (a collapsed

@@ -105,7 +105,10 @@ def test_a_training_patient_duplicated_under_another_id_is_left_out_and_named():
     assert cal.threshold > 50 * float(cross.distances[cross.flagged].max())  # the twins did not set the threshold
     with pytest.warns(UserWarning, match=r"6 training images look like near-duplicates .*rows 0 \(P0\).*60 \(TWIN\)"):
         safeguard = build_safeguard(
-            [space, PartSpace(grid=8, kind="crops")], train, ids, holdout, holdout_ids, "dl", batch_size=16
+            [space, PartSpace(grid=8, kind="crops")],
+            *(train, ids, holdout, holdout_ids, "dl"),
+            batch_size=16,
+            cross_patient_images=None,
         )
     for c in safeguard.calibrations.values():
         assert c.cross_patient_dropped == 6 and c.n_cross_patient == 57 and c.n_calibration == 157
@@ -128,8 +131,8 @@ def test_cross_patient_samples_refuse_fewer_new_patients_than_the_holdout_alone(
     spaces = [PixelSpace(grid=16), PartSpace(grid=16, kind="crops"), PartSpace(grid=16, kind="regions")]
     args = (spaces, train, [r["patient_id"] for r in train_rec], holdout, [r["patient_id"] for r in holdout_rec], "dl")
     with pytest.warns(UserWarning, match=r"102 calibration images \(all holdout\)"):
-        alone = build_safeguard(*args, cross_patient_images=0, batch_size=32)
-    pooled = build_safeguard(*args, batch_size=32)  # 3 / 0.01 - 102 = 198 training images, one patient at a time
+        alone = build_safeguard(*args, batch_size=32)  # the default: the holdout alone
+    pooled = build_safeguard(*args, batch_size=32, cross_patient_images=None)  # 3 / 0.01 - 102 = 198 training images
     for cal in pooled.calibrations.values():
         assert cal.n_holdout == 102 and cal.n_cross_patient == 198 and cal.cross_patient_dropped == 0
         assert cal.threshold <= alone.thresholds[cal.space]

@@ -64,8 +64,7 @@ def test_copies_are_held_back_and_new_patients_released(files, guarded):
     cert = load_certificate(out)
     assert cert["summary"]["released"] == summary["released"] and cert["fingerprints"]["datalist"]
     assert set(cert["spaces"]) == {"pixel", "parts", "crops", "tiles", "texture", "disc", "embedding"}  # the defaults
-    # 7 spaces at 1% want 700 calibration images: the 102 holdout images and all 90 training images
-    assert {s["calibration"]["n_cross_patient"] for s in cert["spaces"].values()} == {90}
+    assert {s["calibration"]["n_cross_patient"] for s in cert["spaces"].values()} == {0}  # the holdout alone
     released = {s for s in audit if audit[s]["passed"] == "True"}
     assert released and all(s.startswith("new_") for s in released)
     assert not (out / "private_audit.csv").exists() and out.parent.joinpath("release.private_audit.csv").is_file()
@@ -100,13 +99,14 @@ def test_cli_refuses_a_holdout_that_shares_patients(files, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_cli_calibrates_on_the_holdout_alone_when_asked(files, tmp_path):
+def test_cli_adds_cross_patient_calibration_samples_when_asked(files, tmp_path):
     out = tmp_path / "r"
     args = ["guard", "--train", str(files["train"]), "--holdout", str(files["holdout"]), "--out", str(out)]
     args += ["--candidates", str(files["candidates"]), "--modality", "us", "--spatial-size", str(SIZE)]
-    assert main([*args, "--spaces", "pixel", "--cross-patient-images", "0"]) == 0
+    assert main([*args, "--spaces", "pixel", "--cross-patient-images", "30"]) == 0
     calibration = load_certificate(out)["spaces"]["pixel"]["calibration"]
-    assert calibration["n_cross_patient"] == 0 and calibration["n_holdout"] == 102
+    assert calibration["n_cross_patient"] == 30 and calibration["n_holdout"] == 102
+    assert len(calibration["holdout_distances"]) == 132
 
 
 def test_unknown_space_and_missing_weights_are_explained():
