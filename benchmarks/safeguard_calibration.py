@@ -41,11 +41,16 @@ def measure(args) -> dict:
 
     from monai_synth.data.datalist import datalist_fingerprint, load_datalist
     from monai_synth.data.modalities import get_modality
-    from monai_synth.privacy.calibration import DUPLICATE_ALPHA, DUPLICATE_Z, _calibrate
+    from monai_synth.privacy.calibration import (
+        DUPLICATE_ALPHA,
+        DUPLICATE_Z,
+        _cross_patient,
+        _neighbours,
+        _query_batches,
+    )
     from monai_synth.privacy.factory import make_space
     from monai_synth.privacy.index import TrainingIndex
     from monai_synth.privacy.release import ReleaseEncoder
-    from monai_synth.privacy.spaces import embed_variants
     from monai_synth.transforms.presets import intensity_reference, intensity_transform
 
     work = Path(args.workdir)
@@ -93,27 +98,12 @@ def measure(args) -> dict:
         t0 = time.process_time()
         space = make_space(name, dims, cohort.size)
         index = TrainingIndex.build(space, train, train_ids, fp, 64)
-        _, pool_d, cross = _calibrate(
-            index,
-            pool,
-            args.quantile,
-            0.0,
-            holdout_patient_ids=pool_ids,
-            holdout_vectors=None,
-            views=encoder.model_views,
-            batch_size=64,
-            duplicate_check=False,
-            duplicate_z=DUPLICATE_Z,
-            duplicate_alpha=DUPLICATE_ALPHA,
-            ci_level=0.95,
-            training_images=train,
-            cross_patient_images=len(train_ids),
-        )
-        copy_d = []
-        for _, img in copies:
-            views = encoder.model_views(torch.as_tensor(img, dtype=torch.float32)[None])
-            d, _, _ = index.nearest(embed_variants(space, torch.stack(list(views))))
-            copy_d.append(float(d[:, 0].min()))
+        views = encoder.model_views
+        pool_d, _, pool_d2 = _neighbours(index, _query_batches(index, pool, views, 64), True)
+        copy_images = torch.stack([torch.as_tensor(img, dtype=torch.float32)[None] for _, img in copies])
+        copy_d, _, copy_d2 = _neighbours(index, _query_batches(index, copy_images, views, 64), True)
+        cross = _cross_patient(index, train, len(train_ids), views, 64, (pool_d, pool_d2), DUPLICATE_Z, DUPLICATE_ALPHA)
+        out[f"{name}/pool_second"], out[f"{name}/copies_second"] = pool_d2, copy_d2
         out[f"{name}/pool"], out[f"{name}/copies"] = pool_d, np.asarray(copy_d)
         out[f"{name}/cross"], out[f"{name}/flagged"] = cross.distances, cross.flagged  # every training row, in order
         print(
@@ -124,16 +114,40 @@ def measure(args) -> dict:
     return out
 
 
-def compare(measured: dict, spaces: Sequence[str], holdout_patients: int, draws: int, quantile: float, seed: int):
-    """Refused share of the rest of the pool and copies released, per rule, over ``draws`` holdout draws."""
+def _specificity(d1: np.ndarray, d2: np.ndarray, median_log_ratio: np.ndarray) -> np.ndarray:
+    """Per image, the least over spaces of the chance that a new patient's image is this much closer to its nearest
+    training patient than to the next one: ``2 ** (-log(d2 / d1) / median)`` (the duplicate screen's TwoNN law)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_ratio = np.log(np.maximum(d2, 1e-7) / np.maximum(d1, 1e-7))
+    p = np.exp2(-log_ratio / median_log_ratio[:, None])
+    return np.nan_to_num(p, nan=1.0).min(axis=0)
+
+
+def compare(
+    measured: dict,
+    spaces: Sequence[str],
+    holdout_patients: int,
+    draws: int,
+    quantile: float,
+    seed: int,
+    alphas: Sequence[float] = (),
+):
+    """Refused share of the rest of the pool and copies released, per rule, over ``draws`` holdout draws.
+
+    With ``alphas``, each rule also runs with a specificity test on top: a candidate is refused as well when, in some
+    space, its chance as a new patient's image (:func:`_specificity`, the law's median estimated on the holdout) is
+    below alpha.
+    """
     from monai_synth.privacy.calibration import cross_patient_rows, joint_space_quantile
 
-    pool = np.stack([measured[f"{s}/pool"] for s in spaces])
-    cross = np.stack([measured[f"{s}/cross"] for s in spaces])  # every training image, in row order
+    def stack(part: str) -> np.ndarray:
+        return np.stack([measured[f"{s}/{part}"] for s in spaces])
+
+    pool, pool2, copies, copies2 = stack("pool"), stack("pool_second"), stack("copies"), stack("copies_second")
+    cross = stack("cross")  # every training image, in row order
     flagged = np.any([measured[f"{s}/flagged"] for s in spaces], axis=0)
     first_seen = {p: i for i, p in reversed(list(enumerate(measured["train_ids"].tolist())))}
     codes = np.unique([first_seen[p] for p in measured["train_ids"].tolist()], return_inverse=True)[1]
-    copies = np.stack([measured[f"{s}/copies"] for s in spaces])
     ids, keys = measured["pool_ids"], measured["copy_keys"]
     patients = np.unique(ids)
     rng = np.random.default_rng(seed)
@@ -147,12 +161,20 @@ def compare(measured: dict, spaces: Sequence[str], holdout_patients: int, draws:
             "holdout alone": holdout,
             "holdout + cross-patient": np.concatenate([holdout, cross[:, rows[~flagged[rows]]]], 1),
         }
+        with np.errstate(divide="ignore", invalid="ignore"):
+            median = np.nanmedian(np.log(pool2[:, held] / np.maximum(holdout, 1e-7)), axis=1)
+        p_new = _specificity(pool[:, ~held], pool2[:, ~held], median)
+        p_copy = _specificity(copies, copies2, median)
         for rule, d in rules.items():
             q = joint_space_quantile(dict(zip(spaces, d)), quantile, margin=MARGIN)
             thresholds = np.quantile(d, q, axis=1)[:, None] + MARGIN
-            r = results.setdefault(rule, {"refused": [], "released": [], "n": d.shape[1]})
-            r["refused"].append(float((pool[:, ~held] < thresholds).any(axis=0).mean()))
-            r["released"].append((copies >= thresholds).all(axis=0))
+            refused = (pool[:, ~held] < thresholds).any(axis=0)
+            released = (copies >= thresholds).all(axis=0)
+            for alpha in (None, *alphas):
+                name = rule if alpha is None else f"{rule} + specific match p < {alpha:g}"
+                r = results.setdefault(name, {"refused": [], "released": [], "n": d.shape[1]})
+                r["refused"].append(float((refused | (p_new < alpha if alpha else False)).mean()))
+                r["released"].append(released & (p_copy >= alpha if alpha else True))
     print(
         f"\n{draws} holdouts of {holdout_patients} patients ({int(held.sum())} images), quantile {quantile:g}, "
         f"spaces {', '.join(spaces)}; new patients' images refused (the rest of the pool), copies released:"
@@ -181,6 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--attempts", type=int, default=5, help="copies per transform")
     p.add_argument("--size", type=int, default=None, help="default: 64 (2D), 32 (3D)")
     p.add_argument("--quantile", type=float, default=0.01)
+    p.add_argument(
+        "--alphas",
+        type=lambda v: [float(a) for a in sa._csv_list(v)],
+        default=[0.001, 0.003],
+        help="specificity levels to try on top of each rule (empty: none)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workdir", required=True, help="where the cohort is written")
@@ -194,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     left_out = {"embedding"} | (THREE_D_ONLY if dims == 2 else TWO_D_ONLY)
     args.spaces = args.spaces or [s for s in DEFAULT_SPACES if s not in left_out]
     measured = measure(args)
-    compare(measured, args.spaces, args.holdout_patients, args.draws, args.quantile, args.seed)
+    compare(measured, args.spaces, args.holdout_patients, args.draws, args.quantile, args.seed, args.alphas)
     return 0
 
 

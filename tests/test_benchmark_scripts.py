@@ -51,11 +51,16 @@ def test_diffusion_recipe_trains_a_laplace_autoencoder_at_toy_size(tmp_path):
 def test_safeguard_calibration_compares_both_rules_at_toy_size(tmp_path):
     cmd = [sys.executable, str(BENCHMARKS / "safeguard_calibration.py"), "--modality", "us2d", "--size", "32"]
     cmd += ["--cohort", "6,12", "--attempts", "1", "--spaces", "pixel,parts", "--draws", "5", "--holdout-patients", "6"]
-    cmd += ["--quantile", "0.05", "--workdir", str(tmp_path)]
+    cmd += ["--quantile", "0.05", "--alphas", "0.001", "--workdir", str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True, env=env).stdout
     rows = dict(re.findall(r"^\| (holdout[^|]*?) \| (\d+) \|", out, re.M))
     # 2 spaces at 5% want 40 samples: the 18 holdout images and all 18 training images, one patient at a time
-    assert rows == {"holdout alone": "18", "holdout + cross-patient": "36"}
+    assert rows == {
+        "holdout alone": "18",
+        "holdout alone + specific match p < 0.001": "18",
+        "holdout + cross-patient": "36",
+        "holdout + cross-patient + specific match p < 0.001": "36",
+    }
     assert not re.search(r"[(, ]exact \d", out)  # exact copies are never released
     assert re.search(r"^\| holdout alone \| 18 \| 0\.\d+ \| 0\.\d+ \| ", out, re.M)
