@@ -806,6 +806,8 @@ def _guard_kwargs(args: argparse.Namespace) -> dict:
         kwargs["embedding_epochs"] = args.embedding_epochs
     if args.batch_size is not None:
         kwargs["batch_size"] = args.batch_size
+    if args.cross_patient_images != 0:
+        kwargs["cross_patient_images"] = args.cross_patient_images
     return kwargs
 
 
@@ -986,6 +988,8 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
     spaces_s = time.perf_counter() - t0 - load_s
     print(f"loaded the cohort in {load_s:.1f} s, built the spaces (embedding training included) in {spaces_s:.1f} s")
     kw = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    if args.cross_patient_images != 0:
+        kw["cross_patient_images"] = args.cross_patient_images
     # judged as the bundle's release judges: the array the file will hold, through every intensity view
     # MRI is scaled per image: generated volumes go back to the data's units with the training images' median
     # percentiles, as the bundle's release does (without them every candidate is refused before it is judged)
@@ -1250,6 +1254,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--embedding-epochs", type=int, default=None, help="epochs of a trained embedding (default: its own)"
     )
     p.add_argument("--batch-size", type=int, default=None, help="images judged at once (default: the API's default)")
+    p.add_argument(
+        "--cross-patient-images",
+        type=lambda v: None if v == "auto" else int(v),
+        default=0,
+        help="training images that join the holdout as calibration samples, or 'auto' (default 0: the holdout alone)",
+    )
     p.add_argument(
         "--guard-per-transform",
         action="store_true",
