@@ -808,6 +808,8 @@ def _guard_kwargs(args: argparse.Namespace) -> dict:
         kwargs["batch_size"] = args.batch_size
     if args.cross_patient_images != 0:
         kwargs["cross_patient_images"] = args.cross_patient_images
+    if args.specificity:
+        kwargs["specificity"] = args.specificity
     return kwargs
 
 
@@ -990,6 +992,8 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
     kw = {} if args.batch_size is None else {"batch_size": args.batch_size}
     if args.cross_patient_images != 0:
         kw["cross_patient_images"] = args.cross_patient_images
+    if args.specificity:
+        kw["specificity"] = args.specificity
     # judged as the bundle's release judges: the array the file will hold, through every intensity view
     # MRI is scaled per image: generated volumes go back to the data's units with the training images' median
     # percentiles, as the bundle's release does (without them every candidate is refused before it is judged)
@@ -1260,6 +1264,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="training images that join the holdout as calibration samples, or 'auto' (default 0: the holdout alone)",
     )
+    p.add_argument("--specificity", type=float, default=0.0, help="the gate's specificity test (default 0: off)")
     p.add_argument(
         "--guard-per-transform",
         action="store_true",

@@ -174,6 +174,13 @@ def _add_guard(sub: argparse._SubParsersAction) -> None:
         "samples, or 'auto': enough for spaces / quantile samples in all (default 0: the holdout alone; more samples "
         "refuse fewer new patients but pass more copies that are as far from their source as new patients are)",
     )
+    p.add_argument(
+        "--specificity",
+        type=float,
+        default=0.0,
+        help="also refuse an image much closer to one training patient than to any other, when a new patient's "
+        "image is that specific with a chance below this (e.g. 0.003; default 0: off)",
+    )
     p.add_argument("--floor", type=float, default=0.0, help="absolute minimum threshold")
     p.add_argument("--format", dest="fmt", default=None, help="release format (default: the modality's native one)")
     p.add_argument(
@@ -207,6 +214,7 @@ def _run_guard(args: argparse.Namespace) -> int:
         embedding_epochs=args.embedding_epochs,
         duplicate_check=args.duplicate_check,
         cross_patient_images=args.cross_patient_images,
+        specificity=args.specificity,
     )
     print(
         f"released {summary['released']} of {summary['generated']} candidates "

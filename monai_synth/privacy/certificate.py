@@ -153,6 +153,8 @@ def write_certificate(
                 "index_size": index.ntotal,
                 "space_fingerprint": index.space_fingerprint,
                 "calibration": cal.to_dict() if cal is not None else None,
+                # also refused: images a new patient's image matches this specifically with a lower chance (0: off)
+                "specificity": float(getattr(safeguard, "specificity", 0.0)),
             }
             fps[f"index_{name}"] = index.fingerprint
     else:

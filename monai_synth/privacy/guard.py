@@ -175,6 +175,7 @@ def run_guard(
     embedding_epochs: int | None = None,
     duplicate_check: bool = True,
     cross_patient_images: int | None = 0,
+    specificity: float = 0.0,
 ) -> dict:
     """Release the candidate images that are not near-copies of any training image.
 
@@ -204,6 +205,8 @@ def run_guard(
         cross_patient_images: training images measured against the other training patients that join the holdout
             as calibration samples (see :func:`~monai_synth.privacy.safeguard.build_safeguard`; 0, the default: the
             holdout alone; None: as many as the spaces need).
+        specificity: also refuse images much closer to one training patient than to any other (see
+            :class:`~monai_synth.privacy.safeguard.PrivacySafeguard`; 0: off).
 
     Returns:
         the certificate summary (generated, rejected, released, rejection_rate, ...) plus ``out`` and ``audit``.
@@ -242,6 +245,7 @@ def run_guard(
         duplicate_check=duplicate_check,
         views=encoder.model_views,
         cross_patient_images=cross_patient_images,
+        specificity=specificity,
     )
     del train_images, holdout_images
     logger.info(f"thresholds calibrated on {len(holdout_records)} holdout images: {safeguard.thresholds}")

@@ -19,10 +19,12 @@ import numpy as np
 import torch
 
 from monai_synth.privacy.calibration import (
+    _RESOLUTION,
     DUPLICATE_ALPHA,
     DUPLICATE_Z,
     Calibration,
     _calibrate,
+    _neighbours,
     joint_space_quantile,
 )
 from monai_synth.privacy.index import StaleIndexError, TrainingIndex
@@ -101,9 +103,17 @@ class PrivacySafeguard:
         margin: see above.
         batch_size: images embedded at once, fewer where their query vectors would exceed
             :data:`~monai_synth.privacy.spaces.QUERY_FLOATS` (large 3D variant sets).
+        specificity: also refuse an image that is much closer to one training patient than to any other, beyond what
+            chance allows a new patient's image: in some space, ``2 ** (-log(d2 / d1) / m) < specificity``, ``d1`` its
+            nearest training distance, ``d2`` its nearest distance to another patient and ``m`` the holdout's median
+            ``log(d2 / d1)`` (the law of the holdout's duplicate screen; a new patient's value is uniform on (0, 1), so
+            each space refuses about ``specificity`` of new patients' images). A near-copy too altered to come closer
+            than new patients do still sits much closer to its source than to anyone else. 0 (default): off. Needs
+            calibrations made with the duplicate screen.
 
     Raises:
-        ValueError: no checks, a missing index or space, a duplicate space, a bad threshold.
+        ValueError: no checks, a missing index or space, a duplicate space, a bad threshold, a specificity without
+            the calibrations it needs.
         StaleIndexError: an index that does not match its space, its calibration or ``expected_fingerprints``.
     """
 
@@ -113,6 +123,7 @@ class PrivacySafeguard:
         expected_fingerprints: Mapping[str, str] | None = None,
         margin: float = 1e-5,
         batch_size: int = 64,
+        specificity: float = 0.0,
     ) -> None:
         checks = list(checks or [])
         if not checks:
@@ -147,6 +158,20 @@ class PrivacySafeguard:
             raise StaleIndexError("; ".join(problems))
         self.margin = float(margin)
         self.batch_size = int(batch_size)
+        if not 0.0 <= specificity < 1.0:
+            raise ValueError(f"specificity must be in [0, 1), got {specificity}")
+        self.specificity = float(specificity)
+        self.median_log_ratio: dict[str, float] = {}
+        for name in self.indexes if self.specificity else ():
+            screen = getattr(self.calibrations.get(name), "duplicate_screen", None) or {}
+            m = screen.get("median_log_ratio")
+            if m is None or not (math.isfinite(m) and m > 0):
+                raise ValueError(
+                    f"specificity needs the {name!r} space's calibration with the duplicate screen (its median "
+                    "log(d2 / d1) over the holdout, from more than one training patient): calibrate with "
+                    "duplicate_check=True, or leave specificity at 0"
+                )
+            self.median_log_ratio[name] = float(m)
 
     @property
     def spaces(self) -> list[str]:
@@ -184,8 +209,22 @@ class PrivacySafeguard:
             return [images[i] for i in range(images.shape[0])] if images.ndim >= 3 else [images]
         return list(images)
 
-    def _distances(self, name: str, images: list[torch.Tensor]) -> list[tuple[float, str, int] | Exception]:
-        """Nearest (distance, patient, row) per image in one space; an exception object where it failed."""
+    def _nearest(self, name: str, vec: np.ndarray) -> list[tuple[float, str, int, float]]:
+        """(distance, patient, row, chance) of each query's nearest training row; the chance of a new patient's
+        image being as specific (see ``specificity``), 1.0 when the check is off."""
+        index = self.indexes[name]
+        if not self.specificity:
+            d, r, p = index.nearest(vec)
+            return [(float(d[i, 0]), str(p[i, 0]), int(r[i, 0]), 1.0) for i in range(len(d))]
+        d1, rows, d2 = _neighbours(index, [vec], True)
+        patients = np.asarray(index.patients, dtype=object)[np.asarray(index.patient_codes)[rows]]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_ratio = np.log(np.maximum(d2, _RESOLUTION) / np.maximum(d1, _RESOLUTION))
+        chance = np.nan_to_num(np.exp2(-log_ratio / self.median_log_ratio[name]), nan=1.0)
+        return [(float(d1[i]), str(patients[i]), int(rows[i]), float(chance[i])) for i in range(len(d1))]
+
+    def _distances(self, name: str, images: list[torch.Tensor]) -> list[tuple[float, str, int, float] | Exception]:
+        """Nearest (distance, patient, row, chance) per image in one space; an exception object where it failed."""
         index = self.indexes[name]
         out: list = []
         start = 0
@@ -195,13 +234,11 @@ class PrivacySafeguard:
             try:
                 vec = embed_variants(index.space, torch.stack(chunk))
                 note_query_size(index.space, chunk[0], vec)
-                d, r, p = index.nearest(vec)
-                out.extend((float(d[i, 0]), str(p[i, 0]), int(r[i, 0])) for i in range(len(chunk)))
+                out.extend(self._nearest(name, vec))
             except Exception:  # isolate the image(s) that fail, the others are still judged
                 for img in chunk:
                     try:
-                        d, r, p = index.nearest(embed_variants(index.space, img[None]))
-                        out.append((float(d[0, 0]), str(p[0, 0]), int(r[0, 0])))
+                        out.extend(self._nearest(name, embed_variants(index.space, img[None])))
                     except Exception as err:
                         out.append(err)
         return out
@@ -253,9 +290,14 @@ class PrivacySafeguard:
                 if isinstance(res, Exception):
                     reasons.append(f"{name} space failed: {type(res).__name__}: {res}")
                     continue
-                distances[name], patients[name], rows[name] = res
+                distances[name], patients[name], rows[name], chance = res
                 if not distances[name] >= threshold + self.margin:
                     reasons.append(f"too close to a training image in {name} space ({res[0]:.4g} < {threshold:.4g})")
+                elif self.specificity and not chance >= self.specificity:
+                    reasons.append(
+                        f"much closer to one training patient than to any other in {name} space (a new patient's "
+                        f"image is this specific with chance {chance:.2g} < {self.specificity:g})"
+                    )
             results[i] = SafeguardResult(
                 passed=not reasons,
                 distances=distances,
@@ -284,6 +326,7 @@ def build_safeguard(
     views: Callable[[torch.Tensor], Sequence[torch.Tensor]] | None = None,
     joint: bool = True,
     cross_patient_images: int | None = 0,
+    specificity: float = 0.0,
 ) -> PrivacySafeguard:
     """One exact training index per space, each with its threshold calibrated on the holdout patients.
 
@@ -319,6 +362,9 @@ def build_safeguard(
             as new patients are from the training set then pass: on the attack benchmark's MRI 2D cohort it released
             2 of 5 copies cropped to 60% and blurred that the holdout alone refuses, while on ultrasound it took the
             new patients' images released from 52 / 60 to 60 / 60 with no copy released.
+        specificity: see :class:`PrivacySafeguard` (0: off); needs ``duplicate_check``. It refuses about
+            ``specificity`` of new patients' images per space on top of ``quantile``, which the joint calibration
+            does not count.
 
     Raises:
         ValueError: a space in which unseen patients' images are all as close to training as copies are (a collapsed
@@ -326,6 +372,8 @@ def build_safeguard(
     """
     if cross_patient_images is None:
         cross_patient_images = max(0, math.ceil(len(spaces) / quantile - 1e-9) - len(holdout_patient_ids))
+    if specificity and not duplicate_check:
+        raise ValueError("specificity needs the duplicate screen's holdout statistics: keep duplicate_check=True")
     checks, holdout_d, cross = [], {}, {}
     for space in spaces:
         index = TrainingIndex.build(space, train_images, train_patient_ids, datalist_fingerprint, batch_size)
@@ -353,7 +401,7 @@ def build_safeguard(
     flagged = np.any([c.flagged for c in cross.values()], axis=0) if len(first.rows) else first.flagged
     if flagged.any():
         _warn_training_duplicates(first.rows[flagged], train_patient_ids)
-    safeguard = PrivacySafeguard(checks, batch_size=batch_size)
+    safeguard = PrivacySafeguard(checks, batch_size=batch_size, specificity=specificity)
     if not joint or (len(checks) == 1 and views is None):
         return safeguard
     judged = {name: _pooled(holdout_d, cross, name, flagged) for name in holdout_d}
@@ -378,7 +426,7 @@ def build_safeguard(
         (index, cal.at_space_quantile(judged[index.space_name], space_quantile, int(flagged.sum())))
         for index, cal in checks
     ]
-    return PrivacySafeguard(checks, batch_size=batch_size)
+    return PrivacySafeguard(checks, batch_size=batch_size, specificity=specificity)
 
 
 def _pooled(holdout_d: dict, cross: dict, name: str, flagged: np.ndarray) -> np.ndarray:

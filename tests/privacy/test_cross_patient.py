@@ -140,3 +140,50 @@ def test_cross_patient_samples_refuse_fewer_new_patients_than_the_holdout_alone(
     refused_pooled = np.mean([not r.passed for r in pooled.check(new)])
     assert refused_pooled <= 0.05 < refused_alone
     assert not any(r.passed for r in pooled.check(train[::6]))  # the training images themselves stay refused
+
+
+def test_specificity_refuses_noised_copies_that_come_no_closer_than_new_patients():
+    # a training image under strong noise is as far from it as new patients are from the training set, but it is
+    # still much closer to its source than to anyone else; a new patient's image is not
+    from monai_synth.data.phantoms import generate_cohort
+    from monai_synth.transforms.presets import intensity_transform
+
+    def load(records):
+        scale = intensity_transform("us")
+        return torch.stack([torch.as_tensor(np.asarray(scale(r["image"]))) for r in records]).float()
+
+    size = (16, 16)
+    train_rec = generate_cohort("us", 30, 3, spatial_size=size, seed=0)
+    holdout_rec = generate_cohort("us", 40, 3, spatial_size=size, seed=0, first_patient=1000)
+    new = load(generate_cohort("us", 50, 2, spatial_size=size, seed=0, first_patient=5000))
+    train, holdout = load(train_rec), load(holdout_rec)
+    ids, holdout_ids = [r["patient_id"] for r in train_rec], [r["patient_id"] for r in holdout_rec]
+    args = ([PixelSpace(grid=16)], train, ids, holdout, holdout_ids, "dl")
+    plain = build_safeguard(*args, batch_size=32)
+    specific = build_safeguard(*args, batch_size=32, specificity=0.003)
+    assert specific.thresholds == plain.thresholds and specific.median_log_ratio["pixel"] > 0
+    copies = train[:30] + 0.3 * torch.randn(30, 1, *size, generator=torch.Generator().manual_seed(0))
+    judged = specific.check(copies)
+    assert sum(r.passed for r in plain.check(copies)) >= 10
+    assert sum(r.passed for r in judged) <= 2
+    assert any(
+        "much closer to one training patient than to any other in pixel space" in (r.reason or "") for r in judged
+    )
+    assert sum(r.passed for r in specific.check(new)) >= sum(r.passed for r in plain.check(new)) - 2 >= 95
+
+
+def test_specificity_needs_the_duplicate_screen():
+    g = torch.Generator().manual_seed(0)
+    train, holdout = torch.rand(30, 1, 8, 8, generator=g), torch.rand(100, 1, 8, 8, generator=g)
+    args = (
+        [PixelSpace(grid=8)],
+        train,
+        [f"P{i // 3}" for i in range(30)],
+        holdout,
+        [f"H{i}" for i in range(100)],
+        "dl",
+    )
+    with pytest.raises(ValueError, match="duplicate_check=True"):
+        build_safeguard(*args, duplicate_check=False, specificity=0.003)
+    with pytest.raises(ValueError, match="specificity must be in"):
+        build_safeguard(*args, specificity=1.5)

@@ -99,13 +99,17 @@ def test_cli_refuses_a_holdout_that_shares_patients(files, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_cli_adds_cross_patient_calibration_samples_when_asked(files, tmp_path):
+def test_cli_adds_cross_patient_samples_and_the_specificity_test_when_asked(files, tmp_path):
     out = tmp_path / "r"
     args = ["guard", "--train", str(files["train"]), "--holdout", str(files["holdout"]), "--out", str(out)]
     args += ["--candidates", str(files["candidates"]), "--modality", "us", "--spatial-size", str(SIZE)]
-    assert main([*args, "--spaces", "pixel", "--cross-patient-images", "30"]) == 0
-    calibration = load_certificate(out)["spaces"]["pixel"]["calibration"]
-    assert calibration["n_cross_patient"] == 30 and calibration["n_holdout"] == 102
+    assert main([*args, "--spaces", "pixel", "--cross-patient-images", "30", "--specificity", "0.003"]) == 0
+    pixel = load_certificate(out)["spaces"]["pixel"]
+    calibration = pixel["calibration"]
+    assert calibration["n_cross_patient"] == 30 and calibration["n_holdout"] == 102 and pixel["specificity"] == 0.003
+    with open(out.parent / "r.private_audit.csv") as f:
+        audit = {r["source"]: r for r in csv.DictReader(f)}
+    assert all(r["passed"] == "False" for s, r in audit.items() if s.startswith("copies/"))
     assert len(calibration["holdout_distances"]) == 132
 
 
