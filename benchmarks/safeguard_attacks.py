@@ -954,6 +954,42 @@ def _model_space(paths: Sequence[Path], cohort: Cohort):
     return load_model_space([str(p) for p in paths], cohort.modality, cohort.size, cohort.spatial_dims)
 
 
+@dataclass
+class ModelSpaceCohort:
+    """A cohort's splits in model space, as the release judges them, for the scripts that measure spaces directly."""
+
+    train: Any
+    train_ids: list[str]
+    train_fingerprint: str
+    holdout: Any
+    holdout_ids: list[str]
+    unseen: Any
+    encoder: Any
+
+
+def load_model_space_cohort(cohort: Cohort) -> ModelSpaceCohort:
+    """Train, holdout and unseen images in model space, and the release's encoder (its intensity views)."""
+    from monai_synth.data.datalist import datalist_fingerprint, load_datalist
+    from monai_synth.data.modalities import get_modality
+    from monai_synth.privacy.release import ReleaseEncoder
+    from monai_synth.transforms.presets import intensity_reference, intensity_transform
+
+    mod = get_modality(cohort.modality)
+    train_records = load_datalist(str(cohort.train_csv), labels=mod.labels)
+    holdout_records = load_datalist(str(cohort.holdout_csv), labels=mod.labels)
+    reference = intensity_reference(train_records, cohort.modality)
+    to_model = None if reference is None else intensity_transform(cohort.modality, reference=reference)
+    return ModelSpaceCohort(
+        train=_model_space([r["image"] for r in train_records], cohort),
+        train_ids=[r["patient_id"] for r in train_records],
+        train_fingerprint=datalist_fingerprint(train_records),
+        holdout=_model_space([r["image"] for r in holdout_records], cohort),
+        holdout_ids=[r["patient_id"] for r in holdout_records],
+        unseen=_model_space(cohort.unseen_paths, cohort),
+        encoder=ReleaseEncoder(cohort.fmt, cohort.modality, to_model=to_model),
+    )
+
+
 def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args) -> dict:
     """Build the sampler's safeguard once, then feed each transform's copies through ``guarded_sample``."""
     import torch

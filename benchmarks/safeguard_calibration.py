@@ -39,8 +39,6 @@ def measure(args) -> dict:
     """Per space: the pool's and the training images' cross-patient distances, and every copy's distance."""
     import torch
 
-    from monai_synth.data.datalist import datalist_fingerprint, load_datalist
-    from monai_synth.data.modalities import get_modality
     from monai_synth.privacy.calibration import (
         DUPLICATE_ALPHA,
         DUPLICATE_Z,
@@ -50,26 +48,15 @@ def measure(args) -> dict:
     )
     from monai_synth.privacy.factory import make_space
     from monai_synth.privacy.index import TrainingIndex
-    from monai_synth.privacy.release import ReleaseEncoder
-    from monai_synth.transforms.presets import intensity_reference, intensity_transform
 
     work = Path(args.workdir)
     shutil.rmtree(work / "cohort", ignore_errors=True)
     size = args.size or (64 if sa.CONFIGS[args.modality][1] == 2 else 32)
     n_train, n_pool = args.cohort
     cohort = sa.make_cohort(args.modality, work, size, [n_train, n_pool, 1], args.images_per_patient, args.seed)
-    mod = get_modality(cohort.modality)
-    train_records = load_datalist(str(cohort.train_csv), labels=mod.labels)
-    pool_records = load_datalist(str(cohort.holdout_csv), labels=mod.labels)
-    train = sa._model_space([r["image"] for r in train_records], cohort)
-    pool = sa._model_space([r["image"] for r in pool_records], cohort)
-    unseen = sa._model_space(cohort.unseen_paths, cohort)
-    reference = intensity_reference(train_records, cohort.modality)
-    to_model = None if reference is None else intensity_transform(cohort.modality, reference=reference)
-    encoder = ReleaseEncoder(cohort.fmt, cohort.modality, to_model=to_model)
-    fp = datalist_fingerprint(train_records)
-    train_ids = [r["patient_id"] for r in train_records]
-    pool_ids = [r["patient_id"] for r in pool_records]
+    loaded = sa.load_model_space_cohort(cohort)  # the holdout split is the pool of new patients here
+    train, pool, unseen, encoder = loaded.train, loaded.holdout, loaded.unseen, loaded.encoder
+    fp, train_ids, pool_ids = loaded.train_fingerprint, loaded.train_ids, loaded.holdout_ids
     dims = cohort.spatial_dims
     attacks = [a for a in sa.ATTACKS if a.applies("sampler", dims, cohort.fmt)]
     plants = sa.plant(

@@ -69,13 +69,9 @@ def make_named_space(name: str, spatial_size: Sequence[int]):
 def run(args) -> None:
     import torch
 
-    from monai_synth.data.datalist import datalist_fingerprint, load_datalist
-    from monai_synth.data.modalities import get_modality
     from monai_synth.privacy.calibration import DUPLICATE_ALPHA, DUPLICATE_Z, _calibrate, joint_space_quantile
     from monai_synth.privacy.index import TrainingIndex
-    from monai_synth.privacy.release import ReleaseEncoder
     from monai_synth.privacy.spaces import embed_variants
-    from monai_synth.transforms.presets import intensity_reference, intensity_transform
 
     configs = [[s for s in c.split(",") if s] for c in args.configs]
     names = list(dict.fromkeys(s for c in configs for s in c))
@@ -84,18 +80,9 @@ def run(args) -> None:
     cohort = sa.make_cohort(args.modality, work, args.size, args.cohort, args.images_per_patient, args.seed)
     if cohort.spatial_dims != 2:
         raise SystemExit("this ablation compares 2D spaces; pick a 2D modality")
-    mod = get_modality(cohort.modality)
-    train_records = load_datalist(str(cohort.train_csv), labels=mod.labels)
-    holdout_records = load_datalist(str(cohort.holdout_csv), labels=mod.labels)
-    train = sa._model_space([r["image"] for r in train_records], cohort)
-    holdout = sa._model_space([r["image"] for r in holdout_records], cohort)
-    unseen = sa._model_space(cohort.unseen_paths, cohort)
-    reference = intensity_reference(train_records, cohort.modality)
-    to_model = None if reference is None else intensity_transform(cohort.modality, reference=reference)
-    encoder = ReleaseEncoder(cohort.fmt, cohort.modality, to_model=to_model)
-    fp = datalist_fingerprint(train_records)
-    train_ids = [r["patient_id"] for r in train_records]
-    holdout_ids = [r["patient_id"] for r in holdout_records]
+    loaded = sa.load_model_space_cohort(cohort)
+    train, holdout, unseen, encoder = loaded.train, loaded.holdout, loaded.unseen, loaded.encoder
+    fp, train_ids, holdout_ids = loaded.train_fingerprint, loaded.train_ids, loaded.holdout_ids
     print(
         f"{args.modality}: train {len(train_ids)} images of {len(set(train_ids))} patients, holdout {len(holdout_ids)}, "
         f"unseen {len(unseen)}; {args.attempts} copies per transform",
@@ -127,7 +114,7 @@ def run(args) -> None:
         t0 = time.process_time()
         space = make_named_space(name, cohort.size)
         index = TrainingIndex.build(space, train, train_ids, fp, 64)
-        _, holdout_d[name] = _calibrate(
+        _, holdout_d[name], _ = _calibrate(
             index,
             holdout,
             0.01,

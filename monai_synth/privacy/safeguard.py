@@ -397,10 +397,9 @@ def build_safeguard(
         )
         checks.append((index, calibration))
     # jointly, one set of cross-patient samples for every space: a sample any space's screen flags is left out of all
-    first = next(iter(cross.values()))
-    flagged = np.any([c.flagged for c in cross.values()], axis=0) if len(first.rows) else first.flagged
+    flagged = np.any([c.flagged for c in cross.values()], axis=0)
     if flagged.any():
-        _warn_training_duplicates(first.rows[flagged], train_patient_ids)
+        _warn_training_duplicates(next(iter(cross.values())).rows[flagged], train_patient_ids)
     safeguard = PrivacySafeguard(checks, batch_size=batch_size, specificity=specificity)
     if not joint or (len(checks) == 1 and views is None):
         return safeguard
