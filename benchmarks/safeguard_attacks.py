@@ -793,6 +793,16 @@ def _read_audit(audit: Path | None) -> tuple[dict[str, tuple[bool, str | None]],
     return out, files
 
 
+def _calibration_options(args: argparse.Namespace) -> dict:
+    """The gate's calibration options the run asks for; those not given stay at the gate's defaults."""
+    options: dict[str, Any] = {}
+    if args.cross_patient_images is not None:
+        options["cross_patient_images"] = None if args.cross_patient_images == "auto" else args.cross_patient_images
+    if args.specificity is not None:
+        options["specificity"] = args.specificity
+    return options
+
+
 def _guard_kwargs(args: argparse.Namespace) -> dict:
     from monai_synth.privacy.guard import run_guard
 
@@ -806,10 +816,7 @@ def _guard_kwargs(args: argparse.Namespace) -> dict:
         kwargs["embedding_epochs"] = args.embedding_epochs
     if args.batch_size is not None:
         kwargs["batch_size"] = args.batch_size
-    if args.cross_patient_images != 0:
-        kwargs["cross_patient_images"] = args.cross_patient_images
-    if args.specificity:
-        kwargs["specificity"] = args.specificity
+    kwargs.update(_calibration_options(args))
     return kwargs
 
 
@@ -1026,10 +1033,7 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
     spaces_s = time.perf_counter() - t0 - load_s
     print(f"loaded the cohort in {load_s:.1f} s, built the spaces (embedding training included) in {spaces_s:.1f} s")
     kw = {} if args.batch_size is None else {"batch_size": args.batch_size}
-    if args.cross_patient_images != 0:
-        kw["cross_patient_images"] = args.cross_patient_images
-    if args.specificity:
-        kw["specificity"] = args.specificity
+    kw.update(_calibration_options(args))
     # judged as the bundle's release judges: the array the file will hold, through every intensity view
     # MRI is scaled per image: generated volumes go back to the data's units with the training images' median
     # percentiles, as the bundle's release does (without them every candidate is refused before it is judged)
@@ -1296,11 +1300,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="images judged at once (default: the API's default)")
     p.add_argument(
         "--cross-patient-images",
-        type=lambda v: None if v == "auto" else int(v),
-        default=0,
-        help="training images that join the holdout as calibration samples, or 'auto' (default 0: the holdout alone)",
+        type=lambda v: v if v == "auto" else int(v),
+        default=None,
+        help="training images that join the holdout as calibration samples, 'auto', or 0: the holdout alone "
+        "(default: the gate's default)",
     )
-    p.add_argument("--specificity", type=float, default=0.0, help="the gate's specificity test (default 0: off)")
+    p.add_argument(
+        "--specificity", type=float, default=None, help="the gate's specificity test, 0: off (default: the gate's)"
+    )
     p.add_argument(
         "--guard-per-transform",
         action="store_true",

@@ -280,13 +280,14 @@ def phantom_rows(space, bases: torch.Tensor, n: int, to_model, seed: int = 0, ba
 
 def default_spaces_cost(
     images: torch.Tensor, modality: str, sizes, candidates: int, rows_kind: str = "phantom", dense: bool = True,
-    bases: int = 400, seed: int = 0, specs: Sequence[str] | None = None,
+    bases: int = 400, seed: int = 0, specs: Sequence[str] | None = None, specificity: float = 0.003,
 ) -> list[dict]:  # fmt: skip
     """Seconds per candidate of each default privacy space against indexes of ``sizes`` training rows, judged as a PNG
     release judges it (every intensity view), with the fast exact search and (``dense``) the dense product; the
     embedding is trained for one epoch on a few images (its cost, not its quality). ``images`` (the sampler's output)
     set the size; the candidates are phantoms of unseen patients. ``specs``: a subset of the default spaces (or other
-    factory names) to time instead of all."""
+    factory names) to time instead of all. ``specificity``: judged with the specificity test's k-nearest search, as
+    the default gate judges (0: the nearest row only)."""
     from monai_synth.privacy.embedding import train_embedding
     from monai_synth.privacy.factory import DEFAULT_SPACES, THREE_D_ONLY, TWO_D_ONLY, make_space
     from monai_synth.privacy.index import TrainingIndex
@@ -323,6 +324,8 @@ def default_spaces_cost(
                 space.name, space.fingerprint(), "bench", space=space,
             )  # fmt: skip
             safeguard = PrivacySafeguard([(index, 0.05)], batch_size=candidates)
+            if specificity:  # no calibration here: a typical scale of its law (the cost does not depend on it)
+                safeguard.specificity, safeguard.median_log_ratio = specificity, {index.space_name: 0.1}
             row = {"space": spec, "dim": dim, "variants": variants, "N": int(n)}
             answers = {}
             encoder.judge(safeguard, stored[:1])  # untimed: the first judgement also learns the batch size
@@ -395,6 +398,8 @@ def main() -> None:
     parser.add_argument("--bases", type=int, default=400, help="phantom patients the phantom rows are drawn from")
     parser.add_argument("--no-dense", action="store_true", help="time only the fast search, not the dense product")
     parser.add_argument("--spaces", nargs="+", default=None, help="time only these spaces (default: every default one)")
+    parser.add_argument("--specificity", type=float, default=0.003,
+                        help="judge with the specificity test's k-nearest search as the default gate does (0: off)")  # fmt: skip
     args = parser.parse_args()
     print(
         f"threads: faiss {faiss.omp_get_max_threads()}, torch {torch.get_num_threads()}, cpus {os.cpu_count()}, "
@@ -460,6 +465,7 @@ def _default_spaces_report(args) -> None:
             not args.no_dense,
             args.bases,
             specs=args.spaces,
+            specificity=args.specificity,
         )
         modes = ("fast", "dense") if not args.no_dense else ("fast",)
         at = {m: extrapolate(rows, args.target, f"{m}_s") for m in modes}

@@ -169,17 +169,17 @@ def _add_guard(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cross-patient-images",
         type=lambda v: None if v == "auto" else int(v),
-        default=0,
+        default=None,
         help="training images measured against the other training patients that join the holdout as calibration "
-        "samples, or 'auto': enough for spaces / quantile samples in all (default 0: the holdout alone; more samples "
-        "refuse fewer new patients but pass more copies that are as far from their source as new patients are)",
+        "samples, or 'auto' (the default): enough for spaces / quantile samples in all; 0: the holdout alone (with a "
+        "small holdout each threshold sits at its smallest distance and more new patients' images are refused)",
     )
     p.add_argument(
         "--specificity",
         type=float,
-        default=0.0,
+        default=None,
         help="also refuse an image much closer to one training patient than to any other, when a new patient's "
-        "image is that specific with a chance below this (e.g. 0.003; default 0: off)",
+        "image is that specific with a chance below this (default 0.003 with the duplicate check; 0: off)",
     )
     p.add_argument("--floor", type=float, default=0.0, help="absolute minimum threshold")
     p.add_argument("--format", dest="fmt", default=None, help="release format (default: the modality's native one)")

@@ -14,10 +14,11 @@ below it about once in ``n + 1`` per space, k times that for the union (with 7 s
 new patients' images were refused, not 1%). Training images measured against the *other* training patients are
 samples of the same thing, how close a person the index holds no image of comes to it, so they join the holdout's
 distances (:func:`calibrate_threshold`'s ``training_images``; :func:`~monai_synth.privacy.safeguard.build_safeguard`
-adds as many as ``k / quantile`` samples need when asked). Screened for duplicates like the holdout (flagged ones are
-left out), they cannot lower a threshold below what new patients show; but a threshold at the asked quantile passes
-copies that are as far from their source as new patients are from the training set, which a threshold at the smallest
-holdout distance refused, so they are opt-in (measured in ``benchmarks/safeguard_calibration.py`` and the attack
+adds as many as ``k / quantile`` samples need, by default). Screened for duplicates like the holdout (flagged ones
+are left out), they cannot lower a threshold below what new patients show; but a threshold at the asked quantile
+passes copies that are as far from their source as new patients are from the training set, which a threshold at the
+smallest holdout distance refused, so the safeguard pairs them with its specificity test (an image much closer to
+one training patient than to any other is refused; measured in ``benchmarks/safeguard_calibration.py`` and the attack
 benchmark).
 
 The threshold is only as good as the holdout, and a low quantile is decided by a handful of images, so a

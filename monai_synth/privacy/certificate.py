@@ -54,7 +54,9 @@ GUARANTEE = (
     "n_cross_patient), set together so that, judged the same way, the calibration quantile (e.g. 1%) of unseen "
     "patients' images would be refused (each space's own quantile is its calibration's space_quantile). A released "
     "image is therefore farther from the training set than that closest fraction of unseen patients' images are -- "
-    "not farther than most of them (holdout_percentile_<space> in certificate.csv says where each image sits)"
+    "not farther than most of them (holdout_percentile_<space> in certificate.csv says where each image sits). Where "
+    "a space's specificity is above 0, an image much closer to one training patient than to every other is refused "
+    "too, when a new patient's image would be that specific with a chance below it"
 )
 DISTANCE = "1 - cosine similarity of L2-normalised space vectors (pixel space: 1 - Pearson correlation)"
 

@@ -174,8 +174,8 @@ def run_guard(
     overwrite: bool = False,
     embedding_epochs: int | None = None,
     duplicate_check: bool = True,
-    cross_patient_images: int | None = 0,
-    specificity: float = 0.0,
+    cross_patient_images: int | None = None,
+    specificity: float | None = None,
 ) -> dict:
     """Release the candidate images that are not near-copies of any training image.
 
@@ -203,10 +203,11 @@ def run_guard(
         duplicate_check: refuse a holdout that holds near-duplicates of training images (they would lower the
             thresholds); switch off only for a holdout known to be new patients.
         cross_patient_images: training images measured against the other training patients that join the holdout
-            as calibration samples (see :func:`~monai_synth.privacy.safeguard.build_safeguard`; 0, the default: the
-            holdout alone; None: as many as the spaces need).
+            as calibration samples (see :func:`~monai_synth.privacy.safeguard.build_safeguard`; None, the default: as
+            many as the spaces need; 0: the holdout alone).
         specificity: also refuse images much closer to one training patient than to any other (see
-            :class:`~monai_synth.privacy.safeguard.PrivacySafeguard`; 0: off).
+            :class:`~monai_synth.privacy.safeguard.PrivacySafeguard`; None, the default:
+            :data:`~monai_synth.privacy.safeguard.DEFAULT_SPECIFICITY`; 0: off).
 
     Returns:
         the certificate summary (generated, rejected, released, rejection_rate, ...) plus ``out`` and ``audit``.

@@ -91,6 +91,8 @@ def calibrated_safeguard(
     floor: float = 0.0,
     seed: int = 0,
     encoder: ReleaseEncoder | None = None,
+    cross_patient_images: int | None = None,
+    specificity: float | None = None,
 ) -> PrivacySafeguard:
     """The privacy safeguard of a bundle: every training image indexed in each space, thresholds set on the holdout.
 
@@ -110,6 +112,9 @@ def calibrated_safeguard(
         seed: seed of an embedding trained here.
         encoder: the release's encoder; the holdout is then judged as a released candidate is (every view of its
             stored array), so the calibrated share of refused unseen images holds for the release.
+        cross_patient_images: training images that join the holdout as calibration samples (None: as many as the
+            spaces need; see :func:`~monai_synth.privacy.safeguard.build_safeguard`).
+        specificity: the safeguard's specificity level (None: its default; 0: off).
 
     Raises:
         ValueError: the image datasets and their records differ in length.
@@ -156,6 +161,8 @@ def calibrated_safeguard(
         floor=floor,
         batch_size=16,
         views=views,
+        cross_patient_images=cross_patient_images,
+        specificity=specificity,
     )
     if world > 1:
         _check_same_safeguard(safeguard, world)

@@ -176,6 +176,7 @@ def test_release_has_every_birads_class_and_a_certificate(chain):
     release = chain["out"] / "release"
     certificate = json.loads((release / "certificate.json").read_text())
     assert certificate["summary"]["released"] == 2 * len(LABELS)
+    assert {space["specificity"] for space in certificate["spaces"].values()} == {0.003}  # the gate's default
     with open(release / "certificate.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted({r["condition"] for r in rows}) == sorted(LABELS)
@@ -428,9 +429,13 @@ def test_embedding_space_is_trained_on_the_bundles_train_split(chain):
     from monai_synth.privacy.embedding import EmbeddingSpace
 
     overrides = _sample_overrides(chain, "release_embedding", privacy_spaces=["pixel:none", "embedding"])
-    workflows.run_stage(BUNDLE, "sample", overrides={**overrides, "embedding_epochs": 1})
+    # the calibration options are config keys: here the holdout alone and no specificity test
+    options = {"cross_patient_images": 0, "specificity": 0}
+    workflows.run_stage(BUNDLE, "sample", overrides={**overrides, **options, "embedding_epochs": 1})
     release = chain["snapshot"] / "release_embedding"
     certificate = json.loads((release / "certificate.json").read_text())
+    for space in certificate["spaces"].values():
+        assert space["specificity"] == 0.0 and space["calibration"]["n_cross_patient"] == 0
     weights = chain["snapshot"] / "models" / "embedding.pt"
     # the weights saved at release carry the fingerprint of the very training split the index was built from
     EmbeddingSpace.from_weights(weights, expected_data_fingerprint=certificate["fingerprints"]["datalist"])

@@ -344,5 +344,9 @@ def test_joint_calibration_warns_when_the_holdout_is_too_small_for_the_asked_rat
     g = torch.Generator().manual_seed(1)
     train, holdout = torch.rand(20, 1, 8, 8, generator=g), torch.rand(100, 1, 8, 8, generator=g)
     spaces = [PixelSpace(grid=8), PartSpace(grid=8, kind="crops")]
+    args = (spaces, train, [f"P{i}" for i in range(20)], holdout, [f"H{i}" for i in range(100)], "dl")
     with pytest.warns(UserWarning, match=r"100 calibration images \(all holdout\) .* at least 200"):
-        build_safeguard(spaces, train, [f"P{i}" for i in range(20)], holdout, [f"H{i}" for i in range(100)], "dl")
+        build_safeguard(*args, cross_patient_images=0)
+    # by default every training image joins as a cross-patient sample: still too few, and the warning counts them
+    with pytest.warns(UserWarning, match=r"120 calibration images \(100 holdout, 20 training images .* at least 200"):
+        build_safeguard(*args)

@@ -14,7 +14,7 @@ import torch
 from monai_synth.privacy.calibration import Calibration, _calibrate, calibrate_threshold, cross_patient_rows
 from monai_synth.privacy.index import TrainingIndex
 from monai_synth.privacy.partial import PartSpace
-from monai_synth.privacy.safeguard import build_safeguard
+from monai_synth.privacy.safeguard import DEFAULT_SPECIFICITY, build_safeguard
 from monai_synth.privacy.spaces import PixelSpace
 
 
@@ -131,8 +131,8 @@ def test_cross_patient_samples_refuse_fewer_new_patients_than_the_holdout_alone(
     spaces = [PixelSpace(grid=16), PartSpace(grid=16, kind="crops"), PartSpace(grid=16, kind="regions")]
     args = (spaces, train, [r["patient_id"] for r in train_rec], holdout, [r["patient_id"] for r in holdout_rec], "dl")
     with pytest.warns(UserWarning, match=r"102 calibration images \(all holdout\)"):
-        alone = build_safeguard(*args, batch_size=32)  # the default: the holdout alone
-    pooled = build_safeguard(*args, batch_size=32, cross_patient_images=None)  # 3 / 0.01 - 102 = 198 training images
+        alone = build_safeguard(*args, batch_size=32, cross_patient_images=0, specificity=0)
+    pooled = build_safeguard(*args, batch_size=32, specificity=0)  # the default: 3 / 0.01 - 102 = 198 training images
     for cal in pooled.calibrations.values():
         assert cal.n_holdout == 102 and cal.n_cross_patient == 198 and cal.cross_patient_dropped == 0
         assert cal.threshold <= alone.thresholds[cal.space]
@@ -140,6 +140,10 @@ def test_cross_patient_samples_refuse_fewer_new_patients_than_the_holdout_alone(
     refused_pooled = np.mean([not r.passed for r in pooled.check(new)])
     assert refused_pooled <= 0.05 < refused_alone
     assert not any(r.passed for r in pooled.check(train[::6]))  # the training images themselves stay refused
+    # the default gate adds the specificity test: about 0.3% more per space
+    default = build_safeguard(*args, batch_size=32)
+    assert default.specificity == DEFAULT_SPECIFICITY and default.thresholds == pooled.thresholds
+    assert np.mean([not r.passed for r in default.check(new)]) <= refused_pooled + 0.03
 
 
 def test_specificity_refuses_noised_copies_that_come_no_closer_than_new_patients():
@@ -159,8 +163,9 @@ def test_specificity_refuses_noised_copies_that_come_no_closer_than_new_patients
     train, holdout = load(train_rec), load(holdout_rec)
     ids, holdout_ids = [r["patient_id"] for r in train_rec], [r["patient_id"] for r in holdout_rec]
     args = ([PixelSpace(grid=16)], train, ids, holdout, holdout_ids, "dl")
-    plain = build_safeguard(*args, batch_size=32)
-    specific = build_safeguard(*args, batch_size=32, specificity=0.003)
+    plain = build_safeguard(*args, batch_size=32, specificity=0)
+    specific = build_safeguard(*args, batch_size=32)  # on by default
+    assert specific.specificity == 0.003
     assert specific.thresholds == plain.thresholds and specific.median_log_ratio["pixel"] > 0
     copies = train[:30] + 0.3 * torch.randn(30, 1, *size, generator=torch.Generator().manual_seed(0))
     judged = specific.check(copies)
@@ -187,3 +192,15 @@ def test_specificity_needs_the_duplicate_screen():
         build_safeguard(*args, duplicate_check=False, specificity=0.003)
     with pytest.raises(ValueError, match="specificity must be in"):
         build_safeguard(*args, specificity=1.5)
+    assert build_safeguard(*args, duplicate_check=False).specificity == 0.0  # the default follows the screen
+
+
+def test_default_specificity_is_off_with_a_warning_where_no_ratio_can_be_tested():
+    # one training patient: there is no second patient to compare with, so the test cannot tell anything apart
+    g = torch.Generator().manual_seed(0)
+    train, holdout = torch.rand(6, 1, 8, 8, generator=g), torch.rand(100, 1, 8, 8, generator=g)
+    args = ([PixelSpace(grid=8)], train, ["P0"] * 6, holdout, [f"H{i}" for i in range(100)], "dl")
+    with pytest.warns(UserWarning, match=r"specificity test is off.*\['pixel'\]"):
+        assert build_safeguard(*args).specificity == 0.0
+    with pytest.raises(ValueError, match="median"):
+        build_safeguard(*args, specificity=0.003)  # asked for explicitly, it is not dropped quietly

@@ -15,6 +15,7 @@ from monai_synth.data.phantoms import write_cohort
 from monai_synth.privacy.certificate import load_certificate
 from monai_synth.privacy.factory import make_space
 from monai_synth.privacy.guard import find_candidates, load_model_space, run_guard
+from monai_synth.privacy.safeguard import DEFAULT_SPECIFICITY
 from monai_synth.privacy.spaces import space_distance
 
 SIZE = 32
@@ -64,7 +65,12 @@ def test_copies_are_held_back_and_new_patients_released(files, guarded):
     cert = load_certificate(out)
     assert cert["summary"]["released"] == summary["released"] and cert["fingerprints"]["datalist"]
     assert set(cert["spaces"]) == {"pixel", "parts", "crops", "tiles", "texture", "disc", "embedding"}  # the defaults
-    assert {s["calibration"]["n_cross_patient"] for s in cert["spaces"].values()} == {0}  # the holdout alone
+    # by default every training image (90, fewer than the 700 - 102 that seven spaces at 1% want) joins the holdout
+    # as a cross-patient calibration sample, and the specificity test is on
+    assert {
+        s["calibration"]["n_cross_patient"] + s["calibration"]["cross_patient_dropped"] for s in cert["spaces"].values()
+    } == {90}
+    assert {s["specificity"] for s in cert["spaces"].values()} == {DEFAULT_SPECIFICITY}
     released = {s for s in audit if audit[s]["passed"] == "True"}
     assert released and all(s.startswith("new_") for s in released)
     assert not (out / "private_audit.csv").exists() and out.parent.joinpath("release.private_audit.csv").is_file()
@@ -99,7 +105,7 @@ def test_cli_refuses_a_holdout_that_shares_patients(files, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_cli_adds_cross_patient_samples_and_the_specificity_test_when_asked(files, tmp_path):
+def test_cli_sets_the_cross_patient_samples_and_the_specificity_test(files, tmp_path):
     out = tmp_path / "r"
     args = ["guard", "--train", str(files["train"]), "--holdout", str(files["holdout"]), "--out", str(out)]
     args += ["--candidates", str(files["candidates"]), "--modality", "us", "--spatial-size", str(SIZE)]
@@ -111,6 +117,11 @@ def test_cli_adds_cross_patient_samples_and_the_specificity_test_when_asked(file
         audit = {r["source"]: r for r in csv.DictReader(f)}
     assert all(r["passed"] == "False" for s, r in audit.items() if s.startswith("copies/"))
     assert len(calibration["holdout_distances"]) == 132
+    off = tmp_path / "off"
+    args[args.index(str(out))] = str(off)
+    assert main([*args, "--spaces", "pixel", "--cross-patient-images", "0", "--specificity", "0"]) == 0
+    pixel = load_certificate(off)["spaces"]["pixel"]
+    assert pixel["calibration"]["n_cross_patient"] == 0 and pixel["specificity"] == 0.0  # the holdout alone, no test
 
 
 def test_unknown_space_and_missing_weights_are_explained():
