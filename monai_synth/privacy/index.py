@@ -104,6 +104,9 @@ def _iter_batches(images: torch.Tensor | np.ndarray | Iterable, batch_size: int)
                 yield batch
 
 
+_CACHE_BLOCK = 1 << 22  # bytes of query rows normalised at once
+
+
 def _unit_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unit-norm float32 copies of ``(n, d)`` vectors, and the mask of rows that have no direction.
 
@@ -115,12 +118,44 @@ def _unit_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(vectors)
     if x.dtype not in (np.float32, np.float64):
         x = x.astype(np.float64)
-    finite = np.isfinite(x).all(axis=1)
-    scale = np.abs(x).max(axis=1, initial=0)  # NaN/Inf for non-finite rows, which `finite` rules out
-    ok = finite & (scale >= _MIN_NORM)
-    y = x / np.where(ok, scale, 1)[:, None]
-    y /= np.where(ok, np.linalg.norm(y, axis=1), 1)[:, None]
+    y, ok = np.empty(x.shape, dtype=x.dtype), np.empty(len(x), dtype=bool)
+    block = max(1, _CACHE_BLOCK // max(1, x.shape[1] * x.itemsize))  # rows that stay in cache between the passes
+    for start in range(0, len(x), block):
+        xb, yb = x[start : start + block], y[start : start + block]
+        scale = np.maximum(xb.max(axis=1, initial=-np.inf), -xb.min(axis=1, initial=np.inf))  # NaN/Inf if not finite
+        okb = ok[start : start + block] = np.isfinite(scale) & (scale >= _MIN_NORM)
+        np.divide(xb, np.where(okb, scale, 1)[:, None], out=yb)
+        norm = np.sqrt(np.add.reduce(np.square(yb), axis=1))  # np.linalg.norm's sum, without its copies
+        yb /= np.where(okb, norm, 1)[:, None]
     return np.ascontiguousarray(y, dtype=np.float32), ~ok
+
+
+def _kth_bound(sims: Sequence[np.ndarray], q: int, v: int, k: int) -> np.ndarray:
+    """Per query, a similarity that its k-th best distinct row reaches: the best over variants of a variant's k-th
+    best (each variant's list holds k distinct rows, each at least that similar). Shards that hold fewer than k rows
+    give no bound."""
+    bound = np.full(q, -np.inf)
+    for s in sims:
+        per_variant = s.reshape(q, v, -1)
+        if per_variant.shape[2] == k:
+            bound = np.maximum(bound, per_variant[:, :, k - 1].max(axis=1))
+    return bound
+
+
+def _distinct_best(sim: np.ndarray, row: np.ndarray, bound: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k most similar distinct rows per query, from every variant's neighbours. Only entries at or above the
+    query's ``bound`` can be among them, so only those are sorted (variants far from the training set are most of a
+    query's entries); the order is what a stable sort of all entries gives."""
+    out_s, out_r = np.empty((len(sim), k)), np.empty((len(sim), k), dtype=np.int64)
+    for i in range(len(sim)):
+        pos = np.flatnonzero(sim[i] >= bound[i])
+        s_i, r_i = sim[i, pos], row[i, pos]
+        order = np.argsort(-s_i, kind="stable")
+        s_i, r_i = s_i[order], r_i[order]
+        _, first = np.unique(r_i, return_index=True)
+        keep = np.sort(first)[:k]
+        out_s[i], out_r[i] = s_i[keep], r_i[keep]
+    return out_s, out_r
 
 
 def _sha256_file(path: Path) -> str:
@@ -323,18 +358,11 @@ class TrainingIndex:
             rows.append((r + offset).reshape(q, v * ks))
         sim = np.concatenate(sims, axis=1).astype(np.float64)
         row = np.concatenate(rows, axis=1)
-        order = np.argsort(-sim, axis=1, kind="stable")
-        sim = np.take_along_axis(sim, order, axis=1)
-        row = np.take_along_axis(row, order, axis=1)
         if v == 1 or k == 1:
-            sim, row = sim[:, :k], row[:, :k]
+            order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+            sim, row = np.take_along_axis(sim, order, axis=1), np.take_along_axis(row, order, axis=1)
         else:  # variants may find the same row twice: keep each row once
-            out_s, out_r = np.empty((q, k)), np.empty((q, k), dtype=np.int64)
-            for i in range(q):
-                _, first = np.unique(row[i], return_index=True)
-                keep = np.sort(first)[:k]
-                out_s[i], out_r[i] = sim[i, keep], row[i, keep]
-            sim, row = out_s, out_r
+            sim, row = _distinct_best(sim, row, _kth_bound(sims, q, v, k), k)
         dist = np.clip(1.0 - sim, 0.0, 2.0)
         codes = np.asarray(self.patient_codes)[row]
         pids = np.asarray(self.patients, dtype=object)[codes]

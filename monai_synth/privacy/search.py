@@ -112,13 +112,15 @@ def _groups(flat: np.ndarray, owner: np.ndarray, fast: bool) -> list[_Group]:
 def _distinct(rows: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct rows per owner: the index of each one's first occurrence and, per row, which one it is.
 
-    Sorted by a hash (a fixed random projection) instead of by their bytes, which is many times faster for long rows;
-    rows with equal hashes are compared in full, and any collision between different rows falls back to the bytes.
+    Sorted by a hash (two fixed random projections, taken in the rows' own precision: no float64 copy of the queries)
+    instead of by their bytes, which is many times faster for long rows; rows with equal hashes are compared in full,
+    and any collision between different rows falls back to the bytes.
     """
-    h = rows.astype(np.float64) @ np.random.default_rng(0).standard_normal(rows.shape[1])
-    order = np.lexsort((np.arange(len(rows)), h, owner))
-    same = (owner[order][1:] == owner[order][:-1]) & (h[order][1:] == h[order][:-1])
-    if same.any() and not (rows[order][1:][same] == rows[order][:-1][same]).all():
+    h = rows @ np.random.default_rng(0).standard_normal((rows.shape[1], 2)).astype(rows.dtype)
+    order = np.lexsort((np.arange(len(rows)), h[:, 1], h[:, 0], owner))
+    same = (owner[order][1:] == owner[order][:-1]) & (h[order][1:] == h[order][:-1]).all(axis=1)
+    pair = np.flatnonzero(same)
+    if len(pair) and not (rows[order[pair + 1]] == rows[order[pair]]).all():
         keyed = np.ascontiguousarray(np.concatenate([owner.astype(np.float32)[:, None], rows], axis=1))
         _, first_of, inverse = np.unique(
             keyed.view(np.dtype((np.void, keyed.shape[1] * 4))).ravel(), return_index=True, return_inverse=True

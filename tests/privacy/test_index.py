@@ -49,6 +49,27 @@ def test_k_neighbours_are_sorted_and_distinct(data):
     assert (dist[:, 0] < 1e-5).all()
 
 
+@pytest.mark.parametrize("shard_size", [None, 16, 4])
+def test_k_neighbours_over_many_variants_are_the_brute_force_best_distinct_rows(data, shard_size):
+    # each row's distance is its least over the query's variants; the k best rows are distinct, however many variants
+    # find the same row, and shards smaller than k still contribute
+    images, patients = data
+    space = PixelSpace(grid=16)
+    index = TrainingIndex.build(space, images, patients, "dl", batch_size=7, shard_size=shard_size)
+    rng = np.random.default_rng(0)
+    base = space.embed(images[:5])
+    variants = base[:, None, :] + rng.normal(0, 0.6, (5, 40, base.shape[1])).astype(np.float32)
+    variants[:, :20] = base[:, None, :] + rng.normal(0, 0.05, (5, 20, base.shape[1])).astype(np.float32)
+    variants /= np.linalg.norm(variants, axis=2, keepdims=True)
+    dist, rows, pids = index.search(variants, k=6)
+    every = np.stack([space_distance(v, space.embed(images)).min(axis=0) for v in variants])  # (queries, rows)
+    ref_rows = np.argsort(every, axis=1, kind="stable")[:, :6]
+    np.testing.assert_allclose(dist, np.take_along_axis(every, ref_rows, axis=1), atol=1e-5)
+    assert (rows[:, 0] == np.arange(5)).all() and all(len(set(r)) == 6 for r in rows)
+    assert set(map(tuple, np.sort(rows, axis=1))) == set(map(tuple, np.sort(ref_rows, axis=1)))
+    assert [list(p) for p in pids] == [[patients[r] for r in rr] for rr in rows]
+
+
 def test_sharded_index_gives_the_same_answers(data):
     images, patients = data
     space = PixelSpace(grid=16)
