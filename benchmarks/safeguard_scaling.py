@@ -286,7 +286,7 @@ def default_spaces_cost(
     release judges it (every intensity view), with the fast exact search and (``dense``) the dense product; the
     embedding is trained for one epoch on a few images (its cost, not its quality). ``images`` (the sampler's output)
     set the size; the candidates are phantoms of unseen patients. ``specs``: a subset of the default spaces (or other
-    factory names) to time instead of all. ``specificity``: judged with the specificity test's k-nearest search, as
+    factory names) to time instead of all. ``specificity``: judged with the specificity test (a second-patient bound, the k-nearest search where it cannot clear), as
     the default gate judges (0: the nearest row only)."""
     from monai_synth.privacy.embedding import train_embedding
     from monai_synth.privacy.factory import DEFAULT_SPACES, THREE_D_ONLY, TWO_D_ONLY, make_space
@@ -399,7 +399,7 @@ def main() -> None:
     parser.add_argument("--no-dense", action="store_true", help="time only the fast search, not the dense product")
     parser.add_argument("--spaces", nargs="+", default=None, help="time only these spaces (default: every default one)")
     parser.add_argument("--specificity", type=float, default=0.003,
-                        help="judge with the specificity test's k-nearest search as the default gate does (0: off)")  # fmt: skip
+                        help="judge with the specificity test as the default gate does (0: off)")  # fmt: skip
     args = parser.parse_args()
     print(
         f"threads: faiss {faiss.omp_get_max_threads()}, torch {torch.get_num_threads()}, cpus {os.cpu_count()}, "

@@ -409,6 +409,16 @@ class TrainingIndex:
             )
         return flat, (q, v, d)
 
+    def row_vectors(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``(len(rows), d)`` float32 unit vectors of the training rows numbered ``rows`` (global numbers)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        shard_of = np.searchsorted(self.offsets[1:], rows, side="right")
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        for i in np.unique(shard_of):
+            at = shard_of == i
+            out[at] = self._shard_rows(int(i))[rows[at] - self.offsets[i]]
+        return out
+
     def _shard_rows(self, i: int) -> np.ndarray:
         """``(n, d)`` float32 view of the rows of shard ``i`` (no copy: memory-mapped shards stay mapped)."""
         shard = self.shards[i]

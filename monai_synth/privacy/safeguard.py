@@ -219,15 +219,25 @@ class PrivacySafeguard:
         """(distance, patient, row, chance) of each query's nearest training row; the chance of a new patient's
         image being as specific (see ``specificity``), 1.0 when the check is off."""
         index = self.indexes[name]
-        if not self.specificity:
-            d, r, p = index.nearest(vec)
-            return [(float(d[i, 0]), str(p[i, 0]), int(r[i, 0]), 1.0) for i in range(len(d))]
-        d1, rows, d2 = _neighbours(index, [vec], True)
-        patients = np.asarray(index.patients, dtype=object)[np.asarray(index.patient_codes)[rows]]
+        d, r, p = index.nearest(vec)
+        d1, rows, patients = d[:, 0], r[:, 0], p[:, 0]
+        chance = np.ones(len(d1))
+        if self.specificity:
+            # most images are judged with the fast exact search alone: a bound on their distance to a second patient
+            # proves them not specific enough to refuse; the few it cannot clear get the exact k-nearest search
+            bound, sure = _second_patient_bound(index, vec, rows, patients)
+            chance[sure] = self._chance(name, d1[sure], bound[sure])
+            unsure = np.flatnonzero(~(sure & (chance >= self.specificity)))
+            if len(unsure):
+                _, _, d2 = _neighbours(index, [np.asarray(vec)[unsure]], True)
+                chance[unsure] = self._chance(name, d1[unsure], d2)
+        return [(float(d1[i]), str(patients[i]), int(rows[i]), float(chance[i])) for i in range(len(d1))]
+
+    def _chance(self, name: str, d1: np.ndarray, d2: np.ndarray) -> np.ndarray:
+        """How often a new patient's image is as specific to its nearest patient (``d2 / d1`` as large) in ``name``."""
         with np.errstate(divide="ignore", invalid="ignore"):
             log_ratio = np.log(np.maximum(d2, _RESOLUTION) / np.maximum(d1, _RESOLUTION))
-        chance = np.nan_to_num(np.exp2(-log_ratio / self.median_log_ratio[name]), nan=1.0)
-        return [(float(d1[i]), str(patients[i]), int(rows[i]), float(chance[i])) for i in range(len(d1))]
+        return np.nan_to_num(np.exp2(-log_ratio / self.median_log_ratio[name]), nan=1.0)
 
     def _distances(self, name: str, images: list[torch.Tensor]) -> list[tuple[float, str, int, float] | Exception]:
         """Nearest (distance, patient, row, chance) per image in one space; an exception object where it failed."""
@@ -440,6 +450,26 @@ def build_safeguard(
         for index, cal in checks
     ]
     return PrivacySafeguard(checks, batch_size=batch_size, specificity=specificity)
+
+
+def _second_patient_bound(
+    index: TrainingIndex, vec: np.ndarray, rows: np.ndarray, patients: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, an upper bound on its distance to the nearest training patient other than ``patients`` (its nearest
+    row's), and where the bound holds.
+
+    The query's variant nearest to its nearest row is searched alone: its distance to another patient's row is at least
+    the least over every variant. The bound holds where that variant's own nearest patient is the query's (not a tie
+    with another patient's row) and it found another patient at all. A larger second distance only makes an image more
+    specific, so a bound that leaves the chance at or above the level proves the exact test would not refuse it.
+    """
+    flat, (q, v, d) = index._unit_queries(vec)
+    variants = flat.reshape(q, v, d)
+    own = np.einsum("qvd,qd->qv", variants, index.row_vectors(rows))
+    best = variants[np.arange(q), own.argmax(axis=1)]
+    _, near_rows, bound = _neighbours(index, [best], True)
+    near_patients = np.asarray(index.patients, dtype=object)[np.asarray(index.patient_codes)[near_rows]]
+    return bound, (near_patients == np.asarray(patients, dtype=object)) & np.isfinite(bound)
 
 
 def _testable_specificity(checks: Sequence[tuple[TrainingIndex, Calibration]], specificity: float) -> float:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from monai_synth.privacy import safeguard as safeguard_module
 from monai_synth.privacy.calibration import Calibration, _calibrate, calibrate_threshold, cross_patient_rows
 from monai_synth.privacy.index import TrainingIndex
 from monai_synth.privacy.partial import PartSpace
@@ -175,6 +176,57 @@ def test_specificity_refuses_noised_copies_that_come_no_closer_than_new_patients
         "much closer to one training patient than to any other in pixel space" in (r.reason or "") for r in judged
     )
     assert sum(r.passed for r in specific.check(new)) >= sum(r.passed for r in plain.check(new)) - 2 >= 95
+
+
+class _ExactSpecificity(PrivacySafeguard):
+    """The specificity test with the exact k-nearest search for every image (what the bound only shortcuts)."""
+
+    def _nearest(self, name, vec):
+        index = self.indexes[name]
+        d1, rows, patients = (a[:, 0] for a in index.nearest(vec))
+        chance = self._chance(name, d1, safeguard_module._neighbours(index, [vec], True)[2])
+        return [(float(d1[i]), str(patients[i]), int(rows[i]), float(chance[i])) for i in range(len(d1))]
+
+
+def test_specificity_searches_exactly_only_the_images_a_second_patient_bound_cannot_clear(monkeypatch):
+    # the bound from the variant nearest to the nearest row must never clear an image the exact test refuses: same
+    # verdicts and reasons as the exact search for every image, with the exact search run on few of them
+    from monai_synth.data.phantoms import generate_cohort
+    from monai_synth.transforms.presets import intensity_transform
+
+    def load(records):
+        scale = intensity_transform("us")
+        return torch.stack([torch.as_tensor(np.asarray(scale(r["image"]))) for r in records]).float()
+
+    size = (16, 16)
+    train_rec = generate_cohort("us", 30, 3, spatial_size=size, seed=1)
+    holdout_rec = generate_cohort("us", 40, 3, spatial_size=size, seed=1, first_patient=1000)
+    new = load(generate_cohort("us", 40, 1, spatial_size=size, seed=1, first_patient=5000))
+    train, holdout = load(train_rec), load(holdout_rec)
+    ids, holdout_ids = [r["patient_id"] for r in train_rec], [r["patient_id"] for r in holdout_rec]
+    spaces = [PixelSpace(grid=16, invariances=("flip", "shift")), PartSpace(grid=16, kind="crops")]
+    with pytest.warns(UserWarning, match="too few to calibrate"):
+        fast = build_safeguard(spaces, train, ids, holdout, holdout_ids, "dl", batch_size=32, cross_patient_images=0)
+    g = torch.Generator().manual_seed(1)
+    noisy = [train[i::9][:5] + sd * torch.randn(5, 1, *size, generator=g) for i, sd in enumerate([0.1, 0.2, 0.3])]
+    candidates = torch.cat([new, torch.flip(train[:5], dims=[-1]), *noisy])
+    exact = _ExactSpecificity(
+        [(fast.indexes[n], fast.calibrations[n]) for n in fast.indexes], batch_size=32, specificity=fast.specificity
+    )
+    searched = []
+    real_neighbours = safeguard_module._neighbours
+    monkeypatch.setattr(
+        safeguard_module, "_neighbours", lambda i, b, o: searched.append(len(b[0])) or real_neighbours(i, b, o)
+    )
+    got = fast.check(candidates)
+    queried = sum(searched)
+    want = exact.check(candidates)
+    assert [r.passed for r in got] == [r.passed for r in want] and [r.reason for r in got] == [r.reason for r in want]
+    assert any("much closer to one training patient" in (r.reason or "") for r in got)  # the test does refuse here
+    assert sum(r.passed for r in got[:40]) >= 34
+    # per space: one bound search of every image, then the exact search of the few the bound could not clear
+    judged = len(candidates) * len(spaces)
+    assert judged <= queried < 1.5 * judged
 
 
 def test_specificity_needs_the_duplicate_screen():
