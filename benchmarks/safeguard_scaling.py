@@ -286,8 +286,8 @@ def default_spaces_cost(
     release judges it (every intensity view), with the fast exact search and (``dense``) the dense product; the
     embedding is trained for one epoch on a few images (its cost, not its quality). ``images`` (the sampler's output)
     set the size; the candidates are phantoms of unseen patients. ``specs``: a subset of the default spaces (or other
-    factory names) to time instead of all. ``specificity``: judged with the specificity test (a second-patient bound, the k-nearest search where it cannot clear), as
-    the default gate judges (0: the nearest row only)."""
+    factory names) to time instead of all. ``specificity``: judged with the specificity test as the default gate judges
+    (a bound on the second patient's distance, the k-nearest search where it cannot clear; 0: the nearest row only)."""
     from monai_synth.privacy.embedding import train_embedding
     from monai_synth.privacy.factory import DEFAULT_SPACES, THREE_D_ONLY, TWO_D_ONLY, make_space
     from monai_synth.privacy.index import TrainingIndex
