@@ -115,22 +115,30 @@ def test_a_training_patient_duplicated_under_another_id_is_left_out_and_named():
         assert c.cross_patient_dropped == 6 and c.n_cross_patient == 57 and c.n_calibration == 157
 
 
-def test_cross_patient_samples_refuse_fewer_new_patients_than_the_holdout_alone():
-    # three spaces, 102 holdout images: alone, each threshold is its space's smallest holdout distance and 10% of new
-    # patients' images were refused; with 198 training images of 80 more patients the per-space quantile is resolved
+def _us_split(train: int, holdout: int, new: int, new_images: int, seed: int, size=(16, 16)):
+    """Model-space ultrasound phantoms: training images and patient ids, holdout images and ids, new patients'
+    images (3 images per training and holdout patient)."""
     from monai_synth.data.phantoms import generate_cohort
     from monai_synth.transforms.presets import intensity_transform
 
+    scale = intensity_transform("us")
+
     def load(records):
-        scale = intensity_transform("us")
         return torch.stack([torch.as_tensor(np.asarray(scale(r["image"]))) for r in records]).float()
 
-    train_rec = generate_cohort("us", 80, 3, spatial_size=(16, 16), seed=4)
-    holdout_rec = generate_cohort("us", 34, 3, spatial_size=(16, 16), seed=4, first_patient=1000)
-    new_rec = generate_cohort("us", 100, 2, spatial_size=(16, 16), seed=4, first_patient=5000)
-    train, holdout, new = load(train_rec), load(holdout_rec), load(new_rec)
+    train_rec = generate_cohort("us", train, 3, spatial_size=size, seed=seed)
+    holdout_rec = generate_cohort("us", holdout, 3, spatial_size=size, seed=seed, first_patient=1000)
+    new_rec = generate_cohort("us", new, new_images, spatial_size=size, seed=seed, first_patient=5000)
+    ids, holdout_ids = [r["patient_id"] for r in train_rec], [r["patient_id"] for r in holdout_rec]
+    return load(train_rec), ids, load(holdout_rec), holdout_ids, load(new_rec)
+
+
+def test_cross_patient_samples_refuse_fewer_new_patients_than_the_holdout_alone():
+    # three spaces, 102 holdout images: alone, each threshold is its space's smallest holdout distance and 10% of new
+    # patients' images were refused; with 198 training images of 80 more patients the per-space quantile is resolved
+    train, ids, holdout, holdout_ids, new = _us_split(80, 34, 100, 2, seed=4)
     spaces = [PixelSpace(grid=16), PartSpace(grid=16, kind="crops"), PartSpace(grid=16, kind="regions")]
-    args = (spaces, train, [r["patient_id"] for r in train_rec], holdout, [r["patient_id"] for r in holdout_rec], "dl")
+    args = (spaces, train, ids, holdout, holdout_ids, "dl")
     with pytest.warns(UserWarning, match=r"102 calibration images \(all holdout\)"):
         alone = build_safeguard(*args, batch_size=32, cross_patient_images=0, specificity=0)
     pooled = build_safeguard(*args, batch_size=32, specificity=0)  # the default: 3 / 0.01 - 102 = 198 training images
@@ -150,19 +158,8 @@ def test_cross_patient_samples_refuse_fewer_new_patients_than_the_holdout_alone(
 def test_specificity_refuses_noised_copies_that_come_no_closer_than_new_patients():
     # a training image under strong noise is as far from it as new patients are from the training set, but it is
     # still much closer to its source than to anyone else; a new patient's image is not
-    from monai_synth.data.phantoms import generate_cohort
-    from monai_synth.transforms.presets import intensity_transform
-
-    def load(records):
-        scale = intensity_transform("us")
-        return torch.stack([torch.as_tensor(np.asarray(scale(r["image"]))) for r in records]).float()
-
     size = (16, 16)
-    train_rec = generate_cohort("us", 30, 3, spatial_size=size, seed=0)
-    holdout_rec = generate_cohort("us", 40, 3, spatial_size=size, seed=0, first_patient=1000)
-    new = load(generate_cohort("us", 50, 2, spatial_size=size, seed=0, first_patient=5000))
-    train, holdout = load(train_rec), load(holdout_rec)
-    ids, holdout_ids = [r["patient_id"] for r in train_rec], [r["patient_id"] for r in holdout_rec]
+    train, ids, holdout, holdout_ids, new = _us_split(30, 40, 50, 2, seed=0, size=size)
     args = ([PixelSpace(grid=16)], train, ids, holdout, holdout_ids, "dl")
     plain = build_safeguard(*args, batch_size=32, specificity=0)
     specific = build_safeguard(*args, batch_size=32)  # on by default
@@ -191,19 +188,8 @@ class _ExactSpecificity(PrivacySafeguard):
 def test_specificity_searches_exactly_only_the_images_a_second_patient_bound_cannot_clear(monkeypatch):
     # the bound from the variant nearest to the nearest row must never clear an image the exact test refuses: same
     # verdicts and reasons as the exact search for every image, with the exact search run on few of them
-    from monai_synth.data.phantoms import generate_cohort
-    from monai_synth.transforms.presets import intensity_transform
-
-    def load(records):
-        scale = intensity_transform("us")
-        return torch.stack([torch.as_tensor(np.asarray(scale(r["image"]))) for r in records]).float()
-
     size = (16, 16)
-    train_rec = generate_cohort("us", 30, 3, spatial_size=size, seed=1)
-    holdout_rec = generate_cohort("us", 40, 3, spatial_size=size, seed=1, first_patient=1000)
-    new = load(generate_cohort("us", 40, 1, spatial_size=size, seed=1, first_patient=5000))
-    train, holdout = load(train_rec), load(holdout_rec)
-    ids, holdout_ids = [r["patient_id"] for r in train_rec], [r["patient_id"] for r in holdout_rec]
+    train, ids, holdout, holdout_ids, new = _us_split(30, 40, 40, 1, seed=1, size=size)
     spaces = [PixelSpace(grid=16, invariances=("flip", "shift")), PartSpace(grid=16, kind="crops")]
     with pytest.warns(UserWarning, match="too few to calibrate"):
         fast = build_safeguard(spaces, train, ids, holdout, holdout_ids, "dl", batch_size=32, cross_patient_images=0)
