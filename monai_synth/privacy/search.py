@@ -185,20 +185,23 @@ class _Best:
         return best_s, best_r
 
 
-def _batched(groups: list[_Group]) -> list[tuple[_Group, torch.Tensor | None]]:
+def _batched(groups: list[_Group]) -> list[tuple[_Group, torch.Tensor | slice | None]]:
     """Slot groups with the same number of columns merged into one batched product (padded with vectors of owner -1):
     the ``crops`` space has 45 slots of 64 columns, one small product each would cost more in overhead than in work.
 
     Returns:
         ``(group, None)`` for a dense group (``q`` ``(m, d)``), ``(group, cols)`` for a batch (``q`` ``(G, m, c)``,
-        ``cols`` the ``G * c`` columns, slot after slot).
+        ``cols`` the ``G * c`` columns, slot after slot). Slots are taken in the order of their columns, and where
+        they lie side by side ``cols`` is a slice: the rows' columns are then read as a view, not gathered into a copy
+        (the copy cost twice the product itself on the ``crops`` space).
     """
-    out: list[tuple[_Group, torch.Tensor | None]] = [(g, None) for g in groups if g.cols is None]
+    out: list[tuple[_Group, torch.Tensor | slice | None]] = [(g, None) for g in groups if g.cols is None]
     by_size: dict[int, list[_Group]] = {}
     for g in groups:
         if g.cols is not None:
             by_size.setdefault(len(g.cols), []).append(g)
     for c, gs in by_size.items():
+        gs = sorted(gs, key=lambda g: int(g.cols[0]))
         m = max(len(g.owner) for g in gs)
         q = torch.zeros(len(gs), m, c)
         d = gs[0].full.shape[1]
@@ -211,7 +214,9 @@ def _batched(groups: list[_Group]) -> list[tuple[_Group, torch.Tensor | None]]:
             n = len(g.owner)
             q[i, :n] = g.q
             owner[i * m : i * m + n], both[i * m : i * m + n], full[i * m : i * m + n] = g.owner, g.both, g.full
-        cols = torch.from_numpy(np.concatenate([g.cols for g in gs]))
+        cols = np.concatenate([g.cols for g in gs])
+        side_by_side = bool((np.diff(cols) == 1).all())
+        cols = slice(int(cols[0]), int(cols[-1]) + 1) if side_by_side else torch.from_numpy(cols)
         out.append((_Group(None, q, owner, both, full), cols))
     return out
 

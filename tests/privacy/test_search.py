@@ -11,7 +11,7 @@ from monai_synth.data.phantoms import generate_cohort
 from monai_synth.privacy.index import DegenerateVectorError, TrainingIndex
 from monai_synth.privacy.partial import PartSpace, TileSpace
 from monai_synth.privacy.safeguard import PrivacySafeguard
-from monai_synth.privacy.search import SCREEN, nearest_rows
+from monai_synth.privacy.search import SCREEN, _batched, _groups, nearest_rows
 from monai_synth.privacy.spaces import PixelSpace, embed_variants
 
 SPACES = {
@@ -127,3 +127,15 @@ def test_a_saved_memory_mapped_index_answers_as_the_built_one(phantoms, tmp_path
     vec = embed_variants(built.space, unseen)
     for a, b in zip(built.nearest(vec), loaded.nearest(vec)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_slots_side_by_side_are_read_as_a_view_of_the_rows(phantoms):
+    # the crops space's slots tile its vector: the batched product reads the rows' columns as a slice, no gather
+    train, _, unseen = phantoms
+    space = PartSpace(grid=8, kind="crops")
+    vec = embed_variants(space, unseen[:2]).astype(np.float32)
+    q, v, d = vec.shape
+    batches = _batched(_groups(vec.reshape(q * v, d), np.repeat(np.arange(q), v), fast=True))
+    slotted = [cols for _, cols in batches if cols is not None]
+    assert slotted and all(isinstance(cols, slice) for cols in slotted)
+    assert sum(cols.stop - cols.start for cols in slotted) == d
