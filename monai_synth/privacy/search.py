@@ -10,9 +10,9 @@ shortcuts cut it without changing the answer:
   one min/max pass. Identical variants (a constant window repeated) are computed once.
 * **Slots.** A variant that is zero outside some columns (the ``parts`` and ``crops`` spaces hold one region in its
   slot, zeros elsewhere) is multiplied with those columns only: adding exact zeros changes no sum.
-* **A bfloat16 screen with a proven error bound.** Dense variants (pixel, tiles, texture, embedding) are first
-  multiplied in bfloat16 (about 3x faster than float32 on a CPU with AVX-512 BF16; skipped on CPUs without native
-  bfloat16, :data:`BF16_SCREEN`). For unit vectors the screened
+* **A bfloat16 screen with a proven error bound.** Dense variants of spaces with many per query (pixel, tiles, disc)
+  are first multiplied in bfloat16 (about 3x faster than float32 on a CPU with AVX-512 BF16; skipped on CPUs without
+  native bfloat16, :data:`BF16_SCREEN`, and for a few variants per query). For unit vectors the screened
   value is within :data:`SCREEN` of the true similarity (see there), so a (variant, row) pair whose screened
   ``|similarity|`` plus :data:`SCREEN` is below the best exact similarity found so far cannot be the nearest pair;
   every other pair is computed in float32 (few: the pairs within a few hundredths of the best).
@@ -59,6 +59,9 @@ BF16_SCREEN = _bf16_is_fast()
 """Screen dense variants in bfloat16 first (set at import from the CPU's instruction set; tests switch it)."""
 
 _BLOCK_FLOATS = 1 << 24  # similarities held at once: 64 MiB of float32
+_SCREEN_MIN_PER_QUERY = 64  # fewer vectors per query (texture: 8, embedding: 14) are multiplied in float32 at once:
+# the screen's bfloat16 copy of the rows and its one exact pass per query cost more than it saves (texture at 1e5 rows:
+# 1.26 CPU-s per candidate screened, 0.97 not)
 _DENSE_PAIRS = 0.25  # when more of a block's pairs survive the screen than this, its survivors are multiplied densely
 
 
@@ -272,7 +275,8 @@ def nearest_rows(
     best = _Best(nq)
     for g, cols in _batched(_groups(flat, owner, fast)):
         step = max(1, _BLOCK_FLOATS // max(len(g.full), 1))
-        q16 = g.q.to(torch.bfloat16) if fast and cols is None and BF16_SCREEN else None
+        screen = fast and cols is None and BF16_SCREEN and len(g.owner) >= _SCREEN_MIN_PER_QUERY * len(set(g.owner))
+        q16 = g.q.to(torch.bfloat16) if screen else None
         for x, offset in zip(xs, offsets):
             for s in range(0, x.shape[0], step):
                 if q16 is not None:
