@@ -54,7 +54,7 @@ import faiss
 import numpy as np
 import torch
 
-from monai_synth.privacy.search import nearest_rows
+from monai_synth.privacy.search import nearest_rows, rows_at
 from monai_synth.privacy.spaces import PrivacySpace, embed_variants
 
 __all__ = ["TrainingIndex", "StaleIndexError", "DegenerateVectorError", "index_fingerprint"]
@@ -411,13 +411,8 @@ class TrainingIndex:
 
     def row_vectors(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """``(len(rows), d)`` float32 unit vectors of the training rows numbered ``rows`` (global numbers)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        shard_of = np.searchsorted(self.offsets[1:], rows, side="right")
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        for i in np.unique(shard_of):
-            at = shard_of == i
-            out[at] = self._shard_rows(int(i))[rows[at] - self.offsets[i]]
-        return out
+        shards = [self._shard_rows(i) for i in range(len(self.shards))]
+        return rows_at(shards, self.offsets[:-1].tolist(), rows)
 
     def _shard_rows(self, i: int) -> np.ndarray:
         """``(n, d)`` float32 view of the rows of shard ``i`` (no copy: memory-mapped shards stay mapped)."""

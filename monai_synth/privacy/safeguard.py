@@ -463,10 +463,16 @@ def _second_patient_bound(
     with another patient's row) and it found another patient at all. A larger second distance only makes an image more
     specific, so a bound that leaves the chance at or above the level proves the exact test would not refuse it.
     """
-    flat, (q, v, d) = index._unit_queries(vec)
-    variants = flat.reshape(q, v, d)
-    own = np.einsum("qvd,qd->qv", variants, index.row_vectors(rows))
-    best = variants[np.arange(q), own.argmax(axis=1)]
+    variants = np.asarray(vec, dtype=np.float32)
+    if variants.ndim == 2:
+        variants = variants[:, None, :]
+    # cosine with the nearest row, from the raw variants (the search already normalised and checked them); any variant
+    # gives a valid bound, so rounding here only affects how tight it is
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        own = np.einsum("qvd,qd->qv", variants, index.row_vectors(rows)) / np.sqrt(
+            np.einsum("qvd,qvd->qv", variants, variants)
+        )
+    best = variants[np.arange(len(variants)), np.nan_to_num(own, nan=-np.inf).argmax(axis=1)]
     _, near_rows, bound = _neighbours(index, [best], True)
     near_patients = np.asarray(index.patients, dtype=object)[np.asarray(index.patient_codes)[near_rows]]
     return bound, (near_patients == np.asarray(patients, dtype=object)) & np.isfinite(bound)

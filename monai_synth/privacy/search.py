@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["REFINE", "SCREEN", "nearest_rows"]
+__all__ = ["REFINE", "SCREEN", "nearest_rows", "rows_at"]
 
 REFINE = 1e-3
 """Pairs whose float32 similarity is within this of the best are recomputed in float64. It covers the float32 error
@@ -288,17 +288,20 @@ def nearest_rows(
                     xb = x[s : s + step][:, cols].reshape(-1, *g.q.shape[::2]).permute(1, 2, 0)
                     sims = torch.bmm(g.q, xb).reshape(len(g.full), -1)
                 best.add(sims, g, np.arange(offset + s, offset + s + sims.shape[1]))
-    starts = np.asarray(offsets)
-
-    def rows_of(rows: np.ndarray) -> np.ndarray:
-        which = np.searchsorted(starts, rows, side="right") - 1
-        out = np.empty((len(rows), d), dtype=np.float32)
-        for j in np.unique(which):
-            m = which == j
-            out[m] = np.asarray(shards[j])[rows[m] - starts[j]]
-        return out
-
     sims, rows = np.empty(nq), np.empty(nq, dtype=np.int64)
     for o in range(nq):
-        sims[o], rows[o] = best.result(o, rows_of)
+        sims[o], rows[o] = best.result(o, lambda r: rows_at(shards, offsets, r))
     return sims, rows
+
+
+def rows_at(shards: Sequence[np.ndarray], offsets: Sequence[int], rows: np.ndarray) -> np.ndarray:
+    """``(len(rows), d)`` float32 copies of the rows numbered ``rows`` (global numbers) of ``shards``, whose first rows
+    are numbered ``offsets``."""
+    starts = np.asarray(offsets)
+    rows = np.asarray(rows, dtype=np.int64)
+    which = np.searchsorted(starts, rows, side="right") - 1
+    out = np.empty((len(rows), np.asarray(shards[0]).shape[1]), dtype=np.float32)
+    for j in np.unique(which):
+        m = which == j
+        out[m] = np.asarray(shards[j])[rows[m] - starts[j]]
+    return out
