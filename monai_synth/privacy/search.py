@@ -275,7 +275,9 @@ def nearest_rows(
     best = _Best(nq)
     for g, cols in _batched(_groups(flat, owner, fast)):
         step = max(1, _BLOCK_FLOATS // max(len(g.full), 1))
-        screen = fast and cols is None and BF16_SCREEN and len(g.owner) >= _SCREEN_MIN_PER_QUERY * len(set(g.owner))
+        screen = (
+            fast and cols is None and BF16_SCREEN and len(g.owner) >= _SCREEN_MIN_PER_QUERY * len(np.unique(g.owner))
+        )
         q16 = g.q.to(torch.bfloat16) if screen else None
         for x, offset in zip(xs, offsets):
             for s in range(0, x.shape[0], step):
