@@ -51,10 +51,10 @@ THREE_D_ONLY = frozenset({"ball"})
 
 _PIXEL_DEFAULTS = {
     2: {"invariances": ("flip", "transpose", "shift", "zoom", "invert"), "max_shift": 2,
-        "zooms": (0.7, 0.8, 0.9, 1.1, 1.25, 1.4), "gammas": (0.5, 2.0)},
+        "zooms": (0.7, 0.8, 0.9, 1.1, 1.25, 1.4), "gammas": (0.5, 0.7, 1.4, 2.0)},
     3: {"invariances": ("flip", "transpose", "shift", "zoom", "rotate", "invert"), "max_shift": 2,
         "zooms": (0.8, 1.25), "rotations": (-25.0, -20.0, -15.0, -10.0, -5.0, 5.0, 10.0, 15.0, 20.0, 25.0),
-        "plane_zooms": (0.8, 0.85, 0.9, 0.95, 1.05, 1.1, 1.15, 1.2, 1.25)},
+        "plane_zooms": (0.8, 0.85, 0.9, 0.95, 1.05, 1.1, 1.15, 1.2, 1.25), "gammas": (0.5, 0.7, 1.4, 2.0)},
 }  # fmt: skip
 
 
@@ -68,11 +68,12 @@ def make_space(
     """A privacy space from its command-line name.
 
     ``pixel`` = :class:`PixelSpace` on a 16-cell grid, invariant (2D) to mirror flips, transposes / rot90, shifts
-    of up to 2 cells (12%), zooms 0.7-1.4, intensity inversion and gamma 0.5 / 2 with every shift, no rotations: the
+    of up to 2 cells (12%), zooms 0.7-1.4, intensity inversion and gammas 0.5, 0.7, 1.4 and 2 with every shift, no rotations: the
     ``disc`` space rotates 2D copies, with fewer corners lost, at finer angles and for fewer query floats (3D: shifts
     of up to 2 cells, zooms 0.8-1.25 and inversion, the mirror flips with shifts of up to 1 cell, and on their own the
     90-degree rotations, axis swaps, rotations of 5-25 degrees about each axis and zooms of 0.8-1.25 in steps of 0.05
-    within each plane and of the whole volume); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
+    within each plane and of the whole volume, and gammas 0.5, 0.7, 1.4 and 2 with every shift and with the mirror
+    flips); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
     ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre),
     ``crops`` = the same class comparing crops of training images with the whole candidate,
     ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every position, 2D of a half
@@ -89,8 +90,8 @@ def make_space(
     ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights; with
     ``data_fingerprint``, weights trained on another training set are refused).
 
-    The default pixel space compares every 2D query in 3,984 variants of 256 values, the disc space in 12,064 of 124
-    (3D pixel: 1,588 variants): fine for a gate over thousands of training images; see ``docs/benchmarks.md`` for its
+    The default pixel space compares every 2D query in 4,784 variants of 256 values, the disc space in 12,064 of 124
+    (3D pixel: 4,044 variants): fine for a gate over thousands of training images; see ``docs/benchmarks.md`` for its
     cost at larger indexes, where ``pixel:flip,shift`` plus ``embedding`` is the cheaper pair.
     """
     name, opts = space_name(spec), spec.partition(":")[2]
