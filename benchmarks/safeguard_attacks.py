@@ -159,6 +159,36 @@ def _shift(a: np.ndarray, px: int, axis: int = 0) -> np.ndarray:
     return out
 
 
+def _shear(a: np.ndarray, k: float) -> np.ndarray:
+    """Shear the first two axes about the centre (each row moved along axis 1 in proportion to its offset)."""
+    from scipy import ndimage
+
+    m = np.eye(a.ndim)
+    m[1, 0] = k
+    centre = (np.asarray(a.shape) - 1) / 2.0
+    return ndimage.affine_transform(a, m, offset=centre - m @ centre, order=1, mode="constant", cval=float(a.min()))
+
+
+def _cutout(a: np.ndarray, frac: float) -> np.ndarray:
+    out = a.copy()
+    out[tuple(slice(0, max(1, int(round(n * frac)))) for n in a.shape)] = a.min()
+    return out
+
+
+def _equalised(x: np.ndarray) -> np.ndarray:
+    """Histogram equalisation: each value replaced by its rank (ties share one), on [0, 1]."""
+    from scipy.stats import rankdata
+
+    return (rankdata(x, method="average").reshape(x.shape) - 1.0) / max(x.size - 1, 1)
+
+
+def _salt_pepper(a: np.ndarray, share: float, ctx: Ctx) -> np.ndarray:
+    out = a.copy()
+    hit = ctx.rng.random(a.shape) < share
+    out[hit] = np.where(ctx.rng.random(int(hit.sum())) < 0.5, a.min(), a.max())
+    return out
+
+
 def _elastic(a: np.ndarray, ctx: Ctx) -> np.ndarray:
     """A smooth random displacement of up to ~2 px (at 64 px): the same anatomy, slightly warped."""
     from scipy import ndimage
@@ -270,7 +300,7 @@ def _px_label(label: str, ctx_scale: float) -> str:
     def px(n: float) -> int:
         return max(1, int(round(n * ctx_scale)))
 
-    return label.format(px4=px(4), px6=px(6), px8=px(8))
+    return label.format(px4=px(4), px6=px(6), px8=px(8), px16=px(16))
 
 
 ATTACKS: list[Attack] = [
@@ -392,6 +422,30 @@ ATTACKS: list[Attack] = [
         "crop_blur",
         "crop to 60% and resize + blur sd 1 px",
         lambda t, u, c: _blur(_resize(_crop_centre(t[0], 0.6, range(t[0].ndim)), t[0].shape), 1.0 * c.scale),
+    ),
+    # more of our own, none named in the issue (2D and 3D alike)
+    Attack("rot45", "rotation 45 deg", lambda t, u, c: _rotate(t[0], 45.0)),
+    Attack(
+        "crop50",
+        "crop to 50% and resize back",
+        lambda t, u, c: _resize(_crop_centre(t[0], 0.5, range(t[0].ndim)), t[0].shape),
+    ),
+    Attack(
+        "stretch",
+        "stretched: 80% of one axis resized back",
+        lambda t, u, c: _resize(_crop_centre(t[0], 0.8, [1]), t[0].shape),
+    ),
+    Attack("shear", "sheared by 0.15", lambda t, u, c: _shear(t[0], 0.15)),
+    Attack("shift16", "shift {px16} px (a quarter of the side)", lambda t, u, c: _shift(t[0], c.px(16))),
+    Attack("cutout", "a corner block of 40% of the side blanked", lambda t, u, c: _cutout(t[0], 0.4)),
+    Attack("equalize", "histogram equalisation", lambda t, u, c: _on_unit(t[0], _equalised)),
+    Attack("saltpepper", "salt and pepper noise on 5% of pixels", lambda t, u, c: _salt_pepper(t[0], 0.05, c)),
+    Attack("sharpen", "unsharp mask (sd 1 px, amount 1)", lambda t, u, c: t[0] + (t[0] - _blur(t[0], 1.0 * c.scale))),
+    Attack("posterize", "posterised to 6 grey levels", lambda t, u, c: _on_unit(t[0], lambda x: np.round(x * 5) / 5)),
+    Attack(
+        "pixelate",
+        "pixelated: down 4x and up again",
+        lambda t, u, c: _resize(_resize(t[0], [max(2, n // 4) for n in t[0].shape]), t[0].shape),
     ),
 ]
 ATTACK_KEYS = [a.key for a in ATTACKS]

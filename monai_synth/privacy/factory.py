@@ -50,7 +50,7 @@ THREE_D_ONLY = frozenset({"ball"})
 :func:`make_space` with ``spatial_dims=2``, they raise."""
 
 _PIXEL_DEFAULTS = {
-    2: {"invariances": ("flip", "transpose", "shift", "zoom", "invert"), "max_shift": 2,
+    2: {"invariances": ("flip", "transpose", "shift", "zoom", "invert"), "max_shift": 2, "wrap_shift": 4,
         "zooms": (0.7, 0.8, 0.9, 1.1, 1.25, 1.4), "gammas": (0.5, 0.7, 1.4, 2.0)},
     3: {"invariances": ("flip", "transpose", "shift", "zoom", "rotate", "invert"), "max_shift": 2,
         "zooms": (0.8, 1.25), "rotations": (-25.0, -20.0, -15.0, -10.0, -5.0, 5.0, 10.0, 15.0, 20.0, 25.0),
@@ -68,7 +68,7 @@ def make_space(
     """A privacy space from its command-line name.
 
     ``pixel`` = :class:`PixelSpace` on a 16-cell grid, invariant (2D) to mirror flips, transposes / rot90, shifts
-    of up to 2 cells (12%), zooms 0.7-1.4, intensity inversion and gammas 0.5, 0.7, 1.4 and 2 with every shift, no rotations: the
+    of up to 2 cells (12%; on a background, wrapped around, 4 cells), zooms 0.7-1.4, intensity inversion and gammas 0.5, 0.7, 1.4 and 2 with every shift, no rotations: the
     ``disc`` space rotates 2D copies, with fewer corners lost, at finer angles and for fewer query floats (3D: shifts
     of up to 2 cells, zooms 0.8-1.25 and inversion, the mirror flips with shifts of up to 1 cell, and on their own the
     90-degree rotations, axis swaps, rotations of 5-25 degrees about each axis and zooms of 0.8-1.25 in steps of 0.05
@@ -83,14 +83,15 @@ def make_space(
     grid, 32 in 3D, mirrored / transposed / inverted).
     ``disc`` = :class:`~monai_synth.privacy.disc.DiscSpace` (2D only: the central disc, radius 0.4 of the side, on a
     16-cell grid, the query rotated every 5 degrees to +-30, zoomed 0.8-1.25 in steps of 0.05, moved by up to 1.5 cells
-    in half-cell steps at every angle, mirrored / transposed / inverted).
+    in half-cell steps at every angle, rotated by 35-45 degrees either way and moved by whole cells, mirrored /
+    transposed / inverted: with the rot90 symmetries every angle is within 5 degrees of one it tries).
     ``ball`` = :class:`~monai_synth.privacy.ball.BallSpace` (3D only: the central ball, radius 0.4 of the side, on a
     16-cell grid, the query rotated about each axis every 5 degrees to +-30 and moved by up to 1.5 cells in
     half-cell steps within each rotation's plane, mirrored / inverted).
     ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights; with
     ``data_fingerprint``, weights trained on another training set are refused).
 
-    The default pixel space compares every 2D query in 4,784 variants of 256 values, the disc space in 12,064 of 124
+    The default pixel space compares every 2D query in 5,680 variants of 256 values, the disc space in 12,928 of 124
     (3D pixel: 4,044 variants): fine for a gate over thousands of training images; see ``docs/benchmarks.md`` for its
     cost at larger indexes, where ``pixel:flip,shift`` plus ``embedding`` is the cheaper pair.
     """
@@ -103,6 +104,7 @@ def make_space(
             kwargs["invariances"] = tuple(o for o in opts.split(",") if o and o != "none")
         if "shift" in kwargs["invariances"]:
             kwargs["max_shift"] = max(1, min(kwargs["max_shift"], grid // 2 - 1))
+            kwargs["wrap_shift"] = max(kwargs["max_shift"], min(kwargs.get("wrap_shift") or 0, grid // 2 - 1))
         return PixelSpace(grid=grid, spatial_dims=spatial_dims, **kwargs)
     # in 3D the 48 axis permutations x flips would multiply the variants (and memory) by 6: flips only
     symmetry = ("flip", "transpose", "invert") if spatial_dims == 2 else ("flip", "invert")

@@ -55,6 +55,8 @@ class InscribedSpace:
             "shift_step": self.shift_step,
             "invariances": list(self.invariances),
         }
+        if getattr(self, "wide_rotations", ()):  # spaces without them keep their fingerprints
+            cfg["wide_rotations"] = list(self.wide_rotations)
         return _fingerprint(cfg)
 
     def _vectors(self, g: torch.Tensor) -> torch.Tensor:

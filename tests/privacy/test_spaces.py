@@ -404,6 +404,30 @@ def test_default_3d_pixel_space_undoes_gamma_curves_also_on_a_mirrored_moved_cop
         assert own.max() < below * others.min()
 
 
+def test_default_2d_pixel_space_catches_a_copy_moved_a_quarter_of_its_side_on_its_background():
+    # moved by 16 of 64 px (shifts reached 2 cells, 8 px): PET copies sat 0.26-0.38 from their sources and passed the
+    # six pixel-based spaces 5/5; the wrapped shifts now reach 4 cells (the edge-filled ones stay at 2)
+    from monai_synth.data.phantoms import generate_cohort
+    from monai_synth.privacy.factory import make_space
+    from monai_synth.transforms.presets import intensity_transform
+
+    to_model = intensity_transform("pet")
+    cohort = generate_cohort("pet", n_patients=12, images_per_patient=1, spatial_dims=2, spatial_size=64, seed=0)
+    x = torch.stack([torch.as_tensor(np.asarray(to_model(np.asarray(r["image"], np.float32)))) for r in cohort])
+    copies = torch.full_like(x[:6], -1.0)
+    copies[..., 16:, :] = x[:6, ..., :-16, :]
+    space = make_space("pixel", 2, (64, 64))
+    assert space.wrap_shift == 4 and len(space.variant_ops) == space.embed_variants(x[:1]).shape[1]
+    train = space.embed(x[:6])
+    others = 1.0 - (space.embed_variants(x[6:]) @ train.T).max(axis=1)
+    own = 1.0 - np.stack([(space.embed_variants(copies[i : i + 1])[0] @ train[i]).max() for i in range(6)])
+    assert own.max() < 0.3 * others.min()
+    assert (
+        PixelSpace(grid=16, invariances=space.invariances, wrap_shift=2).fingerprint()
+        != PixelSpace(grid=16, invariances=space.invariances, wrap_shift=4).fingerprint()
+    )
+
+
 def test_default_2d_tiles_put_a_canvas_of_ct_slices_far_below_other_patients():
     # three CT slices in corners of a 3x canvas, squeezed to the model size: each sits in a window of a third of the
     # side, 0.02-0.03 from its source; windows of 0.8-0.9 of another patient's body outline came as close (0.023) and
