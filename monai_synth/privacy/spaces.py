@@ -109,6 +109,16 @@ def _scaled(x: torch.Tensor) -> torch.Tensor:
     return x / torch.where(peak > 0, peak, torch.ones_like(peak))
 
 
+def _median_filtered(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, C, *spatial)`` images, each value replaced by the median of its ``size``-wide neighbourhood (edges
+    replicated). Impulse noise (salt and pepper) is gone after it; a smooth image hardly changes."""
+    nd, r = x.ndim - 2, size // 2
+    w = F.pad(x, (r,) * (2 * nd), mode="replicate")
+    for axis in range(nd):
+        w = w.unfold(2 + axis, size, 1)
+    return w.reshape(*x.shape, -1).median(dim=-1).values
+
+
 def _standardise(x: torch.Tensor) -> torch.Tensor:
     """Zero-mean, unit-norm per row, so the dot product of two rows is their Pearson correlation.
 
@@ -306,6 +316,9 @@ class PixelSpace:
         spatial_dims: 2 or 3.
         invariances: any of the names above.
         max_shift: largest shift in grid cells when ``"shift"`` is requested.
+        median: width of a median filter the query also goes through (at up to four times the grid) before the
+            grid, under every symmetry and shift (0: none). Salt and pepper noise on 5% of a PET slice's pixels left
+            copies 0.03-0.11 from their sources (the nearest other patient 0.05); median-filtered, 0.0004-0.002.
         wrap_shift: largest of the wrapped shifts (unzoomed, unrotated query; default ``max_shift``): a copy moved
             by a quarter of the side on its background (4 cells of 16) sat 0.26-0.38 from its source on PET slices,
             and the wrapped shifts, compared without zooms, cost a fifth of the edge-filled ones.
@@ -342,6 +355,7 @@ class PixelSpace:
         plane_zooms: Sequence[float] | None = None,
         gammas: Sequence[float] = (),
         wrap_shift: int | None = None,
+        median: int = 0,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -361,6 +375,8 @@ class PixelSpace:
             raise ValueError(f"plane_zooms must lie in [0.25, 4], got {list(plane_zooms)}")
         if "rotate" in invariances and not all(-180.0 <= float(r) <= 180.0 for r in rotations):
             raise ValueError(f"rotations must be angles in degrees within [-180, 180], got {list(rotations)}")
+        if int(median) and not (int(median) >= 3 and int(median) % 2 == 1):
+            raise ValueError(f"median must be 0 (none) or an odd filter width of at least 3, got {median}")
         if not all(0.1 <= float(g) <= 10.0 for g in gammas):
             raise ValueError(f"gammas must be powers in [0.1, 10], got {list(gammas)}")
         self.name = "pixel"
@@ -380,6 +396,7 @@ class PixelSpace:
             self.rotations = (0.0,) + tuple(sorted({round(float(r), 4) for r in rotations} - {0.0}))
         self.signs = (1, -1) if "invert" in invariances else (1,)
         self.gammas = tuple(sorted({round(float(g), 4) for g in gammas} - {1.0}))
+        self.median = int(median)
         flip, transpose = "flip" in invariances, "transpose" in invariances
         # 2D: every symmetry combines with every shift, zoom and angle (8 symmetries). 3D: the 8 flips and 48 axis
         # permutations would multiply the shifted variants (and memory) by up to 48, so they are compared alone (with
@@ -465,6 +482,13 @@ class PixelSpace:
             for sym in self._flips
             for s in self._flip_shifts
         ]
+        if self.median:  # the query median-filtered at full resolution, under every symmetry and shift
+            self.variant_ops += [
+                (sign, 1.0, 0.0, sym, s, "edge", ("median", self.median))
+                for sign in self.signs
+                for sym in self._symmetries
+                for s in shifts
+            ]
 
     @property
     def dim(self) -> int:
@@ -488,6 +512,8 @@ class PixelSpace:
             cfg["gammas"] = list(self.gammas)
         if self.wrap_shift != self.max_shift:
             cfg["wrap_shift"] = self.wrap_shift
+        if self.median:
+            cfg["median"] = self.median
         return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
     def _grid(self, images: torch.Tensor | np.ndarray | Sequence, fine: bool = False):
@@ -555,6 +581,15 @@ class PixelSpace:
         for g_gamma in powered if self._flip_shifts else []:
             w = self._windows(g_gamma, self._flip_shifts, "circular")
             groups.append(self._signed(torch.cat([_apply_symmetry(w, p, f, 3) for p, f in self._flips], dim=1), n))
+        if self.median:
+            x = as_image_batch(images, self.spatial_dims)
+            x = _scaled(x.reshape(x.shape[0], -1)).reshape(x.shape)
+            # filtered at up to four times the grid: a 128^3 volume's filter costs 1.1 CPU-s at full size, 0.14 at 64^3
+            size = tuple(min(4 * self.grid, n) for n in x.shape[2:])
+            x = F.interpolate(x, size=size, mode="area") if size != tuple(x.shape[2:]) else x
+            g_median = F.interpolate(_median_filtered(x, self.median), size=g0.shape[2:], mode="area")
+            w = self._windows(g_median, self._shifts, "replicate")
+            groups.append(self._signed(torch.cat([_apply_symmetry(w, p, f, 3) for p, f in self._symmetries], dim=1), n))
         return torch.cat(groups, dim=1).numpy().astype(np.float32, copy=False)
 
     def _unit_range(self, images: torch.Tensor | np.ndarray | Sequence) -> torch.Tensor:
