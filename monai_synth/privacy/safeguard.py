@@ -437,12 +437,19 @@ def build_safeguard(
         n_holdout = len(next(iter(holdout_d.values())))
         parts = "all holdout" if n == n_holdout else f"{n_holdout} holdout, {n - n_holdout} training images measured "
         parts += "" if n == n_holdout else "against the other training patients"
+        patients = _calibration_patients(holdout_patient_ids, train_patient_ids, cross, flagged)
         message = (
             f"{n} calibration images ({parts}) are too few to calibrate {len(checks)} privacy spaces together at "
             f"quantile {quantile:g}: each space's threshold is about its smallest calibration distance, so up to "
-            f"{len(checks) / (n + 1):.1%} of unseen patients' images may be refused instead of {quantile:.1%}; give at "
-            f"least {math.ceil(len(checks) / quantile)} (more holdout or training patients) for the asked rate"
+            f"{len(checks) / (n + 1):.1%} of unseen patients' images may be refused instead of {quantile:.1%}"
         )
+        if patients < n:
+            # one patient's images come close to the training set together: the draws are the patients, not the images
+            message += (
+                f" (they come from {patients} patients, and an unseen patient close to the training set has all of "
+                f"its images refused: up to {min(1.0, len(checks) / (patients + 1)):.1%} of unseen patients)"
+            )
+        message += f"; give at least {math.ceil(len(checks) / quantile)} (more holdout or training patients) for the asked rate"
         logger.warning(message)
         warnings.warn(message, stacklevel=2)
     checks = [
@@ -495,6 +502,16 @@ def _testable_specificity(checks: Sequence[tuple[TrainingIndex, Calibration]], s
     logger.warning(message)
     warnings.warn(message, stacklevel=3)
     return 0.0
+
+
+def _calibration_patients(
+    holdout_patient_ids: Sequence[str], train_patient_ids: Sequence[str], cross: dict, flagged: np.ndarray
+) -> int:
+    """How many patients the pooled calibration images come from: the holdout's, and those of the cross-patient
+    training images no space flagged."""
+    sample = next(iter(cross.values()), None)
+    rows = [] if sample is None else np.asarray(sample.rows)[~np.asarray(flagged, dtype=bool)]
+    return len(set(holdout_patient_ids)) + len({str(train_patient_ids[int(r)]) for r in rows})
 
 
 def _pooled(holdout_d: dict, cross: dict, name: str, flagged: np.ndarray) -> np.ndarray:

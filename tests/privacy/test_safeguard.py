@@ -346,3 +346,5 @@ def test_few_holdout_images_warn_only_when_the_asked_rate_cannot_be_kept(cohort,
     assert bool(messages) is warned
     if warned:  # 2 spaces over 102 holdout images: up to 1.9% instead of the asked 1.0%
         assert "1.9%" in messages[0] and "1.0%" in messages[0]
+        # ... of 34 patients, 3 images each: a patient near the training set loses all three, up to 2 / 35 of patients
+        assert "from 34 patients" in messages[0] and "5.7% of unseen patients" in messages[0]
