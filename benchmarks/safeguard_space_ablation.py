@@ -10,7 +10,7 @@ every copy some configuration releases it prints each space's distance against i
 Spaces are the factory's names (``pixel``, ``disc``, ...) or these variants of the 2D spaces, for comparisons:
 ``pixel_rot`` (the pixel space with rotations of +-10 and +-20 degrees), ``pixel_zoom2`` (no rotations, zooms 0.7
 and 1.4 only), ``pixel_gamma2`` (gammas 0.5 and 2 only, not 0.7 and 1.4), ``pixel_wrap2`` (wrapped shifts of up to 2
-cells, not 4), ``pixel_nomedian`` (no median-filtered query), ``disc_30`` (angles to +-30 only), ``disc_coarse`` (the disc space moved by whole cells only),
+cells, not 4), ``pixel_nomedian`` (no median-filtered query), ``crops_unmoved`` (crop slots without the moved windows), ``disc_30`` (angles to +-30 only), ``disc_coarse`` (the disc space moved by whole cells only),
 ``tiles_small`` (2D windows of half and a third of the side only), ``tiles_no9`` (no windows of 0.9), ``tiles_large``
 (windows of 0.9, 0.8, 0.5 and a third). The embedding space is left out (its training is most of a build; the attack
 benchmark measures the whole gate).
@@ -45,7 +45,7 @@ def make_named_space(name: str, spatial_size: Sequence[int]):
     """A 2D space by factory name or by one of the comparison variants above, named ``name``."""
     from monai_synth.privacy.disc import DiscSpace
     from monai_synth.privacy.factory import _PIXEL_DEFAULTS, make_space
-    from monai_synth.privacy.partial import TileSpace
+    from monai_synth.privacy.partial import PartSpace, TileSpace
     from monai_synth.privacy.spaces import PixelSpace
 
     grid = min(16, *spatial_size)
@@ -58,6 +58,8 @@ def make_named_space(name: str, spatial_size: Sequence[int]):
         space = PixelSpace(grid=grid, **{**_PIXEL_DEFAULTS[2], "median": 0})
     elif name == "pixel_wrap2":
         space = PixelSpace(grid=grid, **{**_PIXEL_DEFAULTS[2], "wrap_shift": 2})
+    elif name == "crops_unmoved":
+        space = PartSpace(grid=grid, kind="crops")
     elif name == "disc_30":
         space = DiscSpace(grid=grid, wide_rotations=())
     elif name == "pixel_gamma2":

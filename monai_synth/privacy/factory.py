@@ -76,7 +76,8 @@ def make_space(
     within each plane and of the whole volume, and gammas 0.5, 0.7, 1.4 and 2 with every shift and with the mirror
     flips); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
     ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre),
-    ``crops`` = the same class comparing crops of training images with the whole candidate,
+    ``crops`` = the same class comparing crops of training images with the whole candidate (2D: and with the
+    candidate's windows of the same size at the neighbouring corners, a copy moved along one axis),
     ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every position, 2D of a half
     and a third of its side and the halves of each axis; in 3D of 0.8 and 0.5 of the training volumes' shape, and
     spanning some axes whole and a half or a third of the others).
@@ -115,7 +116,12 @@ def make_space(
         rotated = (spatial_dims, kind) in ((2, "regions"), (3, "crops"))
         rotations = (-20.0, -10.0, 10.0, 20.0) if rotated else ()
         return PartSpace(
-            grid=grid - grid % 2, spatial_dims=spatial_dims, kind=kind, invariances=symmetry, rotations=rotations
+            grid=grid - grid % 2,
+            spatial_dims=spatial_dims,
+            kind=kind,
+            invariances=symmetry,
+            rotations=rotations,
+            moved=kind == "crops",  # 2D: a copy moved on a canvas by 10-50% of the side along one axis
         )
     if name == "tiles":
         if spatial_dims == 2:

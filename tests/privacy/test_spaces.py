@@ -478,3 +478,29 @@ def test_default_2d_tiles_put_a_canvas_of_ct_slices_far_below_other_patients():
     # a wide margin: six other patients here, 160 holdout images against 32 training images in the benchmark (with
     # windows of 0.8-0.9 the nearest other patient is 0.09 away here, and the copies 0.02-0.03)
     assert copies.max() < 0.25 * other.min()
+
+
+def test_default_crops_space_catches_an_ultrasound_copy_moved_a_quarter_of_its_side_on_a_canvas():
+    # a B-mode image has no background: moved by 16 of 64 px, a quarter of the copy is black where its source has
+    # tissue, and no shift of the whole image restores it (pixel space 0.18-0.26, threshold 0.093); 2 of 3 passed the
+    # whole default gate. The crop slots also hold the candidate's windows at the neighbouring corners.
+    from monai_synth.data.phantoms import generate_cohort
+    from monai_synth.privacy.factory import make_space
+    from monai_synth.transforms.presets import intensity_transform
+
+    to_model = intensity_transform("us")
+    cohort = generate_cohort("us", n_patients=30, images_per_patient=1, spatial_dims=2, spatial_size=64, seed=0)
+    x = torch.stack([torch.as_tensor(np.asarray(to_model(np.asarray(r["image"], np.float32)))) for r in cohort])
+    moved = torch.full_like(x[:6], -1.0)
+    moved[:3, ..., 16:, :] = x[:3, ..., :-16, :]
+    moved[3:, ..., :, :-16] = x[3:6, ..., :, 16:]
+    space = make_space("crops", 2, (64, 64))
+    assert space.moved and space.embed_variants(x[:1]).shape[1] == 864
+    train = space.embed(x[:10])
+    others = 1.0 - (space.embed_variants(x[10:]) @ train.T).max(axis=1)
+    own = 1.0 - np.stack([(space.embed_variants(moved[i : i + 1])[0] @ train[i]).max() for i in range(6)])
+    assert own.max() < others.min() - 0.005
+    from monai_synth.privacy.partial import PartSpace
+
+    plain = PartSpace(grid=16, kind="crops")
+    assert not plain.moved and plain.fingerprint() != space.fingerprint()
