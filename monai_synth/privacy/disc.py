@@ -9,9 +9,9 @@ is about 0.12 away. Speckle adds to that: a copy rotated, cropped and re-noised 
 rotation about the centre keeps whole and a crop or zoom of up to ``1 - 2 * radius`` keeps inside the field of view,
 on a coarse grid where each cell averages many pixels, so multiplicative speckle is averaged out. The query is rotated
 in fine steps (default every 5 degrees to +-30), zoomed in fine steps (0.8-1.25) and moved by up to 1.5 cells in
-half-cell steps at every angle, rotated by 35-45 degrees either way and moved by whole cells, resampled at twice the grid and only then reduced to it, mirrored / transposed and
-inverted; the index holds each training image's disc once. Its own calibrated threshold, so it never loosens the
-other spaces.
+half-cell steps at every angle, rotated by 35-45 degrees either way and moved by whole cells, resampled at twice the
+grid and only then reduced to it, mirrored / transposed and inverted; the index holds each training image's disc once.
+Its own calibrated threshold, so it never loosens the other spaces.
 """
 
 from __future__ import annotations

@@ -335,9 +335,9 @@ class PixelSpace:
     interpolation blurs a copy about as far from its source as two different patients' volumes are from each other.
 
     Cost: each query image is compared ``len(variant_ops)`` times (the product of the sizes of the requested
-    groups plus the wrapped shifts, e.g. 2D 8 symmetries x 25 shifts x (7 zooms + 4 gammas) x 2 signs + 8 x 80 wrapped
-    shifts x 2 signs = 5,680 for
-    the guard's default, which leaves 2D rotations to the disc space); the index itself does not grow.
+    groups plus the wrapped shifts, e.g. 2D 8 symmetries x 25 shifts x (7 zooms + 4 gammas + 1 median) x 2 signs +
+    8 x 80 wrapped shifts x 2 signs = 6,080 for the guard's default, which leaves 2D rotations to the disc space); the
+    index itself does not grow.
     """
 
     _VERSION = 8
@@ -652,8 +652,8 @@ def embed_variants(space: PrivacySpace, images: torch.Tensor | np.ndarray | Sequ
 
 
 QUERY_FLOATS = 2**25
-"""Query vectors (float32 values) one space embeds and searches at once: 128 MiB. A 3D pixel-space query holds 16.6
-million (4,044 variants of 4,096 values), a 2D one 1 million, so a batch of 64 would hold 4.2 GB per space (and the
+"""Query vectors (float32 values) one space embeds and searches at once: 128 MiB. A 3D pixel-space query holds 17.6
+million (4,294 variants of 4,096 values), a 2D one 1.6 million, so a batch of 64 would hold 4.5 GB per space (and the
 embedding's intermediates several times that); batches are cut to this budget instead."""
 
 _PER_IMAGE: dict[tuple, int] = {}
