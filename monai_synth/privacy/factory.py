@@ -90,7 +90,7 @@ def make_space(
     transposed / inverted: with the rot90 symmetries every angle is within 5 degrees of one it tries).
     ``ball`` = :class:`~monai_synth.privacy.ball.BallSpace` (3D only: the central ball, radius 0.4 of the side, on a
     16-cell grid, the query rotated about each axis every 5 degrees to +-30 and moved by up to 1.5 cells in
-    half-cell steps within each rotation's plane, mirrored / inverted).
+    half-cell steps within each rotation's plane, and by 35-45 degrees either way unmoved, mirrored / inverted).
     ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights; with
     ``data_fingerprint``, weights trained on another training set are refused).
 
