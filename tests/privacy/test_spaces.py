@@ -22,6 +22,15 @@ def _blob(shape=(16, 16), centre=(6, 9), sigma=2.5) -> torch.Tensor:
     return torch.exp(-r2 / (2 * sigma**2))[None]
 
 
+def _own_and_others(space, x: torch.Tensor, copies: torch.Tensor, n: int):
+    """Each of the first ``n`` copies' distance to its own source ``x[i]``, and the other images' (``x[n:]``) nearest
+    distances to those sources, over each space's variants."""
+    train = space.embed(x[:n])
+    others = 1.0 - (space.embed_variants(x[n:]) @ train.T).max(axis=1)
+    own = 1.0 - np.stack([(space.embed_variants(copies[i : i + 1])[0] @ train[i]).max() for i in range(n)])
+    return own, others
+
+
 def test_is_a_privacy_space_and_returns_unit_vectors():
     space = PixelSpace(grid=16)
     assert isinstance(space, PrivacySpace)
@@ -348,9 +357,7 @@ def test_default_2d_pixel_space_undoes_a_gamma_curve():
     copies = lo + ((x[:4] - lo) / (hi - lo)) ** 0.5 * (hi - lo)
     space = make_space("pixel", 2, (64, 64))
     assert space.gammas == (0.5, 0.7, 1.4, 2.0) and len(space.variant_ops) == space.embed_variants(x[:1]).shape[1]
-    train = space.embed(x[:4])
-    others = 1.0 - (space.embed_variants(x[4:]) @ train.T).max(axis=1)
-    own = 1.0 - np.stack([(space.embed_variants(copies[i : i + 1])[0] @ train[i]).max() for i in range(4)])
+    own, others = _own_and_others(space, x, copies, 4)
     assert own.max() < 0.1 * others.min()
     plain = PixelSpace(grid=16, invariances=space.invariances, zooms=space.zooms[1:])
     assert plain.fingerprint() != space.fingerprint()
@@ -373,9 +380,7 @@ def test_default_2d_pixel_space_undoes_gamma_on_a_mirrored_copy_moved_on_its_bac
     moved = lo.expand_as(mirrored).clone()
     moved[..., 4:] = mirrored[..., :-4]
     space = make_space("pixel", 2, (64, 64))
-    train = space.embed(x[:6])
-    others = 1.0 - (space.embed_variants(x[6:]) @ train.T).max(axis=1)
-    own = 1.0 - np.stack([(space.embed_variants(moved[i : i + 1])[0] @ train[i]).max() for i in range(6)])
+    own, others = _own_and_others(space, x, moved, 6)
     assert own.max() < 0.3 * others.min()
 
 
@@ -397,10 +402,8 @@ def test_default_3d_pixel_space_undoes_gamma_curves_also_on_a_mirrored_moved_cop
     moved[..., 2:, :] = mirrored[..., :-2, :]
     space = make_space("pixel", 3, (32, 32, 32))
     assert space.gammas == (0.5, 0.7, 1.4, 2.0) and len(space.variant_ops) == space.embed_variants(x[:1]).shape[1]
-    train = space.embed(x[:6])
-    others = 1.0 - (space.embed_variants(x[6:]) @ train.T).max(axis=1)
     for copies, below in ((gamma(0.5), 0.05), (moved, 0.05), (gamma(0.6), 0.5)):
-        own = 1.0 - np.stack([(space.embed_variants(copies[i : i + 1])[0] @ train[i]).max() for i in range(6)])
+        own, others = _own_and_others(space, x, copies, 6)
         assert own.max() < below * others.min()
 
 
@@ -418,9 +421,7 @@ def test_default_2d_pixel_space_catches_a_copy_moved_a_quarter_of_its_side_on_it
     copies[..., 16:, :] = x[:6, ..., :-16, :]
     space = make_space("pixel", 2, (64, 64))
     assert space.wrap_shift == 4 and len(space.variant_ops) == space.embed_variants(x[:1]).shape[1]
-    train = space.embed(x[:6])
-    others = 1.0 - (space.embed_variants(x[6:]) @ train.T).max(axis=1)
-    own = 1.0 - np.stack([(space.embed_variants(copies[i : i + 1])[0] @ train[i]).max() for i in range(6)])
+    own, others = _own_and_others(space, x, copies, 6)
     assert own.max() < 0.3 * others.min()
     assert (
         PixelSpace(grid=16, invariances=space.invariances, wrap_shift=2).fingerprint()
@@ -448,9 +449,7 @@ def test_default_pixel_space_sees_through_salt_and_pepper_noise(modality, size, 
     copies = torch.where(torch.rand(x[:6].shape, generator=gen) < 0.05, salt, x[:6])
     space = make_space("pixel", dims, (size,) * dims)
     assert space.median == 3 and len(space.variant_ops) == space.embed_variants(x[:1]).shape[1]
-    train = space.embed(x[:6])
-    others = 1.0 - (space.embed_variants(x[6:]) @ train.T).max(axis=1)
-    own = 1.0 - np.stack([(space.embed_variants(copies[i : i + 1])[0] @ train[i]).max() for i in range(6)])
+    own, others = _own_and_others(space, x, copies, 6)
     assert own.max() < 0.3 * others.min()
 
 
