@@ -43,18 +43,10 @@ from monai_synth.privacy.spaces import (
     _query_symmetries,
     _scaled,
     _standardise,
-    as_image_batch,
-    check_finite,
+    scaled_batch,
 )
 
 __all__ = ["PartSpace", "TileSpace"]
-
-
-def _on_grid(images: torch.Tensor | np.ndarray, spatial_dims: int, grid: int) -> torch.Tensor:
-    x = as_image_batch(images, spatial_dims)
-    check_finite(x)
-    x = _scaled(x.reshape(x.shape[0], -1)).reshape(x.shape)
-    return F.interpolate(x, size=(grid,) * spatial_dims, mode="area")
 
 
 class PartSpace:
@@ -131,13 +123,14 @@ class PartSpace:
         self._sizes += [self.crop_grid**spatial_dims] * (len(self.crops) * len(self._anchors))
         self._offsets = np.cumsum([0, *self._sizes])
         self._symmetries, self.signs = _query_symmetries(self.spatial_dims, self.invariances)
-        # (slot, window anchor) of the moved windows: each corner crop's slot, the neighbouring corners' windows
+        # (slot, crop fraction, window anchor) of the moved windows: each corner crop's slot holds the candidate's
+        # window of that size at a neighbouring corner
         self.moved = bool(moved) and kind == "crops" and spatial_dims == 2
         corners = [a for a in self._anchors if a != "centre"]
         self._moved = (
             [
-                (len(self.regions) + i * len(self._anchors) + self._anchors.index(a), b)
-                for i in range(len(self.crops))
+                (len(self.regions) + i * len(self._anchors) + self._anchors.index(a), c, b)
+                for i, c in enumerate(self.crops)
                 for a in corners
                 for b in corners
                 if sum(x != y for x, y in zip(a.split("-"), b.split("-"))) == 1
@@ -210,9 +203,7 @@ class PartSpace:
             NonFiniteImageError: for NaN/Inf images.
             DegenerateImageError: when every region is constant.
         """
-        full = as_image_batch(images, self.spatial_dims)
-        check_finite(full)
-        full = _scaled(full.reshape(full.shape[0], -1)).reshape(full.shape)
+        full = scaled_batch(images, self.spatial_dims)
         g = F.interpolate(full, size=(self.grid,) * self.spatial_dims, mode="area")
         parts = self._regions(g, full)
         if not bool(torch.stack([v for _, v in parts]).any(dim=0).all()):
@@ -226,7 +217,8 @@ class PartSpace:
         A constant region cannot be compared; its variant repeats the first comparable region of the same image
         instead (so it never adds a spurious distance), and an image with no comparable region is refused.
         """
-        g = _on_grid(images, self.spatial_dims, self.grid)
+        full = scaled_batch(images, self.spatial_dims)
+        g = F.interpolate(full, size=(self.grid,) * self.spatial_dims, mode="area")
         n, rows = g.shape[0], []
         if self.spatial_dims == 3:  # about each axis; the identity stays bit-exact
             turned = _linear_variants(g, self._rotation_maps()).reshape(n, -1, *g.shape[1:])
@@ -247,16 +239,11 @@ class PartSpace:
             for slot, ok in slots:
                 fallback = torch.stack([slots[int(f)][0][i] for i, f in enumerate(first)])
                 rows.append(torch.where(ok[:, None], slot, fallback))
-        if self._moved:  # the candidate's corner windows in the neighbouring corners' crop slots
-            full = as_image_batch(images, self.spatial_dims)
-            full = _scaled(full.reshape(n, -1)).reshape(full.shape)
-            for r, anchor in self._moved:
-                vec, ok = _standardised_piece(
-                    self._crop(full, self.crops[(r - len(self.regions)) // len(self._anchors)], anchor)
-                )
-                slot = torch.zeros(n, self.dim)
-                slot[:, self._offsets[r] : self._offsets[r + 1]] = vec
-                rows.append(torch.where(ok[:, None], slot, rows[0]))  # a constant window repeats the first variant
+        for r, fraction, anchor in self._moved:  # the candidate's corner windows in the neighbouring corners' slots
+            vec, ok = _standardised_piece(self._crop(full, fraction, anchor))
+            slot = torch.zeros(n, self.dim)
+            slot[:, self._offsets[r] : self._offsets[r + 1]] = vec
+            rows.append(torch.where(ok[:, None], slot, rows[0]))  # a constant window repeats the first variant
         v = torch.stack(rows, dim=1)
         if len(self.signs) == 2:
             v = torch.cat([v, -v], dim=1)
@@ -361,7 +348,7 @@ class TileSpace:
 
     def embed(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """Training side: the whole image on the grid, standardised (as the ``pixel`` space's plain vector)."""
-        g = _on_grid(images, self.spatial_dims, self.grid)
+        g = F.interpolate(scaled_batch(images, self.spatial_dims), size=(self.grid,) * self.spatial_dims, mode="area")
         return _standardise(g.reshape(g.shape[0], -1)).numpy().astype(np.float32, copy=False)
 
     def windows(self, shape: Sequence[int]) -> list[tuple[slice, ...]]:
@@ -460,9 +447,7 @@ class TileSpace:
         A constant window (e.g. plain background) cannot be compared; it repeats the image's first comparable window
         instead, and an image with no comparable window is refused.
         """
-        x = as_image_batch(images, self.spatial_dims)
-        check_finite(x)
-        x = _scaled(x.reshape(x.shape[0], -1)).reshape(x.shape)
+        x = scaled_batch(images, self.spatial_dims)
         n, size = x.shape[0], (self.grid,) * self.spatial_dims
         main = self._main_windows(x.shape[2:])
 

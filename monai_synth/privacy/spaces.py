@@ -109,6 +109,18 @@ def _scaled(x: torch.Tensor) -> torch.Tensor:
     return x / torch.where(peak > 0, peak, torch.ones_like(peak))
 
 
+def scaled_batch(images: torch.Tensor | np.ndarray | Sequence, spatial_dims: int) -> torch.Tensor:
+    """``(B, C, *spatial)`` float images, checked finite and each divided by its largest magnitude: area interpolation
+    of values near the float32 limit would overflow to Inf.
+
+    Raises:
+        NonFiniteImageError: for NaN/Inf images.
+    """
+    x = as_image_batch(images, spatial_dims)
+    check_finite(x)
+    return _scaled(x.reshape(x.shape[0], -1)).reshape(x.shape)
+
+
 def _median_filtered(x: torch.Tensor, size: int) -> torch.Tensor:
     """``(B, C, *spatial)`` images, each value replaced by the median of its ``size``-wide neighbourhood (edges
     replicated). Impulse noise (salt and pepper) is gone after it; a smooth image hardly changes."""
@@ -148,9 +160,7 @@ def _fine_grid(images: torch.Tensor | np.ndarray | Sequence, spatial_dims: int, 
     Raises:
         NonFiniteImageError: for NaN/Inf images.
     """
-    x = as_image_batch(images, spatial_dims)
-    check_finite(x)
-    x = _scaled(x.reshape(x.shape[0], -1)).reshape(x.shape)  # no overflow in the resampling
+    x = scaled_batch(images, spatial_dims)
     size = tuple(min(2 * grid, n) for n in x.shape[2:])
     return F.interpolate(x, size=size, mode="area") if tuple(x.shape[2:]) != size else x
 
@@ -516,12 +526,9 @@ class PixelSpace:
             cfg["median"] = self.median
         return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
-    def _grid(self, images: torch.Tensor | np.ndarray | Sequence, fine: bool = False):
-        """Images on the grid; with ``fine``, also on the fine grid the 3D rotations and plane zooms resample."""
-        x = as_image_batch(images, self.spatial_dims)
-        check_finite(x)
-        # scale first: area interpolation of values near the float32 limit would overflow to Inf
-        x = _scaled(x.reshape(x.shape[0], -1)).reshape(x.shape)
+    def _grid(self, x: torch.Tensor, fine: bool = False):
+        """:func:`scaled_batch` images on the grid; with ``fine``, also on the fine grid the 3D rotations and plane
+        zooms resample."""
         g = F.interpolate(x, size=(self.grid,) * self.spatial_dims, mode="area")
         if not fine:
             return g
@@ -535,7 +542,7 @@ class PixelSpace:
             NonFiniteImageError: for NaN/Inf images.
             DegenerateImageError: for constant images.
         """
-        g = self._grid(images)
+        g = self._grid(scaled_batch(images, self.spatial_dims))
         return _standardise(g.reshape(g.shape[0], -1)).numpy().astype(np.float32, copy=False)
 
     def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
@@ -546,26 +553,23 @@ class PixelSpace:
         standardisation of a ``(B, V, d)`` array.
         """
         affine = len(self.zooms) * len(self._main_rotations)
-        g, fine = self._grid(images, fine=True) if self._alone or affine > 1 else (self._grid(images), None)
+        x = scaled_batch(images, self.spatial_dims)
+        g, fine = self._grid(x, fine=True) if self._alone or affine > 1 else (self._grid(x), None)
         n, g0 = g.shape[0], g  # g0 (n, C, *grid): unshifted, unzoomed, unrotated
         if affine > 1:
             # zoomed and rotated on the fine grid, then reduced to the grid; the identity stays the grid itself
             g = F.interpolate(_affine_variants(fine, self.zooms, self._main_rotations), size=g0.shape[2:], mode="area")
             g[::affine] = g0
-        w = self._windows(g, self._shifts, "replicate")
-        sym = [_apply_symmetry(w, perm, flips, 3) for perm, flips in self._symmetries]
-        groups = [self._signed(torch.cat(sym, dim=1), n)]
+        groups = [self._moved(g, self._shifts, "replicate", self._symmetries, n)]
         if self._permuted:
             permuted = torch.cat(
                 [_apply_symmetry(g0[:, None], perm, flips, 3) for perm, flips in self._permuted], dim=1
             )
             groups.append(self._signed(permuted, n))
         if self._flip_shifts:
-            w = self._windows(g0, self._flip_shifts, "replicate")
-            groups.append(self._signed(torch.cat([_apply_symmetry(w, p, f, 3) for p, f in self._flips], dim=1), n))
+            groups.append(self._moved(g0, self._flip_shifts, "replicate", self._flips, n))
         if self._wrap_shifts:
-            w = self._windows(g0, self._wrap_shifts, "circular")
-            groups.append(self._signed(torch.cat([_apply_symmetry(w, p, f, 3) for p, f in self._symmetries], dim=1), n))
+            groups.append(self._moved(g0, self._wrap_shifts, "circular", self._symmetries, n))
         if self._alone:
             # resampled on the fine grid, then reduced to the grid, one map at a time (memory: one fine copy per image)
             size = (self.grid,) * self.spatial_dims
@@ -573,29 +577,24 @@ class PixelSpace:
                 [F.interpolate(_linear_variants(fine, [m]), size=size, mode="area") for _, _, m in self._alone], dim=1
             )
             groups.append(self._signed(alone, n))
-        unit = self._unit_range(images) if self.gammas else None
-        powered = [F.interpolate(unit**gm, size=(self.grid,) * self.spatial_dims, mode="area") for gm in self.gammas]
-        for g_gamma in powered:  # each power at full resolution, then on the grid
-            w = self._windows(g_gamma, self._shifts, "circular")
-            groups.append(self._signed(torch.cat([_apply_symmetry(w, p, f, 3) for p, f in self._symmetries], dim=1), n))
-        for g_gamma in powered if self._flip_shifts else []:
-            w = self._windows(g_gamma, self._flip_shifts, "circular")
-            groups.append(self._signed(torch.cat([_apply_symmetry(w, p, f, 3) for p, f in self._flips], dim=1), n))
+        unit = self._unit_range(x) if self.gammas else None
+        powered = [F.interpolate(unit**gm, size=g0.shape[2:], mode="area") for gm in self.gammas]
+        # each power at full resolution, then on the grid
+        groups += [self._moved(g_gamma, self._shifts, "circular", self._symmetries, n) for g_gamma in powered]
+        if self._flip_shifts:
+            groups += [self._moved(g_gamma, self._flip_shifts, "circular", self._flips, n) for g_gamma in powered]
         if self.median:
-            x = as_image_batch(images, self.spatial_dims)
-            x = _scaled(x.reshape(x.shape[0], -1)).reshape(x.shape)
             # filtered at up to four times the grid: a 128^3 volume's filter costs 1.1 CPU-s at full size, 0.14 at 64^3
             size = tuple(min(4 * self.grid, n) for n in x.shape[2:])
-            x = F.interpolate(x, size=size, mode="area") if size != tuple(x.shape[2:]) else x
-            g_median = F.interpolate(_median_filtered(x, self.median), size=g0.shape[2:], mode="area")
-            w = self._windows(g_median, self._shifts, "replicate")
-            groups.append(self._signed(torch.cat([_apply_symmetry(w, p, f, 3) for p, f in self._symmetries], dim=1), n))
+            reduced = F.interpolate(x, size=size, mode="area") if size != tuple(x.shape[2:]) else x
+            g_median = F.interpolate(_median_filtered(reduced, self.median), size=g0.shape[2:], mode="area")
+            groups.append(self._moved(g_median, self._shifts, "replicate", self._symmetries, n))
         return torch.cat(groups, dim=1).numpy().astype(np.float32, copy=False)
 
-    def _unit_range(self, images: torch.Tensor | np.ndarray | Sequence) -> torch.Tensor:
-        """The images at full resolution on their own [0, 1] range (per image), where the gammas apply."""
-        x = as_image_batch(images, self.spatial_dims)
-        flat = _scaled(x.reshape(x.shape[0], -1))
+    def _unit_range(self, x: torch.Tensor) -> torch.Tensor:
+        """:func:`scaled_batch` images at full resolution on their own [0, 1] range (per image), where the gammas
+        apply."""
+        flat = x.reshape(x.shape[0], -1)
         lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
         return ((flat - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))).clamp(0.0, 1.0).reshape(x.shape)
 
@@ -613,6 +612,14 @@ class PixelSpace:
         w = w.reshape(m, (2 * s + 1) ** nd, c, *([self.grid] * nd))
         # offsets come in row-major order; reorder them like `shifts`
         return w[:, torch.as_tensor([self._offset_index(shift, s) for shift in shifts])]
+
+    def _moved(
+        self, g: torch.Tensor, shifts: Sequence[tuple[int, ...]], mode: str, symmetries: Sequence[tuple], n: int
+    ) -> torch.Tensor:
+        """``(n * A, C, *grid)`` grids -> ``(n, A * S * symmetries * signs, d)``: each moved by each of ``shifts``
+        (``mode`` as :meth:`_windows`), under each symmetry, standardised, the negated copies after."""
+        w = self._windows(g, shifts, mode)
+        return self._signed(torch.cat([_apply_symmetry(w, perm, flips, 3) for perm, flips in symmetries], dim=1), n)
 
     def _signed(self, w: torch.Tensor, n: int) -> torch.Tensor:
         """``(n * A, V, C, *grid)`` variants (A affine variants per image) -> ``(n, A * V * signs, d)`` standardised

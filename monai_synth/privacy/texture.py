@@ -26,10 +26,8 @@ from monai_synth.privacy.spaces import (
     _checked_invariances,
     _fingerprint,
     _query_symmetries,
-    _scaled,
     _standardise,
-    as_image_batch,
-    check_finite,
+    scaled_batch,
 )
 
 __all__ = ["TextureSpace"]
@@ -90,10 +88,7 @@ class TextureSpace:
 
     def _texture(self, images: torch.Tensor | np.ndarray | Sequence) -> torch.Tensor:
         """``(B, C, *grid)``: the images on the grid minus their local mean."""
-        x = as_image_batch(images, self.spatial_dims)
-        check_finite(x)
-        x = _scaled(x.reshape(x.shape[0], -1)).reshape(x.shape)  # no overflow in the resampling
-        x = F.interpolate(x, size=(self.grid,) * self.spatial_dims, mode="area")
+        x = F.interpolate(scaled_batch(images, self.spatial_dims), size=(self.grid,) * self.spatial_dims, mode="area")
         pool = F.avg_pool2d if self.spatial_dims == 2 else F.avg_pool3d
         local = pool(F.pad(x, (self.kernel // 2,) * (2 * self.spatial_dims), mode="replicate"), self.kernel, stride=1)
         return x - local
