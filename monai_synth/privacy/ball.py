@@ -132,6 +132,7 @@ class BallSpace(InscribedSpace):
         ident = symmetries[0]
         self.variant_ops: list[tuple] = [(s, z, a, r, t, ident) for s in self.signs for z, a, r, t in self._maps]
         self.variant_ops += [(s, 1.0, None, 0.0, still, f) for s in self.signs for f in self._flips]
+        self.variant_ops.sort(key=lambda op: op[0] < 0)  # as embed_variants returns them: all variants, then negated
 
     def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """Query side ``(B, V, d)`` in the order of :attr:`variant_ops` (variant 0 = :meth:`embed`)."""
@@ -170,7 +171,7 @@ class BallSpace(InscribedSpace):
         grids = [g[:, None] for g in grids] + [_apply_symmetry(g0, p, f, 2)[:, None] for p, f in self._flips]
         grids = torch.cat(grids, dim=1)  # (B, M + flips, C, *grid)
         v = self._vectors(grids.reshape(-1, *g0.shape[1:])).reshape(n, grids.shape[1], -1)
-        # order of variant_ops: per sign, the maps then the flips
+        # order of variant_ops: the maps then the flips, then all of them negated
         if len(self.signs) == 2:
             v = torch.cat([v, -v], dim=1)
         return v.numpy().astype(np.float32, copy=False)

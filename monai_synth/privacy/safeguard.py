@@ -480,7 +480,7 @@ def _second_patient_bound(
             np.einsum("qvd,qvd->qv", variants, variants)
         )
     best = variants[np.arange(len(variants)), np.nan_to_num(own, nan=-np.inf).argmax(axis=1)]
-    _, near_rows, bound = _neighbours(index, [best], True)
+    near_rows, _, bound = index.nearest_two_patients(best)
     near_patients = np.asarray(index.patients, dtype=object)[np.asarray(index.patient_codes)[near_rows]]
     return bound, (near_patients == np.asarray(patients, dtype=object)) & np.isfinite(bound)
 

@@ -58,7 +58,9 @@ def _bf16_is_fast() -> bool:
 BF16_SCREEN = _bf16_is_fast()
 """Screen dense variants in bfloat16 first (set at import from the CPU's instruction set; tests switch it)."""
 
-_BLOCK_FLOATS = 1 << 24  # similarities held at once: 64 MiB of float32
+_BLOCK_FLOATS = 1 << 24  # similarities held at once: 64 MiB of float32, 32 MiB of bfloat16
+_MIN_ROWS = 1024  # rows per block at least: the vectors are cut into chunks instead (a batch of 16 candidates' disc
+# variants once made blocks of 81 rows, whose per-block work cost more than their products)
 _SCREEN_MIN_PER_QUERY = 64  # fewer vectors per query (texture: 8, embedding: 14) are multiplied in float32 at once:
 # the screen's bfloat16 copy of the rows and its one exact pass per query cost more than it saves (texture at 1e5 rows:
 # 1.26 CPU-s per candidate screened, 0.97 not)
@@ -76,22 +78,24 @@ class _Group:
     owner: np.ndarray
     both: np.ndarray
     full: np.ndarray
+    _members: list[tuple[int, np.ndarray]] | None = None
+
+    def members(self) -> list[tuple[int, np.ndarray]]:
+        """``(query, positions of its vectors)`` per query present (computed once: it is asked once per block)."""
+        if self._members is None:
+            order = np.argsort(self.owner, kind="stable")
+            cuts = np.flatnonzero(np.diff(self.owner[order])) + 1
+            self._members = [(int(self.owner[m[0]]), m) for m in np.split(order, cuts) if len(m)]
+        return self._members
 
 
-def _groups(flat: np.ndarray, owner: np.ndarray, fast: bool) -> list[_Group]:
-    """Query vectors ``(M, d)`` -> groups to multiply; ``fast``: signs folded, duplicates dropped, slots split out."""
+def _groups(flat: np.ndarray, owner: np.ndarray, fast: bool, nv: int = 1) -> list[_Group]:
+    """Query vectors ``(M, d)`` (``nv`` variants per query, query after query) -> groups to multiply; ``fast``: signs
+    folded, duplicates dropped, slots split out."""
     d = flat.shape[1]
     if not fast:
         return [_Group(None, torch.from_numpy(flat), owner, np.zeros(len(flat), bool), flat)]
-    first = (flat != 0).argmax(axis=1)
-    sign = np.where(flat[np.arange(len(flat)), first] < 0, -1.0, 1.0).astype(np.float32)
-    canon = flat * sign[:, None] + np.float32(0.0)  # + 0 turns -0.0 into 0.0, so equal vectors have equal bytes
-    first_of, inverse = _distinct(canon, owner)
-    pos, neg = np.zeros(len(first_of), bool), np.zeros(len(first_of), bool)
-    pos[inverse[sign > 0]] = True
-    neg[inverse[sign < 0]] = True
-    vec = canon[first_of] * np.where(neg & ~pos, -1.0, 1.0).astype(np.float32)[:, None]
-    own, both = owner[first_of], pos & neg
+    vec, own, both = _folded(flat, owner, nv)
     support = vec != 0
     sparse = support.sum(axis=1) <= d // 2
     groups = []
@@ -112,23 +116,45 @@ def _groups(flat: np.ndarray, owner: np.ndarray, fast: bool) -> list[_Group]:
     return groups
 
 
+def _folded(flat: np.ndarray, owner: np.ndarray, nv: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The vectors to multiply, the query of each and whether its negation is asked too.
+
+    A space invariant to intensity inversion returns each query's variants and then their negations (``v`` in the
+    first half, ``-v`` in the second): checked in one pass, the first half is kept, every vector asked with both signs.
+    Otherwise signs are folded and duplicates dropped by :func:`_distinct` (sorting 200,000 variants of 256 values
+    cost 0.3 s, the pixel space's whole bfloat16 screen of a candidate about as much).
+    """
+    half = nv // 2
+    if nv % 2 == 0 and half and len(flat) % nv == 0:
+        q3 = flat.reshape(-1, nv, flat.shape[1])
+        if not (q3[:, half:] + q3[:, :half]).any():  # a + b is 0 exactly when b is -a
+            vec = np.ascontiguousarray(q3[:, :half]).reshape(-1, flat.shape[1])
+            return vec, owner.reshape(-1, nv)[:, :half].ravel(), np.ones(len(vec), dtype=bool)
+    first = (flat != 0).argmax(axis=1)
+    sign = np.where(flat[np.arange(len(flat)), first] < 0, -1.0, 1.0).astype(np.float32)
+    canon = flat * sign[:, None] + np.float32(0.0)  # + 0 turns -0.0 into 0.0, so equal vectors have equal bytes
+    first_of, inverse = _distinct(canon, owner)
+    pos, neg = np.zeros(len(first_of), bool), np.zeros(len(first_of), bool)
+    pos[inverse[sign > 0]] = True
+    neg[inverse[sign < 0]] = True
+    vec = canon[first_of] * np.where(neg & ~pos, -1.0, 1.0).astype(np.float32)[:, None]
+    return vec, owner[first_of], pos & neg
+
+
 def _distinct(rows: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct rows per owner: the index of each one's first occurrence and, per row, which one it is.
 
     Sorted by a hash (two fixed random projections, taken in the rows' own precision: no float64 copy of the queries)
-    instead of by their bytes, which is many times faster for long rows; rows with equal hashes are compared in full,
-    and any collision between different rows falls back to the bytes.
+    instead of by their bytes, which is many times faster for long rows. Rows with equal hashes are compared in full
+    with their neighbour in that order, and only equal ones are merged: a collision between different rows (vectors
+    a rounding apart can project to the same float32 values) leaves them apart, which costs one product more, never
+    a wrong answer. (A fall-back to sorting every row by its bytes cost the disc space's query 1.4 s.)
     """
     h = rows @ np.random.default_rng(0).standard_normal((rows.shape[1], 2)).astype(rows.dtype)
     order = np.lexsort((np.arange(len(rows)), h[:, 1], h[:, 0], owner))
     same = (owner[order][1:] == owner[order][:-1]) & (h[order][1:] == h[order][:-1]).all(axis=1)
     pair = np.flatnonzero(same)
-    if len(pair) and not (rows[order[pair + 1]] == rows[order[pair]]).all():
-        keyed = np.ascontiguousarray(np.concatenate([owner.astype(np.float32)[:, None], rows], axis=1))
-        _, first_of, inverse = np.unique(
-            keyed.view(np.dtype((np.void, keyed.shape[1] * 4))).ravel(), return_index=True, return_inverse=True
-        )
-        return first_of, inverse.ravel()
+    same[pair] = (rows[order[pair + 1]] == rows[order[pair]]).all(axis=1)
     starts = np.concatenate([[True], ~same])
     label = np.cumsum(starts) - 1
     inverse = np.empty(len(rows), dtype=np.int64)
@@ -150,7 +176,7 @@ class _Best:
         One min/max pass gives every vector's best (``|.|`` for the vectors asked with both signs); only the few
         vectors that reach their query's best are looked at again, for their pairs within :data:`REFINE` of it.
         """
-        low, high = torch.aminmax(sims, dim=1)
+        high, low = sims.amax(dim=1), sims.amin(dim=1)  # aminmax took 7x as long as both on a 16M block
         both = torch.from_numpy(g.both)
         value = torch.where(both, torch.maximum(high, -low), high).numpy().astype(np.float64)
         real = g.owner >= 0
@@ -186,6 +212,32 @@ class _Best:
                 if value > best_s or (value == best_s and row < best_r):
                     best_s, best_r = float(value), int(row)
         return best_s, best_r
+
+
+class _Scratch:
+    """Output buffers reused from block to block. A fresh tensor of tens of MiB is new memory each time, and its page
+    faults cost more than the product written into it (a 3,040 x 256 x 20,000 bfloat16 product ran at 176 GMAC/s into
+    a new tensor, 665 into a reused one)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        n = int(np.prod(shape))
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._buffers[key] = torch.empty(max(n, 1), dtype=dtype)
+        return buf[:n].view(*shape)
+
+
+def _chunks(g: _Group, most: int) -> list[_Group]:
+    """A dense group cut into groups of at most ``most`` vectors (so a block of rows stays long)."""
+    if len(g.owner) <= most:
+        return [g]
+    return [
+        _Group(None, g.q[s : s + most], g.owner[s : s + most], g.both[s : s + most], g.full[s : s + most])
+        for s in range(0, len(g.owner), most)
+    ]
 
 
 def _batched(groups: list[_Group]) -> list[tuple[_Group, torch.Tensor | slice | None]]:
@@ -224,17 +276,23 @@ def _batched(groups: list[_Group]) -> list[tuple[_Group, torch.Tensor | slice | 
     return out
 
 
-def _screened(g: _Group, q16: torch.Tensor, x: torch.Tensor, best: _Best, rows: np.ndarray) -> None:
+def _screened(g: _Group, q16: torch.Tensor, x: torch.Tensor, best: _Best, rows: np.ndarray, scratch: _Scratch) -> None:
     """One block of rows for a dense group: bfloat16 screen, then float32 for the pairs it cannot rule out."""
     both = torch.from_numpy(g.both)
-    approx = (q16 @ x.to(torch.bfloat16).T).abs_()  # |.| bounds the similarity of either sign
-    top = approx.amax(dim=1).float().numpy().astype(np.float64)
-    owners = np.unique(g.owner)
-    for o in owners:  # seed each query's best with the exact similarities of its most promising vector
-        members = np.flatnonzero(g.owner == o)
-        v = int(members[np.argmax(top[members])])
-        sims = x @ g.q[v]
-        best.add_pairs(int(o), sims.abs() if g.both[v] else sims, np.full(len(rows), v), rows, g)
+    x16 = scratch.get("rows16", tuple(x.shape), torch.bfloat16)
+    x16.copy_(x)
+    approx = scratch.get("screen", (len(g.owner), len(x)), torch.bfloat16)
+    torch.mm(q16, x16.T, out=approx)
+    # |.| bounds the similarity of either sign; clearing a bfloat16's sign bit is its absolute value, and non-negative
+    # bfloat16 values order as their bits do, so the largest is taken as int16 (a bfloat16 reduction is 3x slower)
+    bits = approx.view(torch.int16).bitwise_and_(0x7FFF)
+    top = bits.amax(dim=1).view(torch.bfloat16).float().numpy().astype(np.float64)
+    # seed each query's best with the exact similarity of its most promising pair (within SCREEN of the screen's best)
+    seeds = [int(members[np.argmax(top[members])]) for _, members in g.members()]
+    at = bits[torch.tensor(seeds)].argmax(dim=1)
+    sims = torch.einsum("ij,ij->i", g.q[seeds], x[at])
+    for (o, _), v, r, s in zip(g.members(), seeds, at.tolist(), sims):
+        best.add_pairs(o, (s.abs() if g.both[v] else s)[None], np.array([v]), rows[[r]], g)
     floor = best.value[g.owner] - REFINE - SCREEN
     keep = np.flatnonzero(top >= floor)
     if not len(keep):
@@ -242,7 +300,8 @@ def _screened(g: _Group, q16: torch.Tensor, x: torch.Tensor, best: _Best, rows: 
     sub = approx[torch.from_numpy(keep)].float()
     if sub.numel() and (sub >= torch.from_numpy(floor[keep]).float()[:, None]).float().mean() > _DENSE_PAIRS:
         part = _Group(None, g.q[torch.from_numpy(keep)], g.owner[keep], g.both[keep], g.full[keep])
-        best.add(part.q @ x.T, part, rows)
+        sims = scratch.get("exact", (len(keep), len(x)), torch.float32)
+        best.add(torch.mm(part.q, x.T, out=sims), part, rows)
         return
     vi, ri = torch.nonzero(sub >= torch.from_numpy(floor[keep]).float()[:, None], as_tuple=True)
     vi = torch.from_numpy(keep)[vi]
@@ -273,23 +332,30 @@ def nearest_rows(
     owner = np.repeat(np.arange(nq), nv)
     xs = [torch.from_numpy(np.asarray(x, dtype=np.float32)) for x in shards]
     best = _Best(nq)
-    for g, cols in _batched(_groups(flat, owner, fast)):
-        step = max(1, _BLOCK_FLOATS // max(len(g.full), 1))
+    scratch = _Scratch()
+    for group, cols in _batched(_groups(flat, owner, fast, nv)):
         screen = (
-            fast and cols is None and BF16_SCREEN and len(g.owner) >= _SCREEN_MIN_PER_QUERY * len(np.unique(g.owner))
+            fast
+            and cols is None
+            and BF16_SCREEN
+            and len(group.owner) >= _SCREEN_MIN_PER_QUERY * len(np.unique(group.owner))
         )
-        q16 = g.q.to(torch.bfloat16) if screen else None
-        for x, offset in zip(xs, offsets):
-            for s in range(0, x.shape[0], step):
-                if q16 is not None:
-                    _screened(g, q16, x[s : s + step], best, np.arange(offset + s, offset + s + len(x[s : s + step])))
-                    continue
-                if cols is None:
-                    sims = g.q @ x[s : s + step].T
-                else:  # slots of one size side by side: (slots, vectors, c) @ (slots, c, rows)
-                    xb = x[s : s + step][:, cols].reshape(-1, *g.q.shape[::2]).permute(1, 2, 0)
-                    sims = torch.bmm(g.q, xb).reshape(len(g.full), -1)
-                best.add(sims, g, np.arange(offset + s, offset + s + sims.shape[1]))
+        for g in _chunks(group, _BLOCK_FLOATS // _MIN_ROWS) if cols is None else [group]:
+            step = max(1, _BLOCK_FLOATS // max(len(g.full), 1))
+            q16 = g.q.to(torch.bfloat16) if screen else None
+            for x, offset in zip(xs, offsets):
+                for s in range(0, x.shape[0], step):
+                    block, rows = x[s : s + step], np.arange(offset + s, offset + s + len(x[s : s + step]))
+                    if q16 is not None:
+                        _screened(g, q16, block, best, rows, scratch)
+                        continue
+                    sims = scratch.get("exact", (len(g.full), len(block)), torch.float32)
+                    if cols is None:
+                        torch.mm(g.q, block.T, out=sims)
+                    else:  # slots of one size side by side: (slots, vectors, c) @ (slots, c, rows)
+                        xb = block[:, cols].reshape(-1, *g.q.shape[::2]).permute(1, 2, 0)
+                        torch.bmm(g.q, xb, out=sims.view(g.q.shape[0], g.q.shape[1], -1))
+                    best.add(sims, g, rows)
     sims, rows = np.empty(nq), np.empty(nq, dtype=np.int64)
     for o in range(nq):
         sims[o], rows[o] = best.result(o, lambda r: rows_at(shards, offsets, r))

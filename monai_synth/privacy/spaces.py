@@ -499,6 +499,9 @@ class PixelSpace:
                 for sym in self._symmetries
                 for s in shifts
             ]
+        # every variant, then every negated variant (as embed_variants returns them): the search takes the halves as
+        # one product (see monai_synth.privacy.search)
+        self.variant_ops.sort(key=lambda op: op[0] < 0)
 
     @property
     def dim(self) -> int:
@@ -589,7 +592,8 @@ class PixelSpace:
             reduced = F.interpolate(x, size=size, mode="area") if size != tuple(x.shape[2:]) else x
             g_median = F.interpolate(_median_filtered(reduced, self.median), size=g0.shape[2:], mode="area")
             groups.append(self._moved(g_median, self._shifts, "replicate", self._symmetries, n))
-        return torch.cat(groups, dim=1).numpy().astype(np.float32, copy=False)
+        v = torch.cat(groups, dim=1)
+        return (torch.cat([v, -v], dim=1) if len(self.signs) == 2 else v).numpy().astype(np.float32, copy=False)
 
     def _unit_range(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`scaled_batch` images at full resolution on their own [0, 1] range (per image), where the gammas
@@ -616,17 +620,16 @@ class PixelSpace:
     def _moved(
         self, g: torch.Tensor, shifts: Sequence[tuple[int, ...]], mode: str, symmetries: Sequence[tuple], n: int
     ) -> torch.Tensor:
-        """``(n * A, C, *grid)`` grids -> ``(n, A * S * symmetries * signs, d)``: each moved by each of ``shifts``
-        (``mode`` as :meth:`_windows`), under each symmetry, standardised, the negated copies after."""
+        """``(n * A, C, *grid)`` grids -> ``(n, A * S * symmetries, d)``: each moved by each of ``shifts`` (``mode`` as
+        :meth:`_windows`), under each symmetry, standardised."""
         w = self._windows(g, shifts, mode)
         return self._signed(torch.cat([_apply_symmetry(w, perm, flips, 3) for perm, flips in symmetries], dim=1), n)
 
     def _signed(self, w: torch.Tensor, n: int) -> torch.Tensor:
-        """``(n * A, V, C, *grid)`` variants (A affine variants per image) -> ``(n, A * V * signs, d)`` standardised
-        vectors, the negated copies after."""
-        per_sign = w.shape[0] * w.shape[1] // n
-        v = _standardise(w.reshape(n * per_sign, -1)).reshape(n, per_sign, -1)
-        return torch.cat([v, -v], dim=1) if len(self.signs) == 2 else v
+        """``(n * A, V, C, *grid)`` variants (A affine variants per image) -> ``(n, A * V, d)`` standardised vectors
+        (:meth:`embed_variants` appends the negated copies of all of them)."""
+        per_image = w.shape[0] * w.shape[1] // n
+        return _standardise(w.reshape(n * per_image, -1)).reshape(n, per_image, -1)
 
     def _offset_index(self, shift: tuple[int, ...], reach: int) -> int:
         """Position of a shift in the offsets unfolded from a grid padded by ``reach`` cells (row-major over axes,

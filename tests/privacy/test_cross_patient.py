@@ -199,20 +199,22 @@ def test_specificity_searches_exactly_only_the_images_a_second_patient_bound_can
     exact = _ExactSpecificity(
         [(fast.indexes[n], fast.calibrations[n]) for n in fast.indexes], batch_size=32, specificity=fast.specificity
     )
-    searched = []
+    bounded, searched = [], []
     real_neighbours = safeguard_module._neighbours
+    real_two = TrainingIndex.nearest_two_patients
     monkeypatch.setattr(
         safeguard_module, "_neighbours", lambda i, b, o: searched.append(len(b[0])) or real_neighbours(i, b, o)
     )
+    monkeypatch.setattr(TrainingIndex, "nearest_two_patients", lambda i, v: bounded.append(len(v)) or real_two(i, v))
     got = fast.check(candidates)
-    queried = sum(searched)
+    bound_searches, exact_searches = sum(bounded), sum(searched)
     want = exact.check(candidates)
     assert [r.passed for r in got] == [r.passed for r in want] and [r.reason for r in got] == [r.reason for r in want]
     assert any("much closer to one training patient" in (r.reason or "") for r in got)  # the test does refuse here
     assert sum(r.passed for r in got[:40]) >= 34
     # per space: one bound search of every image, then the exact search of the few the bound could not clear
     judged = len(candidates) * len(spaces)
-    assert judged <= queried < 1.5 * judged
+    assert bound_searches == judged and 0 < exact_searches < 0.5 * judged
 
 
 def test_specificity_needs_the_duplicate_screen():

@@ -285,3 +285,25 @@ def test_the_safeguard_fails_a_degenerate_image_closed_and_judges_the_others(dat
     assert not any(r.passed for r in results)
     assert "DegenerateVectorError" in results[1].reason and "too close" in results[0].reason
     assert np.isnan(results[1].distances["pixel"])
+
+
+@pytest.mark.parametrize("shard_size", [None, 16])
+def test_nearest_two_patients_matches_brute_force(data, shard_size, monkeypatch):
+    """The specificity test's bound: nearest row, and nearest row of another patient, exact over every shard and block
+    (blocks of a few rows, so the merge across blocks is what is tested)."""
+    images, patients = data
+    space = PixelSpace(grid=16)
+    index = TrainingIndex.build(space, images, patients, "dl", shard_size=shard_size)
+    queries = torch.cat([images[[4, 30]] + 0.05 * torch.randn(2, 1, 16, 16), torch.randn(6, 1, 16, 16)])
+    vec = space.embed(queries)
+    d = space_distance(vec, space.embed(images))
+    codes = np.array([int(p[1:]) for p in patients])
+    for step_bits in (22, 5):  # one block per shard, then blocks of 4 rows for 8 queries
+        monkeypatch.setattr(TrainingIndex, "_TWO_PATIENT_BLOCK", 1 << step_bits)
+        rows, near, other = index.nearest_two_patients(vec)
+        np.testing.assert_array_equal(rows, d.argmin(axis=1))
+        np.testing.assert_allclose(near, d.min(axis=1), atol=1e-5)
+        own = codes[d.argmin(axis=1)]
+        ref = np.where(codes[None, :] == own[:, None], np.inf, d).min(axis=1)
+        np.testing.assert_allclose(other, ref, atol=1e-5)
+    assert rows[0] == 4 and rows[1] == 30 and (other[:2] > near[:2]).all()

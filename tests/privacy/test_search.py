@@ -139,3 +139,65 @@ def test_slots_side_by_side_are_read_as_a_view_of_the_rows(phantoms):
     slotted = [cols for _, cols in batches if cols is not None]
     assert slotted and all(isinstance(cols, slice) for cols in slotted)
     assert sum(cols.stop - cols.start for cols in slotted) == d
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_default_spaces_return_every_variant_then_every_negated_variant(dims):
+    """The search folds signs in one pass when a query's second half of variants is its first half negated: every
+    default space invariant to inversion must return them so, and label them so (``variant_ops``)."""
+    from monai_synth.privacy.factory import DEFAULT_SPACES, THREE_D_ONLY, TWO_D_ONLY, make_space
+
+    size = (16,) * dims
+    image = torch.rand(1, 1, *size)
+    skip = {"embedding"} | (THREE_D_ONLY if dims == 2 else TWO_D_ONLY)
+    for name in (n for n in DEFAULT_SPACES if n not in skip):
+        space = make_space(name, dims, size)
+        v = embed_variants(space, image)[0]
+        half = len(v) // 2
+        assert len(v) % 2 == 0 and np.array_equal(v[half:], -v[:half]), name
+        ops = getattr(space, "variant_ops", None)
+        if ops is not None:
+            assert len(ops) == len(v) and all(op[0] > 0 for op in ops[:half]) and all(op[0] < 0 for op in ops[half:])
+            assert [op[1:] for op in ops[:half]] == [op[1:] for op in ops[half:]], name
+
+
+def test_interleaved_signs_and_duplicates_still_fold_to_the_dense_answer():
+    """Variants that are not laid out as halves (a variant, its negation, a duplicate) go through the general fold."""
+    rng = np.random.default_rng(1)
+    rows = rng.standard_normal((300, 32)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    base = rng.standard_normal((3, 40, 32)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=2, keepdims=True)
+    base[1, 5] = -rows[17] * 0.9 + 0.1 * base[1, 5]
+    base[1, 5] /= np.linalg.norm(base[1, 5])
+    queries = np.concatenate([base, -base, base[:, :3]], axis=1)[:, rng.permutation(83)]  # interleaved, repeated
+    vec, own, both = _folded_of(queries)
+    assert len(vec) < queries.shape[0] * queries.shape[1] // 2 + 10 and both.any()
+    fast = nearest_rows(queries, [rows], [0])
+    dense = nearest_rows(queries, [rows], [0], fast=False)
+    assert np.array_equal(fast[0], dense[0]) and np.array_equal(fast[1], dense[1]) and fast[1][1] == 17
+
+
+def _folded_of(queries):
+    from monai_synth.privacy.search import _folded
+
+    nq, nv, d = queries.shape
+    return _folded(np.ascontiguousarray(queries.reshape(-1, d)), np.repeat(np.arange(nq), nv), nv)
+
+
+def test_a_large_batch_is_cut_into_chunks_and_answers_as_the_dense_path(monkeypatch):
+    """Many candidates at once: the vectors are cut into chunks (each block keeps enough rows), same answers."""
+    monkeypatch.setattr("monai_synth.privacy.search._BLOCK_FLOATS", 1 << 14)
+    monkeypatch.setattr("monai_synth.privacy.search._MIN_ROWS", 64)
+    rng = np.random.default_rng(2)
+    rows = rng.standard_normal((1000, 24)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    v = rng.standard_normal((6, 300, 24)).astype(np.float32)
+    v[4, 123] = rows[640] + 0.05 * v[4, 123]
+    v /= np.linalg.norm(v, axis=2, keepdims=True)
+    queries = np.concatenate([v, -v], axis=1)
+    for screen in (True, False):
+        monkeypatch.setattr("monai_synth.privacy.search.BF16_SCREEN", screen)
+        fast = nearest_rows(queries, [rows[:700], rows[700:]], [0, 700])
+        dense = nearest_rows(queries, [rows[:700], rows[700:]], [0, 700], fast=False)
+        assert np.array_equal(fast[0], dense[0]) and np.array_equal(fast[1], dense[1]) and fast[1][4] == 640
