@@ -116,6 +116,8 @@ def _unit_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     has lost its precision); degenerate rows are left as they are in the returned array.
     """
     x = np.asarray(vectors)
+    if x.dtype == np.float32 and x.ndim == 2 and x.flags.c_contiguous and _already_unit(x):
+        return x, np.zeros(len(x), dtype=bool)
     if x.dtype not in (np.float32, np.float64):
         x = x.astype(np.float64)
     y, ok = np.empty(x.shape, dtype=x.dtype), np.empty(len(x), dtype=bool)
@@ -128,6 +130,24 @@ def _unit_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         norm = np.sqrt(np.add.reduce(np.square(yb), axis=1))  # np.linalg.norm's sum, without its copies
         yb /= np.where(okb, norm, 1)[:, None]
     return np.ascontiguousarray(y, dtype=np.float32), ~ok
+
+
+def _already_unit(x: np.ndarray) -> bool:
+    """Whether every row of a float32 array is finite with a norm within float32 rounding of 1 (what every space
+    returns): then :func:`_unit_rows` can return the rows as they are, without its four passes and its copy (about 5%
+    of the default safeguard's time per candidate). Such a row has an entry of at least ``1 / sqrt(d)``: no row of no
+    direction passes."""
+    block = max(1, _CACHE_BLOCK // max(1, x.shape[1] * x.itemsize))
+    for start in range(0, len(x), block):
+        xb = x[start : start + block]
+        norm2 = np.einsum("ij,ij->i", xb, xb, dtype=np.float64)
+        if not (np.abs(norm2 - 1.0) <= _UNIT_TOLERANCE).all():  # NaN fails too
+            return False
+    return True
+
+
+_UNIT_TOLERANCE = 1e-5  # |norm^2 - 1| of a float32 vector normalised in float32 is about d * 2**-24 at most (2.4e-4
+# for d = 4096, far less in practice: the spaces' vectors of 4,096 values come within 1e-6)
 
 
 def _kth_bound(sims: Sequence[np.ndarray], q: int, v: int, k: int) -> np.ndarray:

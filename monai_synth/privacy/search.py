@@ -96,14 +96,17 @@ def _groups(flat: np.ndarray, owner: np.ndarray, fast: bool, nv: int = 1) -> lis
     if not fast:
         return [_Group(None, torch.from_numpy(flat), owner, np.zeros(len(flat), bool), flat)]
     vec, own, both = _folded(flat, owner, nv)
-    support = vec != 0
-    sparse = support.sum(axis=1) <= d // 2
+    sparse = np.count_nonzero(vec, axis=1) <= d // 2
     groups = []
+    if not sparse.any():  # every vector dense (pixel, tiles, disc, texture): no copy
+        vec = np.ascontiguousarray(vec)
+        return [_Group(None, torch.from_numpy(vec), own, both, vec)]
     if (~sparse).any():
         dense = np.flatnonzero(~sparse)
         q = torch.from_numpy(np.ascontiguousarray(vec[dense]))
         groups.append(_Group(None, q, own[dense], both[dense], vec[dense]))
     if sparse.any():
+        support = vec != 0
         idx = np.flatnonzero(sparse)
         packed = np.ascontiguousarray(np.packbits(support[idx], axis=1))
         _, group_of = np.unique(packed.view(np.dtype((np.void, packed.shape[1]))).ravel(), return_inverse=True)
@@ -276,41 +279,81 @@ def _batched(groups: list[_Group]) -> list[tuple[_Group, torch.Tensor | slice | 
     return out
 
 
-def _screened(g: _Group, q16: torch.Tensor, x: torch.Tensor, best: _Best, rows: np.ndarray, scratch: _Scratch) -> None:
-    """One block of rows for a dense group: bfloat16 screen, then float32 for the pairs it cannot rule out."""
+def _screened(
+    g: _Group, approx: torch.Tensor, x: torch.Tensor, best: _Best, rows: np.ndarray, scratch: _Scratch
+) -> None:
+    """One block of rows ``x`` for group ``g`` whose bfloat16 similarities ``approx`` ``(m, rows)`` are computed: the
+    pairs the screen cannot rule out are computed in float32 (from the full vectors, so slot groups work alike)."""
     both = torch.from_numpy(g.both)
-    x16 = scratch.get("rows16", tuple(x.shape), torch.bfloat16)
-    x16.copy_(x)
-    approx = scratch.get("screen", (len(g.owner), len(x)), torch.bfloat16)
-    torch.mm(q16, x16.T, out=approx)
+    full = torch.from_numpy(g.full)
+    real = g.owner >= 0  # slot groups are padded with vectors of owner -1
     # |.| bounds the similarity of either sign; clearing a bfloat16's sign bit is its absolute value, and non-negative
     # bfloat16 values order as their bits do, so the largest is taken as int16 (a bfloat16 reduction is 3x slower)
     bits = approx.view(torch.int16).bitwise_and_(0x7FFF)
     top = bits.amax(dim=1).view(torch.bfloat16).float().numpy().astype(np.float64)
     # seed each query's best with the exact similarity of its most promising pair (within SCREEN of the screen's best)
-    seeds = [int(members[np.argmax(top[members])]) for _, members in g.members()]
+    members = [(o, m) for o, m in g.members() if o >= 0]
+    seeds = [int(m[np.argmax(top[m])]) for _, m in members]
     at = bits[torch.tensor(seeds)].argmax(dim=1)
-    sims = torch.einsum("ij,ij->i", g.q[seeds], x[at])
-    for (o, _), v, r, s in zip(g.members(), seeds, at.tolist(), sims):
+    sims = torch.einsum("ij,ij->i", full[seeds], x[at])
+    for (o, _), v, r, s in zip(members, seeds, at.tolist(), sims):
         best.add_pairs(o, (s.abs() if g.both[v] else s)[None], np.array([v]), rows[[r]], g)
-    floor = best.value[g.owner] - REFINE - SCREEN
+    floor = np.where(real, best.value[np.maximum(g.owner, 0)] - REFINE - SCREEN, np.inf)
     keep = np.flatnonzero(top >= floor)
     if not len(keep):
         return
     sub = approx[torch.from_numpy(keep)].float()
     if sub.numel() and (sub >= torch.from_numpy(floor[keep]).float()[:, None]).float().mean() > _DENSE_PAIRS:
-        part = _Group(None, g.q[torch.from_numpy(keep)], g.owner[keep], g.both[keep], g.full[keep])
-        sims = scratch.get("exact", (len(keep), len(x)), torch.float32)
-        best.add(torch.mm(part.q, x.T, out=sims), part, rows)
+        part = _Group(None, full[torch.from_numpy(keep)], g.owner[keep], g.both[keep], g.full[keep])
+        exact = scratch.get("exact", (len(keep), len(x)), torch.float32)
+        best.add(torch.mm(part.q, x.T, out=exact), part, rows)
         return
     vi, ri = torch.nonzero(sub >= torch.from_numpy(floor[keep]).float()[:, None], as_tuple=True)
     vi = torch.from_numpy(keep)[vi]
-    sims = torch.einsum("ij,ij->i", g.q[vi], x[ri])
+    sims = torch.einsum("ij,ij->i", full[vi], x[ri])
     sims = torch.where(both[vi], sims.abs(), sims)
     vi, ri = vi.numpy(), ri.numpy()
     for o in np.unique(g.owner[vi]):
         m = g.owner[vi] == o
         best.add_pairs(int(o), sims[torch.from_numpy(m)], vi[m], rows[ri[m]], g)
+
+
+def _slot_columns(block: torch.Tensor, cols: torch.Tensor | slice, shape: Sequence[int]) -> torch.Tensor:
+    """``(slots, c, rows)`` view of a block's slot columns, for ``(slots, vectors, c)`` slot vectors."""
+    return block[:, cols].reshape(-1, shape[0], shape[2]).permute(1, 2, 0)
+
+
+def _screen_group(
+    group: _Group, cols, xs: Sequence[torch.Tensor], offsets: Sequence[int], best: _Best, scratch: _Scratch
+) -> None:
+    """A group screened in bfloat16, block of rows by block: each block is converted once, then multiplied with every
+    chunk of vectors (dense) or with every slot's vectors (one batched product)."""
+    if cols is None:
+        chunks = _chunks(group, _BLOCK_FLOATS // _MIN_ROWS)
+        step = _MIN_ROWS
+    else:
+        chunks, step = [group], max(1, _BLOCK_FLOATS // max(len(group.full), 1))
+    q16s = [g.q.to(torch.bfloat16) for g in chunks]
+    for x, offset in zip(xs, offsets):
+        for s in range(0, x.shape[0], step):
+            block = x[s : s + step]
+            rows = np.arange(offset + s, offset + s + len(block))
+            if cols is None:
+                x16 = scratch.get("rows16", tuple(block.shape), torch.bfloat16)
+                x16.copy_(block)
+            else:
+                # (slots, rows, c): each row's slot columns stay side by side, a cheaper copy than (slots, c, rows)
+                shape = group.q.shape
+                x16 = scratch.get("rows16", (shape[0], len(block), shape[2]), torch.bfloat16)
+                x16.copy_(block[:, cols].reshape(len(block), shape[0], shape[2]).permute(1, 0, 2))
+                x16 = x16.transpose(1, 2)
+            for g, q16 in zip(chunks, q16s):
+                approx = scratch.get("screen", (len(g.owner), len(block)), torch.bfloat16)
+                if cols is None:
+                    torch.mm(q16, x16.T, out=approx)
+                else:
+                    torch.bmm(q16, x16, out=approx.view(*q16.shape[:2], -1))
+                _screened(g, approx, block, best, rows, scratch)
 
 
 def nearest_rows(
@@ -334,27 +377,20 @@ def nearest_rows(
     best = _Best(nq)
     scratch = _Scratch()
     for group, cols in _batched(_groups(flat, owner, fast, nv)):
-        screen = (
-            fast
-            and cols is None
-            and BF16_SCREEN
-            and len(group.owner) >= _SCREEN_MIN_PER_QUERY * len(np.unique(group.owner))
-        )
+        real = group.owner >= 0
+        if fast and BF16_SCREEN and real.sum() >= _SCREEN_MIN_PER_QUERY * len(np.unique(group.owner[real])):
+            _screen_group(group, cols, xs, offsets, best, scratch)
+            continue
         for g in _chunks(group, _BLOCK_FLOATS // _MIN_ROWS) if cols is None else [group]:
             step = max(1, _BLOCK_FLOATS // max(len(g.full), 1))
-            q16 = g.q.to(torch.bfloat16) if screen else None
             for x, offset in zip(xs, offsets):
                 for s in range(0, x.shape[0], step):
                     block, rows = x[s : s + step], np.arange(offset + s, offset + s + len(x[s : s + step]))
-                    if q16 is not None:
-                        _screened(g, q16, block, best, rows, scratch)
-                        continue
                     sims = scratch.get("exact", (len(g.full), len(block)), torch.float32)
                     if cols is None:
                         torch.mm(g.q, block.T, out=sims)
                     else:  # slots of one size side by side: (slots, vectors, c) @ (slots, c, rows)
-                        xb = block[:, cols].reshape(-1, *g.q.shape[::2]).permute(1, 2, 0)
-                        torch.bmm(g.q, xb, out=sims.view(g.q.shape[0], g.q.shape[1], -1))
+                        torch.bmm(g.q, _slot_columns(block, cols, g.q.shape), out=sims.view(*g.q.shape[:2], -1))
                     best.add(sims, g, rows)
     sims, rows = np.empty(nq), np.empty(nq, dtype=np.int64)
     for o in range(nq):

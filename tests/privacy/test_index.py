@@ -307,3 +307,21 @@ def test_nearest_two_patients_matches_brute_force(data, shard_size, monkeypatch)
         ref = np.where(codes[None, :] == own[:, None], np.inf, d).min(axis=1)
         np.testing.assert_allclose(other, ref, atol=1e-5)
     assert rows[0] == 4 and rows[1] == 30 and (other[:2] > near[:2]).all()
+
+
+def test_unit_rows_are_taken_as_they_are_and_others_are_normalised_or_refused():
+    from monai_synth.privacy.index import _unit_rows
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    same, bad = _unit_rows(x)
+    assert same is x and not bad.any()  # already unit: no copy
+    y = x.copy()
+    y[1] *= 1.01
+    y[2] *= 1e30
+    y[3] = 0.0
+    y[4, 0] = np.inf
+    out, bad = _unit_rows(y)
+    assert out is not y and bad.tolist() == [False, False, False, True, True]
+    np.testing.assert_allclose(out[:3], x[:3], rtol=1e-5, atol=1e-6)
