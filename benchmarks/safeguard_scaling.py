@@ -392,7 +392,13 @@ def main() -> None:
     parser.add_argument("--target", type=int, default=100_000, help="training images the ratio is stated for")
     parser.add_argument("--bundle", default=os.path.join(os.path.dirname(__file__), "..", "bundles", "breast_us_ldit"))
     parser.add_argument("--sample-images", type=int, default=2, help="images sampled to time the bundle's sampler")
-    parser.add_argument("--candidates", type=int, default=8, help="candidates judged per index size")
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        default=16,
+        help="candidates judged at once per index size (default 16: the bundle's sample_batch_size, a batch the "
+        "sampler hands the safeguard)",
+    )
     parser.add_argument("--rows", nargs="+", default=["phantom", "random"], choices=["phantom", "random"],
                         help="kinds of training rows the default spaces are timed against")  # fmt: skip
     parser.add_argument("--bases", type=int, default=400, help="phantom patients the phantom rows are drawn from")
