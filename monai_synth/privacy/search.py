@@ -10,12 +10,18 @@ shortcuts cut it without changing the answer:
   one min/max pass. Identical variants (a constant window repeated) are computed once.
 * **Slots.** A variant that is zero outside some columns (the ``parts`` and ``crops`` spaces hold one region in its
   slot, zeros elsewhere) is multiplied with those columns only: adding exact zeros changes no sum.
-* **A bfloat16 screen with a proven error bound.** Dense variants of spaces with many per query (pixel, tiles, disc)
-  are first multiplied in bfloat16 (about 3x faster than float32 on a CPU with AVX-512 BF16; skipped on CPUs without
-  native bfloat16, :data:`BF16_SCREEN`, and for a few variants per query). For unit vectors the screened
-  value is within :data:`SCREEN` of the true similarity (see there), so a (variant, row) pair whose screened
-  ``|similarity|`` plus :data:`SCREEN` is below the best exact similarity found so far cannot be the nearest pair;
-  every other pair is computed in float32 (few: the pairs within a few hundredths of the best).
+* **A bfloat16 screen with a proven error bound.** The variants of spaces with many per query (pixel, tiles, disc,
+  and the parts and crops slots on their columns) are first multiplied in bfloat16 (about 3x faster than float32 on
+  a CPU with AVX-512 BF16, more with AMX; skipped on CPUs without native bfloat16, :data:`BF16_SCREEN`, and for a
+  few variants per query). For unit vectors the screened value is within :data:`SCREEN` of the true similarity (see
+  there), so a (variant, row) pair whose screened ``|similarity|`` plus :data:`SCREEN` is below the best exact
+  similarity found so far cannot be the nearest pair; every other pair is computed in float32 (few: the pairs within
+  a few hundredths of the best).
+
+Where the time goes once the products are few (measured in ``docs/benchmarks.md``, "Safeguard scaling"): fresh
+output tensors (page faults), short blocks of rows, reductions in bfloat16, and sorting the variants to fold their
+signs each cost as much as the products; the loop below reuses its buffers, keeps blocks of :data:`_MIN_ROWS` rows,
+reduces as int16 and folds signs from the halves the spaces return.
 
 Not used, measured in ``docs/benchmarks.md``: a two-stage search that bounds each similarity through a projection on
 the rows' principal directions (Cauchy-Schwarz on the residuals) is exact too, but the per-pair bound test costs
