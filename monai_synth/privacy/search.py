@@ -298,12 +298,14 @@ def _screened(
     bits = approx.view(torch.int16).bitwise_and_(0x7FFF)
     top = bits.amax(dim=1).view(torch.bfloat16).float().numpy().astype(np.float64)
     # seed each query's best with the exact similarity of its most promising pair (within SCREEN of the screen's best)
-    members = [(o, m) for o, m in g.members() if o >= 0]
-    seeds = [int(m[np.argmax(top[m])]) for _, m in members]
-    at = bits[torch.tensor(seeds)].argmax(dim=1)
-    sims = torch.einsum("ij,ij->i", full[seeds], x[at])
-    for (o, _), v, r, s in zip(members, seeds, at.tolist(), sims):
-        best.add_pairs(o, (s.abs() if g.both[v] else s)[None], np.array([v]), rows[[r]], g)
+    # (none where even that cannot reach the query's best so far)
+    seeds = [(o, int(m[np.argmax(top[m])])) for o, m in g.members() if o >= 0]
+    seeds = [(o, v) for o, v in seeds if top[v] + SCREEN >= best.value[o]]
+    if seeds:
+        at = bits[torch.tensor([v for _, v in seeds])].argmax(dim=1)
+        sims = torch.einsum("ij,ij->i", full[[v for _, v in seeds]], x[at])
+        for (o, v), r, s in zip(seeds, at.tolist(), sims):
+            best.add_pairs(o, (s.abs() if g.both[v] else s)[None], np.array([v]), rows[[r]], g)
     floor = np.where(real, best.value[np.maximum(g.owner, 0)] - REFINE - SCREEN, np.inf)
     keep = np.flatnonzero(top >= floor)
     if not len(keep):
