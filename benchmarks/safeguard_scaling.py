@@ -497,8 +497,8 @@ def _default_spaces_report(args) -> None:
         w, c = totals["fast"]
         print(
             f"  safeguard / sampling = {w / samp['s_per_image']:.1%} (CPU time: {c / samp['cpu_s_per_image']:.1%}); "
-            f"goal <= 10%; answers of fast and dense search identical: "
-            f"{all(r.get('agree', True) for r in rows)}",
+            "goal <= 10%; answers of fast and dense search identical: "
+            + (str(all(r["agree"] for r in rows)) if all("agree" in r for r in rows) else "not compared (--no-dense)"),
             flush=True,
         )
 
