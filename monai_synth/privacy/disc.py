@@ -122,15 +122,30 @@ class DiscSpace(InscribedSpace):
         return v.numpy().astype(np.float32, copy=False)
 
     def _resampled(self, fine: torch.Tensor) -> torch.Tensor:
-        """``(B * M, C, *fine)``: every image through every (zoom, angle, shift) map, edges replicated."""
-        theta = torch.zeros(len(self._maps), 2, 3)
-        for k, (z, deg, (dy, dx)) in enumerate(self._maps):
-            c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
-            theta[k, :, :2] = torch.tensor([[c, -s], [s, c]]) / z  # content magnified by z
-            theta[k, :, 2] = torch.tensor([-2.0 * dx / self.grid, -2.0 * dy / self.grid])  # content moved by (dy, dx)
-        src = fine.repeat_interleave(len(self._maps), dim=0)
-        coords = F.affine_grid(theta.repeat(fine.shape[0], 1, 1), list(src.shape), align_corners=False)
-        return F.grid_sample(src, coords, mode="bilinear", padding_mode="border", align_corners=False)
+        """``(B * M, C, *fine)``: every image through every (zoom, angle, shift) map, edges replicated.
+
+        The images ride along as channels of one sample per map, so the sampling grid of every map is made once per
+        image size (and kept): building it per image, with each image copied per map, took a third of the variants'
+        time."""
+        n, c, m = fine.shape[0], fine.shape[1], len(self._maps)
+        coords = self._coords(tuple(fine.shape[2:]))
+        src = fine.reshape(1, n * c, *fine.shape[2:]).expand(m, -1, -1, -1)
+        out = F.grid_sample(src, coords, mode="bilinear", padding_mode="border", align_corners=False)
+        return out.reshape(m, n, c, *out.shape[2:]).transpose(0, 1).reshape(n * m, c, *out.shape[2:])
+
+    def _coords(self, size: tuple[int, ...]) -> torch.Tensor:
+        """``(M, *size, 2)`` sampling grid of every map at this image size."""
+        cache = self.__dict__.setdefault("_coords_cache", {})
+        if size not in cache:
+            theta = torch.zeros(len(self._maps), 2, 3)
+            for k, (z, deg, (dy, dx)) in enumerate(self._maps):
+                c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+                theta[k, :, :2] = torch.tensor([[c, -s], [s, c]]) / z  # content magnified by z
+                theta[k, :, 2] = torch.tensor(
+                    [-2.0 * dx / self.grid, -2.0 * dy / self.grid]
+                )  # content moved by (dy, dx)
+            cache[size] = F.affine_grid(theta, [len(self._maps), 1, *size], align_corners=False)
+        return cache[size]
 
     def __repr__(self) -> str:
         return (
