@@ -141,9 +141,8 @@ class DiscSpace(InscribedSpace):
             for k, (z, deg, (dy, dx)) in enumerate(self._maps):
                 c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
                 theta[k, :, :2] = torch.tensor([[c, -s], [s, c]]) / z  # content magnified by z
-                theta[k, :, 2] = torch.tensor(
-                    [-2.0 * dx / self.grid, -2.0 * dy / self.grid]
-                )  # content moved by (dy, dx)
+                move = [-2.0 * dx / self.grid, -2.0 * dy / self.grid]  # content moved by (dy, dx)
+                theta[k, :, 2] = torch.tensor(move)
             cache[size] = F.affine_grid(theta, [len(self._maps), 1, *size], align_corners=False)
         return cache[size]
 
