@@ -51,7 +51,8 @@ THREE_D_ONLY = frozenset({"ball"})
 
 _PIXEL_DEFAULTS = {
     2: {"invariances": ("flip", "transpose", "shift", "zoom", "invert"), "max_shift": 2, "wrap_shift": 4,
-        "zooms": (0.7, 0.8, 0.9, 1.1, 1.25, 1.4), "gammas": (0.5, 0.7, 1.4, 2.0), "median": 3},
+        "zooms": (0.7, 0.8, 0.9, 1.1, 1.25, 1.4), "gammas": (0.5, 0.7, 1.4, 2.0), "median": 3,
+        "shears": (-0.2, -0.1, 0.1, 0.2)},
     3: {"invariances": ("flip", "transpose", "shift", "zoom", "rotate", "invert"), "max_shift": 2,
         "zooms": (0.8, 1.25), "rotations": (-25.0, -20.0, -15.0, -10.0, -5.0, 5.0, 10.0, 15.0, 20.0, 25.0),
         "plane_zooms": (0.8, 0.85, 0.9, 0.95, 1.05, 1.1, 1.15, 1.2, 1.25), "gammas": (0.5, 0.7, 1.4, 2.0),

@@ -240,6 +240,14 @@ def _linear_variants(g: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Ten
     return F.grid_sample(src, coords, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def _shear_map(axis: int, k: float) -> torch.Tensor:
+    """``(2, 2)`` shear about the centre for :func:`_linear_variants`: points move along ``axis`` by ``k`` times their
+    offset along the other axis (``affine_grid`` orders its coordinates by reversed axes)."""
+    m = torch.eye(2)
+    m[1 - axis, axis] = k
+    return m
+
+
 def _plane_rotation(nd: int, axis: int, degrees: float) -> torch.Tensor:
     """``(nd, nd)`` rotation by ``degrees`` about ``axis`` (3D: in the plane of the two other axes)."""
     rot = torch.eye(nd)
@@ -339,6 +347,10 @@ class PixelSpace:
             than ``zooms`` costs little.
         gammas: powers the query's [0, 1] intensities are raised to (a copy with gamma ``g`` is undone by ``1 / g``),
             each under every symmetry and shift (3D: as above; unzoomed, unrotated); none by default.
+        shears: 2D only: shear factors tried along each axis about the centre (row ``i`` moved by ``k * i`` along
+            the other axis), each under every symmetry, unshifted; none by default. CT slices sheared by 0.15 sat
+            0.029-0.080 from their sources (threshold 0.018) and all passed the whole default gate; with shears of
+            +-0.1 and +-0.2, 0.003-0.011, and no holdout image came closer than before.
 
     Zooms and rotations (and 3D's ``plane_zooms``) resample the image at twice the grid (``2 * grid`` per axis, or
     the volume's own size when smaller) and only then reduce it to the grid: resampled on the coarse grid itself,
@@ -366,6 +378,7 @@ class PixelSpace:
         gammas: Sequence[float] = (),
         wrap_shift: int | None = None,
         median: int = 0,
+        shears: Sequence[float] = (),
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -389,6 +402,8 @@ class PixelSpace:
             raise ValueError(f"median must be 0 (none) or an odd filter width of at least 3, got {median}")
         if not all(0.1 <= float(g) <= 10.0 for g in gammas):
             raise ValueError(f"gammas must be powers in [0.1, 10], got {list(gammas)}")
+        if shears and (int(spatial_dims) != 2 or not all(-1.0 <= float(k) <= 1.0 for k in shears)):
+            raise ValueError(f"shears are 2D shear factors in [-1, 1], got {list(shears)} for {spatial_dims}D images")
         self.name = "pixel"
         self.grid = int(grid)
         self.spatial_dims = int(spatial_dims)
@@ -407,6 +422,7 @@ class PixelSpace:
         self.signs = (1, -1) if "invert" in invariances else (1,)
         self.gammas = tuple(sorted({round(float(g), 4) for g in gammas} - {1.0}))
         self.median = int(median)
+        self.shears = tuple(sorted({round(float(k), 4) for k in shears} - {0.0}))
         flip, transpose = "flip" in invariances, "transpose" in invariances
         # 2D: every symmetry combines with every shift, zoom and angle (8 symmetries). 3D: the 8 flips and 48 axis
         # permutations would multiply the shifted variants (and memory) by up to 48, so they are compared alone (with
@@ -499,6 +515,13 @@ class PixelSpace:
                 for sym in self._symmetries
                 for s in shifts
             ]
+        if self.shears:  # each shear along each axis, under every symmetry, unshifted
+            self.variant_ops += [
+                (sign, 1.0, 0.0, sym, shifts[0], "edge", ("shear", axis, k))
+                for sign in self.signs
+                for axis, k in self._shear_ops()
+                for sym in self._symmetries
+            ]
         # every variant, then every negated variant (as embed_variants returns them): the search takes the halves as
         # one product (see monai_synth.privacy.search)
         self.variant_ops.sort(key=lambda op: op[0] < 0)
@@ -527,6 +550,8 @@ class PixelSpace:
             cfg["wrap_shift"] = self.wrap_shift
         if self.median:
             cfg["median"] = self.median
+        if self.shears:
+            cfg["shears"] = list(self.shears)
         return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
     def _grid(self, x: torch.Tensor, fine: bool = False):
@@ -557,7 +582,8 @@ class PixelSpace:
         """
         affine = len(self.zooms) * len(self._main_rotations)
         x = scaled_batch(images, self.spatial_dims)
-        g, fine = self._grid(x, fine=True) if self._alone or affine > 1 else (self._grid(x), None)
+        needs_fine = self._alone or affine > 1 or self.shears
+        g, fine = self._grid(x, fine=True) if needs_fine else (self._grid(x), None)
         n, g0 = g.shape[0], g  # g0 (n, C, *grid): unshifted, unzoomed, unrotated
         if affine > 1:
             # zoomed and rotated on the fine grid, then reduced to the grid; the identity stays the grid itself
@@ -592,8 +618,17 @@ class PixelSpace:
             reduced = F.interpolate(x, size=size, mode="area") if size != tuple(x.shape[2:]) else x
             g_median = F.interpolate(_median_filtered(reduced, self.median), size=g0.shape[2:], mode="area")
             groups.append(self._moved(g_median, self._shifts, "replicate", self._symmetries, n))
+        if self.shears:
+            # resampled on the fine grid, then reduced to the grid, like the zooms
+            maps = [_shear_map(axis, k) for axis, k in self._shear_ops()]
+            sheared = F.interpolate(_linear_variants(fine, maps), size=g0.shape[2:], mode="area")
+            groups.append(self._moved(sheared, self._shifts[:1], "replicate", self._symmetries, n))
         v = torch.cat(groups, dim=1)
         return (torch.cat([v, -v], dim=1) if len(self.signs) == 2 else v).numpy().astype(np.float32, copy=False)
+
+    def _shear_ops(self) -> list[tuple[int, float]]:
+        """(axis the rows move along, factor) of every shear variant."""
+        return [(axis, k) for axis in range(self.spatial_dims) for k in self.shears]
 
     def _unit_range(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`scaled_batch` images at full resolution on their own [0, 1] range (per image), where the gammas
