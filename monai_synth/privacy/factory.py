@@ -71,8 +71,9 @@ def make_space(
 
     ``pixel`` = :class:`PixelSpace` on a 16-cell grid, invariant (2D) to mirror flips, transposes / rot90, shifts
     of up to 2 cells (12%; on a background, wrapped around, 4 cells), zooms 0.7-1.4, intensity inversion, gammas
-    0.5, 0.7, 1.4 and 2 and a 3-wide median filter with every shift (salt and pepper noise), no rotations: the
-    ``disc`` space rotates 2D copies, with fewer corners lost, at finer angles and for fewer query floats (3D: shifts
+    0.5, 0.7, 1.4 and 2 and a 3-wide median filter with every shift (salt and pepper noise), shears of +-0.1 and
+    +-0.2 along each axis, no rotations: the ``disc`` space rotates 2D copies, with fewer corners lost, at finer
+    angles and for fewer query floats (3D: shifts
     of up to 2 cells, zooms 0.8-1.25 and inversion, the mirror flips with shifts of up to 1 cell, and on their own the
     90-degree rotations, axis swaps, rotations of 5-25 degrees about each axis and zooms of 0.8-1.25 in steps of 0.05
     within each plane and of the whole volume, gammas 0.5, 0.7, 1.4 and 2 with every shift and with the mirror
@@ -95,7 +96,7 @@ def make_space(
     ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights; with
     ``data_fingerprint``, weights trained on another training set are refused).
 
-    The default pixel space compares every 2D query in 6,080 variants of 256 values, the disc space in 12,928 of 124
+    The default pixel space compares every 2D query in 6,208 variants of 256 values, the disc space in 12,928 of 124
     (3D pixel: 4,294 variants): fine for a gate over thousands of training images; see ``docs/benchmarks.md`` for its
     cost at larger indexes, where ``pixel:flip,shift`` plus ``embedding`` is the cheaper pair.
     """

@@ -358,8 +358,8 @@ class PixelSpace:
 
     Cost: each query image is compared ``len(variant_ops)`` times (the product of the sizes of the requested
     groups plus the wrapped shifts, e.g. 2D 8 symmetries x 25 shifts x (7 zooms + 4 gammas + 1 median) x 2 signs +
-    8 x 80 wrapped shifts x 2 signs = 6,080 for the guard's default, which leaves 2D rotations to the disc space); the
-    index itself does not grow.
+    8 x 80 wrapped shifts x 2 signs + 8 shears x 8 symmetries x 2 signs = 6,208 for the guard's default, which leaves
+    2D rotations to the disc space); the index itself does not grow.
     """
 
     _VERSION = 8
