@@ -34,7 +34,7 @@ the same distance, bit for bit, whatever the order their float32 sums were taken
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -332,21 +332,31 @@ def _slot_columns(block: torch.Tensor, cols: torch.Tensor | slice, shape: Sequen
 
 
 def _screen_group(
-    group: _Group, cols, xs: Sequence[torch.Tensor], offsets: Sequence[int], best: _Best, scratch: _Scratch
+    group: _Group,
+    cols,
+    xs: Sequence[torch.Tensor],
+    offsets: Sequence[int],
+    best: _Best,
+    scratch: _Scratch,
+    rows16: Callable[[int], torch.Tensor | None] | None = None,
 ) -> None:
-    """A group screened in bfloat16, block of rows by block: each block is converted once, then multiplied with every
-    chunk of vectors (dense) or with every slot's vectors (one batched product)."""
+    """A group screened in bfloat16, block of rows by block: each block is converted once (or read from ``rows16``,
+    a kept bfloat16 copy of a shard's rows), then multiplied with every chunk of vectors (dense) or with every slot's
+    vectors (one batched product)."""
     if cols is None:
         chunks = _chunks(group, _BLOCK_FLOATS // _MIN_ROWS)
         step = _MIN_ROWS
     else:
         chunks, step = [group], max(1, _BLOCK_FLOATS // max(len(group.full), 1))
     q16s = [g.q.to(torch.bfloat16) for g in chunks]
-    for x, offset in zip(xs, offsets):
+    for i, (x, offset) in enumerate(zip(xs, offsets)):
+        kept = rows16(i) if rows16 is not None and cols is None else None
         for s in range(0, x.shape[0], step):
             block = x[s : s + step]
             rows = np.arange(offset + s, offset + s + len(block))
-            if cols is None:
+            if kept is not None:
+                x16 = kept[s : s + step]
+            elif cols is None:
                 x16 = scratch.get("rows16", tuple(block.shape), torch.bfloat16)
                 x16.copy_(block)
             else:
@@ -365,7 +375,11 @@ def _screen_group(
 
 
 def nearest_rows(
-    queries: np.ndarray, shards: Sequence[np.ndarray], offsets: Sequence[int], fast: bool = True
+    queries: np.ndarray,
+    shards: Sequence[np.ndarray],
+    offsets: Sequence[int],
+    fast: bool = True,
+    rows16: Callable[[int], torch.Tensor | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Largest inner product of each query (over its variants) with any row, and that row.
 
@@ -374,6 +388,8 @@ def nearest_rows(
         shards: ``(n_i, d)`` float32 training rows (e.g. views of FAISS shards), numbered from ``offsets[i]``.
         offsets: global number of the first row of each shard.
         fast: fold signs and duplicates and split slots; False: every variant with every row.
+        rows16: shard number -> a bfloat16 copy of its rows kept by the caller (None: converted block by block), for
+            the screen of dense vectors.
 
     Returns:
         ``(Q,)`` float64 similarities and ``(Q,)`` int64 global row numbers, identical for ``fast`` True and False.
@@ -387,7 +403,7 @@ def nearest_rows(
     for group, cols in _batched(_groups(flat, owner, fast, nv)):
         real = group.owner >= 0
         if fast and BF16_SCREEN and real.sum() >= _SCREEN_MIN_PER_QUERY * len(np.unique(group.owner[real])):
-            _screen_group(group, cols, xs, offsets, best, scratch)
+            _screen_group(group, cols, xs, offsets, best, scratch, rows16)
             continue
         for g in _chunks(group, _BLOCK_FLOATS // _MIN_ROWS) if cols is None else [group]:
             step = max(1, _BLOCK_FLOATS // max(len(g.full), 1))

@@ -13,7 +13,7 @@ import torch
 
 from monai_synth.privacy.index import DegenerateVectorError, StaleIndexError, TrainingIndex, index_fingerprint
 from monai_synth.privacy.safeguard import PrivacySafeguard
-from monai_synth.privacy.spaces import PixelSpace, space_distance
+from monai_synth.privacy.spaces import PixelSpace, embed_variants, space_distance
 
 
 @pytest.fixture
@@ -325,3 +325,22 @@ def test_unit_rows_are_taken_as_they_are_and_others_are_normalised_or_refused():
     out, bad = _unit_rows(y)
     assert out is not y and bad.tolist() == [False, False, False, True, True]
     np.testing.assert_allclose(out[:3], x[:3], rtol=1e-5, atol=1e-6)
+
+
+def test_a_kept_bfloat16_copy_of_the_rows_gives_the_same_answers(data, monkeypatch):
+    """The screen reads a bfloat16 copy of the rows the index keeps (made once), or converts them block by block
+    when the copy would be too large: the answers are the same either way, and as the dense product's."""
+    monkeypatch.setattr("monai_synth.privacy.search.BF16_SCREEN", True)
+    images, patients = data
+    space = PixelSpace(grid=16, invariances=("flip", "shift", "invert"), max_shift=1)
+    index = TrainingIndex.build(space, images, patients, "dl", shard_size=25)
+    q = embed_variants(space, images[[3, 40]] + 0.3 * torch.randn(2, 1, 16, 16))
+    kept = index.nearest(q)
+    assert set(index._rows16_kept) == {0, 1, 2} and index._rows16_kept[0].dtype == torch.bfloat16
+    monkeypatch.setattr(TrainingIndex, "_ROWS16_BYTES", 0)
+    assert index._rows16(0) is None
+    converted = index.nearest(q)
+    index.fast_search = False
+    dense = index.nearest(q)
+    for a, b, c in zip(kept, converted, dense):
+        assert (a == b).all() and (a == c).all()
