@@ -103,6 +103,7 @@ class DiscSpace(InscribedSpace):
         self.invariances = _checked_invariances(invariances)
         self._symmetries, self.signs = _query_symmetries(2, self.invariances)
         self._set_mask()
+        self._coords_cache: dict[tuple[int, ...], torch.Tensor] = {}  # image size -> sampling grids, see _coords
         # (sign, zoom, angle, symmetry) of every variant; identity first: variant 0 is what `embed` returns
         self.variant_ops: list[tuple] = [
             (sign, z, r, t, sym) for sign in self.signs for z, r, t in self._maps for sym in self._symmetries
@@ -135,16 +136,15 @@ class DiscSpace(InscribedSpace):
 
     def _coords(self, size: tuple[int, ...]) -> torch.Tensor:
         """``(M, *size, 2)`` sampling grid of every map at this image size."""
-        cache = self.__dict__.setdefault("_coords_cache", {})
-        if size not in cache:
+        if size not in self._coords_cache:
             theta = torch.zeros(len(self._maps), 2, 3)
             for k, (z, deg, (dy, dx)) in enumerate(self._maps):
                 c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
                 theta[k, :, :2] = torch.tensor([[c, -s], [s, c]]) / z  # content magnified by z
                 move = [-2.0 * dx / self.grid, -2.0 * dy / self.grid]  # content moved by (dy, dx)
                 theta[k, :, 2] = torch.tensor(move)
-            cache[size] = F.affine_grid(theta, [len(self._maps), 1, *size], align_corners=False)
-        return cache[size]
+            self._coords_cache[size] = F.affine_grid(theta, [len(self._maps), 1, *size], align_corners=False)
+        return self._coords_cache[size]
 
     def __repr__(self) -> str:
         return (

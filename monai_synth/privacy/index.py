@@ -238,6 +238,7 @@ class TrainingIndex:
         self.datalist_fingerprint = str(datalist_fingerprint)
         self.space = space
         self.fast_search = True
+        self._rows16_kept: dict[int, torch.Tensor] = {}  # shard -> its rows in bfloat16, see _rows16
         if space is not None:
             self.check_space(space)
 
@@ -489,10 +490,9 @@ class TrainingIndex:
         about 4% of the default safeguard's time at 1e5 rows."""
         if self.ntotal * self.dim * 2 > self._ROWS16_BYTES:
             return None
-        kept = self.__dict__.setdefault("_rows16_kept", {})
-        if i not in kept:
-            kept[i] = torch.from_numpy(self._shard_rows(i)).to(torch.bfloat16)
-        return kept[i]
+        if i not in self._rows16_kept:
+            self._rows16_kept[i] = torch.from_numpy(self._shard_rows(i)).to(torch.bfloat16)
+        return self._rows16_kept[i]
 
     def _shard_rows(self, i: int) -> np.ndarray:
         """``(n, d)`` float32 view of the rows of shard ``i`` (no copy: memory-mapped shards stay mapped)."""

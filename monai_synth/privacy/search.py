@@ -327,8 +327,9 @@ def _screened(
 
 
 def _slot_columns(block: torch.Tensor, cols: torch.Tensor | slice, shape: Sequence[int]) -> torch.Tensor:
-    """``(slots, c, rows)`` view of a block's slot columns, for ``(slots, vectors, c)`` slot vectors."""
-    return block[:, cols].reshape(-1, shape[0], shape[2]).permute(1, 2, 0)
+    """``(slots, rows, c)`` view of a block's slot columns, for ``(slots, vectors, c)`` slot vectors (each row's slot
+    columns side by side: copied in this layout, 3x cheaper than as ``(slots, c, rows)``)."""
+    return block[:, cols].reshape(len(block), shape[0], shape[2]).permute(1, 0, 2)
 
 
 def _screen_group(
@@ -360,11 +361,9 @@ def _screen_group(
                 x16 = scratch.get("rows16", tuple(block.shape), torch.bfloat16)
                 x16.copy_(block)
             else:
-                # (slots, rows, c): each row's slot columns stay side by side, a cheaper copy than (slots, c, rows)
-                shape = group.q.shape
-                x16 = scratch.get("rows16", (shape[0], len(block), shape[2]), torch.bfloat16)
-                x16.copy_(block[:, cols].reshape(len(block), shape[0], shape[2]).permute(1, 0, 2))
-                x16 = x16.transpose(1, 2)
+                columns = _slot_columns(block, cols, group.q.shape)
+                x16 = scratch.get("rows16", tuple(columns.shape), torch.bfloat16)
+                x16 = x16.copy_(columns).transpose(1, 2)
             for g, q16 in zip(chunks, q16s):
                 approx = scratch.get("screen", (len(g.owner), len(block)), torch.bfloat16)
                 if cols is None:
@@ -409,13 +408,14 @@ def nearest_rows(
             step = max(1, _BLOCK_FLOATS // max(len(g.full), 1))
             for x, offset in zip(xs, offsets):
                 for s in range(0, x.shape[0], step):
-                    block, rows = x[s : s + step], np.arange(offset + s, offset + s + len(x[s : s + step]))
+                    block = x[s : s + step]
                     sims = scratch.get("exact", (len(g.full), len(block)), torch.float32)
                     if cols is None:
                         torch.mm(g.q, block.T, out=sims)
                     else:  # slots of one size side by side: (slots, vectors, c) @ (slots, c, rows)
-                        torch.bmm(g.q, _slot_columns(block, cols, g.q.shape), out=sims.view(*g.q.shape[:2], -1))
-                    best.add(sims, g, rows)
+                        columns = _slot_columns(block, cols, g.q.shape).transpose(1, 2)
+                        torch.bmm(g.q, columns, out=sims.view(*g.q.shape[:2], -1))
+                    best.add(sims, g, np.arange(offset + s, offset + s + len(block)))
     sims, rows = np.empty(nq), np.empty(nq, dtype=np.int64)
     for o in range(nq):
         sims[o], rows[o] = best.result(o, lambda r: rows_at(shards, offsets, r))
