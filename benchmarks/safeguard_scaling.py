@@ -291,7 +291,7 @@ def default_spaces_cost(
     from monai_synth.privacy.embedding import train_embedding
     from monai_synth.privacy.factory import DEFAULT_SPACES, THREE_D_ONLY, TWO_D_ONLY, make_space
     from monai_synth.privacy.index import TrainingIndex
-    from monai_synth.privacy.release import ReleaseEncoder
+    from monai_synth.privacy.release import VIEWS_PER_IMAGE, ReleaseEncoder
     from monai_synth.privacy.safeguard import PrivacySafeguard
     from monai_synth.privacy.spaces import embed_variants
 
@@ -323,7 +323,8 @@ def default_spaces_cost(
                 [_flat(vectors)], np.arange(int(n), dtype=np.int32) % 1000, [f"P{i:03d}" for i in range(1000)],
                 space.name, space.fingerprint(), "bench", space=space,
             )  # fmt: skip
-            safeguard = PrivacySafeguard([(index, 0.05)], batch_size=candidates)
+            # as a release judges them: both views of every candidate in one batch
+            safeguard = PrivacySafeguard([(index, 0.05)], batch_size=VIEWS_PER_IMAGE * candidates)
             if specificity:  # no calibration here: a typical scale of its law (the cost does not depend on it)
                 safeguard.specificity, safeguard.median_log_ratio = specificity, {index.space_name: 0.1}
             row = {"space": spec, "dim": dim, "variants": variants, "N": int(n)}

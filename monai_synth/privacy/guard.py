@@ -213,7 +213,7 @@ def run_guard(
         the certificate summary (generated, rejected, released, rejection_rate, ...) plus ``out`` and ``audit``.
     """
     from monai_synth.data.datalist import datalist_fingerprint, load_datalist
-    from monai_synth.privacy.release import GuardedRelease, ReleaseEncoder
+    from monai_synth.privacy.release import VIEWS_PER_IMAGE, GuardedRelease, ReleaseEncoder
 
     mod = get_modality(modality)
     fmt = fmt or mod.native_formats[0]
@@ -242,7 +242,7 @@ def run_guard(
         dl_fp,
         quantile=quantile,
         floor=floor,
-        batch_size=batch_size,
+        batch_size=VIEWS_PER_IMAGE * batch_size,  # the views of batch_size candidates at once
         duplicate_check=duplicate_check,
         views=encoder.model_views,
         cross_patient_images=cross_patient_images,

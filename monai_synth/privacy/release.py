@@ -33,9 +33,13 @@ from monai_synth.privacy.certificate import write_certificate, write_private_aud
 from monai_synth.privacy.safeguard import PrivacySafeguard, SafeguardResult
 from monai_synth.privacy.sampling import GuardedSamplingResult, SampleRecord
 
-__all__ = ["ReleaseEncoder", "GuardedRelease", "check_release_paths", "default_audit_path"]
+__all__ = ["VIEWS_PER_IMAGE", "ReleaseEncoder", "GuardedRelease", "check_release_paths", "default_audit_path"]
 
 ROBUST_PERCENTILES = (0.5, 99.5)
+VIEWS_PER_IMAGE = 2
+"""Views the safeguard judges of each stored image at most (:meth:`ReleaseEncoder.views`): a release judging ``n``
+images at once hands the safeguard ``VIEWS_PER_IMAGE * n``, so both views of an image are searched in one batch and
+the second rides on the first's products (:func:`~monai_synth.privacy.search._ride`)."""
 
 
 def default_audit_path(out_dir: str | os.PathLike) -> Path:

@@ -246,6 +246,8 @@ class PrivacySafeguard:
         start = 0
         while start < len(images):
             step = images_per_batch(index.space, images[start], self.batch_size)
+            if 1 < step < len(images) - start:
+                step -= step % 2  # an even number: a release's two views of an image stay in one batch
             chunk, start = images[start : start + step], start + step
             try:
                 vec = embed_variants(index.space, torch.stack(chunk))

@@ -67,23 +67,30 @@ BF16_SCREEN = _bf16_is_fast()
 _BLOCK_FLOATS = 1 << 24  # similarities held at once: 64 MiB of float32, 32 MiB of bfloat16
 _MIN_ROWS = 1024  # rows per block at least: the vectors are cut into chunks instead (a batch of 16 candidates' disc
 # variants once made blocks of 81 rows, whose per-block work cost more than their products)
+_SLOT_ROWS = 2048  # rows per block of a screened slot group at most: its bfloat16 copies of the block stay in cache
+# (blocks of 37,000 rows of the crops space, 215 MiB per copy, made the copies cost 1.6x the products)
 _SCREEN_MIN_PER_QUERY = 64  # fewer vectors per query (texture: 8, embedding: 14) are multiplied in float32 at once:
 # the screen's bfloat16 copy of the rows and its one exact pass per query cost more than it saves (texture at 1e5 rows:
 # 1.26 CPU-s per candidate screened, 0.97 not)
 _DENSE_PAIRS = 0.25  # when more of a block's pairs survive the screen than this, its survivors are multiplied densely
+_COMPANION_GAP = 0.15  # a query rides on the previous one's screen when none of its variants lies farther from that
+# query's same variant (the two intensity views of one image: 0.00-0.12 apart in every default 2D space)
 
 
 @dataclass
 class _Group:
     """Distinct query vectors that share their non-zero columns ``cols`` (None: all): ``q`` ``(m, c)`` on those
     columns, the query each belongs to, whether its negation is asked as well (then ``|<q, x>|`` counts), and the full
-    ``(m, d)`` vectors for the float64 recomputation."""
+    ``(m, d)`` vectors for the float64 recomputation. ``shadow``: the companion queries' vectors that ride on this
+    group's screen (:func:`_companions`), one per vector (owner -1: none), each within ``slack`` of its vector."""
 
     cols: np.ndarray | None
     q: torch.Tensor
     owner: np.ndarray
     both: np.ndarray
     full: np.ndarray
+    shadow: _Group | None = None
+    slack: np.ndarray | None = None
     _members: list[tuple[int, np.ndarray]] | None = None
 
     def members(self) -> list[tuple[int, np.ndarray]]:
@@ -123,6 +130,48 @@ def _groups(flat: np.ndarray, owner: np.ndarray, fast: bool, nv: int = 1) -> lis
             q = torch.from_numpy(np.ascontiguousarray(vec[members][:, cols]))
             groups.append(_Group(cols, q, own[members], both[members], vec[members]))
     return groups
+
+
+def _ride(g: _Group) -> _Group:
+    """Group ``g`` with each query that lies close to the query before it moved into the shadow of that query's
+    vectors: one bfloat16 screen then serves both.
+
+    The safeguard judges every image in two intensity views, one after the other, whose vectors lie 0.00-0.12 apart
+    (unit vectors) in every default 2D space. A unit row's similarity to a rider's vector ``r`` differs from its
+    similarity to the screened vector ``v`` by at most ``|r - v|``, so the screen's bound is widened by that gap for
+    the rider, and only the pairs it cannot rule out are computed for it: the screen's products and its passes over
+    their output are halved, and the answers stay exact. A query rides when it has as many vectors in the group as
+    the query before it (paired in their order) and none lies farther than :data:`_COMPANION_GAP` from its pair.
+    """
+    members = dict(g.members())
+    if g.cols is not None or len(g.owner) < _SCREEN_MIN_PER_QUERY * len(members):
+        return g  # a slot's similarities, and those of a few long vectors, are tiny next to the gap: most would survive
+    partner = np.full(len(g.owner), -1)  # per position of a leading query's vector: its rider's vector
+    riders = set()
+    for o in sorted(members):
+        lead = members.get(o - 1)
+        if o - 1 in riders or lead is None or len(lead) != len(members[o]):
+            continue
+        gap = np.linalg.norm(g.full[members[o]] - g.full[lead], axis=1)
+        if gap.max() <= _COMPANION_GAP:
+            partner[lead] = members[o]
+            riders.add(o)
+    if not riders:
+        return g
+    keep = np.flatnonzero(~np.isin(g.owner, list(riders)))
+    at = partner[keep]
+    has = at >= 0
+    full = np.zeros((len(keep), g.full.shape[1]), dtype=np.float32)
+    full[has] = g.full[at[has]]
+    q = torch.zeros(len(keep), *g.q.shape[1:], dtype=g.q.dtype)
+    q[torch.from_numpy(has)] = g.q[torch.from_numpy(at[has])]
+    slack = np.zeros(len(keep))
+    # float32 rounding of a unit vectors' difference and of its norm is far below 1e-5
+    slack[has] = np.linalg.norm(full[has] - g.full[keep[has]], axis=1).astype(np.float64) + 1e-5
+    shadow = _Group(
+        g.cols, q, np.where(has, g.owner[np.maximum(at, 0)], -1), np.where(has, g.both[np.maximum(at, 0)], False), full
+    )
+    return _Group(g.cols, g.q[torch.from_numpy(keep)], g.owner[keep], g.both[keep], g.full[keep], shadow, slack)
 
 
 def _folded(flat: np.ndarray, owner: np.ndarray, nv: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -211,16 +260,17 @@ class _Best:
 
     def result(self, o: int, rows_of) -> tuple[float, int]:
         """float64 best similarity of query ``o`` and its row (the lowest row among exact float64 ties)."""
-        best_s, best_r = -np.inf, -1
+        values, at = [], []
         for vi, rows, full, both in self.pairs[o]:
-            if not len(vi):
-                continue
-            s = np.einsum("ij,ij->i", full[vi].astype(np.float64), rows_of(rows).astype(np.float64))
-            s = np.where(both[vi], np.abs(s), s)
-            for value, row in zip(s, rows):
-                if value > best_s or (value == best_s and row < best_r):
-                    best_s, best_r = float(value), int(row)
-        return best_s, best_r
+            if len(vi):
+                s = np.einsum("ij,ij->i", full[vi].astype(np.float64), rows_of(rows).astype(np.float64))
+                values.append(np.where(both[vi], np.abs(s), s))
+                at.append(rows)
+        if not values:
+            return -np.inf, -1
+        s, rows = np.concatenate(values), np.concatenate(at)
+        top = s.max()  # taken over arrays: a query tied with thousands of rows (a flat image) once cost seconds here
+        return float(top), int(rows[s == top].min())
 
 
 class _Scratch:
@@ -243,10 +293,14 @@ def _chunks(g: _Group, most: int) -> list[_Group]:
     """A dense group cut into groups of at most ``most`` vectors (so a block of rows stays long)."""
     if len(g.owner) <= most:
         return [g]
-    return [
-        _Group(None, g.q[s : s + most], g.owner[s : s + most], g.both[s : s + most], g.full[s : s + most])
-        for s in range(0, len(g.owner), most)
-    ]
+    return [_part(g, slice(s, s + most)) for s in range(0, len(g.owner), most)]
+
+
+def _part(g: _Group, at: slice) -> _Group:
+    """The vectors ``at`` of dense group ``g`` (and of its shadow)."""
+    shadow = None if g.shadow is None else _part(g.shadow, at)
+    slack = None if g.slack is None else g.slack[at]
+    return _Group(None, g.q[at], g.owner[at], g.both[at], g.full[at], shadow, slack)
 
 
 def _batched(groups: list[_Group]) -> list[tuple[_Group, torch.Tensor | slice | None]]:
@@ -266,57 +320,81 @@ def _batched(groups: list[_Group]) -> list[tuple[_Group, torch.Tensor | slice | 
             by_size.setdefault(len(g.cols), []).append(g)
     for c, gs in by_size.items():
         gs = sorted(gs, key=lambda g: int(g.cols[0]))
-        m = max(len(g.owner) for g in gs)
-        q = torch.zeros(len(gs), m, c)
-        d = gs[0].full.shape[1]
-        owner, both, full = (
-            np.full(len(gs) * m, -1),
-            np.zeros(len(gs) * m, bool),
-            np.zeros((len(gs) * m, d), np.float32),
-        )
-        for i, g in enumerate(gs):
-            n = len(g.owner)
-            q[i, :n] = g.q
-            owner[i * m : i * m + n], both[i * m : i * m + n], full[i * m : i * m + n] = g.owner, g.both, g.full
         cols = np.concatenate([g.cols for g in gs])
         side_by_side = bool((np.diff(cols) == 1).all())
         cols = slice(int(cols[0]), int(cols[-1]) + 1) if side_by_side else torch.from_numpy(cols)
-        out.append((_Group(None, q, owner, both, full), cols))
+        m = max(len(g.owner) for g in gs)
+        out.append((_stacked(gs, m, c), cols))
     return out
+
+
+def _stacked(gs: list[_Group], m: int, c: int) -> _Group:
+    """Slot groups of ``c`` columns as one ``(G, m, c)`` group, each padded to ``m`` vectors of owner -1."""
+    q = torch.zeros(len(gs), m, c)
+    d = gs[0].full.shape[1]
+    owner, both, full = np.full(len(gs) * m, -1), np.zeros(len(gs) * m, bool), np.zeros((len(gs) * m, d), np.float32)
+    for i, g in enumerate(gs):
+        n = len(g.owner)
+        q[i, :n] = g.q
+        owner[i * m : i * m + n], both[i * m : i * m + n], full[i * m : i * m + n] = g.owner, g.both, g.full
+    return _Group(None, q, owner, both, full)
 
 
 def _screened(
     g: _Group, approx: torch.Tensor, x: torch.Tensor, best: _Best, rows: np.ndarray, scratch: _Scratch
 ) -> None:
     """One block of rows ``x`` for group ``g`` whose bfloat16 similarities ``approx`` ``(m, rows)`` are computed: the
-    pairs the screen cannot rule out are computed in float32 (from the full vectors, so slot groups work alike)."""
-    both = torch.from_numpy(g.both)
-    full = torch.from_numpy(g.full)
-    real = g.owner >= 0  # slot groups are padded with vectors of owner -1
+    pairs the screen cannot rule out are computed in float32 (from the full vectors, so slot groups work alike), for
+    the group's own queries and for the riders in its shadow."""
     # |.| bounds the similarity of either sign; clearing a bfloat16's sign bit is its absolute value, and non-negative
     # bfloat16 values order as their bits do, so the largest is taken as int16 (a bfloat16 reduction is 3x slower)
-    bits = approx.view(torch.int16).bitwise_and_(0x7FFF)
-    top = bits.amax(dim=1).view(torch.bfloat16).float().numpy().astype(np.float64)
-    # seed each query's best with the exact similarity of its most promising pair (within SCREEN of the screen's best)
-    # (none where even that cannot reach the query's best so far)
-    seeds = [(o, int(m[np.argmax(top[m])])) for o, m in g.members() if o >= 0]
-    seeds = [(o, v) for o, v in seeds if top[v] + SCREEN >= best.value[o]]
+    top = approx.view(torch.int16).bitwise_and_(0x7FFF).amax(dim=1).view(torch.bfloat16).float().numpy()
+    _survivors(g, approx, top.astype(np.float64), SCREEN, x, best, rows, scratch)
+    if g.shadow is not None:
+        _survivors(g.shadow, approx, top.astype(np.float64), SCREEN + g.slack, x, best, rows, scratch)
+
+
+def _survivors(
+    g: _Group,
+    screen: torch.Tensor,
+    top: np.ndarray,
+    bound: np.ndarray | float,
+    x: torch.Tensor,
+    best: _Best,
+    rows: np.ndarray,
+    scratch: _Scratch,
+) -> None:
+    """The pairs of group ``g`` with the block of rows ``x`` that ``screen`` cannot rule out, computed in float32.
+
+    ``screen`` ``(m, rows)`` bounds ``|similarity|`` of each of ``g``'s vectors with each row to within ``bound``
+    (per vector; ``top``: its largest value per vector). For the screened vectors that is the screen's own error; a
+    rider's vector ``r`` (:func:`_ride`) was not screened, but its screened partner ``v`` was, and
+    ``|<r, x> - <v, x>| <= |r - v|`` for a unit row ``x``: the bound widens by that gap."""
+    both = torch.from_numpy(g.both)
+    full = torch.from_numpy(g.full)
+    real = g.owner >= 0  # slot groups are padded with vectors of owner -1, shadows where a query has no rider
+    reach = top + bound  # the largest |similarity| each vector can have with a row of this block
+    # seed each query's best with the exact similarity of its most promising pair (none where even that cannot reach
+    # the query's best so far)
+    seeds = [(o, int(m[np.argmax(reach[m])])) for o, m in g.members() if o >= 0]
+    seeds = [(o, v) for o, v in seeds if reach[v] >= best.value[o]]
     if seeds:
-        at = bits[torch.tensor([v for _, v in seeds])].argmax(dim=1)
+        at = screen[torch.tensor([v for _, v in seeds])].float().argmax(dim=1)
         sims = torch.einsum("ij,ij->i", full[[v for _, v in seeds]], x[at])
         for (o, v), r, s in zip(seeds, at.tolist(), sims):
             best.add_pairs(o, (s.abs() if g.both[v] else s)[None], np.array([v]), rows[[r]], g)
-    floor = np.where(real, best.value[np.maximum(g.owner, 0)] - REFINE - SCREEN, np.inf)
+    floor = np.where(real, best.value[np.maximum(g.owner, 0)] - REFINE - bound, np.inf)
     keep = np.flatnonzero(top >= floor)
     if not len(keep):
         return
-    sub = approx[torch.from_numpy(keep)].float()
-    if sub.numel() and (sub >= torch.from_numpy(floor[keep]).float()[:, None]).float().mean() > _DENSE_PAIRS:
+    sub = screen[torch.from_numpy(keep)].float()
+    cut = torch.from_numpy(floor[keep]).float()[:, None]
+    if sub.numel() and (sub >= cut).float().mean() > _DENSE_PAIRS:
         part = _Group(None, full[torch.from_numpy(keep)], g.owner[keep], g.both[keep], g.full[keep])
-        exact = scratch.get("exact", (len(keep), len(x)), torch.float32)
+        exact = scratch.get("survivors", (len(keep), len(x)), torch.float32)
         best.add(torch.mm(part.q, x.T, out=exact), part, rows)
         return
-    vi, ri = torch.nonzero(sub >= torch.from_numpy(floor[keep]).float()[:, None], as_tuple=True)
+    vi, ri = torch.nonzero(sub >= cut, as_tuple=True)
     vi = torch.from_numpy(keep)[vi]
     sims = torch.einsum("ij,ij->i", full[vi], x[ri])
     sims = torch.where(both[vi], sims.abs(), sims)
@@ -348,7 +426,7 @@ def _screen_group(
         chunks = _chunks(group, _BLOCK_FLOATS // _MIN_ROWS)
         step = _MIN_ROWS
     else:
-        chunks, step = [group], max(1, _BLOCK_FLOATS // max(len(group.full), 1))
+        chunks, step = [group], max(1, min(_SLOT_ROWS, _BLOCK_FLOATS // max(len(group.full), 1)))
     q16s = [g.q.to(torch.bfloat16) for g in chunks]
     for i, (x, offset) in enumerate(zip(xs, offsets)):
         kept = rows16(i) if rows16 is not None and cols is None else None
@@ -361,7 +439,10 @@ def _screen_group(
                 x16 = scratch.get("rows16", tuple(block.shape), torch.bfloat16)
                 x16.copy_(block)
             else:
-                columns = _slot_columns(block, cols, group.q.shape)
+                # converted as the rows lie first, then laid out by slot from the small bfloat16 copy: gathering
+                # the slots straight from the float32 rows, 256 bytes here and there, cost 4x as much
+                flat16 = scratch.get("flat16", tuple(block.shape), torch.bfloat16)
+                columns = _slot_columns(flat16.copy_(block), cols, group.q.shape)
                 x16 = scratch.get("rows16", tuple(columns.shape), torch.bfloat16)
                 x16 = x16.copy_(columns).transpose(1, 2)
             for g, q16 in zip(chunks, q16s):
@@ -399,7 +480,10 @@ def nearest_rows(
     xs = [torch.from_numpy(np.asarray(x, dtype=np.float32)) for x in shards]
     best = _Best(nq)
     scratch = _Scratch()
-    for group, cols in _batched(_groups(flat, owner, fast, nv)):
+    groups = _groups(flat, owner, fast, nv)
+    if fast:  # an image's second intensity view rides on its first view's products (exact either way)
+        groups = [_ride(g) for g in groups]
+    for group, cols in _batched(groups):
         real = group.owner >= 0
         if fast and BF16_SCREEN and real.sum() >= _SCREEN_MIN_PER_QUERY * len(np.unique(group.owner[real])):
             _screen_group(group, cols, xs, offsets, best, scratch, rows16)
@@ -409,13 +493,17 @@ def nearest_rows(
             for x, offset in zip(xs, offsets):
                 for s in range(0, x.shape[0], step):
                     block = x[s : s + step]
+                    rows = np.arange(offset + s, offset + s + len(block))
                     sims = scratch.get("exact", (len(g.full), len(block)), torch.float32)
                     if cols is None:
                         torch.mm(g.q, block.T, out=sims)
                     else:  # slots of one size side by side: (slots, vectors, c) @ (slots, c, rows)
                         columns = _slot_columns(block, cols, g.q.shape).transpose(1, 2)
                         torch.bmm(g.q, columns, out=sims.view(*g.q.shape[:2], -1))
-                    best.add(sims, g, np.arange(offset + s, offset + s + len(block)))
+                    best.add(sims, g, rows)
+                    if g.shadow is not None:  # the float32 product screens the riders to within its rounding
+                        top = sims.abs_().amax(dim=1).numpy().astype(np.float64)
+                        _survivors(g.shadow, sims, top, REFINE + g.slack, block, best, rows, scratch)
     sims, rows = np.empty(nq), np.empty(nq, dtype=np.int64)
     for o in range(nq):
         sims[o], rows[o] = best.result(o, lambda r: rows_at(shards, offsets, r))

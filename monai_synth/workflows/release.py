@@ -26,7 +26,7 @@ from monai_synth.engines.checkpoint import checkpoint_fingerprint
 from monai_synth.engines.sampler import Generator
 from monai_synth.handlers.sample_grid import make_sample_grid, save_grid_png
 from monai_synth.privacy.factory import DEFAULT_SPACES, build_spaces, space_name
-from monai_synth.privacy.release import GuardedRelease, ReleaseEncoder
+from monai_synth.privacy.release import VIEWS_PER_IMAGE, GuardedRelease, ReleaseEncoder
 from monai_synth.privacy.safeguard import PrivacySafeguard, build_safeguard
 from monai_synth.privacy.sampling import GuardedSamplingResult, guarded_sample
 from monai_synth.tracking import log_release
@@ -159,7 +159,7 @@ def calibrated_safeguard(
         data_fp,
         quantile=quantile,
         floor=floor,
-        batch_size=16,
+        batch_size=VIEWS_PER_IMAGE * 16,  # the views of 16 images at once
         views=views,
         cross_patient_images=cross_patient_images,
         specificity=specificity,

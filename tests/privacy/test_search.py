@@ -10,6 +10,7 @@ import torch
 from monai_synth.data.phantoms import generate_cohort
 from monai_synth.privacy.index import DegenerateVectorError, TrainingIndex
 from monai_synth.privacy.partial import PartSpace, TileSpace
+from monai_synth.privacy.release import ReleaseEncoder
 from monai_synth.privacy.safeguard import PrivacySafeguard
 from monai_synth.privacy.search import SCREEN, _batched, _groups, nearest_rows
 from monai_synth.privacy.spaces import PixelSpace, embed_variants
@@ -201,3 +202,44 @@ def test_a_large_batch_is_cut_into_chunks_and_answers_as_the_dense_path(monkeypa
         fast = nearest_rows(queries, [rows[:700], rows[700:]], [0, 700])
         dense = nearest_rows(queries, [rows[:700], rows[700:]], [0, 700], fast=False)
         assert np.array_equal(fast[0], dense[0]) and np.array_equal(fast[1], dense[1]) and fast[1][4] == 640
+
+
+@pytest.mark.parametrize("bf16_screen", [True, False])  # riders ride on the bfloat16 screen or the float32 product
+@pytest.mark.parametrize("name", ["pixel", "crops"])
+def test_an_images_second_view_rides_on_the_first_views_screen_and_answers_as_the_dense_path(
+    phantoms, name, bf16_screen, monkeypatch
+):
+    monkeypatch.setattr("monai_synth.privacy.search.BF16_SCREEN", bf16_screen)
+    from monai_synth.privacy.search import _COMPANION_GAP, _ride
+
+    train, patients, unseen = phantoms
+    index = TrainingIndex.build(SPACES[name](), train, patients, "dl", shard_size=10)
+    # each image's two views as a PNG release judges them (model range, then its own robust range); the last pair
+    # is a training image with its brightest pixels clipped, then the training image itself: their answers differ
+    encoder = ReleaseEncoder("png", "us")
+    pairs = [tuple(encoder.views(np.round((u.numpy() + 1.0) * 127.5))) for u in unseen[:2]]
+    pairs.append((train[5].clamp(max=0.85), train[5]))
+    vec = embed_variants(index.space, torch.stack([v for pair in pairs for v in pair]))
+    q, v, d = vec.shape
+    groups = _groups(np.asarray(vec).reshape(q * v, d), np.repeat(np.arange(q), v), True, v)
+    for g in groups:
+        ridden = _ride(g)
+        if g.cols is not None:  # a slot's vectors do not ride: the gap would let nearly every pair through
+            assert ridden is g
+            continue
+        # every second view rides on its first view's vectors, each within its slack
+        assert set(ridden.owner.tolist()) == {0, 2, 4} and set(ridden.shadow.owner.tolist()) == {1, 3, 5}
+        assert (ridden.slack >= np.linalg.norm(ridden.shadow.full - ridden.full, axis=1)).all()
+        assert ridden.slack.max() <= _COMPANION_GAP
+    index.fast_search = False
+    dense = index.nearest(vec)
+    index.fast_search = True
+    fast = index.nearest(vec)
+    for a, b in zip(fast, dense):
+        np.testing.assert_array_equal(a, b)
+    if name == "pixel":  # the rider found its own, nearer row
+        assert dense[0][5, 0] < 1e-6 < dense[0][4, 0]
+    # views of different images lie far apart: none rides
+    vec = embed_variants(index.space, unseen)
+    q, v, d = vec.shape
+    assert all(_ride(g) is g for g in _groups(np.asarray(vec).reshape(q * v, d), np.repeat(np.arange(q), v), True, v))
