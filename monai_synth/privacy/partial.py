@@ -219,34 +219,40 @@ class PartSpace:
         """
         full = scaled_batch(images, self.spatial_dims)
         g = F.interpolate(full, size=(self.grid,) * self.spatial_dims, mode="area")
-        n, rows = g.shape[0], []
+        n = g.shape[0]
         if self.spatial_dims == 3:  # about each axis; the identity stays bit-exact
             turned = _linear_variants(g, self._rotation_maps()).reshape(n, -1, *g.shape[1:])
             turned[:, 0] = g
         else:
             turned = _affine_variants(g, (1.0,), self.rotations).reshape(n, len(self.rotations), *g.shape[1:])
+        variants = len(self._symmetries) * turned.shape[1] * len(self._offsets[1:]) + len(self._moved)
+        # written straight into one tensor, negations included: building each variant as its own zero vector, then
+        # stacking and concatenating them, cost the crops space half of its judging time
+        v = torch.zeros(n, variants * len(self.signs), self.dim)
+        at = 0
         for (perm, flips), k in itertools.product(self._symmetries, range(turned.shape[1])):
             parts = self._regions(_apply_symmetry(turned[:, k], perm, flips, 2))
-            valid = torch.stack([v for _, v in parts], dim=1)  # (B, R)
+            valid = torch.stack([ok for _, ok in parts], dim=1)  # (B, R)
             if not bool(valid.any(dim=1).all()):
                 raise DegenerateImageError("an image is constant in every region; correlation is undefined")
             first = valid.float().argmax(dim=1)
-            slots = []
             for r, (vec, ok) in enumerate(parts):
-                slot = torch.zeros(n, self.dim)  # (B, d): this slot filled, the others zero
-                slot[:, self._offsets[r] : self._offsets[r + 1]] = vec
-                slots.append((slot, ok))
-            for slot, ok in slots:
-                fallback = torch.stack([slots[int(f)][0][i] for i, f in enumerate(first)])
-                rows.append(torch.where(ok[:, None], slot, fallback))
+                v[:, at, self._offsets[r] : self._offsets[r + 1]] = vec
+                for i in (
+                    torch.nonzero(~ok).flatten().tolist()
+                ):  # a constant region: the first comparable one, in its slot
+                    f = int(first[i])
+                    v[i, at] = 0.0
+                    v[i, at, self._offsets[f] : self._offsets[f + 1]] = parts[f][0][i]
+                at += 1
         for r, fraction, anchor in self._moved:  # the candidate's corner windows in the neighbouring corners' slots
             vec, ok = _standardised_piece(self._crop(full, fraction, anchor))
-            slot = torch.zeros(n, self.dim)
-            slot[:, self._offsets[r] : self._offsets[r + 1]] = vec
-            rows.append(torch.where(ok[:, None], slot, rows[0]))  # a constant window repeats the first variant
-        v = torch.stack(rows, dim=1)
+            v[:, at, self._offsets[r] : self._offsets[r + 1]] = vec
+            for i in torch.nonzero(~ok).flatten().tolist():  # a constant window repeats the first variant
+                v[i, at] = v[i, 0]
+            at += 1
         if len(self.signs) == 2:
-            v = torch.cat([v, -v], dim=1)
+            torch.neg(v[:, :variants], out=v[:, variants:])
         return v.numpy().astype(np.float32, copy=False)
 
     def __repr__(self) -> str:

@@ -146,32 +146,37 @@ def _ride(g: _Group) -> _Group:
     members = dict(g.members())
     if g.cols is not None or len(g.owner) < _SCREEN_MIN_PER_QUERY * len(members):
         return g  # a slot's similarities, and those of a few long vectors, are tiny next to the gap: most would survive
-    partner = np.full(len(g.owner), -1)  # per position of a leading query's vector: its rider's vector
-    riders = set()
+    pairs, riders = [], set()
     for o in sorted(members):
         lead = members.get(o - 1)
         if o - 1 in riders or lead is None or len(lead) != len(members[o]):
             continue
-        gap = np.linalg.norm(g.full[members[o]] - g.full[lead], axis=1)
+        diff = g.full[_span(members[o])] - g.full[_span(lead)]
+        gap = np.sqrt(np.einsum("ij,ij->i", diff, diff, dtype=np.float64))
         if gap.max() <= _COMPANION_GAP:
-            partner[lead] = members[o]
+            pairs.append((o - 1, o, gap))
             riders.add(o)
-    if not riders:
+    if not pairs:
         return g
     keep = np.flatnonzero(~np.isin(g.owner, list(riders)))
-    at = partner[keep]
-    has = at >= 0
-    full = np.zeros((len(keep), g.full.shape[1]), dtype=np.float32)
-    full[has] = g.full[at[has]]
-    q = torch.zeros(len(keep), *g.q.shape[1:], dtype=g.q.dtype)
-    q[torch.from_numpy(has)] = g.q[torch.from_numpy(at[has])]
-    slack = np.zeros(len(keep))
-    # float32 rounding of a unit vectors' difference and of its norm is far below 1e-5
-    slack[has] = np.linalg.norm(full[has] - g.full[keep[has]], axis=1).astype(np.float64) + 1e-5
-    shadow = _Group(
-        g.cols, q, np.where(has, g.owner[np.maximum(at, 0)], -1), np.where(has, g.both[np.maximum(at, 0)], False), full
-    )
-    return _Group(g.cols, g.q[torch.from_numpy(keep)], g.owner[keep], g.both[keep], g.full[keep], shadow, slack)
+    at = np.full(len(g.owner), -1)
+    at[keep] = np.arange(len(keep))  # where each kept vector lands
+    full = g.full[keep]
+    ride = np.zeros_like(full)
+    owner, both, slack = np.full(len(keep), -1), np.zeros(len(keep), dtype=bool), np.zeros(len(keep))
+    for lead, rider, gap in pairs:
+        to = _span(at[members[lead]])
+        ride[to], owner[to], both[to] = g.full[_span(members[rider])], rider, g.both[_span(members[rider])]
+        slack[to] = gap + 1e-5  # float32 rounding of a difference of unit vectors and of its norm is far below 1e-5
+    shadow = _Group(None, torch.from_numpy(ride), owner, both, ride)  # a dense group's q is its full vectors
+    return _Group(None, torch.from_numpy(full), g.owner[keep], g.both[keep], full, shadow, slack)
+
+
+def _span(positions: np.ndarray) -> slice | np.ndarray:
+    """Ascending positions as a slice where they are consecutive (read as a view, not gathered into a copy)."""
+    if len(positions) and positions[-1] - positions[0] == len(positions) - 1:
+        return slice(int(positions[0]), int(positions[-1]) + 1)
+    return positions
 
 
 def _folded(flat: np.ndarray, owner: np.ndarray, nv: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
