@@ -52,7 +52,7 @@ THREE_D_ONLY = frozenset({"ball"})
 _PIXEL_DEFAULTS = {
     2: {"invariances": ("flip", "transpose", "shift", "zoom", "invert"), "max_shift": 2, "wrap_shift": 4,
         "zooms": (0.7, 0.8, 0.9, 1.1, 1.25, 1.4), "gammas": (0.5, 0.7, 1.4, 2.0), "median": 3,
-        "shears": (-0.2, -0.1, 0.1, 0.2)},
+        "shears": (-0.2, -0.1, 0.1, 0.2), "stretches": (0.8, 0.9, 1.1, 1.25)},
     3: {"invariances": ("flip", "transpose", "shift", "zoom", "rotate", "invert"), "max_shift": 2,
         "zooms": (0.8, 1.25), "rotations": (-25.0, -20.0, -15.0, -10.0, -5.0, 5.0, 10.0, 15.0, 20.0, 25.0),
         "plane_zooms": (0.8, 0.85, 0.9, 0.95, 1.05, 1.1, 1.15, 1.2, 1.25), "gammas": (0.5, 0.7, 1.4, 2.0),
@@ -72,7 +72,7 @@ def make_space(
     ``pixel`` = :class:`PixelSpace` on a 16-cell grid, invariant (2D) to mirror flips, transposes / rot90, shifts
     of up to 2 cells (12%; on a background, wrapped around, 4 cells), zooms 0.7-1.4, intensity inversion, gammas
     0.5, 0.7, 1.4 and 2 and a 3-wide median filter with every shift (salt and pepper noise), shears of +-0.1 and
-    +-0.2 along each axis, no rotations: the ``disc`` space rotates 2D copies, with fewer corners lost, at finer
+    +-0.2 and stretches of 0.8-1.25 along each axis, no rotations: the ``disc`` space rotates 2D copies, with fewer corners lost, at finer
     angles and for fewer query floats (3D: shifts
     of up to 2 cells, zooms 0.8-1.25 and inversion, the mirror flips with shifts of up to 1 cell, and on their own the
     90-degree rotations, axis swaps, rotations of 5-25 degrees about each axis and zooms of 0.8-1.25 in steps of 0.05
@@ -96,7 +96,7 @@ def make_space(
     ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights; with
     ``data_fingerprint``, weights trained on another training set are refused).
 
-    The default pixel space compares every 2D query in 6,208 variants of 256 values, the disc space in 12,928 of 124
+    The default pixel space compares every 2D query in 6,336 variants of 256 values, the disc space in 12,928 of 124
     (3D pixel: 4,294 variants): fine for a gate over thousands of training images; see ``docs/benchmarks.md`` for its
     cost at larger indexes, where ``pixel:flip,shift`` plus ``embedding`` is the cheaper pair.
     """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from monai_synth.privacy.spaces import (
     DegenerateImageError,
@@ -538,3 +539,39 @@ def test_default_2d_pixel_space_undoes_a_shear_along_either_axis():
     assert plain.fingerprint() != space.fingerprint()
     with pytest.raises(ValueError, match="shear"):
         PixelSpace(grid=8, spatial_dims=3, shears=(0.1,))
+
+
+def test_default_2d_pixel_space_undoes_a_stretch_of_either_axis():
+    # MRI slices whose central 80% of one axis was resized back to the whole sat 0.061-0.064 from their sources (new
+    # patients' from 0.040) and all passed the whole default gate; stretches of 0.8-1.25 per axis bring them close
+    from monai_synth.data.phantoms import generate_cohort
+    from monai_synth.privacy.factory import make_space
+    from monai_synth.transforms.presets import intensity_transform
+
+    to_model = intensity_transform("mri")
+    cohort = generate_cohort("mri", n_patients=12, images_per_patient=1, spatial_dims=2, spatial_size=64, seed=0)
+    x = torch.stack([torch.as_tensor(np.asarray(to_model(np.asarray(r["image"], np.float32)))) for r in cohort])
+    x = x.float().reshape(-1, 1, 64, 64)
+
+    def stretched(img: torch.Tensor, axis: int) -> torch.Tensor:
+        window = [slice(None)] * 3
+        window[1 + axis] = slice(6, 57)  # the central 51 of 64 pixels
+        return F.interpolate(img[tuple(window)][None], size=(64, 64), mode="bilinear", align_corners=False)[0]
+
+    space = make_space("pixel", 2, (64, 64))
+    assert space.stretches == (0.8, 0.9, 1.1, 1.25)
+    assert len(space.variant_ops) == space.embed_variants(x[:1]).shape[1]
+    plain = PixelSpace(grid=16, **{k: getattr(space, k) for k in ("invariances", "zooms", "gammas", "shears")})
+    rows = space.embed(x[:1])
+    for axis in (0, 1):
+        copies = torch.stack([stretched(x[i], axis) for i in range(6)])
+        own, others = _own_and_others(space, x, copies, 6)
+        assert own.max() < 0.5 * others.min(), (axis, own, others.min())
+        without, _ = _own_and_others(plain, x, copies, 6)
+        assert without.max() > 2 * own.max()
+        # the variant that undoes it is labelled with the axis it stretches
+        best = int(np.argmax(space.embed_variants(copies[:1])[0] @ rows[0]))
+        assert space.variant_ops[best][-1] == ("stretch", axis, 0.8)
+    assert plain.fingerprint() != space.fingerprint()
+    with pytest.raises(ValueError, match="stretch"):
+        PixelSpace(grid=8, spatial_dims=3, stretches=(0.9,))
