@@ -238,9 +238,7 @@ class PartSpace:
             first = valid.float().argmax(dim=1)
             for r, (vec, ok) in enumerate(parts):
                 v[:, at, self._offsets[r] : self._offsets[r + 1]] = vec
-                for i in (
-                    torch.nonzero(~ok).flatten().tolist()
-                ):  # a constant region: the first comparable one, in its slot
+                for i in torch.nonzero(~ok).flatten().tolist():  # a constant region: the first comparable one instead
                     f = int(first[i])
                     v[i, at] = 0.0
                     v[i, at, self._offsets[f] : self._offsets[f + 1]] = parts[f][0][i]

@@ -2,7 +2,7 @@
 
 The safeguard asks one question per candidate and space: the largest inner product between any query variant
 (flips, shifts, zooms, rotations, signs, windows, slots) and any training row. Computed as a dense product, that is
-``V x N`` similarities of ``d`` multiply-adds each (the 2D crops space: 720 variants of 2,880 values). Two exact
+``V x N`` similarities of ``d`` multiply-adds each (the 2D crops space: 720 variants of 2,880 values). Exact
 shortcuts cut it without changing the answer:
 
 * **Signs and duplicates.** A space invariant to intensity inversion queries ``v`` and ``-v``; their inner products
@@ -17,6 +17,9 @@ shortcuts cut it without changing the answer:
   there), so a (variant, row) pair whose screened ``|similarity|`` plus :data:`SCREEN` is below the best exact
   similarity found so far cannot be the nearest pair; every other pair is computed in float32 (few: the pairs within
   a few hundredths of the best).
+* **Riders.** A query whose variants each lie within a small gap of the previous query's (a release judges every
+  image in two intensity views) is not multiplied: the previous query's products bound its similarities to within
+  that gap, and only the pairs they cannot rule out are computed for it (:func:`_ride`).
 
 Where the time goes once the products are few (measured in ``docs/benchmarks.md``, "Safeguard scaling"): fresh
 output tensors (page faults), short blocks of rows, reductions in bfloat16, and sorting the variants to fold their
@@ -73,7 +76,7 @@ _SCREEN_MIN_PER_QUERY = 64  # fewer vectors per query (texture: 8, embedding: 14
 # the screen's bfloat16 copy of the rows and its one exact pass per query cost more than it saves (texture at 1e5 rows:
 # 1.26 CPU-s per candidate screened, 0.97 not)
 _DENSE_PAIRS = 0.25  # when more of a block's pairs survive the screen than this, its survivors are multiplied densely
-_COMPANION_GAP = 0.15  # a query rides on the previous one's screen when none of its variants lies farther from that
+_RIDE_GAP = 0.15  # a query rides on the previous one's products when none of its variants lies farther from that
 # query's same variant (the two intensity views of one image: 0.00-0.12 apart in every default 2D space)
 
 
@@ -81,8 +84,8 @@ _COMPANION_GAP = 0.15  # a query rides on the previous one's screen when none of
 class _Group:
     """Distinct query vectors that share their non-zero columns ``cols`` (None: all): ``q`` ``(m, c)`` on those
     columns, the query each belongs to, whether its negation is asked as well (then ``|<q, x>|`` counts), and the full
-    ``(m, d)`` vectors for the float64 recomputation. ``shadow``: the companion queries' vectors that ride on this
-    group's screen (:func:`_companions`), one per vector (owner -1: none), each within ``slack`` of its vector."""
+    ``(m, d)`` vectors for the float64 recomputation. ``shadow``: the vectors of the queries that ride on this
+    group's products (:func:`_ride`), one per vector (owner -1: none), each within ``slack`` of its vector."""
 
     cols: np.ndarray | None
     q: torch.Tensor
@@ -141,7 +144,7 @@ def _ride(g: _Group) -> _Group:
     similarity to the screened vector ``v`` by at most ``|r - v|``, so the screen's bound is widened by that gap for
     the rider, and only the pairs it cannot rule out are computed for it: the screen's products and its passes over
     their output are halved, and the answers stay exact. A query rides when it has as many vectors in the group as
-    the query before it (paired in their order) and none lies farther than :data:`_COMPANION_GAP` from its pair.
+    the query before it (paired in their order) and none lies farther than :data:`_RIDE_GAP` from its pair.
     """
     members = dict(g.members())
     if g.cols is not None or len(g.owner) < _SCREEN_MIN_PER_QUERY * len(members):
@@ -153,7 +156,7 @@ def _ride(g: _Group) -> _Group:
             continue
         diff = g.full[_span(members[o])] - g.full[_span(lead)]
         gap = np.sqrt(np.einsum("ij,ij->i", diff, diff, dtype=np.float64))
-        if gap.max() <= _COMPANION_GAP:
+        if gap.max() <= _RIDE_GAP:
             pairs.append((o - 1, o, gap))
             riders.add(o)
     if not pairs:

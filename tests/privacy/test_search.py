@@ -210,7 +210,7 @@ def test_an_images_second_view_rides_on_the_first_views_screen_and_answers_as_th
     phantoms, name, bf16_screen, monkeypatch
 ):
     monkeypatch.setattr("monai_synth.privacy.search.BF16_SCREEN", bf16_screen)
-    from monai_synth.privacy.search import _COMPANION_GAP, _ride
+    from monai_synth.privacy.search import _RIDE_GAP, _ride
 
     train, patients, unseen = phantoms
     index = TrainingIndex.build(SPACES[name](), train, patients, "dl", shard_size=10)
@@ -230,7 +230,7 @@ def test_an_images_second_view_rides_on_the_first_views_screen_and_answers_as_th
         # every second view rides on its first view's vectors, each within its slack
         assert set(ridden.owner.tolist()) == {0, 2, 4} and set(ridden.shadow.owner.tolist()) == {1, 3, 5}
         assert (ridden.slack >= np.linalg.norm(ridden.shadow.full - ridden.full, axis=1)).all()
-        assert ridden.slack.max() <= _COMPANION_GAP
+        assert ridden.slack.max() <= _RIDE_GAP
     index.fast_search = False
     dense = index.nearest(vec)
     index.fast_search = True
