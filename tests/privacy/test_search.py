@@ -243,3 +243,28 @@ def test_an_images_second_view_rides_on_the_first_views_screen_and_answers_as_th
     vec = embed_variants(index.space, unseen)
     q, v, d = vec.shape
     assert all(_ride(g) is g for g in _groups(np.asarray(vec).reshape(q * v, d), np.repeat(np.arange(q), v), True, v))
+
+
+@pytest.mark.parametrize("spec", ["pixel", "ball"])
+def test_a_volumes_second_view_rides_in_3d_and_answers_as_the_dense_path(spec, monkeypatch):
+    from monai_synth.privacy.factory import make_space
+    from monai_synth.privacy.search import _ride
+
+    monkeypatch.setattr("monai_synth.privacy.search.BF16_SCREEN", True)
+    train = generate_cohort("ct", 6, 1, spatial_dims=3, spatial_size=16, seed=1)
+    unseen = generate_cohort("ct", 2, 1, spatial_dims=3, spatial_size=16, seed=1, first_patient=50)
+    encoder = ReleaseEncoder("nifti", "ct")
+    x = torch.stack([encoder.views(np.asarray(r["image"], np.float32))[0].reshape(1, 16, 16, 16) for r in train])
+    space = make_space(spec, 3, (16, 16, 16))
+    index = TrainingIndex.build(space, x, [r["patient_id"] for r in train], "dl", shard_size=4)
+    stored = [np.asarray(r["image"], np.float32) for r in [*unseen, train[2]]]  # the last: a training volume itself
+    vec = embed_variants(space, torch.stack([v.reshape(1, 16, 16, 16) for s in stored for v in encoder.views(s)]))
+    q, v, d = vec.shape
+    groups = [_ride(g) for g in _groups(np.asarray(vec).reshape(q * v, d), np.repeat(np.arange(q), v), True, v)]
+    assert any(g.shadow is not None for g in groups)  # CT volumes' two views lie close enough to ride
+    index.fast_search = False
+    dense = index.nearest(vec)
+    index.fast_search = True
+    fast = index.nearest(vec)
+    for a, b in zip(fast, dense):
+        np.testing.assert_array_equal(a, b)
