@@ -56,6 +56,23 @@ def test_guidance_changes_the_samples_and_one_means_none():
     assert not torch.allclose(sampler(2, 0, "4b", guidance_scale=4.0), plain)
 
 
+def test_guidance_applies_only_within_its_interval_of_timesteps():
+    rflow = RFlowScheduler(100, use_discrete_timesteps=False)
+    plain = _sampler(rflow)(2, 0, "4b")
+    guided = _sampler(rflow, guidance_scale=4.0)(2, 0, "4b")
+    # an interval holding every step is plain guidance; one holding none is no guidance at all
+    whole = _sampler(rflow, guidance_scale=4.0, guidance_interval=(0.0, 1.0))(2, 0, "4b")
+    torch.testing.assert_close(whole, guided, rtol=0, atol=0)
+    empty = _sampler(rflow, guidance_scale=4.0, guidance_interval=(0.0, 0.001))(2, 0, "4b")
+    torch.testing.assert_close(empty, plain, rtol=0, atol=0)
+    # without the noisiest steps: guided elsewhere, so neither of the two
+    part = _sampler(rflow, guidance_scale=4.0, guidance_interval=(0.0, 0.6))(2, 0, "4b")
+    assert not torch.allclose(part, guided) and not torch.allclose(part, plain)
+    for bad in [(0.8, 0.2), (0.0, 1.5), (0.5,), (-0.1, 0.5)]:
+        with pytest.raises(ValueError, match="guidance_interval"):
+            _sampler(rflow, guidance_scale=4.0, guidance_interval=bad)
+
+
 def test_unknown_labels_and_options_are_refused():
     sampler = _sampler()
     with pytest.raises(ValueError, match="not known"):
