@@ -93,9 +93,10 @@ def sample_latent_images(
             once; ``None`` decodes the whole latent in one pass.
         guidance_interval: ``(low, high)`` fractions of the scheduler's training timesteps (0: clean, 1: pure noise):
             guidance is applied only at steps whose timestep lies in that range, the conditional prediction alone
-            elsewhere (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"). Guidance at the noisiest
-            steps fixes each image's global layout at its class's mode: released images' brightness came out
-            exaggerated per class and too alike within a class. ``None``: every step.
+            elsewhere (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"): guidance at the noisiest
+            steps pulls each image's global layout to its class's mode. On the quickstart, leaving the first of 10
+            steps unguided moved realism by less than the spread between seeds (``docs/benchmarks.md``).
+            ``None``: every step.
 
     Returns:
         (B, C_image, *spatial) float tensor on ``device``.
