@@ -27,6 +27,17 @@ def _model(records):
     return torch.stack([torch.as_tensor(r["image"]) for r in records]) / 127.5 - 1.0
 
 
+def _fast_matches_dense(index: TrainingIndex, vec) -> tuple:
+    """The index's answers for ``vec`` on the fast path, checked equal, bit for bit, to the dense product's."""
+    index.fast_search = False
+    dense = index.nearest(vec)
+    index.fast_search = True
+    fast = index.nearest(vec)
+    for a, b in zip(fast, dense):
+        np.testing.assert_array_equal(a, b)
+    return fast
+
+
 @pytest.fixture(scope="module")
 def phantoms():
     train = generate_cohort("us", 12, 2, spatial_size=32, seed=3)
@@ -42,12 +53,7 @@ def test_fast_and_dense_search_give_the_same_rows_and_distances(phantoms, name, 
     index = TrainingIndex.build(SPACES[name](), train, patients, "dl", shard_size=10)
     queries = torch.cat([unseen, train[:2].flip(-1), -train[2:3]])
     vec = embed_variants(index.space, queries)
-    index.fast_search = False
-    dense = index.nearest(vec)
-    index.fast_search = True
-    fast = index.nearest(vec)
-    for a, b in zip(fast, dense):
-        np.testing.assert_array_equal(a, b)
+    fast = _fast_matches_dense(index, vec)
     # and they are the exact nearest rows: the smallest distance over every variant and row, as FAISS finds it
     ref_d, ref_r, _ = index.search(vec, k=1)
     np.testing.assert_allclose(fast[0], ref_d, atol=1e-6)
@@ -231,14 +237,9 @@ def test_an_images_second_view_rides_on_the_first_views_screen_and_answers_as_th
         assert set(ridden.owner.tolist()) == {0, 2, 4} and set(ridden.shadow.owner.tolist()) == {1, 3, 5}
         assert (ridden.slack >= np.linalg.norm(ridden.shadow.full - ridden.full, axis=1)).all()
         assert ridden.slack.max() <= _RIDE_GAP
-    index.fast_search = False
-    dense = index.nearest(vec)
-    index.fast_search = True
-    fast = index.nearest(vec)
-    for a, b in zip(fast, dense):
-        np.testing.assert_array_equal(a, b)
+    distances = _fast_matches_dense(index, vec)[0]
     if name == "pixel":  # the rider found its own, nearer row
-        assert dense[0][5, 0] < 1e-6 < dense[0][4, 0]
+        assert distances[5, 0] < 1e-6 < distances[4, 0]
     # views of different images lie far apart: none rides
     vec = embed_variants(index.space, unseen)
     q, v, d = vec.shape
@@ -262,9 +263,4 @@ def test_a_volumes_second_view_rides_in_3d_and_answers_as_the_dense_path(spec, m
     q, v, d = vec.shape
     groups = [_ride(g) for g in _groups(np.asarray(vec).reshape(q * v, d), np.repeat(np.arange(q), v), True, v)]
     assert any(g.shadow is not None for g in groups)  # CT volumes' two views lie close enough to ride
-    index.fast_search = False
-    dense = index.nearest(vec)
-    index.fast_search = True
-    fast = index.nearest(vec)
-    for a, b in zip(fast, dense):
-        np.testing.assert_array_equal(a, b)
+    _fast_matches_dense(index, vec)
