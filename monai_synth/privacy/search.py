@@ -146,9 +146,11 @@ def _ride(g: _Group) -> _Group:
     their output are halved, and the answers stay exact. A query rides when it has as many vectors in the group as
     the query before it (paired in their order) and none lies farther than :data:`_RIDE_GAP` from its pair.
     """
+    if g.cols is not None:
+        return g  # a slot's similarities are tiny next to the gap: most pairs would survive
     members = dict(g.members())
-    if g.cols is not None or len(g.owner) < _SCREEN_MIN_PER_QUERY * len(members):
-        return g  # a slot's similarities, and those of a few long vectors, are tiny next to the gap: most would survive
+    if len(g.owner) < _SCREEN_MIN_PER_QUERY * len(members):
+        return g  # so are those of a few long vectors per query (texture, embedding)
     pairs, riders = [], set()
     for o in sorted(members):
         lead = members.get(o - 1)
@@ -357,9 +359,10 @@ def _screened(
     # |.| bounds the similarity of either sign; clearing a bfloat16's sign bit is its absolute value, and non-negative
     # bfloat16 values order as their bits do, so the largest is taken as int16 (a bfloat16 reduction is 3x slower)
     top = approx.view(torch.int16).bitwise_and_(0x7FFF).amax(dim=1).view(torch.bfloat16).float().numpy()
-    _survivors(g, approx, top.astype(np.float64), SCREEN, x, best, rows, scratch)
+    top = top.astype(np.float64)
+    _survivors(g, approx, top, SCREEN, x, best, rows, scratch)
     if g.shadow is not None:
-        _survivors(g.shadow, approx, top.astype(np.float64), SCREEN + g.slack, x, best, rows, scratch)
+        _survivors(g.shadow, approx, top, SCREEN + g.slack, x, best, rows, scratch)
 
 
 def _survivors(
