@@ -262,6 +262,73 @@ def _half_join(a: np.ndarray, other: np.ndarray) -> np.ndarray:
     return out
 
 
+def _blend(a: np.ndarray, other: np.ndarray, alpha: float) -> np.ndarray:
+    """``(1 - alpha)`` of the image plus ``alpha`` of another (brought to its shape and intensity range): a mixup."""
+    lo, hi = _range(a)
+    o = _resize(other, a.shape)
+    olo, ohi = _range(o)
+    return (1.0 - alpha) * a + alpha * (lo + (o - olo) / (ohi - olo) * (hi - lo))
+
+
+def _motion_blur(a: np.ndarray, length: int) -> np.ndarray:
+    """A uniform blur of ``length`` pixels along axis 1 (a probe moved during the sweep)."""
+    from scipy import ndimage
+
+    return ndimage.uniform_filter1d(a, max(1, length), axis=1, mode="nearest")
+
+
+def _overlay(a: np.ndarray, ctx: Ctx) -> np.ndarray:
+    """Burnt-in annotations: two caliper crosses and a text box in a corner at the image's maximum."""
+    out = a.copy()
+    hi = float(a.max())
+    n0, n1 = a.shape[:2]
+    arm = ctx.px(3)
+    for c0, c1 in ((n0 // 3, n1 // 3), (2 * n0 // 3, 2 * n1 // 3)):
+        out[max(0, c0 - arm) : c0 + arm + 1, c1] = hi
+        out[c0, max(0, c1 - arm) : c1 + arm + 1] = hi
+    out[n0 - ctx.px(8) : n0 - ctx.px(2), ctx.px(2) : ctx.px(22)] = hi  # a label
+    return out
+
+
+def _quadrant(a: np.ndarray) -> np.ndarray:
+    """The first corner's quadrant (half of each in-plane side) resized to the whole image."""
+    h0, h1 = a.shape[0] // 2, a.shape[1] // 2
+    return _resize(a[:h0, :h1], a.shape)
+
+
+def _moved_quadrant(a: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Another image with its last in-plane quadrant replaced by this image's first: a quarter of a training image
+    pasted somewhere else."""
+    out = _resize(other, a.shape).astype(np.float64)
+    h0, h1 = a.shape[0] // 2, a.shape[1] // 2
+    out[a.shape[0] - h0 :, a.shape[1] - h1 :] = a[:h0, :h1]
+    return out
+
+
+def _swapped_halves(a: np.ndarray) -> np.ndarray:
+    """The image cut in halves along each in-plane axis and the pieces swapped (quadrants moved diagonally)."""
+    return np.roll(a, (a.shape[0] // 2, a.shape[1] // 2), axis=(0, 1)).copy()
+
+
+def _keystone(a: np.ndarray, k: float) -> np.ndarray:
+    """A perspective (keystone) warp: axis 1 squeezed by up to ``k`` at one end of axis 0, widened at the other."""
+    from scipy import ndimage
+
+    g0, g1 = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in a.shape[:2]], indexing="ij")
+    c0, c1 = (a.shape[0] - 1) / 2.0, (a.shape[1] - 1) / 2.0
+    scale = 1.0 + k * (g0 - c0) / max(c0, 1.0)
+    coords = [g0, c1 + (g1 - c1) * scale]
+    if a.ndim == 2:
+        return ndimage.map_coordinates(a, coords, order=1, mode="constant", cval=float(a.min()))
+    return np.stack(
+        [
+            ndimage.map_coordinates(a[..., z], coords, order=1, mode="constant", cval=float(a.min()))
+            for z in range(a.shape[2])
+        ],
+        axis=-1,
+    )
+
+
 @dataclass(frozen=True)
 class Attack:
     """One way of planting a near-copy.
@@ -447,6 +514,36 @@ ATTACKS: list[Attack] = [
         "pixelated: down 4x and up again",
         lambda t, u, c: _resize(_resize(t[0], [max(2, n // 4) for n in t[0].shape]), t[0].shape),
     ),
+    # unseen ones of the eleventh round (2D and 3D alike)
+    Attack(
+        "blend",
+        "blended 70/30 with an unseen image (mixup)",
+        lambda t, u, c: _blend(t[0], u[0], 0.3),
+        n_unseen=1,
+    ),
+    Attack("blur3", "Gaussian blur sd 3 px", lambda t, u, c: _blur(t[0], 3.0 * c.scale)),
+    Attack("brighten", "brightened by 25% of the range (clipped)", lambda t, u, c: _on_unit(t[0], lambda x: x + 0.25)),
+    Attack("motion", "motion blur over {px8} px along one axis", lambda t, u, c: _motion_blur(t[0], c.px(8))),
+    Attack("overlay", "burnt-in caliper crosses and a text box", lambda t, u, c: _overlay(t[0], c)),
+    Attack(
+        "rot90crop",
+        "rot90 + crop to 80% and resize",
+        lambda t, u, c: _resize(_crop_centre(np.rot90(t[0], 1, axes=(0, 1)), 0.8, range(t[0].ndim)), t[0].shape),
+    ),
+    Attack(
+        "pixelate8",
+        "pixelated: down 8x and up again",
+        lambda t, u, c: _resize(_resize(t[0], [max(2, n // 8) for n in t[0].shape]), t[0].shape),
+    ),
+    Attack("quadrant", "a corner quadrant resized to the whole", lambda t, u, c: _quadrant(t[0])),
+    Attack(
+        "quadrant_moved",
+        "a quadrant pasted into another corner of an unseen image",
+        lambda t, u, c: _moved_quadrant(t[0], u[0]),
+        n_unseen=1,
+    ),
+    Attack("swapped", "halves of each axis swapped (quadrants moved)", lambda t, u, c: _swapped_halves(t[0])),
+    Attack("keystone", "perspective (keystone) warp by 15%", lambda t, u, c: _keystone(t[0], 0.15)),
 ]
 ATTACK_KEYS = [a.key for a in ATTACKS]
 
@@ -706,6 +803,17 @@ def _short_reason(reason: str | None) -> str:
     return "; ".join(dict.fromkeys(t.strip() for t in text.split(";") if t.strip()))[:200] or "unknown"
 
 
+def _closest_spaces(records: Sequence[Any]) -> list[str]:
+    """Per released image, the space it came closest to being refused in: ``"pixel 1.42"`` (distance / threshold)."""
+    out = []
+    for r in records:
+        ratios = {k: d / r.thresholds[k] for k, d in r.distances.items() if r.thresholds.get(k)}
+        if ratios:
+            name = min(ratios, key=ratios.get)
+            out.append(f"{name} {ratios[name]:.2f}")
+    return out
+
+
 def print_table(title: str, rows: Sequence[Row]) -> None:
     width = max([len(TABLE_HEADER[0])] + [len(r.label) for r in rows])
     print(f"\n-- {title} --")
@@ -713,6 +821,12 @@ def print_table(title: str, rows: Sequence[Row]) -> None:
     print(f"{'-' * width}-+-{'-' * 8}-+-{'-' * 9}")
     for r in rows:
         print(f"{r.label:<{width}} | {r.released:>8d} | {r.attempted:>9d}")
+    closest = [(r.label, r.extra["released_closest"]) for r in rows if r.extra.get("released_closest")]
+    if closest:
+        print("released copies, nearest to refusal (space, distance / threshold):")
+        for label, near in closest:
+            if label != CONTROL_LABEL:
+                print(f"  {label}: {', '.join(near)}")
 
 
 def parse_tables(text: str) -> list[list[tuple[str, int, int]]]:
@@ -1132,7 +1246,8 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
         check_s += time.perf_counter() - t1
         n_checked += len(tensor)
         reasons = Counter(_short_reason(r.reason) for r in result.records if not r.passed)
-        rows.append(Row(key, label, len(result.images), len(tensor), dict(reasons)))
+        extra = {"released_closest": _closest_spaces([r for r in result.records if r.passed])}
+        rows.append(Row(key, label, len(result.images), len(tensor), dict(reasons), extra))
     return {
         "rows": rows,
         "safeguard_s": build_s + check_s,

@@ -78,9 +78,10 @@ def make_space(
     90-degree rotations, axis swaps, rotations of 5-25 degrees about each axis and zooms of 0.8-1.25 in steps of 0.05
     within each plane and of the whole volume, gammas 0.5, 0.7, 1.4 and 2 with every shift and with the mirror
     flips, and the median filter with every shift); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
-    ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre),
+    ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre; 2D: and each
+    of the candidate's quadrants in every other quadrant's place, a quarter of a training image pasted elsewhere),
     ``crops`` = the same class comparing crops of training images with the whole candidate (2D: and with the
-    candidate's windows of the same size at the neighbouring corners, a copy moved along one axis),
+    candidate's windows of the same size at the other corners, a copy moved along one axis or both),
     ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every position, 2D of a half
     and a third of its side and the halves of each axis; in 3D of 0.8 and 0.5 of the training volumes' shape, and
     spanning some axes whole and a half or a third of the others).
@@ -124,7 +125,7 @@ def make_space(
             kind=kind,
             invariances=symmetry,
             rotations=rotations,
-            moved=kind == "crops",  # 2D: a copy moved on a canvas by 10-50% of the side along one axis
+            moved=True,  # 2D: a copy moved on a canvas by 10-50% of the side; a quadrant pasted into another corner
         )
     if name == "tiles":
         if spatial_dims == 2:

@@ -71,12 +71,15 @@ class PartSpace:
         rotations: angles (degrees; 2D in the image plane, 3D about each of the three axes) the candidate is also
             rotated back by before it is cut: a
             rotated copy has background corners, which the aligned centre region mostly leaves out.
-        moved: 2D ``kind="crops"``: each corner crop's slot also holds the candidate's window of the same size at
-            the two neighbouring corners (unrotated, no symmetry): a training image moved by ``1 - crop`` of the side
-            along one axis, the rest filled. Wrapped shifts of the whole image restore a copy moved on a background,
-            not one moved on a canvas where the source had anatomy (ultrasound): such copies, moved by a quarter of
-            the side, sat 0.18-0.26 from their sources in the pixel space (threshold 0.093) and 2 of 3 passed the
-            whole default gate.
+        moved: 2D only. ``kind="crops"``: each corner crop's slot also holds the candidate's window of the same size
+            at the three other corners (unrotated, no symmetry): a training image moved by ``1 - crop`` of the side
+            along one axis or both, the rest filled. Wrapped shifts of the whole image restore a copy moved on a
+            background, not one moved on a canvas where the source had anatomy (ultrasound): such copies, moved by a
+            quarter of the side, sat 0.18-0.26 from their sources in the pixel space (threshold 0.093) and 2 of 3
+            passed the whole default gate. ``kind="regions"``: each quadrant's slot also holds each of the
+            candidate's other quadrants (unrotated, no symmetry): a quarter of a training image pasted into another
+            corner, or a copy cut into quadrants and rearranged, matches one slot exactly where the aligned quadrants
+            match none (ultrasound and CT phantoms: 3 of 3 of each released by the whole gate without them).
     """
 
     _VERSION = 1
@@ -124,8 +127,8 @@ class PartSpace:
         self._offsets = np.cumsum([0, *self._sizes])
         self._symmetries, self.signs = _query_symmetries(self.spatial_dims, self.invariances)
         # (slot, crop fraction, window anchor) of the moved windows: each corner crop's slot holds the candidate's
-        # window of that size at a neighbouring corner
-        self.moved = bool(moved) and kind == "crops" and spatial_dims == 2
+        # window of that size at every other corner
+        self.moved = bool(moved) and spatial_dims == 2
         corners = [a for a in self._anchors if a != "centre"]
         self._moved = (
             [
@@ -133,11 +136,14 @@ class PartSpace:
                 for i, c in enumerate(self.crops)
                 for a in corners
                 for b in corners
-                if sum(x != y for x, y in zip(a.split("-"), b.split("-"))) == 1
+                if a != b
             ]
-            if self.moved
+            if self.moved and kind == "crops"
             else []
         )
+        # (candidate's quadrant, slot it is compared in) of the moved quadrants
+        quadrants = range(2**spatial_dims) if kind == "regions" else range(0)
+        self._moved_quadrants = [(i, j) for i in quadrants for j in quadrants if i != j] if self.moved else []
 
     @property
     def dim(self) -> int:
@@ -157,7 +163,7 @@ class PartSpace:
                 "rotations": list(self.rotations),
                 "anchors": list(self._anchors),
                 **({"rotation_axes": 3} if self.spatial_dims == 3 and len(self.rotations) > 1 else {}),
-                **({"moved": True} if self.moved else {}),
+                **({"moved": "every corner"} if self.moved else {}),
                 "invariances": list(self.invariances),
             }
         )
@@ -225,7 +231,8 @@ class PartSpace:
             turned[:, 0] = g
         else:
             turned = _affine_variants(g, (1.0,), self.rotations).reshape(n, len(self.rotations), *g.shape[1:])
-        variants = len(self._symmetries) * turned.shape[1] * len(self._offsets[1:]) + len(self._moved)
+        variants = len(self._symmetries) * turned.shape[1] * len(self._offsets[1:])
+        variants += len(self._moved) + len(self._moved_quadrants)
         # written straight into one tensor, negations included: building each variant as its own zero vector, then
         # stacking and concatenating them, cost the crops space half of its judging time
         v = torch.zeros(n, variants * len(self.signs), self.dim)
@@ -243,8 +250,11 @@ class PartSpace:
                     v[i, at] = 0.0
                     v[i, at, self._offsets[f] : self._offsets[f + 1]] = parts[f][0][i]
                 at += 1
-        for r, fraction, anchor in self._moved:  # the candidate's corner windows in the neighbouring corners' slots
-            vec, ok = _standardised_piece(self._crop(full, fraction, anchor))
+        moved = [(r, *_standardised_piece(self._crop(full, c, anchor))) for r, c, anchor in self._moved]
+        if self._moved_quadrants:
+            quadrants = self._regions(g)
+            moved += [(r, *quadrants[q]) for q, r in self._moved_quadrants]
+        for r, vec, ok in moved:  # the candidate's corner windows / quadrants in the other corners' slots
             v[:, at, self._offsets[r] : self._offsets[r + 1]] = vec
             for i in torch.nonzero(~ok).flatten().tolist():  # a constant window repeats the first variant
                 v[i, at] = v[i, 0]

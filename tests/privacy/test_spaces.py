@@ -483,7 +483,7 @@ def test_default_2d_tiles_put_a_canvas_of_ct_slices_far_below_other_patients():
 def test_default_crops_space_catches_an_ultrasound_copy_moved_a_quarter_of_its_side_on_a_canvas():
     # a B-mode image has no background: moved by 16 of 64 px, a quarter of the copy is black where its source has
     # tissue, and no shift of the whole image restores it (pixel space 0.18-0.26, threshold 0.093); 2 of 3 passed the
-    # whole default gate. The crop slots also hold the candidate's windows at the neighbouring corners.
+    # whole default gate. The crop slots also hold the candidate's windows at the other corners.
     from monai_synth.data.phantoms import generate_cohort
     from monai_synth.privacy.factory import make_space
     from monai_synth.transforms.presets import intensity_transform
@@ -495,7 +495,7 @@ def test_default_crops_space_catches_an_ultrasound_copy_moved_a_quarter_of_its_s
     moved[:3, ..., 16:, :] = x[:3, ..., :-16, :]
     moved[3:, ..., :, :-16] = x[3:6, ..., :, 16:]
     space = make_space("crops", 2, (64, 64))
-    assert space.moved and space.embed_variants(x[:1]).shape[1] == 864
+    assert space.moved and space.embed_variants(x[:1]).shape[1] == 936
     train = space.embed(x[:10])
     others = 1.0 - (space.embed_variants(x[10:]) @ train.T).max(axis=1)
     own = 1.0 - np.stack([(space.embed_variants(moved[i : i + 1])[0] @ train[i]).max() for i in range(6)])
@@ -504,6 +504,33 @@ def test_default_crops_space_catches_an_ultrasound_copy_moved_a_quarter_of_its_s
 
     plain = PartSpace(grid=16, kind="crops")
     assert not plain.moved and plain.fingerprint() != space.fingerprint()
+
+
+@pytest.mark.parametrize("modality", ["us", "ct"])
+def test_default_parts_and_crops_catch_a_quadrant_pasted_elsewhere_and_rearranged_quadrants(modality):
+    # a quarter of a training image pasted into another corner of a new patient's image, and a copy whose halves of
+    # each axis were swapped (its quadrants moved diagonally), were released 3 of 3 by the whole default gate in
+    # ultrasound and CT: the parts compared quadrants in place only, the crops' windows the neighbouring corners only
+    from monai_synth.data.phantoms import generate_cohort
+    from monai_synth.privacy.factory import make_space
+    from monai_synth.transforms.presets import intensity_transform
+
+    to_model = intensity_transform(modality)
+    cohort = generate_cohort(modality, n_patients=30, images_per_patient=1, spatial_dims=2, spatial_size=64, seed=0)
+    x = torch.stack([torch.as_tensor(np.asarray(to_model(np.asarray(r["image"], np.float32)))) for r in cohort])
+    train, new = x[:10], x[10:]
+    pasted = new[:5].clone()
+    pasted[..., 32:, 32:] = train[:5, ..., :32, :32]
+    swapped = torch.roll(train[5:10], (32, 32), dims=(-2, -1))
+    for name, floor in (("parts", 1 - 1 / 5**0.5), ("crops", 1 - 1 / 45**0.5)):
+        space = make_space(name, 2, (64, 64))
+        assert space.moved and space.embed_variants(x[:1]).shape[1] == {"parts": 424, "crops": 936}[name]
+        rows = space.embed(train)
+        others = 1.0 - (space.embed_variants(new[5:]) @ rows.T).max(axis=1)
+        copies = torch.cat([pasted, swapped])
+        own = 1.0 - np.stack([(space.embed_variants(copies[i : i + 1])[0] @ rows[i]).max() for i in range(10)])
+        # one slot of the candidate matches its source's exactly: the space's floor, below every other patient
+        assert np.allclose(own, floor, atol=1e-4) and own.max() < others.min(), (name, own, others.min())
 
 
 def test_default_2d_pixel_space_undoes_a_shear_along_either_axis():
