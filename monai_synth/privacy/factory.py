@@ -78,8 +78,8 @@ def make_space(
     90-degree rotations, axis swaps, rotations of 5-25 degrees about each axis and zooms of 0.8-1.25 in steps of 0.05
     within each plane and of the whole volume, gammas 0.5, 0.7, 1.4 and 2 with every shift and with the mirror
     flips, and the median filter with every shift); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
-    ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre; 2D: and each
-    of the candidate's quadrants in every other quadrant's place, a quarter of a training image pasted elsewhere),
+    ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre, and each of
+    the candidate's quadrants / octants in every other one's place: a quarter of a training image pasted elsewhere),
     ``crops`` = the same class comparing crops of training images with the whole candidate (2D: and with the
     candidate's windows of the same size at the other corners, a copy moved along one axis or both),
     ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every position, 2D of a half
@@ -125,7 +125,7 @@ def make_space(
             kind=kind,
             invariances=symmetry,
             rotations=rotations,
-            moved=True,  # 2D: a copy moved on a canvas by 10-50% of the side; a quadrant pasted into another corner
+            moved=True,  # a quadrant (octant) pasted into another corner; 2D crops: a copy moved on a canvas
         )
     if name == "tiles":
         if spatial_dims == 2:

@@ -71,15 +71,16 @@ class PartSpace:
         rotations: angles (degrees; 2D in the image plane, 3D about each of the three axes) the candidate is also
             rotated back by before it is cut: a
             rotated copy has background corners, which the aligned centre region mostly leaves out.
-        moved: 2D only. ``kind="crops"``: each corner crop's slot also holds the candidate's window of the same size
+        moved: ``kind="crops"`` (2D only): each corner crop's slot also holds the candidate's window of the same size
             at the three other corners (unrotated, no symmetry): a training image moved by ``1 - crop`` of the side
             along one axis or both, the rest filled. Wrapped shifts of the whole image restore a copy moved on a
             background, not one moved on a canvas where the source had anatomy (ultrasound): such copies, moved by a
             quarter of the side, sat 0.18-0.26 from their sources in the pixel space (threshold 0.093) and 2 of 3
-            passed the whole default gate. ``kind="regions"``: each quadrant's slot also holds each of the
-            candidate's other quadrants (unrotated, no symmetry): a quarter of a training image pasted into another
-            corner, or a copy cut into quadrants and rearranged, matches one slot exactly where the aligned quadrants
-            match none (ultrasound and CT phantoms: 3 of 3 of each released by the whole gate without them).
+            passed the whole default gate. ``kind="regions"``: each quadrant's (octant's) slot also holds each of the
+            candidate's other quadrants (octants), unrotated, no symmetry: a quarter of a training image pasted into
+            another corner, or a copy cut into quadrants and rearranged, matches one slot exactly where the aligned
+            quadrants match none (ultrasound and CT phantoms: 3 of 3 of each released by the whole gate without them,
+            CT volumes 2 of 2).
     """
 
     _VERSION = 1
@@ -128,7 +129,7 @@ class PartSpace:
         self._symmetries, self.signs = _query_symmetries(self.spatial_dims, self.invariances)
         # (slot, crop fraction, window anchor) of the moved windows: each corner crop's slot holds the candidate's
         # window of that size at every other corner
-        self.moved = bool(moved) and spatial_dims == 2
+        self.moved = bool(moved) and (spatial_dims == 2 or kind == "regions")
         corners = [a for a in self._anchors if a != "centre"]
         self._moved = (
             [
