@@ -33,6 +33,8 @@ from monai_synth.engines.latents import (
     compute_scale_factor,
     encode_labels,
     ensure_latent_cache,
+    latent_channel_stats,
+    standardise_latent_channels,
 )
 from monai_synth.engines.sampler import Generator, LatentSampler, sample_latent_images
 from monai_synth.engines.utils import unwrap_model
@@ -53,6 +55,8 @@ __all__ = [
     "cache_latents",
     "checkpoint_fingerprint",
     "compute_scale_factor",
+    "latent_channel_stats",
+    "standardise_latent_channels",
     "diffusion_prepare_batch",
     "drop_condition",
     "encode_labels",

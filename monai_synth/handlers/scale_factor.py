@@ -8,7 +8,12 @@ from collections.abc import Iterable
 import torch
 from ignite.engine import Engine, Events
 
-from monai_synth.engines.latents import ScaleFactor, compute_scale_factor
+from monai_synth.engines.latents import (
+    ScaleFactor,
+    compute_scale_factor,
+    latent_channel_stats,
+    standardise_latent_channels,
+)
 
 __all__ = ["ScaleFactorHandler"]
 
@@ -31,6 +36,9 @@ class ScaleFactorHandler:
         image_key: image key in the batches.
         interval: also recompute every this many epochs (``None``: only at the end).
         progress: show a tqdm bar while encoding the training set.
+        per_channel: at the end of training, first standardise each latent channel over the training set, folded into
+            the autoencoder's weights (:func:`~monai_synth.engines.latents.standardise_latent_channels`), so the scale
+            factor comes out about 1. Not at the interval refreshes: training goes on there, in its own parametrisation.
     """
 
     def __init__(
@@ -42,6 +50,7 @@ class ScaleFactorHandler:
         image_key: str = "image",
         interval: int | None = None,
         progress: bool = False,
+        per_channel: bool = False,
     ) -> None:
         if not isinstance(scale_factor, ScaleFactor):
             raise TypeError(f"scale_factor must be a monai_synth ScaleFactor module, got {type(scale_factor).__name__}")
@@ -54,6 +63,7 @@ class ScaleFactorHandler:
         self.image_key = image_key
         self.interval = None if interval is None else int(interval)
         self.progress = progress
+        self.per_channel = bool(per_channel)
         self.logger = logging.getLogger(__name__)
 
     def _due(self, engine: Engine, _event: int) -> bool:
@@ -68,8 +78,23 @@ class ScaleFactorHandler:
         # an early stop (engine.terminate()) fires TERMINATE before COMPLETED, i.e. before the final checkpoint
         engine.add_event_handler(Events.TERMINATE, self)
 
+    def _final(self, engine: Engine | None) -> bool:
+        state = getattr(engine, "state", None)
+        if state is None or getattr(engine, "should_terminate", False):
+            return True  # called directly, or an early stop
+        return state.max_epochs is not None and state.epoch >= state.max_epochs
+
     def __call__(self, engine: Engine | None = None) -> float:
         device = self.device if self.device is not None else getattr(getattr(engine, "state", None), "device", "cpu")
+        if self.per_channel and self._final(engine):
+            mean, std = latent_channel_stats(
+                self.autoencoder, self.data_loader, device=device, image_key=self.image_key, progress=self.progress
+            )
+            standardise_latent_channels(self.autoencoder, mean, std)
+            self.logger.info(
+                f"latent channels standardised over the training set (means {[round(v, 3) for v in mean.tolist()]}, "
+                f"SDs {[round(v, 3) for v in std.tolist()]}), folded into the autoencoder's weights"
+            )
         value = compute_scale_factor(
             self.autoencoder, self.data_loader, device=device, image_key=self.image_key, progress=self.progress
         )

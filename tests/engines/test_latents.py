@@ -17,7 +17,9 @@ from monai_synth.engines import (
     cache_latents,
     compute_scale_factor,
     encode_labels,
+    latent_channel_stats,
     load_checkpoint,
+    standardise_latent_channels,
 )
 from monai_synth.handlers import AtomicCheckpointSaver, ScaleFactorHandler
 
@@ -102,6 +104,58 @@ def test_handler_also_runs_when_training_stops_early(tmp_path):
     restored = ScaleFactor()
     load_checkpoint(tmp_path / "ae.pt", {"scale_factor": restored})
     assert restored.computed and float(restored) == pytest.approx(compute_scale_factor(ae, loader), rel=1e-6)
+
+
+def _channel_moments(ae, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        z = torch.cat([ae.encode(b["image"])[0] for b in loader]).double().transpose(0, 1).flatten(1)
+    return z.mean(dim=1), z.std(dim=1)
+
+
+def test_standardising_latent_channels_keeps_reconstructions_and_centres_every_channel():
+    ae = make_autoencoder().eval()
+    loader = _heterogeneous_loader()
+    with torch.no_grad():
+        for conv in (ae.quant_conv_mu.conv, ae.post_quant_conv.conv):  # channels far apart, as trained ones lie
+            conv.bias.copy_(torch.linspace(-3.0, 4.0, conv.bias.numel()))
+        before = torch.cat([ae.decode(ae.encode(b["image"])[0]) for b in loader])
+    mean, std = latent_channel_stats(ae, loader)
+    assert torch.allclose(mean, _channel_moments(ae, loader)[0]) and torch.allclose(
+        std, _channel_moments(ae, loader)[1]
+    )
+    assert float(mean.abs().max()) > 1.0  # the test starts from channels that need it
+    standardise_latent_channels(ae, mean, std)
+    with torch.no_grad():
+        after = torch.cat([ae.decode(ae.encode(b["image"])[0]) for b in loader])
+    new_mean, new_std = _channel_moments(ae, loader)
+    assert float(new_mean.abs().max()) < 1e-5 and float((new_std - 1).abs().max()) < 1e-5
+    assert torch.allclose(before, after, atol=1e-5)
+    assert compute_scale_factor(ae, loader) == pytest.approx(1.0, rel=1e-2)  # n / (n - 1) apart
+    with pytest.raises(TypeError, match="AutoencoderKL"):
+        standardise_latent_channels(torch.nn.Linear(2, 2), mean, std)
+
+
+def test_handler_standardises_the_channels_once_at_the_end_into_the_final_checkpoint(tmp_path):
+    ae, sf = make_autoencoder(), ScaleFactor()
+    loader = _heterogeneous_loader()
+    saver = AtomicCheckpointSaver(
+        str(tmp_path), {"autoencoder": ae, "scale_factor": sf}, save_final=True, final_filename="ae.pt"
+    )
+    handler = ScaleFactorHandler(ae, loader, sf, interval=1, per_channel=True)
+    folds = []
+    trainer = AutoencoderKLTrainer(
+        "cpu", 3, loader, ae, torch.optim.Adam(ae.parameters(), 1e-3), train_handlers=[saver, handler]
+    )
+    trainer.add_event_handler(
+        Events.EPOCH_COMPLETED, lambda e: folds.append(float(_channel_moments(ae, loader)[0].abs().max()))
+    )
+    trainer.run()
+    assert folds[-1] < 1e-5 and max(folds[:-1]) > 1e-3  # standardised at the end only, not at the interval refreshes
+    assert float(sf) == pytest.approx(1.0, rel=1e-2)
+    restored, restored_sf = make_autoencoder(), ScaleFactor()
+    load_checkpoint(tmp_path / "ae.pt", {"autoencoder": restored, "scale_factor": restored_sf})
+    assert float(_channel_moments(restored.eval(), loader)[0].abs().max()) < 1e-5
+    assert float(restored_sf) == pytest.approx(float(sf))
 
 
 def _write_ae_checkpoint(ae, path, sf=1.0):
