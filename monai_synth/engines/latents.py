@@ -101,8 +101,8 @@ def _images_of(batch: Any, image_key: str) -> torch.Tensor:
     return batch
 
 
-def _merge(count: int, mean: float, m2: float, n_b: int, mean_b: float, m2_b: float) -> tuple[int, float, float]:
-    """Chan et al.'s pairwise update of (count, mean, sum of squared deviations)."""
+def _merge(count: int, mean: Any, m2: Any, n_b: int, mean_b: Any, m2_b: Any) -> tuple[int, Any, Any]:
+    """Chan et al.'s pairwise update of (count, mean, sum of squared deviations): floats, or per-channel tensors."""
     total = count + n_b
     if total == 0:
         return 0, 0.0, 0.0
@@ -168,28 +168,23 @@ def latent_channel_stats(
     """Per-channel mean and standard deviation of ``z_mu`` over every training image (float64, merged over ranks under
     ``torch.distributed`` as :func:`compute_scale_factor` does)."""
     autoencoder = unwrap_model(autoencoder)
-    count, mean, m2 = 0, None, None
+    count, mean, m2 = 0, 0.0, 0.0
     with eval_mode(autoencoder):
         for batch in tqdm(data_loader, desc="latent channels", disable=not progress):
             z_mu = autoencoder.encode(_images_of(batch, image_key).to(device))[0].double().transpose(0, 1)
-            z_mu = z_mu.reshape(z_mu.shape[0], -1)  # (channels, elements)
-            n_b, mean_b = z_mu.shape[1], z_mu.mean(dim=1)
-            m2_b = ((z_mu - mean_b[:, None]) ** 2).sum(dim=1)
-            if mean is None:
-                count, mean, m2 = n_b, mean_b, m2_b
-                continue
-            total, delta = count + n_b, mean_b - mean
-            mean, m2, count = mean + delta * n_b / total, m2 + m2_b + delta**2 * count * n_b / total, total
-    if mean is None:
+            z_mu = z_mu.reshape(z_mu.shape[0], -1).cpu()  # (channels, elements)
+            mean_b = z_mu.mean(dim=1)
+            count, mean, m2 = _merge(count, mean, m2, z_mu.shape[1], mean_b, ((z_mu - mean_b[:, None]) ** 2).sum(dim=1))
+    if not torch.is_tensor(mean):
         raise ValueError("latent_channel_stats needs at least one batch; the data loader was empty")
     if idist.get_world_size() > 1:
-        stats = idist.all_gather(torch.cat([torch.tensor([float(count)], dtype=torch.float64), mean.cpu(), m2.cpu()]))
-        rows = stats.reshape(-1, 1 + 2 * len(mean)).to(torch.float64)
-        count, mean, m2 = int(rows[0, 0]), rows[0, 1 : 1 + len(mean)], rows[0, 1 + len(mean) :]
-        for row in rows[1:]:
-            n_b, mean_b, m2_b = int(row[0]), row[1 : 1 + len(mean)], row[1 + len(mean) :]
-            total, delta = count + n_b, mean_b - mean
-            mean, m2, count = mean + delta * n_b / total, m2 + m2_b + delta**2 * count * n_b / total, total
+        c = len(mean)
+        stats = idist.all_gather(
+            torch.cat([torch.tensor([float(count)], dtype=torch.float64), mean, m2]).to(idist.device())
+        )
+        count, mean, m2 = 0, 0.0, 0.0
+        for row in stats.reshape(-1, 1 + 2 * c).cpu():
+            count, mean, m2 = _merge(count, mean, m2, int(row[0]), row[1 : 1 + c], row[1 + c :])
     if count < 2:
         raise ValueError("latent_channel_stats needs at least two latent elements per channel")
     std = (m2 / (count - 1)).sqrt()
@@ -197,7 +192,7 @@ def latent_channel_stats(
         raise ValueError(
             f"latent channels {torch.nonzero(std == 0).flatten().tolist()} are constant; retrain the autoencoder"
         )
-    return mean.cpu(), std.cpu()
+    return mean, std
 
 
 @torch.no_grad()
