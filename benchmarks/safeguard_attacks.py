@@ -250,6 +250,25 @@ def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
     return ndimage.gaussian_filter(a, sigma)
 
 
+def _box_blur(a: np.ndarray, size: int) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.uniform_filter(a, max(1, size), mode="nearest")
+
+
+def _blocks(a: np.ndarray, factor: int) -> np.ndarray:
+    """Pixelated into blocks: each ``factor``-wide block replaced by its mean (area down, nearest up)."""
+    small = _resize(a, [max(2, n // factor) for n in a.shape])
+    idx = np.ix_(*[np.minimum(np.arange(n) * m // n, m - 1) for n, m in zip(a.shape, small.shape)])
+    return small[idx]
+
+
+def _median(a: np.ndarray, size: int) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.median_filter(a, max(1, size), mode="nearest")
+
+
 def _drop_slices(a: np.ndarray, n: int = 4) -> np.ndarray:
     drop = set(np.linspace(2, a.shape[2] - 3, n).round().astype(int).tolist())
     return a[:, :, [k for k in range(a.shape[2]) if k not in drop]]
@@ -367,7 +386,7 @@ def _px_label(label: str, ctx_scale: float) -> str:
     def px(n: float) -> int:
         return max(1, int(round(n * ctx_scale)))
 
-    return label.format(px4=px(4), px6=px(6), px8=px(8), px16=px(16))
+    return label.format(px4=px(4), px5=px(5), px6=px(6), px7=px(7), px8=px(8), px16=px(16))
 
 
 ATTACKS: list[Attack] = [
@@ -544,6 +563,16 @@ ATTACKS: list[Attack] = [
     ),
     Attack("swapped", "halves of each axis swapped (quadrants moved)", lambda t, u, c: _swapped_halves(t[0])),
     Attack("keystone", "perspective (keystone) warp by 15%", lambda t, u, c: _keystone(t[0], 0.15)),
+    # unseen low-pass copies of the twelfth round (2D and 3D alike)
+    Attack("blur4", "Gaussian blur sd 4 px", lambda t, u, c: _blur(t[0], 4.0 * c.scale)),
+    Attack("box7", "box blur over {px7} px", lambda t, u, c: _box_blur(t[0], c.px(7))),
+    Attack(
+        "blur3_noise",
+        "Gaussian blur sd 3 px, then noise sd 3% of the range",
+        lambda t, u, c: _on_unit(_blur(t[0], 3.0 * c.scale), lambda x: x + 0.03 * c.rng.standard_normal(x.shape)),
+    ),
+    Attack("blocks4", "blocks of 4 px (down 4x, nearest up)", lambda t, u, c: _blocks(t[0], 4)),
+    Attack("median5", "median filter over {px5} px", lambda t, u, c: _median(t[0], c.px(5))),
 ]
 ATTACK_KEYS = [a.key for a in ATTACKS]
 

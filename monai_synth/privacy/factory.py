@@ -1,7 +1,7 @@
 """Privacy spaces by name: what ``--spaces`` / ``privacy_spaces`` mean, and the default set a candidate must pass.
 
 One place that turns a command-line or config name (``pixel``, ``pixel:flip,shift``, ``parts``, ``crops``, ``tiles``,
-``embedding``) into a configured space, shared by ``monai-synth guard`` and the bundle's release, so both judge with
+``texture``, ``deblur``, ``disc``, ``ball``, ``embedding``) into a configured space, shared by ``monai-synth guard`` and the bundle's release, so both judge with
 the same spaces.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from monai_synth.privacy.ball import BallSpace
+from monai_synth.privacy.deblur import DeblurSpace
 from monai_synth.privacy.disc import DiscSpace
 from monai_synth.privacy.partial import PartSpace, TileSpace
 from monai_synth.privacy.spaces import PixelSpace, PrivacySpace
@@ -30,10 +31,11 @@ def space_name(spec: str) -> str:
     return spec.partition(":")[0].strip().lower()
 
 
-DEFAULT_SPACES = ("pixel", "parts", "crops", "tiles", "texture", "disc", "ball", "embedding")
+DEFAULT_SPACES = ("pixel", "parts", "crops", "tiles", "texture", "deblur", "disc", "ball", "embedding")
 """What a candidate must pass by default: whole-image pixel correlation under the geometric and intensity changes a
 person would still call the same image, aligned parts, crops of training images, windows at every scale, the fine
-texture of the image (a copy under strong noise such as speckle), the central disc of a 2D image under fine rotations
+texture of the image (a copy under strong noise such as speckle), the image sharpened (a blurred or pixelated copy,
+whose detail the sharpening brings back), the central disc of a 2D image under fine rotations
 and zooms (a copy rotated by up to 30 degrees, also cropped and noised; left out for volumes, see :data:`TWO_D_ONLY`),
 its 3D counterpart the inscribed ``ball`` of a volume under fine rotations and moves about each axis (left out for 2D
 images, see :data:`THREE_D_ONLY`), and the learned copy-detection / re-identification ``embedding``, trained on the
@@ -87,6 +89,9 @@ def make_space(
     spanning some axes whole and a half or a third of the others).
     ``texture`` = :class:`~monai_synth.privacy.texture.TextureSpace` (the image minus its local mean on a 64-cell
     grid, 32 in 3D, mirrored / transposed / inverted).
+    ``deblur`` = :class:`~monai_synth.privacy.deblur.DeblurSpace` (the query sharpened by an unsharp mask of 3 / 64
+    of the side, amount 4, then on the 16-cell grid, mirrored / transposed / inverted and moved by one cell: a blurred or
+    pixelated copy; 3D: mirrored, not transposed).
     ``disc`` = :class:`~monai_synth.privacy.disc.DiscSpace` (2D only: the central disc, radius 0.4 of the side, on a
     16-cell grid, the query rotated every 5 degrees to +-30, zoomed 0.8-1.25 in steps of 0.05, moved by up to 1.5 cells
     in half-cell steps at every angle, rotated by 35-45 degrees either way and moved by whole cells, mirrored /
@@ -146,6 +151,8 @@ def make_space(
     if name == "texture":
         fine = min(64 if spatial_dims == 2 else 32, *spatial_size)
         return TextureSpace(grid=fine, spatial_dims=spatial_dims, invariances=symmetry)
+    if name == "deblur":
+        return DeblurSpace(grid=grid, spatial_dims=spatial_dims, invariances=symmetry + ("shift",), max_shift=1)
     if name == "disc":
         return DiscSpace(grid=grid)
     if name == "ball":
@@ -160,7 +167,7 @@ def make_space(
 
         return EmbeddingSpace.from_weights(embedding_weights, expected_data_fingerprint=data_fingerprint)
     raise ValueError(
-        f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], parts, crops, tiles, texture, disc, ball "
+        f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], parts, crops, tiles, texture, deblur, disc, ball "
         "and/or embedding"
     )
 

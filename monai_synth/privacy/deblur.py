@@ -1,0 +1,117 @@
+"""A privacy space for low-pass copies: a blurred or pixelated copy, sharpened, comes back to its source.
+
+A copy blurred strongly (a Gaussian of 3 px on a 64 px slice) or pixelated (blocks of 8 px) keeps only the coarse
+layout of its source, and at that scale slices of different patients are as alike as the copy is to its source (CT
+and PET phantoms: the body outline on a dark background). Every space that compares images as they are released such
+copies. Sharpened with an unsharp mask, the copy gets back much of the detail it lost and comes near its source; a new
+patient's image, sharpened alike, only has its own detail amplified and moves away from every training image. In its
+own space, with its own threshold, the two separate (64 px phantom slices, ``benchmarks/safeguard_attacks.py``):
+
+=========  =====================================  ==============================================================
+modality   new patients, nearest training image   copies to their source: blur sd 2 / 3 px, box 7 px, pixelated 4x / 8x
+=========  =====================================  ==============================================================
+CT         from 0.138                             at most 0.041 / 0.027 / 0.042, 0.047 / 0.098
+MRI        from 0.118                             0.036 / 0.019 / 0.041, 0.041 / 0.053
+US         from 0.334                             0.055 / 0.046 / 0.065, 0.060 / 0.234
+PET        from 0.076                             0.036 / 0.053 / 0.044, 0.040 / 0.239 (not caught)
+=========  =====================================  ==============================================================
+
+(unsharp mask of sd 3 px, amount 4; 80 training patients, 40 new ones.) The training side is the pixel space's plain
+grid; only the query is sharpened, so one training row serves every query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.networks.layers import separable_filtering
+from monai.networks.layers.convutils import gaussian_1d
+
+from monai_synth.privacy.spaces import PixelSpace, scaled_batch
+
+__all__ = ["DeblurSpace"]
+
+
+class DeblurSpace(PixelSpace):
+    """The pixel space with the query sharpened first: distance = 1 - Pearson r of the sharpened query and a
+    training image, both on the grid.
+
+    The query is reduced to at most four times the grid (area), sharpened there as ``x + amount * (x - G(x))`` with
+    ``G`` a Gaussian of ``sigma`` of the image's side per axis (edges replicated), and then compared like the pixel
+    space (the symmetries, shifts and signs of ``invariances``). Training images are embedded plain.
+
+    Args:
+        grid: side of the grid (cells per axis).
+        spatial_dims: 2 or 3.
+        sigma: the unsharp mask's Gaussian, as a fraction of the image's side (3 / 64: 3 px on a 64 px slice).
+        amount: how much of the detail is added back (4: a Gaussian blur of about the mask's width mostly undone).
+        invariances: as :class:`~monai_synth.privacy.spaces.PixelSpace` (no zooms or rotations: a low-pass copy
+            also moved far is beyond this space).
+        max_shift: largest shift in grid cells.
+    """
+
+    _DEBLUR_VERSION = 1
+
+    def __init__(
+        self,
+        grid: int = 16,
+        spatial_dims: int = 2,
+        sigma: float = 3.0 / 64.0,
+        amount: float = 4.0,
+        invariances: Sequence[str] = ("flip", "transpose", "shift", "invert"),
+        max_shift: int = 1,
+    ) -> None:
+        if {"zoom", "rotate"} & set(invariances):
+            raise ValueError(f"the deblur space takes flips, transposes, shifts and inversion only, got {invariances}")
+        if not 0.0 < float(sigma) <= 0.25:
+            raise ValueError(f"sigma is a fraction of the image's side in (0, 0.25], got {sigma}")
+        if not 0.0 < float(amount) <= 16.0:
+            raise ValueError(f"amount must be in (0, 16], got {amount}")
+        super().__init__(grid=grid, spatial_dims=spatial_dims, invariances=invariances, max_shift=max_shift)
+        self.name = "deblur"
+        self.sigma = float(sigma)
+        self.amount = float(amount)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the vectors: the pixel space's settings and the mask."""
+        cfg = {
+            "space": "deblur",
+            "version": self._DEBLUR_VERSION,
+            "pixel": super().fingerprint(),
+            "sigma": self.sigma,
+            "amount": self.amount,
+        }
+        return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+    def sharpened(self, images: torch.Tensor | np.ndarray | Sequence) -> torch.Tensor:
+        """``(B, C, *spatial)`` images (at most four times the grid per axis) with the unsharp mask applied.
+
+        Raises:
+            NonFiniteImageError: for NaN/Inf images.
+        """
+        x = scaled_batch(images, self.spatial_dims)
+        size = tuple(min(4 * self.grid, n) for n in x.shape[2:])
+        if size != tuple(x.shape[2:]):
+            x = F.interpolate(x, size=size, mode="area")
+        kernels = [
+            gaussian_1d(torch.tensor(self.sigma * n), truncated=3.0, normalize=True).to(x.dtype) for n in size
+        ]
+        return x + self.amount * (x - separable_filtering(x, kernels, mode="replicate"))
+
+    def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
+        """``(B, V, d)`` vectors of every variant of every sharpened query, in the order of :attr:`variant_ops`.
+
+        Unlike the pixel space, variant 0 is not :meth:`embed`: the query is sharpened, the training rows are not.
+        """
+        return super().embed_variants(self.sharpened(images))
+
+    def __repr__(self) -> str:
+        return (
+            f"DeblurSpace(grid={self.grid}, spatial_dims={self.spatial_dims}, sigma={self.sigma:g}, "
+            f"amount={self.amount:g}, invariances={self.invariances}, max_shift={self.max_shift})"
+        )
