@@ -98,9 +98,7 @@ class DeblurSpace(PixelSpace):
         size = tuple(min(4 * self.grid, n) for n in x.shape[2:])
         if size != tuple(x.shape[2:]):
             x = F.interpolate(x, size=size, mode="area")
-        kernels = [
-            gaussian_1d(torch.tensor(self.sigma * n), truncated=3.0, normalize=True).to(x.dtype) for n in size
-        ]
+        kernels = [gaussian_1d(torch.tensor(self.sigma * n), truncated=3.0, normalize=True).to(x.dtype) for n in size]
         return x + self.amount * (x - separable_filtering(x, kernels, mode="replicate"))
 
     def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
