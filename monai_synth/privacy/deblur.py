@@ -16,8 +16,10 @@ US         from 0.334                             0.055 / 0.046 / 0.065, 0.060 /
 PET        from 0.076                             0.036 / 0.053 / 0.044, 0.040 / 0.239 (not caught)
 =========  =====================================  ==============================================================
 
-(unsharp mask of sd 3 px, amount 4; 80 training patients, 40 new ones.) The training side is the pixel space's plain
-grid; only the query is sharpened, so one training row serves every query.
+(unsharp mask of sd 3 px, amount 4; 80 training patients, 40 new ones.) A copy blurred along one axis only (motion
+blur over 8 px) is also sharpened along each axis alone: PET copies then sit at most 0.068 from their sources, new
+patients from 0.076 (CT: 0.045 against 0.121). The training side is the pixel space's plain grid; only the query is
+sharpened, so one training row serves every query.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ class DeblurSpace(PixelSpace):
     training image, both on the grid.
 
     The query is reduced to at most four times the grid (area), sharpened there as ``x + amount * (x - G(x))`` with
-    ``G`` a Gaussian of ``sigma`` of the image's side per axis (edges replicated), and then compared like the pixel
-    space (the symmetries, shifts and signs of ``invariances``). Training images are embedded plain.
+    ``G`` a Gaussian of ``sigma`` of the image's side per axis (edges replicated), and with ``axes`` also with ``G``
+    along each axis alone (a copy blurred by motion along one axis); each sharpened query is then compared like the
+    pixel space (the symmetries, shifts and signs of ``invariances``). Training images are embedded plain.
 
     Args:
         grid: side of the grid (cells per axis).
@@ -53,9 +56,10 @@ class DeblurSpace(PixelSpace):
         invariances: as :class:`~monai_synth.privacy.spaces.PixelSpace` (no zooms or rotations: a low-pass copy
             also moved far is beyond this space).
         max_shift: largest shift in grid cells.
+        axes: also sharpen along each axis alone (one more sharpened query per axis).
     """
 
-    _DEBLUR_VERSION = 1
+    _DEBLUR_VERSION = 2
 
     def __init__(
         self,
@@ -65,6 +69,7 @@ class DeblurSpace(PixelSpace):
         amount: float = 4.0,
         invariances: Sequence[str] = ("flip", "transpose", "shift", "invert"),
         max_shift: int = 1,
+        axes: bool = True,
     ) -> None:
         if {"zoom", "rotate"} & set(invariances):
             raise ValueError(f"the deblur space takes flips, transposes, shifts and inversion only, got {invariances}")
@@ -76,6 +81,18 @@ class DeblurSpace(PixelSpace):
         self.name = "deblur"
         self.sigma = float(sigma)
         self.amount = float(amount)
+        # which axes each sharpened query blurs to find its detail: all of them, then (with axes) each alone
+        self.sharpenings: tuple[tuple[int, ...], ...] = (tuple(range(self.spatial_dims)),)
+        if axes:
+            self.sharpenings += tuple((axis,) for axis in range(self.spatial_dims))
+        # every sharpening's variants, then every sharpening's negated ones (as embed_variants returns them)
+        half = len(self.variant_ops) // len(self.signs)
+        self.variant_ops = [
+            (*op, ("sharpen", along))
+            for start in range(0, len(self.variant_ops), half)
+            for along in self.sharpenings
+            for op in self.variant_ops[start : start + half]
+        ]
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the vectors: the pixel space's settings and the mask."""
@@ -85,11 +102,13 @@ class DeblurSpace(PixelSpace):
             "pixel": super().fingerprint(),
             "sigma": self.sigma,
             "amount": self.amount,
+            "sharpenings": [list(a) for a in self.sharpenings],
         }
         return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
     def sharpened(self, images: torch.Tensor | np.ndarray | Sequence) -> torch.Tensor:
-        """``(B, C, *spatial)`` images (at most four times the grid per axis) with the unsharp mask applied.
+        """``(B, S, C, *spatial)`` images (at most four times the grid per axis), each with the unsharp mask of every
+        one of :attr:`sharpenings` applied.
 
         Raises:
             NonFiniteImageError: for NaN/Inf images.
@@ -98,18 +117,30 @@ class DeblurSpace(PixelSpace):
         size = tuple(min(4 * self.grid, n) for n in x.shape[2:])
         if size != tuple(x.shape[2:]):
             x = F.interpolate(x, size=size, mode="area")
-        kernels = [gaussian_1d(torch.tensor(self.sigma * n), truncated=3.0, normalize=True).to(x.dtype) for n in size]
-        return x + self.amount * (x - separable_filtering(x, kernels, mode="replicate"))
+        one = torch.ones(1, dtype=x.dtype)
+        gaussians = [gaussian_1d(torch.tensor(self.sigma * n), truncated=3.0, normalize=True).to(x.dtype) for n in size]
+        out = []
+        for along in self.sharpenings:
+            kernels = [gaussians[axis] if axis in along else one for axis in range(self.spatial_dims)]
+            out.append(x + self.amount * (x - separable_filtering(x, kernels, mode="replicate")))
+        return torch.stack(out, dim=1)
 
     def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """``(B, V, d)`` vectors of every variant of every sharpened query, in the order of :attr:`variant_ops`.
 
         Unlike the pixel space, variant 0 is not :meth:`embed`: the query is sharpened, the training rows are not.
         """
-        return super().embed_variants(self.sharpened(images))
+        sharp = self.sharpened(images)
+        b, k = sharp.shape[:2]
+        v = super().embed_variants(sharp.reshape(b * k, *sharp.shape[2:]))
+        signs = len(self.signs)
+        # (B * S, signs * V', d) -> (B, signs, S, V', d): every sharpening's variants, then every negated one
+        v = v.reshape(b, k, signs, -1, v.shape[-1]).transpose(0, 2, 1, 3, 4)
+        return np.ascontiguousarray(v.reshape(b, -1, v.shape[-1]))
 
     def __repr__(self) -> str:
         return (
             f"DeblurSpace(grid={self.grid}, spatial_dims={self.spatial_dims}, sigma={self.sigma:g}, "
-            f"amount={self.amount:g}, invariances={self.invariances}, max_shift={self.max_shift})"
+            f"amount={self.amount:g}, sharpenings={self.sharpenings}, invariances={self.invariances}, "
+            f"max_shift={self.max_shift})"
         )

@@ -46,22 +46,26 @@ def test_is_the_pixel_grid_for_training_rows_and_a_sharpened_query():
     plain = PixelSpace(grid=16, invariances=("flip", "transpose", "shift", "invert"), max_shift=1)
     np.testing.assert_array_equal(space.embed(x), plain.embed(x))  # one training row serves both kinds of query
     variants = space.embed_variants(x)
-    assert variants.shape == (3, 272, 256)  # (8 symmetries x 9 shifts + 8 x 8 wrapped) x 2 signs
+    # (8 symmetries x 9 shifts + 8 x 8 wrapped) x 3 sharpenings (both axes, each alone) x 2 signs
+    assert variants.shape == (3, 816, 256) and len(space.variant_ops) == 816
     np.testing.assert_allclose(np.linalg.norm(variants, axis=2), 1.0, atol=1e-5)
     assert not np.allclose(variants[:, 0], plain.embed(x), atol=1e-3)  # the query is sharpened
     fingerprints = {
         space.fingerprint(),
         DeblurSpace(grid=16, sigma=0.1).fingerprint(),
         DeblurSpace(grid=16, amount=2.0).fingerprint(),
+        DeblurSpace(grid=16, axes=False).fingerprint(),
         plain.fingerprint(),
     }
-    assert len(fingerprints) == 4
+    assert len(fingerprints) == 5
+    assert DeblurSpace(grid=16, axes=False).embed_variants(x).shape[1] == 272
 
 
 def test_blurred_and_pixelated_ct_copies_are_closer_than_every_new_patient():
     # on 64 px CT slices these copies sit as close to their sources as new patients come to the training set in the
     # spaces that compare images as they are (the pixel space: blur sd 3 px 0.027-0.047, new patients from 0.019);
-    # sharpened, the copies come back within 0.05 and the new patients stay beyond 0.13
+    # sharpened (a motion-blurred copy along its axis), the copies come back within 0.05 and the new patients stay
+    # beyond 0.12
     train, new = _ct(24, 16)
     space = DeblurSpace(grid=16)
     others = _distances(space, train, new).min()
@@ -71,6 +75,7 @@ def test_blurred_and_pixelated_ct_copies_are_closer_than_every_new_patient():
         "box 7": ndimage.uniform_filter(train[src], (1, 1, 7, 7), mode="nearest"),
         "pixelated 4x": _pixelated(train[src], 4),
         "mirrored, blurred sd 2": ndimage.gaussian_filter(train[src, :, ::-1].copy(), (0, 0, 2, 2)),
+        "motion blur 8 px": ndimage.uniform_filter1d(train[src], 8, axis=3, mode="nearest"),
     }
     for name, copy in copies.items():
         own = _distances(space, train, copy)[src, src]
