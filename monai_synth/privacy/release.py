@@ -152,7 +152,7 @@ class ReleaseEncoder:
             raise ValueError("this encoder has no to_physical transform for generated images")
         x = torch.as_tensor(model_image).detach().cpu().float()
         physical = self.to_physical(x)
-        back = torch.as_tensor(self.to_model(torch.as_tensor(physical).float())).as_subclass(torch.Tensor).float()
+        back = torch.as_tensor(self._back_to_model(torch.as_tensor(physical).float())).as_subclass(torch.Tensor).float()
         moved = float((back - x).abs().max()) if bool(torch.isfinite(x).all()) else float("inf")
         if not moved <= MAX_GENERATED_CLIP:
             raise ValueError(
@@ -160,6 +160,18 @@ class ReleaseEncoder:
                 f"physical units would clip them by up to {moved:.4g}, releasing another image than the one generated"
             )
         return self.store(physical)
+
+    def _back_to_model(self, physical: torch.Tensor) -> Any:
+        """Physical units -> model space by the very scaling ``to_physical`` inverted, so that only clipping shows.
+
+        A modality scaled per image (MRI percentiles) brings generated images to physical units with a dataset-level
+        reference; mapped back by the image's own percentiles, an image whose spread is not the reference's would
+        move without anything being clipped, so it goes back by the reference too.
+        """
+        reference = getattr(self.to_model, "reference", None)
+        if reference is not None and self.to_physical == getattr(self.to_model, "inverse", None):
+            return self.to_model(physical, lower_value=reference[0], upper_value=reference[1])
+        return self.to_model(physical)
 
     def views(self, stored: np.ndarray) -> list[torch.Tensor]:
         """The model-space views the safeguard judges: the modality transform, and the array's own robust range."""

@@ -219,3 +219,17 @@ def test_generated_images_the_physical_transform_would_clip_are_refused_not_bina
     overshoot = image.clone()
     overshoot[0, 0, 0] = 1.1  # a decoder's overshoot is clipped to white, as before
     assert encoder.store_generated(overshoot)[0, 0, 0] == 255.0
+
+
+def test_generated_mri_is_stored_by_the_reference_whatever_its_own_percentiles():
+    from monai_synth.transforms.presets import intensity_transform
+
+    to_model = intensity_transform("mri", reference=(10.0, 410.0))
+    encoder = ReleaseEncoder("nifti", "mri", to_model=to_model)
+    image = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    for generated in (image, 0.4 * image - 0.5):  # a dim image's own percentiles sit far from -1 and 1
+        stored = encoder.store_generated(generated)  # scaling it by its own percentiles would move it by up to 1.1
+        np.testing.assert_allclose(stored, (generated.numpy() + 1) / 2 * 400 + 10, rtol=1e-5, atol=1e-3)
+    clipped = ReleaseEncoder("nifti", "mri", to_model=intensity_transform("mri", reference=(10.0, 410.0), clip=True))
+    with pytest.raises(ValueError, match="outside the model's intensity range"):
+        clipped.store_generated(image * 3)  # clipping still refuses
