@@ -90,8 +90,8 @@ def make_space(
     ``texture`` = :class:`~monai_synth.privacy.texture.TextureSpace` (the image minus its local mean on a 64-cell
     grid, 32 in 3D, mirrored / transposed / inverted).
     ``deblur`` = :class:`~monai_synth.privacy.deblur.DeblurSpace` (the query sharpened by an unsharp mask of 3 / 64
-    of the side, amount 4, then on the 16-cell grid, mirrored / transposed / inverted and moved by one cell: a blurred or
-    pixelated copy; 3D: mirrored, not transposed).
+    of the side, amount 4, over all axes and along each axis alone, then on the 16-cell grid, mirrored / transposed /
+    inverted and moved by one cell: a blurred, pixelated or motion-blurred copy; 3D: mirrored, not transposed).
     ``disc`` = :class:`~monai_synth.privacy.disc.DiscSpace` (2D only: the central disc, radius 0.4 of the side, on a
     16-cell grid, the query rotated every 5 degrees to +-30, zoomed 0.8-1.25 in steps of 0.05, moved by up to 1.5 cells
     in half-cell steps at every angle, rotated by 35-45 degrees either way and moved by whole cells, mirrored /
