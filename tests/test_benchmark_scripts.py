@@ -64,3 +64,14 @@ def test_safeguard_calibration_compares_both_rules_at_toy_size(tmp_path):
     }
     assert not re.search(r"[(, ]exact \d", out)  # exact copies are never released
     assert re.search(r"^\| holdout alone \| 18 \| 0\.\d+ \| 0\.\d+ \| ", out, re.M)
+
+
+def test_safeguard_smoothness_prints_every_space_and_smoothing_lowers_deblur_distances(tmp_path):
+    cmd = [sys.executable, str(BENCHMARKS / "safeguard_smoothness.py"), "--modality", "us2d", "--size", "32"]
+    cmd += ["--cohort", "8,6,6", "--spaces", "pixel,deblur", "--sigmas", "0,1.2", "--workdir", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True, env=env).stdout
+    rows = {m[0]: m[1:] for m in re.findall(r"^(\w+)\s+\S+ / \S+ / \S+\s+median (\S+), .*median (\S+),", out, re.M)}
+    assert set(rows) == {"pixel", "deblur"}
+    # sharpening amplifies a real image's fine speckle; a smoothed image has less of it and comes nearer the training set
+    assert float(rows["deblur"][1]) < float(rows["deblur"][0]) - 0.05
