@@ -28,13 +28,13 @@ import safeguard_attacks as sa  # noqa: E402
 
 def nearest_distances(space, train: np.ndarray, queries: np.ndarray, batch: int = 8) -> np.ndarray:
     """Each query's smallest distance over its variants and every training row."""
-    import torch
+    from monai_synth.privacy.spaces import embed_variants, space_distance
 
-    rows = np.asarray(space.embed(torch.as_tensor(train)))
+    rows = np.asarray(space.embed(train))
     out = []
     for i in range(0, len(queries), batch):
-        v = np.asarray(space.embed_variants(torch.as_tensor(queries[i : i + batch])))
-        out.append(1.0 - np.einsum("bvd,nd->bvn", v, rows).max(axis=(1, 2)))
+        v = embed_variants(space, queries[i : i + batch])
+        out.append(space_distance(v.reshape(-1, v.shape[-1]), rows).reshape(len(v), -1).min(axis=1))
     return np.concatenate(out)
 
 

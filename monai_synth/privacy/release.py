@@ -162,15 +162,11 @@ class ReleaseEncoder:
         return self.store(physical)
 
     def _back_to_model(self, physical: torch.Tensor) -> Any:
-        """Physical units -> model space by the very scaling ``to_physical`` inverted, so that only clipping shows.
-
-        A modality scaled per image (MRI percentiles) brings generated images to physical units with a dataset-level
-        reference; mapped back by the image's own percentiles, an image whose spread is not the reference's would
-        move without anything being clipped, so it goes back by the reference too.
-        """
-        reference = getattr(self.to_model, "reference", None)
-        if reference is not None and self.to_physical == getattr(self.to_model, "inverse", None):
-            return self.to_model(physical, lower_value=reference[0], upper_value=reference[1])
+        """Physical units -> model space by the very scaling ``to_physical`` inverted, so that only clipping shows
+        (a generated MRI image goes to physical units by the dataset reference; mapped back by its own percentiles,
+        an image whose spread is not the reference's would move with nothing clipped)."""
+        if self.to_physical == getattr(self.to_model, "inverse", None) and hasattr(self.to_model, "forward_as_inverse"):
+            return self.to_model.forward_as_inverse(physical)
         return self.to_model(physical)
 
     def views(self, stored: np.ndarray) -> list[torch.Tensor]:

@@ -111,6 +111,14 @@ class IntensityScale(InvertibleTransform):
     def _inverse_range(self) -> tuple[float, float]:
         raise NotImplementedError
 
+    def forward_as_inverse(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        """Physical units -> model space by the range :meth:`inverse` uses for an image without a history, so that
+        ``forward_as_inverse(inverse(y))`` is ``y`` up to clipping. For a modality scaled per image (MRI) that is the
+        dataset-level reference, not the image's own percentiles; for a fixed range it is the usual forward."""
+        out = self._forward(img, *self._inverse_range())
+        out, *_ = convert_to_dst_type(out, dst=img, dtype=torch.float32)
+        return out
+
 
 class CTWindow(IntensityScale):
     """CT Hounsfield window -> [-1, 1].
