@@ -81,7 +81,13 @@ def make_named_space(name: str, spatial_size: Sequence[int]):
 def run(args) -> None:
     import torch
 
-    from monai_synth.privacy.calibration import DUPLICATE_ALPHA, DUPLICATE_Z, _calibrate, joint_space_quantile
+    from monai_synth.privacy.calibration import (
+        DUPLICATE_ALPHA,
+        DUPLICATE_Z,
+        _calibrate,
+        joint_space_quantile,
+        tail_quantile,
+    )
     from monai_synth.privacy.index import TrainingIndex
     from monai_synth.privacy.spaces import embed_variants
 
@@ -159,7 +165,7 @@ def run(args) -> None:
     thresholds = []
     for config in configs:
         q = joint_space_quantile({n: holdout_d[n] for n in config}, 0.01, margin=MARGIN)
-        thresholds.append({n: float(np.quantile(holdout_d[n], q)) for n in config})
+        thresholds.append({n: tail_quantile(np.sort(holdout_d[n]), q) for n in config})
     print("\nconfigurations (query floats = sum over spaces of variants x dim):")
     for k, (config, thr) in enumerate(zip(configs, thresholds)):
         floats = sum(int(np.prod(sizes[n])) for n in config)

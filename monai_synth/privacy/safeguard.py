@@ -430,21 +430,26 @@ def build_safeguard(
     if not joint or (len(checks) == 1 and views is None):
         return safeguard
     judged = {name: _pooled(holdout_d, cross, name, flagged) for name in holdout_d}
-    space_quantile = joint_space_quantile(judged, quantile, margin=safeguard.margin)
+    exponents = {index.space_name: _tail_exponent(cal) for index, cal in checks}
+    space_quantile = joint_space_quantile(judged, quantile, margin=safeguard.margin, tail_exponents=exponents)
     n = len(next(iter(judged.values())))
-    if n * space_quantile < 1.0 and len(checks) / (n + 1) > quantile:
-        # below one calibration image per space the thresholds are the smallest calibration distances, and each space
-        # alone refuses about 1 / (n + 1) of new patients' images: k spaces together up to k / (n + 1), which matters
-        # only where that exceeds the asked rate
+    if (n + 1) * space_quantile < 1.0 and len(checks) / (n + 1) > quantile:
+        # below one calibration image per space a threshold at the smallest calibration distance refuses about
+        # 1 / (n + 1) of new patients' images, k spaces together up to k / (n + 1), which matters only where that
+        # exceeds the asked rate; lower, the thresholds rest on the tail model
         n_holdout = len(next(iter(holdout_d.values())))
         parts = "all holdout" if n == n_holdout else f"{n_holdout} holdout, {n - n_holdout} training images measured "
         parts += "" if n == n_holdout else "against the other training patients"
         patients = _calibration_patients(holdout_patient_ids, train_patient_ids, cross, flagged)
-        message = (
-            f"{n} calibration images ({parts}) are too few to calibrate {len(checks)} privacy spaces together at "
-            f"quantile {quantile:g}: each space's threshold is about its smallest calibration distance, so up to "
-            f"{len(checks) / (n + 1):.1%} of unseen patients' images may be refused instead of {quantile:.1%}"
-        )
+        clamped = f"{len(checks) / (n + 1):.1%} of unseen patients' images may be refused instead of {quantile:.1%}"
+        message = f"{n} calibration images ({parts}) are too few to calibrate {len(checks)} privacy spaces together at "
+        if all(exponents.values()):
+            message += (
+                f"quantile {quantile:g} by measurement: each space's threshold is extrapolated below its smallest "
+                f"calibration distance by the power-law tail of its distances (a model; at that distance up to {clamped})"
+            )
+        else:
+            message += f"quantile {quantile:g}: each space's threshold is about its smallest calibration distance, so up to {clamped}"
         if patients < n:
             # one patient's images come close to the training set together: the draws are the patients, not the images
             message += (
@@ -455,10 +460,22 @@ def build_safeguard(
         logger.warning(message)
         warnings.warn(message, stacklevel=2)
     checks = [
-        (index, cal.at_space_quantile(judged[index.space_name], space_quantile, int(flagged.sum())))
+        (
+            index,
+            cal.at_space_quantile(
+                judged[index.space_name], space_quantile, int(flagged.sum()), exponents[index.space_name]
+            ),
+        )
         for index, cal in checks
     ]
     return PrivacySafeguard(checks, batch_size=batch_size, specificity=specificity)
+
+
+def _tail_exponent(calibration: Calibration) -> float | None:
+    """The power-law exponent of a space's nearest-training distances near 0, as its duplicate screen estimated it
+    from the nearest/second-patient ratios (TwoNN: half the intrinsic dimension); None without the screen."""
+    a = (calibration.duplicate_screen or {}).get("ratio_exponent")
+    return float(a) if a is not None and math.isfinite(a) and a > 0 else None
 
 
 def _second_patient_bound(

@@ -19,6 +19,7 @@ from monai_synth.privacy.calibration import (
     joint_space_quantile,
     min_holdout_size,
     quantile_confidence_interval,
+    tail_quantile,
 )
 from monai_synth.privacy.index import TrainingIndex
 from monai_synth.privacy.spaces import PixelSpace, space_distance
@@ -302,20 +303,54 @@ def test_a_collapsed_space_is_refused():
         calibrate_threshold(index, holdout_vectors=holdout, holdout_patient_ids=[f"H{i}" for i in range(200)])
 
 
-def test_joint_space_quantile_keeps_the_union_of_spaces_at_the_asked_share():
+def _new_images_refused(calibration: dict, fresh: dict, q: float, exponents: dict | None = None) -> float:
+    """Share of fresh draws (new patients' images) below some space's threshold at ``q``."""
+    thresholds = {k: tail_quantile(np.sort(d), q, (exponents or {}).get(k)) for k, d in calibration.items()}
+    return float(np.mean(np.any([fresh[k] < thresholds[k] for k in calibration], axis=0)))
+
+
+def test_joint_space_quantile_keeps_the_union_of_spaces_at_the_asked_share_for_new_images():
     rng = np.random.default_rng(0)
-    independent = {"a": rng.random(400), "b": rng.random(400), "c": rng.random(400)}
+    independent = {k: rng.random(400) for k in "abc"}
+    fresh = {k: rng.random(200_000) for k in "abc"}
     q = joint_space_quantile(independent, 0.02)
-    union = np.mean([any(d[i] < np.quantile(d, q) for d in independent.values()) for i in range(400)])
-    alone = np.mean([any(d[i] < np.quantile(d, 0.02) for d in independent.values()) for i in range(400)])
-    assert alone > 0.04  # three spaces at their own 2% refuse about 6% of unseen images
-    assert union <= 0.02 and 0.02 / 6 <= q < 0.02
+    assert 0.02 / 6 <= q < 0.02
+    assert 0.01 <= _new_images_refused(independent, fresh, q) <= 0.025
+    assert _new_images_refused(independent, fresh, 0.02) > 0.04  # three spaces at their own 2% refuse about 6%
     same = rng.random(400)
     assert joint_space_quantile({"a": same, "b": same * 2}, 0.02) == 0.02  # spaces that agree lose nothing
     with pytest.raises(ValueError, match="same holdout images"):
         joint_space_quantile({"a": rng.random(10), "b": rng.random(11)}, 0.1)
     with pytest.raises(ValueError, match="finite"):
         joint_space_quantile({"a": np.array([0.1, np.nan])}, 0.5)
+
+
+def test_few_calibration_images_keep_the_asked_rate_for_new_images_by_the_tail_model():
+    # 8 spaces, 150 calibration images, 1% asked: thresholds no lower than the smallest distance refuse about
+    # 8 / 151 = 5% of new images; extrapolated by the power-law tail (F(d) = d ** a, as nearest-neighbour distances
+    # behave near 0) and chosen leave-one-out, about the asked 1%
+    rng = np.random.default_rng(1)
+    a, k, n = 6.0, 8, 150
+    exponents = {f"s{i}": a for i in range(k)}
+    modelled, clamped = [], []
+    for _ in range(20):
+        cal = {s: rng.random(n) ** (1 / a) for s in exponents}
+        fresh = {s: rng.random(20_000) ** (1 / a) for s in exponents}
+        q = joint_space_quantile(cal, 0.01, tail_exponents=exponents)
+        modelled.append(_new_images_refused(cal, fresh, q, exponents))
+        clamped.append(_new_images_refused(cal, fresh, joint_space_quantile(cal, 0.01)))
+    assert np.mean(clamped) > 0.03
+    assert 0.004 <= np.mean(modelled) <= 0.015
+
+
+def test_tail_quantile_interpolates_on_plotting_positions_and_extrapolates_below_the_smallest_value():
+    d = np.array([0.2, 0.4, 0.6, 0.8])  # at the 1/5, ..., 4/5 quantiles on average
+    assert tail_quantile(d, 0.4) == pytest.approx(0.4)
+    assert tail_quantile(d, 0.5) == pytest.approx(0.5)
+    assert tail_quantile(d, 0.9) == 0.8
+    assert tail_quantile(d, 0.1) == 0.2  # no tail model: no lower than the smallest value
+    assert tail_quantile(d, 0.1, tail_exponent=1.0) == pytest.approx(0.1)  # F(d) = d, uniform
+    assert tail_quantile(d, 0.1, tail_exponent=4.0) == pytest.approx(0.2 * 0.5**0.25)
 
 
 def test_build_safeguard_calibrates_spaces_jointly_so_unseen_images_pass_at_the_asked_rate():
@@ -335,6 +370,9 @@ def test_build_safeguard_calibrates_spaces_jointly_so_unseen_images_pass_at_the_
         assert cal.quantile == 0.05 and 0.0125 <= cal.space_quantile <= 0.05
         assert cal.threshold <= apart.thresholds[name]
         assert Calibration.from_dict(cal.to_dict()).space_quantile == cal.space_quantile
+        # the threshold's tail model is the duplicate screen's exponent, recorded so the certificate can redo it
+        assert cal.tail_exponent == pytest.approx(cal.duplicate_screen["ratio_exponent"])
+        assert Calibration.from_dict(cal.to_dict()).tail_exponent == cal.tail_exponent
 
 
 def test_joint_calibration_warns_when_the_holdout_is_too_small_for_the_asked_rate():
