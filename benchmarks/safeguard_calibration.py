@@ -7,8 +7,9 @@ a pool of new patients' images (``--cohort``: training patients, pool patients),
 training patients (leave one patient out) and of the attack benchmark's near-copies, each judged through the release's
 intensity views as a candidate is. It then draws ``--holdout-patients`` of the pool as the holdout ``--draws`` times,
 calibrates the spaces jointly as :func:`~monai_synth.privacy.safeguard.build_safeguard` does, once on the holdout alone
-and once with the cross-patient samples (as many as ``spaces / quantile`` wants), and counts, for each rule, the share
-of the rest of the pool refused (mean and 90th percentile over draws) and the copies released per transform.
+and once with the cross-patient samples (as many as ``spaces / quantile`` wants), each both ways: leave-one-out with
+the tail model (the gate's rule) and in sample (the rule before it), and counts, for each rule, the share of the rest
+of the pool refused (mean and 90th percentile over draws) and the copies released per transform.
 
 Run: ``python benchmarks/safeguard_calibration.py --modality us2d --workdir /tmp/cal``.
 """
@@ -110,6 +111,22 @@ def _specificity(d1: np.ndarray, d2: np.ndarray, median_log_ratio: np.ndarray) -
     return np.nan_to_num(p, nan=1.0).min(axis=0)
 
 
+def _in_sample_quantile(d: np.ndarray, quantile: float) -> float:
+    """The joint per-space quantile as the twelfth round chose it: the calibration images judged by the thresholds they
+    set (``np.quantile``, no tail model), ``d`` of shape ``(spaces, images)``."""
+
+    def rejected(q: float) -> float:
+        return float((d < np.quantile(d, q, axis=1)[:, None] + MARGIN).any(axis=0).mean())
+
+    lo, hi = quantile / (2 * len(d)), quantile
+    if rejected(hi) <= quantile or rejected(lo) > quantile:
+        return hi if rejected(hi) <= quantile else lo
+    for _ in range(40):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if rejected(mid) <= quantile else (lo, mid)
+    return lo
+
+
 def compare(
     measured: dict,
     spaces: Sequence[str],
@@ -153,10 +170,13 @@ def compare(
         p_new = _specificity(pool[:, ~held], pool2[:, ~held], median)
         p_copy = _specificity(copies, copies2, median)
         exponents = dict(zip(spaces, math.log(2) / median))  # the duplicate screen's tail exponents, as in the gate
-        for rule, d in rules.items():
-            q = joint_space_quantile(dict(zip(spaces, d)), quantile, margin=MARGIN, tail_exponents=exponents)
-            thresholds = [tail_quantile(np.sort(v), q, exponents[s]) for s, v in zip(spaces, d)]
-            thresholds = np.asarray(thresholds)[:, None] + MARGIN
+        for rule, d in [(f"{r}, {how}", d) for r, d in rules.items() for how in ("in sample", "leave-one-out")]:
+            if rule.endswith("in sample"):  # the twelfth round's rule, for comparison
+                thresholds = np.quantile(d, _in_sample_quantile(d, quantile), axis=1)[:, None] + MARGIN
+            else:
+                q = joint_space_quantile(dict(zip(spaces, d)), quantile, margin=MARGIN, tail_exponents=exponents)
+                thresholds = [tail_quantile(np.sort(v), q, exponents[s]) for s, v in zip(spaces, d)]
+                thresholds = np.asarray(thresholds)[:, None] + MARGIN
             refused = (pool[:, ~held] < thresholds).any(axis=0)
             released = (copies >= thresholds).all(axis=0)
             for alpha in (None, *alphas):

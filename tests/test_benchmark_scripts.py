@@ -57,13 +57,13 @@ def test_safeguard_calibration_compares_both_rules_at_toy_size(tmp_path):
     rows = dict(re.findall(r"^\| (holdout[^|]*?) \| (\d+) \|", out, re.M))
     # 2 spaces at 5% want 40 samples: the 18 holdout images and all 18 training images, one patient at a time
     assert rows == {
-        "holdout alone": "18",
-        "holdout alone + specific match p < 0.001": "18",
-        "holdout + cross-patient": "36",
-        "holdout + cross-patient + specific match p < 0.001": "36",
+        f"{rule}, {how}{alpha}": n
+        for rule, n in (("holdout alone", "18"), ("holdout + cross-patient", "36"))
+        for how in ("in sample", "leave-one-out")
+        for alpha in ("", " + specific match p < 0.001")
     }
     assert not re.search(r"[(, ]exact \d", out)  # exact copies are never released
-    assert re.search(r"^\| holdout alone \| 18 \| 0\.\d+ \| 0\.\d+ \| ", out, re.M)
+    assert re.search(r"^\| holdout alone, leave-one-out \| 18 \| 0\.\d+ \| 0\.\d+ \| ", out, re.M)
 
 
 def test_safeguard_smoothness_prints_every_space_and_smoothing_lowers_deblur_distances(tmp_path):
