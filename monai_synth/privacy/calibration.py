@@ -197,7 +197,7 @@ def tail_quantile(sorted_values: np.ndarray, quantile: float, tail_exponent: flo
     position = quantile * (n + 1)  # 1-based rank
     if position >= n:
         return float(d[-1])
-    if position >= 1.0 or n == 0:
+    if position >= 1.0:
         return float(np.interp(position, np.arange(1, n + 1), d))
     if tail_exponent is None or not tail_exponent > 0:
         return float(d[0])
