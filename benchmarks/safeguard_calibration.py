@@ -142,7 +142,7 @@ def compare(
     space, its chance as a new patient's image (:func:`_specificity`, the law's median estimated on the holdout) is
     below alpha.
     """
-    from monai_synth.privacy.calibration import cross_patient_rows, joint_space_quantile, tail_quantile
+    from monai_synth.privacy.calibration import cross_patient_rows, joint_space_quantile, tail_quantile, tail_scale
 
     def stack(part: str) -> np.ndarray:
         return np.stack([measured[f"{s}/{part}"] for s in spaces])
@@ -169,13 +169,13 @@ def compare(
             median = np.nanmedian(np.log(pool2[:, held] / np.maximum(holdout, 1e-7)), axis=1)
         p_new = _specificity(pool[:, ~held], pool2[:, ~held], median)
         p_copy = _specificity(copies, copies2, median)
-        exponents = dict(zip(spaces, math.log(2) / median))  # the duplicate screen's tail exponents, as in the gate
         for rule, d in [(f"{r}, {how}", d) for r, d in rules.items() for how in ("in sample", "leave-one-out")]:
             if rule.endswith("in sample"):  # the twelfth round's rule, for comparison
                 thresholds = np.quantile(d, _in_sample_quantile(d, quantile), axis=1)[:, None] + MARGIN
             else:
-                q = joint_space_quantile(dict(zip(spaces, d)), quantile, margin=MARGIN, tail_exponents=exponents)
-                thresholds = [tail_quantile(np.sort(v), q, exponents[s]) for s, v in zip(spaces, d)]
+                scales = {s: tail_scale(np.sort(v)) for s, v in zip(spaces, d)}  # as the gate does
+                q = joint_space_quantile(dict(zip(spaces, d)), quantile, margin=MARGIN, tail_scales=scales)
+                thresholds = [tail_quantile(np.sort(v), q, scales[s]) for s, v in zip(spaces, d)]
                 thresholds = np.asarray(thresholds)[:, None] + MARGIN
             refused = (pool[:, ~held] < thresholds).any(axis=0)
             released = (copies >= thresholds).all(axis=0)

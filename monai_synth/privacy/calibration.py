@@ -20,7 +20,7 @@ passes copies that are as far from their source as new patients are from the tra
 smallest holdout distance refused, so the safeguard pairs them with its specificity test (an image much closer to
 one training patient than to any other is refused; measured in ``benchmarks/safeguard_calibration.py`` and the attack
 benchmark). Where even the pooled samples do not reach a space's share (8 spaces at 1% need about 800), the threshold
-is extrapolated below the smallest distance by the distances' power-law tail (:func:`tail_quantile`), and the joint
+is extrapolated below the smallest distance by the distances' lower tail (:func:`tail_quantile`), and the joint
 share is counted leave-one-out, each calibration image judged by the thresholds the others set, so it estimates what
 new images meet rather than what the images that set the thresholds do.
 
@@ -97,6 +97,8 @@ __all__ = [
     "min_holdout_size",
     "quantile_confidence_interval",
     "tail_quantile",
+    "tail_scale",
+    "TAIL_SPACINGS",
     "DUPLICATE_Z",
     "DUPLICATE_ALPHA",
 ]
@@ -105,6 +107,8 @@ DUPLICATE_Z = 5.0
 """Robust log-scale z-score at or above which a holdout image counts as far below the bulk."""
 DUPLICATE_ALPHA = 0.01
 """Bonferroni-adjusted chance under which a nearest/second-patient distance ratio counts as a specific match."""
+TAIL_SPACINGS = 10
+"""Gaps between the smallest calibration distances that estimate their lower tail (:func:`tail_scale`)."""
 _RESOLUTION = 1e-7  # distances below this are float32 rounding: 1 - cosine of an exact copy
 _MAX_DICT_DISTANCES = 1001  # holdout distances kept in to_dict(): all up to this many, else evenly spaced ranks
 _DISTANCE_DIGITS = 6  # significant digits of the holdout distances in to_dict()
@@ -175,22 +179,39 @@ def _summary(d: np.ndarray, coverage: float) -> dict:
     }
 
 
-def tail_quantile(sorted_values: np.ndarray, quantile: float, tail_exponent: float | None = None) -> float:
+def tail_scale(sorted_values: np.ndarray, count: int = TAIL_SPACINGS) -> float:
+    """How fast the lowest calibration distances thin out: the mean of ``j * (d_(j+1) - d_(j))`` over the ``count``
+    smallest gaps (``j`` from 1).
+
+    Near its low end a distance distribution is taken to have an exponential tail, ``F(d) ~ exp(d / s)``, whatever
+    the offset: ``1 - cosine`` distances of some spaces sit on a floor shared by every image (crops and parts near
+    0.85 and 0.55), so a tail proportional to ``d ** a`` from 0 would move their thresholds by far more than their
+    images differ. Under that tail the normalised spacings ``j * (d_(j+1) - d_(j))`` of the smallest order statistics
+    are independent exponentials of mean ``s`` (Renyi), so their mean estimates ``s`` from where the threshold lies.
+    """
+    d = np.asarray(sorted_values, dtype=np.float64)
+    m = min(int(count), len(d) - 1)
+    if m < 1:
+        return 0.0
+    j = np.arange(1, m + 1)
+    return float(np.mean(j * np.diff(d[: m + 1])))
+
+
+def tail_quantile(sorted_values: np.ndarray, quantile: float, tail_scale: float | None = None) -> float:
     """The ``quantile`` of the distribution a sorted sample of distances was drawn from, below its smallest value too.
 
     The j-th smallest of n values lies, on average, at the population's ``j / (n + 1)`` quantile (Weibull plotting
     position), so between order statistics the quantile is interpolated on that scale. A joint threshold is a low
     quantile (about ``1% / k`` for k spaces) that a few hundred calibration distances do not reach: clamped to the
     smallest one, each space refuses about ``1 / (n + 1)`` of new patients' images whatever was asked, k spaces up
-    to ``k / (n + 1)`` together. Nearest-neighbour distances have a power-law lower tail, ``F(d) ~ d ** a`` for small
-    ``d`` (``a`` half the intrinsic dimension for ``1 - cosine``, the exponent the duplicate screen estimates from
-    the nearest/second-patient ratios), so below the smallest value ``d_(1)`` the quantile is
-    ``d_(1) * (quantile * (n + 1)) ** (1 / a)``.
+    to ``k / (n + 1)`` together. Below the smallest value ``d_(1)`` the quantile follows the exponential lower tail
+    of :func:`tail_scale`: ``d_(1) + s * log(quantile * (n + 1))``, never below ``d_(1) / 2`` (a tail fitted to ten
+    gaps is not trusted further, and a threshold near 0 would pass copies).
 
     Args:
         sorted_values: the calibration distances, ascending.
         quantile: the quantile, in (0, 1).
-        tail_exponent: ``a``; None: no extrapolation (the smallest value).
+        tail_scale: ``s``; None: no extrapolation (the smallest value).
     """
     d = np.asarray(sorted_values, dtype=np.float64)
     n = len(d)
@@ -199,16 +220,16 @@ def tail_quantile(sorted_values: np.ndarray, quantile: float, tail_exponent: flo
         return float(d[-1])
     if position >= 1.0:
         return float(np.interp(position, np.arange(1, n + 1), d))
-    if tail_exponent is None or not tail_exponent > 0:
+    if tail_scale is None or not tail_scale > 0:
         return float(d[0])
-    return float(d[0] * position ** (1.0 / tail_exponent))
+    return float(max(d[0] / 2.0, d[0] + tail_scale * math.log(position)))
 
 
 def joint_space_quantile(
     distances: Mapping[str, np.ndarray],
     quantile: float,
     margin: float = 0.0,
-    tail_exponents: Mapping[str, float | None] | None = None,
+    tail_scales: Mapping[str, float | None] | None = None,
 ) -> float:
     """The per-space quantile at which all spaces together reject at most ``quantile`` of new patients' images.
 
@@ -227,7 +248,7 @@ def joint_space_quantile(
         distances: space -> the calibration images' nearest-training distances, same images in the same order.
         quantile: target share of calibration images rejected by all spaces together, in (0, 0.5].
         margin: what the safeguard adds to every threshold (an image passes at ``distance >= threshold + margin``).
-        tail_exponents: space -> the power-law exponent of its distances' lower tail (see :func:`tail_quantile`);
+        tail_scales: space -> the scale of its distances' lower tail (:func:`tail_scale`, see :func:`tail_quantile`);
             None, or a space missing: thresholds no lower than its smallest distance.
     """
     if not distances:
@@ -239,15 +260,15 @@ def joint_space_quantile(
     if not all(np.isfinite(d).all() for d in arrays.values()):
         raise ValueError("holdout distances must be finite: an image the safeguard cannot judge cannot calibrate it")
     n = sizes.pop()
-    exponents = dict(tail_exponents or {})
-    spaces = [(np.argsort(d, kind="stable"), np.sort(d), exponents.get(name)) for name, d in arrays.items()]
+    scales = dict(tail_scales or {})
+    spaces = [(np.argsort(d, kind="stable"), np.sort(d), scales.get(name)) for name, d in arrays.items()]
 
     def rejected(q: float) -> float:
         out = np.zeros(n, dtype=bool)
-        for order, d, a in spaces:
+        for order, d, scale in spaces:
             # only images near the low end can fall below a threshold the others set
             for rank in range(min(n, int(q * (n + 1)) + 2)):
-                if d[rank] < tail_quantile(np.delete(d, rank), q, a) + margin:
+                if d[rank] < tail_quantile(np.delete(d, rank), q, scale) + margin:
                     out[order[rank]] = True
         return float(out.mean())
 
@@ -303,8 +324,8 @@ class Calibration:
             the holdout's distances (leave one patient out; see :func:`calibrate_threshold`); 0: the holdout alone.
         cross_patient_dropped: cross-patient samples left out because the duplicate screen flagged them (an image
             of the same person under another id).
-        tail_exponent: the power-law exponent of the calibration distances' lower tail by which a joint threshold
-            below the smallest of them is extrapolated (see :func:`tail_quantile`); None: no lower than it.
+        tail_scale: the scale of the calibration distances' exponential lower tail by which a joint threshold below
+            the smallest of them is extrapolated (see :func:`tail_scale`); None: no lower than it.
     """
 
     space: str
@@ -323,7 +344,7 @@ class Calibration:
     holdout_distances: np.ndarray | None = field(default=None, repr=False, compare=False)
     n_cross_patient: int = 0
     cross_patient_dropped: int = 0
-    tail_exponent: float | None = None
+    tail_scale: float | None = None
 
     @property
     def n_calibration(self) -> int:
@@ -381,7 +402,7 @@ class Calibration:
         distances: np.ndarray,
         space_quantile: float,
         cross_patient_dropped: int | None = None,
-        tail_exponent: float | None = None,
+        tail_scale: float | None = None,
     ) -> Calibration:
         """This calibration re-set at ``space_quantile`` of ``distances`` (the same calibration images, as judged).
 
@@ -390,7 +411,7 @@ class Calibration:
         ``space_quantile``, with its interval, summary and calibration distances from them; the duplicate screen and
         ``quantile`` are kept. ``cross_patient_dropped``: the cross-patient samples left out of ``distances`` (the
         spaces share one set: a sample one space's screen flags is left out of all of them); None: as before.
-        ``tail_exponent``: how the threshold is extrapolated below the smallest distance (see :func:`tail_quantile`);
+        ``tail_scale``: how the threshold is extrapolated below the smallest distance (see :func:`tail_quantile`);
         None: no lower than it.
         """
         d = np.sort(np.asarray(distances, dtype=np.float64).ravel())
@@ -403,7 +424,7 @@ class Calibration:
             )
         if not 0.0 < space_quantile <= self.quantile:
             raise ValueError(f"space_quantile must be in (0, {self.quantile}], got {space_quantile}")
-        q_value = tail_quantile(d, space_quantile, tail_exponent)
+        q_value = tail_quantile(d, space_quantile, tail_scale)
         lo, hi, coverage = quantile_confidence_interval(d, space_quantile, self.ci_level or 0.95)
         return dataclasses.replace(
             self,
@@ -416,7 +437,7 @@ class Calibration:
             holdout_distances=d,
             n_cross_patient=n_cross,
             cross_patient_dropped=dropped,
-            tail_exponent=None if tail_exponent is None else float(tail_exponent),
+            tail_scale=None if tail_scale is None else float(tail_scale),
         )
 
     def to_dict(self) -> dict:

@@ -54,7 +54,7 @@ GUARANTEE = (
     "n_cross_patient), set together so that, judged the same way and each left out of the thresholds it is judged "
     "by, the calibration quantile (e.g. 1%) of unseen patients' images would be refused (each space's own quantile is "
     "its calibration's space_quantile; below the smallest calibration distance it is extrapolated by the distances' "
-    "power-law tail, with exponent tail_exponent). A released "
+    "exponential lower tail, of scale tail_scale). A released "
     "image is therefore farther from the training set than that closest fraction of unseen patients' images are -- "
     "not farther than most of them (holdout_percentile_<space> in certificate.csv says where each image sits). Where "
     "a space's specificity is above 0, an image much closer to one training patient than to every other is refused "

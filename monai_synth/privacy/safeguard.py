@@ -26,6 +26,7 @@ from monai_synth.privacy.calibration import (
     _calibrate,
     _neighbours,
     joint_space_quantile,
+    tail_scale,
 )
 from monai_synth.privacy.index import StaleIndexError, TrainingIndex
 from monai_synth.privacy.spaces import PrivacySpace, embed_variants, images_per_batch, note_query_size
@@ -430,8 +431,8 @@ def build_safeguard(
     if not joint or (len(checks) == 1 and views is None):
         return safeguard
     judged = {name: _pooled(holdout_d, cross, name, flagged) for name in holdout_d}
-    exponents = {index.space_name: _tail_exponent(cal) for index, cal in checks}
-    space_quantile = joint_space_quantile(judged, quantile, margin=safeguard.margin, tail_exponents=exponents)
+    scales = {name: tail_scale(np.sort(d)) for name, d in judged.items()}
+    space_quantile = joint_space_quantile(judged, quantile, margin=safeguard.margin, tail_scales=scales)
     n = len(next(iter(judged.values())))
     if (n + 1) * space_quantile < 1.0 and len(checks) / (n + 1) > quantile:
         # below one calibration image per space a threshold at the smallest calibration distance refuses about
@@ -443,10 +444,10 @@ def build_safeguard(
         patients = _calibration_patients(holdout_patient_ids, train_patient_ids, cross, flagged)
         clamped = f"{len(checks) / (n + 1):.1%} of unseen patients' images may be refused instead of {quantile:.1%}"
         message = f"{n} calibration images ({parts}) are too few to calibrate {len(checks)} privacy spaces together at "
-        if all(exponents.values()):
+        if all(scales.values()):
             message += (
                 f"quantile {quantile:g} by measurement: each space's threshold is extrapolated below its smallest "
-                f"calibration distance by the power-law tail of its distances (a model; at that distance up to {clamped})"
+                f"calibration distance by the lower tail of its distances (a model; at that distance up to {clamped})"
             )
         else:
             message += f"quantile {quantile:g}: each space's threshold is about its smallest calibration distance, so up to {clamped}"
@@ -463,19 +464,12 @@ def build_safeguard(
         (
             index,
             cal.at_space_quantile(
-                judged[index.space_name], space_quantile, int(flagged.sum()), exponents[index.space_name]
+                judged[index.space_name], space_quantile, int(flagged.sum()), scales[index.space_name]
             ),
         )
         for index, cal in checks
     ]
     return PrivacySafeguard(checks, batch_size=batch_size, specificity=specificity)
-
-
-def _tail_exponent(calibration: Calibration) -> float | None:
-    """The power-law exponent of a space's nearest-training distances near 0, as its duplicate screen estimated it
-    from the nearest/second-patient ratios (TwoNN: half the intrinsic dimension); None without the screen."""
-    a = (calibration.duplicate_screen or {}).get("ratio_exponent")
-    return float(a) if a is not None and math.isfinite(a) and a > 0 else None
 
 
 def _second_patient_bound(

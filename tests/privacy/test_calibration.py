@@ -20,6 +20,7 @@ from monai_synth.privacy.calibration import (
     min_holdout_size,
     quantile_confidence_interval,
     tail_quantile,
+    tail_scale,
 )
 from monai_synth.privacy.index import TrainingIndex
 from monai_synth.privacy.spaces import PixelSpace, space_distance
@@ -303,9 +304,9 @@ def test_a_collapsed_space_is_refused():
         calibrate_threshold(index, holdout_vectors=holdout, holdout_patient_ids=[f"H{i}" for i in range(200)])
 
 
-def _new_images_refused(calibration: dict, fresh: dict, q: float, exponents: dict | None = None) -> float:
+def _new_images_refused(calibration: dict, fresh: dict, q: float, scales: dict | None = None) -> float:
     """Share of fresh draws (new patients' images) below some space's threshold at ``q``."""
-    thresholds = {k: tail_quantile(np.sort(d), q, (exponents or {}).get(k)) for k, d in calibration.items()}
+    thresholds = {k: tail_quantile(np.sort(d), q, (scales or {}).get(k)) for k, d in calibration.items()}
     return float(np.mean(np.any([fresh[k] < thresholds[k] for k in calibration], axis=0)))
 
 
@@ -325,22 +326,29 @@ def test_joint_space_quantile_keeps_the_union_of_spaces_at_the_asked_share_for_n
         joint_space_quantile({"a": np.array([0.1, np.nan])}, 0.5)
 
 
-def test_few_calibration_images_keep_the_asked_rate_for_new_images_by_the_tail_model():
+@pytest.mark.parametrize("offset", [0.0, 0.85])
+def test_few_calibration_images_keep_the_asked_rate_for_new_images_by_the_tail_model(offset):
     # 8 spaces, 150 calibration images, 1% asked: thresholds no lower than the smallest distance refuse about
-    # 8 / 151 = 5% of new images; extrapolated by the power-law tail (F(d) = d ** a, as nearest-neighbour distances
-    # behave near 0) and chosen leave-one-out, about the asked 1%
+    # 8 / 151 = 5% of new images; extrapolated by the lower tail and chosen leave-one-out, about the asked 1%. The
+    # distances have a power-law tail from 0 (F(d) = d ** 6, as nearest-neighbour distances behave) or sit on a floor
+    # shared by every image (0.85 + d / 100, as the crops space's do), where the tail is as wide as the images differ
     rng = np.random.default_rng(1)
-    a, k, n = 6.0, 8, 150
-    exponents = {f"s{i}": a for i in range(k)}
+    k, n = 8, 150
+
+    def draw(size):
+        d = rng.random(size) ** (1 / 6.0)
+        return offset + d / 100 if offset else d
+
     modelled, clamped = [], []
     for _ in range(20):
-        cal = {s: rng.random(n) ** (1 / a) for s in exponents}
-        fresh = {s: rng.random(20_000) ** (1 / a) for s in exponents}
-        q = joint_space_quantile(cal, 0.01, tail_exponents=exponents)
-        modelled.append(_new_images_refused(cal, fresh, q, exponents))
+        cal = {f"s{i}": draw(n) for i in range(k)}
+        fresh = {s: draw(20_000) for s in cal}
+        scales = {s: tail_scale(np.sort(d)) for s, d in cal.items()}
+        q = joint_space_quantile(cal, 0.01, tail_scales=scales)
+        modelled.append(_new_images_refused(cal, fresh, q, scales))
         clamped.append(_new_images_refused(cal, fresh, joint_space_quantile(cal, 0.01)))
     assert np.mean(clamped) > 0.03
-    assert 0.004 <= np.mean(modelled) <= 0.015
+    assert 0.004 <= np.mean(modelled) <= 0.017
 
 
 def test_tail_quantile_interpolates_on_plotting_positions_and_extrapolates_below_the_smallest_value():
@@ -349,8 +357,14 @@ def test_tail_quantile_interpolates_on_plotting_positions_and_extrapolates_below
     assert tail_quantile(d, 0.5) == pytest.approx(0.5)
     assert tail_quantile(d, 0.9) == 0.8
     assert tail_quantile(d, 0.1) == 0.2  # no tail model: no lower than the smallest value
-    assert tail_quantile(d, 0.1, tail_exponent=1.0) == pytest.approx(0.1)  # F(d) = d, uniform
-    assert tail_quantile(d, 0.1, tail_exponent=4.0) == pytest.approx(0.2 * 0.5**0.25)
+    assert tail_quantile(d, 0.1, tail_scale=0.1) == pytest.approx(0.2 + 0.1 * np.log(0.5))
+    assert tail_quantile(d, 0.001, tail_scale=1.0) == 0.1  # never below half the smallest value
+    # normalised spacings j * (d_(j+1) - d_(j)): 1 * 0.2, 2 * 0.2, 3 * 0.2
+    assert tail_scale(d) == pytest.approx(0.4)
+    assert tail_scale(d, count=1) == pytest.approx(0.2)
+    assert tail_scale(d[:1]) == 0.0
+    # the scale follows the spread, not the offset: the same images on a floor of 0.85 give the same scale
+    assert tail_scale(0.85 + d) == pytest.approx(tail_scale(d))
 
 
 def test_build_safeguard_calibrates_spaces_jointly_so_unseen_images_pass_at_the_asked_rate():
@@ -370,9 +384,10 @@ def test_build_safeguard_calibrates_spaces_jointly_so_unseen_images_pass_at_the_
         assert cal.quantile == 0.05 and 0.0125 <= cal.space_quantile <= 0.05
         assert cal.threshold <= apart.thresholds[name]
         assert Calibration.from_dict(cal.to_dict()).space_quantile == cal.space_quantile
-        # the threshold's tail model is the duplicate screen's exponent, recorded so the certificate can redo it
-        assert cal.tail_exponent == pytest.approx(cal.duplicate_screen["ratio_exponent"])
-        assert Calibration.from_dict(cal.to_dict()).tail_exponent == cal.tail_exponent
+        # the threshold's tail model, from the calibration distances, recorded so the certificate can redo it
+        assert cal.tail_scale == pytest.approx(tail_scale(cal.holdout_distances))
+        assert cal.threshold == pytest.approx(tail_quantile(cal.holdout_distances, cal.space_quantile, cal.tail_scale))
+        assert Calibration.from_dict(cal.to_dict()).tail_scale == cal.tail_scale
 
 
 def test_joint_calibration_warns_when_the_holdout_is_too_small_for_the_asked_rate():

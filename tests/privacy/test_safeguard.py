@@ -288,7 +288,7 @@ def test_joint_calibration_embeds_each_view_of_each_holdout_image_once(cohort):
         judged = [min(r.distances[space.name] for r in safeguard.check(views(image))) for image in holdout]
         cal = safeguard.calibrations[space.name]
         np.testing.assert_allclose(cal.holdout_distances, np.sort(judged), atol=1e-6)
-        expected = tail_quantile(np.sort(judged), cal.space_quantile, cal.tail_exponent)
+        expected = tail_quantile(np.sort(judged), cal.space_quantile, cal.tail_scale)
         assert cal.threshold == pytest.approx(expected, abs=1e-6)
 
 
