@@ -205,8 +205,10 @@ def tail_quantile(sorted_values: np.ndarray, quantile: float, tail_scale: float 
     quantile (about ``1% / k`` for k spaces) that a few hundred calibration distances do not reach: clamped to the
     smallest one, each space refuses about ``1 / (n + 1)`` of new patients' images whatever was asked, k spaces up
     to ``k / (n + 1)`` together. Below the smallest value ``d_(1)`` the quantile follows the exponential lower tail
-    of :func:`tail_scale`: ``d_(1) + s * log(quantile * (n + 1))``, never below ``d_(1) / 2`` (a tail fitted to ten
-    gaps is not trusted further, and a threshold near 0 would pass copies).
+    of :func:`tail_scale`: ``d_(1) + s * log(quantile * (n + 1))``, at most one scale below ``d_(1)`` (quantile
+    ``1 / (e (n + 1))``: the ten gaps describe the tail about as far below the smallest value as they span above it)
+    and never below ``d_(1) / 2``. Deeper, copies that sit just under new patients' distances pass: on 3D CT
+    cohorts of 138 calibration volumes, histogram-equalised and motion-blurred copies did.
 
     Args:
         sorted_values: the calibration distances, ascending.
@@ -222,7 +224,7 @@ def tail_quantile(sorted_values: np.ndarray, quantile: float, tail_scale: float 
         return float(np.interp(position, np.arange(1, n + 1), d))
     if tail_scale is None or not tail_scale > 0:
         return float(d[0])
-    return float(max(d[0] / 2.0, d[0] + tail_scale * math.log(position)))
+    return float(max(d[0] / 2.0, d[0] + tail_scale * max(math.log(position), -1.0)))
 
 
 def joint_space_quantile(

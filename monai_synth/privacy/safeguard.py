@@ -434,30 +434,34 @@ def build_safeguard(
     scales = {name: tail_scale(np.sort(d)) for name, d in judged.items()}
     space_quantile = joint_space_quantile(judged, quantile, margin=safeguard.margin, tail_scales=scales)
     n = len(next(iter(judged.values())))
-    if (n + 1) * space_quantile < 1.0 and len(checks) / (n + 1) > quantile:
-        # below one calibration image per space a threshold at the smallest calibration distance refuses about
-        # 1 / (n + 1) of new patients' images, k spaces together up to k / (n + 1), which matters only where that
-        # exceeds the asked rate; lower, the thresholds rest on the tail model
+    extrapolated = all(scales.values())
+    reach = 1.0 / math.e if extrapolated else 1.0  # the lowest (n + 1) * quantile a threshold can stand for
+    if (n + 1) * space_quantile < reach and len(checks) * reach / (n + 1) > quantile:
+        # below one calibration image per space a threshold refuses about 1 / (n + 1) of new patients' images, at most
+        # one tail scale below it about 1 / (e (n + 1)); k spaces together up to k times that, which matters only where
+        # that exceeds the asked rate
         n_holdout = len(next(iter(holdout_d.values())))
         parts = "all holdout" if n == n_holdout else f"{n_holdout} holdout, {n - n_holdout} training images measured "
         parts += "" if n == n_holdout else "against the other training patients"
         patients = _calibration_patients(holdout_patient_ids, train_patient_ids, cross, flagged)
-        clamped = f"{len(checks) / (n + 1):.1%} of unseen patients' images may be refused instead of {quantile:.1%}"
-        message = f"{n} calibration images ({parts}) are too few to calibrate {len(checks)} privacy spaces together at "
-        if all(scales.values()):
-            message += (
-                f"quantile {quantile:g} by measurement: each space's threshold is extrapolated below its smallest "
-                f"calibration distance by the lower tail of its distances (a model; at that distance up to {clamped})"
-            )
-        else:
-            message += f"quantile {quantile:g}: each space's threshold is about its smallest calibration distance, so up to {clamped}"
+        where = (
+            "one tail scale below its smallest calibration distance (as far as the tail model reaches)"
+            if extrapolated
+            else "about its smallest calibration distance"
+        )
+        message = (
+            f"{n} calibration images ({parts}) are too few to calibrate {len(checks)} privacy spaces together at "
+            f"quantile {quantile:g}: each space's threshold is {where}, so up to "
+            f"{len(checks) * reach / (n + 1):.1%} of unseen patients' images may be refused instead of {quantile:.1%}"
+        )
         if patients < n:
             # one patient's images come close to the training set together: the draws are the patients, not the images
             message += (
                 f" (they come from {patients} patients, and an unseen patient close to the training set has all of "
-                f"its images refused: up to {min(1.0, len(checks) / (patients + 1)):.1%} of unseen patients)"
+                f"its images refused: up to {min(1.0, len(checks) * reach / (patients + 1)):.1%} of unseen patients)"
             )
-        message += f"; give at least {math.ceil(len(checks) / quantile)} (more holdout or training patients) for the asked rate"
+        need = math.ceil(len(checks) * reach / quantile)
+        message += f"; give at least {need} (more holdout or training patients) for the asked rate"
         logger.warning(message)
         warnings.warn(message, stacklevel=2)
     checks = [
