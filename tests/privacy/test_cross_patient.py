@@ -135,8 +135,8 @@ def _us_split(train: int, holdout: int, new: int, new_images: int, seed: int, si
 
 def test_cross_patient_samples_refuse_fewer_new_patients_than_the_holdout_alone():
     # three spaces, 102 holdout images: alone, each threshold is about its space's smallest holdout distance (10% of new
-    # patients' images refused at it, 5% extrapolated below it by the tail model); with 198 training images of 80 more
-    # patients the per-space quantile is resolved (2%)
+    # patients' images were refused at it, fewer with the tail model below it); with 198 training images of 80 more
+    # patients the per-space quantile is resolved
     train, ids, holdout, holdout_ids, new = _us_split(80, 34, 100, 2, seed=4)
     spaces = [PixelSpace(grid=16), PartSpace(grid=16, kind="crops"), PartSpace(grid=16, kind="regions")]
     args = (spaces, train, ids, holdout, holdout_ids, "dl")
