@@ -98,6 +98,7 @@ __all__ = [
     "quantile_confidence_interval",
     "tail_quantile",
     "tail_scale",
+    "TAIL_SHARE",
     "TAIL_SPACINGS",
     "DUPLICATE_Z",
     "DUPLICATE_ALPHA",
@@ -109,6 +110,8 @@ DUPLICATE_ALPHA = 0.01
 """Bonferroni-adjusted chance under which a nearest/second-patient distance ratio counts as a specific match."""
 TAIL_SPACINGS = 10
 """Gaps between the smallest calibration distances that estimate their lower tail (:func:`tail_scale`)."""
+TAIL_SHARE = 0.05
+"""The largest share of the calibration distances those gaps may span (so a tail model needs 200 of them)."""
 _RESOLUTION = 1e-7  # distances below this are float32 rounding: 1 - cosine of an exact copy
 _MAX_DICT_DISTANCES = 1001  # holdout distances kept in to_dict(): all up to this many, else evenly spaced ranks
 _DISTANCE_DIGITS = 6  # significant digits of the holdout distances in to_dict()
@@ -188,10 +191,15 @@ def tail_scale(sorted_values: np.ndarray, count: int = TAIL_SPACINGS) -> float:
     0.85 and 0.55), so a tail proportional to ``d ** a`` from 0 would move their thresholds by far more than their
     images differ. Under that tail the normalised spacings ``j * (d_(j+1) - d_(j))`` of the smallest order statistics
     are independent exponentials of mean ``s`` (Renyi), so their mean estimates ``s`` from where the threshold lies.
+    That holds only where the ``count`` smallest values are a small share of the sample (at most
+    :data:`TAIL_SHARE`): from fewer values the gaps reach into the bulk and overstate the tail. There, and below two
+    values, it returns 0 (no tail model: thresholds no lower than the smallest value). On 3D CT cohorts of 138
+    calibration volumes the tail model lowered thresholds by up to 30% and histogram-equalised and motion-blurred
+    copies passed.
     """
     d = np.asarray(sorted_values, dtype=np.float64)
     m = min(int(count), len(d) - 1)
-    if m < 1:
+    if m < 1 or m > TAIL_SHARE * len(d):
         return 0.0
     j = np.arange(1, m + 1)
     return float(np.mean(j * np.diff(d[: m + 1])))
@@ -207,8 +215,7 @@ def tail_quantile(sorted_values: np.ndarray, quantile: float, tail_scale: float 
     to ``k / (n + 1)`` together. Below the smallest value ``d_(1)`` the quantile follows the exponential lower tail
     of :func:`tail_scale`: ``d_(1) + s * log(quantile * (n + 1))``, at most one scale below ``d_(1)`` (quantile
     ``1 / (e (n + 1))``: the ten gaps describe the tail about as far below the smallest value as they span above it)
-    and never below ``d_(1) / 2``. Deeper, copies that sit just under new patients' distances pass: on 3D CT
-    cohorts of 138 calibration volumes, histogram-equalised and motion-blurred copies did.
+    and never below ``d_(1) / 2``.
 
     Args:
         sorted_values: the calibration distances, ascending.

@@ -4,7 +4,6 @@ refusals that keep it meaningful (training patients or near-copies of training i
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -361,12 +360,14 @@ def test_tail_quantile_interpolates_on_plotting_positions_and_extrapolates_below
     assert tail_quantile(d, 0.1, tail_scale=0.1) == pytest.approx(0.2 + 0.1 * np.log(0.5))
     assert tail_quantile(d, 0.01, tail_scale=0.05) == pytest.approx(0.15)  # at most one scale below the smallest
     assert tail_quantile(d, 0.001, tail_scale=1.0) == 0.1  # and never below half of it
-    # normalised spacings j * (d_(j+1) - d_(j)): 1 * 0.2, 2 * 0.2, 3 * 0.2
-    assert tail_scale(d) == pytest.approx(0.4)
-    assert tail_scale(d, count=1) == pytest.approx(0.2)
-    assert tail_scale(d[:1]) == 0.0
+    # normalised spacings j * (d_(j+1) - d_(j)) of the ten smallest of 200: 0.01 * (1 + 2 + ... + 10) / 10
+    many = np.arange(200) / 100.0
+    assert tail_scale(many) == pytest.approx(0.055)
+    assert tail_scale(many, count=1) == pytest.approx(0.01)
     # the scale follows the spread, not the offset: the same images on a floor of 0.85 give the same scale
-    assert tail_scale(0.85 + d) == pytest.approx(tail_scale(d))
+    assert tail_scale(0.85 + many) == pytest.approx(tail_scale(many))
+    # ten gaps of fewer than 200 values reach into the bulk: no tail model
+    assert tail_scale(many[:199]) == 0.0 and tail_scale(d) == 0.0 and tail_scale(d[:1]) == 0.0
 
 
 def test_build_safeguard_calibrates_spaces_jointly_so_unseen_images_pass_at_the_asked_rate():
@@ -398,17 +399,20 @@ def test_joint_calibration_warns_when_the_holdout_is_too_small_for_the_asked_rat
     from monai_synth.privacy.safeguard import build_safeguard
 
     g = torch.Generator().manual_seed(1)
-    train, holdout = torch.rand(20, 1, 8, 8, generator=g), torch.rand(100, 1, 8, 8, generator=g)
+    train, holdout = torch.rand(20, 1, 8, 8, generator=g), torch.rand(250, 1, 8, 8, generator=g)
     spaces = [PixelSpace(grid=8), PartSpace(grid=8, kind="crops"), PartSpace(grid=8, kind="regions")]
-    args = (spaces, train, [f"P{i}" for i in range(20)], holdout, [f"H{i}" for i in range(100)], "dl")
-    # by default every training image joins as a cross-patient sample: 120 are enough for 3 spaces at 1%
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        build_safeguard(*args)
-    assert not [w for w in caught if "too few to calibrate" in str(w.message)]
-    # where the joint quantile lies beyond the tail model's reach (one scale below the smallest distance), each space
-    # still refuses about 1 / (e (n + 1)): 3 / (e 101) = 1.1% with the holdout alone, more than the asked 1%
-    original = safeguard_module.joint_space_quantile
-    monkeypatch.setattr(safeguard_module, "joint_space_quantile", lambda *a, **k: min(1e-4, original(*a, **k)))
-    with pytest.warns(UserWarning, match=r"100 calibration images \(all holdout\) .* 1\.1% .* at least 111"):
+    ids = [f"P{i}" for i in range(20)]
+    # below 200 calibration distances there is no tail model: each threshold is about its smallest distance
+    args = (spaces, train, ids, holdout[:100], [f"H{i}" for i in range(100)], "dl")
+    with pytest.warns(UserWarning, match=r"100 calibration images \(all holdout\) .* smallest .* at least 300"):
         build_safeguard(*args, cross_patient_images=0)
+    # by default every training image joins as a cross-patient sample: still too few, and the warning counts them
+    with pytest.warns(UserWarning, match=r"120 calibration images \(100 holdout, 20 training images .* at least 300"):
+        build_safeguard(*args)
+    # with a tail model, where the joint quantile lies beyond its reach (one scale below the smallest distance), each
+    # space still refuses about 1 / (e (n + 1)): 3 / (e 251) = 0.44%, more than an asked 0.4%
+    args = (spaces, train, ids, holdout, [f"H{i}" for i in range(250)], "dl")
+    original = safeguard_module.joint_space_quantile
+    monkeypatch.setattr(safeguard_module, "joint_space_quantile", lambda *a, **k: min(1e-5, original(*a, **k)))
+    with pytest.warns(UserWarning, match=r"250 calibration images \(all holdout\) .* one tail scale .* at least 276"):
+        build_safeguard(*args, quantile=0.004, cross_patient_images=0)

@@ -134,19 +134,20 @@ def _us_split(train: int, holdout: int, new: int, new_images: int, seed: int, si
 
 
 def test_cross_patient_samples_refuse_fewer_new_patients_than_the_holdout_alone():
-    # three spaces, 102 holdout images: alone, each threshold is about its space's smallest holdout distance (10% of new
-    # patients' images were refused at it, fewer with the tail model below it); with 198 training images of 80 more
-    # patients the per-space quantile is resolved
+    # three spaces, 102 holdout images: alone, each threshold is its space's smallest holdout distance and 10% of new
+    # patients' images were refused; with 198 training images of 80 more patients the per-space quantile is resolved
     train, ids, holdout, holdout_ids, new = _us_split(80, 34, 100, 2, seed=4)
     spaces = [PixelSpace(grid=16), PartSpace(grid=16, kind="crops"), PartSpace(grid=16, kind="regions")]
     args = (spaces, train, ids, holdout, holdout_ids, "dl")
-    alone = build_safeguard(*args, batch_size=32, cross_patient_images=0, specificity=0)
+    with pytest.warns(UserWarning, match=r"102 calibration images \(all holdout\)"):
+        alone = build_safeguard(*args, batch_size=32, cross_patient_images=0, specificity=0)
     pooled = build_safeguard(*args, batch_size=32, specificity=0)  # the default: 3 / 0.01 - 102 = 198 training images
     for cal in pooled.calibrations.values():
         assert cal.n_holdout == 102 and cal.n_cross_patient == 198 and cal.cross_patient_dropped == 0
+        assert cal.threshold <= alone.thresholds[cal.space]
     refused_alone = np.mean([not r.passed for r in alone.check(new)])
     refused_pooled = np.mean([not r.passed for r in pooled.check(new)])
-    assert refused_pooled <= 0.03 and refused_pooled < refused_alone
+    assert refused_pooled <= 0.05 < refused_alone
     assert not any(r.passed for r in pooled.check(train[::6]))  # the training images themselves stay refused
     # the default gate adds the specificity test to the same calibrations: about 0.3% more per space
     checks = [(pooled.indexes[name], pooled.calibrations[name]) for name in pooled.indexes]
@@ -190,7 +191,8 @@ def test_specificity_searches_exactly_only_the_images_a_second_patient_bound_can
     size = (16, 16)
     train, ids, holdout, holdout_ids, new = _us_split(30, 40, 40, 1, seed=1, size=size)
     spaces = [PixelSpace(grid=16, invariances=("flip", "shift")), PartSpace(grid=16, kind="crops")]
-    fast = build_safeguard(spaces, train, ids, holdout, holdout_ids, "dl", batch_size=32, cross_patient_images=0)
+    with pytest.warns(UserWarning, match="too few to calibrate"):
+        fast = build_safeguard(spaces, train, ids, holdout, holdout_ids, "dl", batch_size=32, cross_patient_images=0)
     g = torch.Generator().manual_seed(1)
     noisy = [train[i::9][:5] + sd * torch.randn(5, 1, *size, generator=g) for i, sd in enumerate([0.1, 0.2, 0.3])]
     candidates = torch.cat([new, torch.flip(train[:5], dims=[-1]), *noisy])
