@@ -214,8 +214,8 @@ def tail_quantile(sorted_values: np.ndarray, quantile: float, tail_scale: float 
     smallest one, each space refuses about ``1 / (n + 1)`` of new patients' images whatever was asked, k spaces up
     to ``k / (n + 1)`` together. Below the smallest value ``d_(1)`` the quantile follows the exponential lower tail
     of :func:`tail_scale`: ``d_(1) + s * log(quantile * (n + 1))``, at most one scale below ``d_(1)`` (quantile
-    ``1 / (e (n + 1))``: the ten gaps describe the tail about as far below the smallest value as they span above it)
-    and never below ``d_(1) / 2``.
+    ``1 / (e (n + 1))``; a tail fitted above the smallest value is not trusted further below it) and never below
+    ``d_(1) / 2``.
 
     Args:
         sorted_values: the calibration distances, ascending.
