@@ -114,17 +114,12 @@ def _specificity(d1: np.ndarray, d2: np.ndarray, median_log_ratio: np.ndarray) -
 def _in_sample_quantile(d: np.ndarray, quantile: float) -> float:
     """The joint per-space quantile as the twelfth round chose it: the calibration images judged by the thresholds they
     set (``np.quantile``, no tail model), ``d`` of shape ``(spaces, images)``."""
+    from monai_synth.privacy.calibration import _largest_quantile_within
 
     def rejected(q: float) -> float:
         return float((d < np.quantile(d, q, axis=1)[:, None] + MARGIN).any(axis=0).mean())
 
-    lo, hi = quantile / (2 * len(d)), quantile
-    if rejected(hi) <= quantile or rejected(lo) > quantile:
-        return hi if rejected(hi) <= quantile else lo
-    for _ in range(40):
-        mid = (lo + hi) / 2.0
-        lo, hi = (mid, hi) if rejected(mid) <= quantile else (lo, mid)
-    return lo
+    return _largest_quantile_within(rejected, quantile, len(d))
 
 
 def compare(

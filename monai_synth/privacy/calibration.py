@@ -281,12 +281,19 @@ def joint_space_quantile(
                     out[order[rank]] = True
         return float(out.mean())
 
-    lo, hi = quantile / (2 * len(arrays)), float(quantile)
+    return _largest_quantile_within(rejected, quantile, len(arrays))
+
+
+def _largest_quantile_within(rejected: Callable[[float], float], quantile: float, spaces: int) -> float:
+    """The largest per-space quantile in ``[quantile / 2k, quantile]`` whose ``rejected`` share is at most
+    ``quantile`` (bisection: ``rejected`` is a non-decreasing step function); the lower end when even it rejects
+    more."""
+    lo, hi = quantile / (2 * spaces), float(quantile)
     if rejected(hi) <= quantile:
         return hi
     if rejected(lo) > quantile:
         return lo
-    for _ in range(40):  # rejected() is a non-decreasing step function of q
+    for _ in range(40):
         mid = (lo + hi) / 2.0
         lo, hi = (mid, hi) if rejected(mid) <= quantile else (lo, mid)
     return lo
