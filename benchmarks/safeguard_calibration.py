@@ -89,7 +89,7 @@ def measure(args) -> dict:
         views = encoder.model_views
         pool_d, _, pool_d2 = _neighbours(index, _query_batches(index, pool, views, 64), True)
         copy_images = torch.stack([torch.as_tensor(img, dtype=torch.float32)[None] for _, img in copies])
-        copy_d, _, copy_d2 = _neighbours(index, _query_batches(index, copy_images, views, 64), True)
+        copy_d, copy_d2 = _copy_distances(index, copy_images, views)
         cross = _cross_patient(index, train, len(train_ids), views, 64, (pool_d, pool_d2), DUPLICATE_Z, DUPLICATE_ALPHA)
         out[f"{name}/pool_second"], out[f"{name}/copies_second"] = pool_d2, copy_d2
         out[f"{name}/pool"], out[f"{name}/copies"] = pool_d, np.asarray(copy_d)
@@ -100,6 +100,27 @@ def measure(args) -> dict:
             flush=True,
         )
     return out
+
+
+def _copy_distances(index, images, views) -> tuple[np.ndarray, np.ndarray]:
+    """Each copy's nearest and other-patient distances; a copy the space cannot judge (one of its views is constant,
+    say) gets distance 0, refused as the gate refuses it."""
+    from monai_synth.privacy.calibration import _neighbours, _query_batches
+    from monai_synth.privacy.spaces import DegenerateImageError
+
+    try:
+        d, _, d2 = _neighbours(index, _query_batches(index, images, views, 64), True)
+        return np.asarray(d), np.asarray(d2)
+    except DegenerateImageError:
+        pass
+    d, d2 = np.zeros(len(images)), np.ones(len(images))
+    for i in range(len(images)):
+        try:
+            near, _, other = _neighbours(index, _query_batches(index, images[i : i + 1], views, 1), True)
+            d[i], d2[i] = near[0], other[0]
+        except DegenerateImageError:
+            pass
+    return d, d2
 
 
 def _specificity(d1: np.ndarray, d2: np.ndarray, median_log_ratio: np.ndarray) -> np.ndarray:

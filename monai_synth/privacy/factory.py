@@ -152,7 +152,14 @@ def make_space(
         fine = min(64 if spatial_dims == 2 else 32, *spatial_size)
         return TextureSpace(grid=fine, spatial_dims=spatial_dims, invariances=symmetry)
     if name == "deblur":
-        return DeblurSpace(grid=grid, spatial_dims=spatial_dims, invariances=symmetry + ("shift",), max_shift=1)
+        # volumes also moved by half a voxel: a box blur of even width moves a copy so (see DeblurSpace)
+        return DeblurSpace(
+            grid=grid,
+            spatial_dims=spatial_dims,
+            invariances=symmetry + ("shift",),
+            max_shift=1,
+            half_steps=spatial_dims == 3,
+        )
     if name == "disc":
         return DiscSpace(grid=grid)
     if name == "ball":
