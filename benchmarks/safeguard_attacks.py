@@ -263,6 +263,12 @@ def _blocks(a: np.ndarray, factor: int) -> np.ndarray:
     return small[idx]
 
 
+def _half_pixel(a: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.shift(a, 0.5, order=1, mode="nearest")
+
+
 def _median(a: np.ndarray, size: int) -> np.ndarray:
     from scipy import ndimage
 
@@ -573,6 +579,9 @@ ATTACKS: list[Attack] = [
     ),
     Attack("blocks4", "blocks of 4 px (down 4x, nearest up)", lambda t, u, c: _blocks(t[0], 4)),
     Attack("median5", "median filter over {px5} px", lambda t, u, c: _median(t[0], c.px(5))),
+    # copies resampled off the grid (fourteenth round): a box of even width blurs and moves by half a pixel
+    Attack("box4", "box blur over 4 px (even: moved by half a pixel)", lambda t, u, c: _box_blur(t[0], 4)),
+    Attack("halfpixel", "moved by half a pixel along every axis (linear)", lambda t, u, c: _half_pixel(t[0])),
 ]
 ATTACK_KEYS = [a.key for a in ATTACKS]
 

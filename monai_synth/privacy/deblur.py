@@ -67,6 +67,8 @@ class DeblurSpace(PixelSpace):
         half_steps: also the query moved by half a sample of its working grid along every combination of axes
             (linear interpolation, edges replicated; 26 moves in 3D, 8 in 2D), each sharpened along all axes,
             unflipped and unshifted (a copy blurred by a box of even width, or resampled half a voxel off).
+        name: the space's name (``"coarse"``: the same space on a coarser grid, with an index and threshold of its
+            own).
     """
 
     _DEBLUR_VERSION = 2
@@ -81,6 +83,7 @@ class DeblurSpace(PixelSpace):
         max_shift: int = 1,
         axes: bool = True,
         half_steps: bool = False,
+        name: str = "deblur",
     ) -> None:
         if {"zoom", "rotate"} & set(invariances):
             raise ValueError(f"the deblur space takes flips, transposes, shifts and inversion only, got {invariances}")
@@ -89,7 +92,7 @@ class DeblurSpace(PixelSpace):
         if not 0.0 < float(amount) <= 16.0:
             raise ValueError(f"amount must be in (0, 16], got {amount}")
         super().__init__(grid=grid, spatial_dims=spatial_dims, invariances=invariances, max_shift=max_shift)
-        self.name = "deblur"
+        self.name = str(name)
         self.sigma = float(sigma)
         self.amount = float(amount)
         # which axes each sharpened query blurs to find its detail: all of them, then (with axes) each alone
@@ -198,7 +201,7 @@ class DeblurSpace(PixelSpace):
 
     def __repr__(self) -> str:
         return (
-            f"DeblurSpace(grid={self.grid}, spatial_dims={self.spatial_dims}, sigma={self.sigma:g}, "
+            f"DeblurSpace(name={self.name!r}, grid={self.grid}, spatial_dims={self.spatial_dims}, sigma={self.sigma:g}, "
             f"amount={self.amount:g}, sharpenings={self.sharpenings}, invariances={self.invariances}, "
             f"max_shift={self.max_shift}, half_steps={self.half_steps})"
         )

@@ -1,7 +1,7 @@
 """Privacy spaces by name: what ``--spaces`` / ``privacy_spaces`` mean, and the default set a candidate must pass.
 
 One place that turns a command-line or config name (``pixel``, ``pixel:flip,shift``, ``parts``, ``crops``, ``tiles``,
-``texture``, ``deblur``, ``disc``, ``ball``, ``embedding``) into a configured space, shared by ``monai-synth guard`` and the bundle's release, so both judge with
+``texture``, ``deblur``, ``disc``, ``ball``, ``coarse``, ``embedding``) into a configured space, shared by ``monai-synth guard`` and the bundle's release, so both judge with
 the same spaces.
 """
 
@@ -31,13 +31,14 @@ def space_name(spec: str) -> str:
     return spec.partition(":")[0].strip().lower()
 
 
-DEFAULT_SPACES = ("pixel", "parts", "crops", "tiles", "texture", "deblur", "disc", "ball", "embedding")
+DEFAULT_SPACES = ("pixel", "parts", "crops", "tiles", "texture", "deblur", "disc", "ball", "coarse", "embedding")
 """What a candidate must pass by default: whole-image pixel correlation under the geometric and intensity changes a
 person would still call the same image, aligned parts, crops of training images, windows at every scale, the fine
 texture of the image (a copy under strong noise such as speckle), the image sharpened (a blurred or pixelated copy,
 whose detail the sharpening brings back), the central disc of a 2D image under fine rotations
 and zooms (a copy rotated by up to 30 degrees, also cropped and noised; left out for volumes, see :data:`TWO_D_ONLY`),
-its 3D counterpart the inscribed ``ball`` of a volume under fine rotations and moves about each axis (left out for 2D
+its 3D counterpart the inscribed ``ball`` of a volume under fine rotations and moves about each axis and the
+``coarse`` sharpened volume on an 8-cell grid (a volume pixelated to an eighth of its side; both left out for 2D
 images, see :data:`THREE_D_ONLY`), and the learned copy-detection / re-identification ``embedding``, trained on the
 training images themselves when no weights are given (minutes on a CPU for a few hundred images; pass
 ``--embedding-weights`` to reuse them). A space that collapsed in training is refused at calibration, never certified."""
@@ -47,7 +48,7 @@ TWO_D_ONLY = frozenset({"disc"})
 spaces serves a bundle in 2D and 3D; the ``ball`` space rotates volumes about each axis instead. Asked for by
 :func:`make_space` with ``spatial_dims=3``, they raise."""
 
-THREE_D_ONLY = frozenset({"ball"})
+THREE_D_ONLY = frozenset({"ball", "coarse"})
 """Spaces that judge volumes only. :func:`build_spaces` leaves them out for 2D images (and says so); asked for by
 :func:`make_space` with ``spatial_dims=2``, they raise."""
 
@@ -91,7 +92,8 @@ def make_space(
     grid, 32 in 3D, mirrored / transposed / inverted).
     ``deblur`` = :class:`~monai_synth.privacy.deblur.DeblurSpace` (the query sharpened by an unsharp mask of 3 / 64
     of the side, amount 4, over all axes and along each axis alone, then on the 16-cell grid, mirrored / transposed /
-    inverted and moved by one cell: a blurred, pixelated or motion-blurred copy; 3D: mirrored, not transposed).
+    inverted and moved by one cell: a blurred, pixelated or motion-blurred copy; 3D: mirrored, not transposed, and
+    also moved by half a voxel along every combination of axes: a copy blurred by a box of even width).
     ``disc`` = :class:`~monai_synth.privacy.disc.DiscSpace` (2D only: the central disc, radius 0.4 of the side, on a
     16-cell grid, the query rotated every 5 degrees to +-30, zoomed 0.8-1.25 in steps of 0.05, moved by up to 1.5 cells
     in half-cell steps at every angle, rotated by 35-45 degrees either way and moved by whole cells, mirrored /
@@ -99,6 +101,11 @@ def make_space(
     ``ball`` = :class:`~monai_synth.privacy.ball.BallSpace` (3D only: the central ball, radius 0.4 of the side, on a
     16-cell grid, the query rotated about each axis every 5 degrees to +-30 and moved by up to 1.5 cells in
     half-cell steps within each rotation's plane, and by 35-45 degrees either way unmoved, mirrored / inverted).
+    ``coarse`` = the ``deblur`` space on an 8-cell grid (3D only): a volume pixelated to an eighth of its side (8^3 of
+    32^3: down 4x and up, or blocks of 4 voxels) lost the detail the 16-cell grid compares, and sharpening cannot bring
+    it back; on the coarser grid the copy is whole again. CT 32^3 phantoms, 12 training patients: such copies at
+    0.31-0.59 of the space's smallest distance to a new patient (1.9-3.9 in ``deblur``, beyond every other space); over
+    200 holdout draws of the calibration benchmark, new patients' volumes refused 5.5% with it and without it.
     ``embedding`` = the learned :class:`~monai_synth.privacy.embedding.EmbeddingSpace` (needs its weights; with
     ``data_fingerprint``, weights trained on another training set are refused).
 
@@ -160,6 +167,10 @@ def make_space(
             max_shift=1,
             half_steps=spatial_dims == 3,
         )
+    if name == "coarse":
+        return DeblurSpace(
+            grid=min(8, *spatial_size), spatial_dims=3, invariances=symmetry + ("shift",), max_shift=1, name="coarse"
+        )
     if name == "disc":
         return DiscSpace(grid=grid)
     if name == "ball":
@@ -174,8 +185,8 @@ def make_space(
 
         return EmbeddingSpace.from_weights(embedding_weights, expected_data_fingerprint=data_fingerprint)
     raise ValueError(
-        f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], parts, crops, tiles, texture, deblur, disc, ball "
-        "and/or embedding"
+        f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], parts, crops, tiles, texture, deblur, disc, ball, "
+        "coarse and/or embedding"
     )
 
 
@@ -185,10 +196,10 @@ def _check_dimensionality(name: str, spatial_dims: int) -> None:
     if only is None or spatial_dims == only:
         return
     kind, other = ("2D images", "volumes") if only == 2 else ("volumes", "2D images")
-    counterpart = "the ball space rotates them about each axis" if only == 2 else "the disc space rotates them"
+    counterpart = {"disc": ", the ball space rotates them about each axis", "ball": ", the disc space rotates them"}
     raise ValueError(
         f"the {name} space judges {kind}, not {other} (spatial_dims={spatial_dims}); leave it out for {other} "
-        f"(build_spaces does), {counterpart}"
+        f"(build_spaces does){counterpart.get(name, '')}"
     )
 
 

@@ -105,15 +105,41 @@ def test_refuses_what_it_cannot_judge_and_settings_it_does_not_take():
 
 
 def test_a_default_space_for_images_and_volumes():
-    from monai_synth.privacy.factory import DEFAULT_SPACES, make_space
+    from monai_synth.privacy.factory import DEFAULT_SPACES, THREE_D_ONLY, make_space
 
     assert "deblur" in DEFAULT_SPACES
     flat = make_space("deblur", 2, (64, 64))
     assert isinstance(flat, DeblurSpace) and flat.grid == 16 and "transpose" in flat.invariances
     volume = make_space("deblur", 3, (32, 32, 32))
     assert volume.spatial_dims == 3 and "transpose" not in volume.invariances
-    assert volume.half_steps and not flat.half_steps  # slices are not moved by half a pixel (4 px cells)
     assert volume.embed_variants(torch.rand(1, 1, 32, 32, 32)).shape[2] == 16**3
+    assert volume.half_steps and not flat.half_steps  # slices are not moved by half a pixel (4 px cells)
+    coarse = make_space("coarse", 3, (32, 32, 32))
+    assert isinstance(coarse, DeblurSpace) and coarse.name == "coarse" and coarse.grid == 8
+    assert "coarse" in DEFAULT_SPACES and "coarse" in THREE_D_ONLY
+    with pytest.raises(ValueError, match="judges volumes"):
+        make_space("coarse", 2, (64, 64))
+
+
+def test_volumes_pixelated_to_an_eighth_of_their_side_are_caught_on_the_coarse_grid():
+    # 32^3 CT volumes reduced to 8^3 (area) and brought back (trilinear, or blocks of 4 voxels) lost what the 16-cell
+    # grid compares: 0.6-1.8 of the nearest new patient in the deblur space, 2.3-3.6 in the pixel space; on the
+    # 8-cell grid, 0.12-0.20
+    from monai_synth.privacy.factory import make_space
+
+    train, new = _ct(8, 8, dims=3, size=32)
+    src = np.arange(4)
+    small = F.interpolate(torch.from_numpy(train[src]), size=(8, 8, 8), mode="area")
+    copies = {
+        "pixelated 4x": F.interpolate(small, size=(32, 32, 32), mode="trilinear", align_corners=False).numpy(),
+        "blocks of 4": small.repeat_interleave(4, 2).repeat_interleave(4, 3).repeat_interleave(4, 4).numpy(),
+    }
+    for name in ("deblur", "coarse"):
+        space = make_space(name, 3, (32, 32, 32))
+        others = _distances(space, train, new).min()
+        worst = max((_distances(space, train, c)[src, src] / others).max() for c in copies.values())
+        best = min((_distances(space, train, c)[src, src] / others).min() for c in copies.values())
+        assert (worst < 0.3) if name == "coarse" else (best > 0.55), (name, best, worst)
 
 
 def test_volumes_moved_by_half_a_voxel_and_blurred_come_back_with_the_half_steps():
