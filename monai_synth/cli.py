@@ -146,8 +146,9 @@ def _add_guard(sub: argparse._SubParsersAction) -> None:
         help="privacy spaces a candidate must all pass (default: %(default)s): pixel (whole image under flips, rot90, "
         "shifts, zooms, inversion, 2D gamma, 3D rotations; pixel:none for plain correlation), parts (aligned regions), "
         "crops (crops of training images), tiles (windows at every position), texture (fine texture: copies under "
-        "strong noise), disc (2D: central disc under fine rotations, zooms and moves), ball (3D: central ball under "
-        "fine rotations and moves about each axis), embedding (copy-detection network, trained on --train unless "
+        "strong noise), deblur (the candidate sharpened: blurred or pixelated copies), disc (2D: central disc under "
+        "fine rotations, zooms and moves), ball (3D: central ball under fine rotations and moves about each axis), "
+        "coarse (3D: deblur on an 8-cell grid, volumes pixelated to an eighth of their side), embedding (copy-detection network, trained on --train unless "
         "--embedding-weights); a space of the other dimensionality is left out",
     )
     p.add_argument(
