@@ -148,8 +148,9 @@ def _add_guard(sub: argparse._SubParsersAction) -> None:
         "crops (crops of training images), tiles (windows at every position), texture (fine texture: copies under "
         "strong noise), deblur (the candidate sharpened: blurred or pixelated copies), disc (2D: central disc under "
         "fine rotations, zooms and moves), ball (3D: central ball under fine rotations and moves about each axis), "
-        "coarse (3D: deblur on an 8-cell grid, volumes pixelated to an eighth of their side), embedding (copy-detection network, trained on --train unless "
-        "--embedding-weights); a space of the other dimensionality is left out",
+        "coarse (3D: deblur on an 8-cell grid, volumes pixelated to an eighth of their side), embedding "
+        "(copy-detection network, trained on --train unless --embedding-weights); a space of the other "
+        "dimensionality is left out",
     )
     p.add_argument(
         "--embedding-weights",
