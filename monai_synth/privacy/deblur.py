@@ -65,7 +65,7 @@ class DeblurSpace(PixelSpace):
         max_shift: largest shift in grid cells.
         axes: also sharpen along each axis alone (one more sharpened query per axis).
         half_steps: also the query moved by half a sample of its working grid along every combination of axes
-            (linear interpolation, edges replicated; 26 moves in 3D, 8 in 2D), each sharpened along all axes,
+            (linear interpolation, edges replicated; 26 moves in 3D, 8 in 2D) after the sharpening along all axes,
             unflipped and unshifted (a copy blurred by a box of even width, or resampled half a voxel off).
         name: the space's name (``"coarse"``: the same space on a coarser grid, with an index and threshold of its
             own).
@@ -145,13 +145,14 @@ class DeblurSpace(PixelSpace):
         x = self._working(images)
         return torch.stack([self._sharpen(x, along) for along in self.sharpenings], dim=1)
 
-    def half_moved(self, images: torch.Tensor | np.ndarray | Sequence) -> torch.Tensor:
-        """``(B, M, C, *spatial)``: each of :attr:`half_moves` (half a working-grid sample per axis, linear
-        interpolation, edges replicated), then sharpened along all axes."""
-        x = self._working(images)
+    def half_moved(self, sharp: torch.Tensor) -> torch.Tensor:
+        """``(B, M, C, *spatial)``: the query sharpened along all axes (``(B, C, *spatial)``, from :meth:`sharpened`),
+        moved by each of :attr:`half_moves` (half a working-grid sample per axis, linear interpolation, edges
+        replicated). Both are linear filters, so moving the sharpened query equals sharpening the moved one away from
+        the edges, at one sharpening instead of one per move."""
         out = []
         for move in self.half_moves:
-            y = x
+            y = sharp
             for axis, step in enumerate(move):
                 if step:
                     dim, n = 2 + axis, y.shape[2 + axis]
@@ -161,7 +162,7 @@ class DeblurSpace(PixelSpace):
                         else torch.cat([y.narrow(dim, 0, 1), y.narrow(dim, 0, n - 1)], dim=dim)
                     )
                     y = 0.5 * (y + neighbour)
-            out.append(self._sharpen(y, self.sharpenings[0]))
+            out.append(y)
         return torch.stack(out, dim=1)
 
     def _working(self, images: torch.Tensor | np.ndarray | Sequence) -> torch.Tensor:
@@ -193,7 +194,7 @@ class DeblurSpace(PixelSpace):
         # (B * S, signs * V', d) -> (B, signs, S, V', d): every sharpening's variants, then every negated one
         v = v.reshape(b, k, signs, -1, v.shape[-1]).transpose(0, 2, 1, 3, 4).reshape(b, signs, -1, v.shape[-1])
         if self.half_moves:
-            moved = self.half_moved(images)
+            moved = self.half_moved(sharp[:, 0])  # the sharpening along all axes
             m = np.asarray(self.embed(moved.reshape(b * len(self.half_moves), *moved.shape[2:])))
             signs = np.asarray(self.signs, dtype=m.dtype)[:, None, None]
             v = np.concatenate([v, m.reshape(b, 1, len(self.half_moves), m.shape[-1]) * signs], axis=2)

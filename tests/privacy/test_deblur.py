@@ -165,9 +165,9 @@ def test_half_steps_are_the_sharpened_query_moved_by_half_a_sample_once_per_sign
     np.testing.assert_allclose(b[:, :half], a[:, :half], atol=1e-6)  # every earlier variant, in the same order
     np.testing.assert_allclose(b[:, half + moves : -moves], a[:, half:], atol=1e-6)
     np.testing.assert_allclose(b[:, -moves:], -b[:, half : half + moves], atol=1e-6)  # then negated
-    # the move (+1, 0, 0): each voxel averaged with its next neighbour along axis 0, then sharpened along all axes
-    step = 0.5 * (x + torch.cat([x[:, :, 1:], x[:, :, -1:]], dim=2))
-    expected = moved.embed(moved._sharpen(step, (0, 1, 2)))
+    # the move (+1, 0, 0): the query sharpened along all axes, each voxel averaged with its next neighbour on axis 0
+    sharp = moved.sharpened(x)[:, 0]
+    expected = moved.embed(0.5 * (sharp + torch.cat([sharp[:, :, 1:], sharp[:, :, -1:]], dim=2)))
     k = moved.half_moves.index((1, 0, 0))
     np.testing.assert_allclose(b[:, half + k], expected, atol=1e-5)
     assert moved.variant_ops[half + k][-1] == ("half", (1, 0, 0))
