@@ -142,45 +142,30 @@ class DeblurSpace(PixelSpace):
         Raises:
             NonFiniteImageError: for NaN/Inf images.
         """
-        x = self._working(images)
-        return torch.stack([self._sharpen(x, along) for along in self.sharpenings], dim=1)
+        x = scaled_batch(images, self.spatial_dims)
+        size = tuple(min(4 * self.grid, n) for n in x.shape[2:])
+        if size != tuple(x.shape[2:]):
+            x = F.interpolate(x, size=size, mode="area")
+        one = torch.ones(1, dtype=x.dtype)
+        gaussians = [gaussian_1d(torch.tensor(self.sigma * n), truncated=3.0, normalize=True).to(x.dtype) for n in size]
+        out = []
+        for along in self.sharpenings:
+            kernels = [gaussians[axis] if axis in along else one for axis in range(self.spatial_dims)]
+            out.append(x + self.amount * (x - separable_filtering(x, kernels, mode="replicate")))
+        return torch.stack(out, dim=1)
 
     def half_moved(self, sharp: torch.Tensor) -> torch.Tensor:
         """``(B, M, C, *spatial)``: the query sharpened along all axes (``(B, C, *spatial)``, from :meth:`sharpened`),
-        moved by each of :attr:`half_moves` (half a working-grid sample per axis, linear interpolation, edges
-        replicated). Both are linear filters, so moving the sharpened query equals sharpening the moved one away from
-        the edges, at one sharpening instead of one per move."""
+        moved by each of :attr:`half_moves` (half a working-grid sample per axis). Both are linear filters, so moving
+        the sharpened query equals sharpening the moved one away from the edges, at one sharpening instead of one per
+        move."""
         out = []
         for move in self.half_moves:
             y = sharp
             for axis, step in enumerate(move):
-                if step:
-                    dim, n = 2 + axis, y.shape[2 + axis]
-                    neighbour = (
-                        torch.cat([y.narrow(dim, 1, n - 1), y.narrow(dim, n - 1, 1)], dim=dim)
-                        if step > 0
-                        else torch.cat([y.narrow(dim, 0, 1), y.narrow(dim, 0, n - 1)], dim=dim)
-                    )
-                    y = 0.5 * (y + neighbour)
+                y = _half_step(y, 2 + axis, step) if step else y
             out.append(y)
         return torch.stack(out, dim=1)
-
-    def _working(self, images: torch.Tensor | np.ndarray | Sequence) -> torch.Tensor:
-        """The query at its working size: at most four times the grid per axis (area)."""
-        x = scaled_batch(images, self.spatial_dims)
-        size = tuple(min(4 * self.grid, n) for n in x.shape[2:])
-        return F.interpolate(x, size=size, mode="area") if size != tuple(x.shape[2:]) else x
-
-    def _sharpen(self, x: torch.Tensor, along: tuple[int, ...]) -> torch.Tensor:
-        """The unsharp mask with the Gaussian along the axes ``along``."""
-        one = torch.ones(1, dtype=x.dtype)
-        kernels = [
-            gaussian_1d(torch.tensor(self.sigma * x.shape[2 + axis]), truncated=3.0, normalize=True).to(x.dtype)
-            if axis in along
-            else one
-            for axis in range(self.spatial_dims)
-        ]
-        return x + self.amount * (x - separable_filtering(x, kernels, mode="replicate"))
 
     def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """``(B, V, d)`` vectors of every variant of every sharpened query, in the order of :attr:`variant_ops`.
@@ -196,8 +181,8 @@ class DeblurSpace(PixelSpace):
         if self.half_moves:
             moved = self.half_moved(sharp[:, 0])  # the sharpening along all axes
             m = np.asarray(self.embed(moved.reshape(b * len(self.half_moves), *moved.shape[2:])))
-            signs = np.asarray(self.signs, dtype=m.dtype)[:, None, None]
-            v = np.concatenate([v, m.reshape(b, 1, len(self.half_moves), m.shape[-1]) * signs], axis=2)
+            sign = np.asarray(self.signs, dtype=m.dtype)[:, None, None]
+            v = np.concatenate([v, m.reshape(b, 1, len(self.half_moves), m.shape[-1]) * sign], axis=2)
         return np.ascontiguousarray(v.reshape(b, -1, v.shape[-1]))
 
     def __repr__(self) -> str:
@@ -206,3 +191,14 @@ class DeblurSpace(PixelSpace):
             f"amount={self.amount:g}, sharpenings={self.sharpenings}, invariances={self.invariances}, "
             f"max_shift={self.max_shift}, half_steps={self.half_steps})"
         )
+
+
+def _half_step(x: torch.Tensor, dim: int, step: int) -> torch.Tensor:
+    """``x`` moved by half a sample along ``dim`` (towards higher indices for ``step > 0``): each sample averaged with
+    its neighbour on that side, the edge sample repeated (linear interpolation)."""
+    n = x.shape[dim]
+    if step > 0:
+        neighbour = torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim=dim)
+    else:
+        neighbour = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim=dim)
+    return 0.5 * (x + neighbour)
