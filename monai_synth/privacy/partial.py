@@ -8,7 +8,8 @@ never loosen the whole-image ``pixel`` space):
 * :class:`PartSpace` (``"parts"``) compares *aligned regions*: each quadrant (each octant in 3D) and the central
   region of the candidate with the same region of every training image, and the whole candidate with crops of every
   training image (centre and, in 2D, corners) resized to a common grid (a crop of a training image, kept at its size
-  or blown up).
+  or blown up); as ``"halves"``, the whole candidate with the half of every training image at either end of one
+  axis, two or all three (a half, a quadrant or an octant of a training volume blown up).
 * :class:`TileSpace` (``"tiles"``) compares *windows* of the candidate, at several scales and positions over its
   whole field of view, with every whole training image.
 
@@ -56,11 +57,15 @@ class PartSpace:
     ``kind="regions"`` (name ``parts``) catches a candidate that keeps one region of a training image and replaces
     the rest: half of a training image joined to another image (two quadrants match), a copy behind a masking border
     (the centre matches). ``kind="crops"`` (name ``crops``) catches a crop of a training image, kept at its own size
-    or resized (the whole candidate matches the crop). The two are separate spaces with their own thresholds: more
-    slots give an unrelated image more chances to correlate somewhere, which would loosen the other's threshold.
+    or resized (the whole candidate matches the crop). ``kind="halves"`` (name ``halves``) compares the whole
+    candidate with the half of every training image at either end of one axis, two or all three (3D: 26 slots), under
+    the symmetries, unrotated: a corner quadrant of a volume blown up to the whole, which the centred 3D crops miss.
+    Each is a separate space with its own threshold: more slots give an unrelated image more chances to correlate
+    somewhere, which would loosen the others' thresholds (and every query variant fills the whole row, so the 26
+    halves in the crops space cost it 4.8x its query floats).
 
     Args:
-        kind: ``"regions"`` or ``"crops"``.
+        kind: ``"regions"``, ``"crops"`` or ``"halves"``.
         grid: side of the grid the whole image is resampled to before it is cut into regions (even, >= 8).
         spatial_dims: 2 or 3.
         centre: fraction of each side the central region spans.
@@ -70,7 +75,8 @@ class PartSpace:
             candidate before it is cut, so a mirrored half is caught as well.
         rotations: angles (degrees; 2D in the image plane, 3D about each of the three axes) the candidate is also
             rotated back by before it is cut: a
-            rotated copy has background corners, which the aligned centre region mostly leaves out.
+            rotated copy has background corners, which the aligned centre region mostly leaves out. Ignored for
+            ``kind="halves"``.
         moved: ``kind="crops"`` (2D only): each corner crop's slot also holds the candidate's window of the same size
             at the three other corners (unrotated, no symmetry): a training image moved by ``1 - crop`` of the side
             along one axis or both, the rest filled. Wrapped shifts of the whole image restore a copy moved on a
@@ -105,26 +111,35 @@ class PartSpace:
         if not all(0.25 <= float(c) < 1.0 for c in crops):
             raise ValueError(f"crops must be fractions of the side in [0.25, 1), got {list(crops)}")
         invariances = _checked_invariances(invariances)
-        if kind not in ("regions", "crops"):
-            raise ValueError(f"kind must be 'regions' or 'crops', got {kind!r}")
+        if kind not in ("regions", "crops", "halves"):
+            raise ValueError(f"kind must be 'regions', 'crops' or 'halves', got {kind!r}")
         self.kind = kind
-        self.name = "parts" if kind == "regions" else "crops"
+        self.name = {"regions": "parts", "crops": "crops", "halves": "halves"}[kind]
         self.crops = tuple(sorted({round(float(c), 4) for c in crops})) if kind == "crops" else ()
         self.grid, self.spatial_dims, self.centre = int(grid), int(spatial_dims), float(centre)
         self.invariances = invariances
         self.rotations = (0.0,) + tuple(sorted({round(float(r), 4) for r in rotations} - {0.0}))
+        if kind == "halves":
+            self.rotations = (0.0,)
         half = self.grid // 2
         margin = int(round(self.grid * (1.0 - self.centre) / 2))
         self.regions: list[tuple[slice, ...]] = [
             tuple(slice(o, o + half) for o in corner) for corner in itertools.product((0, half), repeat=spatial_dims)
         ]
         self.regions.append(tuple(slice(margin, self.grid - margin) for _ in range(spatial_dims)))
-        if kind == "crops":
+        if kind != "regions":
             self.regions = []
         self._sizes = [math.prod(s.stop - s.start for s in r) for r in self.regions]
         self.crop_grid = self.grid // 2  # coarse: a crop of an unknown fraction is registered only roughly
         self._anchors = ("centre", "low-low", "low-high", "high-low", "high-high") if spatial_dims == 2 else ("centre",)
         self._sizes += [self.crop_grid**spatial_dims] * (len(self.crops) * len(self._anchors))
+        # the half of a training image at either end of one axis, two or (3D) all three: a half, a quadrant, an
+        # octant; each slot holds the whole candidate under each symmetry, unrotated
+        self._halves: list[tuple[str | None, ...]] = []
+        if kind == "halves":
+            ends = itertools.product((None, "low", "high"), repeat=spatial_dims)
+            self._halves = [h for h in ends if any(h)]
+            self._sizes += [self.crop_grid**spatial_dims] * len(self._halves)
         self._offsets = np.cumsum([0, *self._sizes])
         self._symmetries, self.signs = _query_symmetries(self.spatial_dims, self.invariances)
         # (slot, crop fraction, window anchor) of the moved windows: each corner crop's slot holds the candidate's
@@ -165,6 +180,7 @@ class PartSpace:
                 "anchors": list(self._anchors),
                 **({"rotation_axes": 3} if self.spatial_dims == 3 and len(self.rotations) > 1 else {}),
                 **({"moved": "every corner"} if self.moved else {}),
+                **({"halves": "each end of every set of axes"} if self._halves else {}),
                 "invariances": list(self.invariances),
             }
         )
@@ -189,7 +205,20 @@ class PartSpace:
                     pieces.append(whole)
                     continue
                 pieces.append(self._crop(full, c, anchor))
+        if full is not None:  # the query's halves slots are filled in embed_variants
+            pieces += [self._half(full, ends) for ends in self._halves]
         return [_standardised_piece(piece) for piece in pieces]
+
+    def _half(self, full: torch.Tensor, ends: Sequence[str | None]) -> torch.Tensor:
+        """``(B, C, *crop_grid)``: the half of each axis at its ``"low"`` / ``"high"`` end (``None``: the whole axis),
+        reduced to the crop grid."""
+        cut = []
+        for end, n in zip(ends, full.shape[2:]):
+            half = max(1, n // 2)
+            cut.append(slice(None) if end is None else slice(0, half) if end == "low" else slice(n - half, n))
+        return F.interpolate(
+            full[(slice(None), slice(None), *cut)], size=(self.crop_grid,) * self.spatial_dims, mode="area"
+        )
 
     def _crop(self, full: torch.Tensor, fraction: float, anchor: str) -> torch.Tensor:
         """``(B, C, *crop_grid)``: the crop of ``fraction`` of each side at ``anchor``, reduced to the crop grid."""
@@ -232,13 +261,14 @@ class PartSpace:
             turned[:, 0] = g
         else:
             turned = _affine_variants(g, (1.0,), self.rotations).reshape(n, len(self.rotations), *g.shape[1:])
-        variants = len(self._symmetries) * turned.shape[1] * len(self._offsets[1:])
-        variants += len(self._moved) + len(self._moved_quadrants)
+        slots = len(self._offsets) - 1 - len(self._halves)  # the halves' slots hold the unrotated candidate alone
+        variants = len(self._symmetries) * turned.shape[1] * slots
+        variants += len(self._moved) + len(self._moved_quadrants) + len(self._symmetries) * len(self._halves)
         # written straight into one tensor, negations included: building each variant as its own zero vector, then
         # stacking and concatenating them, cost the crops space half of its judging time
         v = torch.zeros(n, variants * len(self.signs), self.dim)
         at = 0
-        for (perm, flips), k in itertools.product(self._symmetries, range(turned.shape[1])):
+        for (perm, flips), k in itertools.product(self._symmetries, range(turned.shape[1]) if slots else ()):
             parts = self._regions(_apply_symmetry(turned[:, k], perm, flips, 2))
             valid = torch.stack([ok for _, ok in parts], dim=1)  # (B, R)
             if not bool(valid.any(dim=1).all()):
@@ -255,6 +285,13 @@ class PartSpace:
         if self._moved_quadrants:
             quadrants = self._regions(g)
             moved += [(r, *quadrants[q]) for q, r in self._moved_quadrants]
+        if self._halves:  # the whole candidate, under each symmetry, in every half's slot
+            size = (self.crop_grid,) * self.spatial_dims
+            for perm, flips in self._symmetries:
+                whole = _standardised_piece(F.interpolate(_apply_symmetry(g, perm, flips, 2), size=size, mode="area"))
+                if not bool(whole[1].all()):
+                    raise DegenerateImageError("an image is constant; correlation is undefined")
+                moved += [(slots + h, *whole) for h in range(len(self._halves))]
         for r, vec, ok in moved:  # the candidate's corner windows / quadrants in the other corners' slots
             v[:, at, self._offsets[r] : self._offsets[r + 1]] = vec
             for i in torch.nonzero(~ok).flatten().tolist():  # a constant window repeats the first variant

@@ -556,6 +556,74 @@ def test_default_3d_parts_catch_an_octant_pasted_elsewhere_and_rearranged_octant
     assert np.allclose(own, 1 - 1 / 3, atol=1e-4) and own.max() < others.min(), (own, others.min())
 
 
+def _ct_volumes(n: int) -> torch.Tensor:
+    """``(n, 1, 32, 32, 32)`` CT phantom volumes of ``n`` patients in model space."""
+    from monai_synth.data.phantoms import generate_cohort
+    from monai_synth.transforms.presets import intensity_transform
+
+    to_model = intensity_transform("ct")
+    cohort = generate_cohort("ct", n_patients=n, images_per_patient=1, spatial_dims=3, spatial_size=32, seed=0)
+    return torch.stack([torch.as_tensor(np.asarray(to_model(np.asarray(r["image"], np.float32)))) for r in cohort])
+
+
+def test_default_3d_crops_catch_a_90_degree_rotation_with_a_crop():
+    # rot90 about one axis, then the central 80% of each side resized back: the 3D crops were rotated by up to 20
+    # degrees and the pixel space compares quarter turns unzoomed, which left such CT copies 5.8-6.2x the nearest new
+    # patient's distance from their sources there, and 1 of 2 passed the whole default gate
+    from monai_synth.privacy.factory import make_space
+
+    x = _ct_volumes(12)
+    train, new = x[:6], x[6:]
+    copies = []
+    for i, axes in enumerate([(1, 2), (2, 3), (1, 3)] * 2):
+        turned = torch.rot90(train[i], 1 + 2 * (i // 3), dims=axes)  # a quarter turn either way
+        crop = turned[:, 3:29, 3:29, 3:29]  # 26 of 32: 81%
+        copies.append(F.interpolate(crop[None], size=(32, 32, 32), mode="trilinear", align_corners=False)[0])
+    copies = torch.stack(copies)
+    space = make_space("crops", 3, (32, 32, 32))
+    assert 90.0 in space.rotations and space.embed_variants(x[:1]).shape[1] == 8 * 16 * 9 * 2
+    rows = space.embed(train)
+    others = 1.0 - (space.embed_variants(new) @ rows.T).max(axis=1)
+    own = 1.0 - np.stack([(space.embed_variants(copies[i : i + 1])[0] @ rows[i]).max() for i in range(6)])
+    r_own, r_others = (1.0 - own) * 3.0, (1.0 - others) * 3.0  # back to Pearson r (nine crops: 1 - r / 3)
+    assert r_own.min() > 0.99 and r_own.min() > r_others.max() + 0.005, (r_own, r_others.max())
+
+
+def test_default_3d_halves_space_catches_a_half_quadrant_or_octant_blown_up():
+    # a corner quadrant of a CT volume (half of two axes, the third whole) resized to the whole: no 3D space compared
+    # corner crops (the crops are centred), and 1 of 2 such CT copies and 2 of 2 PET copies passed the whole gate
+    from monai_synth.privacy.factory import DEFAULT_SPACES, THREE_D_ONLY, make_space
+
+    x = _ct_volumes(12)
+    train, new = x[:6], x[6:]
+    pieces = [
+        train[0][:, :16, :16, :],  # a quadrant
+        train[1][:, 16:, :, 16:],  # another
+        train[2][:, :, 16:, :],  # a half
+        train[3][:, 16:, :16, 16:],  # an octant
+        train[4][:, :16, :16, :].flip(-1),  # a mirrored quadrant
+        -train[5][:, :, :, 16:],  # an inverted half
+    ]
+    copies = torch.stack([F.interpolate(p[None], size=(32, 32, 32), mode="trilinear")[0] for p in pieces])
+    space = make_space("halves", 3, (32, 32, 32))
+    assert "halves" in DEFAULT_SPACES and "halves" in THREE_D_ONLY and space.name == "halves"
+    assert space.embed_variants(x[:1]).shape[1] == 8 * 26 * 2  # flips x halves x signs
+    rows = space.embed(train)
+    others = 1.0 - (space.embed_variants(new) @ rows.T).max(axis=1)
+    own = 1.0 - np.stack([(space.embed_variants(copies[i : i + 1])[0] @ rows[i]).max() for i in range(6)])
+    r_own, r_others = (1.0 - own) * 26**0.5, (1.0 - others) * 26**0.5  # back to Pearson r
+    assert r_own.min() > 0.99 and r_own.min() > r_others.max() + 0.005, (r_own, r_others.max())
+    crops = make_space("crops", 3, (32, 32, 32))  # what caught them before: not the centred crops
+    crop_rows = crops.embed(train)
+    crop_others = 1.0 - (crops.embed_variants(new) @ crop_rows.T).max(axis=1)
+    missed = 1.0 - np.stack([(crops.embed_variants(copies[i : i + 1])[0] @ crop_rows[i]).max() for i in range(6)])
+    assert missed.min() > crop_others.min()
+    with pytest.raises(DegenerateImageError):
+        space.embed_variants(torch.zeros(1, 1, 32, 32, 32))
+    with pytest.raises(ValueError, match="volumes"):
+        make_space("halves", 2, (64, 64))
+
+
 def test_default_2d_pixel_space_undoes_a_shear_along_either_axis():
     # CT slices sheared by 0.15 about the centre sat 0.029-0.080 from their sources (holdout minimum 0.019) and all
     # passed the whole default gate; shears of +-0.1 and +-0.2 along each axis bring them within a third of the others
