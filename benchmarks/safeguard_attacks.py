@@ -582,6 +582,26 @@ ATTACKS: list[Attack] = [
     # copies resampled off the grid (fourteenth round): a box of even width blurs and moves by half a pixel
     Attack("box4", "box blur over 4 px (even: moved by half a pixel)", lambda t, u, c: _box_blur(t[0], 4)),
     Attack("halfpixel", "moved by half a pixel along every axis (linear)", lambda t, u, c: _half_pixel(t[0])),
+    # parts of a volume blown up (fifteenth round): other corners and axes than the quadrant's, a quarter turn about
+    # another axis than rot90crop's
+    Attack(
+        "octant",
+        "a corner octant (half of each axis) resized to the whole",
+        lambda t, u, c: _resize(t[0][t[0].shape[0] // 2 :, : t[0].shape[1] // 2, t[0].shape[2] // 2 :], t[0].shape),
+        dims=(3,),
+    ),
+    Attack(
+        "half_slab",
+        "the far half of the last axis resized to the whole",
+        lambda t, u, c: _resize(t[0][..., t[0].shape[2] // 2 :], t[0].shape),
+        dims=(3,),
+    ),
+    Attack(
+        "rot90crop_12",
+        "rot90 in plane 1-2 + crop to 85% and resize",
+        lambda t, u, c: _resize(_crop_centre(np.rot90(t[0], 1, axes=(1, 2)), 0.85, range(3)), t[0].shape),
+        dims=(3,),
+    ),
 ]
 ATTACK_KEYS = [a.key for a in ATTACKS]
 
