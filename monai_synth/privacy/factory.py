@@ -95,7 +95,8 @@ def make_space(
     ``halves`` = :class:`~monai_synth.privacy.partial.PartSpace` of kind ``"halves"`` (3D only: the half of each training
     volume at either end of one axis, two or all three, compared with the whole candidate, mirrored / inverted: a
     half, a quadrant or an octant of a volume resized to the whole; the 2D ``crops`` have corner crops of half the
-    side). CT 32^3 phantoms: such quadrants at r 0.998 with their source, new patients' volumes at most 0.979.
+    side). CT 32^3 phantoms: such quadrants and octants at r 0.998-0.999 with their source, new patients' volumes at most
+    0.979.
     ``texture`` = :class:`~monai_synth.privacy.texture.TextureSpace` (the image minus its local mean on a 64-cell
     grid, 32 in 3D, mirrored / transposed / inverted).
     ``deblur`` = :class:`~monai_synth.privacy.deblur.DeblurSpace` (the query sharpened by an unsharp mask of 3 / 64
