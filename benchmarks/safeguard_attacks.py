@@ -593,8 +593,7 @@ ATTACKS: list[Attack] = [
     Attack(
         "half_slab",
         "the far half of the last axis resized to the whole",
-        lambda t, u, c: _resize(t[0][..., t[0].shape[2] // 2 :], t[0].shape),
-        dims=(3,),
+        lambda t, u, c: _resize(t[0][..., t[0].shape[-1] // 2 :], t[0].shape),
     ),
     Attack(
         "rot90crop_12",
