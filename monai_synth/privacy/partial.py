@@ -256,12 +256,14 @@ class PartSpace:
         full = scaled_batch(images, self.spatial_dims)
         g = F.interpolate(full, size=(self.grid,) * self.spatial_dims, mode="area")
         n = g.shape[0]
-        if self.spatial_dims == 3:  # about each axis; the identity stays bit-exact
+        slots = len(self._offsets) - 1 - len(self._halves)  # the halves' slots hold the unrotated candidate alone
+        if not slots or len(self.rotations) == 1:
+            turned = g[:, None]
+        elif self.spatial_dims == 3:  # about each axis; the identity stays bit-exact
             turned = _linear_variants(g, self._rotation_maps()).reshape(n, -1, *g.shape[1:])
             turned[:, 0] = g
         else:
             turned = _affine_variants(g, (1.0,), self.rotations).reshape(n, len(self.rotations), *g.shape[1:])
-        slots = len(self._offsets) - 1 - len(self._halves)  # the halves' slots hold the unrotated candidate alone
         variants = len(self._symmetries) * turned.shape[1] * slots
         variants += len(self._moved) + len(self._moved_quadrants) + len(self._symmetries) * len(self._halves)
         # written straight into one tensor, negations included: building each variant as its own zero vector, then
