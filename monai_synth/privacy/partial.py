@@ -196,9 +196,8 @@ class PartSpace:
         ``full`` (training side) is the image at full resolution, cut into the crops; without it (query side) the
         crop slots hold the whole candidate.
         """
-        size = (self.crop_grid,) * self.spatial_dims
         pieces = [g[(slice(None), slice(None), *region)] for region in self.regions]
-        whole = F.interpolate(g, size=size, mode="area")
+        whole = self._reduced(g)
         for c in self.crops:
             for anchor in self._anchors:
                 if full is None:
@@ -209,6 +208,13 @@ class PartSpace:
             pieces += [self._half(full, ends) for ends in self._halves]
         return [_standardised_piece(piece) for piece in pieces]
 
+    def _reduced(self, x: torch.Tensor, cut: Sequence[slice] = ()) -> torch.Tensor:
+        """``(B, C, *crop_grid)``: the window ``cut`` of ``x`` (one slice per spatial axis; all of it by default),
+        reduced to the crop grid (area)."""
+        return F.interpolate(
+            x[(slice(None), slice(None), *cut)], size=(self.crop_grid,) * self.spatial_dims, mode="area"
+        )
+
     def _half(self, full: torch.Tensor, ends: Sequence[str | None]) -> torch.Tensor:
         """``(B, C, *crop_grid)``: the half of each axis at its ``"low"`` / ``"high"`` end (``None``: the whole axis),
         reduced to the crop grid."""
@@ -216,9 +222,7 @@ class PartSpace:
         for end, n in zip(ends, full.shape[2:]):
             half = max(1, n // 2)
             cut.append(slice(None) if end is None else slice(0, half) if end == "low" else slice(n - half, n))
-        return F.interpolate(
-            full[(slice(None), slice(None), *cut)], size=(self.crop_grid,) * self.spatial_dims, mode="area"
-        )
+        return self._reduced(full, cut)
 
     def _crop(self, full: torch.Tensor, fraction: float, anchor: str) -> torch.Tensor:
         """``(B, C, *crop_grid)``: the crop of ``fraction`` of each side at ``anchor``, reduced to the crop grid."""
@@ -228,9 +232,7 @@ class PartSpace:
             ends = anchor.split("-") if anchor != "centre" else None
             start = (n - side) // 2 if ends is None else (0 if ends[axis] == "low" else n - side)
             crop.append(slice(start, start + side))
-        return F.interpolate(
-            full[(slice(None), slice(None), *crop)], size=(self.crop_grid,) * self.spatial_dims, mode="area"
-        )
+        return self._reduced(full, crop)
 
     def embed(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """Training side: every standardised region in its slot, scaled by ``1 / sqrt(R)``.
@@ -288,12 +290,12 @@ class PartSpace:
             quadrants = self._regions(g)
             moved += [(r, *quadrants[q]) for q, r in self._moved_quadrants]
         if self._halves:  # the whole candidate, under each symmetry, in every half's slot
-            size = (self.crop_grid,) * self.spatial_dims
+            whole = self._reduced(g)  # the even grid halved: the symmetries commute with it, so reduce once
             for perm, flips in self._symmetries:
-                whole = _standardised_piece(F.interpolate(_apply_symmetry(g, perm, flips, 2), size=size, mode="area"))
-                if not bool(whole[1].all()):
+                vec, ok = _standardised_piece(_apply_symmetry(whole, perm, flips, 2))
+                if not bool(ok.all()):
                     raise DegenerateImageError("an image is constant; correlation is undefined")
-                moved += [(slots + h, *whole) for h in range(len(self._halves))]
+                moved += [(slots + h, vec, ok) for h in range(len(self._halves))]
         for r, vec, ok in moved:  # the candidate's corner windows / quadrants in the other corners' slots
             v[:, at, self._offsets[r] : self._offsets[r + 1]] = vec
             for i in torch.nonzero(~ok).flatten().tolist():  # a constant window repeats the first variant
