@@ -42,7 +42,9 @@ distance to the nearest training image of *another* patient. An image is flagged
    ``a`` being half the intrinsic dimension. ``a`` is estimated from the holdout itself by the median,
    ``a = ln 2 / median(log(d2 / d1))``, which a few duplicates cannot move, so the chance that an unseen patient's
    image shows a ratio this small is ``p = 2 ** (-log(d2 / d1) / median(log(d2 / d1)))``; the image is flagged when
-   ``n * p < DUPLICATE_ALPHA`` (0.01, Bonferroni over the ``n`` holdout images).
+   ``n * p < DUPLICATE_ALPHA`` (0.01, Bonferroni over the ``n`` holdout images). Distances are measured from an
+   exact match: a space that compares one slot of R at a time (``parts``, ``crops``, ``halves``) scores an exact
+   match ``1 - 1 / sqrt(R)``, and its ratios are taken above that floor (:func:`log_distance_ratio`).
 
 Each test alone is fooled by a holdout that pools populations of very different typical distances (e.g. two
 modalities in one space): the lower population looks far below the bulk, and its intrinsic dimension differs
@@ -83,7 +85,7 @@ import torch
 from scipy.stats import binom
 
 from monai_synth.privacy.index import TrainingIndex, _iter_batches
-from monai_synth.privacy.spaces import embed_variants, images_per_batch, note_query_size
+from monai_synth.privacy.spaces import distance_floor, embed_variants, images_per_batch, note_query_size
 
 __all__ = [
     "COLLAPSED_SPACE",
@@ -94,6 +96,7 @@ __all__ = [
     "HoldoutDuplicateError",
     "calibrate_threshold",
     "joint_space_quantile",
+    "log_distance_ratio",
     "min_holdout_size",
     "quantile_confidence_interval",
     "tail_quantile",
@@ -499,8 +502,25 @@ class HoldoutDuplicateError(ValueError):
         self.rows = [int(r) for r in rows]
 
 
+def log_distance_ratio(nearest: np.ndarray, other_patient: np.ndarray, floor: float = 0.0) -> np.ndarray:
+    """``log((d2 - floor) / (d1 - floor))``: how much closer an image is to its nearest training patient than to any
+    other, the statistic of the ratio law (module docstring). Differences below ``1e-7`` count as ``1e-7``; NaN stays
+    NaN.
+
+    ``floor`` is the space's least possible distance (:func:`~monai_synth.privacy.spaces.distance_floor`). The law
+    holds for distances measured from an exact match: a slot space's distances, ``1 - r / sqrt(R)``, all lie within
+    ``1 / sqrt(R)`` of 1, and their plain ratios squeeze toward 1, so a typical new patient's ratio looked rare (in 2D
+    PET the halves space refused 6.9% of new slices for it, 1.2% above its floor).
+    """
+    with np.errstate(invalid="ignore"):
+        d1 = np.maximum(np.asarray(nearest, dtype=np.float64) - floor, _RESOLUTION)
+        d2 = np.asarray(other_patient, dtype=np.float64) - floor
+        d2 = np.where(np.isnan(d2), d2, np.maximum(d2, _RESOLUTION))
+        return np.log(d2 / d1)
+
+
 def _screen_duplicates(
-    nearest: np.ndarray, other_patient: np.ndarray, z_min: float, alpha: float
+    nearest: np.ndarray, other_patient: np.ndarray, z_min: float, alpha: float, floor: float = 0.0
 ) -> tuple[np.ndarray, dict]:
     """Flag holdout near-duplicates of training images (rule in the module docstring).
 
@@ -508,6 +528,7 @@ def _screen_duplicates(
         nearest: ``(n,)`` distance to the nearest training image.
         other_patient: ``(n,)`` distance to the nearest training image of another patient (NaN: the index has a
             single patient, so the ratio test cannot discriminate and is taken as passed).
+        floor: the space's least possible distance; the ratio test measures distances above it.
 
     Returns:
         the boolean mask of flagged images, and the settings and estimates for the record.
@@ -524,13 +545,14 @@ def _screen_duplicates(
         specific = np.ones(len(d1), dtype=bool)
         median_ratio = float("nan")
     else:
-        log_ratio = np.log(np.maximum(np.nan_to_num(other_patient, nan=_MAX_DISTANCE), _RESOLUTION) / d1)
+        log_ratio = log_distance_ratio(nearest, np.nan_to_num(other_patient, nan=_MAX_DISTANCE), floor)
         median_ratio = float(np.median(log_ratio))
         p_adjusted = len(d1) * np.exp2(-log_ratio / max(median_ratio, 1e-12))
         specific = p_adjusted < alpha
     flagged = far_below & specific
     record = {
-        "rule": "robust z of log d1 >= z_min and n * 2**(-log(d2/d1) / median(log(d2/d1))) < alpha",
+        "rule": "robust z of log d1 >= z_min and n * 2**(-log(d2'/d1') / median(log(d2'/d1'))) < alpha, d' = d - floor",
+        "distance_floor": float(floor),
         "z_min": float(z_min),
         "alpha": float(alpha),
         "median_log_distance": median,
@@ -714,7 +736,11 @@ def _cross_patient(
         raise ValueError(f"measured {len(near)} training images against the other patients, expected {len(rows)}")
     # screened against the bulk of all the calibration's distances, the holdout's included
     flagged, _ = _screen_duplicates(
-        np.concatenate([holdout[0], near]), np.concatenate([holdout[1], other]), z_min, alpha
+        np.concatenate([holdout[0], near]),
+        np.concatenate([holdout[1], other]),
+        z_min,
+        alpha,
+        distance_floor(index.space),
     )
     return CrossPatient(rows, near, flagged[len(holdout[0]) :])
 
@@ -867,7 +893,7 @@ def _calibrate(
         )
     screen = None
     if duplicate_check:
-        flagged, screen = _screen_duplicates(d, d_other, duplicate_z, duplicate_alpha)
+        flagged, screen = _screen_duplicates(d, d_other, duplicate_z, duplicate_alpha, distance_floor(index.space))
         if flagged.any():
             _refuse_duplicates(flagged, d, rows, holdout_patient_ids, quantile, screen)
         screen["flagged"] = 0

@@ -36,7 +36,7 @@ DEFAULT_SPACES = (
 )  # fmt: skip
 """What a candidate must pass by default: whole-image pixel correlation under the geometric and intensity changes a
 person would still call the same image, aligned parts, crops of training images, windows at every scale, the halves
-of training volumes (a half, quadrant or octant of a volume blown up to the whole; volumes only), the fine
+of training images (a half, quadrant or, in 3D, octant of an image blown up to the whole), the fine
 texture of the image (a copy under strong noise such as speckle), the image sharpened (a blurred or pixelated copy,
 whose detail the sharpening brings back), the central disc of a 2D image under fine rotations
 and zooms (a copy rotated by up to 30 degrees, also cropped and noised; left out for volumes, see :data:`TWO_D_ONLY`),
@@ -51,7 +51,7 @@ TWO_D_ONLY = frozenset({"disc"})
 spaces serves a bundle in 2D and 3D; the ``ball`` space rotates volumes about each axis instead. Asked for by
 :func:`make_space` with ``spatial_dims=3``, they raise."""
 
-THREE_D_ONLY = frozenset({"ball", "coarse", "halves"})
+THREE_D_ONLY = frozenset({"ball", "coarse"})
 """Spaces that judge volumes only. :func:`build_spaces` leaves them out for 2D images (and says so); asked for by
 :func:`make_space` with ``spatial_dims=2``, they raise."""
 
@@ -92,12 +92,13 @@ def make_space(
     ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every position, 2D of a half
     and a third of its side and the halves of each axis; in 3D of 0.8 and 0.5 of the training volumes' shape, and
     spanning some axes whole and a half or a third of the others).
-    ``halves`` = :class:`~monai_synth.privacy.partial.PartSpace` of kind ``"halves"`` (3D only: the half of each training
-    volume at either end of one axis, two or all three, compared with the whole candidate, mirrored / inverted: a
-    half, a quadrant or an octant of a volume resized to the whole; the 2D ``crops`` have corner crops of half the
-    side). CT 32^3 phantoms: such quadrants and octants at r 0.998-0.999 with their source, new patients' volumes at most
-    0.979. Left out for 2D images: there it caught a half of one axis stretched to the whole (ultrasound 3 of 3 released
-    without it, 0 with it), but its specificity test refused 2 of 60 new patients' PET slices (58 -> 56 released).
+    ``halves`` = :class:`~monai_synth.privacy.partial.PartSpace` of kind ``"halves"`` (the half of each training image
+    at either end of one axis, two or, in 3D, all three, compared with the whole candidate, mirrored / transposed (2D) /
+    inverted: a half, a quadrant or an octant of an image resized to the whole). CT 32^3 phantoms: such quadrants and
+    octants at r 0.998-0.999 with their source, new patients' volumes at most 0.979; ultrasound 64^2, a half of one
+    axis stretched to the whole at r 0.999, new patients' images at most 0.83. Its specificity test refused new
+    patients' 2D PET slices until the test measured a slot space's ratios above its floor (see
+    :func:`~monai_synth.privacy.calibration.log_distance_ratio`).
     ``texture`` = :class:`~monai_synth.privacy.texture.TextureSpace` (the image minus its local mean on a 64-cell
     grid, 32 in 3D, mirrored / transposed / inverted).
     ``deblur`` = :class:`~monai_synth.privacy.deblur.DeblurSpace` (the query sharpened by an unsharp mask of 3 / 64
@@ -171,7 +172,7 @@ def make_space(
             fractions=(0.5, 1.0 / 3.0),
         )
     if name == "halves":
-        return PartSpace(grid=grid - grid % 2, spatial_dims=3, kind="halves", invariances=symmetry)
+        return PartSpace(grid=grid - grid % 2, spatial_dims=spatial_dims, kind="halves", invariances=symmetry)
     if name == "texture":
         fine = min(64 if spatial_dims == 2 else 32, *spatial_size)
         return TextureSpace(grid=fine, spatial_dims=spatial_dims, invariances=symmetry)

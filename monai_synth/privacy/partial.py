@@ -166,6 +166,11 @@ class PartSpace:
         """Length of the vectors of single-channel images."""
         return int(self._offsets[-1])
 
+    @property
+    def distance_floor(self) -> float:
+        """The distance of an exact match, ``1 - 1 / sqrt(R)``: a query fills one slot of the R a training row holds."""
+        return 1.0 - 1.0 / math.sqrt(len(self._offsets) - 1)
+
     def fingerprint(self) -> str:
         """Hash of everything that changes the vectors."""
         return _fingerprint(

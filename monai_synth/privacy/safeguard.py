@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from monai_synth.privacy.calibration import (
-    _RESOLUTION,
     DUPLICATE_ALPHA,
     DUPLICATE_Z,
     Calibration,
     _calibrate,
     _neighbours,
     joint_space_quantile,
+    log_distance_ratio,
     tail_scale,
 )
 from monai_synth.privacy.index import StaleIndexError, TrainingIndex
@@ -113,7 +113,8 @@ class PrivacySafeguard:
         specificity: also refuse an image that is much closer to one training patient than to any other, beyond what
             chance allows a new patient's image: in some space, ``2 ** (-log(d2 / d1) / m) < specificity``, ``d1`` its
             nearest training distance, ``d2`` its nearest distance to another patient and ``m`` the holdout's median
-            ``log(d2 / d1)`` (the law of the holdout's duplicate screen; a new patient's value is uniform on (0, 1), so
+            ``log(d2 / d1)``, distances taken above the space's floor (the law of the holdout's duplicate screen,
+            :func:`~monai_synth.privacy.calibration.log_distance_ratio`; a new patient's value is uniform on (0, 1), so
             each space refuses about ``specificity`` of new patients' images). A near-copy too altered to come closer
             than new patients do still sits much closer to its source than to anyone else. 0 (default): off. Needs
             calibrations made with the duplicate screen.
@@ -169,6 +170,8 @@ class PrivacySafeguard:
             raise ValueError(f"specificity must be in [0, 1), got {specificity}")
         self.specificity = float(specificity)
         self.median_log_ratio: dict[str, float] = {}
+        # the floor the calibration measured its ratios above (absent from calibrations made before it was: 0)
+        self.ratio_floor: dict[str, float] = {}
         for name in self.indexes if self.specificity else ():
             screen = getattr(self.calibrations.get(name), "duplicate_screen", None) or {}
             m = screen.get("median_log_ratio")
@@ -179,6 +182,7 @@ class PrivacySafeguard:
                     "duplicate_check=True, or leave specificity at 0"
                 )
             self.median_log_ratio[name] = float(m)
+            self.ratio_floor[name] = float(screen.get("distance_floor", 0.0))
 
     @property
     def spaces(self) -> list[str]:
@@ -236,8 +240,7 @@ class PrivacySafeguard:
 
     def _chance(self, name: str, d1: np.ndarray, d2: np.ndarray) -> np.ndarray:
         """How often a new patient's image is as specific to its nearest patient (``d2 / d1`` as large) in ``name``."""
-        with np.errstate(divide="ignore", invalid="ignore"):
-            log_ratio = np.log(np.maximum(d2, _RESOLUTION) / np.maximum(d1, _RESOLUTION))
+        log_ratio = log_distance_ratio(d1, d2, self.ratio_floor[name])
         return np.nan_to_num(np.exp2(-log_ratio / self.median_log_ratio[name]), nan=1.0)
 
     def _distances(self, name: str, images: list[torch.Tensor]) -> list[tuple[float, str, int, float] | Exception]:

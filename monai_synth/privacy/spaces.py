@@ -40,6 +40,7 @@ __all__ = [
     "images_per_batch",
     "note_query_size",
     "space_distance",
+    "distance_floor",
 ]
 
 
@@ -751,6 +752,19 @@ def note_query_size(space: PrivacySpace, image: torch.Tensor | np.ndarray, vecto
 
 def _query_key(space: PrivacySpace, image: torch.Tensor | np.ndarray) -> tuple:
     return (space.name, space.fingerprint(), tuple(np.shape(image)))
+
+
+def distance_floor(space: PrivacySpace) -> float:
+    """The least distance any candidate can reach from a training image in ``space`` (0 unless it says otherwise).
+
+    A space that compares one slot of R at a time (:class:`~monai_synth.privacy.partial.PartSpace`) scores an exact
+    match ``1 - 1 / sqrt(R)``, not 0: ratios of its distances must be taken above that floor to mean what they mean
+    for the other spaces (see :func:`~monai_synth.privacy.calibration.log_distance_ratio`).
+    """
+    floor = float(getattr(space, "distance_floor", 0.0))
+    if not 0.0 <= floor < 1.0:
+        raise ValueError(f"space {space.name!r} has a distance floor of {floor}; expected a value in [0, 1)")
+    return floor
 
 
 def space_distance(u: np.ndarray, v: np.ndarray) -> np.ndarray:

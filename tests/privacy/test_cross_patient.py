@@ -12,11 +12,18 @@ import pytest
 import torch
 
 from monai_synth.privacy import safeguard as safeguard_module
-from monai_synth.privacy.calibration import Calibration, _calibrate, calibrate_threshold, cross_patient_rows
+from monai_synth.privacy.calibration import (
+    Calibration,
+    _calibrate,
+    _screen_duplicates,
+    calibrate_threshold,
+    cross_patient_rows,
+    log_distance_ratio,
+)
 from monai_synth.privacy.index import TrainingIndex
 from monai_synth.privacy.partial import PartSpace
 from monai_synth.privacy.safeguard import DEFAULT_SPECIFICITY, PrivacySafeguard, build_safeguard
-from monai_synth.privacy.spaces import PixelSpace
+from monai_synth.privacy.spaces import PixelSpace, distance_floor, embed_variants
 
 
 def _calibrate_with(index, holdout, holdout_ids, train, count, **kwargs):
@@ -244,3 +251,55 @@ def test_default_specificity_is_off_with_a_warning_where_no_ratio_can_be_tested(
         assert build_safeguard(*args).specificity == 0.0
     with pytest.raises(ValueError, match="median"):
         build_safeguard(*args, specificity=0.003)  # asked for explicitly, it is not dropped quietly
+
+
+def test_specificity_law_holds_above_a_slot_space_floor():
+    # a slot space scores an exact match 1 - 1 / sqrt(R): its distances are f + x, with x what a one-slot space would
+    # measure. New patients follow the ratio law in x; on the raw distances every ratio is squeezed toward 1 and a
+    # new patient's ratio looks rare (here 6.5% of them at the default level 0.003, against 0.25% above the floor)
+    rng = np.random.default_rng(0)
+    floor = 1.0 - 1.0 / 3.0  # nine slots
+    x1 = np.exp(rng.uniform(np.log(0.01), np.log(0.3), 20000)) * (1.0 - floor)
+    x2 = x1 * rng.uniform(size=x1.size) ** (-1.0 / 3.0)  # (x1 / x2) ** 3 uniform on (0, 1)
+    d1, d2 = floor + x1, floor + x2
+    shares = {}
+    for f in (floor, 0.0):
+        _, screen = _screen_duplicates(d1[:300], d2[:300], 5.0, 0.01, f)
+        assert screen["distance_floor"] == f
+        chance = np.exp2(-log_distance_ratio(d1, d2, f) / screen["median_log_ratio"])
+        shares[f] = [float(np.mean(chance < level)) for level in (0.003, 0.05)]
+    assert 0.001 <= shares[floor][0] <= 0.006 and 0.03 <= shares[floor][1] <= 0.07, shares
+    assert shares[0.0][0] > 0.03, shares
+    assert np.isnan(log_distance_ratio(np.array([0.7]), np.array([np.nan]), floor)).all()
+    assert log_distance_ratio(np.array([floor]), np.array([floor + 0.1]), floor)[0] > 10  # an exact match: d1 at 1e-7
+
+
+def test_slot_spaces_record_their_floor_and_the_safeguard_tests_above_it():
+    train, ids, holdout, holdout_ids, _ = _us_split(30, 40, 1, 1, seed=2)
+    spaces = [
+        PixelSpace(grid=16),
+        PartSpace(grid=16),
+        PartSpace(grid=16, kind="crops"),
+        PartSpace(grid=16, kind="halves"),
+    ]
+    gate = build_safeguard(spaces, train, ids, holdout, holdout_ids, "dl", batch_size=32)
+    for space in spaces:
+        distances = (
+            1.0
+            - embed_variants(space, train[:8]).reshape(-1, space.embed(train[:1]).shape[1]) @ space.embed(train[:8]).T
+        )
+        assert distances.min() >= distance_floor(space) - 1e-5  # nothing comes nearer than the floor
+        assert gate.calibrations[space.name].duplicate_screen["distance_floor"] == distance_floor(space)
+        assert gate.ratio_floor[space.name] == distance_floor(space)
+    # an exact copy matches every aligned region (four quadrants and the centre), one slot at a time: on the floor
+    exact = 1.0 - embed_variants(spaces[1], train[:1])[0] @ spaces[1].embed(train[:1])[0]
+    assert distance_floor(spaces[1]) == pytest.approx(float(exact.min()), abs=1e-5) == 1.0 - 1.0 / 5**0.5
+    assert distance_floor(spaces[0]) == 0.0 and distance_floor(spaces[3]) == pytest.approx(1.0 - 1.0 / 8**0.5)
+    # a calibration written before the floor was recorded measured its median on the raw distances: tested so
+    checks = []
+    for name, index in gate.indexes.items():
+        cal = gate.calibrations[name]
+        screen = {k: v for k, v in cal.duplicate_screen.items() if k != "distance_floor"}
+        checks.append((index, Calibration.from_dict({**cal.to_dict(), "duplicate_screen": screen})))
+    old = PrivacySafeguard(checks, batch_size=32, specificity=gate.specificity)
+    assert old.ratio_floor == {name: 0.0 for name in gate.indexes}

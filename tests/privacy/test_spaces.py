@@ -606,7 +606,7 @@ def test_default_3d_halves_space_catches_a_half_quadrant_or_octant_blown_up():
     ]
     copies = torch.stack([F.interpolate(p[None], size=(32, 32, 32), mode="trilinear")[0] for p in pieces])
     space = make_space("halves", 3, (32, 32, 32))
-    assert "halves" in DEFAULT_SPACES and "halves" in THREE_D_ONLY and space.name == "halves"
+    assert "halves" in DEFAULT_SPACES and "halves" not in THREE_D_ONLY and space.name == "halves"
     assert space.embed_variants(x[:1]).shape[1] == 8 * 26 * 2  # flips x halves x signs
     rows = space.embed(train)
     others = 1.0 - (space.embed_variants(new) @ rows.T).max(axis=1)
@@ -620,8 +620,28 @@ def test_default_3d_halves_space_catches_a_half_quadrant_or_octant_blown_up():
     assert missed.min() > crop_others.min()
     with pytest.raises(DegenerateImageError):
         space.embed_variants(torch.zeros(1, 1, 32, 32, 32))
-    with pytest.raises(ValueError, match="volumes"):
-        make_space("halves", 2, (64, 64))
+
+
+def test_default_2d_halves_space_catches_a_half_of_one_axis_stretched_to_the_whole():
+    # the half of an ultrasound image along one axis, resized to the whole image: the 2D crops have corner crops of
+    # half of both sides, none of one; such copies sat beyond the nearest new image in every 2D space
+    from monai_synth.data.phantoms import generate_cohort
+    from monai_synth.privacy.factory import make_space
+    from monai_synth.transforms.presets import intensity_transform
+
+    to_model = intensity_transform("us")
+    cohort = generate_cohort("us", n_patients=30, images_per_patient=1, spatial_dims=2, spatial_size=64, seed=0)
+    x = torch.stack([torch.as_tensor(np.asarray(to_model(np.asarray(r["image"], np.float32)))) for r in cohort])
+    train, new = x[:10], x[10:]
+    pieces = [train[0][:, 32:], train[1][:, :, :32], train[2][:, :32, 32:], train[3][:, 32:].transpose(-1, -2)]
+    copies = torch.stack([F.interpolate(p[None], size=(64, 64), mode="bilinear")[0] for p in pieces])
+    space = make_space("halves", 2, (64, 64))
+    assert space.embed_variants(x[:1]).shape[1] == 8 * 8 * 2  # symmetries x (4 halves + 4 quadrants) x signs
+    rows = space.embed(train)
+    others = 1.0 - (space.embed_variants(new) @ rows.T).max(axis=1)
+    own = 1.0 - np.stack([(space.embed_variants(copies[i : i + 1])[0] @ rows[i]).max() for i in range(4)])
+    r_own, r_others = (1.0 - own) * 8**0.5, (1.0 - others) * 8**0.5
+    assert r_own.min() > 0.99 and r_own.min() > r_others.max() + 0.05, (r_own, r_others.max())
 
 
 def test_default_2d_pixel_space_undoes_a_shear_along_either_axis():
