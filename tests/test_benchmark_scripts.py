@@ -75,3 +75,15 @@ def test_safeguard_smoothness_prints_every_space_and_smoothing_lowers_deblur_dis
     assert set(rows) == {"pixel", "deblur"}
     # sharpening amplifies a real image's fine speckle; a smoothed image has less of it and comes nearer the training set
     assert float(rows["deblur"][1]) < float(rows["deblur"][0]) - 0.05
+
+
+def test_safeguard_specificity_law_prints_both_laws_per_slot_space():
+    cmd = [sys.executable, str(BENCHMARKS / "safeguard_specificity_law.py"), "--modality", "us", "--size", "32"]
+    cmd += ["--train-patients", "6", "--holdout-patients", "6", "--new-patients", "5", "--spaces", "parts", "pixel"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True, env=env).stdout
+    rows = [[c.strip() for c in line.split("|")] for line in out.splitlines() if line.count("|") == 5]
+    assert rows[0] == ["space", "floor", "law on", "< 0.003", "< 0.01", "< 0.05"]
+    assert [(r[0], r[2]) for r in rows[1:]] == [("parts", "raw"), ("parts", "floor"), ("pixel", "raw")]
+    assert float(rows[1][1]) == 0.553 and float(rows[3][1]) == 0.0
+    assert all(0.0 <= float(v.rstrip("%")) <= 100.0 for r in rows[1:] for v in r[3:])

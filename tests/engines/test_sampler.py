@@ -64,7 +64,8 @@ def test_guidance_applies_only_within_its_interval_of_timesteps():
     whole = _sampler(rflow, guidance_scale=4.0, guidance_interval=(0.0, 1.0))(2, 0, "4b")
     torch.testing.assert_close(whole, guided, rtol=0, atol=0)
     empty = _sampler(rflow, guidance_scale=4.0, guidance_interval=(0.0, 0.001))(2, 0, "4b")
-    torch.testing.assert_close(empty, plain, rtol=0, atol=0)
+    # the conditional half of a doubled batch: equal up to float32 rounding (some CPUs' kernels round by batch size)
+    torch.testing.assert_close(empty, plain)
     # without the noisiest steps: guided elsewhere, so neither of the two
     part = _sampler(rflow, guidance_scale=4.0, guidance_interval=(0.0, 0.6))(2, 0, "4b")
     assert not torch.allclose(part, guided) and not torch.allclose(part, plain)
