@@ -49,6 +49,7 @@ def measure(args) -> dict:
     )
     from monai_synth.privacy.factory import make_space
     from monai_synth.privacy.index import TrainingIndex
+    from monai_synth.privacy.spaces import distance_floor
 
     work = Path(args.workdir)
     shutil.rmtree(work / "cohort", ignore_errors=True)
@@ -94,6 +95,7 @@ def measure(args) -> dict:
         out[f"{name}/pool_second"], out[f"{name}/copies_second"] = pool_d2, copy_d2
         out[f"{name}/pool"], out[f"{name}/copies"] = pool_d, np.asarray(copy_d)
         out[f"{name}/cross"], out[f"{name}/flagged"] = cross.distances, cross.flagged  # every training row, in order
+        out[f"{name}/floor"] = np.asarray(distance_floor(space))  # where the specificity law measures its ratios from
         print(
             f"  {name}: pool min {pool_d.min():.4f}, cross-patient min {cross.kept.min():.4f} "
             f"({int(cross.flagged.sum())} flagged), {time.process_time() - t0:.0f} CPU-s",
@@ -123,11 +125,13 @@ def _copy_distances(index, images, views) -> tuple[np.ndarray, np.ndarray]:
     return d, d2
 
 
-def _specificity(d1: np.ndarray, d2: np.ndarray, median_log_ratio: np.ndarray) -> np.ndarray:
+def _specificity(d1: np.ndarray, d2: np.ndarray, median_log_ratio: np.ndarray, floors: np.ndarray) -> np.ndarray:
     """Per image, the least over spaces of the chance that a new patient's image is this much closer to its nearest
-    training patient than to the next one: ``2 ** (-log(d2 / d1) / median)`` (the duplicate screen's TwoNN law)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_ratio = np.log(np.maximum(d2, 1e-7) / np.maximum(d1, 1e-7))
+    training patient than to the next one: ``2 ** (-log(d2 / d1) / median)``, distances above each space's floor (the
+    duplicate screen's TwoNN law, :func:`~monai_synth.privacy.calibration.log_distance_ratio`)."""
+    from monai_synth.privacy.calibration import log_distance_ratio
+
+    log_ratio = np.stack([log_distance_ratio(a, b, f) for a, b, f in zip(d1, d2, floors)])
     p = np.exp2(-log_ratio / median_log_ratio[:, None])
     return np.nan_to_num(p, nan=1.0).min(axis=0)
 
@@ -158,13 +162,20 @@ def compare(
     space, its chance as a new patient's image (:func:`_specificity`, the law's median estimated on the holdout) is
     below alpha.
     """
-    from monai_synth.privacy.calibration import cross_patient_rows, joint_space_quantile, tail_quantile, tail_scale
+    from monai_synth.privacy.calibration import (
+        cross_patient_rows,
+        joint_space_quantile,
+        log_distance_ratio,
+        tail_quantile,
+        tail_scale,
+    )
 
     def stack(part: str) -> np.ndarray:
         return np.stack([measured[f"{s}/{part}"] for s in spaces])
 
     pool, pool2, copies, copies2 = stack("pool"), stack("pool_second"), stack("copies"), stack("copies_second")
     cross = stack("cross")  # every training image, in row order
+    floors = [float(measured.get(f"{s}/floor", 0.0)) for s in spaces]
     flagged = np.any([measured[f"{s}/flagged"] for s in spaces], axis=0)
     first_seen = {p: i for i, p in reversed(list(enumerate(measured["train_ids"].tolist())))}
     codes = np.unique([first_seen[p] for p in measured["train_ids"].tolist()], return_inverse=True)[1]
@@ -181,10 +192,11 @@ def compare(
             "holdout alone": holdout,
             "holdout + cross-patient": np.concatenate([holdout, cross[:, rows[~flagged[rows]]]], 1),
         }
-        with np.errstate(divide="ignore", invalid="ignore"):
-            median = np.nanmedian(np.log(pool2[:, held] / np.maximum(holdout, 1e-7)), axis=1)
-        p_new = _specificity(pool[:, ~held], pool2[:, ~held], median)
-        p_copy = _specificity(copies, copies2, median)
+        median = np.nanmedian(
+            np.stack([log_distance_ratio(a, b, f) for a, b, f in zip(holdout, pool2[:, held], floors)]), axis=1
+        )
+        p_new = _specificity(pool[:, ~held], pool2[:, ~held], median, floors)
+        p_copy = _specificity(copies, copies2, median, floors)
         for rule, d in [(f"{r}, {how}", d) for r, d in rules.items() for how in ("in sample", "leave-one-out")]:
             if rule.endswith("in sample"):  # the twelfth round's rule, for comparison
                 thresholds = np.quantile(d, _in_sample_quantile(d, quantile), axis=1)[:, None] + MARGIN

@@ -293,7 +293,7 @@ def default_spaces_cost(
     from monai_synth.privacy.index import TrainingIndex
     from monai_synth.privacy.release import VIEWS_PER_IMAGE, ReleaseEncoder
     from monai_synth.privacy.safeguard import PrivacySafeguard
-    from monai_synth.privacy.spaces import embed_variants
+    from monai_synth.privacy.spaces import distance_floor, embed_variants
 
     rng = np.random.default_rng(seed)
     shape = tuple(images.shape[2:])
@@ -327,6 +327,7 @@ def default_spaces_cost(
             safeguard = PrivacySafeguard([(index, 0.05)], batch_size=VIEWS_PER_IMAGE * candidates)
             if specificity:  # no calibration here: a typical scale of its law (the cost does not depend on it)
                 safeguard.specificity, safeguard.median_log_ratio = specificity, {index.space_name: 0.1}
+                safeguard.ratio_floor = {index.space_name: distance_floor(space)}
             row = {"space": spec, "dim": dim, "variants": variants, "N": int(n)}
             answers = {}
             encoder.judge(safeguard, stored[:1])  # untimed: the first judgement also learns the batch size
