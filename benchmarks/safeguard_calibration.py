@@ -129,11 +129,9 @@ def _specificity(d1: np.ndarray, d2: np.ndarray, median_log_ratio: np.ndarray, f
     """Per image, the least over spaces of the chance that a new patient's image is this much closer to its nearest
     training patient than to the next one: ``2 ** (-log(d2 / d1) / median)``, distances above each space's floor (the
     duplicate screen's TwoNN law, :func:`~monai_synth.privacy.calibration.log_distance_ratio`)."""
-    from monai_synth.privacy.calibration import log_distance_ratio
+    from monai_synth.privacy.calibration import specificity_chance
 
-    log_ratio = np.stack([log_distance_ratio(a, b, f) for a, b, f in zip(d1, d2, floors)])
-    p = np.exp2(-log_ratio / median_log_ratio[:, None])
-    return np.nan_to_num(p, nan=1.0).min(axis=0)
+    return np.stack([specificity_chance(*args) for args in zip(d1, d2, median_log_ratio, floors)]).min(axis=0)
 
 
 def _in_sample_quantile(d: np.ndarray, quantile: float) -> float:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from monai_synth.data.phantoms import generate_cohort
-from monai_synth.privacy.calibration import _neighbours, _screen_duplicates, log_distance_ratio
+from monai_synth.privacy.calibration import _neighbours, _screen_duplicates, specificity_chance
 from monai_synth.privacy.factory import make_space
 from monai_synth.privacy.index import TrainingIndex
 from monai_synth.privacy.spaces import distance_floor, embed_variants
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
         floor = distance_floor(space)
         for label, f in (("raw", 0.0), ("floor", floor)) if floor else (("raw", 0.0),):
             _, screen = _screen_duplicates(h1, h2, 5.0, 0.01, f)
-            chance = np.nan_to_num(np.exp2(-log_distance_ratio(n1, n2, f) / screen["median_log_ratio"]), nan=1.0)
+            chance = specificity_chance(n1, n2, screen["median_log_ratio"], f)
             shares = " | ".join(f"{np.mean(chance < level):7.2%}" for level in LEVELS)
             print(f"{space.name:8s} | {floor:.3f} | {label:6s} | {shares}", flush=True)
 

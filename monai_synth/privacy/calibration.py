@@ -97,6 +97,7 @@ __all__ = [
     "calibrate_threshold",
     "joint_space_quantile",
     "log_distance_ratio",
+    "specificity_chance",
     "min_holdout_size",
     "quantile_confidence_interval",
     "tail_quantile",
@@ -513,11 +514,18 @@ def log_distance_ratio(nearest: np.ndarray, other_patient: np.ndarray, floor: fl
     PET at the default level 0.003: ``parts`` refused 2.0% of new slices on the raw distances, ``halves`` 1.5%; above
     the floor neither refused any of 200; ``benchmarks/safeguard_specificity_law.py``).
     """
-    with np.errstate(invalid="ignore"):
-        d1 = np.maximum(np.asarray(nearest, dtype=np.float64) - floor, _RESOLUTION)
-        d2 = np.asarray(other_patient, dtype=np.float64) - floor
-        d2 = np.where(np.isnan(d2), d2, np.maximum(d2, _RESOLUTION))
-        return np.log(d2 / d1)
+    d1 = np.maximum(np.asarray(nearest, dtype=np.float64) - floor, _RESOLUTION)
+    d2 = np.maximum(np.asarray(other_patient, dtype=np.float64) - floor, _RESOLUTION)  # NaN stays NaN
+    return np.log(d2 / d1)
+
+
+def specificity_chance(
+    nearest: np.ndarray, other_patient: np.ndarray, median_log_ratio: float, floor: float = 0.0
+) -> np.ndarray:
+    """How often a new patient's image is this specific to its nearest training patient: ``2 ** (-L / m)``, ``L`` the
+    :func:`log_distance_ratio` above ``floor`` and ``m`` the holdout's median of it; 1.0 where ``d2`` is NaN (no second
+    patient to compare with)."""
+    return np.nan_to_num(np.exp2(-log_distance_ratio(nearest, other_patient, floor) / median_log_ratio), nan=1.0)
 
 
 def _screen_duplicates(

@@ -25,7 +25,7 @@ from monai_synth.privacy.calibration import (
     _calibrate,
     _neighbours,
     joint_space_quantile,
-    log_distance_ratio,
+    specificity_chance,
     tail_scale,
 )
 from monai_synth.privacy.index import StaleIndexError, TrainingIndex
@@ -240,8 +240,7 @@ class PrivacySafeguard:
 
     def _chance(self, name: str, d1: np.ndarray, d2: np.ndarray) -> np.ndarray:
         """How often a new patient's image is as specific to its nearest patient (``d2 / d1`` as large) in ``name``."""
-        log_ratio = log_distance_ratio(d1, d2, self.ratio_floor[name])
-        return np.nan_to_num(np.exp2(-log_ratio / self.median_log_ratio[name]), nan=1.0)
+        return specificity_chance(d1, d2, self.median_log_ratio[name], self.ratio_floor[name])
 
     def _distances(self, name: str, images: list[torch.Tensor]) -> list[tuple[float, str, int, float] | Exception]:
         """Nearest (distance, patient, row, chance) per image in one space; an exception object where it failed."""
