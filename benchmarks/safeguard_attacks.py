@@ -601,6 +601,22 @@ ATTACKS: list[Attack] = [
         lambda t, u, c: _resize(_crop_centre(np.rot90(t[0], 1, axes=(1, 2)), 0.85, range(3)), t[0].shape),
         dims=(3,),
     ),
+    # a copy cut along one axis and stretched back (seventeenth round): other fractions, axes and ends than stretch's
+    Attack(
+        "stretch70",
+        "stretched: 70% of the first axis resized back",
+        lambda t, u, c: _resize(_crop_centre(t[0], 0.7, [0]), t[0].shape),
+    ),
+    Attack(
+        "cut_end",
+        "the first 77% of the last axis resized back",
+        lambda t, u, c: _resize(t[0][..., : int(round(0.77 * t[0].shape[-1]))], t[0].shape),
+    ),
+    Attack(
+        "zoom93",
+        "crop to 93% and resize back",
+        lambda t, u, c: _resize(_crop_centre(t[0], 0.93, range(t[0].ndim)), t[0].shape),
+    ),
 ]
 ATTACK_KEYS = [a.key for a in ATTACKS]
 

@@ -1,7 +1,7 @@
 """Privacy spaces by name: what ``--spaces`` / ``privacy_spaces`` mean, and the default set a candidate must pass.
 
-One place that turns a command-line or config name (``pixel``, ``pixel:flip,shift``, ``parts``, ``crops``, ``tiles``,
-``halves``, ``texture``, ``deblur``, ``disc``, ``ball``, ``coarse``, ``embedding``) into a configured space, shared by ``monai-synth guard`` and the bundle's release, so both judge with
+One place that turns a command-line or config name (``pixel``, ``pixel:flip,shift``, ``ranks``, ``parts``, ``crops``,
+``tiles``, ``halves``, ``texture``, ``deblur``, ``disc``, ``ball``, ``coarse``, ``embedding``) into a configured space, shared by ``monai-synth guard`` and the bundle's release, so both judge with
 the same spaces.
 """
 
@@ -18,6 +18,7 @@ from monai_synth.privacy.ball import BallSpace
 from monai_synth.privacy.deblur import DeblurSpace
 from monai_synth.privacy.disc import DiscSpace
 from monai_synth.privacy.partial import PartSpace, TileSpace
+from monai_synth.privacy.ranks import RankSpace
 from monai_synth.privacy.spaces import PixelSpace, PrivacySpace
 from monai_synth.privacy.texture import TextureSpace
 
@@ -32,10 +33,11 @@ def space_name(spec: str) -> str:
 
 
 DEFAULT_SPACES = (
-    "pixel", "parts", "crops", "tiles", "halves", "texture", "deblur", "disc", "ball", "coarse", "embedding"
+    "pixel", "ranks", "parts", "crops", "tiles", "halves", "texture", "deblur", "disc", "ball", "coarse", "embedding"
 )  # fmt: skip
 """What a candidate must pass by default: whole-image pixel correlation under the geometric and intensity changes a
-person would still call the same image, aligned parts, crops of training images, windows at every scale, the halves
+person would still call the same image, the same on each image's intensity ranks (a copy under any monotone intensity
+curve, such as histogram equalisation), aligned parts, crops of training images, windows at every scale, the halves
 of training images (a half, quadrant or, in 3D, octant of an image blown up to the whole), the fine
 texture of the image (a copy under strong noise such as speckle), the image sharpened (a blurred or pixelated copy,
 whose detail the sharpening brings back), the central disc of a 2D image under fine rotations
@@ -66,6 +68,17 @@ _PIXEL_DEFAULTS = {
 }  # fmt: skip
 
 
+_SLABS = (0.6, 0.7, 0.8, 0.9)
+"""Fractions of one axis the 2D ``halves`` space also holds (see :class:`~monai_synth.privacy.partial.PartSpace`).
+PET slices tell new patients apart only narrowly on the slot grid: a slab of 0.8 alone held copies cut to 0.75-0.82
+of the axis and missed those cut to 0.7 or 0.85, so the candidate is also stretched by :data:`_SLAB_STRETCHES` about
+each slab's anchor; with them, copies cut to any fraction from 0.59 to 0.97 sat at 0.1-0.7 of the nearest new
+patient's distance above the floor (20 training, 20 new PET slices at 64^2; ultrasound 0.02-0.11)."""
+
+_SLAB_STRETCHES = (0.94, 0.97, 1.03, 1.06)
+"""Magnifications of the unturned candidate along a slab's axis, about the slab's anchor, tried in its slot."""
+
+
 def make_space(
     spec: str,
     spatial_dims: int,
@@ -84,6 +97,9 @@ def make_space(
     90-degree rotations, axis swaps, rotations of 5-25 degrees about each axis and zooms of 0.8-1.25 in steps of 0.05
     within each plane and of the whole volume, gammas 0.5, 0.7, 1.4 and 2 with every shift and with the mirror
     flips, and the median filter with every shift); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
+    ``ranks`` = :class:`~monai_synth.privacy.ranks.RankSpace` (the pixel space on each image's intensity ranks, on the
+    16-cell grid, mirrored / transposed (2D) / inverted and moved by up to 2 cells, 1 in 3D: a copy under any monotone
+    intensity curve, e.g. histogram-equalised PET slices, which sat 12x the pixel space's threshold from their sources).
     ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre, and each of
     the candidate's quadrants / octants in every other one's place: a quarter of a training image pasted elsewhere),
     ``crops`` = the same class comparing crops of training images with the whole candidate (2D: and with the
@@ -94,7 +110,9 @@ def make_space(
     spanning some axes whole and a half or a third of the others).
     ``halves`` = :class:`~monai_synth.privacy.partial.PartSpace` of kind ``"halves"`` (the half of each training image
     at either end of one axis, two or, in 3D, all three, compared with the whole candidate, mirrored / transposed (2D) /
-    inverted: a half, a quadrant or an octant of an image resized to the whole). CT 32^3 phantoms: such quadrants and
+    inverted: a half, a quadrant or an octant of an image resized to the whole; 2D: also the slab of 0.6-0.95 of one
+    axis at its centre and either end, the candidate also stretched by up to 6% along that axis: a copy cut along one
+    axis and stretched back, see :data:`_SLABS`). CT 32^3 phantoms: such quadrants and
     octants at r 0.998-0.999 with their source, new patients' volumes at most 0.979; ultrasound 64^2, a half of one
     axis stretched to the whole at r 0.999, new patients' images at most 0.83. Its specificity test refused new
     patients' 2D PET slices until the test measured a slot space's ratios above its floor (see
@@ -137,6 +155,10 @@ def make_space(
         return PixelSpace(grid=grid, spatial_dims=spatial_dims, **kwargs)
     # in 3D the 48 axis permutations x flips would multiply the variants (and memory) by 6: flips only
     symmetry = ("flip", "transpose", "invert") if spatial_dims == 2 else ("flip", "invert")
+    if name == "ranks":
+        # shifts of up to 2 cells in 2D (a PET slice moved by 8 px), 1 in 3D
+        shift = max(1, min(2 if spatial_dims == 2 else 1, grid // 2 - 1))
+        return RankSpace(grid=grid, spatial_dims=spatial_dims, invariances=symmetry + ("shift",), max_shift=shift)
     if name in ("parts", "crops"):
         kind = "regions" if name == "parts" else "crops"
         # 2D parts: a rotated copy's quadrants; 3D crops: a copy rotated, then cropped and resized back (every axis)
@@ -172,7 +194,18 @@ def make_space(
             fractions=(0.5, 1.0 / 3.0),
         )
     if name == "halves":
-        return PartSpace(grid=grid - grid % 2, spatial_dims=spatial_dims, kind="halves", invariances=symmetry)
+        # 2D: and the slabs of 0.6-0.95 of one axis (centre and either end), a copy cut along one axis and stretched
+        # back; PET slices so cut along the cranio-caudal axis lose the brain or bladder that dominate their pixel
+        # correlation, and 3 of 3 passed the whole gate without them (volumes: the pixel space's plane zooms)
+        slabs = _SLABS if spatial_dims == 2 else ()
+        return PartSpace(
+            grid=grid - grid % 2,
+            spatial_dims=spatial_dims,
+            kind="halves",
+            invariances=symmetry,
+            slabs=slabs,
+            slab_stretches=_SLAB_STRETCHES if slabs else (),
+        )
     if name == "texture":
         fine = min(64 if spatial_dims == 2 else 32, *spatial_size)
         return TextureSpace(grid=fine, spatial_dims=spatial_dims, invariances=symmetry)
@@ -203,7 +236,7 @@ def make_space(
 
         return EmbeddingSpace.from_weights(embedding_weights, expected_data_fingerprint=data_fingerprint)
     raise ValueError(
-        f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], parts, crops, tiles, halves, texture, deblur, disc, "
+        f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], ranks, parts, crops, tiles, halves, texture, deblur, disc, "
         "ball, coarse and/or embedding"
     )
 

@@ -59,7 +59,8 @@ class PartSpace:
     (the centre matches). ``kind="crops"`` (name ``crops``) catches a crop of a training image, kept at its own size
     or resized (the whole candidate matches the crop). ``kind="halves"`` (name ``halves``) compares the whole
     candidate with the half of every training image at either end of one axis, two or all three (3D: 26 slots), under
-    the symmetries, unrotated: a corner quadrant of a volume blown up to the whole, which the centred 3D crops miss.
+    the symmetries, unrotated: a corner quadrant of a volume blown up to the whole, which the centred 3D crops miss;
+    with ``slabs``, also with slabs of one axis (a copy cut along one axis and stretched back).
     Each is a separate space with its own threshold: more slots give an unrelated image more chances to correlate
     somewhere, which would loosen the others' thresholds (and every query variant fills the whole row, so the 26
     halves in the crops space cost it 4.8x its query floats).
@@ -77,6 +78,14 @@ class PartSpace:
             rotated back by before it is cut: a
             rotated copy has background corners, which the aligned centre region mostly leaves out. Ignored for
             ``kind="halves"``.
+        slabs: ``kind="halves"``: fractions of one axis; each training image also has a slot for the slab spanning
+            that fraction of one axis (at its centre and at either end) and the whole of the others, compared with the
+            whole candidate under the symmetries: a copy cut along one axis and stretched back to the model size (a
+            half is the slab of 0.5 at an end). The pixel space's stretches miss such a copy where the axis's ends
+            hold what dominates the correlation (a PET slice's brain and bladder): they cannot bring the cut part back.
+        slab_stretches: magnifications of the unturned candidate along a slab's axis about its anchor, also tried in
+            the slab's slot: a copy cut to a fraction between the slabs' (each slab alone holds about +-0.01 of its
+            fraction on PET slices).
         moved: ``kind="crops"`` (2D only): each corner crop's slot also holds the candidate's window of the same size
             at the three other corners (unrotated, no symmetry): a training image moved by ``1 - crop`` of the side
             along one axis or both, the rest filled. Wrapped shifts of the whole image restore a copy moved on a
@@ -101,6 +110,8 @@ class PartSpace:
         invariances: Sequence[str] = ("flip", "transpose", "invert"),
         rotations: Sequence[float] = (),
         moved: bool = False,
+        slabs: Sequence[float] = (),
+        slab_stretches: Sequence[float] = (),
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -110,6 +121,8 @@ class PartSpace:
             raise ValueError(f"centre must be a fraction of the side in [0.25, 1), got {centre}")
         if not all(0.25 <= float(c) < 1.0 for c in crops):
             raise ValueError(f"crops must be fractions of the side in [0.25, 1), got {list(crops)}")
+        if not all(0.25 <= float(f) < 1.0 for f in slabs):
+            raise ValueError(f"slabs must be fractions of one axis in [0.25, 1), got {list(slabs)}")
         invariances = _checked_invariances(invariances)
         if kind not in ("regions", "crops", "halves"):
             raise ValueError(f"kind must be 'regions', 'crops' or 'halves', got {kind!r}")
@@ -135,11 +148,21 @@ class PartSpace:
         self._sizes += [self.crop_grid**spatial_dims] * (len(self.crops) * len(self._anchors))
         # the half of a training image at either end of one axis, two or (3D) all three: a half, a quadrant, an
         # octant; each slot holds the whole candidate under each symmetry, unrotated
-        self._halves: list[tuple[str | None, ...]] = []
+        # per axis: None (the whole axis) or (fraction, "low" | "centre" | "high")
+        self._halves: list[tuple[tuple[float, str] | None, ...]] = []
+        self.slabs = tuple(sorted({round(float(f), 4) for f in slabs})) if kind == "halves" else ()
         if kind == "halves":
-            ends = itertools.product((None, "low", "high"), repeat=spatial_dims)
+            ends = itertools.product((None, (0.5, "low"), (0.5, "high")), repeat=spatial_dims)
             self._halves = [h for h in ends if any(h)]
+            # a slab of one axis: that axis cut to the fraction (centre or either end), the others whole
+            self._halves += [
+                tuple((f, anchor) if a == axis else None for a in range(spatial_dims))
+                for axis in range(spatial_dims)
+                for f in self.slabs
+                for anchor in ("low", "centre", "high")
+            ]
             self._sizes += [self.crop_grid**spatial_dims] * len(self._halves)
+        self.slab_stretches = tuple(sorted({round(float(z), 4) for z in slab_stretches} - {1.0})) if self.slabs else ()
         self._offsets = np.cumsum([0, *self._sizes])
         self._symmetries, self.signs = _query_symmetries(self.spatial_dims, self.invariances)
         # (slot, crop fraction, window anchor) of the moved windows: each corner crop's slot holds the candidate's
@@ -186,6 +209,8 @@ class PartSpace:
                 **({"rotation_axes": 3} if self.spatial_dims == 3 and len(self.rotations) > 1 else {}),
                 **({"moved": "every corner"} if self.moved else {}),
                 **({"halves": "each end of every set of axes"} if self._halves else {}),
+                **({"slabs": list(self.slabs)} if self.slabs else {}),
+                **({"slab_stretches": list(self.slab_stretches)} if self.slab_stretches else {}),
                 "invariances": list(self.invariances),
             }
         )
@@ -220,13 +245,18 @@ class PartSpace:
             x[(slice(None), slice(None), *cut)], size=(self.crop_grid,) * self.spatial_dims, mode="area"
         )
 
-    def _half(self, full: torch.Tensor, ends: Sequence[str | None]) -> torch.Tensor:
-        """``(B, C, *crop_grid)``: the half of each axis at its ``"low"`` / ``"high"`` end (``None``: the whole axis),
-        reduced to the crop grid."""
+    def _half(self, full: torch.Tensor, cuts: Sequence[tuple[float, str] | None]) -> torch.Tensor:
+        """``(B, C, *crop_grid)``: each axis cut to ``(fraction, anchor)`` at its ``"low"`` end, ``"centre"`` or
+        ``"high"`` end (``None``: the whole axis), reduced to the crop grid."""
         cut = []
-        for end, n in zip(ends, full.shape[2:]):
-            half = max(1, n // 2)
-            cut.append(slice(None) if end is None else slice(0, half) if end == "low" else slice(n - half, n))
+        for spec, n in zip(cuts, full.shape[2:]):
+            if spec is None:
+                cut.append(slice(None))
+                continue
+            fraction, anchor = spec
+            side = max(1, int(round(n * fraction)) if fraction != 0.5 else n // 2)
+            start = 0 if anchor == "low" else n - side if anchor == "high" else (n - side) // 2
+            cut.append(slice(start, start + side))
         return self._reduced(full, cut)
 
     def _crop(self, full: torch.Tensor, fraction: float, anchor: str) -> torch.Tensor:
@@ -238,6 +268,31 @@ class PartSpace:
             start = (n - side) // 2 if ends is None else (0 if ends[axis] == "low" else n - side)
             crop.append(slice(start, start + side))
         return self._reduced(full, crop)
+
+    def _stretched_slabs(self, g: torch.Tensor, first: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(slot, vectors, valid)`` of the candidate ``g`` magnified along each slab's axis by every
+        :attr:`slab_stretches` factor about the slab's anchor (its low end, centre or high end), for the slab slots
+        from ``first`` on: a copy cut to a fraction between the slabs' matches one of them stretched."""
+        if not self.slab_stretches:
+            return []
+        slab_cuts = self._halves[len(self._halves) - len(self.slabs) * self.spatial_dims * 3 :]
+        stretched: dict[tuple[int, str], torch.Tensor] = {}
+        out = []
+        for h, cuts in enumerate(slab_cuts):
+            axis = next(a for a, c in enumerate(cuts) if c is not None)
+            anchor = cuts[axis][1]
+            if (axis, anchor) not in stretched:
+                coord = self.spatial_dims - 1 - axis  # affine_grid orders its coordinates by reversed axes
+                at = {"low": -1.0, "centre": 0.0, "high": 1.0}[anchor]
+                maps = []
+                for z in self.slab_stretches:  # output point p samples the input at at + (p - at) / z
+                    m = torch.cat([torch.eye(self.spatial_dims), torch.zeros(self.spatial_dims, 1)], dim=1)
+                    m[coord, coord], m[coord, -1] = 1.0 / z, at * (1.0 - 1.0 / z)
+                    maps.append(m)
+                stretched[(axis, anchor)] = self._reduced(_linear_variants(g, maps))  # (B * Z, C, *crop_grid)
+            z = len(self.slab_stretches)
+            out += [(first + h, *_standardised_piece(stretched[(axis, anchor)][k::z])) for k in range(z)]
+        return out
 
     def embed(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """Training side: every standardised region in its slot, scaled by ``1 / sqrt(R)``.
@@ -273,6 +328,9 @@ class PartSpace:
             turned = _affine_variants(g, (1.0,), self.rotations).reshape(n, len(self.rotations), *g.shape[1:])
         variants = len(self._symmetries) * turned.shape[1] * slots
         variants += len(self._moved) + len(self._moved_quadrants) + len(self._symmetries) * len(self._halves)
+        # the slabs' slots also hold the candidate (unturned) stretched a little along the slab's axis about its anchor
+        n_slab_slots = len(self.slabs) * self.spatial_dims * 3
+        variants += n_slab_slots * len(self.slab_stretches)
         # written straight into one tensor, negations included: building each variant as its own zero vector, then
         # stacking and concatenating them, cost the crops space half of its judging time
         v = torch.zeros(n, variants * len(self.signs), self.dim)
@@ -301,6 +359,7 @@ class PartSpace:
                 if not bool(ok.all()):
                     raise DegenerateImageError("an image is constant; correlation is undefined")
                 moved += [(slots + h, vec, ok) for h in range(len(self._halves))]
+            moved += self._stretched_slabs(g, slots + len(self._halves) - n_slab_slots)
         for r, vec, ok in moved:  # the candidate's corner windows / quadrants in the other corners' slots
             v[:, at, self._offsets[r] : self._offsets[r + 1]] = vec
             for i in torch.nonzero(~ok).flatten().tolist():  # a constant window repeats the first variant
@@ -311,7 +370,8 @@ class PartSpace:
         return v.numpy().astype(np.float32, copy=False)
 
     def __repr__(self) -> str:
-        return f"PartSpace(grid={self.grid}, spatial_dims={self.spatial_dims}, centre={self.centre})"
+        slabs = f", slabs={self.slabs}" if self.slabs else ""
+        return f"PartSpace(grid={self.grid}, spatial_dims={self.spatial_dims}, kind={self.kind!r}, centre={self.centre}{slabs})"
 
 
 def _standardised_piece(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -551,7 +551,7 @@ class PixelSpace:
     def fingerprint(self) -> str:
         """Hash of everything that changes the vectors."""
         cfg = {
-            "space": "pixel",
+            "space": self.name,
             "version": self._VERSION,
             "grid": self.grid,
             "spatial_dims": self.spatial_dims,
@@ -589,8 +589,13 @@ class PixelSpace:
             NonFiniteImageError: for NaN/Inf images.
             DegenerateImageError: for constant images.
         """
-        g = self._grid(scaled_batch(images, self.spatial_dims))
+        g = self._grid(self._prepared(images))
         return _standardise(g.reshape(g.shape[0], -1)).numpy().astype(np.float32, copy=False)
+
+    def _prepared(self, images: torch.Tensor | np.ndarray | Sequence) -> torch.Tensor:
+        """:func:`scaled_batch` images at full resolution, what every variant is made from (a subclass may map their
+        intensities first)."""
+        return scaled_batch(images, self.spatial_dims)
 
     def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """``(B, V, d)`` vectors of every variant of every image (variant 0 = :meth:`embed`), in the order of
@@ -600,7 +605,7 @@ class PixelSpace:
         standardisation of a ``(B, V, d)`` array.
         """
         affine = len(self.zooms) * len(self._main_rotations)
-        x = scaled_batch(images, self.spatial_dims)
+        x = self._prepared(images)
         needs_fine = self._alone or affine > 1 or self.shears or self.stretches
         g, fine = self._grid(x, fine=True) if needs_fine else (self._grid(x), None)
         n, g0 = g.shape[0], g  # g0 (n, C, *grid): unshifted, unzoomed, unrotated
