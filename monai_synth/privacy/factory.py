@@ -75,6 +75,10 @@ of the axis and missed those cut to 0.7 or 0.85, so the candidate is also stretc
 each slab's anchor; with them, copies cut to any fraction from 0.59 to 0.97 sat at 0.1-0.7 of the nearest new
 patient's distance above the floor (20 training, 20 new PET slices at 64^2; ultrasound 0.02-0.11)."""
 
+_MOVED_SLABS = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
+"""Fractions of one axis of the 3D ``halves`` space's slabs: a volume moved by 0.1-0.4 of its side along one axis
+(CT and PET volumes moved by a quarter of the side passed the whole 3D gate)."""
+
 _SLAB_STRETCHES = (0.94, 0.97, 1.03, 1.06)
 """Magnifications of the unturned candidate along a slab's axis, about the slab's anchor, tried in its slot."""
 
@@ -112,7 +116,8 @@ def make_space(
     at either end of one axis, two or, in 3D, all three, compared with the whole candidate, mirrored / transposed (2D) /
     inverted: a half, a quadrant or an octant of an image resized to the whole; 2D: also the slab of 0.6-0.95 of one
     axis at its centre and either end, the candidate also stretched by up to 6% along that axis: a copy cut along one
-    axis and stretched back, see :data:`_SLABS`). CT 32^3 phantoms: such quadrants and
+    axis and stretched back, see :data:`_SLABS`; 3D: also the slab of 0.6-0.9 of one axis at either end against the
+    candidate's slab at the other end, a volume moved along one axis, see :data:`_MOVED_SLABS`). CT 32^3 phantoms: such quadrants and
     octants at r 0.998-0.999 with their source, new patients' volumes at most 0.979; ultrasound 64^2, a half of one
     axis stretched to the whole at r 0.999, new patients' images at most 0.83. Its specificity test refused new
     patients' 2D PET slices until the test measured a slot space's ratios above its floor (see
@@ -197,14 +202,25 @@ def make_space(
         # 2D: and the slabs of 0.6-0.95 of one axis (centre and either end), a copy cut along one axis and stretched
         # back; PET slices so cut along the cranio-caudal axis lose the brain or bladder that dominate their pixel
         # correlation, and 3 of 3 passed the whole gate without them (volumes: the pixel space's plane zooms)
-        slabs = _SLABS if spatial_dims == 2 else ()
+        if spatial_dims == 2:
+            return PartSpace(
+                grid=grid - grid % 2,
+                spatial_dims=2,
+                kind="halves",
+                invariances=symmetry,
+                slabs=_SLABS,
+                slab_stretches=_SLAB_STRETCHES,
+            )
+        # volumes: the slabs at either end of each axis, each also against the candidate's slab at the other end (a
+        # volume moved along one axis; the 2D crops' corner windows catch a moved slice)
         return PartSpace(
             grid=grid - grid % 2,
-            spatial_dims=spatial_dims,
+            spatial_dims=3,
             kind="halves",
             invariances=symmetry,
-            slabs=slabs,
-            slab_stretches=_SLAB_STRETCHES if slabs else (),
+            slabs=_MOVED_SLABS,
+            slab_anchors=("low", "high"),
+            moved_slabs=True,
         )
     if name == "texture":
         fine = min(64 if spatial_dims == 2 else 32, *spatial_size)

@@ -86,6 +86,11 @@ class PartSpace:
         slab_stretches: magnifications of the unturned candidate along a slab's axis about its anchor, also tried in
             the slab's slot: a copy cut to a fraction between the slabs' (each slab alone holds about +-0.01 of its
             fraction on PET slices).
+        slab_anchors: where along its axis a slab lies: any of ``"low"``, ``"centre"``, ``"high"``.
+        moved_slabs: instead of the whole candidate, each slab slot holds the candidate's slab of the same fraction at
+            the other end of the axis (unturned; slabs at an end only): a copy moved by ``1 - fraction`` of the side
+            along that axis, the vacated part filled (the 2D crops do this with their corner windows; volumes have no
+            corner crops).
         moved: ``kind="crops"`` (2D only): each corner crop's slot also holds the candidate's window of the same size
             at the three other corners (unrotated, no symmetry): a training image moved by ``1 - crop`` of the side
             along one axis or both, the rest filled. Wrapped shifts of the whole image restore a copy moved on a
@@ -112,6 +117,8 @@ class PartSpace:
         moved: bool = False,
         slabs: Sequence[float] = (),
         slab_stretches: Sequence[float] = (),
+        slab_anchors: Sequence[str] = ("low", "centre", "high"),
+        moved_slabs: bool = False,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -123,6 +130,8 @@ class PartSpace:
             raise ValueError(f"crops must be fractions of the side in [0.25, 1), got {list(crops)}")
         if not all(0.25 <= float(f) < 1.0 for f in slabs):
             raise ValueError(f"slabs must be fractions of one axis in [0.25, 1), got {list(slabs)}")
+        if not slab_anchors or not set(slab_anchors) <= {"low", "centre", "high"}:
+            raise ValueError(f"slab_anchors must be some of 'low', 'centre', 'high', got {list(slab_anchors)}")
         invariances = _checked_invariances(invariances)
         if kind not in ("regions", "crops", "halves"):
             raise ValueError(f"kind must be 'regions', 'crops' or 'halves', got {kind!r}")
@@ -154,15 +163,24 @@ class PartSpace:
         if kind == "halves":
             ends = itertools.product((None, (0.5, "low"), (0.5, "high")), repeat=spatial_dims)
             self._halves = [h for h in ends if any(h)]
-            # a slab of one axis: that axis cut to the fraction (centre or either end), the others whole
-            self._halves += [
-                tuple((f, anchor) if a == axis else None for a in range(spatial_dims))
-                for axis in range(spatial_dims)
-                for f in self.slabs
-                for anchor in ("low", "centre", "high")
-            ]
-            self._sizes += [self.crop_grid**spatial_dims] * len(self._halves)
+        # a slab of one axis: that axis cut to the fraction (at an anchor), the others whole; after the halves
+        self.slab_anchors = tuple(a for a in ("low", "centre", "high") if a in slab_anchors) if self.slabs else ()
+        self._slab_cuts = [
+            tuple((f, anchor) if a == axis else None for a in range(spatial_dims))
+            for axis in range(spatial_dims)
+            for f in self.slabs
+            for anchor in self.slab_anchors
+        ]
+        self._halves += self._slab_cuts
+        self._sizes += [self.crop_grid**spatial_dims] * len(self._halves)
         self.slab_stretches = tuple(sorted({round(float(z), 4) for z in slab_stretches} - {1.0})) if self.slabs else ()
+        # (slab slot, the cut of the candidate it holds instead of the whole): the same fraction at the other end
+        other_end = {"low": "high", "high": "low"}
+        self._moved_slabs = [
+            (i, tuple(None if c is None else (c[0], other_end[c[1]]) for c in cuts))
+            for i, cuts in enumerate(self._slab_cuts)
+            if moved_slabs and any(c is not None and c[1] in other_end for c in cuts)
+        ]
         self._offsets = np.cumsum([0, *self._sizes])
         self._symmetries, self.signs = _query_symmetries(self.spatial_dims, self.invariances)
         # (slot, crop fraction, window anchor) of the moved windows: each corner crop's slot holds the candidate's
@@ -211,6 +229,8 @@ class PartSpace:
                 **({"halves": "each end of every set of axes"} if self._halves else {}),
                 **({"slabs": list(self.slabs)} if self.slabs else {}),
                 **({"slab_stretches": list(self.slab_stretches)} if self.slab_stretches else {}),
+                **({"slab_anchors": list(self.slab_anchors)} if self.slabs and len(self.slab_anchors) < 3 else {}),
+                **({"moved_slabs": True} if self._moved_slabs else {}),
                 "invariances": list(self.invariances),
             }
         )
@@ -275,10 +295,9 @@ class PartSpace:
         from ``first`` on: a copy cut to a fraction between the slabs' matches one of them stretched."""
         if not self.slab_stretches:
             return []
-        slab_cuts = self._halves[len(self._halves) - len(self.slabs) * self.spatial_dims * 3 :]
         stretched: dict[tuple[int, str], torch.Tensor] = {}
         out = []
-        for h, cuts in enumerate(slab_cuts):
+        for h, cuts in enumerate(self._slab_cuts):
             axis = next(a for a, c in enumerate(cuts) if c is not None)
             anchor = cuts[axis][1]
             if (axis, anchor) not in stretched:
@@ -328,9 +347,13 @@ class PartSpace:
             turned = _affine_variants(g, (1.0,), self.rotations).reshape(n, len(self.rotations), *g.shape[1:])
         variants = len(self._symmetries) * turned.shape[1] * slots
         variants += len(self._moved) + len(self._moved_quadrants) + len(self._symmetries) * len(self._halves)
-        # the slabs' slots also hold the candidate (unturned) stretched a little along the slab's axis about its anchor
-        n_slab_slots = len(self.slabs) * self.spatial_dims * 3
+        # the slabs' slots also hold the candidate (unturned) stretched a little along the slab's axis about its anchor;
+        # moved slabs: only the candidate's slab at the other end of the axis
+        n_slab_slots = len(self._slab_cuts)
         variants += n_slab_slots * len(self.slab_stretches)
+        if self._moved_slabs:
+            variants += len(self._moved_slabs) - len(self._symmetries) * n_slab_slots
+        whole_slots = len(self._halves) - (n_slab_slots if self._moved_slabs else 0)
         # written straight into one tensor, negations included: building each variant as its own zero vector, then
         # stacking and concatenating them, cost the crops space half of its judging time
         v = torch.zeros(n, variants * len(self.signs), self.dim)
@@ -358,8 +381,10 @@ class PartSpace:
                 vec, ok = _standardised_piece(_apply_symmetry(whole, perm, flips, 2))
                 if not bool(ok.all()):
                     raise DegenerateImageError("an image is constant; correlation is undefined")
-                moved += [(slots + h, vec, ok) for h in range(len(self._halves))]
-            moved += self._stretched_slabs(g, slots + len(self._halves) - n_slab_slots)
+                moved += [(slots + h, vec, ok) for h in range(whole_slots)]
+            first_slab = slots + len(self._halves) - n_slab_slots
+            moved += self._stretched_slabs(g, first_slab)
+            moved += [(first_slab + h, *_standardised_piece(self._half(full, cut))) for h, cut in self._moved_slabs]
         for r, vec, ok in moved:  # the candidate's corner windows / quadrants in the other corners' slots
             v[:, at, self._offsets[r] : self._offsets[r + 1]] = vec
             for i in torch.nonzero(~ok).flatten().tolist():  # a constant window repeats the first variant
