@@ -202,7 +202,8 @@ def make_space(
     if name == "halves":
         # 2D: and the slabs of 0.6-0.8 of one axis (centre and either end), a copy cut along one axis and stretched
         # back; PET slices so cut along the cranio-caudal axis lose the brain or bladder that dominate their pixel
-        # correlation, and 3 of 3 passed the whole gate without them (volumes: the pixel space's plane zooms)
+        # correlation, and 3 of 3 passed the whole gate without them (volumes so stretched: the pixel space's plane
+        # zooms took them)
         if spatial_dims == 2:
             return PartSpace(
                 grid=grid - grid % 2,

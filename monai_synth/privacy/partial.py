@@ -132,6 +132,8 @@ class PartSpace:
             raise ValueError(f"slabs must be fractions of one axis in [0.25, 1), got {list(slabs)}")
         if not slab_anchors or not set(slab_anchors) <= {"low", "centre", "high"}:
             raise ValueError(f"slab_anchors must be some of 'low', 'centre', 'high', got {list(slab_anchors)}")
+        if moved_slabs and "centre" in slab_anchors:
+            raise ValueError("moved_slabs compares slabs at the ends of an axis; give slab_anchors=('low', 'high')")
         invariances = _checked_invariances(invariances)
         if kind not in ("regions", "crops", "halves"):
             raise ValueError(f"kind must be 'regions', 'crops' or 'halves', got {kind!r}")

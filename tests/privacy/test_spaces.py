@@ -717,6 +717,8 @@ def test_default_3d_halves_space_catches_a_volume_moved_along_one_axis():
         assert (ratio.max() < 0.05) if caught else (ratio.min() > 1.0), ratio
     with pytest.raises(ValueError, match="slab_anchors"):
         PartSpace(spatial_dims=3, kind="halves", slabs=(0.8,), slab_anchors=("middle",))
+    with pytest.raises(ValueError, match="ends of an axis"):
+        PartSpace(spatial_dims=3, kind="halves", slabs=(0.8,), moved_slabs=True)
 
 
 def test_default_2d_pixel_space_undoes_a_shear_along_either_axis():
