@@ -70,12 +70,14 @@ _PIXEL_DEFAULTS = {
 
 _SLABS = (0.6, 0.7, 0.8)
 """Fractions of one axis the 2D ``halves`` space also holds (see :class:`~monai_synth.privacy.partial.PartSpace`).
+
 PET slices tell new patients apart only narrowly on the slot grid: a slab of 0.8 alone held copies cut to 0.75-0.82
-of the axis and missed those cut to 0.7 or 0.85, so the candidate is also stretched by :data:`_SLAB_STRETCHES` about
+of the axis and missed those cut to 0.7 or 0.85. So the candidate is also stretched by :data:`_SLAB_STRETCHES` about
 each slab's anchor: copies cut to 0.58-0.88 of an axis (centre or either end) then sat at 0.06-0.58 of the nearest
-new patient's distance above the floor (20 training and 20 new PET slices at 64^2). No slab of 0.9: on the slot grid it is nearly the whole
-slice, where PET patients look alike, and with it 6 of 60 new patients' slices fell below the holdout's 1% quantile
-of this space (1 of 60 without it); the pixel space's stretches take a copy cut by a tenth."""
+new patient's distance above the floor (20 training and 20 new PET slices at 64^2). No slab of 0.9: on the slot grid
+it is nearly the whole slice, where PET patients look alike, and with it 6 of 60 new patients' slices fell below the
+holdout's 1% quantile of this space (1 of 60 without it). A copy cut by a tenth is left to the pixel space's
+stretches, which take it along an axis whose ends are background but only 2 of 4 along the PET cranio-caudal axis."""
 
 _MOVED_SLABS = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
 """Fractions of one axis of the 3D ``halves`` space's slabs: a volume moved by 0.1-0.4 of its side along one axis
