@@ -147,7 +147,7 @@ def _add_guard(sub: argparse._SubParsersAction) -> None:
         "shifts, zooms, inversion, 2D gamma, 3D rotations; pixel:none for plain correlation), ranks (the same on intensity ranks: any "
         "monotone intensity curve), parts (aligned regions), "
         "crops (crops of training images), tiles (windows at every position), halves (a half, quadrant or, in 3D, "
-        "octant of a training image resized to the whole; 2D: a slab of one axis stretched back), texture (fine texture: copies under "
+        "octant of a training image resized to the whole, or a slab of one axis stretched back), texture (fine texture: copies under "
         "strong noise), deblur (the candidate sharpened: blurred or pixelated copies), disc (2D: central disc under "
         "fine rotations, zooms and moves), ball (3D: central ball under fine rotations and moves about each axis), "
         "coarse (3D: deblur on an 8-cell grid, volumes pixelated to an eighth of their side), embedding "

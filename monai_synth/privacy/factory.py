@@ -64,7 +64,7 @@ _PIXEL_DEFAULTS = {
     3: {"invariances": ("flip", "transpose", "shift", "zoom", "rotate", "invert"), "max_shift": 2,
         "zooms": (0.8, 1.25), "rotations": (-25.0, -20.0, -15.0, -10.0, -5.0, 5.0, 10.0, 15.0, 20.0, 25.0),
         "plane_zooms": (0.8, 0.85, 0.9, 0.95, 1.05, 1.1, 1.15, 1.2, 1.25), "gammas": (0.5, 0.7, 1.4, 2.0),
-        "median": 3},
+        "median": 3, "stretches": (0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 1.1, 1.2, 1.3, 1.4)},
 }  # fmt: skip
 
 
@@ -80,8 +80,17 @@ holdout's 1% quantile of this space (1 of 60 without it). A copy cut by a tenth 
 stretches, which take it along an axis whose ends are background but only 2 of 4 along the PET cranio-caudal axis."""
 
 _MOVED_SLABS = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
-"""Fractions of one axis of the 3D ``halves`` space's slabs: a volume moved by 0.1-0.4 of its side along one axis
-(CT and PET volumes moved by a quarter of the side passed the whole 3D gate)."""
+"""Fractions of one axis of the 3D ``halves`` space's slabs. At either end, against the candidate's slab at the other
+end: a volume moved by 0.1-0.4 of its side along one axis (CT and PET volumes moved by a quarter of the side passed
+the whole 3D gate). Centred, against the whole candidate stretched by :data:`_CENTRE_SLAB_STRETCHES`: a volume whose
+central 0.6-0.9 of one axis was stretched back to the whole (CT volumes cut to 0.7 of their first axis, whose ends hold
+the anatomy that dominates their correlation, passed the whole 3D gate 2 of 2; the pixel space's stretches cannot bring
+the cut part back). On CT 32^3 phantoms copies cut to 0.6-0.9 then sit at 0.0-0.3 of the nearest new patient's
+distance above the floor at the slabs' fractions, and at 0.5-1.2 between them (0.72, 0.78, 0.88)."""
+
+_CENTRE_SLAB_STRETCHES = (0.97, 1.03)
+"""Magnifications of the whole candidate along a 3D centred slab's axis, tried in its slot (fewer than 2D's
+:data:`_SLAB_STRETCHES`: each is a variant of a 45,568-value row per slab)."""
 
 _SLAB_STRETCHES = (0.94, 0.97, 1.03, 1.06)
 """Magnifications of the unturned candidate along a slab's axis, about the slab's anchor, tried in its slot."""
@@ -103,8 +112,8 @@ def make_space(
     angles and for fewer query floats (3D: shifts
     of up to 2 cells, zooms 0.8-1.25 and inversion, the mirror flips with shifts of up to 1 cell, and on their own the
     90-degree rotations, axis swaps, rotations of 5-25 degrees about each axis and zooms of 0.8-1.25 in steps of 0.05
-    within each plane and of the whole volume, gammas 0.5, 0.7, 1.4 and 2 with every shift and with the mirror
-    flips, and the median filter with every shift); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
+    within each plane and of the whole volume, stretches of 0.65-1.4 along each axis, gammas 0.5, 0.7, 1.4 and 2
+    with every shift and with the mirror flips, and the median filter with every shift); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
     ``ranks`` = :class:`~monai_synth.privacy.ranks.RankSpace` (the pixel space on each image's intensity ranks, on the
     16-cell grid, mirrored / transposed (2D) / inverted and moved by up to 2 cells, 1 in 3D: a copy under any monotone
     intensity curve, e.g. histogram-equalised PET slices, which sat 12x the pixel space's threshold from their sources).
@@ -121,7 +130,8 @@ def make_space(
     inverted: a half, a quadrant or an octant of an image resized to the whole; 2D: also the slab of 0.6-0.8 of one
     axis at its centre and either end, the candidate also stretched by up to 6% along that axis: a copy cut along one
     axis and stretched back, see :data:`_SLABS`; 3D: also the slab of 0.6-0.9 of one axis at either end against the
-    candidate's slab at the other end, a volume moved along one axis, see :data:`_MOVED_SLABS`). CT 32^3 phantoms: such quadrants and
+    candidate's slab at the other end, a volume moved along one axis, and the centred slab against the whole candidate,
+    stretched by up to 3% along that axis, a volume cut along one axis and stretched back, see :data:`_MOVED_SLABS`). CT 32^3 phantoms: such quadrants and
     octants at r 0.998-0.999 with their source, new patients' volumes at most 0.979; ultrasound 64^2, a half of one
     axis stretched to the whole at r 0.999, new patients' images at most 0.83. Its specificity test refused new
     patients' 2D PET slices until the test measured a slot space's ratios above its floor (see
@@ -205,8 +215,7 @@ def make_space(
     if name == "halves":
         # 2D: and the slabs of 0.6-0.8 of one axis (centre and either end), a copy cut along one axis and stretched
         # back; PET slices so cut along the cranio-caudal axis lose the brain or bladder that dominate their pixel
-        # correlation, and 3 of 3 passed the whole gate without them (volumes so stretched: the pixel space's plane
-        # zooms took them)
+        # correlation, and 3 of 3 passed the whole gate without them
         if spatial_dims == 2:
             return PartSpace(
                 grid=grid - grid % 2,
@@ -216,15 +225,16 @@ def make_space(
                 slabs=_SLABS,
                 slab_stretches=_SLAB_STRETCHES,
             )
-        # volumes: the slabs at either end of each axis, each also against the candidate's slab at the other end (a
-        # volume moved along one axis; the 2D crops' corner windows catch a moved slice)
+        # volumes: the slabs at either end of each axis against the candidate's slab at the other end (a volume moved
+        # along one axis; the 2D crops' corner windows catch a moved slice), the centred ones against the whole
+        # candidate (a volume cut along one axis and stretched back)
         return PartSpace(
             grid=grid - grid % 2,
             spatial_dims=3,
             kind="halves",
             invariances=symmetry,
             slabs=_MOVED_SLABS,
-            slab_anchors=("low", "high"),
+            slab_stretches=_CENTRE_SLAB_STRETCHES,
             moved_slabs=True,
         )
     if name == "texture":

@@ -84,13 +84,13 @@ class PartSpace:
             half is the slab of 0.5 at an end). The pixel space's stretches miss such a copy where the axis's ends
             hold what dominates the correlation (a PET slice's brain and bladder): they cannot bring the cut part back.
         slab_stretches: magnifications of the unturned candidate along a slab's axis about its anchor, also tried in
-            the slab's slot: a copy cut to a fraction between the slabs' (each slab alone holds about +-0.01 of its
-            fraction on PET slices).
+            the slab's slot (those that hold the whole candidate): a copy cut to a fraction between the slabs' (each
+            slab alone holds about +-0.01 of its fraction on PET slices).
         slab_anchors: where along its axis a slab lies: any of ``"low"``, ``"centre"``, ``"high"``.
-        moved_slabs: instead of the whole candidate, each slab slot holds the candidate's slab of the same fraction at
-            the other end of the axis (unturned; slabs at an end only): a copy moved by ``1 - fraction`` of the side
-            along that axis, the vacated part filled (the 2D crops do this with their corner windows; volumes have no
-            corner crops).
+        moved_slabs: instead of the whole candidate, each slab slot at an end of its axis holds the candidate's slab
+            of the same fraction at the other end (unturned): a copy moved by ``1 - fraction`` of the side along that
+            axis, the vacated part filled (the 2D crops do this with their corner windows; volumes have no corner
+            crops). Centred slabs still hold the whole candidate.
         moved: ``kind="crops"`` (2D only): each corner crop's slot also holds the candidate's window of the same size
             at the three other corners (unrotated, no symmetry): a training image moved by ``1 - crop`` of the side
             along one axis or both, the rest filled. Wrapped shifts of the whole image restore a copy moved on a
@@ -132,8 +132,6 @@ class PartSpace:
             raise ValueError(f"slabs must be fractions of one axis in [0.25, 1), got {list(slabs)}")
         if not slab_anchors or not set(slab_anchors) <= {"low", "centre", "high"}:
             raise ValueError(f"slab_anchors must be some of 'low', 'centre', 'high', got {list(slab_anchors)}")
-        if moved_slabs and "centre" in slab_anchors:
-            raise ValueError("moved_slabs compares slabs at the ends of an axis; give slab_anchors=('low', 'high')")
         invariances = _checked_invariances(invariances)
         if kind not in ("regions", "crops", "halves"):
             raise ValueError(f"kind must be 'regions', 'crops' or 'halves', got {kind!r}")
@@ -183,6 +181,10 @@ class PartSpace:
             for i, cuts in enumerate(self._slab_cuts)
             if moved_slabs and any(c is not None and c[1] in other_end for c in cuts)
         ]
+        # the halves' slots that hold the whole candidate (under the symmetries): all but the moved slabs'
+        first_slab = len(self._halves) - len(self._slab_cuts)
+        moved_slots = {first_slab + i for i, _ in self._moved_slabs}
+        self._whole_halves = [h for h in range(len(self._halves)) if h not in moved_slots]
         self._offsets = np.cumsum([0, *self._sizes])
         self._symmetries, self.signs = _query_symmetries(self.spatial_dims, self.invariances)
         # (slot, crop fraction, window anchor) of the moved windows: each corner crop's slot holds the candidate's
@@ -299,7 +301,10 @@ class PartSpace:
             return []
         stretched: dict[tuple[int, str], torch.Tensor] = {}
         out = []
+        moved = {i for i, _ in self._moved_slabs}
         for h, cuts in enumerate(self._slab_cuts):
+            if h in moved:  # that slot holds the candidate's moved slab, not the whole candidate
+                continue
             axis = next(a for a, c in enumerate(cuts) if c is not None)
             anchor = cuts[axis][1]
             if (axis, anchor) not in stretched:
@@ -348,14 +353,11 @@ class PartSpace:
         else:
             turned = _affine_variants(g, (1.0,), self.rotations).reshape(n, len(self.rotations), *g.shape[1:])
         variants = len(self._symmetries) * turned.shape[1] * slots
-        variants += len(self._moved) + len(self._moved_quadrants) + len(self._symmetries) * len(self._halves)
+        variants += len(self._moved) + len(self._moved_quadrants) + len(self._symmetries) * len(self._whole_halves)
         # the slabs' slots also hold the candidate (unturned) stretched a little along the slab's axis about its anchor;
         # moved slabs: only the candidate's slab at the other end of the axis
         n_slab_slots = len(self._slab_cuts)
-        variants += n_slab_slots * len(self.slab_stretches)
-        if self._moved_slabs:
-            variants += len(self._moved_slabs) - len(self._symmetries) * n_slab_slots
-        whole_slots = len(self._halves) - (n_slab_slots if self._moved_slabs else 0)
+        variants += (n_slab_slots - len(self._moved_slabs)) * len(self.slab_stretches) + len(self._moved_slabs)
         # written straight into one tensor, negations included: building each variant as its own zero vector, then
         # stacking and concatenating them, cost the crops space half of its judging time
         v = torch.zeros(n, variants * len(self.signs), self.dim)
@@ -383,7 +385,7 @@ class PartSpace:
                 vec, ok = _standardised_piece(_apply_symmetry(whole, perm, flips, 2))
                 if not bool(ok.all()):
                     raise DegenerateImageError("an image is constant; correlation is undefined")
-                moved += [(slots + h, vec, ok) for h in range(whole_slots)]
+                moved += [(slots + h, vec, ok) for h in self._whole_halves]
             first_slab = slots + len(self._halves) - n_slab_slots
             moved += self._stretched_slabs(g, first_slab)
             moved += [(first_slab + h, *_standardised_piece(self._half(full, cut))) for h, cut in self._moved_slabs]
