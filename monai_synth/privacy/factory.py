@@ -113,7 +113,8 @@ def make_space(
     of up to 2 cells, zooms 0.8-1.25 and inversion, the mirror flips with shifts of up to 1 cell, and on their own the
     90-degree rotations, axis swaps, rotations of 5-25 degrees about each axis and zooms of 0.8-1.25 in steps of 0.05
     within each plane and of the whole volume, stretches of 0.65-1.4 along each axis, gammas 0.5, 0.7, 1.4 and 2
-    with every shift and with the mirror flips, and the median filter with every shift); ``pixel:none``, ``pixel:flip,shift`` etc. choose the invariances.
+    with every shift and with the mirror flips, and the median filter with every shift); ``pixel:none``,
+    ``pixel:flip,shift`` etc. choose the invariances.
     ``ranks`` = :class:`~monai_synth.privacy.ranks.RankSpace` (the pixel space on each image's intensity ranks, on the
     16-cell grid, mirrored / transposed (2D) / inverted and moved by up to 2 cells, 1 in 3D: a copy under any monotone
     intensity curve, e.g. histogram-equalised PET slices, which sat 12x the pixel space's threshold from their sources).
@@ -131,8 +132,8 @@ def make_space(
     axis at its centre and either end, the candidate also stretched by up to 6% along that axis: a copy cut along one
     axis and stretched back, see :data:`_SLABS`; 3D: also the slab of 0.6-0.9 of one axis at either end against the
     candidate's slab at the other end, a volume moved along one axis, and the centred slab against the whole candidate,
-    stretched by up to 3% along that axis, a volume cut along one axis and stretched back, see :data:`_MOVED_SLABS`). CT 32^3 phantoms: such quadrants and
-    octants at r 0.998-0.999 with their source, new patients' volumes at most 0.979; ultrasound 64^2, a half of one
+    stretched by up to 3% along that axis, a volume cut along one axis and stretched back, see :data:`_MOVED_SLABS`).
+    CT 32^3 phantoms: such quadrants and octants at r 0.998-0.999 with their source, new patients' volumes at most 0.979; ultrasound 64^2, a half of one
     axis stretched to the whole at r 0.999, new patients' images at most 0.83. Its specificity test refused new
     patients' 2D PET slices until the test measured a slot space's ratios above its floor (see
     :func:`~monai_synth.privacy.calibration.log_distance_ratio`).

@@ -181,10 +181,12 @@ class PartSpace:
             for i, cuts in enumerate(self._slab_cuts)
             if moved_slabs and any(c is not None and c[1] in other_end for c in cuts)
         ]
-        # the halves' slots that hold the whole candidate (under the symmetries): all but the moved slabs'
+        # the slabs that hold the whole candidate (and its stretches), and the halves' slots that do (under the
+        # symmetries): all but the moved slabs'
+        moved_cuts = {i for i, _ in self._moved_slabs}
+        self._whole_slabs = [i for i in range(len(self._slab_cuts)) if i not in moved_cuts]
         first_slab = len(self._halves) - len(self._slab_cuts)
-        moved_slots = {first_slab + i for i, _ in self._moved_slabs}
-        self._whole_halves = [h for h in range(len(self._halves)) if h not in moved_slots]
+        self._whole_halves = [h for h in range(len(self._halves)) if h - first_slab not in moved_cuts]
         self._offsets = np.cumsum([0, *self._sizes])
         self._symmetries, self.signs = _query_symmetries(self.spatial_dims, self.invariances)
         # (slot, crop fraction, window anchor) of the moved windows: each corner crop's slot holds the candidate's
@@ -301,10 +303,8 @@ class PartSpace:
             return []
         stretched: dict[tuple[int, str], torch.Tensor] = {}
         out = []
-        moved = {i for i, _ in self._moved_slabs}
-        for h, cuts in enumerate(self._slab_cuts):
-            if h in moved:  # that slot holds the candidate's moved slab, not the whole candidate
-                continue
+        for h in self._whole_slabs:
+            cuts = self._slab_cuts[h]
             axis = next(a for a, c in enumerate(cuts) if c is not None)
             anchor = cuts[axis][1]
             if (axis, anchor) not in stretched:
@@ -356,8 +356,7 @@ class PartSpace:
         variants += len(self._moved) + len(self._moved_quadrants) + len(self._symmetries) * len(self._whole_halves)
         # the slabs' slots also hold the candidate (unturned) stretched a little along the slab's axis about its anchor;
         # moved slabs: only the candidate's slab at the other end of the axis
-        n_slab_slots = len(self._slab_cuts)
-        variants += (n_slab_slots - len(self._moved_slabs)) * len(self.slab_stretches) + len(self._moved_slabs)
+        variants += len(self._whole_slabs) * len(self.slab_stretches) + len(self._moved_slabs)
         # written straight into one tensor, negations included: building each variant as its own zero vector, then
         # stacking and concatenating them, cost the crops space half of its judging time
         v = torch.zeros(n, variants * len(self.signs), self.dim)
@@ -386,7 +385,7 @@ class PartSpace:
                 if not bool(ok.all()):
                     raise DegenerateImageError("an image is constant; correlation is undefined")
                 moved += [(slots + h, vec, ok) for h in self._whole_halves]
-            first_slab = slots + len(self._halves) - n_slab_slots
+            first_slab = slots + len(self._halves) - len(self._slab_cuts)
             moved += self._stretched_slabs(g, first_slab)
             moved += [(first_slab + h, *_standardised_piece(self._half(full, cut))) for h, cut in self._moved_slabs]
         for r, vec, ok in moved:  # the candidate's corner windows / quadrants in the other corners' slots
