@@ -189,11 +189,11 @@ def _salt_pepper(a: np.ndarray, share: float, ctx: Ctx) -> np.ndarray:
     return out
 
 
-def _elastic(a: np.ndarray, ctx: Ctx) -> np.ndarray:
-    """A smooth random displacement of up to ~2 px (at 64 px): the same anatomy, slightly warped."""
+def _elastic(a: np.ndarray, ctx: Ctx, amplitude: float = 2.0) -> np.ndarray:
+    """A smooth random displacement of up to ``amplitude`` px (at 64 px): the same anatomy, slightly warped."""
     from scipy import ndimage
 
-    sigma, amp = 6.0 * ctx.scale, 2.0 * ctx.scale
+    sigma, amp = 6.0 * ctx.scale, amplitude * ctx.scale
     grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in a.shape], indexing="ij")
     coords = []
     for g in grids:
@@ -293,6 +293,43 @@ def _blend(a: np.ndarray, other: np.ndarray, alpha: float) -> np.ndarray:
     o = _resize(other, a.shape)
     olo, ohi = _range(o)
     return (1.0 - alpha) * a + alpha * (lo + (o - olo) / (ohi - olo) * (hi - lo))
+
+
+def _bias_field(a: np.ndarray, ctx: Ctx, strength: float = 0.35) -> np.ndarray:
+    """A smooth multiplicative gain across the image (an MRI coil's intensity non-uniformity, an ultrasound
+    time-gain curve): ``exp`` of a random first- and second-order polynomial of the coordinates, gain about 0.7-1.4."""
+    coords = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in a.shape], indexing="ij")
+    terms = list(coords) + [c * c for c in coords] + [coords[0] * coords[1]]
+    log_gain = sum(ctx.rng.uniform(-1.0, 1.0) * t for t in terms)
+    log_gain *= strength / max(float(np.abs(log_gain).max()), 1e-12)
+    lo, _ = _range(a)
+    return lo + (a - lo) * np.exp(log_gain)
+
+
+def _equalised_per_block(a: np.ndarray, blocks: int = 2) -> np.ndarray:
+    """Histogram equalisation of each of ``blocks`` per axis on its own (a local contrast enhancement without the
+    interpolation CLAHE adds: every block gets another monotone curve)."""
+    out = a.astype(np.float64).copy()
+    edges = [np.linspace(0, n, blocks + 1).round().astype(int) for n in a.shape]
+    for idx in np.ndindex(*(blocks,) * a.ndim):
+        sl = tuple(slice(e[i], e[i + 1]) for e, i in zip(edges, idx))
+        out[sl] = _on_unit(a[sl], _equalised)
+    lo, hi = _range(a)
+    return lo + (out - out.min()) / max(float(out.max() - out.min()), 1e-12) * (hi - lo)
+
+
+def _picture_in_picture(a: np.ndarray, other: np.ndarray, frac: float) -> np.ndarray:
+    """The image shrunk to ``frac`` of its side and pasted into the centre of another image of its shape."""
+    out = _resize(other, a.shape).astype(np.float64)
+    small = _resize(a, [max(2, int(round(n * frac))) for n in a.shape])
+    sl = tuple(slice((n - m) // 2, (n - m) // 2 + m) for n, m in zip(a.shape, small.shape))
+    out[sl] = small
+    return out
+
+
+def _crop_corner(a: np.ndarray, frac: float) -> np.ndarray:
+    """The corner of ``frac`` of every axis at the origin, resized back to the whole."""
+    return _resize(a[tuple(slice(0, max(2, int(round(n * frac)))) for n in a.shape)], a.shape)
 
 
 def _motion_blur(a: np.ndarray, length: int) -> np.ndarray:
@@ -616,6 +653,29 @@ ATTACKS: list[Attack] = [
         "zoom93",
         "crop to 93% and resize back",
         lambda t, u, c: _resize(_crop_centre(t[0], 0.93, range(t[0].ndim)), t[0].shape),
+    ),
+    # unseen transforms of the eighteenth round, none named before: a smooth gain, local contrast, a picture in a
+    # picture, a corner crop, stronger warps and JPEG, a chain of mild geometric and intensity changes
+    Attack("bias_field", "smooth multiplicative gain field (0.7-1.4)", lambda t, u, c: _bias_field(t[0], c)),
+    Attack("equalize_blocks", "histogram equalised per half of each axis", lambda t, u, c: _equalised_per_block(t[0])),
+    Attack(
+        "pip",
+        "shrunk to 70% and pasted into the centre of an unseen image",
+        lambda t, u, c: _picture_in_picture(t[0], u[0], 0.7),
+        n_unseen=1,
+    ),
+    Attack("crop_corner", "the corner 85% of every axis resized back", lambda t, u, c: _crop_corner(t[0], 0.85)),
+    Attack("elastic4", "elastic deformation (~4 px)", lambda t, u, c: _elastic(t[0], c, 4.0)),
+    Attack("jpeg10", "JPEG re-encoding (quality 10)", lambda t, u, c: _jpeg(t[0], 10), dims=(2,)),
+    Attack(
+        "mirror_rot_zoom",
+        "mirror + rotation 7 deg + crop to 90% and resize",
+        lambda t, u, c: _resize(_crop_centre(_rotate(t[0][::-1], 7.0), 0.9, range(t[0].ndim)), t[0].shape),
+    ),
+    Attack(
+        "blur_gamma_noise",
+        "blur sd 1 px + gamma 1.5 + Gaussian noise 5%",
+        lambda t, u, c: _on_unit(_blur(t[0], c.scale), lambda x: x**1.5 + 0.05 * c.rng.standard_normal(x.shape)),
     ),
 ]
 ATTACK_KEYS = [a.key for a in ATTACKS]

@@ -13,12 +13,16 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "safeguard_attacks
 TOY = ["--modalities", "us2d", "--attempts", "3", "--cohort-2d", "10,34,4", "--size", "32"]
 
 
-def _parse_tables(text: str) -> list:
+def _module():
     spec = importlib.util.spec_from_file_location("safeguard_attacks", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up there
     spec.loader.exec_module(module)
-    return module.parse_tables(text)
+    return module
+
+
+def _parse_tables(text: str) -> list:
+    return _module().parse_tables(text)
 
 
 def _run(args: list[str]) -> str:
@@ -68,3 +72,22 @@ def test_mri_volumes_are_judged_with_the_training_percentiles_not_refused_unjudg
     assert rows["exact copy"] == (0, 2)
     released, attempted = rows["unseen patient images (control)"]
     assert attempted == 12 and released >= 10, text
+
+
+def test_every_attack_makes_a_finite_copy_that_differs_from_its_source_in_2d_and_3d():
+    """An attack that silently returned its source unchanged (or NaN) would count as a caught copy in every table."""
+    import numpy as np
+    from scipy import ndimage
+
+    sa = _module()
+    rng = np.random.default_rng(0)
+    for dims, shape, scale in ((2, (64, 64), 1.0), (3, (32, 32, 32), 0.5)):  # the benchmark's sizes
+        train = [100.0 * ndimage.gaussian_filter(rng.random(shape), 2) for _ in range(3)]
+        unseen = [50.0 * ndimage.gaussian_filter(rng.random(shape), 2) for _ in range(2)]
+        for attack in sa.ATTACKS:
+            if dims not in attack.dims or attack.key in ("exact", "x257"):
+                continue
+            out = np.asarray(attack.fn(train, unseen, sa.Ctx(np.random.default_rng(1), dims, scale)), dtype=float)
+            assert out.ndim == dims and np.isfinite(out).all(), attack.key
+            if out.shape == shape:
+                assert not np.allclose(out, train[0]), f"{attack.key} returned its source unchanged"
