@@ -148,7 +148,7 @@ def _add_guard(sub: argparse._SubParsersAction) -> None:
         "monotone intensity curve), parts (aligned regions), "
         "crops (crops of training images), tiles (windows at every position), halves (a half, quadrant or, in 3D, "
         "octant of a training image resized to the whole, or a slab of one axis stretched back), texture (fine texture: copies under "
-        "strong noise), deblur (the candidate sharpened: blurred or pixelated copies), disc (2D: central disc under "
+        "strong noise; texture:box=3 keeps the finer grain), deblur (the candidate sharpened: blurred or pixelated copies), disc (2D: central disc under "
         "fine rotations, zooms and moves), ball (3D: central ball under fine rotations and moves about each axis), "
         "coarse (3D: deblur on an 8-cell grid, volumes pixelated to an eighth of their side), embedding "
         "(copy-detection network, trained on --train unless --embedding-weights); a space of the other "

@@ -68,3 +68,15 @@ def test_3d_volumes_and_the_default_spaces():
     vec = space.embed_variants(torch.rand(2, 1, 12, 12, 12))
     assert vec.shape == (2, 16, 12**3)  # 8 flips x 2 signs
     assert make_space("texture", 2, (128, 128)).grid == 64
+
+
+def test_the_box_option_sets_the_local_mean_and_refuses_what_it_does_not_know():
+    from monai_synth.privacy.factory import make_space
+
+    assert make_space("texture", 2, (64, 64)).kernel == 9
+    assert make_space("texture:box=3", 2, (64, 64)).kernel == 3
+    assert make_space("texture:box=3", 3, (32, 32, 32)).kernel == 3
+    with pytest.raises(ValueError, match="box=N"):
+        make_space("texture:flip", 2, (64, 64))
+    with pytest.raises(ValueError, match="kernel"):
+        make_space("texture:box=4", 2, (64, 64))
