@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import safeguard_attacks as sa  # noqa: E402
+from safeguard_calibration import _copy_distances  # noqa: E402
 
 
 class ProjectedOut:
@@ -81,20 +82,18 @@ def reach(args) -> None:
     keys = np.array([p.attack.key for p in plants for _ in p.images])
     copies = torch.stack([torch.as_tensor(img, dtype=torch.float32)[None] for p in plants for img in p.images])
     t0 = time.time()
-    space = build_spaces(
-        [args.space], dims, cohort.size, torch.stack(list(train)), loaded.train_ids, loaded.train_fingerprint
-    )[0]
-    rows = np.concatenate([space.embed(t[None]) for t in train])
-    _, _, directions = np.linalg.svd(rows, full_matrices=False)
+    stacked = torch.stack(list(train))
+    space = build_spaces([args.space], dims, cohort.size, stacked, loaded.train_ids, loaded.train_fingerprint)[0]
+    _, _, directions = np.linalg.svd(space.embed(stacked), full_matrices=False)
     floor = float(np.max(distance_floor(space)))
+    views = loaded.encoder.model_views
     print(f"{args.modality}, {args.space}: {len(train)} training and {len(new)} new images, {len(copies)} copies")
     columns = {}
     for k in [0, *args.project_out]:
         judged = space if k == 0 else ProjectedOut(space, directions[:k])
         index = TrainingIndex.build(judged, train, loaded.train_ids, loaded.train_fingerprint, 64)
-        views = loaded.encoder.model_views
         new_d = np.asarray(_neighbours(index, _query_batches(index, new, views, 64), True)[0])
-        copy_d = np.asarray(_neighbours(index, _query_batches(index, copies, views, 64), True)[0])
+        copy_d = _copy_distances(index, copies, views)[0]  # a copy it cannot judge counts as caught, as the gate does
         at = 0.0 if k else floor
         q = float(np.quantile(new_d, 0.01)) - at
         columns[k] = (copy_d - at) / q
