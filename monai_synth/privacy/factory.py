@@ -88,9 +88,20 @@ the anatomy that dominates their correlation, passed the whole 3D gate 2 of 2; t
 the cut part back). On CT 32^3 phantoms copies cut to 0.6-0.9 then sit at 0.0-0.3 of the nearest new patient's
 distance above the floor at the slabs' fractions, and at 0.5-1.2 between them (0.72, 0.78, 0.88)."""
 
+_CORNERS = (0.6, 0.7, 0.8, 0.9)
+"""Fractions of every axis of the 3D ``halves`` space's corner windows (at each of the 8 corners), the candidate also
+magnified by :data:`_CORNER_STRETCHES` about each corner: a volume cropped at a corner and resized back, which no other
+3D slot holds (the crops are centred, the pixel space's zooms are about the centre, a slab cuts one axis); CT volumes
+cropped to 85% at a corner passed the whole 3D gate 2 of 2. On CT 32^3 phantoms, copies cropped to 0.55-0.93 at
+any corner then sit at 0.14-0.52 of the nearest new patient's distance above the floor (5-20x without the corners);
+two corner fractions held only about +-0.015 of each."""
+
+_CORNER_STRETCHES = (0.93, 0.97, 1.03, 1.07)
+"""Magnifications of the unturned candidate about each corner, tried in that corner's slots."""
+
 _CENTRE_SLAB_STRETCHES = (0.97, 1.03)
 """Magnifications of the whole candidate along a 3D centred slab's axis, tried in its slot (fewer than 2D's
-:data:`_SLAB_STRETCHES`: each is a variant of a 45,568-value row per slab)."""
+:data:`_SLAB_STRETCHES`: each is a variant of a 61,952-value row per slab)."""
 
 _SLAB_STRETCHES = (0.94, 0.97, 1.03, 1.06)
 """Magnifications of the unturned candidate along a slab's axis, about the slab's anchor, tried in its slot."""
@@ -132,7 +143,9 @@ def make_space(
     axis at its centre and either end, the candidate also stretched by up to 6% along that axis: a copy cut along one
     axis and stretched back, see :data:`_SLABS`; 3D: also the slab of 0.6-0.9 of one axis at either end against the
     candidate's slab at the other end, a volume moved along one axis, and the centred slab against the whole candidate,
-    stretched by up to 3% along that axis, a volume cut along one axis and stretched back, see :data:`_MOVED_SLABS`).
+    stretched by up to 3% along that axis, a volume cut along one axis and stretched back, see :data:`_MOVED_SLABS`;
+    and the corner windows of 0.6-0.9 of every axis at each corner, the candidate also magnified by up to 7% about that
+    corner, a volume cropped at a corner and resized back, see :data:`_CORNERS`).
     CT 32^3 phantoms: such quadrants and octants at r 0.998-0.999 with their source, new patients' volumes at most 0.979; ultrasound 64^2, a half of one
     axis stretched to the whole at r 0.999, new patients' images at most 0.83. Its specificity test refused new
     patients' 2D PET slices until the test measured a slot space's ratios above its floor (see
@@ -240,6 +253,8 @@ def make_space(
             slabs=_MOVED_SLABS,
             slab_stretches=_CENTRE_SLAB_STRETCHES,
             moved_slabs=True,
+            corners=_CORNERS,
+            corner_stretches=_CORNER_STRETCHES,
         )
     if name == "texture":
         fine = min(64 if spatial_dims == 2 else 32, *spatial_size)

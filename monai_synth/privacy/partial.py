@@ -87,10 +87,17 @@ class PartSpace:
             the slab's slot (those that hold the whole candidate): a copy cut to a fraction between the slabs' (each
             slab alone holds about +-0.01 of its fraction on PET slices).
         slab_anchors: where along its axis a slab lies: any of ``"low"``, ``"centre"``, ``"high"``.
+        corners: ``kind="halves"``: fractions of every axis; each training image also has a slot for its corner window
+            of that fraction at each of the ``2 ** spatial_dims`` corners, compared with the whole candidate under the
+            symmetries: a copy cropped at a corner and resized back (the 3D crops are centred only, and a slab or half
+            holds one or two axes of such a copy, not all three).
+        corner_stretches: magnifications of the unturned candidate about each corner, also tried in that corner's
+            slots: a copy cropped to a fraction between the corners' (each corner slot alone holds about +-0.015 of
+            its fraction on CT volumes).
         moved_slabs: instead of the whole candidate, each slab slot at an end of its axis holds the candidate's slab
             of the same fraction at the other end (unturned): a copy moved by ``1 - fraction`` of the side along that
-            axis, the vacated part filled (the 2D crops do this with their corner windows; volumes have no corner
-            crops). Centred slabs still hold the whole candidate.
+            axis, the vacated part filled (the 2D crops do this with their corner windows; the 3D corner windows hold
+            the whole candidate only). Centred slabs still hold the whole candidate.
         moved: ``kind="crops"`` (2D only): each corner crop's slot also holds the candidate's window of the same size
             at the three other corners (unrotated, no symmetry): a training image moved by ``1 - crop`` of the side
             along one axis or both, the rest filled. Wrapped shifts of the whole image restore a copy moved on a
@@ -119,6 +126,8 @@ class PartSpace:
         slab_stretches: Sequence[float] = (),
         slab_anchors: Sequence[str] = ("low", "centre", "high"),
         moved_slabs: bool = False,
+        corners: Sequence[float] = (),
+        corner_stretches: Sequence[float] = (),
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -130,6 +139,8 @@ class PartSpace:
             raise ValueError(f"crops must be fractions of the side in [0.25, 1), got {list(crops)}")
         if not all(0.25 <= float(f) < 1.0 for f in slabs):
             raise ValueError(f"slabs must be fractions of one axis in [0.25, 1), got {list(slabs)}")
+        if not all(0.25 <= float(f) < 1.0 for f in corners):
+            raise ValueError(f"corners must be fractions of every axis in [0.25, 1), got {list(corners)}")
         if not slab_anchors or not set(slab_anchors) <= {"low", "centre", "high"}:
             raise ValueError(f"slab_anchors must be some of 'low', 'centre', 'high', got {list(slab_anchors)}")
         invariances = _checked_invariances(invariances)
@@ -163,6 +174,18 @@ class PartSpace:
         if kind == "halves":
             ends = itertools.product((None, (0.5, "low"), (0.5, "high")), repeat=spatial_dims)
             self._halves = [h for h in ends if any(h)]
+        # the corner window of a fraction of every axis, at each corner: a copy cropped at a corner and resized back
+        self.corners = tuple(sorted({round(float(f), 4) for f in corners})) if kind == "halves" else ()
+        self._first_corner = len(self._halves)
+        self._corner_cuts = [
+            tuple((f, end) for end in ends)
+            for f in self.corners
+            for ends in itertools.product(("low", "high"), repeat=spatial_dims)
+        ]
+        self._halves += self._corner_cuts
+        self.corner_stretches = (
+            tuple(sorted({round(float(z), 4) for z in corner_stretches} - {1.0})) if self.corners else ()
+        )
         # a slab of one axis: that axis cut to the fraction (at an anchor), the others whole; after the halves
         self.slab_anchors = tuple(a for a in ("low", "centre", "high") if a in slab_anchors) if self.slabs else ()
         self._slab_cuts = [
@@ -234,6 +257,8 @@ class PartSpace:
                 **({"moved": "every corner"} if self.moved else {}),
                 **({"halves": "each end of every set of axes"} if self._halves else {}),
                 **({"slabs": list(self.slabs)} if self.slabs else {}),
+                **({"corners": list(self.corners)} if self.corners else {}),
+                **({"corner_stretches": list(self.corner_stretches)} if self.corner_stretches else {}),
                 **({"slab_stretches": list(self.slab_stretches)} if self.slab_stretches else {}),
                 **({"slab_anchors": list(self.slab_anchors)} if self.slabs and len(self.slab_anchors) < 3 else {}),
                 **({"moved_slabs": True} if self._moved_slabs else {}),
@@ -320,6 +345,30 @@ class PartSpace:
             out += [(first + h, *_standardised_piece(stretched[(axis, anchor)][k::z])) for k in range(z)]
         return out
 
+    def _stretched_corners(self, g: torch.Tensor, first: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(slot, vectors, valid)`` of the candidate ``g`` magnified about each corner by every
+        :attr:`corner_stretches` factor, for the corner slots from ``first`` on: a copy cropped at a corner to a
+        fraction between the corners' matches one of them stretched."""
+        if not self.corner_stretches:
+            return []
+        z = len(self.corner_stretches)
+        ends = list(itertools.product(("low", "high"), repeat=self.spatial_dims))
+        stretched = {}
+        for corner in ends:  # output point p samples the input at at + (p - at) / z, per axis
+            maps = []
+            for zoom in self.corner_stretches:
+                m = torch.cat([torch.eye(self.spatial_dims) / zoom, torch.zeros(self.spatial_dims, 1)], dim=1)
+                for axis, end in enumerate(corner):
+                    at = -1.0 if end == "low" else 1.0
+                    m[self.spatial_dims - 1 - axis, -1] = at * (1.0 - 1.0 / zoom)  # reversed axes (affine_grid)
+                maps.append(m)
+            stretched[corner] = self._reduced(_linear_variants(g, maps))  # (B * Z, C, *crop_grid)
+        out = []
+        for c, cuts in enumerate(self._corner_cuts):
+            piece = stretched[tuple(end for _, end in cuts)]
+            out += [(first + c, *_standardised_piece(piece[k::z])) for k in range(z)]
+        return out
+
     def embed(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """Training side: every standardised region in its slot, scaled by ``1 / sqrt(R)``.
 
@@ -357,6 +406,7 @@ class PartSpace:
         # the slabs' slots also hold the candidate (unturned) stretched a little along the slab's axis about its anchor;
         # moved slabs: only the candidate's slab at the other end of the axis
         variants += len(self._whole_slabs) * len(self.slab_stretches) + len(self._moved_slabs)
+        variants += len(self._corner_cuts) * len(self.corner_stretches)
         # written straight into one tensor, negations included: building each variant as its own zero vector, then
         # stacking and concatenating them, cost the crops space half of its judging time
         v = torch.zeros(n, variants * len(self.signs), self.dim)
@@ -387,6 +437,7 @@ class PartSpace:
                 moved += [(slots + h, vec, ok) for h in self._whole_halves]
             first_slab = slots + len(self._halves) - len(self._slab_cuts)
             moved += self._stretched_slabs(g, first_slab)
+            moved += self._stretched_corners(g, slots + self._first_corner)
             moved += [(first_slab + h, *_standardised_piece(self._half(full, cut))) for h, cut in self._moved_slabs]
         for r, vec, ok in moved:  # the candidate's corner windows / quadrants in the other corners' slots
             v[:, at, self._offsets[r] : self._offsets[r + 1]] = vec

@@ -731,7 +731,7 @@ QUERY_FLOATS = 2**25
 """Query vectors (float32 values) one space embeds and searches at once: 128 MiB. A 3D pixel-space query holds 17.8
 million (4,354 variants of 4,096 values), a 2D one 1.6 million, so a batch of 64 would hold 4.6 GB per space (and the
 embedding's intermediates several times that); batches are cut to this budget instead (the 3D ``halves`` space's
-41.9 million, 920 variants of 45,568 values, go one volume at a time)."""
+104.6 million, 1,688 variants of 61,952 values, go one volume at a time)."""
 
 _PER_IMAGE: dict[tuple, int] = {}
 

@@ -607,13 +607,15 @@ def test_default_3d_halves_space_catches_a_half_quadrant_or_octant_blown_up():
     copies = torch.stack([F.interpolate(p[None], size=(32, 32, 32), mode="trilinear")[0] for p in pieces])
     space = make_space("halves", 3, (32, 32, 32))
     assert "halves" in DEFAULT_SPACES and "halves" not in THREE_D_ONLY and space.name == "halves"
-    # (flips x (halves + 7 slab fractions x 3 axes centred) + 7 x 3 x 2 ends, the candidate's other end
-    # + 7 x 3 centred x 2 stretches) x signs
-    assert space.embed_variants(x[:1]).shape[1] == (8 * (26 + 21) + 42 + 42) * 2
+    # (flips x (halves + 4 corner fractions x 8 corners + 7 slab fractions x 3 axes centred) + 7 x 3 x 2 ends, the
+    # candidate's other end + 7 x 3 centred x 2 stretches + 32 corners x 4 stretches) x signs
+    assert space.embed_variants(x[:1]).shape[1] == (8 * (26 + 32 + 21) + 42 + 42 + 128) * 2
     rows = space.embed(train)
     others = 1.0 - (space.embed_variants(new) @ rows.T).max(axis=1)
     own = 1.0 - np.stack([(space.embed_variants(copies[i : i + 1])[0] @ rows[i]).max() for i in range(6)])
-    r_own, r_others = (1.0 - own) * 89**0.5, (1.0 - others) * 89**0.5  # back to Pearson r
+    slots = round((1.0 - space.distance_floor) ** -2)  # 26 halves, 32 corners, 63 slabs
+    assert slots == 121
+    r_own, r_others = (1.0 - own) * slots**0.5, (1.0 - others) * slots**0.5  # back to Pearson r
     assert r_own.min() > 0.99 and r_own.min() > r_others.max() + 0.005, (r_own, r_others.max())
     crops = make_space("crops", 3, (32, 32, 32))  # what caught them before: not the centred crops
     crop_rows = crops.embed(train)
@@ -718,6 +720,41 @@ def test_default_3d_halves_space_catches_a_volume_moved_along_one_axis():
         assert (ratio.max() < 0.05) if caught else (ratio.min() > 1.0), ratio
     with pytest.raises(ValueError, match="slab_anchors"):
         PartSpace(spatial_dims=3, kind="halves", slabs=(0.8,), slab_anchors=("middle",))
+
+
+def test_default_3d_halves_space_catches_a_volume_cropped_at_a_corner_and_resized_back():
+    # CT volumes cropped to 85% of every axis at a corner and resized back passed the whole 3D gate 2 of 2: the 3D crops
+    # are centred and a slab holds one axis of such a copy. The corner windows of 0.6-0.9 of every axis at each of the
+    # 8 corners, the candidate also magnified by up to 7% about each corner, hold copies cropped to 0.55-0.93
+    from monai_synth.privacy.factory import make_space
+    from monai_synth.privacy.partial import PartSpace
+
+    x = _ct_volumes(20)
+    train, new = x[:10], x[10:]
+
+    def cornered(a: torch.Tensor, fraction: float, ends: str) -> torch.Tensor:
+        side = int(round(32 * fraction))
+        cut = tuple(slice(0, side) if e == "l" else slice(32 - side, 32) for e in ends)
+        return F.interpolate(a[(slice(None), *cut)][None], size=(32,) * 3, mode="trilinear")[0]
+
+    crops = [(0.85, "lll"), (0.7, "hlh"), (0.78, "lhh"), (0.93, "hhl"), (0.64, "llh"), (0.55, "hhh"), (0.88, "hll")]
+    copies = torch.stack([cornered(train[i], f, ends) for i, (f, ends) in enumerate(crops)])
+    copies[1] = copies[1].flip(-1)  # and mirrored: at a corner's fraction (the stretches are tried unturned only)
+    space = make_space("halves", 3, (32, 32, 32))
+    assert space.corners == (0.6, 0.7, 0.8, 0.9) and space.corner_stretches == (0.93, 0.97, 1.03, 1.07)
+    plain = PartSpace(
+        grid=16, spatial_dims=3, kind="halves", invariances=space.invariances, slabs=space.slabs,
+        slab_stretches=space.slab_stretches, moved_slabs=True,
+    )  # fmt: skip
+    assert plain.fingerprint() != space.fingerprint()
+    for s, caught in ((space, True), (plain, False)):
+        rows = s.embed(train)
+        others = 1.0 - (s.embed_variants(new) @ rows.T).max(axis=1)
+        own = 1.0 - np.stack([(s.embed_variants(copies[i : i + 1])[0] @ rows[i]).max() for i in range(len(crops))])
+        ratio = (own - s.distance_floor) / (others.min() - s.distance_floor)
+        assert (ratio.max() < 0.7) if caught else (ratio.min() > 1.5), ratio
+    with pytest.raises(ValueError, match="corners"):
+        PartSpace(spatial_dims=3, kind="halves", corners=(1.0,))
 
 
 def test_default_3d_gate_catches_a_volume_cut_along_one_axis_and_stretched_back():
