@@ -112,7 +112,7 @@ def _add_train_embedding(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", required=True, help="training datalist (CSV or MONAI JSON)")
     p.add_argument("--modality", required=True, choices=MODALITY_KEYS)
     p.add_argument("--spatial-size", type=int, nargs="+", default=[64])
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 40)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="weights file to write (.pt)")
     p.set_defaults(func=_run_train_embedding)

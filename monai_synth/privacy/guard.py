@@ -313,14 +313,15 @@ def train_embedding_from_datalist(
     train: str,
     modality: str,
     spatial_size: int | Sequence[int] = 64,
-    epochs: int = 20,
+    epochs: int | None = None,
     seed: int = 0,
     out: str = "embedding.pt",
 ) -> str:
     """Train the re-identification embedding on a training datalist and save its weights.
 
     Thin glue: loads the images in model space, calls
-    :func:`monai_synth.privacy.embedding.train_embedding` with the patient ids as identities and saves the space.
+    :func:`monai_synth.privacy.embedding.train_embedding` with the patient ids as identities (``epochs``: its
+    default when None) and saves the space.
 
     Returns:
         the weights path.
@@ -336,9 +337,9 @@ def train_embedding_from_datalist(
         images,
         [r["patient_id"] for r in records],
         spatial_dims=spatial_dims,
-        epochs=epochs,
         seed=seed,
         data_fingerprint=datalist_fingerprint(records),
+        **({} if epochs is None else {"epochs": int(epochs)}),
     )
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -86,7 +86,7 @@ def calibrated_safeguard(
     spaces: Sequence[str] = DEFAULT_SPACES,
     embedding_weights: str | None = None,
     embedding_out: str | os.PathLike | None = None,
-    embedding_epochs: int = 20,
+    embedding_epochs: int | None = None,
     quantile: float = 0.01,
     floor: float = 0.0,
     seed: int = 0,
@@ -106,7 +106,7 @@ def calibrated_safeguard(
             data fingerprint: weights that never saw some training patient are refused). ``None`` with an
             ``embedding`` space trains the embedding here, on the training images, and saves it to ``embedding_out``.
         embedding_out: where to save an embedding trained here (``None``: not saved).
-        embedding_epochs: training epochs of an embedding trained here.
+        embedding_epochs: training epochs of an embedding trained here (None: its training default).
         quantile: holdout quantile that sets each threshold.
         floor: absolute minimum threshold.
         seed: seed of an embedding trained here.
