@@ -80,18 +80,45 @@ _RIDE_GAP = 0.15  # a query rides on the previous one's products when none of it
 # query's same variant (the two intensity views of one image: 0.00-0.12 apart in every default 2D space)
 
 
+class _SlotVectors:
+    """Vectors that are zero outside their slot's columns, kept on those columns only: ``values`` ``(n, c)`` and the
+    columns ``cols`` ``(slots, c)`` of each vector's slot ``slot`` ``(n,)``. Indexing returns dense ``(k, d)`` float32
+    copies of the few vectors asked for (the survivors of the screen, the pairs recomputed in float64), so the slot
+    spaces' ``(variants, d)`` queries are never copied in full: with the 3D ``halves`` space's corner windows (1,688
+    variants of 61,952 values per volume, mostly zeros) the dense copies cost 3x the products they fed."""
+
+    def __init__(self, values: np.ndarray, cols: np.ndarray, slot: np.ndarray, d: int) -> None:
+        self.values, self.cols, self.slot, self.shape = values, cols, slot, (len(values), d)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, at) -> np.ndarray:
+        at = np.arange(len(self))[at] if isinstance(at, slice) else np.asarray(at, dtype=np.int64).reshape(-1)
+        out = np.zeros((len(at), self.shape[1]), dtype=np.float32)
+        out[np.arange(len(at))[:, None], self.cols[self.slot[at]]] = self.values[at]
+        return out
+
+
+def _dense(full: np.ndarray | _SlotVectors, at) -> torch.Tensor:
+    """Float32 ``(k, d)`` tensor of the full vectors ``at`` (positions) of a group."""
+    if isinstance(at, torch.Tensor):
+        at = at.numpy()
+    return torch.from_numpy(np.ascontiguousarray(full[np.asarray(at, dtype=np.int64)]))
+
+
 @dataclass
 class _Group:
     """Distinct query vectors that share their non-zero columns ``cols`` (None: all): ``q`` ``(m, c)`` on those
     columns, the query each belongs to, whether its negation is asked as well (then ``|<q, x>|`` counts), and the full
-    ``(m, d)`` vectors for the float64 recomputation. ``shadow``: the vectors of the queries that ride on this
+    ``(m, d)`` vectors for the float64 recomputation (a slot group's as :class:`_SlotVectors`). ``shadow``: the vectors of the queries that ride on this
     group's products (:func:`_ride`), one per vector (owner -1: none), each within ``slack`` of its vector."""
 
     cols: np.ndarray | None
     q: torch.Tensor
     owner: np.ndarray
     both: np.ndarray
-    full: np.ndarray
+    full: np.ndarray | _SlotVectors
     shadow: _Group | None = None
     slack: np.ndarray | None = None
     _members: list[tuple[int, np.ndarray]] | None = None
@@ -122,16 +149,16 @@ def _groups(flat: np.ndarray, owner: np.ndarray, fast: bool, nv: int = 1) -> lis
         q = torch.from_numpy(np.ascontiguousarray(vec[dense]))
         groups.append(_Group(None, q, own[dense], both[dense], vec[dense]))
     if sparse.any():
-        support = vec != 0
         idx = np.flatnonzero(sparse)
-        packed = np.ascontiguousarray(np.packbits(support[idx], axis=1))
+        packed = np.ascontiguousarray(np.packbits(vec[idx] != 0, axis=1))
         _, group_of = np.unique(packed.view(np.dtype((np.void, packed.shape[1]))).ravel(), return_inverse=True)
         group_of = group_of.ravel()
         for g in range(int(group_of.max()) + 1):
             members = idx[group_of == g]
-            cols = np.flatnonzero(support[members[0]])
-            q = torch.from_numpy(np.ascontiguousarray(vec[members][:, cols]))
-            groups.append(_Group(cols, q, own[members], both[members], vec[members]))
+            cols = np.flatnonzero(vec[members[0]])
+            values = vec[np.ix_(members, cols)]
+            full = _SlotVectors(values, cols[None], np.zeros(len(members), dtype=np.int64), d)
+            groups.append(_Group(cols, torch.from_numpy(values), own[members], both[members], full))
     return groups
 
 
@@ -342,11 +369,13 @@ def _stacked(gs: list[_Group], m: int, c: int) -> _Group:
     """Slot groups of ``c`` columns as one ``(G, m, c)`` group, each padded to ``m`` vectors of owner -1."""
     q = torch.zeros(len(gs), m, c)
     d = gs[0].full.shape[1]
-    owner, both, full = np.full(len(gs) * m, -1), np.zeros(len(gs) * m, bool), np.zeros((len(gs) * m, d), np.float32)
+    owner, both = np.full(len(gs) * m, -1), np.zeros(len(gs) * m, bool)
     for i, g in enumerate(gs):
         n = len(g.owner)
         q[i, :n] = g.q
-        owner[i * m : i * m + n], both[i * m : i * m + n], full[i * m : i * m + n] = g.owner, g.both, g.full
+        owner[i * m : i * m + n], both[i * m : i * m + n] = g.owner, g.both
+    slot = np.repeat(np.arange(len(gs)), m)
+    full = _SlotVectors(q.numpy().reshape(len(gs) * m, c), np.stack([g.cols for g in gs]), slot, d)
     return _Group(None, q, owner, both, full)
 
 
@@ -382,7 +411,6 @@ def _survivors(
     rider's vector ``r`` (:func:`_ride`) was not screened, but its screened partner ``v`` was, and
     ``|<r, x> - <v, x>| <= |r - v|`` for a unit row ``x``: the bound widens by that gap."""
     both = torch.from_numpy(g.both)
-    full = torch.from_numpy(g.full)
     real = g.owner >= 0  # slot groups are padded with vectors of owner -1, shadows where a query has no rider
     reach = top + bound  # the largest |similarity| each vector can have with a row of this block
     # seed each query's best with the exact similarity of its most promising pair (none where even that cannot reach
@@ -391,7 +419,7 @@ def _survivors(
     seeds = [(o, v) for o, v in seeds if reach[v] >= best.value[o]]
     if seeds:
         at = screen[torch.tensor([v for _, v in seeds])].float().argmax(dim=1)
-        sims = torch.einsum("ij,ij->i", full[[v for _, v in seeds]], x[at])
+        sims = torch.einsum("ij,ij->i", _dense(g.full, [v for _, v in seeds]), x[at])
         for (o, v), r, s in zip(seeds, at.tolist(), sims):
             best.add_pairs(o, (s.abs() if g.both[v] else s)[None], np.array([v]), rows[[r]], g)
     floor = np.where(real, best.value[np.maximum(g.owner, 0)] - REFINE - bound, np.inf)
@@ -401,13 +429,14 @@ def _survivors(
     sub = screen[torch.from_numpy(keep)].float()
     cut = torch.from_numpy(floor[keep]).float()[:, None]
     if sub.numel() and (sub >= cut).float().mean() > _DENSE_PAIRS:
-        part = _Group(None, full[torch.from_numpy(keep)], g.owner[keep], g.both[keep], g.full[keep])
+        dense = _dense(g.full, keep)
+        part = _Group(None, dense, g.owner[keep], g.both[keep], dense.numpy())
         exact = scratch.get("survivors", (len(keep), len(x)), torch.float32)
         best.add(torch.mm(part.q, x.T, out=exact), part, rows)
         return
     vi, ri = torch.nonzero(sub >= cut, as_tuple=True)
     vi = torch.from_numpy(keep)[vi]
-    sims = torch.einsum("ij,ij->i", full[vi], x[ri])
+    sims = torch.einsum("ij,ij->i", _dense(g.full, vi), x[ri])
     sims = torch.where(both[vi], sims.abs(), sims)
     vi, ri = vi.numpy(), ri.numpy()
     for o in np.unique(g.owner[vi]):
