@@ -115,7 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--attempts", type=int, default=4, help="copies per transform")
     p.add_argument("--size", type=int, default=None, help="default: 64 (2D), 32 (3D)")
     p.add_argument("--seed", type=int, default=0)
-    reach(p.parse_args(argv))
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's; 1 for runs side by side)"
+    )
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reach(args)
     return 0
 
 
