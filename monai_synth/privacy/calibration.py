@@ -904,7 +904,7 @@ def _calibrate(
     if duplicate_check:
         flagged, screen = _screen_duplicates(d, d_other, duplicate_z, duplicate_alpha, distance_floor(index.space))
         if flagged.any():
-            _refuse_duplicates(flagged, d, rows, holdout_patient_ids, quantile, screen)
+            _refuse_duplicates(flagged, d, rows, holdout_patient_ids, quantile, screen, index.space_name)
         screen["flagged"] = 0
     cross = _cross_patient(
         index, training_images, cross_count, views, batch_size, (d, d_other), duplicate_z, duplicate_alpha
@@ -941,8 +941,10 @@ def _refuse_duplicates(
     holdout_patient_ids: Sequence[str] | None,
     quantile: float,
     screen: dict,
+    space_name: str = "",
 ) -> None:
-    """Raise :class:`HoldoutDuplicateError` naming the flagged holdout images and what they would do."""
+    """Raise :class:`HoldoutDuplicateError` naming the flagged holdout images, the space that saw them and what they
+    would do."""
     bad = np.flatnonzero(flagged)
     named = []
     for i in bad[:20]:
@@ -952,12 +954,14 @@ def _refuse_duplicates(
     with_them = float(np.quantile(d, quantile))
     without = float(np.quantile(d[~flagged], quantile)) if (~flagged).sum() else float("nan")
     raise HoldoutDuplicateError(
-        f"{len(bad)} holdout images look like near-duplicates of training images: rows {'; '.join(named)}{more}. "
+        f"{len(bad)} holdout images look like near-duplicates of training images"
+        f"{f' in the {space_name!r} space' if space_name else ''}: rows {'; '.join(named)}{more}. "
         f"Each is far below the rest of the holdout (median distance {math.exp(screen['median_log_distance']):.4g}) "
         "and much closer to one training patient than to any other, as a copy of a training image is and a new "
         f"patient is not; left in, they would pull the {quantile:g} quantile threshold from {without:.4g} down to "
         f"{with_them:.4g} and let near-copies through. Remove those images from the holdout and check the "
         "train/holdout split (the same person under another id, a duplicated series); if they are certainly new "
-        "patients (e.g. a holdout pooling very different populations), pass duplicate_check=False.",
+        "patients (e.g. a holdout pooling very different populations), pass duplicate_check=False "
+        "(`monai-synth guard --no-duplicate-check`).",
         bad,
     )

@@ -196,8 +196,9 @@ def test_a_training_image_planted_in_the_holdout_is_refused_by_row(setup, copy):
     _, index, train, holdout = setup
     planted = holdout.clone()
     planted[17] = copy(train[5], torch.Generator().manual_seed(0))
-    expected = r"^1 holdout images look like near-duplicates .* rows 17 \(H17\) at \S+ from training row 5\..*Remove "
-    with pytest.raises(HoldoutDuplicateError, match=expected + r"those images .* pass duplicate_check=False\.$") as err:
+    expected = r"^1 holdout images look like near-duplicates of training images in the 'pixel' space: rows 17 \(H17\) "
+    expected += r"at \S+ from training row 5\..*Remove those images .* pass duplicate_check=False \(`monai-synth guard "
+    with pytest.raises(HoldoutDuplicateError, match=expected + r"--no-duplicate-check`\)\.$") as err:
         calibrate_threshold(index, planted, holdout_patient_ids=HOLDOUT_IDS)
     assert err.value.rows == [17]
 
