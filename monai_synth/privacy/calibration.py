@@ -46,6 +46,11 @@ distance to the nearest training image of *another* patient. An image is flagged
    exact match: a space that compares one slot of R at a time (``parts``, ``crops``, ``halves``) scores an exact
    match ``1 - 1 / sqrt(R)``, and its ratios are taken above that floor (:func:`log_distance_ratio`).
 
+A space trained on patient identity (the learned ``embedding``, ``identity_space = True``) puts a new patient who
+looks like a training patient next to that patient's images, and the screen flags that as it would a copy. There the
+flagged images are left out of that space's threshold with a warning instead of refusing the holdout: they cannot
+lower it, and a real copy of a training image is close in the pixel-based spaces too, whose screens refuse it.
+
 Each test alone is fooled by a holdout that pools populations of very different typical distances (e.g. two
 modalities in one space): the lower population looks far below the bulk, and its intrinsic dimension differs
 from the median one. A genuine image rarely passes both, while a copy of a training image does both at once.
@@ -901,14 +906,20 @@ def _calibrate(
             "out of the spaces"
         )
     screen = None
+    screened = d
     if duplicate_check:
         flagged, screen = _screen_duplicates(d, d_other, duplicate_z, duplicate_alpha, distance_floor(index.space))
-        if flagged.any():
+        if flagged.any() and not getattr(index.space, "identity_space", False):
             _refuse_duplicates(flagged, d, rows, holdout_patient_ids, quantile, screen, index.space_name)
-        screen["flagged"] = 0
+        screen["flagged"] = int(flagged.sum())
+        if flagged.any():  # a patient look-alike in a space that learned identities: kept out of its threshold
+            _warn_look_alikes(flagged, d, rows, holdout_patient_ids, index.space_name)
+            screened = d.copy()
+            screened[flagged] = d.max()  # never among the lowest; the rows stay aligned with the other spaces'
     cross = _cross_patient(
         index, training_images, cross_count, views, batch_size, (d, d_other), duplicate_z, duplicate_alpha
     )
+    d = screened
     pooled = np.concatenate([d, cross.kept])
     q_value = float(np.quantile(pooled, quantile))
     d_sorted = np.sort(pooled)
@@ -932,6 +943,34 @@ def _calibrate(
         cross_patient_dropped=int(cross.flagged.sum()),
     )
     return calibration, d, cross
+
+
+def _warn_look_alikes(
+    flagged: np.ndarray, d: np.ndarray, rows: np.ndarray, holdout_patient_ids: Sequence[str] | None, space_name: str
+) -> None:
+    """Warn that holdout images resemble one training patient in a space trained on patient identity.
+
+    Such a space puts every image of a patient together, so a new patient who looks like a training patient passes
+    the duplicate screen's two tests as a copy would (seen on a CT phantom cohort: a new patient at 0.025 from one
+    training patient's images, 0.13 from every other, the holdout's median 0.11; no pixel-based space flagged it).
+    Refusing would stop the release for a look-alike, and keeping the images would lower the threshold: they are
+    left out of this space's threshold instead. A true copy of a training image is also close in the pixel-based
+    spaces, whose screens refuse it."""
+    bad = np.flatnonzero(flagged)
+    named = [
+        f"{i}{f' ({holdout_patient_ids[i]})' if holdout_patient_ids is not None else ''} at {d[i]:.4g} from "
+        f"training row {rows[i]}"
+        for i in bad[:20]
+    ]
+    more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
+    warnings.warn(
+        f"{len(bad)} holdout images resemble one training patient far more than any other in the {space_name!r} "
+        f"space (rows {'; '.join(named)}{more}): a new patient who looks like a training patient, or the same "
+        f"person under another id. They are left out of the {space_name!r} threshold, so they cannot lower it; "
+        "check the train/holdout split if they may be the same person.",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def _refuse_duplicates(

@@ -467,6 +467,10 @@ class EmbeddingSpace:
     """
 
     name = "embedding"
+    identity_space = True
+    """Trained to put all images of one patient together, so a new patient who resembles a training patient lands
+    near that patient's images: the holdout's duplicate screen leaves such images out of this space's threshold
+    with a warning instead of refusing the holdout (see :func:`~monai_synth.privacy.calibration.calibrate_threshold`)."""
     _DEFAULT_ZOOMS = (1.0,)
 
     def __init__(

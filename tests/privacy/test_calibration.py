@@ -203,6 +203,27 @@ def test_a_training_image_planted_in_the_holdout_is_refused_by_row(setup, copy):
     assert err.value.rows == [17]
 
 
+def test_a_space_that_learned_identities_leaves_a_look_alike_out_of_its_threshold_with_a_warning(setup):
+    _, _, train, holdout = setup
+
+    class IdentitySpace(PixelSpace):
+        identity_space = True
+
+    index = TrainingIndex.build(IdentitySpace(grid=8), train, [f"T{i // 2}" for i in range(80)], "dl")
+    planted = holdout.clone()
+    planted[17] = train[5] + 0.05 * torch.randn(train[5].shape, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"^1 holdout images resemble one training patient .*rows 17 \(H17\) at "):
+        cal = calibrate_threshold(index, planted, quantile=0.05, holdout_patient_ids=HOLDOUT_IDS)
+    others = torch.arange(120) != 17
+    ids = [h for h, keep in zip(HOLDOUT_IDS, others) if keep]
+    clean = calibrate_threshold(index, holdout[others], quantile=0.05, holdout_patient_ids=ids)
+    assert cal.duplicate_screen["flagged"] == 1
+    assert cal.threshold >= clean.threshold  # the look-alike does not pull it down
+    pixel_index = TrainingIndex.build(PixelSpace(grid=8), train, [f"T{i // 2}" for i in range(80)], "dl")
+    with pytest.raises(HoldoutDuplicateError):  # the same holdout is refused in a pixel-based space
+        calibrate_threshold(pixel_index, planted, quantile=0.05, holdout_patient_ids=HOLDOUT_IDS)
+
+
 def test_several_copies_are_all_named_and_vectors_are_screened_too(setup):
     space, index, train, holdout = setup
     planted = holdout.clone()
