@@ -18,7 +18,7 @@ from monai_synth.privacy.ball import BallSpace
 from monai_synth.privacy.deblur import DeblurSpace
 from monai_synth.privacy.disc import DiscSpace
 from monai_synth.privacy.partial import PartSpace, TileSpace
-from monai_synth.privacy.ranks import RankSpace
+from monai_synth.privacy.ranks import LocalRankSpace, RankSpace
 from monai_synth.privacy.spaces import PixelSpace, PrivacySpace
 from monai_synth.privacy.texture import TextureSpace
 
@@ -33,11 +33,13 @@ def space_name(spec: str) -> str:
 
 
 DEFAULT_SPACES = (
-    "pixel", "ranks", "parts", "crops", "tiles", "halves", "texture", "deblur", "disc", "ball", "coarse", "embedding"
+    "pixel", "ranks", "localranks", "parts", "crops", "tiles", "halves", "texture", "deblur", "disc", "ball", "coarse",
+    "embedding",
 )  # fmt: skip
 """What a candidate must pass by default: whole-image pixel correlation under the geometric and intensity changes a
 person would still call the same image, the same on each image's intensity ranks (a copy under any monotone intensity
-curve, such as histogram equalisation), aligned parts, crops of training images, windows at every scale, the halves
+curve, such as histogram equalisation), the same on each pixel's rank among its neighbours (a copy under a curve that
+differs from part to part: each part equalised on its own, a gain field, a faint overlay), aligned parts, crops of training images, windows at every scale, the halves
 of training images (a half, quadrant or, in 3D, octant of an image blown up to the whole), the fine
 texture of the image (a copy under strong noise such as speckle), the image sharpened (a blurred or pixelated copy,
 whose detail the sharpening brings back), the central disc of a 2D image under fine rotations
@@ -129,6 +131,9 @@ def make_space(
     ``ranks`` = :class:`~monai_synth.privacy.ranks.RankSpace` (the pixel space on each image's intensity ranks, on the
     16-cell grid, mirrored / transposed (2D) / inverted and moved by up to 2 cells, 1 in 3D: a copy under any monotone
     intensity curve, e.g. histogram-equalised PET slices, which sat 12x the pixel space's threshold from their sources).
+    ``localranks`` = :class:`~monai_synth.privacy.ranks.LocalRankSpace` (the same on each pixel's rank among its 3 x 3
+    (3 x 3 x 3) neighbours: a copy under a curve that differs from part to part, e.g. PET slices equalised per half of
+    each axis, 19x the ``ranks`` space's new patients' 1% quantile from their sources and 0.5x here).
     ``parts`` = :class:`~monai_synth.privacy.partial.PartSpace` (aligned quadrants / octants and centre, and each of
     the candidate's quadrants / octants in every other one's place: a quarter of a training image pasted elsewhere),
     ``crops`` = the same class comparing crops of training images with the whole candidate (2D: and with the
@@ -195,6 +200,9 @@ def make_space(
         # shifts of up to 2 cells in 2D (a PET slice moved by 8 px), 1 in 3D
         shift = max(1, min(2 if spatial_dims == 2 else 1, grid // 2 - 1))
         return RankSpace(grid=grid, spatial_dims=spatial_dims, invariances=symmetry + ("shift",), max_shift=shift)
+    if name == "localranks":
+        shift = max(1, min(2 if spatial_dims == 2 else 1, grid // 2 - 1))
+        return LocalRankSpace(grid=grid, spatial_dims=spatial_dims, invariances=symmetry + ("shift",), max_shift=shift)
     if name in ("parts", "crops"):
         kind = "regions" if name == "parts" else "crops"
         # 2D parts: a rotated copy's quadrants; 3D crops: a copy rotated, then cropped and resized back (every axis)
@@ -286,7 +294,7 @@ def make_space(
 
         return EmbeddingSpace.from_weights(embedding_weights, expected_data_fingerprint=data_fingerprint)
     raise ValueError(
-        f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], ranks, parts, crops, tiles, halves, "
+        f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], ranks, localranks, parts, crops, tiles, halves, "
         "texture[:box=N], deblur, disc, ball, coarse and/or embedding"
     )
 

@@ -65,7 +65,19 @@ def test_copies_are_held_back_and_new_patients_released(files, guarded):
     cert = load_certificate(out)
     assert cert["summary"]["released"] == summary["released"] and cert["fingerprints"]["datalist"]
     # the defaults; "ball" and "coarse" judge volumes only
-    defaults = {"pixel", "ranks", "parts", "crops", "tiles", "halves", "texture", "deblur", "disc", "embedding"}
+    defaults = {
+        "pixel",
+        "ranks",
+        "localranks",
+        "parts",
+        "crops",
+        "tiles",
+        "halves",
+        "texture",
+        "deblur",
+        "disc",
+        "embedding",
+    }
     assert set(cert["spaces"]) == defaults
     # by default every training image (90, fewer than the 800 - 102 that eight spaces at 1% want) joins the holdout
     # as a cross-patient calibration sample, and the specificity test is on
