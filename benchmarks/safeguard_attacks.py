@@ -318,11 +318,12 @@ def _equalised_per_block(a: np.ndarray, blocks: int = 2) -> np.ndarray:
     return lo + (out - out.min()) / max(float(out.max() - out.min()), 1e-12) * (hi - lo)
 
 
-def _picture_in_picture(a: np.ndarray, other: np.ndarray, frac: float) -> np.ndarray:
-    """The image shrunk to ``frac`` of its side and pasted into the centre of another image of its shape."""
+def _picture_in_picture(a: np.ndarray, other: np.ndarray, frac: float, at: float = 0.5) -> np.ndarray:
+    """The image shrunk to ``frac`` of its side and pasted into another image of its shape, ``at`` of the free margin
+    from the origin along every axis (0.5: the centre)."""
     out = _resize(other, a.shape).astype(np.float64)
     small = _resize(a, [max(2, int(round(n * frac))) for n in a.shape])
-    sl = tuple(slice((n - m) // 2, (n - m) // 2 + m) for n, m in zip(a.shape, small.shape))
+    sl = tuple(slice(int((n - m) * at), int((n - m) * at) + m) for n, m in zip(a.shape, small.shape))
     out[sl] = small
     return out
 
@@ -662,6 +663,19 @@ ATTACKS: list[Attack] = [
         "pip",
         "shrunk to 70% and pasted into the centre of an unseen image",
         lambda t, u, c: _picture_in_picture(t[0], u[0], 0.7),
+        n_unseen=1,
+    ),
+    # picture in picture at other sizes and places (twenty-first round)
+    Attack(
+        "pip60_off",
+        "shrunk to 60% and pasted off-centre into an unseen image",
+        lambda t, u, c: _picture_in_picture(t[0], u[0], 0.6, at=0.2),
+        n_unseen=1,
+    ),
+    Attack(
+        "pip80",
+        "shrunk to 80% and pasted into the centre of an unseen image",
+        lambda t, u, c: _picture_in_picture(t[0], u[0], 0.8),
         n_unseen=1,
     ),
     Attack("crop_corner", "the corner 85% of every axis resized back", lambda t, u, c: _crop_corner(t[0], 0.85)),
