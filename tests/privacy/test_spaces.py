@@ -891,3 +891,29 @@ def test_default_2d_tiles_catch_a_slice_shrunk_to_70_percent_inside_another_pati
     own = 1.0 - np.stack([(space.embed_variants(pips[k : k + 1])[0] @ rows[k]).max() for k in range(3)])
     other = 1.0 - (space.embed_variants(others) @ rows.T).max(axis=(1, 2))
     assert own.max() < 0.25 * other.min()  # 0.006-0.011 against 0.14-0.28 (without the windows of 0.7: 0.33)
+
+
+def test_default_2d_tiles_catch_a_slice_shrunk_to_60_percent_off_the_windows_quarter_steps():
+    # shrunk to 60% and pasted 5 px from the corner of an unseen patient's slice: between two positions of windows
+    # slid by a quarter of their side, which misregister it by an eighth of its side; the finer step holds it
+    from monai_synth.data.phantoms import generate_cohort
+    from monai_synth.privacy.factory import make_space
+    from monai_synth.transforms.presets import intensity_transform
+
+    cohort = generate_cohort("pet", n_patients=12, images_per_patient=1, spatial_dims=2, spatial_size=64, seed=0)
+    x = torch.stack([torch.as_tensor(intensity_transform("pet")(r["image"])) for r in cohort]).float()
+    train, others = x[:6], x[6:]
+    pips = others[:3].clone()
+    pips[:, :, 5:43, 5:43] = F.interpolate(train[:3], size=(38, 38), mode="area")
+    space = make_space("tiles", 2, (64, 64))
+    rows = space.embed(train)
+    own = 1.0 - np.stack([(space.embed_variants(pips[k : k + 1])[0] @ rows[k]).max() for k in range(3)])
+    other = 1.0 - (space.embed_variants(others) @ rows.T).max(axis=(1, 2))
+    assert own.max() < 0.25 * other.min(), (own, other.min())  # 0.008-0.020 against 0.14-0.25 (slid by a quarter: 0.25)
+
+
+def test_tiles_fine_scales_must_be_among_the_scales():
+    from monai_synth.privacy.partial import TileSpace
+
+    with pytest.raises(ValueError, match="fine_scales"):
+        TileSpace(scales=(0.5,), fine_scales=(0.6,))
