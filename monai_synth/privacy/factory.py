@@ -99,7 +99,8 @@ MRI, PET), and that quantile moved by 1-20% (PET 0.114 -> 0.079). Windows of 0.8
 patient's body outline came as close as a copy does (CT 0.122 -> 0.041, MRI 0.119 -> 0.044), while 0.6 left the
 quantile as it was (ultrasound 0.152 -> 0.134, CT, MRI and PET within 2%). Position matters as much as size: a
 copy shrunk to 60% and pasted 5 px from the corner, between two window positions a quarter of the side apart, sat at
-0.4-1.8x that quantile; windows of 0.6 and 0.7 slid by an eighth of their side (:data:`_TILE_FINE_SCALES`, 252 windows instead of 168) hold it at 0.08-0.21, the quantile moved by 0-12%."""
+0.4-1.8x that quantile; windows of 0.6 and 0.7 slid by an eighth of their side (:data:`_TILE_FINE_SCALES`, 252
+windows instead of 168) hold it at 0.08-0.21, the quantile moved by 0-12%."""
 
 _TILE_FINE_SCALES = (0.7, 0.6)
 """The 2D tile scales slid by an eighth of their side instead of a quarter (few windows, so the finer step is cheap)."""
@@ -154,8 +155,8 @@ def make_space(
     candidate's windows of the same size at the other corners, a copy moved along one axis or both; 3D: the candidate
     also turned back by 10 and 20 degrees either way and a quarter turn about each axis, a rotated copy cropped),
     ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every position, 2D of 0.7,
-    0.6, a half and a third of its side and the halves of each axis, see :data:`_TILE_SCALES`; in 3D of 0.8 and 0.5 of the
-    training volumes' shape, and spanning some axes whole and a half or a third of the others).
+    0.6, a half and a third of its side and the halves of each axis, see :data:`_TILE_SCALES`; in 3D of 0.8 and 0.5 of
+    the training volumes' shape, and spanning some axes whole and a half or a third of the others).
     ``halves`` = :class:`~monai_synth.privacy.partial.PartSpace` of kind ``"halves"`` (the half of each training image
     at either end of one axis, two or, in 3D, all three, compared with the whole candidate, mirrored / transposed (2D) /
     inverted: a half, a quadrant or an octant of an image resized to the whole; 2D: also the slab of 0.6-0.8 of one

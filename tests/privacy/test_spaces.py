@@ -874,9 +874,10 @@ def test_default_2d_pixel_space_undoes_a_stretch_of_either_axis():
         PixelSpace(grid=8, spatial_dims=3, stretches=(3.0,))
 
 
-def test_default_2d_tiles_catch_a_slice_shrunk_to_70_percent_inside_another_patients_slice():
-    # a PET slice shrunk to 70% and pasted into the centre of an unseen patient's slice passed the whole gate 3 of 3:
-    # no window of a half or a third holds it, and the pixel space's 1.4x zoom misses its position by half a pixel
+def _pet_slices_pasted_into_others_in_default_2d_tiles(start: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Default 2D ``tiles`` distances of 3 PET training slices shrunk to ``side`` px and pasted at ``start`` px (both
+    axes) into other patients' slices, each from its own source, and of 6 other patients' slices from the nearest
+    training slice."""
     from monai_synth.data.phantoms import generate_cohort
     from monai_synth.privacy.factory import make_space
     from monai_synth.transforms.presets import intensity_transform
@@ -885,30 +886,25 @@ def test_default_2d_tiles_catch_a_slice_shrunk_to_70_percent_inside_another_pati
     x = torch.stack([torch.as_tensor(intensity_transform("pet")(r["image"])) for r in cohort]).float()
     train, others = x[:6], x[6:]
     pips = others[:3].clone()
-    pips[:, :, 9:54, 9:54] = F.interpolate(train[:3], size=(45, 45), mode="area")
+    pips[:, :, start : start + side, start : start + side] = F.interpolate(train[:3], size=(side, side), mode="area")
     space = make_space("tiles", 2, (64, 64))
     rows = space.embed(train)
     own = 1.0 - np.stack([(space.embed_variants(pips[k : k + 1])[0] @ rows[k]).max() for k in range(3)])
     other = 1.0 - (space.embed_variants(others) @ rows.T).max(axis=(1, 2))
+    return own, other
+
+
+def test_default_2d_tiles_catch_a_slice_shrunk_to_70_percent_inside_another_patients_slice():
+    # a PET slice shrunk to 70% and pasted into the centre of an unseen patient's slice passed the whole gate 3 of 3:
+    # no window of a half or a third holds it, and the pixel space's 1.4x zoom misses its position by half a pixel
+    own, other = _pet_slices_pasted_into_others_in_default_2d_tiles(start=9, side=45)
     assert own.max() < 0.25 * other.min()  # 0.006-0.011 against 0.14-0.28 (without the windows of 0.7: 0.33)
 
 
 def test_default_2d_tiles_catch_a_slice_shrunk_to_60_percent_off_the_windows_quarter_steps():
     # shrunk to 60% and pasted 5 px from the corner of an unseen patient's slice: between two positions of windows
     # slid by a quarter of their side, which misregister it by an eighth of its side; the finer step holds it
-    from monai_synth.data.phantoms import generate_cohort
-    from monai_synth.privacy.factory import make_space
-    from monai_synth.transforms.presets import intensity_transform
-
-    cohort = generate_cohort("pet", n_patients=12, images_per_patient=1, spatial_dims=2, spatial_size=64, seed=0)
-    x = torch.stack([torch.as_tensor(intensity_transform("pet")(r["image"])) for r in cohort]).float()
-    train, others = x[:6], x[6:]
-    pips = others[:3].clone()
-    pips[:, :, 5:43, 5:43] = F.interpolate(train[:3], size=(38, 38), mode="area")
-    space = make_space("tiles", 2, (64, 64))
-    rows = space.embed(train)
-    own = 1.0 - np.stack([(space.embed_variants(pips[k : k + 1])[0] @ rows[k]).max() for k in range(3)])
-    other = 1.0 - (space.embed_variants(others) @ rows.T).max(axis=(1, 2))
+    own, other = _pet_slices_pasted_into_others_in_default_2d_tiles(start=5, side=38)
     assert own.max() < 0.25 * other.min(), (own, other.min())  # 0.008-0.020 against 0.14-0.25 (slid by a quarter: 0.25)
 
 
