@@ -169,6 +169,21 @@ def _shear(a: np.ndarray, k: float) -> np.ndarray:
     return ndimage.affine_transform(a, m, offset=centre - m @ centre, order=1, mode="constant", cval=float(a.min()))
 
 
+def _affine_edit(a: np.ndarray, degrees: float, zooms: tuple[float, float], shear: float, move: float) -> np.ndarray:
+    """An edit between the fixed steps a space tries: in the plane of the first two axes, rotated by ``degrees``,
+    magnified by ``zooms`` along those axes, sheared by ``shear`` and moved by ``move`` of the side, about the centre."""
+    from scipy import ndimage
+
+    a_ = np.radians(degrees)
+    plane = np.array([[np.cos(a_), -np.sin(a_)], [np.sin(a_), np.cos(a_)]]) @ np.array([[1.0, shear], [0.0, 1.0]])
+    plane = plane @ np.diag(zooms)
+    m = np.eye(a.ndim)
+    m[:2, :2] = np.linalg.inv(plane)  # output -> input coordinates
+    centre = (np.asarray(a.shape) - 1) / 2.0
+    offset = centre - m @ centre - m @ np.r_[move * np.asarray(a.shape[:2]), np.zeros(a.ndim - 2)]
+    return ndimage.affine_transform(a, m, offset=offset, order=1, mode="constant", cval=float(a.min()))
+
+
 def _cutout(a: np.ndarray, frac: float) -> np.ndarray:
     out = a.copy()
     out[tuple(slice(0, max(1, int(round(n * frac)))) for n in a.shape)] = a.min()
@@ -685,6 +700,16 @@ ATTACKS: list[Attack] = [
         "mirror_rot_zoom",
         "mirror + rotation 7 deg + crop to 90% and resize",
         lambda t, u, c: _resize(_crop_centre(_rotate(t[0][::-1], 7.0), 0.9, range(t[0].ndim)), t[0].shape),
+    ),
+    Attack(
+        "affine_mix",
+        "mirror + rotation 12 deg + zoom 0.93 + move 6% (between the spaces' steps)",
+        lambda t, u, c: _affine_edit(t[0][::-1], 12.0, (0.93, 0.93), 0.0, 0.06),
+    ),
+    Attack(
+        "aniso_shear",
+        "scaled 0.9 x 1.08 + shear 0.08 + rotation -6 deg + move -4%",
+        lambda t, u, c: _affine_edit(t[0], -6.0, (0.9, 1.08), 0.08, -0.04),
     ),
     Attack(
         "blur_gamma_noise",

@@ -373,6 +373,11 @@ class TrainingIndex:
         if not 1 <= k <= self.ntotal:
             raise ValueError(f"k must be in [1, {self.ntotal}], got {k}")
         flat, (q, v, d) = self._unit_queries(vectors)
+        refine = getattr(self.space, "refine", None)
+        if callable(refine) and k < self.ntotal and k < self.space.candidates:
+            # a space that refines its nearest rows (registration) judges its first few rows: find them all, then cut
+            dist, row, pids = self.search(vectors, k=min(self.ntotal, self.space.candidates))
+            return dist[:, :k], row[:, :k], pids[:, :k]
         kk = min(k, self.ntotal)
         sims, rows = [], []
         for shard, offset in zip(self.shards, self.offsets[:-1]):
@@ -388,6 +393,10 @@ class TrainingIndex:
         else:  # variants may find the same row twice: keep each row once
             sim, row = _distinct_best(sim, row, _kth_bound(sims, q, v, k), k)
         dist = np.clip(1.0 - sim, 0.0, 2.0)
+        if callable(refine):
+            dist = refine(flat.reshape(q, v, d), dist, row, self.row_vectors)
+            order = np.argsort(dist, axis=1, kind="stable")
+            dist, row = np.take_along_axis(dist, order, axis=1), np.take_along_axis(row, order, axis=1)
         codes = np.asarray(self.patient_codes)[row]
         pids = np.asarray(self.patients, dtype=object)[codes]
         return dist, row.astype(np.int64), pids
@@ -406,6 +415,8 @@ class TrainingIndex:
         Raises:
             DegenerateVectorError: as :meth:`search`.
         """
+        if callable(getattr(self.space, "refine", None)):
+            return self.search(vectors, k=1)  # the registered distance of the first few rows decides (see search)
         flat, (q, v, d) = self._unit_queries(vectors)
         shards = [self._shard_rows(i) for i in range(len(self.shards))]
         sim, row = nearest_rows(

@@ -76,6 +76,7 @@ def test_copies_are_held_back_and_new_patients_released(files, guarded):
         "texture",
         "deblur",
         "disc",
+        "aligned",
         "embedding",
     }
     assert set(cert["spaces"]) == defaults

@@ -156,7 +156,9 @@ def test_default_spaces_return_every_variant_then_every_negated_variant(dims):
 
     size = (16,) * dims
     image = torch.rand(1, 1, *size)
-    skip = {"embedding"} | (THREE_D_ONLY if dims == 2 else TWO_D_ONLY)
+    # aligned: an inverted image is put in its own canonical frame (its mass is where the original is dark), so its
+    # variants are not the others negated; the search folds them the general way (next test)
+    skip = {"embedding", "aligned"} | (THREE_D_ONLY if dims == 2 else TWO_D_ONLY)
     for name in (n for n in DEFAULT_SPACES if n not in skip):
         space = make_space(name, dims, size)
         v = embed_variants(space, image)[0]

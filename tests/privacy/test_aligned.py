@@ -1,0 +1,135 @@
+"""AlignedSpace: training images registered onto the candidate, for copies between the other spaces' fixed steps."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from monai_synth.privacy.aligned import AlignedSpace, canonical_frame
+from monai_synth.privacy.index import TrainingIndex
+from monai_synth.privacy.spaces import DegenerateImageError, NonFiniteImageError, PrivacySpace
+
+
+def _pet_slices(n_patients: int = 12) -> tuple[torch.Tensor, list[str]]:
+    """Two adjacent mid-body PET slices per patient: patients that share their anatomy at the same positions."""
+    from monai_synth.data.phantoms import generate_cohort
+
+    cohort = generate_cohort(
+        "pet", n_patients=n_patients, images_per_patient=2, spatial_dims=2, spatial_size=64, seed=3
+    )
+    images = torch.stack([torch.as_tensor(r["image"]) for r in cohort]).float()
+    return images, [str(r["patient_id"]) for r in cohort]
+
+
+def _affine(x: torch.Tensor, degrees: float, zoom: float, shift: tuple[float, float], mirror: bool) -> torch.Tensor:
+    """``x`` mirrored, then rotated, magnified by ``zoom`` (cropped and resized back) and moved (fractions of the
+    half-side), resampled at its own size, as a person editing a copy would."""
+    if mirror:
+        x = x.flip(-1)
+    a = math.radians(degrees)
+    theta = torch.tensor([[math.cos(a), -math.sin(a), shift[0]], [math.sin(a), math.cos(a), shift[1]]]) / zoom
+    theta[:, 2] = torch.tensor(shift)
+    grid = F.affine_grid(theta[None].expand(len(x), 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def test_is_a_privacy_space_of_unit_vectors_with_variants_in_their_own_frame():
+    space = AlignedSpace(grid=16)
+    assert isinstance(space, PrivacySpace) and space.name == "aligned"
+    x = torch.rand(3, 1, 32, 32)
+    vec = space.embed(x)
+    assert vec.shape == (3, 256)
+    np.testing.assert_allclose(np.linalg.norm(vec, axis=1), 1.0, atol=1e-5)
+    variants = space.embed_variants(x)
+    assert variants.shape == (3, 16, 256)  # 8 symmetries x 2 signs
+    np.testing.assert_allclose(variants[:, 0], vec, atol=1e-6)
+    assert AlignedSpace(grid=16, candidates=8).fingerprint() != space.fingerprint()
+
+
+def test_the_canonical_frame_undoes_a_move_rotation_and_zoom():
+    images, _ = _pet_slices(2)
+    x = images[:1]
+    moved = _affine(x, degrees=15.0, zoom=1.1, shift=(0.1, -0.05), mirror=False)
+    a, b = canonical_frame(x, (64, 64)), canonical_frame(moved, (64, 64))
+    r = np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1]
+    r_before = np.corrcoef(x.flatten().numpy(), moved.flatten().numpy())[0, 1]
+    assert r > 0.97 and r_before < 0.9
+
+
+@pytest.mark.parametrize(
+    "degrees, zoom, shift, mirror, framed",
+    [
+        (7.0, 1.11, (0.0, 0.0), True, False),
+        (-18.0, 1.0, (0.12, 0.08), False, True),
+        (4.0, 0.92, (-0.06, 0.1), True, False),
+    ],
+)
+def test_a_copy_between_the_fixed_steps_is_registered_back_to_its_source(degrees, zoom, shift, mirror, framed):
+    # a PET slice mirrored, rotated by 7 degrees and cropped to 90% passed the whole 2D gate at 1.00-1.02 of the slot
+    # spaces' thresholds; registered, such a copy is closer to its source than any other patient's slice is to the
+    # training slices, where unregistered it is not
+    images, ids = _pet_slices()
+    train, train_ids, new = images[:16], ids[:16], images[16:]  # new: 4 patients not in training
+    space = AlignedSpace(grid=64)
+    index = TrainingIndex.build(space, train, train_ids, "pet", 8)
+    others = index.search(space.embed_variants(new), k=1)[0][:, 0]
+    copies = _affine(train[:4], degrees, zoom, shift, mirror)
+    d, rows, _ = index.search(space.embed_variants(copies), k=1)
+    assert rows[:, 0].tolist() == [0, 1, 2, 3] or d.max() < 1e-3  # or its neighbouring slice, as close
+    assert d.max() < 0.5 * others.min(), (d.ravel(), others.min())
+    # the canonical frame alone undoes a move and a rotation; a mirrored and zoomed copy needs the fit
+    unregistered = 1.0 - (space.embed_variants(copies) @ space.embed(train[:4]).T).max(axis=1).diagonal()
+    assert (unregistered.max() < others.min()) == framed, (unregistered, others.min())
+
+
+def test_registration_only_lowers_distances_and_search_agrees_with_nearest():
+    images, ids = _pet_slices(6)
+    space = AlignedSpace(grid=32, candidates=3, finalists=2)
+    index = TrainingIndex.build(space, images[:8], ids[:8], "pet", 8)
+    queries = space.embed_variants(images[8:])
+    plain = 1.0 - np.einsum("qvd,nd->qvn", queries, space.embed(images[:8])).max(axis=1)
+    d, rows, _ = index.search(queries, k=8)
+    assert (np.diff(d, axis=1) >= 0).all()
+    assert (d <= np.take_along_axis(plain, rows, axis=1) + 1e-5).all()
+    near_d, near_rows, _ = index.nearest(queries)
+    np.testing.assert_allclose(near_d[:, 0], d[:, 0], atol=1e-9)
+    assert (near_rows[:, 0] == rows[:, 0]).all()
+
+
+def test_an_inverted_copy_is_judged_in_its_own_frame():
+    images, ids = _pet_slices(6)
+    train = images[:8]
+    space = AlignedSpace(grid=32)
+    index = TrainingIndex.build(space, train, ids[:8], "pet", 8)
+    copy = train.max() - _affine(train[:2], degrees=10.0, zoom=1.0, shift=(0.05, 0.0), mirror=False)
+    d, rows, _ = index.search(space.embed_variants(copy), k=1)
+    assert rows[:, 0].tolist() == [0, 1] and d.max() < 0.01
+
+
+def test_refuses_what_it_cannot_judge_and_bounds_it_cannot_mean():
+    space = AlignedSpace(grid=16)
+    with pytest.raises(DegenerateImageError):
+        space.embed_variants(torch.ones(1, 1, 32, 32))
+    bad = torch.rand(1, 1, 32, 32)
+    bad[0, 0, 3, 3] = float("nan")
+    with pytest.raises(NonFiniteImageError):
+        space.embed(bad)
+    with pytest.raises(ValueError, match="max_scale"):
+        AlignedSpace(max_scale=3.0)
+    with pytest.raises(ValueError, match="candidates"):
+        AlignedSpace(finalists=0)
+
+
+def test_on_by_default_for_2d_images_on_a_fine_grid():
+    from monai_synth.privacy.factory import DEFAULT_SPACES, TWO_D_ONLY, make_space
+
+    assert "aligned" in DEFAULT_SPACES and "aligned" in TWO_D_ONLY
+    space = make_space("aligned", 2, (64, 64))
+    assert isinstance(space, AlignedSpace) and space.grid == 64 and space.spatial_dims == 2
+    assert make_space("aligned", 2, (48, 48)).grid == 48  # never finer than the images
+    with pytest.raises(ValueError, match="judges 2D images"):
+        make_space("aligned", 3, (32, 32, 32))
