@@ -11,7 +11,10 @@ the centre of their bright mass, turned to its principal axes, scaled to its spr
 or mirrored copy lands on its source up to a flip, on a fine grid (Pearson correlation, as the pixel space). For the
 training images nearest to a candidate there it then fits an affine map of each onto the candidate (rotation, per-axis
 scale, shear, translation, within bounds a person would still call the same image), coarse to fine by gradient ascent
-on the correlation; the distance to such a row is the smaller of the two. A copy under an affine change comes back to
+on the correlation; the distance to such a row is the smaller of the two. Both are compared only where both images
+have pixels: in its own frame an image's field of view does not fill the grid, and a copy cut at its border (a corner
+crop resized back, a stretch that pushes an end out) lacks what it lost, which neither edge padding nor zeros stand in
+for. A copy under an affine change comes back to
 its source up to interpolation (PET slices: 0.001-0.002 against new patients' 0.006 and more); another patient's image
 is brought closer too, and the threshold, calibrated on new patients' images judged the same way, accounts for that.
 """
@@ -27,9 +30,10 @@ import torch.nn.functional as F
 from monai_synth.privacy.spaces import (
     _apply_symmetry,
     _checked_invariances,
+    DegenerateImageError,
     _fingerprint,
     _query_symmetries,
-    _standardise,
+    _scaled,
     scaled_batch,
 )
 
@@ -52,13 +56,14 @@ class AlignedSpace:
         max_shear: largest shear factor of the fit.
         max_shift: largest translation of the fit, as a fraction of the side.
         steps: gradient steps per level of the coarse-to-fine fit.
+        learning_rate: Adam's step on the fit's unbounded parameters.
         blurs: Gaussian widths (grid cells) of the levels, coarse to fine.
 
     Raises:
         ValueError: for a grid under 8 cells, unknown invariances or bounds outside what a copy can be.
     """
 
-    _VERSION = 1
+    _VERSION = 2
 
     def __init__(
         self,
@@ -74,6 +79,7 @@ class AlignedSpace:
         max_shift: float = 0.2,
         steps: int = 30,
         blurs: Sequence[float] = (2.0, 1.0, 0.0),
+        learning_rate: float = 0.05,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -89,6 +95,8 @@ class AlignedSpace:
             raise ValueError(f"max_scale must be in [1, 2], got {max_scale}")
         if not 0.0 <= float(max_shear) <= 0.5 or not 0.0 <= float(max_shift) <= 0.5:
             raise ValueError(f"max_shear and max_shift must be in [0, 0.5], got {max_shear}, {max_shift}")
+        if not 0.0 < float(learning_rate) <= 1.0:
+            raise ValueError(f"learning_rate must be in (0, 1], got {learning_rate}")
         if int(steps) < 1 or not blurs or any(float(b) < 0 for b in blurs):
             raise ValueError(f"steps must be >= 1 and blurs non-negative widths, got {steps}, {list(blurs)}")
         self.name = "aligned"
@@ -98,7 +106,7 @@ class AlignedSpace:
         self.candidates, self.finalists, self.starts = int(candidates), int(finalists), int(starts)
         self.max_rotation, self.max_scale = float(max_rotation), float(max_scale)
         self.max_shear, self.max_shift = float(max_shear), float(max_shift)
-        self.steps, self.blurs = int(steps), tuple(float(b) for b in blurs)
+        self.steps, self.blurs, self.learning_rate = int(steps), tuple(float(b) for b in blurs), float(learning_rate)
 
     @property
     def dim(self) -> int:
@@ -118,26 +126,33 @@ class AlignedSpace:
             "starts": self.starts,
             "bounds": [self.max_rotation, self.max_scale, self.max_shear, self.max_shift],
             "steps": self.steps,
+            "learning_rate": self.learning_rate,
             "blurs": list(self.blurs),
         }
         return _fingerprint(cfg)
 
     def _on_grid(self, images: torch.Tensor | np.ndarray | Sequence, sign: float = 1.0) -> torch.Tensor:
-        """``(B, C, *grid)``: each image (times ``sign``) in its own canonical frame (see :func:`canonical_frame`)."""
+        """``(B, C, *grid)``: each image (times ``sign``) in its own canonical frame (see :func:`canonical_frame`),
+        standardised over the cells its field of view covers and exactly 0 outside it."""
         x = sign * scaled_batch(images, self.spatial_dims)
         size = tuple(min(2 * self.grid, n) for n in x.shape[2:])
-        x = canonical_frame(x, size)
-        return F.interpolate(x, size=(self.grid,) * self.spatial_dims, mode="area")
+        x, field = canonical_frame(x, size)
+        grid = (self.grid,) * self.spatial_dims
+        x, field = F.interpolate(x, size=grid, mode="area"), F.interpolate(field, size=grid, mode="area") > 0.999
+        b, c = x.shape[:2]
+        flat = _in_field(x.reshape(b, -1), field.expand_as(x).reshape(b, -1))
+        return flat.reshape(x.shape)
 
     def embed(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
-        """``(B, C, *spatial)`` -> ``(B, C * grid**spatial_dims)`` unit vectors (zero mean: dot = Pearson r).
+        """``(B, C, *spatial)`` -> ``(B, C * grid**spatial_dims)`` unit vectors, zero mean over the image's field of
+        view in its canonical frame and exactly 0 outside it (the registration reads the field back from the zeros).
 
         Raises:
             NonFiniteImageError: for NaN/Inf images.
             DegenerateImageError: for constant images.
         """
         g = self._on_grid(images)
-        return _standardise(g.reshape(g.shape[0], -1)).numpy().astype(np.float32, copy=False)
+        return g.reshape(g.shape[0], -1).numpy().astype(np.float32, copy=False)
 
     def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """Query side ``(B, V, d)``: the image under every symmetry, then the negated image in its own frame under every
@@ -147,7 +162,7 @@ class AlignedSpace:
             g = self._on_grid(images, sign)
             n = g.shape[0]
             sym = torch.stack([_apply_symmetry(g, p, f, 2) for p, f in self._symmetries], dim=1)
-            out.append(_standardise(sym.reshape(n * len(self._symmetries), -1)).reshape(n, len(sym[0]), -1))
+            out.append(sym.reshape(n, len(self._symmetries), -1))
         return torch.cat(out, dim=1).numpy().astype(np.float32, copy=False)
 
     # ------------------------------------------------------------------ registration
@@ -195,35 +210,54 @@ class AlignedSpace:
 
     def _registered(self, moving: torch.Tensor, fixed: torch.Tensor, blurs: Sequence[float]) -> torch.Tensor:
         """Pearson r of each ``fixed`` image with its ``moving`` image under the best affine map found, ``(P,)``,
-        fitted level by level at the Gaussian widths ``blurs`` and judged at the last."""
+        fitted level by level at the Gaussian widths ``blurs`` and judged at the last.
+
+        Both are compared only where both fields of view reach (cells that are exactly 0 lie outside an image's field in
+        its canonical frame): a copy cut at the border, then zoomed or moved back, lacks what it lost, not what it has;
+        a training image that covers under :data:`MIN_OVERLAP` of the candidate's field has no correlation (NaN)."""
         nd = self.spatial_dims
         n_params = 6 if nd == 2 else 12
         raw = torch.zeros(len(moving), n_params, requires_grad=True)
+        moving_field, fixed_field = (moving != 0).to(moving.dtype), (fixed != 0).to(fixed.dtype)
         with torch.enable_grad():
             for blur in blurs:
-                m, f = self._level(moving, blur), self._level(fixed, blur)
-                opt = torch.optim.Adam([raw], lr=0.05)
+                m, m_field = self._level(moving, moving_field, blur)
+                f, f_field = self._level(fixed, fixed_field, blur)
+                opt = torch.optim.Adam([raw], lr=self.learning_rate)
                 for _ in range(self.steps):
                     opt.zero_grad()
-                    r = _pearson(self._warp(m, raw), f)
-                    (-r.sum()).backward()
+                    warped, overlap = self._warp(m, m_field, raw)
+                    r = _pearson(warped, f, overlap * f_field)
+                    (-torch.nan_to_num(r, nan=0.0).sum()).backward()
                     opt.step()
         with torch.no_grad():  # judged at the last level's blur: bilinear resampling on the grid blurs a copy too
-            return _pearson(self._warp(m, raw), f)
+            warped, overlap = self._warp(m, m_field, raw)
+            weight = overlap * f_field
+            r = _pearson(warped, f, weight)
+            covered = weight.reshape(len(weight), -1).sum(dim=1) / f_field.reshape(len(weight), -1).sum(dim=1)
+            return torch.where(covered >= MIN_OVERLAP, r, torch.full_like(r, float("nan")))
 
-    def _level(self, images: torch.Tensor, blur: float) -> torch.Tensor:
-        """``images`` blurred by ``blur`` grid cells; on a grid of half the side where the blur allows it (the fit's
-        maps are in normalised coordinates, the same at every side), which quarters the cost of the coarse levels."""
+    def _level(self, images: torch.Tensor, field: torch.Tensor, blur: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images`` blurred by ``blur`` grid cells within their ``field`` (normalised convolution: no zeros from
+        outside it bleed in), and that field; on a grid of half the side where the blur allows it (the fit's maps are
+        in normalised coordinates, the same at every side), which quarters the cost of the coarse levels."""
         if blur >= 1.0 and min(images.shape[2:]) >= 16:
             pool = F.avg_pool2d if self.spatial_dims == 2 else F.avg_pool3d
-            return _blurred(pool(images, 2), blur / 2)
-        return _blurred(images, blur)
+            weight = pool(field, 2)
+            images = pool(images * field, 2) / weight.clamp_min(1e-6)
+            field, blur = (weight > 0.999).to(images.dtype), blur / 2
+        if blur > 0:
+            images = _blurred(images * field, blur) / _blurred(field, blur).clamp_min(1e-6)
+        return images * field, field
 
-    def _warp(self, images: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
-        """``images`` resampled at the affine maps of the bounded parameters ``raw`` (edges replicated)."""
+    def _warp(self, images: torch.Tensor, field: torch.Tensor, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images`` resampled at the affine maps of the bounded parameters ``raw``, and the cells that their
+        ``field`` covers whole there (1) or not (0)."""
         theta = self._affine(raw)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-        return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        reach = F.grid_sample(field, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return warped, (reach > 0.999).to(images.dtype)
 
     def _affine(self, raw: torch.Tensor) -> torch.Tensor:
         """``(P, nd, nd + 1)`` affine maps (normalised coordinates) from unbounded parameters, each squashed into its
@@ -258,11 +292,39 @@ class AlignedSpace:
         )
 
 
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per item of the batch, the Pearson correlation of two images (NaN where either is constant)."""
-    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
-    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+MIN_OVERLAP = 0.6
+"""Least share of the candidate's field of view that the registered training image must cover for their correlation to
+count."""
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per item of the batch, the Pearson correlation of two images over the cells of ``weight`` 1 (NaN where either is
+    constant there)."""
+    a, b, w = a.reshape(len(a), -1), b.reshape(len(b), -1), weight.reshape(len(weight), -1)
+    total = w.sum(dim=1, keepdim=True).clamp_min(1.0)
+    a = (a - (w * a).sum(dim=1, keepdim=True) / total) * w
+    b = (b - (w * b).sum(dim=1, keepdim=True) / total) * w
     return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1))
+
+
+def _in_field(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """Rows ``x`` ``(N, d)`` standardised over the cells of ``field`` (zero mean, unit norm there) and exactly 0
+    elsewhere; a cell inside that lands on exactly 0 is nudged off it, so that the zeros mark the field.
+
+    Raises:
+        DegenerateImageError: for rows with no structure in their field (constant) or a norm that is not finite.
+    """
+    x, w = _scaled(x), field.to(x.dtype)
+    x = (x - (w * x).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1.0)) * w
+    norm = x.norm(dim=1, keepdim=True)
+    flat = ~(norm.flatten() > 1e-6 * x.shape[1] ** 0.5) | ~torch.isfinite(norm.flatten())
+    if bool(flat.any()):
+        raise DegenerateImageError(
+            f"images {flat.nonzero().flatten().tolist()[:10]} of the batch are constant or not finite in their field "
+            "of view; correlation is undefined"
+        )
+    x = x / norm
+    return torch.where(field & (x == 0), torch.full_like(x, 1e-20), x)
 
 
 def _blurred(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -285,9 +347,10 @@ def _blurred(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def canonical_frame(
     images: torch.Tensor, size: Sequence[int], spread: float = 0.45, power: float = 4.0
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, C, *spatial)`` images resampled at ``size`` in their own frame: centred on their centre of mass, their
-    principal axes along the grid's axes (largest first) and scaled so the mass spreads ``spread`` of the half-side.
+    principal axes along the grid's axes (largest first) and scaled so the mass spreads ``spread`` of the half-side;
+    and ``(B, 1, *size)`` how much of each cell their field of view covers (0 outside, where the image reads 0).
 
     The mass is each pixel's intensity rank (mean over channels) to the power ``power``: the bright anatomy, under any
     monotone intensity curve. A copy moved, rotated, zoomed or mirrored comes to its source's frame up to a flip of the
@@ -313,4 +376,7 @@ def canonical_frame(
     scale = (values.clamp_min(0).sum(dim=-1).sqrt() / spread).clamp(0.25, 4.0)
     theta = torch.cat([vectors * scale[:, None, None], centre.double()[:, :, None]], dim=-1).to(images.dtype)
     grid = F.affine_grid(theta, [b, images.shape[1], *size], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    resampled = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    ones = torch.ones((b, 1, *images.shape[2:]), dtype=images.dtype)
+    field = F.grid_sample(ones, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return resampled, field
