@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from monai_synth.privacy.spaces import (
+    DegenerateImageError,
     _apply_symmetry,
     _checked_invariances,
-    DegenerateImageError,
     _fingerprint,
     _query_symmetries,
     _scaled,
