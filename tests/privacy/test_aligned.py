@@ -74,7 +74,7 @@ def test_a_copy_between_the_fixed_steps_is_registered_back_to_its_source(degrees
     # training slices, where unregistered it is not
     images, ids = _pet_slices()
     train, train_ids, new = images[:16], ids[:16], images[16:]  # new: 4 patients not in training
-    space = AlignedSpace(grid=64)
+    space = AlignedSpace()
     index = TrainingIndex.build(space, train, train_ids, "pet", 8)
     others = index.search(space.embed_variants(new), k=1)[0][:, 0]
     copies = _affine(train[:4], degrees, zoom, shift, mirror)
@@ -96,7 +96,7 @@ def test_a_copy_cut_at_its_border_is_compared_only_where_it_has_pixels():
     # its source, compared only within the copy's field it comes back to it
     images, ids = _pet_slices()
     train, new = images[:16], images[16:]
-    space = AlignedSpace(grid=64)
+    space = AlignedSpace()
     index = TrainingIndex.build(space, train, ids[:16], "pet", 8)
     others = index.search(space.embed_variants(new), k=1)[0][:, 0]
     copies = F.interpolate(train[:4, :, :54, :54], size=(64, 64), mode="bilinear", align_corners=False)
@@ -148,12 +148,12 @@ def test_refuses_what_it_cannot_judge_and_bounds_it_cannot_mean():
         AlignedSpace(finalists=0)
 
 
-def test_on_by_default_for_2d_images_on_a_fine_grid():
+def test_on_by_default_for_2d_images():
     from monai_synth.privacy.factory import DEFAULT_SPACES, TWO_D_ONLY, make_space
 
     assert "aligned" in DEFAULT_SPACES and "aligned" in TWO_D_ONLY
     space = make_space("aligned", 2, (64, 64))
-    assert isinstance(space, AlignedSpace) and space.grid == 64 and space.spatial_dims == 2
-    assert make_space("aligned", 2, (48, 48)).grid == 48  # never finer than the images
+    assert isinstance(space, AlignedSpace) and space.grid == 32 and space.spatial_dims == 2
+    assert make_space("aligned", 2, (24, 24)).grid == 24  # never finer than the images
     with pytest.raises(ValueError, match="judges 2D images"):
         make_space("aligned", 3, (32, 32, 32))
