@@ -986,6 +986,15 @@ def _closest_spaces(records: Sequence[Any]) -> list[str]:
     return out
 
 
+def _refusing_spaces(records: Sequence[Any]) -> Counter:
+    """How many of the refused images each space refused (an image below the threshold of two spaces counts in both):
+    which spaces cost the unseen patients their release."""
+    counts: Counter = Counter()
+    for r in records:
+        counts.update(k for k, d in r.distances.items() if r.thresholds.get(k) is not None and not d >= r.thresholds[k])
+    return counts
+
+
 def print_table(title: str, rows: Sequence[Row]) -> None:
     width = max([len(TABLE_HEADER[0])] + [len(r.label) for r in rows])
     print(f"\n-- {title} --")
@@ -999,6 +1008,10 @@ def print_table(title: str, rows: Sequence[Row]) -> None:
         for label, near in closest:
             if label != CONTROL_LABEL:
                 print(f"  {label}: {', '.join(near)}")
+    for r in rows:
+        if r.extra.get("refused_by"):
+            spaces = ", ".join(f"{k} {n}" for k, n in r.extra["refused_by"].most_common())
+            print(f"{r.label} refused by (space: images): {spaces}")
 
 
 def parse_tables(text: str) -> list[list[tuple[str, int, int]]]:
@@ -1419,6 +1432,8 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
         n_checked += len(tensor)
         reasons = Counter(_short_reason(r.reason) for r in result.records if not r.passed)
         extra = {"released_closest": _closest_spaces([r for r in result.records if r.passed])}
+        if key == CONTROL:
+            extra["refused_by"] = _refusing_spaces([r for r in result.records if not r.passed])
         rows.append(Row(key, label, len(result.images), len(tensor), dict(reasons), extra))
     return {
         "rows": rows,
