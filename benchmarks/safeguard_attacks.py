@@ -1009,9 +1009,13 @@ def print_table(title: str, rows: Sequence[Row]) -> None:
             if label != CONTROL_LABEL:
                 print(f"  {label}: {', '.join(near)}")
     for r in rows:
-        if r.extra.get("refused_by"):
-            spaces = ", ".join(f"{k} {n}" for k, n in r.extra["refused_by"].most_common())
-            print(f"{r.label} refused by (space: images): {spaces}")
+        if r.transform == CONTROL and r.reasons:
+            print(f"{r.label}, refused:")
+            for reason, n in sorted(r.reasons.items(), key=lambda kv: -kv[1]):
+                print(f"  {n} x {reason}")
+            if r.extra.get("refused_by"):
+                spaces = ", ".join(f"{k} {n}" for k, n in r.extra["refused_by"].most_common())
+                print(f"  below a space's threshold (space: images): {spaces}")
 
 
 def parse_tables(text: str) -> list[list[tuple[str, int, int]]]:

@@ -394,7 +394,8 @@ class TrainingIndex:
             sim, row = _distinct_best(sim, row, _kth_bound(sims, q, v, k), k)
         dist = np.clip(1.0 - sim, 0.0, 2.0)
         if callable(refine):
-            dist = refine(flat.reshape(q, v, d), dist, row, self.row_vectors)
+            groups = np.asarray(self.patient_codes)[row]  # the fit's finalists: one per patient first
+            dist = refine(flat.reshape(q, v, d), dist, row, self.row_vectors, groups)
             order = np.argsort(dist, axis=1, kind="stable")
             dist, row = np.take_along_axis(dist, order, axis=1), np.take_along_axis(row, order, axis=1)
         codes = np.asarray(self.patient_codes)[row]
