@@ -189,8 +189,9 @@ def make_space(
     ``aligned`` = :class:`~monai_synth.privacy.aligned.AlignedSpace` (2D only: images in their own canonical frame
     on a 32-cell grid, mirrored / transposed / inverted, and the 48 nearest training images fitted onto the candidate
     by an affine map, rotation to +-30 degrees, scale 0.67-1.5 per axis, shear to 0.25, move to a fifth of the side,
-    coarsely, the 4 that fit best at every level, compared where both fields of view reach: PET slices mirrored,
-    rotated by 12 degrees, zoomed and moved, or stretched and sheared, sat at 0.2-0.6 of new patients' 1% quantile).
+    coarsely, the best-fitting rows of 4 different patients at every level, compared where both fields of view
+    reach: PET slices mirrored, rotated by 12 degrees, zoomed and moved, or stretched and sheared, sat at 0.2-0.6 of
+    new patients' 1% quantile).
     ``ball`` = :class:`~monai_synth.privacy.ball.BallSpace` (3D only: the central ball, radius 0.4 of the side, on a
     16-cell grid, the query rotated about each axis every 5 degrees to +-30 and moved by up to 1.5 cells in
     half-cell steps within each rotation's plane, and by 35-45 degrees either way unmoved, mirrored / inverted).
