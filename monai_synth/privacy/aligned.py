@@ -28,7 +28,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import separable_filtering
+from monai.networks.layers.convutils import gaussian_1d
 
+from monai_synth.privacy.ranks import intensity_ranks
 from monai_synth.privacy.spaces import (
     DegenerateImageError,
     _apply_symmetry,
@@ -195,18 +198,21 @@ class AlignedSpace:
         if k == 0 or q == 0:
             return distances
         train = torch.from_numpy(np.ascontiguousarray(row_vectors(np.asarray(rows[:, :k]).reshape(-1)), np.float32))
-        query = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).repeat_interleave(k, dim=0)
+        query = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+        owner = torch.arange(q * k) // k  # the query of each (query, row) pair
         # the fit starts from the variants nearest to each training row: a nearly symmetric image (a PET slice) may be
         # nearer to its source mirrored until it is registered, and from the mirror no rotation brings it back
-        order = torch.einsum("pvd,pd->pv", query, train).argsort(dim=1, descending=True)  # (Q*k, V)
+        order = torch.einsum("qvd,qkd->qkv", query, train.reshape(q, k, d)).reshape(q * k, v)
+        order = order.argsort(dim=1, descending=True)
         pairs = torch.arange(q * k)
         if k > self.finalists and len(self.blurs) > 1:
-            coarse = self._registered(self._images(train), self._images(query[pairs, order[:, 0]]), self.blurs[:-1])
+            nearest = query[owner, order[:, 0]]
+            coarse = self._registered(self._images(train), self._images(nearest), self.blurs[:-1])
             coarse = torch.nan_to_num(coarse, nan=-2.0).reshape(q, k)
             chosen = _finalists(coarse.numpy(), None if groups is None else np.asarray(groups)[:, :k], self.finalists)
             pairs = torch.from_numpy(chosen + np.arange(q)[:, None] * k).reshape(-1)
         m = min(self.starts, v)
-        target = query[pairs[:, None], order[pairs, :m]].reshape(-1, d)
+        target = query[owner[pairs][:, None], order[pairs, :m]].reshape(-1, d)
         r = self._registered(self._images(train[pairs].repeat_interleave(m, dim=0)), self._images(target), self.blurs)
         r = torch.nan_to_num(r.double(), nan=-np.inf).reshape(-1, m).amax(dim=1).numpy()
         fitted = np.full(q * k, np.inf)
@@ -354,18 +360,8 @@ def _blurred(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """``(P, 1, *spatial)`` images under a separable Gaussian of width ``sigma`` cells (edges replicated)."""
     if sigma <= 0:
         return x
-    r = max(1, int(round(3 * sigma)))
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype) / sigma) ** 2)
-    k = k / k.sum()
-    nd = x.ndim - 2
-    conv = F.conv2d if nd == 2 else F.conv3d
-    for axis in range(nd):
-        shape = [1, 1] + [1] * nd
-        shape[2 + axis] = len(k)
-        pad = [0] * (2 * nd)
-        pad[2 * (nd - 1 - axis)] = pad[2 * (nd - 1 - axis) + 1] = r
-        x = conv(F.pad(x, pad, mode="replicate"), k.reshape(shape))
-    return x
+    kernel = gaussian_1d(torch.tensor(sigma), truncated=3.0, approx="sampled", normalize=True).to(x.dtype)
+    return separable_filtering(x, [kernel] * (x.ndim - 2), mode="replicate")
 
 
 def canonical_frame(
@@ -382,11 +378,10 @@ def canonical_frame(
     source at rank 9-29 of 240 on the plain grid, first in this frame).
     """
     b, nd = images.shape[0], images.ndim - 2
-    flat = images.mean(dim=1).reshape(b, -1)
-    ordered = flat.sort(dim=1).values  # mean rank of tied values: a posterised copy keeps its source's mass
-    below = torch.searchsorted(ordered, flat.contiguous(), right=False)
-    upto = torch.searchsorted(ordered, flat.contiguous(), right=True)
-    mass = ((below + upto - 1).to(images.dtype) / (2 * max(flat.shape[1] - 1, 1))) ** power
+    # mean rank of tied values: a posterised copy keeps its source's mass; ranks rescaled from (0.5 / n, 1 - 0.5 / n)
+    n = images[0, 0].numel()
+    ranks = intensity_ranks(images.mean(dim=1, keepdim=True)).reshape(b, -1).to(images.dtype)
+    mass = ((ranks * n - 0.5) / max(n - 1, 1)).clamp_min(0.0) ** power
     mass = mass / mass.sum(dim=1, keepdim=True)
     axes = [(torch.arange(n, dtype=images.dtype) + 0.5) / n * 2 - 1 for n in images.shape[2:]]
     points = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1).reshape(-1, nd)  # (x, y[, z])
