@@ -63,6 +63,10 @@ class AlignedSpace:
         steps: gradient steps per level of the coarse-to-fine fit.
         learning_rate: Adam's step on the fit's unbounded parameters.
         blurs: Gaussian widths (grid cells) of the levels, coarse to fine.
+        turns: angles (degrees, the first 0) by which the query's frame is also turned in the plane of its first two
+            axes; with the quarter turns of the symmetries, every angle lies within half a step of one tried. An image
+            whose mass is nearly round (a CT body) has ambiguous principal axes, which a small stretch turns by tens of
+            degrees. Default: every 22.5 degrees in 2D, none in 3D.
 
     Raises:
         ValueError: for a grid under 8 cells, unknown invariances or bounds outside what a copy can be.
@@ -85,6 +89,7 @@ class AlignedSpace:
         steps: int = 30,
         blurs: Sequence[float] = (1.0, 0.5),
         learning_rate: float = 0.05,
+        turns: Sequence[float] | None = None,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -112,6 +117,10 @@ class AlignedSpace:
         self.max_rotation, self.max_scale = float(max_rotation), float(max_scale)
         self.max_shear, self.max_shift = float(max_shear), float(max_shift)
         self.steps, self.blurs, self.learning_rate = int(steps), tuple(float(b) for b in blurs), float(learning_rate)
+        turns = ((0.0, 22.5, 45.0, 67.5) if self.spatial_dims == 2 else (0.0,)) if turns is None else tuple(turns)
+        if not turns or float(turns[0]) != 0.0 or any(not 0.0 <= float(t) < 90.0 for t in turns):
+            raise ValueError(f"turns must start with 0 and lie in [0, 90) degrees, got {list(turns)}")
+        self.turns = tuple(float(t) for t in turns)
 
     @property
     def dim(self) -> int:
@@ -133,15 +142,18 @@ class AlignedSpace:
             "steps": self.steps,
             "learning_rate": self.learning_rate,
             "blurs": list(self.blurs),
+            "turns": list(self.turns),
         }
         return _fingerprint(cfg)
 
-    def _on_grid(self, images: torch.Tensor | np.ndarray | Sequence, sign: float = 1.0) -> torch.Tensor:
+    def _on_grid(
+        self, images: torch.Tensor | np.ndarray | Sequence, sign: float = 1.0, turn: float = 0.0
+    ) -> torch.Tensor:
         """``(B, C, *grid)``: each image (times ``sign``) in its own canonical frame (see :func:`canonical_frame`),
-        standardised over the cells its field of view covers and exactly 0 outside it."""
+        turned by ``turn`` degrees, standardised over the cells its field of view covers and exactly 0 outside it."""
         x = sign * scaled_batch(images, self.spatial_dims)
         size = tuple(min(2 * self.grid, n) for n in x.shape[2:])
-        x, field = canonical_frame(x, size)
+        x, field = canonical_frame(x, size, turn=turn)
         grid = (self.grid,) * self.spatial_dims
         x, field = F.interpolate(x, size=grid, mode="area"), F.interpolate(field, size=grid, mode="area") > 0.999
         b, c = x.shape[:2]
@@ -164,10 +176,11 @@ class AlignedSpace:
         symmetry (variant 0 = :meth:`embed`)."""
         out = []
         for sign in self.signs:  # an inverted image has its own frame: its mass is where the original is dark
-            g = self._on_grid(images, sign)
-            n = g.shape[0]
-            sym = torch.stack([_apply_symmetry(g, p, f, 2) for p, f in self._symmetries], dim=1)
-            out.append(sym.reshape(n, len(self._symmetries), -1))
+            for turn in self.turns:
+                g = self._on_grid(images, sign, turn)
+                n = g.shape[0]
+                sym = torch.stack([_apply_symmetry(g, p, f, 2) for p, f in self._symmetries], dim=1)
+                out.append(sym.reshape(n, len(self._symmetries), -1))
         return torch.cat(out, dim=1).numpy().astype(np.float32, copy=False)
 
     # ------------------------------------------------------------------ registration
@@ -204,21 +217,32 @@ class AlignedSpace:
         # nearer to its source mirrored until it is registered, and from the mirror no rotation brings it back
         order = torch.einsum("qvd,qkd->qkv", query, train.reshape(q, k, d)).reshape(q * k, v)
         order = order.argsort(dim=1, descending=True)
+        m = min(self.starts, v)
+        begin = _start_variants(order, self._unturned(v), m)
         pairs = torch.arange(q * k)
         if k > self.finalists and len(self.blurs) > 1:
-            nearest = query[owner, order[:, 0]]
-            coarse = self._registered(self._images(train), self._images(nearest), self.blurs[:-1])
-            coarse = torch.nan_to_num(coarse, nan=-2.0).reshape(q, k)
+            # coarse from the nearest variant, and from the nearest unturned one where the frame was turned
+            mc = 1 if len(self.turns) == 1 else m
+            nearest = query[owner[:, None], begin[:, :mc]].reshape(-1, d)
+            coarse = self._registered(
+                self._images(train.repeat_interleave(mc, dim=0)), self._images(nearest), self.blurs[:-1]
+            )
+            coarse = torch.nan_to_num(coarse, nan=-2.0).reshape(q * k, mc).amax(dim=1).reshape(q, k)
             chosen = _finalists(coarse.numpy(), None if groups is None else np.asarray(groups)[:, :k], self.finalists)
             pairs = torch.from_numpy(chosen + np.arange(q)[:, None] * k).reshape(-1)
-        m = min(self.starts, v)
-        target = query[owner[pairs][:, None], order[pairs, :m]].reshape(-1, d)
+        target = query[owner[pairs][:, None], begin[pairs]].reshape(-1, d)
         r = self._registered(self._images(train[pairs].repeat_interleave(m, dim=0)), self._images(target), self.blurs)
         r = torch.nan_to_num(r.double(), nan=-np.inf).reshape(-1, m).amax(dim=1).numpy()
         fitted = np.full(q * k, np.inf)
         fitted[pairs.numpy()] = np.where(np.isfinite(r), np.clip(1.0 - r, 0.0, 2.0), np.inf)
         distances[:, :k] = np.minimum(distances[:, :k], fitted.reshape(q, k))
         return distances
+
+    def _unturned(self, v: int) -> torch.Tensor:
+        """``(v,)``: which query variants are in the unturned frame (variants: sign, then turn, then symmetry)."""
+        per_turn = v // (len(self.signs) * len(self.turns))
+        turn_of = (torch.arange(v) // per_turn) % len(self.turns)
+        return torch.tensor([t == 0 for t in self.turns])[turn_of]
 
     def _images(self, vectors: torch.Tensor) -> torch.Tensor:
         return vectors.reshape((len(vectors), 1) + (self.grid,) * self.spatial_dims)
@@ -307,6 +331,21 @@ class AlignedSpace:
         )
 
 
+def _start_variants(order: torch.Tensor, unturned: torch.Tensor, m: int) -> torch.Tensor:
+    """``(P, m)`` variants each fit starts from: the ``m`` nearest (``order`` ``(P, v)``, nearest first), the last of them
+    replaced by the nearest unturned variant where none of the others is unturned. A turned frame puts a copy whose
+    axes are ambiguous (a round body) next to its source, but for an image with clear axes a turned variant of another
+    patient's may be nearer than the unturned one, and the fit from it lands in the wrong place."""
+    begin = order[:, :m].clone()
+    if m < 2 or bool(unturned.all()):
+        return begin
+    flags = unturned[order]
+    first = flags.float().argmax(dim=1)  # position of the nearest unturned variant
+    missing = ~flags[:, : m - 1].any(dim=1)
+    begin[missing, m - 1] = order[missing, first[missing]]
+    return begin
+
+
 def _finalists(fit: np.ndarray, groups: np.ndarray | None, n: int) -> np.ndarray:
     """``(Q, n)`` columns of ``fit`` ``(Q, k)`` (higher is better) to register fully: the best of each group first
     (groups in order of their best fit), then the best of the rest."""
@@ -365,7 +404,12 @@ def _blurred(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def canonical_frame(
-    images: torch.Tensor, size: Sequence[int], spread: float = 0.45, power: float = 4.0, aspect: float = 1.5
+    images: torch.Tensor,
+    size: Sequence[int],
+    spread: float = 0.45,
+    power: float = 4.0,
+    aspect: float = 1.5,
+    turn: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, C, *spatial)`` images resampled at ``size`` in their own frame: centred on their centre of mass, their
     principal axes along the grid's axes (largest first) and each axis scaled so the mass spreads ``spread`` of the
@@ -403,7 +447,13 @@ def canonical_frame(
     own = (values.flip(-1).clamp_min(0) * nd).sqrt()
     own = torch.minimum(torch.maximum(own, common / aspect), common * aspect)
     scale = (own / spread).clamp(0.25, 4.0)[:, None, :]
-    theta = torch.cat([vectors * scale, centre.double()[:, :, None]], dim=-1).to(images.dtype)
+    linear = vectors * scale
+    if turn:  # the frame turned in the plane of its first two axes
+        a = np.radians(turn)
+        plane = torch.eye(nd, dtype=linear.dtype)
+        plane[:2, :2] = torch.tensor([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]], dtype=linear.dtype)
+        linear = linear @ plane
+    theta = torch.cat([linear, centre.double()[:, :, None]], dim=-1).to(images.dtype)
     grid = F.affine_grid(theta, [b, images.shape[1], *size], align_corners=False)
     resampled = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     ones = torch.ones((b, 1, *images.shape[2:]), dtype=images.dtype)
