@@ -187,7 +187,8 @@ def make_space(
     in half-cell steps at every angle, rotated by 35-45 degrees either way and moved by whole cells, mirrored /
     transposed / inverted: with the rot90 symmetries every angle is within 5 degrees of one it tries).
     ``aligned`` = :class:`~monai_synth.privacy.aligned.AlignedSpace` (2D only: images in their own canonical frame
-    on a 32-cell grid, mirrored / transposed / inverted, and the 48 nearest training images fitted onto the candidate
+    on a 32-cell grid, each principal axis scaled to its own spread, the query's frame also turned every 22.5 degrees,
+    mirrored / transposed / inverted, and the 48 nearest training images fitted onto the candidate
     by an affine map, rotation to +-30 degrees, scale 0.67-1.5 per axis, shear to 0.25, move to a fifth of the side,
     coarsely, the best-fitting rows of 4 different patients at every level, compared where both fields of view
     reach: PET slices mirrored, rotated by 12 degrees, zoomed and moved, or stretched and sheared, sat at 0.2-0.6 of
