@@ -146,14 +146,11 @@ class AlignedSpace:
         }
         return _fingerprint(cfg)
 
-    def _on_grid(
-        self, images: torch.Tensor | np.ndarray | Sequence, sign: float = 1.0, turn: float = 0.0
-    ) -> torch.Tensor:
-        """``(B, C, *grid)``: each image (times ``sign``) in its own canonical frame (see :func:`canonical_frame`),
+    def _on_grid(self, x: torch.Tensor, frame: torch.Tensor | None = None, turn: float = 0.0) -> torch.Tensor:
+        """``(B, C, *grid)``: each scaled image ``x`` in its own canonical frame (``frame``: its :func:`frame_map`),
         turned by ``turn`` degrees, standardised over the cells its field of view covers and exactly 0 outside it."""
-        x = sign * scaled_batch(images, self.spatial_dims)
         size = tuple(min(2 * self.grid, n) for n in x.shape[2:])
-        x, field = canonical_frame(x, size, turn=turn)
+        x, field = canonical_frame(x, size, turn=turn, frame=frame)
         grid = (self.grid,) * self.spatial_dims
         x, field = F.interpolate(x, size=grid, mode="area"), F.interpolate(field, size=grid, mode="area") > 0.999
         b, c = x.shape[:2]
@@ -168,16 +165,18 @@ class AlignedSpace:
             NonFiniteImageError: for NaN/Inf images.
             DegenerateImageError: for constant images.
         """
-        g = self._on_grid(images)
+        g = self._on_grid(scaled_batch(images, self.spatial_dims))
         return g.reshape(g.shape[0], -1).numpy().astype(np.float32, copy=False)
 
     def embed_variants(self, images: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
         """Query side ``(B, V, d)``: the image under every symmetry, then the negated image in its own frame under every
         symmetry (variant 0 = :meth:`embed`)."""
-        out = []
+        out, scaled = [], scaled_batch(images, self.spatial_dims)
         for sign in self.signs:  # an inverted image has its own frame: its mass is where the original is dark
+            x = sign * scaled
+            frame = frame_map(x)
             for turn in self.turns:
-                g = self._on_grid(images, sign, turn)
+                g = self._on_grid(x, frame, turn)
                 n = g.shape[0]
                 sym = torch.stack([_apply_symmetry(g, p, f, 2) for p, f in self._symmetries], dim=1)
                 out.append(sym.reshape(n, len(self._symmetries), -1))
@@ -410,8 +409,10 @@ def canonical_frame(
     power: float = 4.0,
     aspect: float = 1.5,
     turn: float = 0.0,
+    frame: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, C, *spatial)`` images resampled at ``size`` in their own frame: centred on their centre of mass, their
+    """``(B, C, *spatial)`` images resampled at ``size`` in their own frame (``frame``: their :func:`frame_map`, computed
+    here when not given), turned by ``turn`` degrees in the plane of its first two axes: centred on their centre of mass, their
     principal axes along the grid's axes (largest first) and each axis scaled so the mass spreads ``spread`` of the
     half-side along it (each axis's scale within a factor ``aspect`` of their common one); and ``(B, 1, *size)`` how
     much of each cell their field of view covers (0 outside, where the image reads 0).
@@ -427,6 +428,25 @@ def canonical_frame(
     registration to refine (PET slices moved by 8 px, rotated by 10-20 degrees, or mirrored, rotated and cropped:
     source at rank 9-29 of 240 on the plain grid, first in this frame).
     """
+    b, nd = images.shape[0], images.ndim - 2
+    theta = frame_map(images, spread, power, aspect) if frame is None else frame
+    if turn:
+        a = np.radians(turn)
+        plane = torch.eye(nd + 1, dtype=theta.dtype)
+        plane[:2, :2] = torch.tensor([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]], dtype=theta.dtype)
+        theta = theta @ plane
+    theta = theta.to(images.dtype)
+    grid = F.affine_grid(theta, [b, images.shape[1], *size], align_corners=False)
+    resampled = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    ones = torch.ones((b, 1, *images.shape[2:]), dtype=images.dtype)
+    field = F.grid_sample(ones, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return resampled, field
+
+
+def frame_map(images: torch.Tensor, spread: float = 0.45, power: float = 4.0, aspect: float = 1.5) -> torch.Tensor:
+    """``(B, nd, nd + 1)`` float64 affine maps (normalised coordinates) from :func:`canonical_frame`'s grid to each
+    image: its centre of mass, principal axes and per-axis spread (see there). Computed once per image, resampled at
+    every turn."""
     b, nd = images.shape[0], images.ndim - 2
     # mean rank of tied values: a posterised copy keeps its source's mass; ranks rescaled from (0.5 / n, 1 - 0.5 / n)
     n = images[0, 0].numel()
@@ -447,15 +467,4 @@ def canonical_frame(
     own = (values.flip(-1).clamp_min(0) * nd).sqrt()
     own = torch.minimum(torch.maximum(own, common / aspect), common * aspect)
     scale = (own / spread).clamp(0.25, 4.0)[:, None, :]
-    linear = vectors * scale
-    if turn:  # the frame turned in the plane of its first two axes
-        a = np.radians(turn)
-        plane = torch.eye(nd, dtype=linear.dtype)
-        plane[:2, :2] = torch.tensor([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]], dtype=linear.dtype)
-        linear = linear @ plane
-    theta = torch.cat([linear, centre.double()[:, :, None]], dim=-1).to(images.dtype)
-    grid = F.affine_grid(theta, [b, images.shape[1], *size], align_corners=False)
-    resampled = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    ones = torch.ones((b, 1, *images.shape[2:]), dtype=images.dtype)
-    field = F.grid_sample(ones, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return resampled, field
+    return torch.cat([vectors * scale, centre.double()[:, :, None]], dim=-1)
