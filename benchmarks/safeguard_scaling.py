@@ -289,8 +289,9 @@ def default_spaces_cost(
     factory names) to time instead of all. ``specificity``: judged with the specificity test as the default gate judges
     (a bound on the second patient's distance, the k-nearest search where it cannot clear; 0: the nearest row only)."""
     from monai_synth.privacy.embedding import train_embedding
-    from monai_synth.privacy.factory import DEFAULT_SPACES, THREE_D_ONLY, TWO_D_ONLY, make_space
+    from monai_synth.privacy.factory import DEFAULT_SPACES, PRINCIPAL_DIRECTIONS, THREE_D_ONLY, TWO_D_ONLY, make_space
     from monai_synth.privacy.index import TrainingIndex
+    from monai_synth.privacy.principal import fit_principal
     from monai_synth.privacy.release import VIEWS_PER_IMAGE, ReleaseEncoder
     from monai_synth.privacy.safeguard import PrivacySafeguard
     from monai_synth.privacy.spaces import distance_floor, embed_variants
@@ -312,6 +313,10 @@ def default_spaces_cost(
             space = train_embedding(few, [f"P{i // 2}" for i in range(8)], spatial_dims=len(shape), epochs=1)
         else:
             space = make_space(spec, len(shape), shape)
+        k = PRINCIPAL_DIRECTIONS.get((spec, len(shape)))
+        if k:  # as build_spaces makes it: on the leading directions of training images' vectors (phantoms here)
+            fit = phantom_bases(8 * k, shape[0], first_patient=200_000, seed=seed)
+            space = fit_principal(space, torch.stack([encoder.views(np.round(f.numpy()))[0] for f in fit]), k)
         dim = int(space.embed(judged[:1]).shape[1])
         variants = int(embed_variants(space, judged[:1]).shape[1])
         for n in sizes:
