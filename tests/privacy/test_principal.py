@@ -116,9 +116,10 @@ def test_too_few_training_images_keep_the_space_whole(cohort, caplog):
         assert fit_principal(pixel, train[:100], 32) is pixel
     assert "too few" in caplog.text
     batches = [train[i : i + 16] for i in range(0, len(train), 16)]  # batches, read until enough
-    assert fit_principal(pixel, batches, 32, max_images=130).fingerprint() == fit_principal(
-        pixel, train[:130], 32
-    ).fingerprint()
+    assert (
+        fit_principal(pixel, batches, 32, max_images=130).fingerprint()
+        == fit_principal(pixel, train[:130], 32).fingerprint()
+    )
 
 
 def test_build_spaces_fits_the_2d_pixel_space_on_the_training_images(cohort):
