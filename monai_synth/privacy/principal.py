@@ -6,7 +6,7 @@ copy keeps its source's vector while the noise's share falls by about ``k / d``:
 5-10% of the range sat at 1.3-2.1x new patients' 1% quantile of the pixel space from their sources (no pixel variant
 removes noise) and at 0.4-0.7x on 32 of its 256 directions, and most other copies came closer too (a rotation of 45
 degrees 30x -> 12x, an overlay 22x -> 3x; ``docs/benchmarks.md``). The search is on ``k`` values instead of ``d``:
-the pixel space's products, the largest part of the default gate's cost at 1e5 training images, shrink ``d / k``-fold.
+the pixel space's products, a fifth of the default gate's cost at 1e5 training images, shrink ``d / k``-fold.
 
 The projection is linear, so a query's inverted variants stay exact negatives of the others (the search's sign
 folding holds). A vector with almost nothing on the directions (less than :data:`MIN_SHARE` of its norm) has no
@@ -25,7 +25,7 @@ import torch
 
 from monai_synth.privacy.spaces import PrivacySpace, embed_variants
 
-__all__ = ["MIN_SHARE", "PrincipalSpace", "fit_principal"]
+__all__ = ["FIT_IMAGES", "MIN_SHARE", "PrincipalSpace", "fit_principal"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,10 @@ anatomy a population spans is reached long before, and fitting stays cheap at 1e
 
 
 class PrincipalSpace:
-    """``space``'s unit vectors projected on the orthonormal rows of ``basis`` ``(k, d)``, renormalised. Same name as ``space`` (its thresholds and certificates read the same);
-    its fingerprint adds the basis's hash, so an index is refused for a space fitted on other training images.
+    """``space``'s unit vectors projected on the orthonormal rows of ``basis`` ``(k, d)``, renormalised.
+
+    Same name as ``space`` (its thresholds and certificates read the same); its fingerprint adds the basis's hash, so
+    an index is refused for a space fitted on other training images.
 
     Args:
         space: the space whose vectors are projected (its ``embed`` and, if it has them, ``embed_variants``).
