@@ -8,7 +8,9 @@ over the new patients' 1% quantile, both taken above the space's floor (the dist
 Below 1, that space alone catches every copy at a threshold that refuses about 1% of new patients.
 
 ``--project-out 4,16`` adds a column per count of the training rows' top principal directions projected out of every
-vector (the population's shared anatomy removed, so that only what sets an image apart is compared).
+vector (the population's shared anatomy removed, so that only what sets an image apart is compared); ``--principal
+16,32`` a column per count of those directions the space is compared on instead
+(:class:`~monai_synth.privacy.principal.PrincipalSpace`, as the default 2D pixel space is), with its search time.
 
 Run: ``python benchmarks/space_reach.py --modality pet2d --space ranks --transforms exact,blend,elastic4``;
 ``--space embedding`` trains the learned embedding on the cohort first (about 2 minutes on 2 CPU cores).
@@ -57,6 +59,7 @@ def reach(args) -> None:
     from monai_synth.privacy.calibration import _neighbours, _query_batches
     from monai_synth.privacy.factory import build_spaces
     from monai_synth.privacy.index import TrainingIndex
+    from monai_synth.privacy.principal import PrincipalSpace, fit_principal
     from monai_synth.privacy.spaces import distance_floor
 
     dims = sa.CONFIGS[args.modality][1]
@@ -84,23 +87,29 @@ def reach(args) -> None:
     t0 = time.time()
     stacked = torch.stack(list(train))
     space = build_spaces([args.space], dims, cohort.size, stacked, loaded.train_ids, loaded.train_fingerprint)[0]
+    if args.principal and isinstance(space, PrincipalSpace):
+        space = space.space  # the columns compare the space on all its values and on each count of directions
     _, _, directions = np.linalg.svd(space.embed(stacked), full_matrices=False)
     floor = float(np.max(distance_floor(space)))
     views = loaded.encoder.model_views
     print(f"{args.modality}, {args.space}: {len(train)} training and {len(new)} new images, {len(copies)} copies")
     columns = {}
-    for k in [0, *args.project_out]:
-        judged = space if k == 0 else ProjectedOut(space, directions[:k])
+    variants = [(f"{k} out", k, ProjectedOut(space, directions[:k]) if k else space) for k in [0, *args.project_out]]
+    variants += [(f"on {k}", k, fit_principal(space, stacked, k)) for k in args.principal]
+    for label, k, judged in variants:
         index = TrainingIndex.build(judged, train, loaded.train_ids, loaded.train_fingerprint, 64)
         new_d = np.asarray(_neighbours(index, _query_batches(index, new, views, 64), True)[0])
+        t1 = time.time()
         copy_d = _copy_distances(index, copies, views)[0]  # a copy it cannot judge counts as caught, as the gate does
+        searched = time.time() - t1
         at = 0.0 if k else floor
         q = float(np.quantile(new_d, 0.01)) - at
-        columns[k] = (copy_d - at) / q
+        columns[label] = (copy_d - at) / q
         print(
-            f"  {k} directions out: new patients' 1% quantile {q + at:.4f} (floor {at:.4f}), {time.time() - t0:.0f} s"
+            f"  {label}: new patients' 1% quantile {q + at:.4f} (floor {at:.4f}), copies judged in {searched:.1f} s, "
+            f"{time.time() - t0:.0f} s"
         )
-    print("transform".ljust(20) + "".join(f"{k} out".rjust(9) for k in columns))
+    print("transform".ljust(20) + "".join(label.rjust(9) for label in columns))
     for key in dict.fromkeys(keys):
         print(key.ljust(20) + "".join(f"{columns[k][keys == key].max():9.2f}" for k in columns))
 
@@ -111,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--space", default="pixel", help="a privacy space spec, as `monai-synth guard --spaces` takes")
     p.add_argument("--transforms", type=sa._csv_list, default=None, help="attack keys (default: all)")
     p.add_argument("--project-out", type=lambda s: [int(v) for v in sa._csv_list(s)], default=[])
+    p.add_argument("--principal", type=lambda s: [int(v) for v in sa._csv_list(s)], default=[])
     p.add_argument("--cohort", type=lambda s: [int(v) for v in sa._csv_list(s)], default=[80, 60])
     p.add_argument("--attempts", type=int, default=4, help="copies per transform")
     p.add_argument("--size", type=int, default=None, help="default: 64 (2D), 32 (3D)")
