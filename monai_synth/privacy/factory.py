@@ -1,8 +1,8 @@
 """Privacy spaces by name: what ``--spaces`` / ``privacy_spaces`` mean, and the default set a candidate must pass.
 
 One place that turns a command-line or config name (``pixel``, ``pixel:flip,shift``, ``ranks``, ``parts``, ``crops``,
-``tiles``, ``halves``, ``texture``, ``deblur``, ``disc``, ``ball``, ``coarse``, ``aligned``, ``embedding``) into a
-configured space, shared by ``monai-synth guard`` and the bundle's release, so both judge with the same spaces.
+``tiles``, ``inset``, ``halves``, ``texture``, ``deblur``, ``disc``, ``ball``, ``coarse``, ``aligned``, ``embedding``)
+into a configured space, shared by ``monai-synth guard`` and the bundle's release, so both judge with the same spaces.
 """
 
 from __future__ import annotations
@@ -43,24 +43,25 @@ def space_name(spec: str) -> str:
 
 
 DEFAULT_SPACES = (
-    "pixel", "ranks", "localranks", "parts", "crops", "tiles", "halves", "texture", "deblur", "disc", "ball", "coarse",
-    "aligned", "embedding",
+    "pixel", "ranks", "localranks", "parts", "crops", "tiles", "inset", "halves", "texture", "deblur", "disc", "ball",
+    "coarse", "aligned", "embedding",
 )  # fmt: skip
 """What a candidate must pass by default: whole-image pixel correlation under the geometric and intensity changes a
 person would still call the same image, the same on each image's intensity ranks (a copy under any monotone intensity
 curve, such as histogram equalisation), the same on each pixel's rank among its neighbours (a copy under a curve that
-differs from part to part: each part equalised on its own, a gain field, a faint overlay), aligned parts, crops of training images, windows at every scale, the halves
-of training images (a half, quadrant or, in 3D, octant of an image blown up to the whole), the fine
-texture of the image (a copy under strong noise such as speckle), the image sharpened (a blurred or pixelated copy,
-whose detail the sharpening brings back), the central disc of a 2D image under fine rotations
-and zooms (a copy rotated by up to 30 degrees, also cropped and noised; left out for volumes, see :data:`TWO_D_ONLY`),
-its 3D counterpart the inscribed ``ball`` of a volume under fine rotations and moves about each axis and the
-``coarse`` sharpened volume on an 8-cell grid (a volume pixelated to an eighth of its side; both left out for 2D
-images, see :data:`THREE_D_ONLY`), the ``aligned`` image, each nearest training image registered onto the candidate by
-an affine fit (a copy moved, turned, zoomed or mirrored by amounts between the other spaces' fixed steps; 2D), and the
-learned copy-detection / re-identification ``embedding``, trained on the
-training images themselves when no weights are given (minutes on a CPU for a few hundred images; pass
-``--embedding-weights`` to reuse them). A space that collapsed in training is refused at calibration, never certified."""
+differs from part to part: each part equalised on its own, a gain field, a faint overlay), aligned parts, crops of
+training images, windows at every scale (those of 0.8 of the side in 2D with their own threshold, ``inset``), the halves
+of training images (a half, quadrant or, in 3D, octant of an image blown up to the whole), the fine texture of the image
+(a copy under strong noise such as speckle), the image sharpened (a blurred or pixelated copy, whose detail the
+sharpening brings back), the central disc of a 2D image under fine rotations and zooms (a copy rotated by up to 30
+degrees, also cropped and noised; left out for volumes, see :data:`TWO_D_ONLY`), its 3D counterpart the inscribed
+``ball`` of a volume under fine rotations and moves about each axis and the ``coarse`` sharpened volume on an 8-cell
+grid (a volume pixelated to an eighth of its side; both left out for 2D images, see :data:`THREE_D_ONLY`), the
+``aligned`` image, each nearest training image registered onto the candidate by an affine fit (a copy moved, turned,
+zoomed or mirrored by amounts between the other spaces' fixed steps; 2D), and the learned copy-detection /
+re-identification ``embedding``, trained on the training images themselves when no weights are given (minutes on a CPU
+for a few hundred images; pass ``--embedding-weights`` to reuse them). A space that collapsed in training is refused at
+calibration, never certified."""
 
 PRINCIPAL_DIRECTIONS = {("pixel", 2): 32}
 """Spaces (name, dimensionality) that :func:`build_spaces` compares on this many leading principal directions of the
@@ -68,7 +69,7 @@ training images' vectors (:mod:`monai_synth.privacy.principal`): the 2D pixel sp
 slices noised by 5-10% of the range came from 1.3-2.1x new patients' 1% quantile of the space to 0.4-0.7x, most other
 copies closer too, and the search is 8x shorter (``docs/benchmarks.md``)."""
 
-TWO_D_ONLY = frozenset({"disc", "aligned"})
+TWO_D_ONLY = frozenset({"disc", "aligned", "inset"})
 """Spaces that judge 2D images only. :func:`build_spaces` leaves them out for volumes (and says so), so one list of
 spaces serves a bundle in 2D and 3D; the ``ball`` space rotates volumes about each axis instead. Asked for by
 :func:`make_space` with ``spatial_dims=3``, they raise."""
@@ -108,22 +109,29 @@ the anatomy that dominates their correlation, passed the whole 3D gate 2 of 2; t
 the cut part back). On CT 32^3 phantoms copies cut to 0.6-0.9 then sit at 0.0-0.3 of the nearest new patient's
 distance above the floor at the slabs' fractions, and at 0.5-1.2 between them (0.72, 0.78, 0.88)."""
 
-_TILE_SCALES = (0.8, 0.7, 0.6, 0.5, 1.0 / 3.0)
-"""Window sides of the 2D ``tiles`` space, as fractions of the candidate's side: a picture in a picture (0.8, 0.7,
-0.6), a mosaic tile or one of a pair (0.5), a canvas's third. A training image shrunk to 70% and pasted into the centre
-of an unseen image passed the whole PET gate 3 of 3; in windows of 0.7 such copies sit at 0.06-0.16 of the new
-patients' 1% quantile of this space (1.1-2.0 without them; 20 training and 60 new patients' slices at 64^2,
-ultrasound, CT, MRI, PET), and that quantile moved by 1-20% (PET 0.114 -> 0.079). Windows of 0.8: in them another
-patient's body outline comes closer (the quantile CT 0.122 -> 0.041, MRI 0.119 -> 0.044, PET 0.079 -> 0.052), but a
-copy shrunk to 80% comes closer still: 0.18-0.40 of the new quantile in CT, MRI and PET against 0.96-1.37 of the old
-one without them, and it passed the whole PET gate 3 of 5 without them, 0 of 5 with them (unseen PET slices released
-56 -> 57 of 60). 0.6 left the quantile as it was (ultrasound 0.152 -> 0.134, CT, MRI and PET within 2%). Position
-matters as much as size: a copy shrunk to 60% and pasted 5 px from the corner, between two window positions a quarter
-of the side apart, sat at 0.4-1.8x that quantile; windows of 0.6-0.8 slid by an eighth of their side
-(:data:`_TILE_FINE_SCALES`) hold it at 0.08-0.21, the quantile moved by 0-12%."""
+_TILE_SCALES = (0.7, 0.6, 0.5, 1.0 / 3.0)
+"""Window sides of the 2D ``tiles`` space, as fractions of the candidate's side: a picture in a picture (0.7, 0.6),
+a mosaic tile or one of a pair (0.5), a canvas's third. A training image shrunk to 70% and pasted into the centre of an
+unseen image passed the whole PET gate 3 of 3; in windows of 0.7 such copies sit at 0.06-0.16 of the new patients'
+1% quantile of this space (1.1-2.0 without them; 20 training and 60 new patients' slices at 64^2, ultrasound, CT,
+MRI, PET), and that quantile moved by 1-20% (PET 0.114 -> 0.079). 0.6 left the quantile as it was (ultrasound 0.152 ->
+0.134, CT, MRI and PET within 2%). Windows of 0.8 are the ``inset`` space's (:data:`_INSET_SCALES`): here they would
+lower the quantile for every window. Position matters as much as size: a copy shrunk to 60% and pasted 5 px from the
+corner, between two window positions a quarter of the side apart, sat at 0.4-1.8x that quantile; windows of 0.6 and 0.7
+slid by an eighth of their side (:data:`_TILE_FINE_SCALES`, 252 windows instead of 168) hold it at 0.08-0.21, the
+quantile moved by 0-12%."""
 
-_TILE_FINE_SCALES = (0.8, 0.7, 0.6)
+_TILE_FINE_SCALES = (0.7, 0.6)
 """The 2D tile scales slid by an eighth of their side instead of a quarter (few windows, so the finer step is cheap)."""
+
+_INSET_SCALES = (0.8,)
+"""Window sides of the 2D ``inset`` space (slid by an eighth of their side): a training image shrunk to 80% inside
+another. In such windows another patient's body outline comes close to a training slice (CT 0.122 -> 0.041, MRI 0.119
+-> 0.044, PET 0.079 -> 0.052 for new patients' 1% quantile), but such a copy comes closer still: 0.18-0.40 of that
+quantile in CT, MRI and PET, 0.96-1.37 of the ``tiles`` quantile without them. It passed the whole gate (5 copies) in
+PET 3 times and in CT 4 times without these windows. In the ``tiles`` space they lowered its threshold for every
+window, and a canvas of three exact CT slices squeezed to the model size then passed 2 of 5 (0 without them): hence a
+space of their own, with its own threshold."""
 
 _CORNERS = (0.6, 0.7, 0.8, 0.9)
 """Fractions of every axis of the 3D ``halves`` space's corner windows (at each of the 8 corners), the candidate also
@@ -175,8 +183,10 @@ def make_space(
     candidate's windows of the same size at the other corners, a copy moved along one axis or both; 3D: the candidate
     also turned back by 10 and 20 degrees either way and a quarter turn about each axis, a rotated copy cropped),
     ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every position, 2D of
-    0.8, 0.7, 0.6, a half and a third of its side and the halves of each axis, see :data:`_TILE_SCALES`; in 3D of 0.8
+    0.7, 0.6, a half and a third of its side and the halves of each axis, see :data:`_TILE_SCALES`; in 3D of 0.8
     and 0.5 of the training volumes' shape, and spanning some axes whole and a half or a third of the others).
+    ``inset`` = the same class with windows of 0.8 of the side only (2D; a training image shrunk to 80% inside
+    another, see :data:`_INSET_SCALES`; the 3D ``tiles`` hold 0.8 already).
     ``halves`` = :class:`~monai_synth.privacy.partial.PartSpace` of kind ``"halves"`` (the half of each training image
     at either end of one axis, two or, in 3D, all three, compared with the whole candidate, mirrored / transposed (2D) /
     inverted: a half, a quadrant or an octant of an image resized to the whole; 2D: also the slab of 0.6-0.8 of one
@@ -323,6 +333,11 @@ def make_space(
         return DeblurSpace(
             grid=min(8, *spatial_size), spatial_dims=3, invariances=symmetry + ("shift",), max_shift=1, name="coarse"
         )
+    if name == "inset":
+        return TileSpace(
+            grid=grid, spatial_dims=2, scales=_INSET_SCALES, invariances=symmetry, fine_scales=_INSET_SCALES,
+            name="inset", halves=False,
+        )  # fmt: skip
     if name == "aligned":
         # 32 cells, judged at a blur of half a cell: on 64 (judged unblurred) copies of PET, CT and MRI slices sat about
         # as far from their sources over new patients' 1% quantile, noised copies 2-3x farther, at 2.5x the cost
@@ -341,8 +356,8 @@ def make_space(
 
         return EmbeddingSpace.from_weights(embedding_weights, expected_data_fingerprint=data_fingerprint)
     raise ValueError(
-        f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], ranks, localranks, parts, crops, tiles, halves, "
-        "texture[:box=N], deblur, disc, ball, coarse, aligned and/or embedding"
+        f"unknown privacy space {spec!r}; use pixel[:none|flip,shift,...], ranks, localranks, parts, crops, tiles, inset, "
+        "halves, texture[:box=N], deblur, disc, ball, coarse, aligned and/or embedding"
     )
 
 

@@ -502,6 +502,8 @@ class TileSpace:
         reference: Sequence[int] | None = None,
         fractions: Sequence[float] = (),
         fine_scales: Sequence[float] = (),
+        name: str = "tiles",
+        halves: bool = True,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -518,7 +520,7 @@ class TileSpace:
         if not 0.05 <= float(stride) <= 1.0:
             raise ValueError(f"stride must be a fraction of the window side in [0.05, 1], got {stride}")
         invariances = _checked_invariances(invariances)
-        self.name = "tiles"
+        self.name, self.halves = str(name), bool(halves)
         self.grid, self.spatial_dims = int(grid), int(spatial_dims)
         self.scales = tuple(sorted({round(float(s), 4) for s in scales}, reverse=True))
         self.stride = float(stride)
@@ -538,7 +540,7 @@ class TileSpace:
     def fingerprint(self) -> str:
         """Hash of everything that changes the vectors."""
         cfg = {
-            "space": "tiles",
+            "space": self.name,
             "version": self._VERSION,
             "grid": self.grid,
             "spatial_dims": self.spatial_dims,
@@ -552,6 +554,8 @@ class TileSpace:
             cfg["fraction_windows"] = "unrounded"
         if self.fine_scales:
             cfg["fine_scales"] = list(self.fine_scales)
+        if not self.halves:
+            cfg["halves"] = False
 
         return _fingerprint(cfg)
 
@@ -579,7 +583,7 @@ class TileSpace:
             out.extend(self._slid(shape, sides, self.stride / 2 if scale in self.fine_scales else self.stride))
         # halves: the whole extent of the other axes and half of one, at its start, middle and end: one side of a
         # pair squeezed side by side into the candidate's shape (resampled to the grid, it is that image again)
-        for axis, n in enumerate(shape):
+        for axis, n in enumerate(shape if self.halves else ()):
             half = max(2, n // 2)
             for start in sorted({0, (n - half) // 2, n - half}):
                 out.append(tuple(slice(start, start + half) if a == axis else slice(0, m) for a, m in enumerate(shape)))
@@ -684,4 +688,6 @@ class TileSpace:
         return v.numpy().astype(np.float32, copy=False)
 
     def __repr__(self) -> str:
-        return f"TileSpace(grid={self.grid}, spatial_dims={self.spatial_dims}, scales={self.scales})"
+        return (
+            f"TileSpace(name={self.name!r}, grid={self.grid}, spatial_dims={self.spatial_dims}, scales={self.scales})"
+        )

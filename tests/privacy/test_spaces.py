@@ -481,11 +481,12 @@ def test_default_2d_tiles_put_a_canvas_of_ct_slices_far_below_other_patients():
 
 
 @pytest.mark.parametrize("modality", ["pet", "ct"])
-def test_default_2d_tiles_catch_a_slice_shrunk_to_80_percent_in_an_unseen_one(modality):
-    # a training slice shrunk to 80% and pasted into the centre of a new patient's slice passed the whole PET gate 3 of
-    # 5: without windows of 0.8 it sat 1.1-1.2x the nearest other patient's distance in this space, 0.04-0.12x with them
+def test_default_inset_space_catches_a_slice_shrunk_to_80_percent_in_an_unseen_one(modality):
+    # a training slice shrunk to 80% and pasted into the centre of a new patient's slice passed the whole gate (PET 3
+    # of 5, CT 4 of 5): in the tiles space it sat 1.1-1.2x the nearest other patient's distance, in windows of 0.8
+    # 0.04-0.12x
     from monai_synth.data.phantoms import generate_cohort
-    from monai_synth.privacy.factory import make_space
+    from monai_synth.privacy.factory import DEFAULT_SPACES, TWO_D_ONLY, make_space
     from monai_synth.transforms.presets import intensity_transform
 
     cohort = generate_cohort(modality, n_patients=16, images_per_patient=1, spatial_dims=2, spatial_size=64, seed=0)
@@ -494,7 +495,8 @@ def test_default_2d_tiles_catch_a_slice_shrunk_to_80_percent_in_an_unseen_one(mo
     train, others = x[:8].float(), x[8:].float()
     pasted = others[:4].clone()
     pasted[..., 6:57, 6:57] = torch.nn.functional.interpolate(train[:4], size=(51, 51), mode="area")
-    space = make_space("tiles", 2, (64, 64))
+    space = make_space("inset", 2, (64, 64))
+    assert space.name == "inset" and "inset" in DEFAULT_SPACES and "inset" in TWO_D_ONLY
     rows = space.embed(train)
     copies = 1.0 - (space.embed_variants(pasted) @ rows.T).max(axis=(1, 2))
     other = 1.0 - (space.embed_variants(others) @ rows.T).max(axis=(1, 2))
