@@ -72,6 +72,7 @@ def test_copies_are_held_back_and_new_patients_released(files, guarded):
         "parts",
         "crops",
         "tiles",
+        "inset",
         "halves",
         "texture",
         "deblur",
