@@ -289,9 +289,8 @@ def default_spaces_cost(
     factory names) to time instead of all. ``specificity``: judged with the specificity test as the default gate judges
     (a bound on the second patient's distance, the k-nearest search where it cannot clear; 0: the nearest row only)."""
     from monai_synth.privacy.embedding import train_embedding
-    from monai_synth.privacy.factory import DEFAULT_SPACES, PRINCIPAL_DIRECTIONS, THREE_D_ONLY, TWO_D_ONLY, make_space
+    from monai_synth.privacy.factory import DEFAULT_SPACES, build_spaces
     from monai_synth.privacy.index import TrainingIndex
-    from monai_synth.privacy.principal import fit_principal
     from monai_synth.privacy.release import VIEWS_PER_IMAGE, ReleaseEncoder
     from monai_synth.privacy.safeguard import PrivacySafeguard
     from monai_synth.privacy.spaces import distance_floor, embed_variants
@@ -304,19 +303,20 @@ def default_spaces_cost(
     judged = torch.stack([encoder.views(s)[0] for s in stored])
     # training rows are drawn at half the bundle's size (cheaper to draw; every space resamples to a grid of 64 or less)
     base = phantom_bases(bases, max(64, shape[0] // 2), seed=seed) if rows_kind == "phantom" else None
+    # the spaces as build_spaces makes them (principal directions fitted on these phantoms, see PRINCIPAL_DIRECTIONS)
+    fit_bases = phantom_bases(256, shape[0], first_patient=200_000, seed=seed)
+    fit = torch.stack([encoder.views(np.round(f.numpy()))[0] for f in fit_bases])
+    fit_ids = [f"P{i}" for i in range(len(fit))]
     out = []
     for spec in specs or DEFAULT_SPACES:
-        if spec in (THREE_D_ONLY if len(shape) == 2 else TWO_D_ONLY):  # what build_spaces leaves out
-            continue
         if spec == "embedding":
             few = judged[:1].repeat(8, 1, *([1] * len(shape))) + 0.1 * torch.randn(8, 1, *shape)
             space = train_embedding(few, [f"P{i // 2}" for i in range(8)], spatial_dims=len(shape), epochs=1)
         else:
-            space = make_space(spec, len(shape), shape)
-        k = PRINCIPAL_DIRECTIONS.get((spec, len(shape)))
-        if k:  # as build_spaces makes it: on the leading directions of training images' vectors (phantoms here)
-            fit = phantom_bases(8 * k, shape[0], first_patient=200_000, seed=seed)
-            space = fit_principal(space, torch.stack([encoder.views(np.round(f.numpy()))[0] for f in fit]), k)
+            built = build_spaces([spec], len(shape), shape, fit, fit_ids, "bench")
+            if not built:  # a space of the other dimensionality, left out as the release leaves it out
+                continue
+            space = built[0]
         dim = int(space.embed(judged[:1]).shape[1])
         variants = int(embed_variants(space, judged[:1]).shape[1])
         for n in sizes:

@@ -126,12 +126,12 @@ _TILE_FINE_SCALES = (0.7, 0.6)
 
 _INSET_SCALES = (0.8,)
 """Window sides of the 2D ``inset`` space (slid by an eighth of their side): a training image shrunk to 80% inside
-another. In such windows another patient's body outline comes close to a training slice (added to ``tiles``, they
-moved its new patients' 1% quantile CT 0.122 -> 0.041, MRI 0.119 -> 0.044, PET 0.079 -> 0.052), but such a copy comes
-closer still: 0.18-0.40 of that quantile in CT, MRI and PET, 0.96-1.37 of the ``tiles`` quantile without them. It passed the whole gate (5 copies) in
-PET 3 times and in CT 4 times without these windows. In the ``tiles`` space they lowered its threshold for every
-window, and a canvas of three exact CT slices squeezed to the model size then passed 2 of 5 (0 without them): hence a
-space of their own, with its own threshold."""
+another. In such windows another patient's body outline comes close to a training slice (added to ``tiles``, they moved
+its new patients' 1% quantile CT 0.122 -> 0.041, MRI 0.119 -> 0.044, PET 0.079 -> 0.052), but such a copy comes closer
+still: 0.18-0.40 of that quantile in CT, MRI and PET, 0.96-1.37 of the ``tiles`` quantile without them. It passed the
+whole gate (5 copies) in PET 3 times and in CT 4 times without these windows. In the ``tiles`` space they lowered its
+threshold for every window, and a canvas of three exact CT slices squeezed to the model size then passed 2 of 5 (0
+without them): hence a space of their own, with its own threshold."""
 
 _CORNERS = (0.6, 0.7, 0.8, 0.9)
 """Fractions of every axis of the 3D ``halves`` space's corner windows (at each of the 8 corners), the candidate also
