@@ -132,7 +132,7 @@ def run(args) -> None:
         t0 = time.process_time()
         space = make_named_space(name, cohort.size)
         index = TrainingIndex.build(space, train, train_ids, fp, 64)
-        _, holdout_d[name], _ = _calibrate(
+        _, holdout_d[name], _, _ = _calibrate(
             index,
             holdout,
             0.01,

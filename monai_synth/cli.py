@@ -186,6 +186,13 @@ def _add_guard(sub: argparse._SubParsersAction) -> None:
         help="also refuse an image much closer to one training patient than to any other, when a new patient's "
         "image is that specific with a chance below this (default 0.003 with the duplicate check; 0: off)",
     )
+    p.add_argument(
+        "--consensus",
+        type=int,
+        default=None,
+        help="also refuse an image whose nearest training patient is the same in at least this many spaces (default: "
+        "the least count that at most 0.5%% of the calibration images reach, with 4 spaces or more; 0: off)",
+    )
     p.add_argument("--floor", type=float, default=0.0, help="absolute minimum threshold")
     p.add_argument("--format", dest="fmt", default=None, help="release format (default: the modality's native one)")
     p.add_argument(
@@ -220,6 +227,7 @@ def _run_guard(args: argparse.Namespace) -> int:
         duplicate_check=args.duplicate_check,
         cross_patient_images=args.cross_patient_images,
         specificity=args.specificity,
+        consensus=args.consensus,
     )
     print(
         f"released {summary['released']} of {summary['generated']} candidates "

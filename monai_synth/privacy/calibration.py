@@ -717,11 +717,16 @@ class CrossPatient:
         distances: each one's distance to the nearest image of another training patient, judged as a candidate is.
         flagged: the ones the duplicate screen flags as near-duplicates of another training patient's image (the
             same person under two ids, a duplicated series); they are left out of the calibration.
+        other: each one's distance to the nearest image of a third patient (neither its own nor its nearest one's),
+            for the specificity test's share (NaN where none was found).
+        nearest: the row of that nearest image of another patient, for the consensus test's share.
     """
 
     rows: np.ndarray
     distances: np.ndarray
     flagged: np.ndarray
+    other: np.ndarray
+    nearest: np.ndarray
 
     @property
     def kept(self) -> np.ndarray:
@@ -742,10 +747,11 @@ def _cross_patient(
     rows = cross_patient_rows(index.patient_codes, count)
     if len(rows) == 0 or len(index.patients) < 2:
         empty = np.zeros(0)
-        return CrossPatient(np.zeros(0, dtype=np.int64), empty, np.zeros(0, dtype=bool))
+        none = np.zeros(0, dtype=np.int64)
+        return CrossPatient(none, empty, np.zeros(0, dtype=bool), empty, none)
     own = np.asarray(index.patients, dtype=object)[np.asarray(index.patient_codes)[rows]]
     batches = _query_batches(index, _select_rows(training_images, rows, batch_size), views, batch_size)
-    near, _, other = _neighbours(index, batches, True, own)
+    near, nearest, other = _neighbours(index, batches, True, own)
     if len(near) != len(rows):
         raise ValueError(f"measured {len(near)} training images against the other patients, expected {len(rows)}")
     # screened against the bulk of all the calibration's distances, the holdout's included
@@ -756,7 +762,7 @@ def _cross_patient(
         alpha,
         distance_floor(index.space),
     )
-    return CrossPatient(rows, near, flagged[len(holdout[0]) :])
+    return CrossPatient(rows, near, flagged[len(holdout[0]) :], other, nearest)
 
 
 def calibrate_threshold(
@@ -851,9 +857,11 @@ def _calibrate(
     ci_level: float,
     training_images: torch.Tensor | np.ndarray | Iterable | None = None,
     cross_patient_images: int = 0,
-) -> tuple[Calibration, np.ndarray, CrossPatient]:
-    """:func:`calibrate_threshold`, each holdout image's nearest-training distance in holdout order and the training
-    images' cross-patient distances (what joint calibration needs, so every image is embedded once per space)."""
+) -> tuple[Calibration, np.ndarray, CrossPatient, tuple[np.ndarray, np.ndarray]]:
+    """:func:`calibrate_threshold`, each holdout image's nearest-training distance in holdout order (look-alikes of an
+    identity space put last), the training images' cross-patient distances, and the holdout's unscreened distances
+    to its nearest and to a second training patient with its nearest rows (what joint calibration and the shares of
+    the specificity and consensus tests need, so every image is embedded once per space)."""
     if not 0.0 < quantile <= 0.5:
         raise ValueError(f"quantile must be in (0, 0.5], got {quantile}")
     if views is not None and holdout is None:
@@ -919,7 +927,7 @@ def _calibrate(
     cross = _cross_patient(
         index, training_images, cross_count, views, batch_size, (d, d_other), duplicate_z, duplicate_alpha
     )
-    d = screened
+    raw, d = d, screened
     pooled = np.concatenate([d, cross.kept])
     q_value = float(np.quantile(pooled, quantile))
     d_sorted = np.sort(pooled)
@@ -942,7 +950,7 @@ def _calibrate(
         n_cross_patient=len(cross.kept),
         cross_patient_dropped=int(cross.flagged.sum()),
     )
-    return calibration, d, cross
+    return calibration, d, cross, (raw, d_other, rows)
 
 
 def _warn_look_alikes(

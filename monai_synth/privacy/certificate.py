@@ -58,7 +58,8 @@ GUARANTEE = (
     "image is therefore farther from the training set than that closest fraction of unseen patients' images are -- "
     "not farther than most of them (holdout_percentile_<space> in certificate.csv says where each image sits). Where "
     "a space's specificity is above 0, an image much closer to one training patient than to every other is refused "
-    "too, when a new patient's image would be that specific with a chance below it"
+    "too, when a new patient's image would be that specific with a chance below it; where consensus is above 0, an "
+    "image whose nearest training image belongs to the same patient in at least that many spaces is refused too"
 )
 DISTANCE = "1 - cosine similarity of L2-normalised space vectors (pixel space: 1 - Pearson correlation)"
 
@@ -159,6 +160,8 @@ def write_certificate(
                 "calibration": cal.to_dict() if cal is not None else None,
                 # also refused: images a new patient's image matches this specifically with a lower chance (0: off)
                 "specificity": float(getattr(safeguard, "specificity", 0.0)),
+                # also refused: images whose nearest training patient is the same in at least this many spaces (0: off)
+                "consensus": int(getattr(safeguard, "consensus", 0)),
             }
             fps[f"index_{name}"] = index.fingerprint
     else:

@@ -176,6 +176,7 @@ def run_guard(
     duplicate_check: bool = True,
     cross_patient_images: int | None = None,
     specificity: float | None = None,
+    consensus: int | None = None,
 ) -> dict:
     """Release the candidate images that are not near-copies of any training image.
 
@@ -207,7 +208,10 @@ def run_guard(
             many as the spaces need; 0: the holdout alone).
         specificity: also refuse images much closer to one training patient than to any other (see
             :class:`~monai_synth.privacy.safeguard.PrivacySafeguard`; None, the default:
-            :data:`~monai_synth.privacy.safeguard.DEFAULT_SPECIFICITY`; 0: off).
+            :data:`~monai_synth.privacy.safeguard.DEFAULT_SPECIFICITY`, lowered to its share of the calibration;
+            0: off).
+        consensus: also refuse images whose nearest training patient is the same in at least this many spaces (see
+            :class:`~monai_synth.privacy.safeguard.PrivacySafeguard`; None, the default: calibrated; 0: off).
 
     Returns:
         the certificate summary (generated, rejected, released, rejection_rate, ...) plus ``out`` and ``audit``.
@@ -247,6 +251,7 @@ def run_guard(
         views=encoder.model_views,
         cross_patient_images=cross_patient_images,
         specificity=specificity,
+        consensus=consensus,
     )
     del train_images, holdout_images
     logger.info(f"thresholds calibrated on {len(holdout_records)} holdout images: {safeguard.thresholds}")

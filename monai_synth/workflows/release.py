@@ -93,6 +93,7 @@ def calibrated_safeguard(
     encoder: ReleaseEncoder | None = None,
     cross_patient_images: int | None = None,
     specificity: float | None = None,
+    consensus: int | None = None,
 ) -> PrivacySafeguard:
     """The privacy safeguard of a bundle: every training image indexed in each space, thresholds set on the holdout.
 
@@ -115,6 +116,7 @@ def calibrated_safeguard(
         cross_patient_images: training images that join the holdout as calibration samples (None: as many as the
             spaces need; see :func:`~monai_synth.privacy.safeguard.build_safeguard`).
         specificity: the safeguard's specificity level (None: its default; 0: off).
+        consensus: the safeguard's consensus count (None: calibrated; 0: off).
 
     Raises:
         ValueError: the image datasets and their records differ in length.
@@ -163,6 +165,7 @@ def calibrated_safeguard(
         views=views,
         cross_patient_images=cross_patient_images,
         specificity=specificity,
+        consensus=consensus,
     )
     if world > 1:
         _check_same_safeguard(safeguard, world)
@@ -238,7 +241,12 @@ def _check_same_safeguard(safeguard: PrivacySafeguard, world: int) -> None:
     Raises:
         RuntimeError: naming the ranks that differ from rank 0.
     """
-    mine = {"thresholds": dict(safeguard.thresholds), "fingerprints": dict(safeguard.fingerprints)}
+    mine = {
+        "thresholds": dict(safeguard.thresholds),
+        "fingerprints": dict(safeguard.fingerprints),
+        "specificity": safeguard.specificity,
+        "consensus": safeguard.consensus,
+    }
     every: list[Any] = [None] * world
     torch.distributed.all_gather_object(every, mine)
     differ = [r for r, theirs in enumerate(every) if theirs != every[0]]

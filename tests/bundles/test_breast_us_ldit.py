@@ -176,7 +176,8 @@ def test_release_has_every_birads_class_and_a_certificate(chain):
     release = chain["out"] / "release"
     certificate = json.loads((release / "certificate.json").read_text())
     assert certificate["summary"]["released"] == 2 * len(LABELS)
-    assert {space["specificity"] for space in certificate["spaces"].values()} == {0.003}  # the gate's default
+    (specificity,) = {space["specificity"] for space in certificate["spaces"].values()}
+    assert 0.0 < specificity <= 0.003  # the gate's default, lowered to its share of the calibration where needed
     with open(release / "certificate.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted({r["condition"] for r in rows}) == sorted(LABELS)
