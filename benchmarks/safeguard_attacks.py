@@ -995,6 +995,19 @@ def _refusing_spaces(records: Sequence[Any]) -> Counter:
     return counts
 
 
+def _consensus_counts(records: Sequence[Any]) -> list[tuple[int, int, int]]:
+    """``(spaces, images, released)``, most spaces first: how many images name one training patient as their nearest
+    in that many spaces (the statistic of the safeguard's consensus test), and how many of those were released."""
+    counts: Counter = Counter()
+    released: Counter = Counter()
+    for r in records:
+        named = Counter((r.nearest_patients or {}).values()).most_common(1)
+        if named:
+            counts[named[0][1]] += 1
+            released[named[0][1]] += bool(r.passed)
+    return [(k, counts[k], released[k]) for k in sorted(counts, reverse=True)]
+
+
 def print_table(title: str, rows: Sequence[Row]) -> None:
     width = max([len(TABLE_HEADER[0])] + [len(r.label) for r in rows])
     print(f"\n-- {title} --")
@@ -1008,6 +1021,11 @@ def print_table(title: str, rows: Sequence[Row]) -> None:
         for label, near in closest:
             if label != CONTROL_LABEL:
                 print(f"  {label}: {', '.join(near)}")
+    consensus = [(r.label, r.extra["consensus"]) for r in rows if r.extra.get("consensus")]
+    if consensus:
+        print("spaces naming one training patient as nearest: images (released)")
+        for label, counts in consensus:
+            print(f"  {label}: " + ", ".join(f"{k}: {n} ({m})" for k, n, m in counts))
     for r in rows:
         if r.transform == CONTROL and r.reasons:
             print(f"{r.label}, refused:")
@@ -1410,6 +1428,11 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
     )
     build_s = time.perf_counter() - t0
     print(f"index and joint calibration in {build_s - load_s - spaces_s:.1f} s", flush=True)
+    print(
+        f"specificity level {safeguard.specificity:.3g}, consensus {safeguard.consensus} of {len(safeguard.indexes)} "
+        "spaces (0: off)",
+        flush=True,
+    )
     plants = plant(
         attacks,
         [t[0].numpy() for t in train],
@@ -1435,7 +1458,10 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
         check_s += time.perf_counter() - t1
         n_checked += len(tensor)
         reasons = Counter(_short_reason(r.reason) for r in result.records if not r.passed)
-        extra = {"released_closest": _closest_spaces([r for r in result.records if r.passed])}
+        extra = {
+            "released_closest": _closest_spaces([r for r in result.records if r.passed]),
+            "consensus": _consensus_counts(result.records),
+        }
         if key == CONTROL:
             extra["refused_by"] = _refusing_spaces([r for r in result.records if not r.passed])
         rows.append(Row(key, label, len(result.images), len(tensor), dict(reasons), extra))

@@ -46,6 +46,9 @@ def test_both_entry_points_print_parseable_tables_and_release_no_exact_copy(tmp_
         released, attempted = rows["unseen patient images (control)"]
         assert attempted == 12 and 0 <= released <= attempted
     assert "us2d wall time:" in text and "s/image" in text
+    # the sampler path says how many spaces name one nearest training patient (one space here: 1 for every image)
+    assert "spaces naming one training patient as nearest" in text and "  exact copy: 1: 3 (0)" in text
+    assert "specificity level" in text and "consensus 0 of 1 spaces" in text
     saved = json.loads(out_json.read_text())
     paths = saved["results"][0]["paths"]
     assert set(paths) == {"guard", "sampler"}
