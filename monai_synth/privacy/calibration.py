@@ -857,7 +857,7 @@ def _calibrate(
     ci_level: float,
     training_images: torch.Tensor | np.ndarray | Iterable | None = None,
     cross_patient_images: int = 0,
-) -> tuple[Calibration, np.ndarray, CrossPatient, tuple[np.ndarray, np.ndarray]]:
+) -> tuple[Calibration, np.ndarray, CrossPatient, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """:func:`calibrate_threshold`, each holdout image's nearest-training distance in holdout order (look-alikes of an
     identity space put last), the training images' cross-patient distances, and the holdout's unscreened distances
     to its nearest and to a second training patient with its nearest rows (what joint calibration and the shares of
