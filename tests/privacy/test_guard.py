@@ -141,9 +141,14 @@ def test_cli_sets_the_cross_patient_samples_and_the_specificity_test(files, tmp_
     assert len(calibration["holdout_distances"]) == 132
     off = tmp_path / "off"
     args[args.index(str(out))] = str(off)
-    assert main([*args, "--spaces", "pixel", "--cross-patient-images", "0", "--specificity", "0"]) == 0
+    options = ["--cross-patient-images", "0", "--specificity", "0", "--consensus", "2"]
+    assert main([*args, "--spaces", "pixel", "ranks", *options]) == 0
     pixel = load_certificate(off)["spaces"]["pixel"]
     assert pixel["calibration"]["n_cross_patient"] == 0 and pixel["specificity"] == 0.0  # the holdout alone, no test
+    assert pixel["consensus"] == 2  # both spaces naming one nearest patient refuse
+    with open(off.parent / "off.private_audit.csv") as f:
+        reasons = [r.get("reason") or "" for r in csv.DictReader(f)]
+    assert any("the same training patient is nearest in 2 of 2 spaces" in r for r in reasons)
 
 
 def test_unknown_space_and_missing_weights_are_explained():
