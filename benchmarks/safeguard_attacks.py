@@ -998,13 +998,15 @@ def _refusing_spaces(records: Sequence[Any]) -> Counter:
 def _consensus_counts(records: Sequence[Any]) -> list[tuple[int, int, int]]:
     """``(spaces, images, released)``, most spaces first: how many images name one training patient as their nearest
     in that many spaces (the statistic of the safeguard's consensus test), and how many of those were released."""
+    from monai_synth.privacy.safeguard import agreeing_spaces
+
     counts: Counter = Counter()
     released: Counter = Counter()
     for r in records:
-        named = Counter((r.nearest_patients or {}).values()).most_common(1)
-        if named:
-            counts[named[0][1]] += 1
-            released[named[0][1]] += bool(r.passed)
+        agree = agreeing_spaces((r.nearest_patients or {}).values())
+        if agree:
+            counts[agree] += 1
+            released[agree] += bool(r.passed)
     return [(k, counts[k], released[k]) for k in sorted(counts, reverse=True)]
 
 

@@ -32,7 +32,7 @@ from monai_synth.privacy.calibration import (
 from monai_synth.privacy.index import StaleIndexError, TrainingIndex
 from monai_synth.privacy.spaces import PrivacySpace, embed_variants, images_per_batch, note_query_size
 
-__all__ = ["PrivacySafeguard", "SafeguardResult", "build_safeguard"]
+__all__ = ["PrivacySafeguard", "SafeguardResult", "agreeing_spaces", "build_safeguard"]
 
 logger = logging.getLogger(__name__)
 
@@ -340,10 +340,10 @@ class PrivacySafeguard:
                         f"much closer to one training patient than to any other in {name} space (a new patient's "
                         f"image is this specific with chance {chance:.2g} < {self.specificity:g})"
                     )
-            agree = Counter(patients.values()).most_common(1)
-            if self.consensus and agree and agree[0][1] >= self.consensus:
+            agree = agreeing_spaces(patients.values())
+            if self.consensus and agree >= self.consensus:
                 reasons.append(
-                    f"the same training patient is nearest in {agree[0][1]} of {len(self.indexes)} spaces (at least "
+                    f"the same training patient is nearest in {agree} of {len(self.indexes)} spaces (at least "
                     f"{self.consensus} refuses: new patients' images have different nearest patients in most spaces)"
                 )
             results[i] = SafeguardResult(
@@ -518,6 +518,13 @@ def build_safeguard(
     return PrivacySafeguard(checks, batch_size=batch_size, specificity=specificity, consensus=consensus)
 
 
+def agreeing_spaces(nearest_patients: Iterable[str]) -> int:
+    """The largest number of spaces that name one training patient as an image's nearest (0 for none): the statistic
+    of the consensus test (see :class:`PrivacySafeguard`)."""
+    counts = Counter(nearest_patients).most_common(1)
+    return counts[0][1] if counts else 0
+
+
 def _second_patient_bound(
     index: TrainingIndex, vec: np.ndarray, rows: np.ndarray, patients: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -575,8 +582,8 @@ def _calibration_chances(
         name, screen = index.space_name, cal.duplicate_screen or {}
         near, other, _ = pairs[name]
         c = cross[name]
-        d1 = np.concatenate([near, c.distances[~flagged]])
-        d2 = np.concatenate([other, c.other[~flagged]])
+        d1 = _in_calibration_order(near, c.distances, flagged)
+        d2 = _in_calibration_order(other, c.other, flagged)
         columns.append(specificity_chance(d1, d2, float(screen["median_log_ratio"]), screen.get("distance_floor", 0.0)))
     return np.stack(columns, axis=1)
 
@@ -589,7 +596,7 @@ def _calibration_patients_per_space(
     columns = []
     for index, _ in checks:
         name = index.space_name
-        rows = np.concatenate([pairs[name][2], cross[name].nearest[~flagged]]).astype(np.int64)
+        rows = _in_calibration_order(pairs[name][2], cross[name].nearest, flagged).astype(np.int64)
         columns.append(np.asarray(index.patients, dtype=object)[np.asarray(index.patient_codes)[rows]])
     return np.stack(columns, axis=1)
 
@@ -599,7 +606,7 @@ def _consensus_within_share(patients: np.ndarray, share: float | None = None) ->
     of the calibration images (rows of ``patients``) reach; 0 (off) when even all spaces together are reached
     more often."""
     share = CONSENSUS_SHARE if share is None else share
-    agree = np.array([Counter(row.tolist()).most_common(1)[0][1] for row in patients])
+    agree = np.array([agreeing_spaces(row) for row in patients])
     k = patients.shape[1]
     for count in range(2, k + 1):
         if (agree >= count).mean() <= share:
@@ -609,15 +616,15 @@ def _consensus_within_share(patients: np.ndarray, share: float | None = None) ->
 
 def _specificity_within_share(chances: np.ndarray, level: float, share: float) -> float:
     """The largest level up to ``level`` at which at most ``share`` of the calibration images (rows of ``chances``)
-    are refused by the specificity test in some space (a chance below the level), with a warning when it is lower."""
+    are refused by the specificity test in some space (a chance below the level), logged when it is lower."""
     least = np.sort(np.nan_to_num(chances, nan=1.0).min(axis=1))
     allowed = math.floor(share * len(least) + 1e-9)
     if allowed >= len(least) or least[allowed] >= level:
         return level
-    lowered = float(least[allowed])
+    lowered, refused = float(least[allowed]), least < level
     message = (
         f"the specificity test is lowered from {level:g} to {lowered:.3g} per space: at {level:g}, "
-        f"{int((least < level).sum())} of {len(least)} calibration images ({(least < level).mean():.1%}) are refused by "
+        f"{int(refused.sum())} of {len(least)} calibration images ({refused.mean():.1%}) are refused by "
         f"it in some space, more than the {share:.1%} it may refuse of new patients' images (the spaces disagree about "
         "which images are specific)"
     )
@@ -637,7 +644,13 @@ def _calibration_patients(
 
 def _pooled(holdout_d: dict, cross: dict, name: str, flagged: np.ndarray) -> np.ndarray:
     """One space's calibration distances: the holdout's, then the cross-patient samples no space flagged."""
-    return np.concatenate([holdout_d[name], cross[name].distances[~flagged]])
+    return _in_calibration_order(holdout_d[name], cross[name].distances, flagged)
+
+
+def _in_calibration_order(holdout: np.ndarray, cross: np.ndarray, flagged: np.ndarray) -> np.ndarray:
+    """Per-image values of the calibration images: the holdout's, then those of the cross-patient samples no space
+    flagged (the order every joint statistic of the calibration uses)."""
+    return np.concatenate([holdout, cross[~flagged]])
 
 
 def _warn_training_duplicates(rows: np.ndarray, train_patient_ids: Sequence[str]) -> None:
