@@ -5,7 +5,8 @@ What is judged is what is written. A candidate is first turned into exactly the 
 float32), at its own size and geometry; the safeguard judges that array over its whole field of view (never a
 crop), and the same array is written. Nothing is read twice.
 
-The safeguard sees the stored array through two intensity *views*, and every view must pass:
+The safeguard sees the stored array through two intensity *views*, judged together as one image's variants (the
+holdout is calibrated the same way), and every view must be far enough in every space:
 
 * the modality transform the training images went through (e.g. the ultrasound grey range or the CT window, with
   its clipping), so a copy compares with the index as the training image did;
@@ -189,39 +190,9 @@ class ReleaseEncoder:
             return [torch.as_tensor(model_image).detach().cpu().float()]
 
     def judge(self, safeguard: PrivacySafeguard, stored: Sequence[np.ndarray]) -> list[SafeguardResult]:
-        """One result per stored array: passed only if every view passes every space; distances are the smallest."""
-        views = [self.views(s) for s in stored]
-        flat = safeguard.check([v for vs in views for v in vs])
-        results, k = [], 0
-        for vs in views:
-            parts, k = flat[k : k + len(vs)], k + len(vs)
-            results.append(_combine(parts))
-        return results
-
-
-def _combine(parts: Sequence[SafeguardResult]) -> SafeguardResult:
-    """The verdict on one image from the verdicts on its views: every view must pass."""
-    distances: dict[str, float] = {}
-    patients: dict[str, str] = {}
-    rows: dict[str, int] = {}
-    for part in parts:
-        for name, d in part.distances.items():
-            if name not in distances or not d >= distances[name]:  # NaN (not computed) wins over any number
-                distances[name] = d
-                if name in part.nearest_patients:
-                    patients[name] = part.nearest_patients[name]
-                    rows[name] = part.nearest_rows.get(name, -1)
-    # one reason per problem: the views' reasons differ only in the distance they quote
-    reasons = [r for p in parts if not p.passed and p.reason for r in p.reason.split("; ")]
-    reasons = list(dict.fromkeys(r.split(" (")[0] if r.startswith("too close") else r for r in reasons))
-    return SafeguardResult(
-        passed=all(p.passed for p in parts),
-        distances=distances,
-        thresholds=dict(parts[0].thresholds),
-        reason="; ".join(reasons) or None,
-        nearest_patients=patients,
-        nearest_rows=rows,
-    )
+        """One result per stored array, judged in all its views together (:meth:`PrivacySafeguard.check`): passed only
+        if it is far enough in every space in every view; distances are the smallest over the views."""
+        return safeguard.check([self.views(s) for s in stored])
 
 
 class GuardedRelease:

@@ -242,29 +242,36 @@ class PrivacySafeguard:
         return list(images)
 
     def _nearest(self, name: str, vec: np.ndarray) -> list[tuple[float, str, int, float]]:
-        """(distance, patient, row, chance) of each query's nearest training row; the chance of a new patient's
-        image being as specific (see ``specificity``), 1.0 when the check is off."""
+        """(distance, patient, row, least chance) of each query's nearest training row. The least chance: a lower bound
+        on the chance of a new patient's image being as specific (see ``specificity``), 1.0 when the check is off, 0.0
+        where no bound proves it above the level (:meth:`check` then searches exactly)."""
         index = self.indexes[name]
         d, r, p = index.nearest(vec)
         d1, rows, patients = d[:, 0], r[:, 0], p[:, 0]
-        chance = np.ones(len(d1))
+        least = np.ones(len(d1))
         if self.specificity:
             # most images are judged with the fast exact search alone: a bound on their distance to a second patient
-            # proves them not specific enough to refuse; the few it cannot clear get the exact k-nearest search
+            # proves them not specific enough to refuse; :meth:`check` searches the few it cannot clear exactly
             bound, sure = _second_patient_bound(index, vec, rows, patients)
-            chance[sure] = self._chance(name, d1[sure], bound[sure])
-            unsure = np.flatnonzero(~(sure & (chance >= self.specificity)))
-            if len(unsure):
-                _, _, d2 = _neighbours(index, [np.asarray(vec)[unsure]], True)
-                chance[unsure] = self._chance(name, d1[unsure], d2)
-        return [(float(d1[i]), str(patients[i]), int(rows[i]), float(chance[i])) for i in range(len(d1))]
+            least = np.zeros(len(d1))
+            least[sure] = self._chance(name, d1[sure], bound[sure])
+        return [(float(d1[i]), str(patients[i]), int(rows[i]), float(least[i])) for i in range(len(d1))]
+
+    def _exact_chance(self, name: str, views: list[torch.Tensor]) -> float:
+        """The specificity test's chance of one image over all its views together: its nearest training row over
+        every view's variants, and its nearest row of another patient in any view (the calibration's statistic)."""
+        index = self.indexes[name]
+        vec = embed_variants(index.space, torch.stack(views))
+        d1, _, d2 = _neighbours(index, [vec.reshape(1, -1, vec.shape[-1])], True)
+        return float(self._chance(name, d1, d2)[0])
 
     def _chance(self, name: str, d1: np.ndarray, d2: np.ndarray) -> np.ndarray:
         """How often a new patient's image is as specific to its nearest patient (``d2 / d1`` as large) in ``name``."""
         return specificity_chance(d1, d2, self.median_log_ratio[name], self.ratio_floor[name])
 
     def _distances(self, name: str, images: list[torch.Tensor]) -> list[tuple[float, str, int, float] | Exception]:
-        """Nearest (distance, patient, row, chance) per image in one space; an exception object where it failed."""
+        """Nearest (distance, patient, row, least chance) per image in one space; an exception object where it
+        failed."""
         index = self.indexes[name]
         out: list = []
         start = 0
@@ -289,12 +296,17 @@ class PrivacySafeguard:
         """Judge each image; never raises because of an image.
 
         Args:
-            images: model-space images ``(B, C, *spatial)`` or a sequence of ``(C, *spatial)`` images.
+            images: model-space images ``(B, C, *spatial)``, or a sequence whose items are ``(C, *spatial)`` images or
+                lists of them: the views of one image (a release's intensity views,
+                :meth:`~monai_synth.privacy.release.ReleaseEncoder.views`), judged as one image whose variants are
+                every view's. Its distance in a space is the least over its views, its nearest patient the nearest
+                view's, and the specificity test's second patient the nearest other patient in any view: the
+                statistics :func:`build_safeguard` calibrates with ``views``.
 
         Returns:
             one :class:`SafeguardResult` per image, in order.
         """
-        items = self._split(images)
+        items = [list(item) if isinstance(item, (list, tuple)) else [item] for item in self._split(images)]
         nan = {name: float("nan") for name in self.indexes}
         results: list[SafeguardResult | None] = [None] * len(items)
         problems = self.verify()
@@ -302,21 +314,20 @@ class PrivacySafeguard:
             reason = "stale privacy index: " + "; ".join(problems)
             return [SafeguardResult(False, dict(nan), dict(self.thresholds), reason) for _ in items]
         valid: list[int] = []
-        tensors: list[torch.Tensor] = []
-        for i, img in enumerate(items):
+        views: list[list[torch.Tensor]] = []
+        for i, item in enumerate(items):
             try:
-                t = torch.as_tensor(np.asarray(img) if not torch.is_tensor(img) else img).detach()
-                t = t.to(device="cpu", dtype=torch.float32)
-                if t.ndim < 2:
-                    raise ValueError(f"image of shape {tuple(t.shape)} is not (C, *spatial)")
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError("image contains NaN or Inf values")
+                if not item:
+                    raise ValueError("no views given for this image")
+                views.append([_as_image(v) for v in item])
             except Exception as err:
                 results[i] = SafeguardResult(False, dict(nan), dict(self.thresholds), f"invalid image: {err}")
                 continue
             valid.append(i)
-            tensors.append(t)
-        # group by shape so a batch of differently sized images is still embedded in batches
+        tensors = [t for vs in views for t in vs]
+        owner = np.repeat(np.arange(len(views)), [len(vs) for vs in views])
+        # group by shape so a batch of differently sized images is still embedded in batches (an image's views, of
+        # one shape, stay next to each other)
         groups: dict[tuple, list[int]] = {}
         for j, t in enumerate(tensors):
             groups.setdefault(tuple(t.shape), []).append(j)
@@ -326,16 +337,26 @@ class PrivacySafeguard:
                 got = self._distances(name, [tensors[j] for j in members])
                 per_space[name].update(zip(members, got))
         for j, i in enumerate(valid):
+            own = np.flatnonzero(owner == j)
             distances, patients, rows, reasons = dict(nan), {}, {}, []
             for name, threshold in self.thresholds.items():
-                res = per_space[name][j]
-                if isinstance(res, Exception):
-                    reasons.append(f"{name} space failed: {type(res).__name__}: {res}")
+                found = [per_space[name][v] for v in own]
+                failed = next((f for f in found if isinstance(f, Exception)), None)
+                if failed is not None:
+                    reasons.append(f"{name} space failed: {type(failed).__name__}: {failed}")
                     continue
-                distances[name], patients[name], rows[name], chance = res
-                if not distances[name] >= threshold + self.margin:
-                    reasons.append(f"too close to a training image in {name} space ({res[0]:.4g} < {threshold:.4g})")
-                elif self.specificity and not chance >= self.specificity:
+                d1, patients[name], rows[name], chance = min(found, key=lambda f: f[0])  # the nearest view
+                distances[name] = d1
+                if not d1 >= threshold + self.margin:
+                    reasons.append(f"too close to a training image in {name} space ({d1:.4g} < {threshold:.4g})")
+                    continue
+                if self.specificity and not chance >= self.specificity:
+                    try:  # the bound did not clear it: over all its views, exactly
+                        chance = self._exact_chance(name, views[j])
+                    except Exception as err:
+                        reasons.append(f"{name} space failed: {type(err).__name__}: {err}")
+                        continue
+                if self.specificity and not chance >= self.specificity:
                     reasons.append(
                         f"much closer to one training patient than to any other in {name} space (a new patient's "
                         f"image is this specific with chance {chance:.2g} < {self.specificity:g})"
@@ -516,6 +537,17 @@ def build_safeguard(
         for index, cal in checks
     ]
     return PrivacySafeguard(checks, batch_size=batch_size, specificity=specificity, consensus=consensus)
+
+
+def _as_image(image) -> torch.Tensor:
+    """A finite float32 CPU tensor ``(C, *spatial)`` of one image (or view), or a ValueError saying what is wrong."""
+    t = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image).detach()
+    t = t.to(device="cpu", dtype=torch.float32)
+    if t.ndim < 2:
+        raise ValueError(f"image of shape {tuple(t.shape)} is not (C, *spatial)")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("image contains NaN or Inf values")
+    return t
 
 
 def agreeing_spaces(nearest_patients: Iterable[str]) -> int:
