@@ -325,7 +325,7 @@ class PrivacySafeguard:
                 continue
             valid.append(i)
         tensors = [t for vs in views for t in vs]
-        owner = np.repeat(np.arange(len(views)), [len(vs) for vs in views])
+        ends = np.cumsum([len(vs) for vs in views])  # image j's views are tensors[ends[j] - len(views[j]) : ends[j]]
         # group by shape so a batch of differently sized images is still embedded in batches (an image's views, of
         # one shape, stay next to each other)
         groups: dict[tuple, list[int]] = {}
@@ -337,7 +337,7 @@ class PrivacySafeguard:
                 got = self._distances(name, [tensors[j] for j in members])
                 per_space[name].update(zip(members, got))
         for j, i in enumerate(valid):
-            own = np.flatnonzero(owner == j)
+            own = range(ends[j] - len(views[j]), ends[j])
             distances, patients, rows, reasons = dict(nan), {}, {}, []
             for name, threshold in self.thresholds.items():
                 found = [per_space[name][v] for v in own]
