@@ -693,6 +693,12 @@ ATTACKS: list[Attack] = [
         lambda t, u, c: _picture_in_picture(t[0], u[0], 0.8),
         n_unseen=1,
     ),
+    Attack(
+        "pip70_off",
+        "shrunk to 70% and pasted off-centre into an unseen image",
+        lambda t, u, c: _picture_in_picture(t[0], u[0], 0.7, at=0.2),
+        n_unseen=1,
+    ),
     Attack("crop_corner", "the corner 85% of every axis resized back", lambda t, u, c: _crop_corner(t[0], 0.85)),
     Attack("elastic4", "elastic deformation (~4 px)", lambda t, u, c: _elastic(t[0], c, 4.0)),
     Attack("jpeg10", "JPEG re-encoding (quality 10)", lambda t, u, c: _jpeg(t[0], 10), dims=(2,)),

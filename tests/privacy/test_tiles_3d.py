@@ -42,3 +42,29 @@ def test_3d_fraction_windows_are_cut_where_the_fraction_falls():
     x = torch.rand(1, 1, 32, 32, 32)
     exact = space._resampled_exact(x, [((0.0, 16.0), (0.0, 32.0), (8.0, 16.0))])[0, 0]
     np.testing.assert_allclose(exact, F.interpolate(x[..., :16, :, 8:24], size=(8, 8, 8), mode="area")[0], atol=1e-5)
+
+
+def _pasted(volume: torch.Tensor, into: torch.Tensor, frac: float, at: float) -> torch.Tensor:
+    """``volume`` shrunk to ``frac`` of its side and pasted into ``into``, ``at`` of the free margin along every axis."""
+    side = round(volume.shape[-1] * frac)
+    start = int((volume.shape[-1] - side) * at)
+    out = into.clone()
+    sl = (slice(None), slice(None), *[slice(start, start + side)] * 3)
+    out[sl] = F.interpolate(volume, size=(side,) * 3, mode="trilinear", align_corners=False)
+    return out
+
+
+def test_3d_tiles_catch_a_volume_shrunk_inside_another_patients():
+    # a training volume shrunk to 70% in the centre of a new patient's volume, or to 60% near a corner: with cubes of
+    # 0.8 and 0.5 only they sat 0.17-0.26 and 0.08-0.22 from their sources, farther than other patients' volumes (from
+    # 0.048), and passed the whole 3D gate; with the windows of 0.7 and 0.6 at 0.014-0.03
+    from monai_synth.privacy.factory import make_space
+
+    vols = _ct_phantoms(10)
+    space = make_space("tiles", 3, (32, 32, 32))
+    train = space.embed(vols[:4])
+    others = 1.0 - (space.embed_variants(vols[6:]) @ train.T).max(axis=1)
+    for frac, at in [(0.7, 0.5), (0.6, 0.2)]:
+        copies = torch.cat([_pasted(vols[i : i + 1], vols[4 + i % 2 : 5 + i % 2], frac, at) for i in range(4)])
+        own = 1.0 - np.einsum("qvd,qd->qv", space.embed_variants(copies), train).max(axis=1)
+        assert own.max() < 0.7 * others.min(), (frac, at, own, others.min())
