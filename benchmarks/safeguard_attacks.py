@@ -699,6 +699,13 @@ ATTACKS: list[Attack] = [
         lambda t, u, c: _picture_in_picture(t[0], u[0], 0.7, at=0.2),
         n_unseen=1,
     ),
+    # a size and a place on no window's step (twenty-ninth round: windows cut at the candidate's seams)
+    Attack(
+        "pip65_odd",
+        "shrunk to 65% and pasted at 0.37 of the margin into an unseen image",
+        lambda t, u, c: _picture_in_picture(t[0], u[0], 0.65, at=0.37),
+        n_unseen=1,
+    ),
     Attack("crop_corner", "the corner 85% of every axis resized back", lambda t, u, c: _crop_corner(t[0], 0.85)),
     Attack("elastic4", "elastic deformation (~4 px)", lambda t, u, c: _elastic(t[0], c, 4.0)),
     Attack("jpeg10", "JPEG re-encoding (quality 10)", lambda t, u, c: _jpeg(t[0], 10), dims=(2,)),

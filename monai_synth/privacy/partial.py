@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from monai_synth.privacy.seams import seam_windows
 from monai_synth.privacy.spaces import (
     DegenerateImageError,
     _affine_variants,
@@ -469,7 +470,8 @@ class TileSpace:
     of a larger canvas, one side of a side-by-side pair. Windows are squares (cubes) of ``scale`` times the
     candidate's shortest side at every scale, slid by a quarter of their side over the whole image (the last
     window always touches the far edge, and the centred window is always there), and the halves of each axis (one
-    side of a pair squeezed side by side), resampled to the grid and tried mirrored / transposed / inverted.
+    side of a pair squeezed side by side), resampled to the grid and tried mirrored / transposed / inverted. In 2D,
+    also the windows cut at the image's own straight seams (``seam_limit``): a picture pasted between two steps.
 
     Args:
         grid: side of the grid windows and training images are resampled to.
@@ -488,6 +490,10 @@ class TileSpace:
             a fraction of the others, slid over every axis, each compared as is and inverted (not under the other
             symmetries: they would multiply the variants by 8). A canvas of training volumes laid out along some axes
             and squeezed to the candidate's shape holds each volume in such a window, which no cube matches.
+        seam_limit: 2D: up to this many more windows per image, cut at its straight seams
+            (:func:`~monai_synth.privacy.seams.seam_windows`: a picture pasted between two window positions, registered
+            to the pixel), under every symmetry; an image with fewer repeats its first. 0: none.
+        seam_scales: sides of the windows that start or end at one seam, as fractions of the shortest side.
     """
 
     _VERSION = 2
@@ -504,6 +510,8 @@ class TileSpace:
         fine_scales: Sequence[float] = (),
         name: str = "tiles",
         halves: bool = True,
+        seam_limit: int = 0,
+        seam_scales: Sequence[float] = (),
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -519,7 +527,13 @@ class TileSpace:
             raise ValueError(f"scales must be fractions of the shortest side in [0.1, 1), got {list(scales)}")
         if not 0.05 <= float(stride) <= 1.0:
             raise ValueError(f"stride must be a fraction of the window side in [0.05, 1], got {stride}")
+        if int(seam_limit) < 0 or (seam_limit and spatial_dims != 2):
+            raise ValueError(f"seam_limit must be >= 0 and only for 2D images, got {seam_limit} in {spatial_dims}D")
+        if seam_limit and (not seam_scales or not all(0.1 <= float(s) < 1.0 for s in seam_scales)):
+            raise ValueError(f"seam_scales must be fractions of the shortest side in [0.1, 1), got {list(seam_scales)}")
         invariances = _checked_invariances(invariances)
+        self.seam_limit = int(seam_limit)
+        self.seam_scales = tuple(sorted({round(float(s), 4) for s in seam_scales}, reverse=True))
         self.name, self.halves = str(name), bool(halves)
         self.grid, self.spatial_dims = int(grid), int(spatial_dims)
         self.scales = tuple(sorted({round(float(s), 4) for s in scales}, reverse=True))
@@ -556,6 +570,8 @@ class TileSpace:
             cfg["fine_scales"] = list(self.fine_scales)
         if not self.halves:
             cfg["halves"] = False
+        if self.seam_limit:
+            cfg.update({"seam_limit": self.seam_limit, "seam_scales": list(self.seam_scales)})
 
         return _fingerprint(cfg)
 
@@ -670,6 +686,8 @@ class TileSpace:
             )
 
         tiles = resampled(main)
+        if self.seam_limit:
+            tiles = torch.cat([tiles, self._seam_tiles(x, main[0])], dim=1)
         sym = torch.cat([_apply_symmetry(tiles, p, f, 3) for p, f in self._symmetries], dim=1)
         extra = self.fraction_windows(x.shape[2:], exclude=main)
         if extra:  # as they are: under every symmetry they would be 8 times as many
@@ -686,6 +704,19 @@ class TileSpace:
         if len(self.signs) == 2:
             v = torch.cat([v, -v], dim=1)
         return v.numpy().astype(np.float32, copy=False)
+
+    def _seam_tiles(self, x: torch.Tensor, fallback: tuple[slice, ...]) -> torch.Tensor:
+        """``(B, seam_limit, C, *grid)``: each image's windows cut at its seams, on the grid, the first repeated (or
+        ``fallback``, where none shows) up to ``seam_limit``."""
+        size = (self.grid,) * self.spatial_dims
+        out = []
+        for image in x:
+            windows = seam_windows(image, self.seam_scales, self.seam_limit) or [fallback]
+            windows += [windows[0]] * (self.seam_limit - len(windows))
+            out.append(
+                torch.cat([F.interpolate(image[(None, slice(None), *w)], size=size, mode="area") for w in windows])
+            )
+        return torch.stack(out)
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,152 @@
+"""Where a picture was pasted into a 2D image: its straight seams, and the windows they bound.
+
+The ``tiles`` space slides its windows in steps of an eighth of their side. A training image shrunk to 70% and pasted
+between two steps is misregistered by up to a sixteenth of the window, and on phantoms whose patients share their
+anatomy at the same place (PET slices: a pixel off is as far as another patient) no step is fine enough: windows slid
+by a sixteenth caught a copy 3 px off a step and let one pass that sat 1 px off the new steps. A pasted picture leaves
+a trace wherever its border crosses content: a straight line along which the image jumps, or along which its texture
+changes (a picture resampled into a speckled image is smoother than its surroundings). Windows cut at those lines
+are registered to the pixel, whatever the picture's position and, where both of its edges show, its size.
+
+Two detectors, each a score per boundary between two adjacent lines (rows or columns) of the image:
+
+* **runs**: the longest run of consecutive pixels along the boundary whose jump across it is a local maximum across
+  the lines and above 2% of the image's range. A seam is straight and long; an organ's outline is curved, so its
+  jumps line up over a few pixels only.
+* **texture**: how much the mean and the roughness (absolute difference to the next pixel along the line) of the
+  lines on either side differ, summed along the boundary, and the median factor by which the roughness changes
+  along it. Under speckle, jumps are everywhere and runs break; a resampled picture is smoother than what it was
+  pasted into, its background too.
+
+Where a seam does not show (a picture pasted over background on both sides of an edge, as PET slices often are), no
+window is cut there; the regular windows remain.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["seam_windows", "seams"]
+
+JUMP_SHARE = 0.02
+"""The least jump across a boundary, as a share of the image's range, that the ``runs`` detector counts."""
+
+BAND = 3
+"""Lines on each side of a boundary whose mean and roughness the ``texture`` detector compares."""
+
+
+LEVELS = 256
+"""Intensity levels the image is put on, between its own 1st and 99th percentiles, before seams are looked for: the
+release judges each image in two intensity views (its modality's range and its own robust range), and the windows of
+both must be the same for the second view's search to ride on the first's (``search._ride``). On levels of the image's
+own range, both views are the same array but for pixels clipped in one of them."""
+
+
+def _lines(image: torch.Tensor, axis: int) -> torch.Tensor:
+    """``(n, m)``: the image's channels summed and put on :data:`LEVELS` levels of its own range, its lines along
+    ``axis`` (0: rows, 1: columns) first."""
+    img = image.sum(dim=0).double()
+    lo, hi = torch.quantile(img.flatten()[:: max(1, img.numel() // 1_000_000)], torch.tensor([0.01, 0.99]).double())
+    if float(hi) > float(lo):
+        img = torch.round((img.clamp(lo, hi) - lo) / (hi - lo) * (LEVELS - 1))
+    return img.T if axis == 1 else img
+
+
+def _strongest(score: torch.Tensor, k: int, gap: int) -> list[int]:
+    """Positions of the ``k`` highest positive scores at least ``gap`` apart, strongest first (none in a flat image)."""
+    out: list[int] = []
+    for i in torch.argsort(score, descending=True, stable=True).tolist():
+        if not float(score[i]) > 0:
+            break
+        if all(abs(i - j) >= gap for j in out):
+            out.append(i)
+            if len(out) == k:
+                break
+    return out
+
+
+def _runs_score(lines: torch.Tensor) -> torch.Tensor:
+    """Per boundary ``b`` (between lines ``b - 1`` and ``b``, index ``b - 1``): the longest run of jumps that are local
+    maxima across the lines and above :data:`JUMP_SHARE` of the range, ties broken by their share of all jumps."""
+    jump = (lines[1:] - lines[:-1]).abs()
+    padded = F.pad(jump[None, None], (0, 0, 1, 1))[0, 0]
+    floor = JUMP_SHARE * float(lines.max() - lines.min())
+    on = (jump > padded[:-2]) & (jump >= padded[2:]) & (jump > floor)
+    count = torch.cumsum(on.to(torch.int64), dim=1)
+    last_off = torch.cummax(torch.where(on, torch.zeros_like(count), count), dim=1).values
+    longest = (count - last_off).max(dim=1).values.to(torch.float64)
+    return longest + 1e-3 * (jump * on).sum(dim=1).double() / (float(jump.sum()) + 1e-12)
+
+
+def _texture_score(lines: torch.Tensor) -> torch.Tensor:
+    """Per boundary: the change of the lines' mean and roughness from the :data:`BAND` lines before it to those after,
+    summed along it, and the median change of the log roughness along it (a smooth picture over noisy background
+    changes the roughness by a similar factor all along its edge, where an organ's outline changes it at a few
+    pixels), each relative to its mean over all boundaries; the factor weighs as much as both changes."""
+    n = lines.shape[0]
+    b = torch.arange(1, n)
+    lo, hi = (b - BAND).clamp_min(0), (b + BAND).clamp_max(n)
+
+    def sides(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = F.pad(torch.cumsum(values.double(), dim=0), (0, 0, 1, 0))
+        return (c[b] - c[lo]) / (b - lo)[:, None], (c[hi] - c[b]) / (hi - b)[:, None]
+
+    def relative(score: torch.Tensor) -> torch.Tensor:
+        return score / (score.mean() + 1e-12)
+
+    rough = (lines[:, 1:] - lines[:, :-1]).abs()
+    mean_before, mean_after = sides(lines)
+    rough_before, rough_after = sides(rough)
+    eps = 1e-3 * float(rough.mean()) + 1e-12
+    ratio = (torch.log(rough_before + eps) - torch.log(rough_after + eps)).abs().median(dim=1).values
+    change = relative((mean_before - mean_after).abs().sum(dim=1)) + relative(
+        (rough_before - rough_after).abs().sum(dim=1)
+    )
+    return relative(change) + relative(ratio)  # as much weight to the factor as to both changes
+
+
+def seams(image: torch.Tensor, axis: int, per_detector: int = 2) -> list[int]:
+    """Boundaries (``b``: between lines ``b - 1`` and ``b``) along ``axis`` of a ``(C, H, W)`` image where a pasted
+    picture's edge may lie: the ``per_detector`` strongest of each detector, interleaved, strongest first."""
+    lines = _lines(image, axis)
+    if min(lines.shape) < 4:
+        return []
+    runs = _strongest(_runs_score(lines), per_detector, 1)
+    texture = _strongest(_texture_score(lines), per_detector, 2)
+    ranked = [p for pair in zip(runs, texture) for p in pair] + runs[len(texture) :] + texture[len(runs) :]
+    return list(dict.fromkeys(p + 1 for p in ranked))
+
+
+def seam_windows(
+    image: torch.Tensor, scales: tuple[float, ...], limit: int, per_detector: int = 2
+) -> list[tuple[slice, slice]]:
+    """At most ``limit`` windows of a ``(C, H, W)`` image bounded by its seams, those of the strongest seams first.
+
+    Along each axis a window spans two seams (between 0.3 and 0.9 of the axis apart) or starts or ends at one with a
+    side of ``scales`` times the image's shortest side; a window pairs such spans of the two axes whose lengths agree
+    within 15% (a pasted picture keeps its proportions).
+    """
+    shape = image.shape[1:]
+    spans: list[list[tuple[int, int, int]]] = []  # per axis: (rank, start, length)
+    for axis, n in enumerate(shape):
+        found = seams(image, axis, per_detector)
+        out: dict[tuple[int, int], int] = {}
+        for rank, b in enumerate(found):
+            for scale in scales:
+                side = max(2, int(round(scale * min(shape))))
+                for start in (b, b - side):
+                    if 0 <= start <= n - side:
+                        out.setdefault((start, side), rank)
+            for rank2, b2 in enumerate(found):
+                if 0.3 * n <= b2 - b <= 0.9 * n:
+                    out.setdefault((b, b2 - b), max(rank, rank2))
+        spans.append(sorted((r, s, m) for (s, m), r in out.items()))
+    pairs = [
+        (max(ry, rx), (slice(y, y + my), slice(x, x + mx)))
+        for ry, y, my in spans[0]
+        for rx, x, mx in spans[1]
+        if 0.85 <= my / mx <= 1 / 0.85
+    ]
+    pairs.sort(key=lambda p: p[0])
+    return [w for _, w in pairs[:limit]]
