@@ -128,9 +128,10 @@ in 2D, where windows are few; in 3D they take the cubes from 350 to 889 per volu
 _TILE_SEAM_WINDOWS = 64
 """Windows per 2D image that the ``tiles`` space also cuts at the image's straight seams
 (:mod:`monai_synth.privacy.seams`), at the sides of :data:`_TILE_SEAM_SCALES` or between two seams. A training image
-shrunk to 70% and pasted 3 px off the window steps (``pip70_off``) passed the whole gate in every 2D modality (US, CT,
-PET 10 of 10, MRI 7 of 10): no step is fine enough where a pixel off is as far as another patient. Phantom images
-show 37-54 such windows on average (at most 134; the strongest seams' first)."""
+shrunk to 70% and pasted 3 px off the window steps (``pip70_off``) passed the whole gate 10 of 10 in PET and CT and 8 of
+10 in MRI (US: ``tiles`` alone 10 of 10): no step is fine enough where a pixel off is as far as another patient. With
+these windows 6, 1 and 2 of 10 (US 0), where the picture's seams show. Phantom slices show 27-51 such windows on
+average, the strongest seams' first (docs/benchmarks.md, twenty-ninth round)."""
 
 _TILE_SEAM_SCALES = (0.8, 0.7, 0.6, 0.5)
 """Sides of the seam windows that start or end at one seam (the other edge hidden, e.g. over background)."""
