@@ -125,16 +125,18 @@ _TILE_FINE_SCALES = (0.7, 0.6)
 """The tile scales slid by an eighth of their side instead of a quarter, in 2D and 3D (:data:`_TILE_SCALES_3D`). Cheap
 in 2D, where windows are few; in 3D they take the cubes from 350 to 889 per volume."""
 
-_TILE_SEAM_WINDOWS = 64
+_TILE_SEAM_WINDOWS = 128
 """Windows per 2D image that the ``tiles`` space also cuts at the image's straight seams
 (:mod:`monai_synth.privacy.seams`), at the sides of :data:`_TILE_SEAM_SCALES` or between two seams. A training image
 shrunk to 70% and pasted 3 px off the window steps (``pip70_off``) passed the whole gate 10 of 10 in PET and CT and 8 of
 10 in MRI (US: ``tiles`` alone 10 of 10): no step is fine enough where a pixel off is as far as another patient. With
-these windows 6, 1 and 2 of 10 (US 0), where the picture's seams show. Phantom slices show 27-51 such windows on
-average, the strongest seams' first (docs/benchmarks.md, twenty-ninth round)."""
+these windows ``tiles`` alone released it 1, 0, 1 and 3 of 10 (PET, US, CT, MRI), where the picture's seams show.
+Phantom slices show 80-127 such windows on average, the strongest seams' first (docs/benchmarks.md, twenty-ninth
+round)."""
 
-_TILE_SEAM_SCALES = (0.8, 0.7, 0.6, 0.5)
-"""Sides of the seam windows that start or end at one seam (the other edge hidden, e.g. over background)."""
+_TILE_SEAM_SCALES = (0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+"""Sides of the seam windows that start or end at one seam (the other edge hidden, e.g. over background), every 0.05: a
+picture shrunk to 65% is 5% off a window of 0.7 or 0.6, as far as a pixel off its position."""
 
 _TILE_SCALES_3D = (0.8, 0.7, 0.6, 0.5)
 """Window sides of the 3D ``tiles`` space's cubes (or windows of the training volumes' shape), as fractions of the

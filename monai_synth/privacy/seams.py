@@ -43,14 +43,16 @@ both must be the same for the second view's search to ride on the first's (``sea
 own range, both views are the same array but for pixels clipped in one of them."""
 
 
-def _lines(image: torch.Tensor, axis: int) -> torch.Tensor:
-    """``(n, m)``: the image's channels summed and put on :data:`LEVELS` levels of its own range, its lines along
-    ``axis`` (0: rows, 1: columns) first."""
+def _levelled(image: torch.Tensor) -> torch.Tensor:
+    """``(H, W)``: the image's channels summed and put on :data:`LEVELS` levels between its own 1st and 99th
+    percentiles (a flat image as it is)."""
     img = image.sum(dim=0).double()
-    lo, hi = torch.quantile(img.flatten()[:: max(1, img.numel() // 1_000_000)], torch.tensor([0.01, 0.99]).double())
+    flat = img.flatten()
+    lo = flat.kthvalue(max(1, int(0.01 * flat.numel()))).values
+    hi = flat.kthvalue(max(1, int(0.99 * flat.numel()))).values
     if float(hi) > float(lo):
         img = torch.round((img.clamp(lo, hi) - lo) / (hi - lo) * (LEVELS - 1))
-    return img.T if axis == 1 else img
+    return img
 
 
 def _strongest(score: torch.Tensor, k: int, gap: int) -> list[int]:
@@ -107,9 +109,14 @@ def _texture_score(lines: torch.Tensor) -> torch.Tensor:
 
 
 def seams(image: torch.Tensor, axis: int, per_detector: int = 2) -> list[int]:
-    """Boundaries (``b``: between lines ``b - 1`` and ``b``) along ``axis`` of a ``(C, H, W)`` image where a pasted
-    picture's edge may lie: the ``per_detector`` strongest of each detector, interleaved, strongest first."""
-    lines = _lines(image, axis)
+    """Boundaries (``b``: between lines ``b - 1`` and ``b``) along ``axis`` (0: rows, 1: columns) of a ``(C, H, W)``
+    image where a pasted picture's edge may lie: the ``per_detector`` strongest of each detector, interleaved,
+    strongest first."""
+    return _seams(_levelled(image), axis, per_detector)
+
+
+def _seams(levelled: torch.Tensor, axis: int, per_detector: int) -> list[int]:
+    lines = levelled.T if axis == 1 else levelled
     if min(lines.shape) < 4:
         return []
     runs = _strongest(_runs_score(lines), per_detector, 1)
@@ -128,9 +135,10 @@ def seam_windows(
     within 15% (a pasted picture keeps its proportions).
     """
     shape = image.shape[1:]
+    levelled = _levelled(image)
     spans: list[list[tuple[int, int, int]]] = []  # per axis: (rank, start, length)
     for axis, n in enumerate(shape):
-        found = seams(image, axis, per_detector)
+        found = _seams(levelled, axis, per_detector)
         out: dict[tuple[int, int], int] = {}
         for rank, b in enumerate(found):
             for scale in scales:
