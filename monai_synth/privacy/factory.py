@@ -131,7 +131,7 @@ _TILE_SEAM_WINDOWS = 128
 shrunk to 70% and pasted 3 px off the window steps (``pip70_off``) passed the whole gate 10 of 10 in PET and CT and 8 of
 10 in MRI (US: ``tiles`` alone 10 of 10): no step is fine enough where a pixel off is as far as another patient. With
 these windows ``tiles`` alone released it 1, 0, 1 and 3 of 10 (PET, US, CT, MRI), where the picture's seams show.
-Phantom slices show 80-127 such windows on average, the strongest seams' first (docs/benchmarks.md, twenty-ninth
+Phantom slices show 83-127 such windows on average, the strongest seams' first (docs/benchmarks.md, twenty-ninth
 round)."""
 
 _TILE_SEAM_SCALES = (0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
