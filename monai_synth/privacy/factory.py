@@ -207,7 +207,7 @@ def make_space(
     candidate's windows of the same size at the other corners, a copy moved along one axis or both; 3D: the candidate
     also turned back by 10 and 20 degrees either way and a quarter turn about each axis, a rotated copy cropped),
     ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every position, 2D of
-    0.7, 0.6, a half and a third of its side and the halves of each axis, see :data:`_TILE_SCALES`, and up to 64 cut
+    0.7, 0.6, a half and a third of its side and the halves of each axis, see :data:`_TILE_SCALES`, and up to 128 cut
     at the image's straight seams, see :data:`_TILE_SEAM_WINDOWS`; in 3D of 0.8,
     0.7, 0.6 and 0.5 of the training volumes' shape, see :data:`_TILE_SCALES_3D`, and spanning some axes whole and a
     half or a third of the others).

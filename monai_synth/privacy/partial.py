@@ -712,10 +712,8 @@ class TileSpace:
         out = []
         for image in x:
             windows = seam_windows(image, self.seam_scales, self.seam_limit) or [fallback]
-            windows += [windows[0]] * (self.seam_limit - len(windows))
-            out.append(
-                torch.cat([F.interpolate(image[(None, slice(None), *w)], size=size, mode="area") for w in windows])
-            )
+            tiles = torch.cat([F.interpolate(image[(None, slice(None), *w)], size=size, mode="area") for w in windows])
+            out.append(torch.cat([tiles, tiles[:1].expand(self.seam_limit - len(windows), *tiles.shape[1:])]))
         return torch.stack(out)
 
     def __repr__(self) -> str:

@@ -58,8 +58,9 @@ def _levelled(image: torch.Tensor) -> torch.Tensor:
 def _strongest(score: torch.Tensor, k: int, gap: int) -> list[int]:
     """Positions of the ``k`` highest positive scores at least ``gap`` apart, strongest first (none in a flat image)."""
     out: list[int] = []
+    values = score.tolist()
     for i in torch.argsort(score, descending=True, stable=True).tolist():
-        if not float(score[i]) > 0:
+        if not values[i] > 0:
             break
         if all(abs(i - j) >= gap for j in out):
             out.append(i)
