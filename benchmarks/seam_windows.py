@@ -1,10 +1,11 @@
-"""How often the 2D ``tiles`` space's seam windows hold a pasted picture exactly: per modality and attack, the copies
+"""How often the ``tiles`` space's seam windows hold a pasted picture (volume) exactly: per modality and attack, the copies
 whose own window (the picture's position and size) is among the windows :func:`seam_windows` cuts.
 
 The attack benchmark counts released copies through the whole gate; this counts the cause: a picture whose window is
 found is registered to the pixel, one whose seams do not show is left to the regular window steps.
 
-Run: ``python benchmarks/seam_windows.py --modalities ct2d,us2d,pet2d,mri2d --copies 40``.
+Run: ``python benchmarks/seam_windows.py --modalities ct2d,us2d,pet2d,mri2d --copies 40`` (volumes: ``ct3d``, ``mri3d``,
+``pet3d``, at 32^3, with the 3D limit).
 """
 
 from __future__ import annotations
@@ -27,19 +28,21 @@ PASTED = {"pip70_off": (0.7, 0.2), "pip60_off": (0.6, 0.2), "pip65_odd": (0.65, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from monai_synth.privacy.factory import _TILE_SEAM_SCALES, _TILE_SEAM_WINDOWS
+    from monai_synth.privacy.factory import _TILE_SEAM_SCALES, _TILE_SEAM_WINDOWS, _TILE_SEAM_WINDOWS_3D
     from monai_synth.privacy.seams import seam_windows
     from monai_synth.privacy.spaces import scaled_batch
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--modalities", type=sa._csv_list, default=["ct2d", "us2d", "pet2d", "mri2d"])
     p.add_argument("--copies", type=int, default=40, help="copies per attack")
-    p.add_argument("--limit", type=int, default=_TILE_SEAM_WINDOWS, help="seam windows per image")
+    p.add_argument("--limit", type=int, default=None, help="seam windows per image (default: the factory's, 2D or 3D)")
     p.add_argument("--seed", type=int, default=7)
     args = p.parse_args(argv)
-    size = 64
-    print(f"seam windows: up to {args.limit} per image, sides {list(_TILE_SEAM_SCALES)}; {args.copies} copies each")
+    print(f"seam windows: sides {list(_TILE_SEAM_SCALES)}; {args.copies} copies each")
     for modality in args.modalities:
+        dims = sa.CONFIGS[modality][1]
+        size = 64 if dims == 2 else 32
+        limit = args.limit or (_TILE_SEAM_WINDOWS if dims == 2 else _TILE_SEAM_WINDOWS_3D)
         with tempfile.TemporaryDirectory() as tmp:
             cohort = sa.make_cohort(modality, Path(tmp), size, [80, 36, 20], 3, 0)
             loaded = sa.load_model_space_cohort(cohort)
@@ -49,17 +52,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, (frac, at) in PASTED.items():
             side = int(round(size * frac))
             start = int((size - side) * at)
-            target = (slice(start, start + side),) * 2
+            target = (slice(start, start + side),) * dims
             attack = [a for a in sa.ATTACKS if a.key == key]
-            plants = sa.plant(attack, train, unseen, [(1.0,) * 2] * len(train), args.copies, 2, 1.0, True, args.seed)
+            plants = sa.plant(
+                attack, train, unseen, [(1.0,) * dims] * len(train), args.copies, dims, size / 64.0, True, args.seed
+            )
             found, counts = 0, []
             for img in plants[0].images:
-                x = scaled_batch(torch.as_tensor(img, dtype=torch.float32)[None, None], 2)[0]
-                windows = seam_windows(x, _TILE_SEAM_SCALES, args.limit)
+                x = scaled_batch(torch.as_tensor(img, dtype=torch.float32)[None, None], dims)[0]
+                windows = seam_windows(x, _TILE_SEAM_SCALES, limit)
                 counts.append(len(windows))
                 found += target in windows
             cells.append(f"{key} {found}/{len(counts)} (windows {np.mean(counts):.0f})")
-        print(f"{modality}: " + ", ".join(cells), flush=True)
+        print(f"{modality} (up to {limit} windows): " + ", ".join(cells), flush=True)
     return 0
 
 

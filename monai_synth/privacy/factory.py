@@ -146,7 +146,11 @@ patient's volume passed the whole 3D gate, CT and PET, in every round since the 
 threshold), and one shrunk to 60% and pasted off-centre sat at 2.1-2.4x: the nearest cube was a tenth of its side
 away. With these cubes the space alone released neither of 4 (CT 32^3 phantoms, 12 training patients), unseen volumes
 24 of 24. A copy pasted a voxel from every cube's start in each axis is still misregistered (see docs/benchmarks.md,
-twenty-eighth round)."""
+twenty-eighth round): :data:`_TILE_SEAM_WINDOWS_3D`."""
+
+_TILE_SEAM_WINDOWS_3D = 192
+"""Cubes per volume that the 3D ``tiles`` space also cuts at the volume's seam planes (:mod:`monai_synth.privacy.seams`),
+sides of :data:`_TILE_SEAM_SCALES` or between two seams."""
 
 _INSET_SCALES = (0.8,)
 """Window sides of the 2D ``inset`` space (slid by an eighth of their side): a training image shrunk to 80% inside
@@ -209,8 +213,8 @@ def make_space(
     ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every position, 2D of
     0.7, 0.6, a half and a third of its side and the halves of each axis, see :data:`_TILE_SCALES`, and up to 128 cut
     at the image's straight seams, see :data:`_TILE_SEAM_WINDOWS`; in 3D of 0.8,
-    0.7, 0.6 and 0.5 of the training volumes' shape, see :data:`_TILE_SCALES_3D`, and spanning some axes whole and a
-    half or a third of the others).
+    0.7, 0.6 and 0.5 of the training volumes' shape, see :data:`_TILE_SCALES_3D`, spanning some axes whole and a
+    half or a third of the others, and up to 192 cut at the volume's seam planes, see :data:`_TILE_SEAM_WINDOWS_3D`).
     ``inset`` = the same class with windows of 0.8 of the side only (2D; a training image shrunk to 80% inside
     another, see :data:`_INSET_SCALES`; the 3D ``tiles`` hold 0.8 already).
     ``halves`` = :class:`~monai_synth.privacy.partial.PartSpace` of kind ``"halves"`` (the half of each training image
@@ -322,6 +326,8 @@ def make_space(
             invariances=symmetry,
             reference=tuple(spatial_size),
             fractions=(0.5, 1.0 / 3.0),
+            seam_limit=_TILE_SEAM_WINDOWS_3D,
+            seam_scales=_TILE_SEAM_SCALES,
         )
     if name == "halves":
         # 2D: and the slabs of 0.6-0.8 of one axis (centre and either end), a copy cut along one axis and stretched

@@ -470,8 +470,8 @@ class TileSpace:
     of a larger canvas, one side of a side-by-side pair. Windows are squares (cubes) of ``scale`` times the
     candidate's shortest side at every scale, slid by a quarter of their side over the whole image (the last
     window always touches the far edge, and the centred window is always there), and the halves of each axis (one
-    side of a pair squeezed side by side), resampled to the grid and tried mirrored / transposed / inverted. In 2D,
-    also the windows cut at the image's own straight seams (``seam_limit``): a picture pasted between two steps.
+    side of a pair squeezed side by side), resampled to the grid and tried mirrored / transposed / inverted. Also the
+    windows cut at the image's own straight seams (``seam_limit``): a picture pasted between two steps.
 
     Args:
         grid: side of the grid windows and training images are resampled to.
@@ -490,7 +490,7 @@ class TileSpace:
             a fraction of the others, slid over every axis, each compared as is and inverted (not under the other
             symmetries: they would multiply the variants by 8). A canvas of training volumes laid out along some axes
             and squeezed to the candidate's shape holds each volume in such a window, which no cube matches.
-        seam_limit: 2D: up to this many more windows per image, cut at its straight seams
+        seam_limit: up to this many more windows per image, cut at its straight seams (planes in 3D)
             (:func:`~monai_synth.privacy.seams.seam_windows`: a picture pasted between two window positions, registered
             to the pixel), under every symmetry; an image with fewer repeats its first. 0: none.
         seam_scales: sides of the windows that start or end at one seam, as fractions of the shortest side.
@@ -527,8 +527,8 @@ class TileSpace:
             raise ValueError(f"scales must be fractions of the shortest side in [0.1, 1), got {list(scales)}")
         if not 0.05 <= float(stride) <= 1.0:
             raise ValueError(f"stride must be a fraction of the window side in [0.05, 1], got {stride}")
-        if int(seam_limit) < 0 or (seam_limit and spatial_dims != 2):
-            raise ValueError(f"seam_limit must be >= 0 and only for 2D images, got {seam_limit} in {spatial_dims}D")
+        if int(seam_limit) < 0:
+            raise ValueError(f"seam_limit must be >= 0, got {seam_limit}")
         if seam_limit and (not seam_scales or not all(0.1 <= float(s) < 1.0 for s in seam_scales)):
             raise ValueError(f"seam_scales must be fractions of the shortest side in [0.1, 1), got {list(seam_scales)}")
         invariances = _checked_invariances(invariances)
@@ -571,7 +571,8 @@ class TileSpace:
         if not self.halves:
             cfg["halves"] = False
         if self.seam_limit:
-            cfg.update({"seam_limit": self.seam_limit, "seam_scales": list(self.seam_scales)})
+            # the windows' order decides which are kept: cubes of one side first (a volume's seams combine thrice)
+            cfg.update({"seam_limit": self.seam_limit, "seam_scales": list(self.seam_scales), "seam_order": 2})
 
         return _fingerprint(cfg)
 

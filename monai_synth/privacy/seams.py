@@ -1,4 +1,4 @@
-"""Where a picture was pasted into a 2D image: its straight seams, and the windows they bound.
+"""Where a picture was pasted into an image (2D or 3D): its straight seams, and the windows they bound.
 
 The ``tiles`` space slides its windows in steps of an eighth of their side. A training image shrunk to 70% and pasted
 between two steps is misregistered by up to a sixteenth of the window, and on phantoms whose patients share their
@@ -20,9 +20,15 @@ Two detectors, each a score per boundary between two adjacent lines (rows or col
 
 Where a seam does not show (a picture pasted over background on both sides of an edge, as PET slices often are), no
 window is cut there; the regular windows remain.
+
+Volumes alike: a boundary is a plane between two adjacent slices along an axis, read as one line row after row. A
+volume shrunk to 70% and pasted one voxel from where a cube of the 3D ``tiles`` starts sat 4x farther from its source
+than new patients' volumes from theirs (CT phantoms, 32^3); a cube cut at its seams registers it to the voxel.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +42,13 @@ BAND = 3
 """Lines on each side of a boundary whose mean and roughness the ``texture`` detector compares."""
 
 
+SAME_SIDE = 1.05
+"""Windows whose sides agree within this factor (a picture shrunk alike along every axis) come before the others that
+agree within 15% (one stretched along an axis); each group strongest seams first (least sum of the seams' ranks)."""
+
+MIN_ANCHOR = 0.5
+"""Least side of an anchor, as a share of its axis."""
+
 LEVELS = 256
 """Intensity levels the image is put on, between its own 1st and 99th percentiles, before seams are looked for: the
 release judges each image in two intensity views (its modality's range and its own robust range), and the windows of
@@ -44,7 +57,7 @@ own range, both views are the same array but for pixels clipped in one of them."
 
 
 def _levelled(image: torch.Tensor) -> torch.Tensor:
-    """``(H, W)``: the image's channels summed and put on :data:`LEVELS` levels between its own 1st and 99th
+    """``(*spatial)``: the image's channels summed and put on :data:`LEVELS` levels between its own 1st and 99th
     percentiles (a flat image as it is)."""
     img = image.sum(dim=0).double()
     flat = img.flatten()
@@ -110,34 +123,70 @@ def _texture_score(lines: torch.Tensor) -> torch.Tensor:
 
 
 def seams(image: torch.Tensor, axis: int, per_detector: int = 2) -> list[int]:
-    """Boundaries (``b``: between lines ``b - 1`` and ``b``) along ``axis`` (0: rows, 1: columns) of a ``(C, H, W)``
-    image where a pasted picture's edge may lie: the ``per_detector`` strongest of each detector, interleaved,
-    strongest first."""
+    """Boundaries (``b``: between lines ``b - 1`` and ``b``) along spatial ``axis`` (2D: 0 rows, 1 columns) of a
+    ``(C, *spatial)`` image where a pasted picture's edge may lie: the ``per_detector`` strongest of each detector,
+    interleaved, strongest first. In a volume a "line" is a plane, read row after row."""
     return _seams(_levelled(image), axis, per_detector)
 
 
+def _scores(levelled: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both detectors' scores of every boundary along ``axis`` (index ``b - 1`` for boundary ``b``)."""
+    lines = levelled.movedim(axis, 0).reshape(levelled.shape[axis], -1)
+    return _runs_score(lines), _texture_score(lines)
+
+
 def _seams(levelled: torch.Tensor, axis: int, per_detector: int) -> list[int]:
-    lines = levelled.T if axis == 1 else levelled
-    if min(lines.shape) < 4:
+    if min(levelled.shape) < 4:
         return []
-    runs = _strongest(_runs_score(lines), per_detector, 1)
-    texture = _strongest(_texture_score(lines), per_detector, 2)
+    runs_score, texture_score = _scores(levelled, axis)
+    runs = _strongest(runs_score, per_detector, 1)
+    texture = _strongest(texture_score, per_detector, 2)
     ranked = [p for pair in zip(runs, texture) for p in pair] + runs[len(texture) :] + texture[len(runs) :]
     return list(dict.fromkeys(p + 1 for p in ranked))
 
 
+def _paired_starts(levelled: torch.Tensor, axis: int, length: int) -> list[int]:
+    """Every start ``s`` along ``axis`` of a window of ``length``, those whose boundaries ``s`` and ``s + length``
+    together score highest first (both detectors, each relative to its strongest boundary; an image's border scores
+    0): the picture's place along an axis whose seams are too weak to rank among the image's strongest alone, once
+    another axis has shown its side."""
+    n = levelled.shape[axis]
+    if length >= n:
+        return [0] if length == n else []
+    pair = torch.zeros(n - length + 1, dtype=torch.float64)
+    for score in _scores(levelled, axis):
+        full = F.pad(score / score.max().clamp_min(1e-12), (1, 1))  # full[b]: boundary b; 0 and n are the borders
+        pair += full[: n - length + 1] + full[length:]
+    return torch.argsort(pair, descending=True, stable=True).tolist()
+
+
+def _anchored(levelled: torch.Tensor, anchor: tuple[int, int, int, int]) -> list[tuple]:
+    """Windows ``((start, length), ...)`` of an anchor ``(rank, axis, start, length)`` (a span between two seams: the
+    picture's side): that span on its axis and, on every other axis, the same length at every start, the best paired
+    starts (:func:`_paired_starts`) first (least sum of their places)."""
+    _, axis, start, length = anchor
+    per_axis = [
+        [(0, start)] if a == axis else list(enumerate(_paired_starts(levelled, a, length)))
+        for a in range(levelled.ndim)
+    ]
+    combos = sorted(itertools.product(*per_axis), key=lambda w: sum(place for place, _ in w))
+    return [tuple((s, length) for _, s in w) for w in combos]
+
+
 def seam_windows(
     image: torch.Tensor, scales: tuple[float, ...], limit: int, per_detector: int = 2
-) -> list[tuple[slice, slice]]:
-    """At most ``limit`` windows of a ``(C, H, W)`` image bounded by its seams, those of the strongest seams first.
+) -> list[tuple[slice, ...]]:
+    """At most ``limit`` windows of a ``(C, *spatial)`` image (2D or 3D) bounded by its seams, those of the strongest
+    seams first.
 
     Along each axis a window spans two seams (between 0.3 and 0.9 of the axis apart) or starts or ends at one with a
-    side of ``scales`` times the image's shortest side; a window pairs such spans of the two axes whose lengths agree
-    within 15% (a pasted picture keeps its proportions).
+    side of ``scales`` times the image's shortest side; a window combines such spans of every axis whose lengths agree
+    within 15% (a pasted picture keeps its proportions), those within :data:`SAME_SIDE` first.
     """
     shape = image.shape[1:]
     levelled = _levelled(image)
     spans: list[list[tuple[int, int, int]]] = []  # per axis: (rank, start, length)
+    between: list[tuple[int, int, int, int]] = []  # spans between two seams: (rank, axis, start, length)
     for axis, n in enumerate(shape):
         found = _seams(levelled, axis, per_detector)
         out: dict[tuple[int, int], int] = {}
@@ -150,12 +199,24 @@ def seam_windows(
             for rank2, b2 in enumerate(found):
                 if 0.3 * n <= b2 - b <= 0.9 * n:
                     out.setdefault((b, b2 - b), max(rank, rank2))
+                    if b2 - b >= MIN_ANCHOR * n:
+                        between.append((max(rank, rank2), axis, b, b2 - b))
         spans.append(sorted((r, s, m) for (s, m), r in out.items()))
-    pairs = [
-        (max(ry, rx), (slice(y, y + my), slice(x, x + mx)))
-        for ry, y, my in spans[0]
-        for rx, x, mx in spans[1]
-        if 0.85 <= my / mx <= 1 / 0.85
-    ]
-    pairs.sort(key=lambda p: p[0])
-    return [w for _, w in pairs[:limit]]
+    anchored = _anchored(levelled, min(between)) if len(shape) > 2 and between else []
+    combined = [(0, ())]  # (rank, spans so far), axis by axis; spans that cannot agree are dropped as they come
+    for axis_spans in spans:
+        combined = [
+            (r + rank, (*chosen, (start, length)))
+            for r, chosen in combined
+            for rank, start, length in axis_spans
+            if all(0.85 <= m / length <= 1 / 0.85 for _, m in chosen)
+        ]
+
+    def order(c: tuple[int, tuple]) -> tuple[bool, int]:
+        lengths = [m for _, m in c[1]]
+        return max(lengths) > SAME_SIDE * min(lengths), c[0]
+
+    combined.sort(key=order)
+    kept = anchored[: limit // 2] + [chosen for _, chosen in combined]
+    kept = list(dict.fromkeys(kept))[:limit]  # as (start, length) pairs: slices hash from Python 3.12 only
+    return [tuple(slice(a, a + m) for a, m in chosen) for chosen in kept]

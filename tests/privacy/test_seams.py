@@ -1,4 +1,4 @@
-"""Seams of a picture pasted into a 2D image, and the ``tiles`` windows cut at them."""
+"""Seams of a picture pasted into an image (2D) or a volume (3D), and the ``tiles`` windows cut at them."""
 
 from __future__ import annotations
 
@@ -72,6 +72,52 @@ def test_seam_settings_are_checked():
     from monai_synth.privacy.partial import TileSpace
 
     with pytest.raises(ValueError, match="seam_limit"):
-        TileSpace(spatial_dims=3, scales=(0.5,), seam_limit=8, seam_scales=(0.5,))
+        TileSpace(spatial_dims=3, scales=(0.5,), seam_limit=-1, seam_scales=(0.5,))
     with pytest.raises(ValueError, match="seam_scales"):
         TileSpace(spatial_dims=2, scales=(0.5,), seam_limit=8, seam_scales=())
+
+
+def _ct_volumes(n: int) -> torch.Tensor:
+    from monai_synth.data.phantoms import generate_cohort
+
+    cohort = generate_cohort("ct", n_patients=n, images_per_patient=1, spatial_dims=3, spatial_size=32, seed=0)
+    return torch.stack([torch.as_tensor(r["image"]).reshape(1, 32, 32, 32).clamp(-1000.0, 1000.0) for r in cohort])
+
+
+def test_a_volume_whose_faces_show_along_one_axis_only_is_cut_at_that_axis_side():
+    # the pasted volume's faces across the first axis do not rank among that axis's strongest planes (the phantom's
+    # own anatomy does), but both faces show along the last: that span gives the side, and the other axes' starts are
+    # where two planes that far apart score highest together
+    from monai_synth.privacy.seams import seam_windows, seams
+
+    vols = _ct_volumes(13).float()
+    copy = vols[12].clone()
+    copy[:, 1:23, 1:23, 1:23] = F.interpolate(vols[:1], size=(22, 22, 22), mode="area")[0]
+    assert 1 not in seams(copy, 0) and 23 not in seams(copy, 0)
+    assert {1, 23} <= set(seams(copy, 2))
+    assert (slice(1, 23),) * 3 in seam_windows(copy, (0.7,), limit=64)
+
+
+def test_tiles_catch_a_volume_pasted_a_voxel_off_the_cube_steps_only_with_seam_cubes():
+    # a CT volume shrunk to 70% (22 voxels) and pasted 1 voxel from the origin of another patient's volume: the cubes
+    # of 0.7 start at 0 and 3 voxels, where the copy sat 1.9-4x farther from its source than new patients' volumes from
+    # theirs (the twenty-eighth round's gap); the cube cut at its seam planes registers it to the voxel
+    from monai_synth.privacy.factory import make_space
+    from monai_synth.privacy.partial import TileSpace
+    from monai_synth.privacy.seams import seam_windows
+
+    assert make_space("tiles", 3, (32, 32, 32)).seam_limit > 0
+    vols = _ct_volumes(14).float()
+    train, new = vols[:4], vols[12:]
+    copies = vols[8:12].clone()
+    copies[..., 1:23, 1:23, 1:23] = F.interpolate(train, size=(22, 22, 22), mode="area")
+    assert sum((slice(1, 23),) * 3 in seam_windows(c, (0.7,), limit=64) for c in copies) >= 3
+    settings = dict(spatial_dims=3, scales=(0.7,), fine_scales=(0.7,), invariances=())
+    seamed, plain = TileSpace(seam_limit=32, seam_scales=(0.7,), **settings), TileSpace(**settings)
+
+    def own(space) -> np.ndarray:  # each copy's distance to its own source
+        return 1.0 - np.einsum("qvd,qd->qv", space.embed_variants(copies), space.embed(train)).max(axis=1)
+
+    others = 1.0 - (seamed.embed_variants(new) @ seamed.embed(train).T).max(axis=(1, 2))
+    assert (own(seamed) < 0.7 * others.min()).sum() >= 3, (own(seamed), others.min())
+    assert (own(plain) > 1.5 * others.min()).all(), (own(plain), others.min())  # the steps alone misregister all
