@@ -22,8 +22,12 @@ Where a seam does not show (a picture pasted over background on both sides of an
 window is cut there; the regular windows remain.
 
 Volumes alike: a boundary is a plane between two adjacent slices along an axis, read as one line row after row. A
-volume shrunk to 70% and pasted one voxel from where a cube of the 3D ``tiles`` starts sat 4x farther from its source
-than new patients' volumes from theirs (CT phantoms, 32^3); a cube cut at its seams registers it to the voxel.
+volume shrunk to 70% and pasted one voxel from where a cube of the 3D ``tiles`` starts sat 2-4x farther from its source
+than new patients' volumes from theirs (CT phantoms, 32^3); a cube cut at its seams registers it to the voxel. A
+volume's faces often rank among the strongest planes along one axis only (the phantom's own anatomy outranks them on
+the others), and three axes' seams combine into many more windows than two: a volume's windows are also **anchored**
+on its strongest span between two seams, which gives the pasted volume's side, at every start of the other axes
+where two planes that far apart score highest together.
 """
 
 from __future__ import annotations
@@ -46,8 +50,13 @@ SAME_SIDE = 1.05
 """Windows whose sides agree within this factor (a picture shrunk alike along every axis) come before the others that
 agree within 15% (one stretched along an axis); each group strongest seams first (least sum of the seams' ranks)."""
 
+ANCHORS = 2
+"""Spans between two seams (strongest first) that a volume's windows are anchored on: the strongest is not always the
+pasted volume's (a CT phantom's body ends in planes too)."""
+
 MIN_ANCHOR = 0.5
-"""Least side of an anchor, as a share of its axis."""
+"""Least side of an anchor (a span between two seams that a volume's windows are cut at, see :func:`seam_windows`), as
+a share of its axis."""
 
 LEVELS = 256
 """Intensity levels the image is put on, between its own 1st and 99th percentiles, before seams are looked for: the
@@ -160,17 +169,18 @@ def _paired_starts(levelled: torch.Tensor, axis: int, length: int) -> list[int]:
     return torch.argsort(pair, descending=True, stable=True).tolist()
 
 
-def _anchored(levelled: torch.Tensor, anchor: tuple[int, int, int, int]) -> list[tuple]:
-    """Windows ``((start, length), ...)`` of an anchor ``(rank, axis, start, length)`` (a span between two seams: the
-    picture's side): that span on its axis and, on every other axis, the same length at every start, the best paired
-    starts (:func:`_paired_starts`) first (least sum of their places)."""
-    _, axis, start, length = anchor
-    per_axis = [
-        [(0, start)] if a == axis else list(enumerate(_paired_starts(levelled, a, length)))
-        for a in range(levelled.ndim)
-    ]
-    combos = sorted(itertools.product(*per_axis), key=lambda w: sum(place for place, _ in w))
-    return [tuple((s, length) for _, s in w) for w in combos]
+def _anchored(levelled: torch.Tensor, anchors: list[tuple[int, int, int, int]]) -> list[tuple]:
+    """Windows ``((start, length), ...)`` of anchors ``(rank, axis, start, length)`` (spans between two seams: the
+    picture's side): the span on its axis and, on every other axis, the same length at every start; the best paired
+    starts (:func:`_paired_starts`) first (least sum of their places), the anchors taken in turn at each sum."""
+    out = []
+    for k, (_, axis, start, length) in enumerate(anchors):
+        per_axis = [
+            [(0, start)] if a == axis else list(enumerate(_paired_starts(levelled, a, length)))
+            for a in range(levelled.ndim)
+        ]
+        out += [(sum(p for p, _ in w), k, tuple((s, length) for _, s in w)) for w in itertools.product(*per_axis)]
+    return [w for _, _, w in sorted(out)]
 
 
 def seam_windows(
@@ -181,7 +191,10 @@ def seam_windows(
 
     Along each axis a window spans two seams (between 0.3 and 0.9 of the axis apart) or starts or ends at one with a
     side of ``scales`` times the image's shortest side; a window combines such spans of every axis whose lengths agree
-    within 15% (a pasted picture keeps its proportions), those within :data:`SAME_SIDE` first.
+    within 15% (a pasted picture keeps its proportions), those within :data:`SAME_SIDE` first. Volumes: up to half of
+    the windows are anchored on the :data:`ANCHORS` strongest spans between two seams of at least :data:`MIN_ANCHOR`
+    of their axis (:func:`_anchored`), ahead of the others (on CT phantoms shrunk to 65% and pasted at 0.37 of the margin, the exact
+    cube was among 128 windows for 11 of 20 copies without anchors, 17 with them).
     """
     shape = image.shape[1:]
     levelled = _levelled(image)
@@ -202,7 +215,7 @@ def seam_windows(
                     if b2 - b >= MIN_ANCHOR * n:
                         between.append((max(rank, rank2), axis, b, b2 - b))
         spans.append(sorted((r, s, m) for (s, m), r in out.items()))
-    anchored = _anchored(levelled, min(between)) if len(shape) > 2 and between else []
+    anchored = _anchored(levelled, sorted(between)[:ANCHORS]) if len(shape) > 2 else []
     combined = [(0, ())]  # (rank, spans so far), axis by axis; spans that cannot agree are dropped as they come
     for axis_spans in spans:
         combined = [
