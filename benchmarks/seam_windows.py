@@ -1,5 +1,5 @@
-"""How often the ``tiles`` space's seam windows hold a pasted picture (volume) exactly: per modality and attack, the copies
-whose own window (the picture's position and size) is among the windows :func:`seam_windows` cuts.
+"""How often the ``tiles`` space's seam windows hold a pasted picture (or volume) exactly: per modality and attack,
+the copies whose own window (the picture's position and size) is among the windows :func:`seam_windows` cuts.
 
 The attack benchmark counts released copies through the whole gate; this counts the cause: a picture whose window is
 found is registered to the pixel, one whose seams do not show is left to the regular window steps.
