@@ -149,8 +149,8 @@ away. With these cubes the space alone released neither of 4 (CT 32^3 phantoms, 
 twenty-eighth round): :data:`_TILE_SEAM_WINDOWS_3D`."""
 
 _TILE_SEAM_WINDOWS_3D = 192
-"""Cubes per volume that the 3D ``tiles`` space also cuts at the volume's seam planes (:mod:`monai_synth.privacy.seams`),
-sides of :data:`_TILE_SEAM_SCALES` or between two seams, half of them anchored on a span between two seams. A CT volume
+"""Cubes per volume that the 3D ``tiles`` space also cuts at the volume's seam planes
+(:mod:`monai_synth.privacy.seams`), sides of :data:`_TILE_SEAM_SCALES` or between two seams, half of them anchored on a span between two seams. A CT volume
 shrunk to 70% and pasted 2 voxels off the cubes' steps passed ``tiles`` alone 6 of 6 at 2.9-3.9x its threshold; these
 cubes hold the copy's exact cube for 19 of 20 such CT copies (16 PET, 13 MRI) and cost 3,072 more variants per volume
 (15,466 before; docs/benchmarks.md, thirtieth round)."""

@@ -193,8 +193,9 @@ def seam_windows(
     side of ``scales`` times the image's shortest side; a window combines such spans of every axis whose lengths agree
     within 15% (a pasted picture keeps its proportions), those within :data:`SAME_SIDE` first. Volumes: up to half of
     the windows are anchored on the :data:`ANCHORS` strongest spans between two seams of at least :data:`MIN_ANCHOR`
-    of their axis (:func:`_anchored`), ahead of the others (on CT phantoms shrunk to 65% and pasted at 0.37 of the margin, the exact
-    cube was among 128 windows for 11 of 20 copies without anchors, 17 with them).
+    of their axis (:func:`_anchored`), ahead of the others. CT phantoms shrunk to 70% and pasted 2 voxels off the
+    cubes' steps: the exact cube was among 192 windows for 19 of 20 copies with two anchors, 13 with one, and among
+    128 windows without anchors for 9.
     """
     shape = image.shape[1:]
     levelled = _levelled(image)
