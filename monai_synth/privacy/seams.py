@@ -144,40 +144,41 @@ def _scores(levelled: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tens
     return _runs_score(lines), _texture_score(lines)
 
 
-def _seams(levelled: torch.Tensor, axis: int, per_detector: int) -> list[int]:
+def _seams(levelled: torch.Tensor, axis: int, per_detector: int, scores: tuple | None = None) -> list[int]:
+    """See :func:`seams`; ``scores``: the axis's :func:`_scores`, when already computed."""
     if min(levelled.shape) < 4:
         return []
-    runs_score, texture_score = _scores(levelled, axis)
+    runs_score, texture_score = scores or _scores(levelled, axis)
     runs = _strongest(runs_score, per_detector, 1)
     texture = _strongest(texture_score, per_detector, 2)
     ranked = [p for pair in zip(runs, texture) for p in pair] + runs[len(texture) :] + texture[len(runs) :]
     return list(dict.fromkeys(p + 1 for p in ranked))
 
 
-def _paired_starts(levelled: torch.Tensor, axis: int, length: int) -> list[int]:
+def _paired_starts(scores: tuple[torch.Tensor, torch.Tensor], length: int) -> list[int]:
     """Every start ``s`` along ``axis`` of a window of ``length``, those whose boundaries ``s`` and ``s + length``
     together score highest first (both detectors, each relative to its strongest boundary; an image's border scores
     0): the picture's place along an axis whose seams are too weak to rank among the image's strongest alone, once
-    another axis has shown its side."""
-    n = levelled.shape[axis]
+    another axis has shown its side. ``scores``: the axis's :func:`_scores`."""
+    n = len(scores[0]) + 1
     if length >= n:
         return [0] if length == n else []
     pair = torch.zeros(n - length + 1, dtype=torch.float64)
-    for score in _scores(levelled, axis):
+    for score in scores:
         full = F.pad(score / score.max().clamp_min(1e-12), (1, 1))  # full[b]: boundary b; 0 and n are the borders
         pair += full[: n - length + 1] + full[length:]
     return torch.argsort(pair, descending=True, stable=True).tolist()
 
 
-def _anchored(levelled: torch.Tensor, anchors: list[tuple[int, int, int, int]]) -> list[tuple]:
+def _anchored(scores: list[tuple], anchors: list[tuple[int, int, int, int]]) -> list[tuple]:
     """Windows ``((start, length), ...)`` of anchors ``(rank, axis, start, length)`` (spans between two seams: the
     picture's side): the span on its axis and, on every other axis, the same length at every start; the best paired
     starts (:func:`_paired_starts`) first (least sum of their places), the anchors taken in turn at each sum."""
     out = []
     for k, (_, axis, start, length) in enumerate(anchors):
         per_axis = [
-            [(0, start)] if a == axis else list(enumerate(_paired_starts(levelled, a, length)))
-            for a in range(levelled.ndim)
+            [(0, start)] if a == axis else list(enumerate(_paired_starts(scores[a], length)))
+            for a in range(len(scores))
         ]
         out += [(sum(p for p, _ in w), k, tuple((s, length) for _, s in w)) for w in itertools.product(*per_axis)]
     return [w for _, _, w in sorted(out)]
@@ -201,8 +202,11 @@ def seam_windows(
     levelled = _levelled(image)
     spans: list[list[tuple[int, int, int]]] = []  # per axis: (rank, start, length)
     between: list[tuple[int, int, int, int]] = []  # spans between two seams: (rank, axis, start, length)
+    if min(shape) < 4:
+        return []
+    scores = [_scores(levelled, axis) for axis in range(len(shape))]
     for axis, n in enumerate(shape):
-        found = _seams(levelled, axis, per_detector)
+        found = _seams(levelled, axis, per_detector, scores[axis])
         out: dict[tuple[int, int], int] = {}
         for rank, b in enumerate(found):
             for scale in scales:
@@ -216,7 +220,7 @@ def seam_windows(
                     if b2 - b >= MIN_ANCHOR * n:
                         between.append((max(rank, rank2), axis, b, b2 - b))
         spans.append(sorted((r, s, m) for (s, m), r in out.items()))
-    anchored = _anchored(levelled, sorted(between)[:ANCHORS]) if len(shape) > 2 else []
+    anchored = _anchored(scores, sorted(between)[:ANCHORS]) if len(shape) > 2 else []
     combined = [(0, ())]  # (rank, spans so far), axis by axis; spans that cannot agree are dropped as they come
     for axis_spans in spans:
         combined = [
