@@ -160,7 +160,9 @@ def _paired_starts(scores: tuple[torch.Tensor, torch.Tensor], length: int) -> li
     together score highest first (both detectors, each relative to its strongest boundary; an image's border scores
     0): the picture's place along an axis whose seams are too weak to rank among the image's strongest alone, once
     another axis has shown its side. ``scores``: the axis's :func:`_scores`."""
-    n = len(scores[0]) + 1  # an anchor spans at most 0.9 of its axis: every length here is shorter than it
+    n = len(scores[0]) + 1
+    if length >= n:
+        return [0] if length == n else []
     pair = torch.zeros(n - length + 1, dtype=torch.float64)
     for score in scores:
         full = F.pad(score / score.max().clamp_min(1e-12), (1, 1))  # full[b]: boundary b; 0 and n are the borders
