@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from monai_synth.privacy.inscribed import InscribedSpace
+from monai_synth.privacy.orbits import grid_flips, layout
 from monai_synth.privacy.spaces import (
     _apply_symmetry,
     _check_inscribed_settings,
@@ -121,6 +122,17 @@ class DiscSpace(InscribedSpace):
         if len(self.signs) == 2:
             v = torch.cat([v, -v], dim=1)
         return v.numpy().astype(np.float32, copy=False)
+
+    def orbit_layout(self, nv: int, d: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The variants of :meth:`embed_variants` (``nv`` per image, ``d`` values each) that are one map under the
+        flips (:mod:`monai_synth.privacy.orbits`): the search screens each such orbit once."""
+        cells, per = int(self._mask.sum()), len(self._symmetries)
+        if d % cells or nv != len(self.variant_ops):
+            return None
+        maps = np.arange(len(self._maps)) * per
+        return grid_flips((self.grid,) * 2, d // cells, self._mask.numpy()), layout(
+            self._symmetries, lambda s: maps + s
+        )
 
     def _resampled(self, fine: torch.Tensor) -> torch.Tensor:
         """``(B * M, C, *fine)``: every image through every (zoom, angle, shift) map, edges replicated.

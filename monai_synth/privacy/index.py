@@ -420,8 +420,14 @@ class TrainingIndex:
             return self.search(vectors, k=1)  # the registered distance of the first few rows decides (see search)
         flat, (q, v, d) = self._unit_queries(vectors)
         shards = [self._shard_rows(i) for i in range(len(self.shards))]
+        layout = getattr(self.space, "orbit_layout", None)
         sim, row = nearest_rows(
-            flat.reshape(q, v, d), shards, self.offsets[:-1].tolist(), fast=self.fast_search, rows16=self._rows16
+            flat.reshape(q, v, d),
+            shards,
+            self.offsets[:-1].tolist(),
+            fast=self.fast_search,
+            rows16=self._rows16,
+            orbits=layout(v, d) if callable(layout) else None,
         )
         dist = np.clip(1.0 - sim, 0.0, 2.0)[:, None]
         pids = np.asarray(self.patients, dtype=object)[np.asarray(self.patient_codes)[row]]

@@ -17,6 +17,11 @@ shortcuts cut it without changing the answer:
   there), so a (variant, row) pair whose screened ``|similarity|`` plus :data:`SCREEN` is below the best exact
   similarity found so far cannot be the nearest pair; every other pair is computed in float32 (few: the pairs within
   a few hundredths of the best).
+* **Orbits of flips.** A space that tries every window mirrored along each axis (``tiles``, ``disc``) states which
+  variants are one vector flipped (its ``orbit_layout``); such an orbit of 4 (2D) or 8 (3D) is screened once, by a
+  bound on all its members' ``|similarity|`` from products of its parity components (:mod:`~monai_synth.privacy.
+  orbits`): the products of ``d`` terms per member become ``d / F`` per member, and the members are computed exactly
+  only where the bound reaches the best (:func:`_screen_orbits`).
 * **Riders.** A query whose variants each lie within a small gap of the previous query's (a release judges every
   image in two intensity views) is not multiplied: the previous query's products bound its similarities to within
   that gap, and only the pairs they cannot rule out are computed for it (:func:`_ride`).
@@ -37,11 +42,14 @@ the same distance, bit for bit, whatever the order their float32 sums were taken
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from monai_synth.privacy.orbits import FlipGroup
 
 __all__ = ["REFINE", "SCREEN", "nearest_rows", "rows_at"]
 
@@ -76,6 +84,14 @@ _SCREEN_MIN_PER_QUERY = 64  # fewer vectors per query (texture: 8, embedding: 14
 # the screen's bfloat16 copy of the rows and its one exact pass per query cost more than it saves (texture at 1e5 rows:
 # 1.26 CPU-s per candidate screened, 0.97 not)
 _DENSE_PAIRS = 0.25  # when more of a block's pairs survive the screen than this, its survivors are multiplied densely
+_DENSE_ORBIT_PAIRS = 0.02  # an orbit's survivors are computed densely above this share: a pair computed on its own
+# gathers both vectors (each orbit's four members), many times the cost per pair of a product of whole blocks
+_ORBIT_PART = 1024  # orbits screened at once: their (F, 1024, 1024) screen stays small enough to be read back fast
+# (1.28 ns per orbit and row against 1.65 for 4,096 orbits, measured with 32 values per component)
+_ORBIT_SAMPLE = 8  # the orbits' first pass reads every 8th block of rows: enough for bests near their final values
+_ORBIT_SEEDS = 4  # orbits per query computed exactly where their screen peaked, before the orbits' second pass
+_ORBIT_RIDE_GAP = 0.05  # an orbit rides only this close: its screen S is wider than one vector's |similarity| (its
+# largest over the rows of a block is higher), so a wider bound lets through most orbits of the block
 _RIDE_GAP = 0.15  # a query rides on the previous one's products when none of its variants lies farther from that
 # query's same variant (the two intensity views of one image: 0.00-0.12 apart in every default 2D space)
 
@@ -495,12 +511,270 @@ def _screen_group(
                 _screened(g, approx, block, best, rows, scratch)
 
 
+def orbit_bound(size: int, d: int, dtype: torch.dtype) -> float:
+    """Bound on ``|screened S - true S|`` of an orbit screen (:mod:`monai_synth.privacy.orbits`) in ``dtype``, for
+    unit vectors of ``d`` values under ``size`` flips.
+
+    With ``u`` the unit roundoff of ``dtype`` (``2**-8`` for bfloat16, ``2**-24`` for float32): rounding both
+    inputs' parity components changes the products by at most ``(2u + u**2) sum_chi sum_i |q_i x_i| <= 2u + u**2``
+    (Cauchy-Schwarz over all components at once: they are an orthonormal basis); the float32 accumulators add at most
+    ``d * 2**-24``; rounding each product to ``dtype`` adds ``u |<q_chi, x_chi>|``, at most ``u S <= u`` over the
+    components (``S <= sum_chi |q_chi| |x_chi| <= 1``); the pairwise sum of the ``size`` absolute values rounds once
+    per level, ``log2(size) u S``; the float32 parity transform itself (sums of ``size`` terms) is below ``1e-5``.
+    """
+    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24
+    return (3 + math.log2(size)) * u + u * u + d * 2.0**-24 + 1e-5
+
+
+@dataclass
+class _Orbits:
+    """Orbits of query vectors under a group of flips, screened by their base vector's parity components.
+
+    ``q`` ``(F, m, width)``: the components of each base (on the screen's dtype); ``members`` ``(m, F)``: the
+    positions in ``full`` of the orbit's vectors (member ``j`` lies within ``slack`` of base flipped by element ``j``);
+    ``owner``: each orbit's query (-1: none, a shadow's empty place); ``both``: per vector of ``full``, whether its
+    negation is asked too. ``shadow``: per base, the orbit of the next query that rides on it (:func:`_orbit_ride`),
+    its ``slack`` widened by its base's distance to this one."""
+
+    group: FlipGroup
+    q: torch.Tensor
+    owner: np.ndarray
+    members: np.ndarray
+    slack: np.ndarray
+    full: np.ndarray
+    both: np.ndarray
+    shadow: _Orbits | None = None
+    _by_owner: list[tuple[int, np.ndarray]] | None = None
+
+    def by_owner(self) -> list[tuple[int, np.ndarray]]:
+        """``(query, positions of its orbits)`` per query present (computed once: it is asked once per block)."""
+        if self._by_owner is None:
+            order = np.argsort(self.owner, kind="stable")
+            cuts = np.flatnonzero(np.diff(self.owner[order])) + 1
+            self._by_owner = [
+                (int(self.owner[m[0]]), m) for m in np.split(order, cuts) if len(m) and self.owner[m[0]] >= 0
+            ]
+        return self._by_owner
+
+    def part(self, at: slice) -> _Orbits:
+        shadow = None if self.shadow is None else self.shadow.part(at)
+        q = self.q[:, at] if len(self.q) else self.q
+        return _Orbits(self.group, q, self.owner[at], self.members[at], self.slack[at], self.full, self.both, shadow)
+
+    def record(self) -> _Group:
+        """The vectors as a group to record pairs of (:meth:`_Best.add_pairs`)."""
+        owner = np.full(len(self.full), -1)
+        return _Group(None, torch.empty(0), owner, self.both, self.full)
+
+
+def _orbit_split(
+    flat: np.ndarray, owner: np.ndarray, nv: int, orbits: tuple[np.ndarray, np.ndarray], dtype: torch.dtype
+) -> tuple[_Orbits | None, np.ndarray]:
+    """The stated orbits of every query (``orbits``: flip generators and the ``(orbits, F)`` variant numbers of each,
+    see :func:`~monai_synth.privacy.orbits.layout`) and the positions in ``flat`` of the other vectors (every query's
+    the same, so the rest keeps its per-query layout).
+
+    A space that asks every variant negated too (its second half, see :func:`_folded`) has orbits in the first half
+    only, each asked with both signs. Orbits repeated within a query (a window repeated to pad) are screened once.
+    """
+    gens, layout = orbits
+    nq, d = len(flat) // nv, flat.shape[1]
+    group = FlipGroup(gens)
+    layout = np.asarray(layout, dtype=np.int64)
+    if group.d != d or layout.ndim != 2 or layout.shape[1] != group.size or not len(layout) or layout.max() >= nv:
+        return None, np.arange(len(flat))
+    half = nv // 2
+    q3 = flat.reshape(nq, nv, d)
+    halves = bool(nv % 2 == 0 and layout.max() < half and not (q3[:, half:] + q3[:, :half]).any())
+    per = len(layout)
+    members = (np.arange(nq)[:, None, None] * nv + layout[None]).reshape(nq * per, group.size)
+    base = flat[members[:, 0]]
+    slack = np.zeros(len(members))
+    for j in range(1, group.size):
+        diff = flat[members[:, j]] - base[:, group.perms[j]]
+        slack = np.maximum(slack, np.sqrt(np.einsum("ij,ij->i", diff, diff, dtype=np.float64)))
+    own = owner[members[:, 0]]
+    # an orbit equal to an earlier one of its query, member for member, adds nothing
+    first_of, inverse = _distinct(base, own)
+    first = first_of[inverse]
+    dup = np.flatnonzero(first != np.arange(len(base)))
+    same = (flat[members[dup]] == flat[members[first[dup]]]).all(axis=(1, 2))
+    keep = np.ones(len(base), bool)
+    keep[dup[same]] = False
+    rest_local = np.setdiff1d(np.arange(half if halves else nv), layout.ravel())
+    if halves:
+        rest_local = np.concatenate([rest_local, rest_local + half])
+    rest = (np.arange(nq)[:, None] * nv + rest_local[None]).ravel()
+    both = np.full(len(flat), halves)
+    m = np.flatnonzero(keep)
+    q = group.parity(torch.from_numpy(base[m])).transpose(0, 1).contiguous().to(dtype)
+    orbit = _Orbits(group, q, own[m], members[m], slack[m], flat, both)
+    return _orbit_ride(orbit, base[m], (members[m, 0] % nv)), rest
+
+
+def _orbit_ride(o: _Orbits, base: np.ndarray, where: np.ndarray) -> _Orbits:
+    """Orbits of a query whose base lies within :data:`_RIDE_GAP` of the same orbit's base of the query before it (the
+    image's other intensity view) ride on that orbit's screen (as :func:`_ride`, orbit by orbit): its bound widens by
+    the gap. An orbit rides only on one that is screened itself."""
+    lead_at: dict[tuple[int, int], int] = {}
+    rides_on = np.full(len(o.owner), -1)
+    gap = np.zeros(len(o.owner))
+    for i, (q, w) in enumerate(zip(o.owner.tolist(), where.tolist())):
+        lead = lead_at.get((q - 1, w))
+        if lead is not None:
+            diff = base[i].astype(np.float64) - base[lead]
+            g = float(np.sqrt(diff @ diff))
+            if g <= _ORBIT_RIDE_GAP:
+                rides_on[i], gap[i] = lead, g
+                continue
+        lead_at[(q, w)] = i
+    riders = np.flatnonzero(rides_on >= 0)
+    if not len(riders):
+        return o
+    leads = np.flatnonzero(rides_on < 0)
+    at = np.full(len(o.owner), -1)
+    at[leads] = np.arange(len(leads))
+    owner = np.full(len(leads), -1)
+    members = np.zeros((len(leads), o.members.shape[1]), dtype=np.int64)
+    slack = np.zeros(len(leads))
+    to = at[rides_on[riders]]
+    owner[to], members[to] = o.owner[riders], o.members[riders]
+    slack[to] = o.slack[riders] + gap[riders] + 1e-5  # float32 rounding of the gap's difference and norm
+    shadow = _Orbits(o.group, o.q[:, :0], owner, members, slack, o.full, o.both)
+    return _Orbits(o.group, o.q[:, leads], o.owner[leads], o.members[leads], o.slack[leads], o.full, o.both, shadow)
+
+
+def _screen_orbits(o: _Orbits, xs: Sequence[torch.Tensor], offsets: Sequence[int], best: _Best) -> None:
+    """Every orbit screened by ``S`` (:mod:`monai_synth.privacy.orbits`); the pairs it cannot rule out are computed in
+    float32 (for the orbits' own vectors and for their riders').
+
+    Two passes over the rows. The first only finds each orbit's largest ``S`` and its row, and the few most promising
+    orbits of each query are computed exactly there: each query's best starts near its final value. Screened in one
+    pass, the first blocks' bests are low, and far more pairs pass them than the products saved (the single-vector
+    screen, :func:`_screened`, has 4x fewer pairs per product to compute when they do)."""
+    size = o.group.size
+    bound = orbit_bound(size, o.group.d, o.q.dtype)
+    most = max(1, min(_ORBIT_PART, _BLOCK_FLOATS // (size * _MIN_ROWS)))
+    starts = list(range(0, len(o.owner), most))
+    parts = [o.part(slice(s, s + most)) for s in starts]
+    record = o.record()
+    top, where = np.full(len(o.owner), -np.inf), np.zeros(len(o.owner), dtype=np.int64)
+    for k, screen, _, rows in _orbit_screens(parts, xs, offsets, every=_ORBIT_SAMPLE):
+        at = slice(starts[k], starts[k] + len(parts[k].owner))
+        value, row = (screen.view(torch.int16) if screen.dtype == torch.bfloat16 else screen).max(dim=1)
+        if screen.dtype == torch.bfloat16:
+            value = value.view(torch.bfloat16)
+        value = value.float().numpy().astype(np.float64)
+        better = value > top[at]
+        top[at] = np.where(better, value, top[at])
+        where[at] = np.where(better, rows[row.numpy()], where[at])
+    shards = [x.numpy() for x in xs]
+    for orbits, slack in ((o, o.slack), (o.shadow, None if o.shadow is None else o.shadow.slack)):
+        if orbits is None:
+            continue
+        for q, at in orbits.by_owner():
+            first = at[np.argsort(-(top[at] + slack[at]), kind="stable")[:_ORBIT_SEEDS]]
+            vi = orbits.members[first].ravel()
+            r = np.repeat(where[first], size)
+            sims = torch.einsum("ij,ij->i", _dense(o.full, vi), torch.from_numpy(rows_at(shards, offsets, r)))
+            best.add_pairs(q, torch.where(torch.from_numpy(o.both[vi]), sims.abs(), sims), vi, r, record)
+    for k, screen, block, rows in _orbit_screens(parts, xs, offsets):
+        p = parts[k]
+        if screen.dtype == torch.bfloat16:  # non-negative bfloat16 values order as their bits do
+            high = screen.view(torch.int16).amax(dim=1).view(torch.bfloat16).float()
+        else:
+            high = screen.amax(dim=1)
+        high = high.numpy().astype(np.float64)
+        _orbit_survivors(p, screen, high, bound + p.slack, block, best, rows, record)
+        if p.shadow is not None:
+            _orbit_survivors(p.shadow, screen, high, bound + p.shadow.slack, block, best, rows, record)
+
+
+def _orbit_screens(parts: Sequence[_Orbits], xs: Sequence[torch.Tensor], offsets: Sequence[int], every: int = 1):
+    """``(part number, S (orbits, rows), block of rows, their global numbers)`` for every part and every ``every``-th
+    block of rows; S is written into one buffer, valid until the next step."""
+    group, dtype = parts[0].group, parts[0].q.dtype
+    size = group.size
+    buf: torch.Tensor | None = None
+    for x, offset in zip(xs, offsets):
+        for s in range(0, x.shape[0], _MIN_ROWS * every):
+            block = x[s : s + _MIN_ROWS]
+            rows = np.arange(offset + s, offset + s + len(block))
+            xp = group.parity(block).transpose(0, 1).contiguous().to(dtype).transpose(1, 2)  # (F, width, n)
+            for k, p in enumerate(parts):
+                need = size * len(p.owner) * len(block)
+                if buf is None or buf.numel() < need:
+                    buf = torch.empty(need, dtype=dtype)
+                out = buf[:need].view(size, len(p.owner), len(block))
+                torch.bmm(p.q, xp, out=out)
+                if dtype == torch.bfloat16:  # clearing the sign bit is the absolute value
+                    out.view(torch.int16).bitwise_and_(0x7FFF)
+                else:
+                    out.abs_()
+                h = size
+                while h > 1:  # pairwise: one rounding per level
+                    h //= 2
+                    out[:h] += out[h : 2 * h]
+                yield k, out[0], block, rows
+
+
+def _orbit_survivors(
+    o: _Orbits,
+    screen: torch.Tensor,
+    top: np.ndarray,
+    bound: np.ndarray,
+    x: torch.Tensor,
+    best: _Best,
+    rows: np.ndarray,
+    record: _Group,
+) -> None:
+    """The pairs of ``o``'s orbits with the block of rows ``x`` that ``screen`` (``S`` per orbit and row, within
+    ``bound`` of a bound on every member's ``|similarity|``) cannot rule out, computed in float32 for every member
+    (as :func:`_survivors` for single vectors)."""
+    real = o.owner >= 0
+    size = o.members.shape[1]
+    reach = top + bound
+    seeds = [(q, int(i[np.argmax(reach[i])])) for q, i in o.by_owner()]
+    seeds = [(q, i) for q, i in seeds if reach[i] >= best.value[q]]
+    if seeds:
+        at = screen[torch.tensor([i for _, i in seeds])].float().argmax(dim=1).numpy()
+        for (q, i), r in zip(seeds, at.tolist()):
+            vi = o.members[i]
+            sims = torch.from_numpy(o.full[vi]) @ x[r]
+            sims = torch.where(torch.from_numpy(o.both[vi]), sims.abs(), sims)
+            best.add_pairs(q, sims, vi, np.full(size, rows[r]), record)
+    floor = np.where(real, best.value[np.maximum(o.owner, 0)] - REFINE - bound, np.inf)
+    keep = np.flatnonzero(top >= floor)
+    if not len(keep):
+        return
+    sub = screen[torch.from_numpy(keep)].float()
+    cut = torch.from_numpy(floor[keep]).float()[:, None]
+    hit = sub >= cut
+    if hit.float().mean() > _DENSE_ORBIT_PAIRS:
+        vi = o.members[keep].ravel()
+        dense = _dense(o.full, vi)
+        part = _Group(None, dense, np.repeat(o.owner[keep], size), o.both[vi], dense.numpy())
+        best.add(torch.mm(dense, x.T), part, rows)
+        return
+    bi, ri = torch.nonzero(hit, as_tuple=True)
+    bi, ri = keep[bi.numpy()], ri.numpy()
+    vi = o.members[bi].ravel()
+    ri = np.repeat(ri, size)
+    sims = torch.einsum("ij,ij->i", _dense(o.full, vi), x[torch.from_numpy(ri)])
+    sims = torch.where(torch.from_numpy(o.both[vi]), sims.abs(), sims)
+    owners = np.repeat(o.owner[bi], size)
+    for q in np.unique(owners):
+        m = owners == q
+        best.add_pairs(int(q), sims[torch.from_numpy(m)], vi[m], rows[ri[m]], record)
+
+
 def nearest_rows(
     queries: np.ndarray,
     shards: Sequence[np.ndarray],
     offsets: Sequence[int],
     fast: bool = True,
     rows16: Callable[[int], torch.Tensor | None] | None = None,
+    orbits: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Largest inner product of each query (over its variants) with any row, and that row.
 
@@ -511,6 +785,9 @@ def nearest_rows(
         fast: fold signs and duplicates and split slots; False: every variant with every row.
         rows16: shard number -> a bfloat16 copy of its rows kept by the caller (None: converted block by block), for
             the screen of dense vectors.
+        orbits: ``(flip generators (k, d), (orbits, 2**k) variant numbers)``: the variants that are one vector under
+            those flips (:mod:`monai_synth.privacy.orbits`; a space's ``orbit_layout``), screened together. Only a
+            hint for speed: the answers are the same with or without it.
 
     Returns:
         ``(Q,)`` float64 similarities and ``(Q,)`` int64 global row numbers, identical for ``fast`` True and False.
@@ -521,9 +798,17 @@ def nearest_rows(
     xs = [torch.from_numpy(np.asarray(x, dtype=np.float32)) for x in shards]
     best = _Best(nq)
     scratch = _Scratch()
-    groups = _groups(flat, owner, fast, nv)
+    orbit = None
+    if fast and orbits is not None:
+        orbit, rest = _orbit_split(flat, owner, nv, orbits, torch.bfloat16 if BF16_SCREEN else torch.float32)
+        if orbit is not None:
+            per = len(rest) // nq
+            flat, owner, nv = flat[rest], owner[rest], per
+    groups = _groups(flat, owner, fast, nv) if nv else []
     if fast:  # an image's second intensity view rides on its first view's products (exact either way)
         groups = [_ride(g) for g in groups]
+    if orbit is not None:
+        _screen_orbits(orbit, xs, offsets, best)
     for group, cols in _batched(groups):
         real = group.owner >= 0
         if fast and BF16_SCREEN and real.sum() >= _SCREEN_MIN_PER_QUERY * len(np.unique(group.owner[real])):
