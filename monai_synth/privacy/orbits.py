@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["FlipGroup", "grid_flips", "layout"]
+__all__ = ["FlipGroup", "grid_flips", "layout", "layout_of_ops"]
 
 
 class FlipGroup:
@@ -128,3 +128,25 @@ def layout(symmetries: Sequence[tuple[tuple[int, ...], tuple[int, ...]]], place)
             return np.zeros((0, 1), dtype=np.int64)  # not every combination of flips: no orbits
         rows.append(np.stack([np.asarray(place(flips[j]), dtype=np.int64) for j in range(size)], axis=1))
     return np.concatenate(rows)
+
+
+def layout_of_ops(ops: Sequence[tuple], sym_at: int) -> np.ndarray:
+    """``(orbits, F)`` variant numbers of the orbits among variants described by ``ops`` (one tuple per variant, in
+    the order the space returns them, the first element its intensity sign, element ``sym_at`` its ``(perm, flips)``
+    symmetry): the variants of the first sign that differ only in their flips, each orbit complete (every combination
+    of flips; member ``j`` flipped along the axes whose bit is set in ``j``, as :func:`layout`)."""
+    found: dict[tuple, dict[int, int]] = {}
+    for i, op in enumerate(ops):
+        if op[0] != ops[0][0]:
+            continue
+        perm, flips = op[sym_at]
+        key = (*op[:sym_at], tuple(perm), *op[sym_at + 1 :])
+        try:
+            found.setdefault(key, {})[sum(1 << a for a in flips)] = i
+        except TypeError:  # a description that cannot be compared: no orbits stated
+            return np.zeros((0, 1), dtype=np.int64)
+    size = max((len(m) for m in found.values()), default=0)
+    if size < 2 or size & (size - 1):
+        return np.zeros((0, 1), dtype=np.int64)
+    rows = [[m[j] for j in range(size)] for m in found.values() if sorted(m) == list(range(size))]
+    return np.asarray(rows, dtype=np.int64).reshape(-1, size)

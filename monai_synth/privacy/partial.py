@@ -703,6 +703,16 @@ class TileSpace:
         if not bool(valid.any(dim=1).all()):
             raise DegenerateImageError("an image is constant in every window; correlation is undefined")
         v = centred / norm.clamp_min(1e-30)
+        # a constant window repeats the first window comparable under every symmetry, under its own symmetry: its
+        # variants stay one window's flips (the search screens them as one orbit, see orbit_layout, and drops them as
+        # repeats of that window's); anything else constant repeats the first comparable variant
+        m = len(self._symmetries) * tiles.shape[1]  # the windows under every symmetry (the fraction windows follow)
+        whole = valid[:, :m].reshape(n, len(self._symmetries), -1).all(dim=1)  # (n, windows)
+        has = whole.any(dim=1)[:, None]
+        at = (torch.arange(m) // tiles.shape[1] * tiles.shape[1])[None] + whole.float().argmax(dim=1)[:, None]
+        same = torch.gather(v[:, :m], 1, at[..., None].expand(-1, -1, v.shape[2]))
+        v[:, :m] = torch.where((valid[:, :m] | ~has)[..., None], v[:, :m], same)
+        valid[:, :m] |= has
         first = valid.float().argmax(dim=1)
         v = torch.where(valid[..., None], v, v[torch.arange(n), first][:, None, :])
         if len(self.signs) == 2:

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from monai_synth.privacy.orbits import grid_flips, layout_of_ops
+
 __all__ = [
     "PrivacySpace",
     "PixelSpace",
@@ -654,6 +656,16 @@ class PixelSpace:
             groups.append(self._moved(mapped, self._shifts[:1], "replicate", self._symmetries, n))
         v = torch.cat(groups, dim=1)
         return (torch.cat([v, -v], dim=1) if len(self.signs) == 2 else v).numpy().astype(np.float32, copy=False)
+
+    def orbit_layout(self, nv: int, d: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The variants of :meth:`embed_variants` (``nv`` per image, ``d`` values each) that are one variant under the
+        flips (:mod:`monai_synth.privacy.orbits`; 2D: every shift and zoom under every symmetry), screened once by the
+        search. None where their number is not that of :attr:`variant_ops`."""
+        cells = self.grid**self.spatial_dims
+        ops = sorted(self.variant_ops, key=lambda op: op[0] < 0)  # as embed_variants returns them: then negated
+        if nv != len(ops) or d % cells:
+            return None
+        return grid_flips((self.grid,) * self.spatial_dims, d // cells), layout_of_ops(ops, 3)
 
     def _linear_ops(self) -> list[tuple[str, int, float]]:
         """``("shear", axis the rows move along, factor)`` of every shear variant, then ``("stretch", axis,

@@ -9,6 +9,7 @@ import torch
 
 from monai_synth.data.phantoms import generate_cohort
 from monai_synth.privacy.disc import DiscSpace
+from monai_synth.privacy.factory import make_space
 from monai_synth.privacy.orbits import FlipGroup, grid_flips, layout
 from monai_synth.privacy.partial import TileSpace
 from monai_synth.privacy.search import _orbit_split, nearest_rows
@@ -61,6 +62,7 @@ def cohort():
     return model(train), model(unseen)
 
 
+FACTORY_2D = ("pixel", "ranks", "localranks", "deblur", "tiles", "disc")  # as the default gate makes them (unprojected)
 SPACES = {
     "tiles": lambda: TileSpace(grid=8, scales=(0.8, 0.5), seam_limit=24, seam_scales=(0.7, 0.5)),
     "disc": lambda: DiscSpace(grid=8, rotations=(-10, 0, 10), zooms=(0.9,), max_shift=0.5),
@@ -93,12 +95,15 @@ def test_the_orbit_screen_finds_the_dense_products_rows(cohort, name, bf16_scree
     np.testing.assert_array_equal(shuffled[1], dense[1])
 
 
-@pytest.mark.parametrize("name", list(SPACES))
+STATING = {**SPACES, **{name: lambda name=name: make_space(name, 2, (48, 48)) for name in FACTORY_2D}}
+
+
+@pytest.mark.parametrize("name", list(STATING))
 def test_a_spaces_stated_orbits_are_its_flipped_variants(cohort, name):
-    """Every variant of the 2D tiles and disc spaces is in an orbit, each member a flip of its base to float32
-    rounding, and a window repeated to pad (the seam windows) is screened once: else the search is slow, not wrong."""
+    """Every variant of these 2D spaces is in an orbit, each member a flip of its base to float32 rounding, and a window
+    repeated to pad (the seam windows) is screened once: else the search is slow, not wrong."""
     train, _ = cohort
-    space = SPACES[name]()
+    space = STATING[name]()
     pasted = torch.full((1, 1, 48, 48), -1.0)
     pasted[..., 10:30, 5:40] = train[0, :, 10:30, 5:40]  # a picture on plain background: few seams
     vec = embed_variants(space, torch.cat([train[:1], pasted]))
