@@ -726,7 +726,9 @@ class TileSpace:
         the image's shape); None where it made none (a wrong guess is only slower)."""
         cells, per = self.grid**self.spatial_dims, len(self._symmetries) * len(self.signs)
         n = self._windows_of.get(nv) or (0 if self.fractions or nv % per else nv // per)
-        if d % cells or not n:
+        if d % cells or not n or self.spatial_dims != 2:
+            # volumes: orbits of 8 flips of 4,096 values were slower (random rows: S sums 8 terms, and at 8,192 rows
+            # most pairs passed its bound), so a volume's variants are screened one by one
             return None
         return grid_flips((self.grid,) * self.spatial_dims, d // cells), layout(
             self._symmetries, lambda s: s * n + np.arange(n)

@@ -663,7 +663,7 @@ class PixelSpace:
         search. None where their number is not that of :attr:`variant_ops`."""
         cells = self.grid**self.spatial_dims
         ops = sorted(self.variant_ops, key=lambda op: op[0] < 0)  # as embed_variants returns them: then negated
-        if nv != len(ops) or d % cells:
+        if nv != len(ops) or d % cells or self.spatial_dims != 2:  # volumes: see TileSpace.orbit_layout
             return None
         return grid_flips((self.grid,) * self.spatial_dims, d // cells), layout_of_ops(ops, 3)
 
