@@ -108,13 +108,13 @@ def grid_flips(grid: Sequence[int], channels: int = 1, mask: np.ndarray | torch.
 
 
 def layout(symmetries: Sequence[tuple[tuple[int, ...], tuple[int, ...]]], place) -> np.ndarray:
-    """``(orbits, F)`` variant numbers of the orbits of a space whose variants are ``place(thing, s)`` for every
-    ``thing`` (window, map) and symmetry ``s`` (``(perm, flips)`` as :func:`~monai_synth.privacy.spaces._symmetries`
-    lists them: every axis permutation, each under every combination of flips).
+    """``(orbits, F)`` variant numbers of the orbits of a space that makes every window (or map) under every symmetry
+    of ``symmetries`` (``(perm, flips)`` as :func:`~monai_synth.privacy.spaces._symmetries` lists them: every axis
+    permutation, each under every combination of flips); ``place(s)`` returns the variant numbers of symmetry number
+    ``s``, one per window, in the same order for every ``s``.
 
     Member ``j`` of an orbit is its base (one permutation, no flip) flipped along the axes whose bit is set in ``j``:
-    element ``j`` of :class:`FlipGroup` for the flips of :func:`grid_flips`. ``place`` is called as ``place(s)`` and
-    returns the variant numbers of symmetry number ``s`` for every thing (an int array).
+    element ``j`` of :class:`FlipGroup` for the flips of :func:`grid_flips`.
     """
     by_perm: dict[tuple[int, ...], dict[int, int]] = {}
     for s, (perm, flips) in enumerate(symmetries):

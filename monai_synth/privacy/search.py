@@ -17,11 +17,12 @@ shortcuts cut it without changing the answer:
   there), so a (variant, row) pair whose screened ``|similarity|`` plus :data:`SCREEN` is below the best exact
   similarity found so far cannot be the nearest pair; every other pair is computed in float32 (few: the pairs within
   a few hundredths of the best).
-* **Orbits of flips.** A space that tries every window mirrored along each axis (``tiles``, ``disc``) states which
-  variants are one vector flipped (its ``orbit_layout``); such an orbit of 4 (2D) or 8 (3D) is screened once, by a
-  bound on all its members' ``|similarity|`` from products of its parity components (:mod:`~monai_synth.privacy.
-  orbits`): the products of ``d`` terms per member become ``d / F`` per member, and the members are computed exactly
-  only where the bound reaches the best (:func:`_screen_orbits`).
+* **Orbits of flips.** A 2D space that tries every variant mirrored along each axis (``tiles``, ``disc``, the pixel
+  space's family on its grid) states which variants are one vector flipped (its ``orbit_layout``); such an orbit of 4
+  is screened once, by a bound on all its members' ``|similarity|`` from products of its parity components
+  (:mod:`~monai_synth.privacy.orbits`): the products of ``d`` terms per member become ``d / 4`` per member, and the
+  members are computed exactly only where the bound reaches the best (:func:`_screen_orbits`; from
+  :data:`_ORBIT_MIN_ROWS` rows).
 * **Riders.** A query whose variants each lie within a small gap of the previous query's (a release judges every
   image in two intensity views) is not multiplied: the previous query's products bound its similarities to within
   that gap, and only the pairs they cannot rule out are computed for it (:func:`_ride`).
@@ -651,10 +652,10 @@ def _screen_orbits(o: _Orbits, xs: Sequence[torch.Tensor], offsets: Sequence[int
     """Every orbit screened by ``S`` (:mod:`monai_synth.privacy.orbits`); the pairs it cannot rule out are computed in
     float32 (for the orbits' own vectors and for their riders').
 
-    Two passes over the rows. The first only finds each orbit's largest ``S`` and its row, and the few most promising
-    orbits of each query are computed exactly there: each query's best starts near its final value. Screened in one
-    pass, the first blocks' bests are low, and far more pairs pass them than the products saved (the single-vector
-    screen, :func:`_screened`, has 4x fewer pairs per product to compute when they do)."""
+    Two passes over the rows. The first (every :data:`_ORBIT_SAMPLE`-th block) only finds each orbit's largest ``S``
+    and its row, and the few most promising orbits of each query are computed exactly there: each query's best starts
+    near its final value. Screened in one pass, the first blocks' bests are low, and where the bounds are wide (members
+    that are not exact flips) most pairs passed them: 7.0 million against 0.49 million with the first pass."""
     size = o.group.size
     bound = orbit_bound(size, o.group.d, o.q.dtype)
     most = max(1, min(_ORBIT_PART, _BLOCK_FLOATS // (size * _MIN_ROWS)))
