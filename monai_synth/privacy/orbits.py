@@ -73,15 +73,18 @@ class FlipGroup:
         fixed = self.gather == reps[None]  # (F, r): element j fixes representative i
         self.kept = torch.from_numpy(~((self.chars[:, :, None] < 0) & fixed[None]).any(axis=1))  # (F, r)
         self.width = int(-(-len(reps) // 16) * 16)  # components padded to a multiple of 16 for the products
+        # what parity() applies to every block of rows, made once
+        self._at = torch.from_numpy(self.gather.reshape(-1))
+        self._signed = torch.from_numpy(self.chars.astype(np.float32))
+        self._factor = self.scale * self.kept
 
     def parity(self, v: torch.Tensor) -> torch.Tensor:
         """``(n, d)`` float32 -> ``(n, F, width)``: each vector's parity components (zero-padded), whose inner
         products sum to the vectors' (an orthogonal change of basis)."""
         r = self.gather.shape[1]
-        taken = v[:, torch.from_numpy(self.gather.reshape(-1))].reshape(len(v), self.size, r)
-        chars = torch.from_numpy(self.chars.astype(np.float32))
+        taken = v[:, self._at].reshape(len(v), self.size, r)
         out = torch.zeros(len(v), self.size, self.width, dtype=torch.float32)
-        out[:, :, :r] = torch.einsum("cj,njr->ncr", chars, taken) * self.scale * self.kept
+        out[:, :, :r] = torch.einsum("cj,njr->ncr", self._signed, taken) * self._factor
         return out
 
 

@@ -546,7 +546,6 @@ class TileSpace:
         self.reference = None if reference is None else tuple(int(r) for r in reference)
         self.fractions = tuple(sorted({round(float(f), 6) for f in fractions}, reverse=True))
         self._symmetries, self.signs = _query_symmetries(self.spatial_dims, self.invariances)
-        self._windows_of: dict[int, int] = {}  # variants per image -> windows they were made from (orbit_layout)
 
     @property
     def dim(self) -> int:
@@ -696,7 +695,6 @@ class TileSpace:
         if extra:  # as they are: under every symmetry they would be 8 times as many
             sym = torch.cat([sym, self._resampled_exact(x, extra)], dim=1)
         flat = sym.reshape(n, sym.shape[1], -1)
-        self._windows_of[flat.shape[1] * len(self.signs)] = tiles.shape[1]  # for orbit_layout
         centred = flat - flat.mean(dim=2, keepdim=True)
         norm = centred.norm(dim=2, keepdim=True)
         valid = (norm[..., 0] > 1e-6 * flat.shape[2] ** 0.5) & torch.isfinite(norm[..., 0])
@@ -721,18 +719,14 @@ class TileSpace:
 
     def orbit_layout(self, nv: int, d: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The variants of :meth:`embed_variants` (``nv`` per image, ``d`` values each) that are one window under the
-        flips (:mod:`monai_synth.privacy.orbits`): the search screens each such orbit once. The windows behind ``nv``
-        variants are those :meth:`embed_variants` last made them from (with fraction windows their number depends on
-        the image's shape); None where it made none (a wrong guess is only slower)."""
+        flips (:mod:`monai_synth.privacy.orbits`): the search screens each such orbit once. 2D only: orbits of a
+        volume's 8 flips of 4,096 values were slower (random rows: ``S`` sums 8 terms, and at 8,192 rows most pairs
+        passed its bound), so a volume's variants are screened one by one."""
         cells, per = self.grid**self.spatial_dims, len(self._symmetries) * len(self.signs)
-        n = self._windows_of.get(nv) or (0 if self.fractions or nv % per else nv // per)
-        if d % cells or not n or self.spatial_dims != 2:
-            # volumes: orbits of 8 flips of 4,096 values were slower (random rows: S sums 8 terms, and at 8,192 rows
-            # most pairs passed its bound), so a volume's variants are screened one by one
+        if d % cells or nv % per or self.fractions or self.spatial_dims != 2:
             return None
-        return grid_flips((self.grid,) * self.spatial_dims, d // cells), layout(
-            self._symmetries, lambda s: s * n + np.arange(n)
-        )
+        n = nv // per  # windows, each under every symmetry and sign
+        return grid_flips((self.grid,) * 2, d // cells), layout(self._symmetries, lambda s: s * n + np.arange(n))
 
     def _seam_tiles(self, x: torch.Tensor, fallback: tuple[slice, ...]) -> torch.Tensor:
         """``(B, seam_limit, C, *grid)``: each image's windows cut at its seams, on the grid, the first repeated (or

@@ -412,6 +412,20 @@ def _screened(
         _survivors(g.shadow, approx, top, SCREEN + g.slack, x, best, rows, scratch)
 
 
+def _passing(
+    owner: np.ndarray, top: np.ndarray, bound: np.ndarray | float, screen: torch.Tensor, best: _Best
+) -> tuple[np.ndarray, torch.Tensor]:
+    """The screen rows whose largest value reaches their query's best less :data:`REFINE` and ``bound`` (owner -1,
+    none: slot groups are padded with such vectors, shadows where a query has no rider), and which of their pairs do (``(len(rows), columns)``): the pairs :func:`_survivors` and
+    :func:`_orbit_survivors` compute."""
+    floor = np.where(owner >= 0, best.value[np.maximum(owner, 0)] - REFINE - bound, np.inf)
+    keep = np.flatnonzero(top >= floor)
+    if not len(keep):
+        return keep, screen[:0]
+    cut = torch.from_numpy(floor[keep]).float()[:, None]
+    return keep, screen[torch.from_numpy(keep)].float() >= cut
+
+
 def _survivors(
     g: _Group,
     screen: torch.Tensor,
@@ -429,7 +443,6 @@ def _survivors(
     rider's vector ``r`` (:func:`_ride`) was not screened, but its screened partner ``v`` was, and
     ``|<r, x> - <v, x>| <= |r - v|`` for a unit row ``x``: the bound widens by that gap."""
     both = torch.from_numpy(g.both)
-    real = g.owner >= 0  # slot groups are padded with vectors of owner -1, shadows where a query has no rider
     reach = top + bound  # the largest |similarity| each vector can have with a row of this block
     # seed each query's best with the exact similarity of its most promising pair (none where even that cannot reach
     # the query's best so far)
@@ -440,19 +453,16 @@ def _survivors(
         sims = torch.einsum("ij,ij->i", _dense(g.full, [v for _, v in seeds]), x[at])
         for (o, v), r, s in zip(seeds, at.tolist(), sims):
             best.add_pairs(o, (s.abs() if g.both[v] else s)[None], np.array([v]), rows[[r]], g)
-    floor = np.where(real, best.value[np.maximum(g.owner, 0)] - REFINE - bound, np.inf)
-    keep = np.flatnonzero(top >= floor)
+    keep, hit = _passing(g.owner, top, bound, screen, best)
     if not len(keep):
         return
-    sub = screen[torch.from_numpy(keep)].float()
-    cut = torch.from_numpy(floor[keep]).float()[:, None]
-    if sub.numel() and (sub >= cut).float().mean() > _DENSE_PAIRS:
+    if hit.numel() and hit.float().mean() > _DENSE_PAIRS:
         dense = _dense(g.full, keep)
         part = _Group(None, dense, g.owner[keep], g.both[keep], dense.numpy())
         exact = scratch.get("survivors", (len(keep), len(x)), torch.float32)
         best.add(torch.mm(part.q, x.T, out=exact), part, rows)
         return
-    vi, ri = torch.nonzero(sub >= cut, as_tuple=True)
+    vi, ri = torch.nonzero(hit, as_tuple=True)
     vi = torch.from_numpy(keep)[vi]
     sims = torch.einsum("ij,ij->i", _dense(g.full, vi), x[ri])
     sims = torch.where(both[vi], sims.abs(), sims)
@@ -559,8 +569,9 @@ class _Orbits:
 
     def part(self, at: slice) -> _Orbits:
         shadow = None if self.shadow is None else self.shadow.part(at)
-        q = self.q[:, at] if len(self.q) else self.q
-        return _Orbits(self.group, q, self.owner[at], self.members[at], self.slack[at], self.full, self.both, shadow)
+        return _Orbits(
+            self.group, self.q[:, at], self.owner[at], self.members[at], self.slack[at], self.full, self.both, shadow
+        )
 
     def record(self) -> _Group:
         """The vectors as a group to record pairs of (:meth:`_Best.add_pairs`)."""
@@ -735,7 +746,6 @@ def _orbit_survivors(
     """The pairs of ``o``'s orbits with the block of rows ``x`` that ``screen`` (``S`` per orbit and row, within
     ``bound`` of a bound on every member's ``|similarity|``) cannot rule out, computed in float32 for every member
     (as :func:`_survivors` for single vectors)."""
-    real = o.owner >= 0
     size = o.members.shape[1]
     reach = top + bound
     seeds = [(q, int(i[np.argmax(reach[i])])) for q, i in o.by_owner()]
@@ -747,13 +757,9 @@ def _orbit_survivors(
             sims = torch.from_numpy(o.full[vi]) @ x[r]
             sims = torch.where(torch.from_numpy(o.both[vi]), sims.abs(), sims)
             best.add_pairs(q, sims, vi, np.full(size, rows[r]), record)
-    floor = np.where(real, best.value[np.maximum(o.owner, 0)] - REFINE - bound, np.inf)
-    keep = np.flatnonzero(top >= floor)
+    keep, hit = _passing(o.owner, top, bound, screen, best)
     if not len(keep):
         return
-    sub = screen[torch.from_numpy(keep)].float()
-    cut = torch.from_numpy(floor[keep]).float()[:, None]
-    hit = sub >= cut
     if hit.float().mean() > _DENSE_ORBIT_PAIRS:
         vi = o.members[keep].ravel()
         dense = _dense(o.full, vi)

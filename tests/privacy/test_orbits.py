@@ -140,7 +140,7 @@ def test_volumes_orbits_of_eight_flips_with_fraction_windows_left_out(bf16_scree
     vec = embed_variants(space, torch.cat([canvas, train[7:8].flip(-3)]))
     nq, nv, d = vec.shape
     assert space.orbit_layout(nv, d) is None  # volumes are screened variant by variant (slower as orbits)
-    n = space._windows_of[nv]
+    n = len(space._main_windows((16, 16, 16))) + space.seam_limit  # windows under every symmetry, before fractions
     orbits = grid_flips((4, 4, 4)), layout(space._symmetries, lambda s: s * n + np.arange(n))
     assert orbits[1].shape[1] == 8
     dense = nearest_rows(vec, [rows], [0], fast=False)
