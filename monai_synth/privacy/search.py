@@ -79,6 +79,10 @@ BF16_SCREEN = _bf16_is_fast()
 _BLOCK_FLOATS = 1 << 24  # similarities held at once: 64 MiB of float32, 32 MiB of bfloat16
 _MIN_ROWS = 1024  # rows per block at least: the vectors are cut into chunks instead (a batch of 16 candidates' disc
 # variants once made blocks of 81 rows, whose per-block work cost more than their products)
+_EXACT_FLOATS = 1 << 20  # float32 similarities held at once where there is no screen (a CPU without bfloat16): 4 MiB,
+# so the product's output and the passes over it stay in cache (pixel space at 1e5 rows: 0.93-1.02 CPU-s per candidate
+# against 1.34-1.46 with blocks of 64 MiB; a product of 32 values per pair is bound by writing its output)
+_EXACT_ROWS = 256  # rows per such block at least: chunks of 4,096 vectors
 _SLOT_ROWS = 2048  # rows per block of a screened slot group at most: its bfloat16 copies of the block stay in cache
 # (blocks of 37,000 rows of the crops space, 215 MiB per copy, made the copies cost 1.6x the products)
 _SCREEN_MIN_PER_QUERY = 64  # fewer vectors per query (texture: 8, embedding: 14) are multiplied in float32 at once:
@@ -89,8 +93,10 @@ _DENSE_ORBIT_PAIRS = 0.02  # an orbit's survivors are computed densely above thi
 # gathers both vectors (each orbit's four members), many times the cost per pair of a product of whole blocks
 _ORBIT_MIN_ROWS = 4096  # fewer rows: the products are cheap next to finding the orbits (a 3D tiles query of 18,538
 # variants of 4,096 values against 200 rows: 0.9 s without orbits, 2.6 s with them)
-_ORBIT_PART = 1024  # orbits screened at once: their (F, 1024, 1024) screen stays small enough to be read back fast
-# (1.28 ns per orbit and row against 1.65 for 4,096 orbits, measured with 32 values per component)
+_ORBIT_PART = 256  # orbits screened at once: their (F, 256, 1024) screen stays in cache (float32 without bfloat16:
+# disc at 1e5 rows 1.49-1.99 CPU-s per candidate against 1.81-2.20 with 1,024; with AVX-512 BF16 1,024 orbits ran at
+# 1.28 ns per orbit and row against 1.65 for 4,096, measured with 32 values per component)
+_ORBIT_ROWS = 1024  # rows per block of the orbit screen
 _ORBIT_SAMPLE = 8  # the orbits' first pass reads every 8th block of rows: enough for bests near their final values
 _ORBIT_SEEDS = 4  # orbits per query computed exactly where their screen peaked, before the orbits' second pass
 _RIDE_GAP = 0.15  # a query rides on the previous one's products when none of its variants lies farther from that
@@ -282,16 +288,21 @@ class _Best:
         self.value = np.full(n, -np.inf)
         self.pairs: list[list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(n)]
 
-    def add(self, sims: torch.Tensor, g: _Group, rows: np.ndarray) -> None:
+    def add(self, sims: torch.Tensor, g: _Group, rows: np.ndarray, absolute: bool = False) -> np.ndarray:
         """Record the float32 similarities ``sims`` ``(m, len(rows))`` of group ``g``'s vectors with global ``rows``
-        (vectors of owner -1 are padding and ignored).
+        (vectors of owner -1 are padding and ignored); ``absolute``: ``sims`` already holds ``|.|`` (every vector is
+        asked with both signs). Returns each vector's best (float64).
 
-        One min/max pass gives every vector's best (``|.|`` for the vectors asked with both signs); only the few
-        vectors that reach their query's best are looked at again, for their pairs within :data:`REFINE` of it.
+        One min/max pass gives every vector's best (``|.|`` for the vectors asked with both signs; one max pass
+        where ``absolute``); only the few vectors that reach their query's best are looked at again, for their pairs
+        within :data:`REFINE` of it.
         """
-        high, low = sims.amax(dim=1), sims.amin(dim=1)  # aminmax took 7x as long as both on a 16M block
         both = torch.from_numpy(g.both)
-        value = torch.where(both, torch.maximum(high, -low), high).numpy().astype(np.float64)
+        if absolute:
+            value = sims.amax(dim=1).numpy().astype(np.float64)
+        else:
+            high, low = sims.amax(dim=1), sims.amin(dim=1)  # aminmax took 7x as long as both on a 16M block
+            value = torch.where(both, torch.maximum(high, -low), high).numpy().astype(np.float64)
         real = g.owner >= 0
         np.maximum.at(self.value, g.owner[real], value[real])
         near = np.flatnonzero(real & (value >= self.value[np.maximum(g.owner, 0)] - REFINE))
@@ -303,6 +314,7 @@ class _Best:
         for o in np.unique(g.owner[vi]):
             m = g.owner[vi] == o
             self.pairs[o].append((vi[m], rows[ri[m]], g.full, g.both))
+        return value
 
     def add_pairs(self, o: int, sims: torch.Tensor, vi: np.ndarray, rows: np.ndarray, g: _Group) -> None:
         """Record float32 similarities ``sims`` of single pairs (``g.full[vi]``, global ``rows``) of query ``o``
@@ -669,7 +681,7 @@ def _screen_orbits(o: _Orbits, xs: Sequence[torch.Tensor], offsets: Sequence[int
     that are not exact flips) most pairs passed them: 7.0 million against 0.49 million with the first pass."""
     size = o.group.size
     bound = orbit_bound(size, o.group.d, o.q.dtype)
-    most = max(1, min(_ORBIT_PART, _BLOCK_FLOATS // (size * _MIN_ROWS)))
+    most = max(1, min(_ORBIT_PART, _BLOCK_FLOATS // (size * _ORBIT_ROWS)))
     starts = list(range(0, len(o.owner), most))
     parts = [o.part(slice(s, s + most)) for s in starts]
     record = o.record()
@@ -712,8 +724,8 @@ def _orbit_screens(parts: Sequence[_Orbits], xs: Sequence[torch.Tensor], offsets
     size = group.size
     buf: torch.Tensor | None = None
     for x, offset in zip(xs, offsets):
-        for s in range(0, x.shape[0], _MIN_ROWS * every):
-            block = x[s : s + _MIN_ROWS]
+        for s in range(0, x.shape[0], _ORBIT_ROWS * every):
+            block = x[s : s + _ORBIT_ROWS]
             rows = np.arange(offset + s, offset + s + len(block))
             xp = group.parity(block).transpose(0, 1).contiguous().to(dtype).transpose(1, 2)  # (F, width, n)
             for k, p in enumerate(parts):
@@ -824,8 +836,9 @@ def nearest_rows(
         if fast and BF16_SCREEN and real.sum() >= _SCREEN_MIN_PER_QUERY * len(np.unique(group.owner[real])):
             _screen_group(group, cols, xs, offsets, best, scratch, rows16)
             continue
-        for g in _chunks(group, _BLOCK_FLOATS // _MIN_ROWS) if cols is None else [group]:
-            step = max(1, _BLOCK_FLOATS // max(len(g.full), 1))
+        for g in _chunks(group, _EXACT_FLOATS // _EXACT_ROWS) if cols is None else [group]:
+            absolute = bool(g.both[g.owner >= 0].all())
+            step = max(1, (_EXACT_FLOATS if cols is None else _BLOCK_FLOATS) // max(len(g.full), 1))
             for x, offset in zip(xs, offsets):
                 for s in range(0, x.shape[0], step):
                     block = x[s : s + step]
@@ -836,9 +849,12 @@ def nearest_rows(
                     else:  # slots of one size side by side: (slots, vectors, c) @ (slots, c, rows)
                         columns = _slot_columns(block, cols, g.q.shape).transpose(1, 2)
                         torch.bmm(g.q, columns, out=sims.view(*g.q.shape[:2], -1))
-                    best.add(sims, g, rows)
+                    if absolute:  # one pass: |.| serves the group's best and its riders' screen alike
+                        sims.abs_()
+                    top = best.add(sims, g, rows, absolute)
                     if g.shadow is not None:  # the float32 product screens the riders to within its rounding
-                        top = sims.abs_().amax(dim=1).numpy().astype(np.float64)
+                        if not absolute:
+                            top = sims.abs_().amax(dim=1).numpy().astype(np.float64)
                         _survivors(g.shadow, sims, top, REFINE + g.slack, block, best, rows, scratch)
     sims, rows = np.empty(nq), np.empty(nq, dtype=np.int64)
     for o in range(nq):

@@ -198,6 +198,8 @@ def test_a_large_batch_is_cut_into_chunks_and_answers_as_the_dense_path(monkeypa
     """Many candidates at once: the vectors are cut into chunks (each block keeps enough rows), same answers."""
     monkeypatch.setattr("monai_synth.privacy.search._BLOCK_FLOATS", 1 << 14)
     monkeypatch.setattr("monai_synth.privacy.search._MIN_ROWS", 64)
+    monkeypatch.setattr("monai_synth.privacy.search._EXACT_FLOATS", 1 << 14)
+    monkeypatch.setattr("monai_synth.privacy.search._EXACT_ROWS", 64)
     rng = np.random.default_rng(2)
     rows = rng.standard_normal((1000, 24)).astype(np.float32)
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
