@@ -364,7 +364,8 @@ def default_spaces_cost(
 
 def extrapolate(rows: list[dict], target: int, key: str = "s_per_candidate") -> dict[str, float]:
     """Per space, ``a + b N`` fitted to the measured sizes (least squares), evaluated at ``target`` (or the
-    measurement itself when ``target`` was measured)."""
+    measurement itself when ``target`` was measured). From one size, ``b N`` alone: proportional to N, an upper bound
+    for a larger target (the fixed cost of making the variants is scaled too)."""
     out = {}
     for spec in dict.fromkeys(r["space"] for r in rows):
         pts = [(r["N"], r[key]) for r in rows if r["space"] == spec]
@@ -373,7 +374,7 @@ def extrapolate(rows: list[dict], target: int, key: str = "s_per_candidate") -> 
             out[spec] = exact[0]
             continue
         n, t = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
-        b, a = np.polyfit(n, t, 1) if len(pts) > 1 else (0.0, t[0])
+        b, a = np.polyfit(n, t, 1) if len(pts) > 1 else (t[0] / n[0], 0.0)
         out[spec] = float(a + max(b, 0.0) * target)
     return out
 
@@ -466,7 +467,9 @@ def _default_spaces_report(args) -> None:
         flush=True,
     )
     measured = args.target in args.default_sizes
-    how = "measured" if measured else f"extrapolated linearly from N = {', '.join(map(str, args.default_sizes))}"
+    sizes = ", ".join(map(str, args.default_sizes))
+    one = len(args.default_sizes) == 1
+    how = "measured" if measured else f"extrapolated {'in proportion' if one else 'linearly'} from N = {sizes}"
     for kind in args.rows:
         print(f"\nDefault spaces, time per candidate (PNG release: every intensity view), {kind} training rows:")
         rows = default_spaces_cost(

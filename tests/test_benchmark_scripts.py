@@ -87,3 +87,18 @@ def test_safeguard_specificity_law_prints_both_laws_per_slot_space():
     assert [(r[0], r[2]) for r in rows[1:]] == [("parts", "raw"), ("parts", "floor"), ("pixel", "raw")]
     assert float(rows[1][1]) == 0.553 and float(rows[3][1]) == 0.0
     assert all(0.0 <= float(v.rstrip("%")) <= 100.0 for r in rows[1:] for v in r[3:])
+
+
+def test_safeguard_scaling_extrapolates_a_single_size_in_proportion_to_n():
+    """One measured size is no line: the cost at a larger N is scaled with N (an upper bound), never reported as the
+    smaller size's own figure."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from safeguard_scaling import extrapolate
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    one = [{"space": "pixel", "N": 20_000, "s": 0.2}]
+    assert abs(extrapolate(one, 100_000, "s")["pixel"] - 1.0) < 1e-9
+    assert extrapolate(one, 20_000, "s")["pixel"] == 0.2
+    two = [{"space": "disc", "N": 10_000, "s": 0.3}, {"space": "disc", "N": 20_000, "s": 0.5}]
+    assert abs(extrapolate(two, 100_000, "s")["disc"] - 2.1) < 1e-9
