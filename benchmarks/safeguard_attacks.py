@@ -48,7 +48,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -988,12 +988,20 @@ def _short_reason(reason: str | None) -> str:
     return "; ".join(dict.fromkeys(t.strip() for t in text.split(";") if t.strip()))[:200] or "unknown"
 
 
-def _closest_spaces(records: Sequence[Any]) -> list[str]:
+def _closest_spaces(records: Sequence[Any], floors: Mapping[str, float] | None = None) -> list[str]:
     """Per released image, the three spaces it came closest to being refused in: ``"pixel 1.42 / aligned 1.60 /
-    parts 1.71"`` (distance / threshold), so a near miss shows which spaces almost caught it."""
+    parts 1.71"`` (distance / threshold), so a near miss shows which spaces almost caught it. ``floors``: each
+    space's least distance (:func:`~monai_synth.privacy.spaces.distance_floor`), above which both are taken: a slot
+    space's exact match scores ``1 - 1 / sqrt(R)``, and a copy at 1.02 of its threshold from 0 can sit several times
+    farther above that floor than the threshold does, as far as a typical new patient."""
+    floors = floors or {}
     out = []
     for r in records:
-        ratios = {k: d / r.thresholds[k] for k, d in r.distances.items() if r.thresholds.get(k)}
+        ratios = {
+            k: (d - floors.get(k, 0.0)) / (r.thresholds[k] - floors.get(k, 0.0))
+            for k, d in r.distances.items()
+            if r.thresholds.get(k) and r.thresholds[k] > floors.get(k, 0.0)
+        }
         if ratios:
             out.append(" / ".join(f"{k} {ratios[k]:.2f}" for k in sorted(ratios, key=ratios.get)[:3]))
     return out
@@ -1032,7 +1040,7 @@ def print_table(title: str, rows: Sequence[Row]) -> None:
         print(f"{r.label:<{width}} | {r.released:>8d} | {r.attempted:>9d}")
     closest = [(r.label, r.extra["released_closest"]) for r in rows if r.extra.get("released_closest")]
     if closest:
-        print("released copies, nearest to refusal (space, distance / threshold):")
+        print("released copies, nearest to refusal (space, distance / threshold, both above the space's floor):")
         for label, near in closest:
             if label != CONTROL_LABEL:
                 print(f"  {label}: {', '.join(near)}")
@@ -1397,6 +1405,7 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
     from monai_synth.privacy.release import ReleaseEncoder
     from monai_synth.privacy.safeguard import build_safeguard
     from monai_synth.privacy.sampling import guarded_sample
+    from monai_synth.privacy.spaces import distance_floor
     from monai_synth.transforms.presets import intensity_reference, intensity_transform
 
     mod = get_modality(cohort.modality)
@@ -1461,6 +1470,7 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
     )
     batches = [(p.attack.key, p.label, np.stack(p.images)) for p in plants]
     batches.append((CONTROL, CONTROL_LABEL, np.stack([u[0].numpy() for u in unseen])))
+    floors = {name: distance_floor(index.space) for name, index in safeguard.indexes.items()}
     rows, check_s, n_checked = [], 0.0, 0
     for key, label, batch in batches:
         tensor = torch.as_tensor(batch, dtype=torch.float32)[:, None]
@@ -1474,7 +1484,7 @@ def run_sampler_path(cohort: Cohort, attacks: Sequence[Attack], work: Path, args
         n_checked += len(tensor)
         reasons = Counter(_short_reason(r.reason) for r in result.records if not r.passed)
         extra = {
-            "released_closest": _closest_spaces([r for r in result.records if r.passed]),
+            "released_closest": _closest_spaces([r for r in result.records if r.passed], floors),
             "consensus": _consensus_counts(result.records),
         }
         if key == CONTROL:

@@ -125,14 +125,17 @@ _TILE_FINE_SCALES = (0.7, 0.6)
 """The tile scales slid by an eighth of their side instead of a quarter, in 2D and 3D (:data:`_TILE_SCALES_3D`). Cheap
 in 2D, where windows are few; in 3D they take the cubes from 350 to 889 per volume."""
 
-_TILE_SEAM_WINDOWS = 128
+_TILE_SEAM_WINDOWS = 224
 """Windows per 2D image that the ``tiles`` space also cuts at the image's straight seams
 (:mod:`monai_synth.privacy.seams`), at the sides of :data:`_TILE_SEAM_SCALES` or between two seams. A training image
 shrunk to 70% and pasted 3 px off the window steps (``pip70_off``) passed the whole gate 10 of 10 in PET and CT and 8 of
 10 in MRI (US: ``tiles`` alone 10 of 10): no step is fine enough where a pixel off is as far as another patient. With
-these windows ``tiles`` alone released it 1, 0, 1 and 3 of 10 (PET, US, CT, MRI), where the picture's seams show.
-Phantom slices show 83-127 such windows on average, the strongest seams' first (docs/benchmarks.md, twenty-ninth
-round)."""
+128 windows of each axis's strongest seams ``tiles`` alone released it 1, 0, 1 and 3 of 10 (PET, US, CT, MRI), where
+the picture's seams show (twenty-ninth round). 96 of the 224 are ranked by their four edges together
+(:data:`~monai_synth.privacy.seams.PAIRED_SHARE`), which finds a picture whose edges are weak along their axes: with
+them ``tiles`` alone released a training image shrunk to 65% and pasted at 0.37 of the margin (``pip65_odd``) in PET
+2 of 20 (11 before) and ``pip70_off`` in MRI 0 of 20 (6); the rest keep every window the 128 held (docs/benchmarks.md,
+thirty-third round)."""
 
 _TILE_SEAM_SCALES = (0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 """Sides of the seam windows that start or end at one seam (the other edge hidden, e.g. over background), every 0.05: a
@@ -214,7 +217,7 @@ def make_space(
     candidate's windows of the same size at the other corners, a copy moved along one axis or both; 3D: the candidate
     also turned back by 10 and 20 degrees either way and a quarter turn about each axis, a rotated copy cropped),
     ``tiles`` = :class:`~monai_synth.privacy.partial.TileSpace` (windows of the candidate at every position, 2D of
-    0.7, 0.6, a half and a third of its side and the halves of each axis, see :data:`_TILE_SCALES`, and up to 128 cut
+    0.7, 0.6, a half and a third of its side and the halves of each axis, see :data:`_TILE_SCALES`, and up to 224 cut
     at the image's straight seams, see :data:`_TILE_SEAM_WINDOWS`; in 3D of 0.8,
     0.7, 0.6 and 0.5 of the training volumes' shape, see :data:`_TILE_SCALES_3D`, spanning some axes whole and a
     half or a third of the others, and up to 192 cut at the volume's seam planes, see :data:`_TILE_SEAM_WINDOWS_3D`).

@@ -572,8 +572,10 @@ class TileSpace:
         if not self.halves:
             cfg["halves"] = False
         if self.seam_limit:
-            # the windows' order decides which are kept: cubes of one side first (a volume's seams combine thrice)
-            cfg.update({"seam_limit": self.seam_limit, "seam_scales": list(self.seam_scales), "seam_order": 2})
+            # the windows' order decides which are kept: cubes of one side first (a volume's seams combine thrice);
+            # 2D windows ranked by their four edges together first (order 3)
+            order = 3 if self.spatial_dims == 2 else 2
+            cfg.update({"seam_limit": self.seam_limit, "seam_scales": list(self.seam_scales), "seam_order": order})
 
         return _fingerprint(cfg)
 

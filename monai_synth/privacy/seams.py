@@ -18,8 +18,10 @@ Two detectors, each a score per boundary between two adjacent lines (rows or col
   along it. Under speckle, jumps are everywhere and runs break; a resampled picture is smoother than what it was
   pasted into, its background too.
 
-Where a seam does not show (a picture pasted over background on both sides of an edge, as PET slices often are), no
-window is cut there; the regular windows remain.
+An edge that shows only weakly (the image's own anatomy outranks it along its axis) is still counted in 2D: windows of
+the seam sides at every position are also ranked by the strength of their four edges together, where an edge over
+background adds nothing and the others rank the window. Where no edge shows (a picture pasted over background on
+every side, as PET slices often are), no window is cut there; the regular windows remain.
 
 Volumes alike: a boundary is a plane between two adjacent slices along an axis, read as one line row after row. A
 volume shrunk to 70% and pasted one voxel from where a cube of the 3D ``tiles`` starts sat 2-4x farther from its source
@@ -53,6 +55,14 @@ agree within 15% (one stretched along an axis); each group strongest seams first
 ANCHORS = 2
 """Spans between two seams (strongest first) that a volume's windows are anchored on: the strongest is not always the
 pasted volume's (a CT phantom's body ends in planes too)."""
+
+PAIRED_SHARE = 0.43
+"""Share of a 2D image's seam windows that are ranked by all four of their edges together (:func:`_paired_windows`),
+ahead of those combined from each axis's strongest seams (the ``tiles`` space's 224: 96 and up to 128). A picture's
+edge that is weak along its axis (the image's own anatomy outranks it) still shows next to its other edges: on
+phantoms at 64^2, 40 copies each, a training image shrunk to 65% and pasted at 0.37 of the margin had its exact window
+among the windows for PET 29, MRI 33, CT 24 and US 40 copies, against 13, 9, 21 and 39 among 128 windows of the
+strongest seams alone (``python benchmarks/seam_windows.py``; docs/benchmarks.md, thirty-third round)."""
 
 MIN_ANCHOR = 0.5
 """Least side of an anchor (a span between two seams that a volume's windows are cut at, see :func:`seam_windows`), as
@@ -155,6 +165,18 @@ def _seams(levelled: torch.Tensor, axis: int, per_detector: int, scores: tuple |
     return list(dict.fromkeys(p + 1 for p in ranked))
 
 
+def _strength(scores: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``(n + 1,)``: how strongly each boundary ``b`` of an axis looks like a seam, both detectors each relative to its
+    strongest boundary (an image's borders, 0 and ``n``, score 0). ``scores``: the axis's :func:`_scores`."""
+    return sum(F.pad(score / score.max().clamp_min(1e-12), (1, 1)) for score in scores)
+
+
+def _pair_scores(strength: torch.Tensor, length: int) -> torch.Tensor:
+    """Per start ``s`` of a window of ``length``: the strength of its two boundaries ``s`` and ``s + length``."""
+    n = len(strength) - 1
+    return strength[: n - length + 1] + strength[length:]
+
+
 def _paired_starts(scores: tuple[torch.Tensor, torch.Tensor], length: int) -> list[int]:
     """Every start ``s`` along ``axis`` of a window of ``length``, those whose boundaries ``s`` and ``s + length``
     together score highest first (both detectors, each relative to its strongest boundary; an image's border scores
@@ -163,11 +185,27 @@ def _paired_starts(scores: tuple[torch.Tensor, torch.Tensor], length: int) -> li
     n = len(scores[0]) + 1
     if length >= n:
         return [0] if length == n else []
-    pair = torch.zeros(n - length + 1, dtype=torch.float64)
-    for score in scores:
-        full = F.pad(score / score.max().clamp_min(1e-12), (1, 1))  # full[b]: boundary b; 0 and n are the borders
-        pair += full[: n - length + 1] + full[length:]
-    return torch.argsort(pair, descending=True, stable=True).tolist()
+    return torch.argsort(_pair_scores(_strength(scores), length), descending=True, stable=True).tolist()
+
+
+def _paired_windows(scores: list[tuple], shape: tuple[int, ...], sides: list[int], limit: int) -> list[tuple]:
+    """Up to ``limit`` square windows ``((start, side), (start, side))`` of a 2D image, of every side in ``sides`` at
+    every position, those whose four edges together are strongest first (:func:`_strength`; ties: larger sides, then
+    earlier starts; none whose edges all score 0). A pasted picture's edge over background scores 0 and its other edges
+    still rank it; an edge that shows only weakly is counted instead of being left out with the axis's fifth-strongest
+    seam."""
+    strength = [_strength(s) for s in scores]
+    ranked: list[tuple[float, int, int, int]] = []
+    for rank, side in enumerate(sides):
+        if side > min(shape):
+            continue
+        rows, cols = (_pair_scores(f, side) for f in strength)
+        total = (rows[:, None] + cols[None, :]).flatten()
+        keep = torch.argsort(total, descending=True, stable=True)[:limit].tolist()
+        values = total.tolist()
+        ranked += [(-values[i], rank, i // len(cols), i % len(cols)) for i in keep if values[i] > 0]
+    ranked.sort()
+    return [((r, sides[k]), (c, sides[k])) for _, k, r, c in ranked[:limit]]
 
 
 def _anchored(scores: list[tuple], anchors: list[tuple[int, int, int, int]]) -> list[tuple]:
@@ -192,7 +230,9 @@ def seam_windows(
 
     Along each axis a window spans two seams (between 0.3 and 0.9 of the axis apart) or starts or ends at one with a
     side of ``scales`` times the image's shortest side; a window combines such spans of every axis whose lengths agree
-    within 15% (a pasted picture keeps its proportions), those within :data:`SAME_SIDE` first. Volumes: up to half of
+    within 15% (a pasted picture keeps its proportions), those within :data:`SAME_SIDE` first. Images: a share
+    :data:`PAIRED_SHARE` of the windows, of the ``scales`` sides at every position ranked by their four edges together
+    (:func:`_paired_windows`), ahead of the others. Volumes: up to half of
     the windows are anchored on the :data:`ANCHORS` strongest spans between two seams of at least :data:`MIN_ANCHOR`
     of their axis (:func:`_anchored`), ahead of the others. CT phantoms shrunk to 70% and pasted 2 voxels off the
     cubes' steps: the exact cube was among 192 windows for 19 of 20 copies with two anchors, 13 with one, and among
@@ -220,7 +260,11 @@ def seam_windows(
                     if b2 - b >= MIN_ANCHOR * n:
                         between.append((max(rank, rank2), axis, b, b2 - b))
         spans.append(sorted((r, s, m) for (s, m), r in out.items()))
-    anchored = _anchored(scores, sorted(between)[:ANCHORS]) if len(shape) > 2 else []
+    if len(shape) > 2:
+        first = _anchored(scores, sorted(between)[:ANCHORS])[: limit // 2]
+    else:
+        sides = sorted({max(2, int(round(scale * min(shape)))) for scale in scales}, reverse=True)
+        first = _paired_windows(scores, shape, sides, int(PAIRED_SHARE * limit))
     combined = [(0, ())]  # (rank, spans so far), axis by axis; spans that cannot agree are dropped as they come
     for axis_spans in spans:
         combined = [
@@ -235,6 +279,6 @@ def seam_windows(
         return max(lengths) > SAME_SIDE * min(lengths), c[0]
 
     combined.sort(key=order)
-    kept = anchored[: limit // 2] + [chosen for _, chosen in combined]
+    kept = first + [chosen for _, chosen in combined]
     kept = list(dict.fromkeys(kept))[:limit]  # as (start, length) pairs: slices hash from Python 3.12 only
     return [tuple(slice(a, a + m) for a, m in chosen) for chosen in kept]

@@ -68,6 +68,26 @@ def test_tiles_catch_a_picture_pasted_off_the_window_steps_only_with_seam_window
     assert seamed.fingerprint() != plain.fingerprint()
 
 
+def test_a_picture_whose_edges_show_weakly_is_windowed_by_its_four_edges_together(monkeypatch):
+    # an MRI slice shrunk to 65% and pasted 8 px from the origin: the picture's edges rarely rank among each axis's
+    # four strongest seams (the phantoms' own anatomy outranks them), but its four edges together rank its window first
+    import monai_synth.privacy.seams as seams_module
+    from monai_synth.data.phantoms import generate_cohort
+    from monai_synth.privacy.factory import _TILE_SEAM_SCALES, _TILE_SEAM_WINDOWS
+
+    cohort = generate_cohort("mri", n_patients=24, images_per_patient=1, spatial_dims=2, spatial_size=64, seed=0)
+    slices = torch.stack([torch.as_tensor(r["image"]) for r in cohort]).float()
+    copies = [_pasted(slices[i : i + 1], slices[12 + i : 13 + i], 42, 8)[0] for i in range(12)]
+    target = (slice(8, 50), slice(8, 50))
+
+    def found(limit: int) -> int:
+        return sum(target in seams_module.seam_windows(c, _TILE_SEAM_SCALES, limit) for c in copies)
+
+    assert found(_TILE_SEAM_WINDOWS) >= 9
+    monkeypatch.setattr(seams_module, "PAIRED_SHARE", 0.0)  # each axis's strongest seams only
+    assert found(_TILE_SEAM_WINDOWS) <= 3
+
+
 def test_seam_settings_are_checked():
     from monai_synth.privacy.partial import TileSpace
 
