@@ -94,3 +94,15 @@ def test_every_attack_makes_a_finite_copy_that_differs_from_its_source_in_2d_and
             assert out.ndim == dims and np.isfinite(out).all(), attack.key
             if out.shape == shape:
                 assert not np.allclose(out, train[0]), f"{attack.key} returned its source unchanged"
+
+
+def test_near_misses_are_ranked_above_each_space_floor():
+    """A slot space's exact match scores ``1 - 1 / sqrt(R)``: a copy at 1.02 of its threshold from 0 can sit far above
+    that floor, and ranking it as the nearest miss would point at the wrong space."""
+    from types import SimpleNamespace
+
+    sa = _module()
+    record = SimpleNamespace(distances={"crops": 0.87, "tiles": 0.09}, thresholds={"crops": 0.852, "tiles": 0.065})
+    assert sa._closest_spaces([record])[0].startswith("crops 1.02")  # from 0: the slot space looks nearest
+    above = sa._closest_spaces([record], {"crops": 0.85, "tiles": 0.0})[0]
+    assert above.startswith("tiles 1.38") and "crops 10.00" in above
