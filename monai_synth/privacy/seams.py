@@ -230,7 +230,7 @@ def seam_windows(
 
     Along each axis a window spans two seams (between 0.3 and 0.9 of the axis apart) or starts or ends at one with a
     side of ``scales`` times the image's shortest side; a window combines such spans of every axis whose lengths agree
-    within 15% (a pasted picture keeps its proportions), those within :data:`SAME_SIDE` first. Images: a share
+    within 15% (a pasted picture keeps its proportions), those within :data:`SAME_SIDE` first. 2D images: a share
     :data:`PAIRED_SHARE` of the windows, of the ``scales`` sides at every position ranked by their four edges together
     (:func:`_paired_windows`), ahead of the others. Volumes: up to half of
     the windows are anchored on the :data:`ANCHORS` strongest spans between two seams of at least :data:`MIN_ANCHOR`

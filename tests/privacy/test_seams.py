@@ -70,7 +70,7 @@ def test_tiles_catch_a_picture_pasted_off_the_window_steps_only_with_seam_window
 
 def test_a_picture_whose_edges_show_weakly_is_windowed_by_its_four_edges_together(monkeypatch):
     # an MRI slice shrunk to 65% and pasted 8 px from the origin: the picture's edges rarely rank among each axis's
-    # four strongest seams (the phantoms' own anatomy outranks them), but its four edges together rank its window first
+    # four strongest seams (the phantoms' own anatomy outranks them), but its four edges together rank its window early
     import monai_synth.privacy.seams as seams_module
     from monai_synth.data.phantoms import generate_cohort
     from monai_synth.privacy.factory import _TILE_SEAM_SCALES, _TILE_SEAM_WINDOWS
