@@ -343,6 +343,17 @@ def _picture_in_picture(a: np.ndarray, other: np.ndarray, frac: float, at: float
     return out
 
 
+PASTED_PICTURES = {
+    "pip": (0.7, 0.5),
+    "pip60_off": (0.6, 0.2),
+    "pip80": (0.8, 0.5),
+    "pip70_off": (0.7, 0.2),
+    "pip65_odd": (0.65, 0.37),
+}
+"""The picture-in-picture attacks' geometry, ``(frac, at)`` of :func:`_picture_in_picture`: the side a training image
+is shrunk to and where in the free margin it is pasted (``benchmarks/seam_windows.py`` looks for these windows)."""
+
+
 def _crop_corner(a: np.ndarray, frac: float) -> np.ndarray:
     """The corner of ``frac`` of every axis at the origin, resized back to the whole."""
     return _resize(a[tuple(slice(0, max(2, int(round(n * frac)))) for n in a.shape)], a.shape)
@@ -677,33 +688,33 @@ ATTACKS: list[Attack] = [
     Attack(
         "pip",
         "shrunk to 70% and pasted into the centre of an unseen image",
-        lambda t, u, c: _picture_in_picture(t[0], u[0], 0.7),
+        lambda t, u, c: _picture_in_picture(t[0], u[0], *PASTED_PICTURES["pip"]),
         n_unseen=1,
     ),
     # picture in picture at other sizes and places (twenty-first round)
     Attack(
         "pip60_off",
         "shrunk to 60% and pasted off-centre into an unseen image",
-        lambda t, u, c: _picture_in_picture(t[0], u[0], 0.6, at=0.2),
+        lambda t, u, c: _picture_in_picture(t[0], u[0], *PASTED_PICTURES["pip60_off"]),
         n_unseen=1,
     ),
     Attack(
         "pip80",
         "shrunk to 80% and pasted into the centre of an unseen image",
-        lambda t, u, c: _picture_in_picture(t[0], u[0], 0.8),
+        lambda t, u, c: _picture_in_picture(t[0], u[0], *PASTED_PICTURES["pip80"]),
         n_unseen=1,
     ),
     Attack(
         "pip70_off",
         "shrunk to 70% and pasted off-centre into an unseen image",
-        lambda t, u, c: _picture_in_picture(t[0], u[0], 0.7, at=0.2),
+        lambda t, u, c: _picture_in_picture(t[0], u[0], *PASTED_PICTURES["pip70_off"]),
         n_unseen=1,
     ),
     # a size and a place on no window's step (twenty-ninth round: windows cut at the candidate's seams)
     Attack(
         "pip65_odd",
         "shrunk to 65% and pasted at 0.37 of the margin into an unseen image",
-        lambda t, u, c: _picture_in_picture(t[0], u[0], 0.65, at=0.37),
+        lambda t, u, c: _picture_in_picture(t[0], u[0], *PASTED_PICTURES["pip65_odd"]),
         n_unseen=1,
     ),
     Attack("crop_corner", "the corner 85% of every axis resized back", lambda t, u, c: _crop_corner(t[0], 0.85)),

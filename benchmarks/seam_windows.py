@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import safeguard_attacks as sa  # noqa: E402
 
-# attack key -> (fraction of the side, place in the free margin), as the attack benchmark pastes them
-PASTED = {"pip70_off": (0.7, 0.2), "pip60_off": (0.6, 0.2), "pip65_odd": (0.65, 0.37)}
+# the off-centre pictures in a picture: attack key -> (fraction of the side, place in the free margin)
+PASTED = {key: sa.PASTED_PICTURES[key] for key in ("pip70_off", "pip60_off", "pip65_odd")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
