@@ -1008,11 +1008,11 @@ def _closest_spaces(records: Sequence[Any], floors: Mapping[str, float] | None =
     floors = floors or {}
     out = []
     for r in records:
-        ratios = {
-            k: (d - floors.get(k, 0.0)) / (r.thresholds[k] - floors.get(k, 0.0))
-            for k, d in r.distances.items()
-            if r.thresholds.get(k) and r.thresholds[k] > floors.get(k, 0.0)
-        }
+        ratios = {}
+        for k, d in r.distances.items():
+            t, floor = r.thresholds.get(k), floors.get(k, 0.0)
+            if t and t > floor:
+                ratios[k] = (d - floor) / (t - floor)
         if ratios:
             out.append(" / ".join(f"{k} {ratios[k]:.2f}" for k in sorted(ratios, key=ratios.get)[:3]))
     return out

@@ -201,9 +201,10 @@ def _paired_windows(scores: list[tuple], shape: tuple[int, ...], sides: list[int
             continue
         rows, cols = (_pair_scores(f, side) for f in strength)
         total = (rows[:, None] + cols[None, :]).flatten()
-        keep = torch.argsort(total, descending=True, stable=True)[:limit].tolist()
-        values = total.tolist()
-        ranked += [(-values[i], rank, i // len(cols), i % len(cols)) for i in keep if values[i] > 0]
+        keep = torch.argsort(total, descending=True, stable=True)[:limit]
+        for i, value in zip(keep.tolist(), total[keep].tolist()):
+            if value > 0:
+                ranked.append((-value, rank, i // len(cols), i % len(cols)))
     ranked.sort()
     return [((r, sides[k]), (c, sides[k])) for _, k, r, c in ranked[:limit]]
 
@@ -245,12 +246,12 @@ def seam_windows(
     if min(shape) < 4:
         return []
     scores = [_scores(levelled, axis) for axis in range(len(shape))]
+    sides = sorted({max(2, int(round(scale * min(shape)))) for scale in scales}, reverse=True)
     for axis, n in enumerate(shape):
         found = _seams(levelled, axis, per_detector, scores[axis])
         out: dict[tuple[int, int], int] = {}
         for rank, b in enumerate(found):
-            for scale in scales:
-                side = max(2, int(round(scale * min(shape))))
+            for side in sides:
                 for start in (b, b - side):
                     if 0 <= start <= n - side:
                         out.setdefault((start, side), rank)
@@ -263,7 +264,6 @@ def seam_windows(
     if len(shape) > 2:
         first = _anchored(scores, sorted(between)[:ANCHORS])[: limit // 2]
     else:
-        sides = sorted({max(2, int(round(scale * min(shape)))) for scale in scales}, reverse=True)
         first = _paired_windows(scores, shape, sides, int(PAIRED_SHARE * limit))
     combined = [(0, ())]  # (rank, spans so far), axis by axis; spans that cannot agree are dropped as they come
     for axis_spans in spans:
